@@ -1,0 +1,1 @@
+"""Activities, grouped by the system they touch."""

@@ -1,0 +1,5 @@
+import sys
+
+from konstruct.cli import main
+
+sys.exit(main())

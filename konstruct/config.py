@@ -1,0 +1,175 @@
+"""The one home of configuration: `temporal-dev.yaml`, overridden by environment variables.
+
+A wrong value fails at start with a message naming the key (`postgres.port`,
+or the environment variable that set it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from konstruct.errors import ConfigError
+
+CONFIG_FILE_ENV = "KONSTRUCT_CONFIG"
+DEFAULT_CONFIG_FILE = "temporal-dev.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TemporalSettings(_Section):
+    # `address` unset means the local dev server on `port`.
+    address: str | None = None
+    namespace: str = "default"
+    port: int = Field(7233, ge=1, le=65535)
+    ui_port: int = Field(8233, ge=1, le=65535)
+    task_queue: str = "konstruct"
+    # Temporal Cloud / mTLS clusters; paths and key come from env, never history.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    api_key: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.address or f"localhost:{self.port}"
+
+
+class PostgresSettings(_Section):
+    # Owner connection used for migrations; unset means the embedded server.
+    url: str | None = None
+    # Connection of the application role (non-superuser, under RLS). Unset:
+    # derived from `url` with the app role's name and password.
+    app_url: str | None = None
+    app_role: str = "konstruct_app"
+    app_password: str = "konstruct-app"
+    port: int = Field(55432, ge=1, le=65535)
+    database: str = "konstruct"
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(20, ge=1)
+
+
+class SimulatorSettings(_Section):
+    enabled: bool = True
+    port: int = Field(8799, ge=1, le=65535)
+    config: Path = Path("deploy/simulator.yaml")
+    # Name of the env variable holding the key the simulator demands; the
+    # router reads the same variable, so keys only ever live in the environment.
+    api_key_env: str = "SIMULATOR_API_KEY"
+
+
+class WorkerSettings(_Section):
+    max_concurrent_activities: int = Field(200, ge=1)
+    max_concurrent_local_activities: int = Field(200, ge=1)
+    max_concurrent_workflow_tasks: int = Field(100, ge=1)
+    graceful_shutdown_seconds: float = Field(10.0, ge=0)
+
+
+class LlmSettings(_Section):
+    router_config: Path = Path("deploy/llm-router.yaml")
+
+
+class TelemetrySettings(_Section):
+    exporter: Literal["none", "console", "otlp"] = "none"
+    service_name: str = "konstruct"
+
+
+class Settings(_Section):
+    state_dir: Path = Path(".konstruct")
+    temporal: TemporalSettings = TemporalSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    worker: WorkerSettings = WorkerSettings()
+    llm: LlmSettings = LlmSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    # Sections owned by later capabilities keep their own models.
+    experiments: dict[str, Any] = Field(default_factory=dict)
+    demo: dict[str, Any] = Field(default_factory=dict)
+
+    # Directory relative paths are resolved against (the config file's folder).
+    base_dir: Path = Path(".")
+
+    def path(self, value: Path) -> Path:
+        return value if value.is_absolute() else (self.base_dir / value).resolve()
+
+
+# Environment variable → dotted key. The contract's names first.
+ENV_OVERRIDES: dict[str, str] = {
+    "TEMPORAL_ADDRESS": "temporal.address",
+    "TEMPORAL_NAMESPACE": "temporal.namespace",
+    "TEMPORAL_TLS_CERT": "temporal.tls_cert",
+    "TEMPORAL_TLS_KEY": "temporal.tls_key",
+    "TEMPORAL_API_KEY": "temporal.api_key",
+    "KONSTRUCT_TASK_QUEUE": "temporal.task_queue",
+    "KONSTRUCT_DATABASE_URL": "postgres.url",
+    "KONSTRUCT_APP_DATABASE_URL": "postgres.app_url",
+    "KONSTRUCT_APP_DB_PASSWORD": "postgres.app_password",
+    "KONSTRUCT_ROUTER_CONFIG": "llm.router_config",
+    "KONSTRUCT_STATE_DIR": "state_dir",
+    "KONSTRUCT_OTEL_EXPORTER": "telemetry.exporter",
+    "KONSTRUCT_WORKER_MAX_ACTIVITIES": "worker.max_concurrent_activities",
+    "KONSTRUCT_SIMULATOR_PORT": "simulator.port",
+    "KONSTRUCT_POSTGRES_PORT": "postgres.port",
+}
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {part!r} must be a mapping")
+    node[leaf] = value
+
+
+def _find_config_file(explicit: str | os.PathLike[str] | None) -> Path | None:
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist ({CONFIG_FILE_ENV} or --config)")
+        return path
+    from_env = os.environ.get(CONFIG_FILE_ENV)
+    if from_env:
+        return _find_config_file(from_env)
+    candidate = Path.cwd() / DEFAULT_CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Read the YAML file, apply env overrides, validate; errors name the key."""
+    environ = dict(os.environ if environ is None else environ)
+    path = _find_config_file(config_file)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+        data = loaded
+    origin: dict[str, str] = {}
+    for env_name, dotted in ENV_OVERRIDES.items():
+        if environ.get(env_name):
+            _set_dotted(data, dotted, environ[env_name])
+            origin[dotted] = env_name
+    data["base_dir"] = str((path.parent if path else Path.cwd()).resolve())
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors():
+            key = ".".join(str(p) for p in item["loc"])
+            source = f" (from {origin[key]})" if key in origin else ""
+            problems.append(f"{key}{source}: {item['msg']}")
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: " + "; ".join(problems)) from exc

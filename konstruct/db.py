@@ -1,0 +1,139 @@
+"""PostgreSQL access: pools, the tenant-transaction helper and migrations.
+
+Tenant data is only touched inside `tenant_transaction`, which sets
+`konstruct.tenant_id` for that transaction alone (`set_config(..., true)`), so a
+pooled connection never carries one tenant's scope into another's work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+
+from konstruct.config import Settings
+from konstruct.errors import ConfigError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "migrations"
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+# Any constant works; it only has to be the same for every migrator.
+_MIGRATION_LOCK_KEY = 0x6B6F6E73
+
+
+def embedded_owner_url(settings: Settings) -> str:
+    return f"postgresql://postgres@127.0.0.1:{settings.postgres.port}/{settings.postgres.database}"
+
+
+def owner_url(settings: Settings) -> str:
+    return settings.postgres.url or embedded_owner_url(settings)
+
+
+def app_url(settings: Settings) -> str:
+    """The URL of the non-superuser application role."""
+    if settings.postgres.app_url:
+        return settings.postgres.app_url
+    parts = urlsplit(owner_url(settings))
+    if not parts.hostname:
+        raise ConfigError("postgres.url (KONSTRUCT_DATABASE_URL) must name a host")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    port = f":{parts.port}" if parts.port else ""
+    credentials = f"{quote(settings.postgres.app_role)}:{quote(settings.postgres.app_password)}"
+    return urlunsplit((parts.scheme, f"{credentials}@{host}{port}", parts.path, parts.query, ""))
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 20) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def tenant_transaction(
+    pool: asyncpg.Pool, tenant_id: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction whose row-level-security scope is `tenant_id`, and only it."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("select set_config('konstruct.tenant_id', $1, true)", tenant_id)
+        yield conn
+
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+    files = sorted(p for p in directory.glob("*.sql") if _MIGRATION_NAME.match(p.name))
+    versions = [p.name[:3] for p in files]
+    if len(set(versions)) != len(versions):
+        raise ConfigError(f"two migrations share a number in {directory}: {versions}")
+    return files
+
+
+async def migrate(
+    owner: str, *, app_role: str, app_password: str, directory: Path = MIGRATIONS_DIR
+) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; grant the app role."""
+    conn = await asyncpg.connect(owner)
+    applied_now: list[str] = []
+    try:
+        await conn.execute("select pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+        await conn.execute(
+            "create table if not exists schema_migrations ("
+            " version text primary key, name text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
+        for path in migration_files(directory):
+            version = path.name[:3]
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "insert into schema_migrations (version, name) values ($1, $2)",
+                    version,
+                    path.name,
+                )
+            applied_now.append(path.name)
+        await _ensure_app_role(conn, app_role, app_password)
+    finally:
+        await conn.execute("select pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+        await conn.close()
+    return applied_now
+
+
+async def _ensure_app_role(conn: asyncpg.Connection, role: str, password: str) -> None:
+    exists = await conn.fetchval("select 1 from pg_roles where rolname = $1", role)
+    ident = '"' + role.replace('"', '""') + '"'
+    literal = "'" + password.replace("'", "''") + "'"
+    verb = "alter" if exists else "create"
+    # NOBYPASSRLS and NOSUPERUSER are what make the policies bind this role.
+    await conn.execute(f"{verb} role {ident} login nosuperuser nobypassrls password {literal}")
+    await conn.execute(f"grant usage on schema public to {ident}")
+    await conn.execute(
+        f"grant select, insert, update, delete on all tables in schema public to {ident}"
+    )
+    await conn.execute(f"grant usage, select on all sequences in schema public to {ident}")
+    # The migrations table is the owner's business.
+    await conn.execute(f"revoke all on schema_migrations from {ident}")
+
+
+async def seed_demo(owner: str) -> None:
+    """Tenant `demo` with agent `assistant`; running it again changes nothing."""
+    conn = await asyncpg.connect(owner)
+    try:
+        async with conn.transaction():
+            await conn.execute("select set_config('konstruct.tenant_id', 'demo', true)")
+            await conn.execute(
+                "insert into tenants (tenant_id, name) values ('demo', 'Demo tenant')"
+                " on conflict do nothing"
+            )
+            await conn.execute(
+                "insert into agents (tenant_id, agent_id, name, role, persona, system_prompt,"
+                " model_group) values ('demo', 'assistant', 'Kay', 'a helpful assistant',"
+                " 'Friendly, concise and precise.',"
+                " 'You help people with questions about Konstruct and anything else.', 'fast')"
+                " on conflict do nothing"
+            )
+    finally:
+        await conn.close()

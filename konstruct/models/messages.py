@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from konstruct.models.base import StrictModel
+from konstruct.models.llm import ChatTurn, TokenUsage
+
+_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class HandleMessageInput(StrictModel):
+    message_id: str = Field(min_length=1, max_length=200)
+    tenant_id: str = Field(pattern=_ID)
+    agent_id: str = Field(pattern=_ID)
+    thread_id: str = Field(min_length=1, max_length=200)
+    channel: str = Field(min_length=1, max_length=50)
+    sender: str = Field(min_length=1, max_length=200)
+    text: str = Field(min_length=1, max_length=20_000)
+
+
+class HandleMessageResult(StrictModel):
+    message_id: str
+    tenant_id: str
+    agent_id: str
+    thread_id: str
+    response: str
+    model_group: str
+    model: str
+    fallback_used: bool
+    degraded: bool
+    usage: TokenUsage = TokenUsage()
+
+
+class LoadAgentInput(StrictModel):
+    tenant_id: str
+    agent_id: str
+    thread_id: str
+    message_id: str
+    history_turns: int = 10
+
+
+class AgentProfile(StrictModel):
+    agent_id: str
+    name: str
+    role: str
+    persona: str = ""
+    system_prompt: str = ""
+    model_group: Literal["fast", "quality"] = "fast"
+    fallback_reply: str
+
+
+class AgentContext(StrictModel):
+    agent: AgentProfile
+    history: list[ChatTurn] = []
+    # Set when this message was already answered: redelivery returns it as is.
+    existing: HandleMessageResult | None = None
+
+
+class StoreTurnInput(StrictModel):
+    message: HandleMessageInput
+    result: HandleMessageResult
+    workflow_id: str

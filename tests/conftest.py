@@ -1,0 +1,171 @@
+"""Session fixtures: one real PostgreSQL, Temporal dev server and simulator for the suite.
+
+Each test gets its own task queue and workflow ids; a test that changes a
+simulator profile gets the baseline back afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+from temporalio.client import Client
+
+from konstruct import db
+from konstruct.config import Settings, load_settings
+from konstruct.embedded_pg import EmbeddedPostgres
+from konstruct.processes import free_port
+from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.temporal_client import connect
+from tests.support import ROOT, SIMULATOR_TEST_KEY, DevServer, SimulatorProcess, WorkerProcess
+from workers.main import build_worker
+
+SIMULATOR_CONFIG = ROOT / "tests" / "simulator.yaml"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("konstruct")
+
+
+@pytest.fixture(scope="session")
+def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(session_dir / "pgdata", free_port())
+    server.start()
+    import asyncio
+
+    async def prepare() -> None:
+        await db.migrate(server.owner_url, app_role="konstruct_app", app_password="konstruct-app")
+        await db.seed_demo(server.owner_url)
+
+    asyncio.run(prepare())
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def simulator(session_dir: Path) -> Iterator[SimulatorProcess]:
+    process = SimulatorProcess.create(session_dir, SIMULATOR_CONFIG)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def dev_server(session_dir: Path) -> Iterator[DevServer]:
+    server = DevServer.create(session_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def environ(
+    postgres: EmbeddedPostgres, simulator: SimulatorProcess, dev_server: DevServer
+) -> dict[str, str]:
+    """The environment a worker of this session runs with (also exported to this process)."""
+    values = {
+        "KONSTRUCT_CONFIG": str(ROOT / "temporal-dev.yaml"),
+        "TEMPORAL_ADDRESS": dev_server.address,
+        "KONSTRUCT_DATABASE_URL": postgres.owner_url,
+        "SIMULATOR_API_BASE": simulator.url + "/v1",
+        "SIMULATOR_API_KEY": SIMULATOR_TEST_KEY,
+    }
+    os.environ.update(values)
+    return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def settings(environ: dict[str, str]) -> Settings:
+    return load_settings(environ=environ)
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings) -> Client:
+    return await connect(settings.temporal)
+
+
+@pytest.fixture(scope="session")
+async def app_pool(settings: Settings) -> AsyncIterator:
+    pool = await db.create_pool(db.app_url(settings))
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
+    admin = SimulatorAdmin(simulator.url)
+    await admin.reset()
+    yield admin
+    baseline = yaml.safe_load(SIMULATOR_CONFIG.read_text())["models"]
+    for model, profile in baseline.items():
+        await admin.set_profile(
+            model,
+            **{
+                "latency_ms": 0,
+                "latency_jitter_ms": 0,
+                "rate_limit_rps": None,
+                "error_rate": 0,
+                "hang_rate": 0,
+                "outage": False,
+                **profile,
+            },
+        )
+    await admin.close()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"tq-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def worker(client: Client, settings: Settings, task_queue: str) -> AsyncIterator[str]:
+    """An in-process worker on this test's task queue; yields the queue name."""
+    async with build_worker(client, settings, task_queue) as w, w:
+        yield task_queue
+
+
+@pytest.fixture
+def worker_process(
+    environ: dict[str, str], session_dir: Path, task_queue: str
+) -> Iterator[Callable[[str], WorkerProcess]]:
+    """Start workers in their own processes (for kill -9); all stopped at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str) -> WorkerProcess:
+        env = dict(environ, KONSTRUCT_TASK_QUEUE=task_queue)
+        process = WorkerProcess.create(session_dir, env, f"{task_queue}-{name}")
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@asynccontextmanager
+async def running_worker(client: Client, settings: Settings, task_queue: str):  # type: ignore[no-untyped-def]
+    async with build_worker(client, settings, task_queue) as w, w:
+        yield w
+
+
+@pytest.fixture(scope="session")
+def span_exporter():  # type: ignore[no-untyped-def]
+    """Every span of this test process, in memory (the global provider can be set once)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from konstruct.config import load_settings
+from konstruct.errors import ConfigError
+
+
+def test_env_overrides_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "k.yaml"
+    config.write_text("temporal:\n  port: 7300\n")
+    settings = load_settings(config, environ={"KONSTRUCT_TASK_QUEUE": "q2"})
+    assert settings.temporal.port == 7300
+    assert settings.temporal.target == "localhost:7300"
+    assert settings.temporal.task_queue == "q2"
+
+
+def test_contract_env_names_are_honoured(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        environ={
+            "TEMPORAL_ADDRESS": "temporal.example:7233",
+            "TEMPORAL_NAMESPACE": "prod",
+            "KONSTRUCT_DATABASE_URL": "postgresql://u:p@db:5432/k",
+            "KONSTRUCT_ROUTER_CONFIG": "/etc/router.yaml",
+        },
+    )
+    assert settings.temporal.target == "temporal.example:7233"
+    assert settings.temporal.namespace == "prod"
+    assert settings.postgres.url == "postgresql://u:p@db:5432/k"
+    assert settings.llm.router_config == Path("/etc/router.yaml")
+
+
+def test_a_wrong_value_names_the_key_and_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"postgres\.port \(from KONSTRUCT_POSTGRES_PORT\)"):
+        load_settings(None, environ={"KONSTRUCT_POSTGRES_PORT": "many"})
+
+
+def test_an_unknown_key_names_it(tmp_path: Path) -> None:
+    config = tmp_path / "k.yaml"
+    config.write_text("temporal:\n  prot: 7300\n")
+    with pytest.raises(ConfigError, match=r"temporal\.prot"):
+        load_settings(config, environ={})
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does-not-exist.yaml"):
+        load_settings(tmp_path / "does-not-exist.yaml", environ={})

@@ -1,0 +1,92 @@
+"""The Konstruct worker: every workflow and activity, wired together.
+
+Run with `konstruct worker` (or `python -m workers.main`). Several workers on
+several machines may poll the same task queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.llm import LlmActivities
+from activities.messages import MessageActivities
+from konstruct import db
+from konstruct.config import Settings, load_settings
+from konstruct.router import build_router, load_router_config
+from konstruct.telemetry import setup_telemetry
+from konstruct.temporal_client import connect
+from workflows.handle_message import HandleMessage
+
+log = logging.getLogger("konstruct.worker")
+
+WORKFLOWS = [HandleMessage]
+
+
+@asynccontextmanager
+async def build_worker(
+    client: Client, settings: Settings, task_queue: str | None = None
+) -> AsyncIterator[Worker]:
+    """A worker with its database pool and LLM router; closes them on exit."""
+    router_config = load_router_config(settings.path(settings.llm.router_config))
+    router = build_router(router_config)
+    pool = await db.create_pool(
+        db.app_url(settings),
+        min_size=settings.postgres.pool_min,
+        max_size=settings.postgres.pool_max,
+    )
+    messages = MessageActivities(pool)
+    llm = LlmActivities(router, router_config)
+    try:
+        yield Worker(
+            client,
+            task_queue=task_queue or settings.temporal.task_queue,
+            workflows=WORKFLOWS,
+            activities=[
+                messages.load_agent_context,
+                messages.store_turn,
+                llm.call_llm,
+            ],
+            max_concurrent_activities=settings.worker.max_concurrent_activities,
+            max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
+            max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
+            graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
+        )
+    finally:
+        await pool.close()
+
+
+async def run_worker(settings: Settings) -> None:
+    setup_telemetry(settings.telemetry)
+    client = await connect(settings.temporal)
+    async with build_worker(client, settings) as worker:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "worker polling task queue %r on %s (namespace %s)",
+            settings.temporal.task_queue,
+            settings.temporal.target,
+            settings.temporal.namespace,
+        )
+        print(f"worker ready on task queue {settings.temporal.task_queue}", flush=True)
+        async with worker:
+            await stop.wait()
+            log.info("shutting down: letting running activities finish")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run_worker(load_settings()))
+
+
+if __name__ == "__main__":
+    main()

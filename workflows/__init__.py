@@ -1,0 +1,1 @@
+"""Workflows: deterministic code only, one module per workflow."""
