@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -110,6 +111,11 @@ class Stack:
         return self.state_dir / "stack.ready"
 
     @property
+    def children_file(self) -> Path:
+        """Pids of every child, so `status` and the tests can tell that none is left."""
+        return self.state_dir / "stack.children"
+
+    @property
     def simulator_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.simulator.port}/v1"
 
@@ -159,14 +165,21 @@ class Stack:
             )
         child = Child(name, process, log_path)
         self.children.append(child)
+        self._record_children()
         return child
+
+    def _record_children(self) -> None:
+        pids = [c.process.pid for c in self.children]
+        if self.postgres is not None and self.postgres.process is not None:
+            pids.append(self.postgres.process.pid)
+        self.children_file.write_text("\n".join(str(p) for p in pids))
 
     def _wait_ready(self, child: Child, port: int, timeout: float) -> None:
         if not wait_for_port(port, timeout, child.process):
             tail = child.log_path.read_text(errors="replace")[-1500:]
             raise StackError(f"{child.name} did not come up on port {port}; log tail:\n{tail}")
 
-    def start(self, say: callable = print) -> None:  # type: ignore[valid-type]
+    def start(self, say: Callable[[str], None] = print) -> None:
         s = self.settings
         self.acquire()
         env = dict(os.environ)
@@ -177,6 +190,7 @@ class Stack:
                 self.state_dir / "pgdata", s.postgres.port, s.postgres.database
             )
             self.postgres.start()
+            self._record_children()
         owner = db.owner_url(s)
         applied = asyncio.run(
             db.migrate(owner, app_role=s.postgres.app_role, app_password=s.postgres.app_password)

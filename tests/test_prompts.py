@@ -1,9 +1,11 @@
+from typing import Any
+
 from konstruct.models import AgentProfile, ChatTurn
 from konstruct.prompts import AI_TRANSPARENCY_CLAUSE, build_messages, build_system_prompt
 
 
 def agent(**overrides: str) -> AgentProfile:
-    fields = {
+    fields: dict[str, Any] = {
         "agent_id": "a",
         "name": "Kay",
         "role": "a support agent",

@@ -1,0 +1,76 @@
+"""Determinism: recorded HandleMessage histories must replay against today's code.
+
+Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/handle_message_*.json
+from a fresh run; commit them when a change to the workflow is intended.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, Worker
+
+from konstruct.config import Settings
+from konstruct.simulator_admin import SimulatorAdmin
+from workers.main import build_worker
+from workflows.handle_message import HandleMessage
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def replayer() -> Replayer:
+    return Replayer(workflows=[HandleMessage], data_converter=pydantic_data_converter)
+
+
+async def test_recorded_histories_replay() -> None:
+    files = sorted(HISTORIES.glob("handle_message_*.json"))
+    assert files, "no recorded HandleMessage history in tests/histories"
+    for path in files:
+        history = WorkflowHistory.from_json(path.stem, path.read_text())
+        await replayer().replay_workflow(history)
+
+
+async def test_fresh_runs_replay_without_cache(
+    client: Client, settings: Settings, task_queue: str, sim: SimulatorAdmin
+) -> None:
+    """Every workflow task replays from scratch (no cache), then the whole history replays."""
+    cases = {
+        "ok": {"agent_id": "assistant", "text": "What are you?"},
+        "unknown_agent": {"agent_id": "ghost", "text": "hello"},
+        "degraded": {"agent_id": "assistant", "text": "nobody answers"},
+    }
+    histories: dict[str, WorkflowHistory] = {}
+    async with build_worker(client, settings, task_queue) as template:
+        config = template.config()
+        config["max_cached_workflows"] = 0
+        async with Worker(**config):
+            for name, fields in cases.items():
+                if name == "degraded":
+                    await sim.set_profile("sim-fast", outage=True)
+                body = {
+                    "message_id": f"replay-{uuid.uuid4().hex[:8]}",
+                    "tenant_id": "demo",
+                    "thread_id": "replay",
+                    "channel": "test",
+                    "sender": "u",
+                    **fields,
+                }
+                handle = await client.start_workflow(
+                    HandleMessage.run,
+                    body,
+                    id=f"replay-{name}-{uuid.uuid4().hex[:6]}",
+                    task_queue=task_queue,
+                )
+                try:
+                    await handle.result()
+                except Exception:
+                    assert name == "unknown_agent"
+                histories[name] = await handle.fetch_history()
+    for name, history in histories.items():
+        await replayer().replay_workflow(history)
+        if os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1":
+            (HISTORIES / f"handle_message_{name}.json").write_text(history.to_json())
