@@ -49,8 +49,13 @@ LLM_RETRY_POLICY = RetryPolicy(
 )
 
 
-def _reraise_cause(error: ActivityError) -> ApplicationError:
-    cause = error.cause
+# A local activity's failure reaches the workflow as the activity's own
+# ApplicationError (not wrapped in ActivityError as a regular activity's is).
+LOCAL_ACTIVITY_FAILURES = (ActivityError, ApplicationError)
+
+
+def _reraise_cause(error: ActivityError | ApplicationError) -> ApplicationError:
+    cause = error.cause if isinstance(error, ActivityError) else error
     if isinstance(cause, ApplicationError):
         return ApplicationError(cause.message, type=cause.type, non_retryable=True)
     return ApplicationError(str(cause or error), non_retryable=True)
@@ -95,7 +100,7 @@ class HandleMessage:
                 schedule_to_close_timeout=DB_SCHEDULE_TO_CLOSE,
                 retry_policy=DB_RETRY_POLICY,
             )
-        except ActivityError as err:
+        except LOCAL_ACTIVITY_FAILURES as err:
             workflow.upsert_search_attributes([STATUS.value_set("failed")])
             raise _reraise_cause(err) from None
         if context.existing is not None:
@@ -124,8 +129,8 @@ class HandleMessage:
                 degraded=False,
                 usage=answer.usage,
             )
-        except ActivityError as err:
-            workflow.logger.warning("every provider failed, answering the fallback: %s", err.cause)
+        except LOCAL_ACTIVITY_FAILURES as err:
+            workflow.logger.warning("every provider failed, answering the fallback: %s", err)
             result = HandleMessageResult(
                 **message.model_dump(include={"message_id", "tenant_id", "agent_id", "thread_id"}),
                 response=agent.fallback_reply,
