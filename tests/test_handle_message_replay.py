@@ -12,7 +12,7 @@ from pathlib import Path
 
 from temporalio.client import Client, WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 from konstruct.config import Settings
 from konstruct.simulator_admin import SimulatorAdmin
@@ -44,10 +44,8 @@ async def test_fresh_runs_replay_without_cache(
         "degraded": {"agent_id": "assistant", "text": "nobody answers"},
     }
     histories: dict[str, WorkflowHistory] = {}
-    async with build_worker(client, settings, task_queue) as template:
-        config = template.config()
-        config["max_cached_workflows"] = 0
-        async with Worker(**config):
+    async with build_worker(client, settings, task_queue, max_cached_workflows=0) as worker:
+        async with worker:
             for name, fields in cases.items():
                 if name == "degraded":
                     await sim.set_profile("sim-fast", outage=True)
