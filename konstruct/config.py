@@ -79,6 +79,57 @@ class TelemetrySettings(_Section):
     service_name: str = "konstruct"
 
 
+class ExperimentSettings(_Section):
+    """Experiment defaults; the seed runner's constants where it had one.
+
+    Workflows cannot read settings: the CLI copies the workflow-side values into
+    the input (`options`), and the activities read the rest from here.
+    """
+
+    # Items in flight per experiment (scheduled, waiting for capacity or calling).
+    max_concurrency: int = Field(20, ge=1, le=1000)
+    # Circuit breaker per provider: trips after this many consecutive failures.
+    breaker_threshold: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    # A stop/resume within this long of the previous accepted one is refused.
+    toggle_cooldown_s: float = Field(5.0, ge=0)
+    # One provider call: start-to-close, heartbeat timeout and heartbeat period.
+    call_timeout_s: float = Field(120.0, gt=0)
+    heartbeat_timeout_s: float = Field(10.0, gt=0)
+    heartbeat_every_s: float = Field(2.0, gt=0)
+    # Temporal retries of a call: 1 s, 2 s, 4 s ... 32 s; 0 attempts = unlimited.
+    retry_initial_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(32.0, gt=0)
+    max_attempts: int = Field(0, ge=0)
+    # Completed items per workflow run before continue-as-new (bounded history).
+    continue_as_new_every: int = Field(2000, ge=1)
+    # Pending item ids fetched per page.
+    page_size: int = Field(500, ge=1, le=5000)
+    # How often progress, rates and breakers are refreshed into the workflow.
+    monitor_interval_s: float = Field(2.0, gt=0)
+    # Adaptive rate per provider (AIMD): used when the router config has no
+    # `model_info.initial_rps` / `max_rps` for a deployment.
+    initial_rps: float = Field(5.0, gt=0)
+    min_rps: float = Field(0.5, gt=0)
+    max_rps: float = Field(1000.0, gt=0)
+    # Multiplicative decrease on a 429, at most once per `decrease_window_s`.
+    decrease_factor: float = Field(0.5, gt=0, lt=1)
+    decrease_window_s: float = Field(1.0, gt=0)
+    # After a 429 the rate is never set below the provider's measured accepted
+    # rate times `headroom` (set false for plain halving).
+    decrease_to_measured: bool = True
+    headroom: float = Field(0.97, gt=0, le=1)
+    # Additive increase, at most once per `increase_interval_s`: the first step
+    # is `increase_step_fraction` of the rate (at least `increase_step_min_rps`),
+    # each further step without a 429 is `increase_step_growth` times the last.
+    increase_interval_s: float = Field(1.0, gt=0)
+    increase_step_fraction: float = Field(0.05, gt=0)
+    increase_step_min_rps: float = Field(0.5, gt=0)
+    increase_step_growth: float = Field(2.0, ge=1)
+    # Seconds at the learned ceiling before probing above it again.
+    probe_after_s: float = Field(2.0, ge=0)
+
+
 class Settings(_Section):
     state_dir: Path = Path(".konstruct")
     temporal: TemporalSettings = TemporalSettings()
@@ -87,12 +138,14 @@ class Settings(_Section):
     worker: WorkerSettings = WorkerSettings()
     llm: LlmSettings = LlmSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    experiments: ExperimentSettings = ExperimentSettings()
     # Sections owned by later capabilities keep their own models.
-    experiments: dict[str, Any] = Field(default_factory=dict)
     demo: dict[str, Any] = Field(default_factory=dict)
 
     # Directory relative paths are resolved against (the config file's folder).
     base_dir: Path = Path(".")
+    # The file these settings came from; the stack hands it to its children.
+    source: Path | None = None
 
     def path(self, value: Path) -> Path:
         return value if value.is_absolute() else (self.base_dir / value).resolve()
@@ -163,6 +216,7 @@ def load_settings(
             _set_dotted(data, dotted, environ[env_name])
             origin[dotted] = env_name
     data["base_dir"] = str((path.parent if path else Path.cwd()).resolve())
+    data["source"] = str(path.resolve()) if path else None
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

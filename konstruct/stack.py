@@ -184,6 +184,8 @@ class Stack:
         self.acquire()
         env = dict(os.environ)
         env.setdefault(s.simulator.api_key_env, "sim-" + secrets.token_hex(16))
+        if s.source is not None:
+            env["KONSTRUCT_CONFIG"] = str(s.source)
         if s.postgres.url is None:
             say(f"starting PostgreSQL on 127.0.0.1:{s.postgres.port} ...")
             self.postgres = EmbeddedPostgres(
