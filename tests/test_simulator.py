@@ -2,136 +2,319 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import litellm
 import pytest
 
-from activities.llm import retry_after_seconds
-from konstruct.simulator import ModelProfile, SimulatorConfig, SimulatorHandle, start_simulator
+from konstruct.simulator import (
+    ModelProfile,
+    SimulatorConfig,
+    SimulatorHandle,
+    main,
+    start_simulator,
+)
 from konstruct.simulator_admin import SimulatorAdmin
 
 KEY = "sk-sim-unit"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[SimulatorHandle]:
     config = SimulatorConfig(
-        models={"m": ModelProfile(), "arith": ModelProfile(accuracy=1.0), "e": ModelProfile()}
+        models={
+            "sim-fast": ModelProfile(),
+            "arith": ModelProfile(accuracy=1.0),
+            "e": ModelProfile(),
+        }
     )
     handle = await start_simulator("127.0.0.1", 0, config, KEY)
     yield handle
     await handle.stop()
 
 
-async def chat(handle: SimulatorHandle, model: str, text: str, key: str = KEY) -> httpx.Response:
-    async with httpx.AsyncClient() as http:
-        return await http.post(
-            f"{handle.url}/v1/chat/completions",
-            json={"model": model, "messages": [{"role": "user", "content": text}]},
-            headers={"Authorization": f"Bearer {key}"},
-        )
+@pytest.fixture
+async def http(server: SimulatorHandle) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=5) as client:
+        yield client
 
 
-async def test_chat_completion_has_the_openai_shape(server: SimulatorHandle) -> None:
-    body = (await chat(server, "m", "hello there")).json()
-    assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"]["role"] == "assistant"
-    assert (
-        body["usage"]["total_tokens"]
-        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+@pytest.fixture
+async def admin(server: SimulatorHandle) -> AsyncIterator[SimulatorAdmin]:
+    client = SimulatorAdmin(server.url)
+    yield client
+    await client.close()
+
+
+async def chat(
+    http: httpx.AsyncClient, model: str, text: str, system: str | None = None, **kw: Any
+) -> httpx.Response:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return await http.post(
+        "/v1/chat/completions", json={"model": model, "messages": messages}, **kw
     )
 
 
-async def test_arithmetic_accuracy_is_honoured(server: SimulatorHandle) -> None:
-    admin = SimulatorAdmin(server.url)
-    right = [(await chat(server, "arith", f"What is {i} + 7?")).json() for i in range(20)]
-    assert all(r["choices"][0]["message"]["content"] == str(i + 7) for i, r in enumerate(right))
+async def reply(http: httpx.AsyncClient, model: str, text: str, system: str | None = None) -> str:
+    response = await chat(http, model, text, system)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+async def test_chat_completion_has_the_openai_shape(http: httpx.AsyncClient) -> None:
+    body = (await chat(http, "sim-fast", "hello there")).json()
+    assert body["object"] == "chat.completion" and body["model"] == "sim-fast"
+    assert body["id"].startswith("chatcmpl-") and isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "[sim-fast] hello there"}
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == 2
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_arithmetic_accuracy_is_honoured(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    for i in range(20):
+        assert await reply(http, "arith", f"Answer with a number only: What is {i} + 7?") == str(
+            i + 7
+        )
+    assert await reply(http, "arith", "100 - 58") == "42"
+    assert await reply(http, "arith", "3*4") == "12"
+    assert await reply(http, "arith", "8 / 2") == "4"
+    assert await reply(http, "arith", "What is 2 + 3 * 4?") == "14"
     await admin.set_profile("arith", accuracy=0.0)
-    wrong = [(await chat(server, "arith", f"What is {i} * 3?")).json() for i in range(20)]
-    assert all(r["choices"][0]["message"]["content"] != str(i * 3) for i, r in enumerate(wrong))
-    await admin.close()
+    for i in range(20):
+        assert await reply(http, "arith", f"What is {i} * 3?") != str(i * 3)
+    wrong = await reply(http, "arith", "What is 10 * 3?")
+    assert wrong == await reply(http, "arith", "What is 10 * 3?")
+    assert 0 < abs(int(wrong) - 30) <= 3
 
 
-async def test_rate_limit_answers_429_with_retry_after(server: SimulatorHandle) -> None:
-    admin = SimulatorAdmin(server.url)
-    await admin.set_profile("m", rate_limit_rps=1)
-    statuses = [(await chat(server, "m", f"q{i}")) for i in range(3)]
+async def test_responders_are_deterministic(http: httpx.AsyncClient) -> None:
+    rubric = "Grade the answer against the rubric and give a score."
+    verdict = json.loads(await reply(http, "sim-fast", "Answer: 42", system=rubric))
+    assert 0 <= verdict["score"] <= 1 and round(verdict["score"], 2) == verdict["score"]
+    assert verdict == json.loads(await reply(http, "sim-fast", "Answer: 42", system=rubric))
+    promote = await reply(http, "sim-fast", "Candidate has lower WAPE. Promote or hold?")
+    assert promote.startswith("Decision: PROMOTE\nRationale: ")
+    hold = await reply(http, "sim-fast", "Candidate WAPE 14.2 vs 12.1. Promote or hold?")
+    assert hold.startswith("Decision: HOLD\nRationale: ")
+    for question in ("Are you an AI?", "are you human", "What are you?"):
+        assert "AI assistant" in await reply(http, "sim-fast", question)
+
+
+async def test_rate_limit_answers_429_with_retry_after(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", rate_limit_rps=1)
+    statuses = [await chat(http, "sim-fast", f"q{i}") for i in range(3)]
     assert [r.status_code for r in statuses] == [200, 429, 429]
-    assert int(statuses[1].headers["Retry-After"]) >= 1
-    assert (await admin.model_stats("m"))["rate_limited"] == 2
-    await admin.close()
+    limited = statuses[1]
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert limited.headers["Retry-After"] == "1"
+    assert 0 < int(limited.headers["retry-after-ms"]) <= 1000
+    assert (await admin.model_stats("sim-fast"))["rate_limited"] == 2
+
+    await admin.set_profile("sim-fast", rate_limit_rps=2)  # burst 2, a token every 500 ms
+    burst = [await chat(http, "sim-fast", f"b{i}") for i in range(3)]
+    assert [r.status_code for r in burst] == [200, 200, 429]
+    wait_ms = int(burst[2].headers["retry-after-ms"])
+    assert 0 < wait_ms <= 500
+    await asyncio.sleep(wait_ms / 1000)
+    assert (await chat(http, "sim-fast", "after the wait")).status_code == 200
 
 
-async def test_faults_and_counters_change_at_run_time(server: SimulatorHandle) -> None:
-    admin = SimulatorAdmin(server.url)
-    await admin.set_profile("m", error_rate=1.0)
-    assert (await chat(server, "m", "x")).status_code == 500
-    await admin.set_profile("m", error_rate=0.0, outage=True)
-    assert (await chat(server, "m", "x")).status_code == 503
-    await admin.set_profile("m", outage=False)
-    assert (await chat(server, "m", "x")).status_code == 200
-    stats = await admin.model_stats("m")
+async def test_faults_and_counters_change_at_run_time(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", error_rate=1.0)
+    assert (await chat(http, "sim-fast", "x")).status_code == 500
+    await admin.set_profile("sim-fast", error_rate=0.0, outage=True)
+    outage = await chat(http, "sim-fast", "x")
+    assert outage.status_code == 503 and "error" in outage.json()
+    await admin.set_profile("sim-fast", outage=False)
+    assert (await chat(http, "sim-fast", "x")).status_code == 200
+    stats = await admin.model_stats("sim-fast")
     assert (stats["requests"], stats["errors"], stats["outage"], stats["ok"]) == (3, 1, 1, 1)
-    by_content = await admin.requests_by_content("m")
+    assert stats["in_flight"] == 0 and stats["max_in_flight"] == 1
+    by_content = await admin.requests_by_content("sim-fast")
     assert list(by_content["requests"].values()) == [3]
     assert list(by_content["ok_by_content"].values()) == [1]
+    timeline = (await http.get("/admin/stats/sim-fast/timeline", params={"bucket_s": 1})).json()
+    assert timeline["bucket_s"] == 1 and sum(timeline["ok"]) == 1
     await admin.reset()
-    assert (await admin.model_stats("m"))["requests"] == 0
-    await admin.close()
+    assert (await admin.model_stats("sim-fast"))["requests"] == 0
 
 
-async def test_auth_and_unknown_model(server: SimulatorHandle) -> None:
-    assert (await chat(server, "m", "x", key="wrong")).status_code == 401
-    response = await chat(server, "nope", "x")
-    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+async def test_a_retried_request_can_pass_a_partial_error_rate(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", error_rate=0.5)
+    statuses = [(await chat(http, "sim-fast", "same question")).status_code for _ in range(12)]
+    assert set(statuses) == {200, 500}
+    await admin.reset()
+    again = [(await chat(http, "sim-fast", "same question")).status_code for _ in range(12)]
+    assert again == statuses
 
 
-async def test_embeddings_are_deterministic_and_normalised(server: SimulatorHandle) -> None:
-    async with httpx.AsyncClient() as http:
+async def test_hangs_hold_the_request_and_count_in_flight(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", hang_rate=1.0, hang_seconds=30)
+    with pytest.raises(httpx.ReadTimeout):
+        await chat(http, "sim-fast", "never answered", timeout=0.2)
+    stats = await admin.model_stats("sim-fast")
+    assert (stats["hangs"], stats["in_flight"], stats["ok"]) == (1, 1, 0)
 
-        async def embed(texts: list[str]) -> list[list[float]]:
-            response = await http.post(
-                f"{server.url}/v1/embeddings",
-                json={"model": "e", "input": texts},
-                headers={"Authorization": f"Bearer {KEY}"},
-            )
-            return [d["embedding"] for d in response.json()["data"]]
 
-        first, again = (
-            await embed(["sales forecast by store"]),
-            await embed(["sales forecast by store"]),
-        )
-    assert first == again and len(first[0]) == 64
-    assert abs(sum(v * v for v in first[0]) - 1) < 1e-9
+async def test_admin_put_validates_and_creates_models(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    assert (await http.put("/admin/models/sim-fast", json={"latency": 5})).status_code == 400
+    created = await admin.set_profile("brand-new", latency_ms=1)
+    assert created["latency_ms"] == 1 and created["accuracy"] == 1.0
+    assert (await chat(http, "brand-new", "hi")).status_code == 200
+    models = (await http.get("/v1/models")).json()["data"]
+    assert {m["id"] for m in models} == {"sim-fast", "arith", "e", "brand-new"}
+
+
+async def test_auth_and_unknown_model(server: SimulatorHandle, http: httpx.AsyncClient) -> None:
+    wrong = {"Authorization": "Bearer wrong"}
+    assert (await chat(http, "sim-fast", "x", headers=wrong)).status_code == 401
+    async with httpx.AsyncClient(base_url=server.url) as anonymous:
+        denied = await anonymous.post("/v1/embeddings", json={"model": "e", "input": "x"})
+        assert denied.status_code == 401
+        assert denied.json()["error"]["code"] == "invalid_api_key"
+        assert (await anonymous.get("/v1/models")).status_code == 401
+        assert (await anonymous.get("/health")).status_code == 200
+    response = await chat(http, "nope", "x")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_embeddings_are_deterministic_normalised_and_similar(
+    http: httpx.AsyncClient,
+) -> None:
+    async def embed(texts: list[str]) -> list[list[float]]:
+        response = await http.post("/v1/embeddings", json={"model": "e", "input": texts})
+        body = response.json()
+        assert body["object"] == "list" and body["usage"]["prompt_tokens"] > 0
+        return [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])]
+
+    texts = ["sales forecast by store", "sales forecast by region", "the cat sat on a mat"]
+    vectors = await embed(texts)
+    assert vectors == await embed(texts)
+    assert all(len(v) == 64 and abs(sum(x * x for x in v) - 1) < 1e-9 for v in vectors)
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
 
 
 async def test_reached_through_litellm_like_a_real_provider(server: SimulatorHandle) -> None:
     response = await litellm.acompletion(
-        model="openai/arith",
+        model="openai/sim-fast",
         api_base=server.url + "/v1",
         api_key=KEY,
-        messages=[{"role": "user", "content": "Answer with a number only: 12 + 30"}],
+        messages=[{"role": "user", "content": "hello from litellm"}],
         num_retries=0,
         max_retries=0,
     )
-    assert response.choices[0].message.content == "42"
+    assert response.choices[0].message.content == "[sim-fast] hello from litellm"
+    assert response.usage.total_tokens > 0
+    arithmetic = await litellm.acompletion(
+        model="openai/arith",
+        api_base=server.api_base,
+        api_key=KEY,
+        messages=[{"role": "user", "content": "Answer with a number only: What is 12 + 30?"}],
+        num_retries=0,
+        max_retries=0,
+    )
+    assert arithmetic.choices[0].message.content == "42"
 
 
-async def test_a_429_reaches_litellm_callers_with_its_retry_after(server: SimulatorHandle) -> None:
-    admin = SimulatorAdmin(server.url)
-    await admin.set_profile("m", rate_limit_rps=0.25)
-    await chat(server, "m", "take the only token")
+async def test_streaming_through_litellm(server: SimulatorHandle) -> None:
+    stream = await litellm.acompletion(
+        model="openai/sim-fast",
+        api_base=server.api_base,
+        api_key=KEY,
+        messages=[{"role": "user", "content": "stream me"}],
+        stream=True,
+        num_retries=0,
+        max_retries=0,
+    )
+    parts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert "".join(parts) == "[sim-fast] stream me"
+
+
+async def test_a_429_reaches_litellm_callers_with_its_retry_after(
+    server: SimulatorHandle, http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", rate_limit_rps=0.25)
+    await chat(http, "sim-fast", "take the only token")
     with pytest.raises(litellm.RateLimitError) as info:
         await litellm.acompletion(
-            model="openai/m",
-            api_base=server.url + "/v1",
+            model="openai/sim-fast",
+            api_base=server.api_base,
             api_key=KEY,
             messages=[{"role": "user", "content": "again"}],
             num_retries=0,
             max_retries=0,
         )
-    delay = retry_after_seconds(info.value)
-    assert delay is not None and 1 <= delay <= 4.1
-    await admin.close()
+    # In litellm 1.102.4 the provider's headers are on `litellm_response_headers`
+    # (an httpx.Headers); `error.response` is a placeholder without them.
+    headers = getattr(info.value, "litellm_response_headers", None) or {}
+    assert info.value.status_code == 429
+    assert 1 <= int(headers["retry-after"]) <= 4
+    assert 0 < int(headers["retry-after-ms"]) <= 4000
+
+
+def test_cli_serves_prints_its_port_and_stops_on_sigterm() -> None:
+    env = dict(os.environ, SIM_TEST_KEY="cli-key")
+    command = [sys.executable, "-m", "konstruct.simulator", "--port", "0"]
+    command += ["--config", str(ROOT / "deploy" / "simulator.yaml")]
+    command += ["--api-key-env", "SIM_TEST_KEY"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("simulator listening on http://127.0.0.1:")
+        url = line.rsplit(" ", 1)[1]
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer cli-key"})
+        assert {m["id"] for m in models.json()["data"]} == {
+            "sim-fast",
+            "sim-quality",
+            "sim-judge",
+            "sim-arith",
+            "sim-embed",
+        }
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_cli_refuses_an_unset_key_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SIM_UNSET_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--api-key-env", "SIM_UNSET_KEY"])
+    assert exit_info.value.code == 2 and "SIM_UNSET_KEY" in capsys.readouterr().err
