@@ -1,0 +1,116 @@
+"""Determinism: DemoCascade and BatchSweep histories must replay against today's code.
+
+Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/demo_cascade_*.json and
+batch_sweep_*.json from fresh runs; commit them when a change to the workflows is intended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, Worker
+
+from konstruct.config import Settings
+from konstruct.models.demo import DemoProgress
+from workers.main import build_worker
+from workflows.batch_sweep import BatchSweep
+from workflows.demo_cascade import DemoCascade
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def replayer() -> Replayer:
+    return Replayer(workflows=[DemoCascade, BatchSweep], data_converter=pydantic_data_converter)
+
+
+async def test_recorded_histories_replay() -> None:
+    files = sorted(HISTORIES.glob("demo_cascade_*.json")) + sorted(
+        HISTORIES.glob("batch_sweep_*.json")
+    )
+    assert any(f.name.startswith("demo_cascade_") for f in files), "no recorded DemoCascade"
+    assert any(f.name.startswith("batch_sweep_") for f in files), "no recorded BatchSweep"
+    for path in files:
+        history = WorkflowHistory.from_json(path.stem, path.read_text())
+        result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+
+
+async def _until(handle: Any, check: Any) -> None:
+    for _ in range(600):
+        progress: DemoProgress = await handle.query(DemoCascade.progress)
+        if check(progress):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out: {await handle.query(DemoCascade.progress)}")
+
+
+async def _run_case(client: Client, task_queue: str, name: str, fields: dict[str, Any]) -> Any:
+    handle = await client.start_workflow(
+        DemoCascade.run,
+        {"seed": 7, **fields},
+        # The file stem is the workflow id on replay, and child ids derive from it.
+        id=f"demo_cascade_{name}",
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        task_queue=task_queue,
+    )
+    if fields.get("approval") == "manual":
+        await _until(handle, lambda p: p.pending_approval is not None)
+        if name == "rich_cancelled":
+            await handle.cancel()
+        else:
+            await handle.signal(DemoCascade.approve)
+    try:
+        await handle.result()
+        succeeded = True
+    except WorkflowFailureError:
+        succeeded = False
+    assert succeeded == name.endswith("_ok"), name
+    return handle
+
+
+async def test_fresh_runs_replay_without_cache(
+    client: Client, settings: Settings, task_queue: str, worker: str
+) -> None:
+    """Every workflow task replays from scratch (no cache), then each whole history replays.
+
+    The cases cover the paths with different commands: success, a failure with
+    compensations, a manual approval by signal, a cancel, and the sweep child.
+    The full showcase (with its Experiment child, whose calls need the provider
+    queues of a regular worker) runs on the `worker` fixture's queue.
+    """
+    cases: dict[str, dict[str, Any]] = {
+        "minimal_ok": {"scenario": "demo_minimal"},
+        "minimal_fail_at_verify": {"scenario": "demo_minimal", "fail_at": "verify"},
+        "rich_approved_fail_at_decision": {
+            "scenario": "showcase_rich",
+            "approval": "manual",
+            "fail_at": "agent_decision",
+        },
+        "rich_cancelled": {"scenario": "showcase_rich", "approval": "manual"},
+    }
+    histories: dict[str, WorkflowHistory] = {}
+    # A worker built only for its configuration, on a queue nobody uses.
+    async with build_worker(client, settings, f"{task_queue}-template") as template:
+        config = template.config()
+        config["task_queue"] = no_cache_queue = f"{task_queue}-no-cache"
+        config["max_cached_workflows"] = 0
+        async with Worker(**config):
+            for name, fields in cases.items():
+                handle = await _run_case(client, no_cache_queue, name, fields)
+                histories[f"demo_cascade_{name}"] = await handle.fetch_history()
+                if name == "rich_approved_fail_at_decision":
+                    sweep = client.get_workflow_handle(f"{handle.id}-sweep")
+                    histories["batch_sweep_ok"] = await sweep.fetch_history()
+    handle = await _run_case(client, worker, "rich_ok", {"scenario": "showcase_rich"})
+    histories["demo_cascade_rich_ok"] = await handle.fetch_history()
+    for name, history in histories.items():
+        result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, f"{name}: {result.replay_failure}"
+        if os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1":
+            (HISTORIES / f"{name}.json").write_text(history.to_json())

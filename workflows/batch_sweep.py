@@ -1,0 +1,93 @@
+"""BatchSweep: backtest every configuration of a sweep preset, train the best one.
+
+DemoCascade runs it as a child workflow. The preset's configurations come from
+an activity, so a later change to the presets never changes the commands an
+old history replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.demo import DemoActivities
+    from konstruct.models.demo import (
+        SweepInput,
+        SweepPlan,
+        SweepPlanInput,
+        SweepPoint,
+        SweepPointInput,
+        SweepResult,
+        TrainInput,
+        TrainResult,
+    )
+
+SWEEP_STEP = "batch_sweep"
+SWEEP_TIMEOUT = timedelta(seconds=60)
+SWEEP_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    maximum_attempts=5,
+    non_retryable_error_types=["InjectedFailure", "InvalidInput", "NotFound"],
+)
+
+
+@workflow.defn
+class BatchSweep:
+    @workflow.run
+    async def run(self, input: SweepInput) -> SweepResult:
+        plan: SweepPlan = await workflow.execute_local_activity_method(
+            DemoActivities.sweep_plan,
+            SweepPlanInput(preset=input.preset),
+            start_to_close_timeout=SWEEP_TIMEOUT,
+            retry_policy=SWEEP_RETRY_POLICY,
+        )
+        points: list[SweepPoint] = await asyncio.gather(
+            *(
+                workflow.execute_local_activity_method(
+                    DemoActivities.sweep_point,
+                    SweepPointInput(
+                        tenant_id=input.tenant_id,
+                        step=SWEEP_STEP,
+                        session_prefix=input.session_prefix,
+                        features=input.features,
+                        model=config.model,
+                        params=config.params,
+                        size=input.size,
+                    ),
+                    start_to_close_timeout=SWEEP_TIMEOUT,
+                    retry_policy=SWEEP_RETRY_POLICY,
+                    summary=f"{config.model} {config.params}",
+                )
+                for config in plan.configs
+            )
+        )
+        best = min(points, key=lambda p: (p.wape, p.model, json.dumps(p.params, sort_keys=True)))
+        # fail_at=batch_sweep fails here, after the best model was written.
+        trained: TrainResult = await workflow.execute_local_activity_method(
+            DemoActivities.train,
+            TrainInput(
+                tenant_id=input.tenant_id,
+                step=SWEEP_STEP,
+                session_prefix=input.session_prefix,
+                inject_failure=input.inject_failure,
+                features=input.features,
+                models=[best.model],
+                params={best.model: best.params},
+            ),
+            start_to_close_timeout=SWEEP_TIMEOUT,
+            retry_policy=SWEEP_RETRY_POLICY,
+            summary=f"train best {best.model} {best.params}",
+        )
+        return SweepResult(
+            preset=plan.preset,
+            points=points,
+            best=trained.models[0],
+            best_wape=best.wape,
+            work_ms=sum(p.work_ms for p in points) + trained.work_ms,
+        )
