@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from pydantic import ValidationError
 
 from konstruct import db
 from konstruct.agents import list_agents, put_agent
-from konstruct.cli.common import print_json, settings_of
+from konstruct.cli.common import print_json, run_async, settings_of
 from konstruct.errors import InvalidInput
 from konstruct.models import AgentProfile
 
@@ -57,13 +56,13 @@ def cmd_put(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise InvalidInput.from_validation_error("agents put", exc) from None
-    asyncio.run(_with_pool(args, lambda pool: put_agent(pool, args.tenant, agent)))
+    run_async(_with_pool(args, lambda pool: put_agent(pool, args.tenant, agent)))
     print(f"agent {args.tenant}/{args.agent} saved")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    agents = asyncio.run(_with_pool(args, lambda pool: list_agents(pool, args.tenant)))
+    agents = run_async(_with_pool(args, lambda pool: list_agents(pool, args.tenant)))
     if args.json:
         print_json(agents)
         return 0

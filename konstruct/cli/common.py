@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import json
 import sys
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowFailureError
@@ -14,6 +17,24 @@ from temporalio.exceptions import ApplicationError
 from konstruct.config import Settings, load_settings
 from konstruct.errors import KonstructError
 from konstruct.temporal_client import connect
+
+T = TypeVar("T")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, freeing clients while the loop still runs.
+
+    A Temporal client left for interpreter shutdown sometimes aborts the
+    process (exit 134, PyGILState_Release); collecting it first avoids that.
+    """
+
+    async def run() -> T:
+        try:
+            return await coroutine
+        finally:
+            gc.collect()
+
+    return asyncio.run(run())
 
 
 def settings_of(args: argparse.Namespace) -> Settings:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import uuid
 
 from temporalio.client import WorkflowFailureError
 
-from konstruct.cli.common import client_of, failure_message, print_json, settings_of
+from konstruct.cli.common import client_of, failure_message, print_json, run_async, settings_of
 from workflows.handle_message import HandleMessage
 
 
@@ -62,4 +61,4 @@ async def _send(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    return asyncio.run(_send(args))
+    return run_async(_send(args))

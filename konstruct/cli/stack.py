@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import time
 
 from konstruct import db
-from konstruct.cli.common import settings_of
+from konstruct.cli.common import run_async, settings_of
 from konstruct.errors import StackError
 from konstruct.processes import port_in_use
 from konstruct.stack import Stack, running_pid
@@ -123,18 +122,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(run_worker(settings_of(args)))
+    run_async(run_worker(settings_of(args)))
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     owner = db.owner_url(settings)
-    applied = asyncio.run(
+    applied = run_async(
         db.migrate(
             owner, app_role=settings.postgres.app_role, app_password=settings.postgres.app_password
         )
     )
-    asyncio.run(db.seed_demo(owner))
+    run_async(db.seed_demo(owner))
     print(f"applied: {', '.join(applied) or 'nothing new'}")
     return 0
