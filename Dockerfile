@@ -8,6 +8,8 @@ COPY workflows workflows
 COPY activities activities
 COPY workers workers
 COPY deploy deploy
+# The demo's RAG step indexes docs/demo-docs.
+COPY docs docs
 RUN pip install --no-cache-dir .
 ENV KONSTRUCT_ROUTER_CONFIG=/app/deploy/llm-router.yaml
 CMD ["konstruct", "worker"]
