@@ -95,7 +95,10 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
             model="openai/sim-fast",
             api_base=stack.simulator_url,
             api_key=api_key,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": f"hi {i}"}],
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"hi {i}"},
+            ],
             max_retries=0,
         )
 
