@@ -102,7 +102,7 @@ class ExperimentSettings(_Section):
     retry_max_s: float = Field(32.0, gt=0)
     max_attempts: int = Field(0, ge=0)
     # Completed items per workflow run before continue-as-new (bounded history).
-    continue_as_new_every: int = Field(2000, ge=1)
+    continue_as_new_every: int = Field(1000, ge=1)
     # Pending item ids fetched per page.
     page_size: int = Field(500, ge=1, le=5000)
     # How often progress, rates and breakers are refreshed into the workflow.
@@ -128,6 +128,10 @@ class ExperimentSettings(_Section):
     increase_step_growth: float = Field(2.0, ge=1)
     # Seconds at the learned ceiling before probing above it again.
     probe_after_s: float = Field(2.0, ge=0)
+    # Raise only while calls use this share of the rate; probe at most this
+    # factor above the measured rate.
+    min_utilisation: float = Field(0.75, gt=0, le=1)
+    probe_cap: float = Field(1.5, ge=1)
 
 
 class Settings(_Section):

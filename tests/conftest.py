@@ -169,3 +169,25 @@ def span_exporter():  # type: ignore[no-untyped-def]
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return exporter
+
+
+# --- experiments ---
+@pytest.fixture(scope="session")
+def experiment_settings(settings: Settings) -> Settings:
+    """The session settings with breaker cooldown and backoff short enough for tests."""
+    return settings.model_copy(
+        update={
+            "experiments": settings.experiments.model_copy(
+                update={"breaker_cooldown_s": 1.5, "probe_after_s": 0.5}
+            )
+        }
+    )
+
+
+@pytest.fixture
+async def experiment_worker(
+    client: Client, experiment_settings: Settings, task_queue: str
+) -> AsyncIterator[str]:
+    """An in-process worker (with provider workers) using `experiment_settings`."""
+    async with build_worker(client, experiment_settings, task_queue) as w, w:
+        yield task_queue

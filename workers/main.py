@@ -12,29 +12,41 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.demo import DemoActivities
+from activities.experiments import ExperimentActivities
 from activities.llm import LlmActivities
 from activities.messages import MessageActivities
+from activities.registry import RegistryActivities
 from konstruct import db
 from konstruct.config import Settings, load_settings
 from konstruct.router import build_router, load_router_config
 from konstruct.telemetry import setup_telemetry
 from konstruct.temporal_client import connect
+from workers.providers import provider_workers
+from workflows.batch_sweep import BatchSweep
+from workflows.demo_cascade import DemoCascade
+from workflows.experiment import Experiment
 from workflows.handle_message import HandleMessage
 
 log = logging.getLogger("konstruct.worker")
 
-WORKFLOWS = [HandleMessage]
+WORKFLOWS = [HandleMessage, Experiment, DemoCascade, BatchSweep]
 
 
 @asynccontextmanager
 async def build_worker(
-    client: Client, settings: Settings, task_queue: str | None = None
+    client: Client, settings: Settings, task_queue: str | None = None, **worker_options: Any
 ) -> AsyncIterator[Worker]:
-    """A worker with its database pool and LLM router; closes them on exit."""
+    """A worker with its database pool and LLM router; closes them on exit.
+
+    `worker_options` go to `Worker` as they are (the replay tests pass
+    `max_cached_workflows=0`).
+    """
     router_config = load_router_config(settings.path(settings.llm.router_config))
     router = build_router(router_config)
     pool = await db.create_pool(
@@ -44,21 +56,36 @@ async def build_worker(
     )
     messages = MessageActivities(pool)
     llm = LlmActivities(router, router_config)
+    experiments = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
+    queue = task_queue or settings.temporal.task_queue
     try:
-        yield Worker(
-            client,
-            task_queue=task_queue or settings.temporal.task_queue,
-            workflows=WORKFLOWS,
-            activities=[
-                messages.load_agent_context,
-                messages.store_turn,
-                llm.call_llm,
-            ],
-            max_concurrent_activities=settings.worker.max_concurrent_activities,
-            max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
-            max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
-            graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
-        )
+        # Experiment calls run on one rate-limited queue per provider, beside this one.
+        async with provider_workers(client, settings, queue, pool, router_config):
+            yield Worker(
+                client,
+                task_queue=queue,
+                workflows=WORKFLOWS,
+                activities=[
+                    messages.load_agent_context,
+                    messages.store_turn,
+                    llm.call_llm,
+                    experiments.prepare,
+                    experiments.pending_page,
+                    experiments.record_failure,
+                    experiments.set_stop_flag,
+                    experiments.monitor,
+                    experiments.finalize,
+                    *RegistryActivities(pool).all(),
+                    *DemoActivities(pool, router, router_config).all(),
+                ],
+                max_concurrent_activities=settings.worker.max_concurrent_activities,
+                max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
+                max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
+                graceful_shutdown_timeout=timedelta(
+                    seconds=settings.worker.graceful_shutdown_seconds
+                ),
+                **worker_options,
+            )
     finally:
         await pool.close()
 

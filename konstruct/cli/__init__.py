@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from konstruct.cli import agents, messages, stack
+from konstruct.cli import agents, demo, experiments, messages, registry, stack
 from konstruct.errors import KonstructError
 
 __all__ = ["main"]
 
-COMMAND_GROUPS = [stack, agents, messages]
+COMMAND_GROUPS = [stack, agents, messages, experiments, demo, registry]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,422 @@
+"""Experiment: its input, progress and result, and the inputs of its activities.
+
+Side-effect free: the workflow imports it. New fields get defaults, so
+recorded histories keep replaying.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from konstruct.models.base import StrictModel
+
+_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_EXPERIMENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+ExperimentStatus = Literal["running", "stopping", "stopped", "paused", "completed", "failed"]
+ItemStatus = Literal["pending", "ok", "failed"]
+
+
+# --- the input ------------------------------------------------------------------
+
+
+class DatasetItem(StrictModel):
+    id: str = Field(min_length=1, max_length=200)
+    input: str = Field(min_length=1)
+    expected: Any = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_as_text(cls, value: Any) -> Any:
+        # JSONL files often number their items; 7 and "7" are the same id.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class DatasetSpec(StrictModel):
+    """Either a JSONL file (read by the worker) or the items inline."""
+
+    path: str | None = None
+    items: list[DatasetItem] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.items is None):
+            raise ValueError("give exactly one of `path` (a JSONL file) or `items` (inline)")
+        return self
+
+
+class TaskSpec(StrictModel):
+    model_group: str = Field(min_length=1)
+    prompt_template: str = Field(min_length=1)
+    system_prompt: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _uses_input(cls, value: str) -> str:
+        if "{input}" not in value:
+            raise ValueError("must contain `{input}`, where each item's input goes")
+        return value
+
+
+class _Eval(StrictModel):
+    # Defaults to the kind; two evals of one kind need names to tell them apart.
+    name: str | None = None
+
+
+class ExactMatchEval(_Eval):
+    kind: Literal["exact_match"]
+    case_sensitive: bool = False
+
+
+class ContainsEval(_Eval):
+    kind: Literal["contains"]
+    # The text to look for; default: the item's `expected`.
+    value: str | None = None
+    case_sensitive: bool = False
+
+
+class RegexEval(_Eval):
+    kind: Literal["regex"]
+    pattern: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class NumericCloseEval(_Eval):
+    kind: Literal["numeric_close"]
+    tolerance: float = Field(1e-6, ge=0)
+    relative: bool = False
+
+
+class JsonValidEval(_Eval):
+    kind: Literal["json_valid"]
+
+
+class LlmJudgeEval(_Eval):
+    kind: Literal["llm_judge"]
+    model_group: str = Field(min_length=1)
+    rubric: str = Field(min_length=1)
+    # A score (0..1) at or above this passes.
+    pass_threshold: float = Field(0.5, ge=0, le=1)
+
+
+EvalSpec = Annotated[
+    ExactMatchEval | ContainsEval | RegexEval | NumericCloseEval | JsonValidEval | LlmJudgeEval,
+    Field(discriminator="kind"),
+]
+EVAL_KINDS = ("exact_match", "contains", "regex", "numeric_close", "json_valid", "llm_judge")
+
+
+def eval_name(spec: Any) -> str:
+    return str(spec.name or spec.kind)
+
+
+class ExperimentOptions(StrictModel):
+    """Workflow-side settings; `konstruct experiments start` fills them from settings."""
+
+    toggle_cooldown_s: float = Field(5.0, ge=0)
+    call_timeout_s: float = Field(120.0, gt=0)
+    heartbeat_timeout_s: float = Field(10.0, gt=0)
+    retry_initial_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(32.0, gt=0)
+    # 0: retry a retryable error forever (the breaker stops a dead provider).
+    max_attempts: int = Field(0, ge=0)
+    continue_as_new_every: int = Field(1000, ge=1)
+    page_size: int = Field(500, ge=1, le=5000)
+    monitor_interval_s: float = Field(2.0, gt=0)
+
+
+class ToggleRecord(StrictModel):
+    action: Literal["stop", "resume"]
+    accepted: bool
+    reason: str = ""
+    at: str  # ISO time on the workflow clock
+
+
+class ExperimentCarry(StrictModel):
+    """What one workflow run hands the next at continue-as-new."""
+
+    run_index: int = 0
+    prepared: PrepareResult
+    completed: int = 0
+    failed: int = 0
+    evaluated: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stop_requested: bool = False
+    last_toggle_at: float | None = None
+    toggles: list[ToggleRecord] = Field(default_factory=list)
+    started_at: float = 0.0
+
+
+class ExperimentInput(StrictModel):
+    experiment_id: str = Field(pattern=_EXPERIMENT_ID)
+    tenant_id: str = Field(pattern=_ID)
+    name: str | None = Field(None, max_length=200)
+    dataset: DatasetSpec
+    task: TaskSpec
+    evals: list[EvalSpec] = Field(default_factory=list)
+    max_concurrency: int = Field(20, ge=1, le=1000)
+    options: ExperimentOptions = ExperimentOptions()
+    # Set by the workflow itself when it continues as new; never by a caller.
+    carry: ExperimentCarry | None = None
+
+    @field_validator("evals", mode="before")
+    @classmethod
+    def _known_kinds(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for index, spec in enumerate(value):
+                kind = spec.get("kind") if isinstance(spec, dict) else getattr(spec, "kind", None)
+                if kind not in EVAL_KINDS:
+                    raise ValueError(
+                        f"evals.{index}.kind: unknown eval kind {kind!r}; "
+                        f"known: {', '.join(EVAL_KINDS)}"
+                    )
+        return value
+
+    @field_validator("evals")
+    @classmethod
+    def _unique_names(cls, value: list[Any]) -> list[Any]:
+        names = [eval_name(e) for e in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"two evals are named {duplicates}; give each a distinct `name`")
+        return value
+
+
+# --- the activities ---------------------------------------------------------------
+
+
+class Route(StrictModel):
+    """One deployment of a model group: its provider decides the task queue."""
+
+    deployment_id: str
+    provider: str
+
+
+class PrepareInput(StrictModel):
+    experiment: ExperimentInput
+    workflow_id: str
+
+
+class PrepareResult(StrictModel):
+    total: int
+    # Results already stored (a restart or a resume after a crash).
+    completed: int = 0
+    failed: int = 0
+    evaluated: int = 0
+    task_routes: list[Route]
+    # Eval name -> routes of its judge group (llm_judge evals only).
+    judge_routes: dict[str, list[Route]] = Field(default_factory=dict)
+    providers: list[str]
+
+
+class PendingPageInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    after_seq: int = -1
+    limit: int = 500
+
+
+class PendingItem(StrictModel):
+    seq: int
+    item_id: str
+    # The task output is stored; only judge evals are missing.
+    needs_task: bool = True
+    missing_evals: list[str] = Field(default_factory=list)
+
+
+class PendingPage(StrictModel):
+    items: list[PendingItem]
+
+
+class RunItemInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    item_id: str
+    deployment_id: str
+    provider: str
+
+
+class RunItemResult(StrictModel):
+    item_id: str
+    status: ItemStatus
+    # Judge evals still to run for this item.
+    missing_evals: list[str] = Field(default_factory=list)
+    latency_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_kind: str | None = None
+    # False when the result was stored by an earlier attempt or run.
+    fresh: bool = True
+
+
+class JudgeItemInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    item_id: str
+    eval_name: str
+    deployment_id: str
+    provider: str
+
+
+class JudgeItemResult(StrictModel):
+    item_id: str
+    eval_name: str
+    score: float | None
+    evaluated: bool
+
+
+class RecordFailureInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    item_id: str
+    error_kind: str
+    error: str
+
+
+class StopFlagInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    stopped: bool
+    workflow_id: str
+    # Activity ids still waiting for capacity: cancelled, they make no call.
+    cancel_waiting: bool = True
+
+
+class StopFlagResult(StrictModel):
+    waiting_activity_ids: list[str] = Field(default_factory=list)
+
+
+class MonitorInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    providers: list[str]
+    with_latency: bool = True
+
+
+class ProviderProgress(StrictModel):
+    provider: str
+    rate_rps: float
+    initial_rps: float
+    ceiling_rps: float | None = None
+    breaker: str = "closed"
+    consecutive_failures: int = 0
+    breaker_trips: int = 0
+    cooldown_left_s: float = 0.0
+    ok_total: int = 0
+    throttled_total: int = 0
+    failure_total: int = 0
+    # Per second over the last monitor interval.
+    ok_per_s: float = 0.0
+    throttled_per_s: float = 0.0
+
+
+class LatencyStats(StrictModel):
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+
+
+class MonitorResult(StrictModel):
+    providers: list[ProviderProgress]
+    latency: LatencyStats = LatencyStats()
+    at: float = 0.0
+
+
+class FinalizeInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+    name: str
+    status: ExperimentStatus
+    workflow_id: str
+    workflow_run_id: str
+    providers: list[str]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalSummary(StrictModel):
+    name: str
+    kind: str
+    scored: int
+    mean: float | None
+    pass_rate: float | None
+
+
+class ExperimentSummary(StrictModel):
+    experiment_id: str
+    tenant_id: str
+    name: str
+    status: ExperimentStatus
+    total: int
+    completed: int
+    failed: int
+    evals: list[EvalSummary]
+    latency: LatencyStats
+    prompt_tokens: int
+    completion_tokens: int
+    errors_by_kind: dict[str, int]
+    # Per provider: 429s, 429 share, breaker trips, final rate.
+    providers: dict[str, dict[str, float]] = Field(default_factory=dict)
+    duration_s: float | None = None
+    registry_run_id: str | None = None
+
+
+# --- the workflow's progress and result -----------------------------------------------
+
+
+class ExperimentProgress(StrictModel):
+    experiment_id: str
+    tenant_id: str
+    name: str
+    status: ExperimentStatus
+    paused_reason: str | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    evaluated: int = 0
+    max_concurrency: int = 20
+    # in_flight / max_concurrency.
+    slot_utilisation: float = 0.0
+    items_per_s: float = 0.0
+    eta_s: float | None = None
+    providers: list[ProviderProgress] = Field(default_factory=list)
+    latency: LatencyStats = LatencyStats()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    run_index: int = 0
+    toggles: list[ToggleRecord] = Field(default_factory=list)
+    last_refusal: ToggleRecord | None = None
+    error: str | None = None
+
+
+class ToggleInput(StrictModel):
+    by: str = ""
+
+
+class ToggleResult(StrictModel):
+    accepted: bool
+    status: ExperimentStatus
+    reason: str = ""
+
+
+class ExperimentResult(StrictModel):
+    summary: ExperimentSummary
+    registry_run_id: str | None = None
+
+
+ExperimentCarry.model_rebuild()

@@ -1,0 +1,242 @@
+"""Decisions about a provider's rate and health, as pure functions of its state.
+
+Two pieces, both shared by every worker through PostgreSQL
+(`konstruct/provider_store.py` reads and writes them):
+
+- the adaptive rate (AIMD): a 429 cuts the rate (at most once per
+  `decrease_window_s`, so a burst of 429s counts once): to just under the rate
+  the provider was measured to accept since the last change, or by
+  `decrease_factor` (halving) when nothing was measured; successes raise it
+  additively, at most once per `increase_interval_s`, first straight back to
+  just under the learned ceiling, then in growing steps that probe above it.
+  The rate is what the Temporal server dispatches from the provider's task
+  queue per second.
+- the circuit breaker: `closed` until `threshold` consecutive failures, then
+  `open` for `cooldown_s`, then `half_open`: one probe call is let through,
+  whose outcome closes or re-opens it.
+
+Times are seconds on the database's clock, so workers on different machines agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+BreakerStatus = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True)
+class AimdConfig:
+    min_rps: float = 0.5
+    max_rps: float = 1000.0
+    decrease_factor: float = 0.5
+    decrease_window_s: float = 1.0
+    decrease_to_measured: bool = True
+    headroom: float = 0.97
+    increase_interval_s: float = 1.0
+    increase_step_fraction: float = 0.05
+    increase_step_min_rps: float = 0.5
+    increase_step_growth: float = 2.0
+    probe_after_s: float = 2.0
+    # The accepted rate is only measured over at least this long.
+    min_measure_s: float = 0.5
+    # Successes raise the rate only while they use at least this share of it,
+    # and a probing step goes at most this factor above the measured rate.
+    min_utilisation: float = 0.75
+    probe_cap: float = 1.5
+
+
+@dataclass(frozen=True)
+class AimdState:
+    rate: float
+    # The provider's accepted rate measured at the last 429 (None: never throttled).
+    ceiling: float | None = None
+    # When the rate last changed, and the successes counted since then.
+    changed_at: float = 0.0
+    ok_since_change: int = 0
+    last_decrease_at: float | None = None
+    # No increase before this (the provider's Retry-After, or the probe pause).
+    hold_until: float = 0.0
+    # The next additive step; grows while increases meet no 429, reset by one.
+    step: float = 0.0
+
+
+def _clamp(rate: float, config: AimdConfig) -> float:
+    return min(config.max_rps, max(config.min_rps, rate))
+
+
+def _first_step(rate: float, config: AimdConfig) -> float:
+    return max(config.increase_step_min_rps, rate * config.increase_step_fraction)
+
+
+def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:
+    """Successes per second since the last change, if measured over long enough."""
+    elapsed = now - state.changed_at
+    if elapsed < config.min_measure_s or state.ok_since_change <= 0:
+        return None
+    return state.ok_since_change / elapsed
+
+
+def on_throttled(
+    state: AimdState, now: float, retry_after_s: float | None, config: AimdConfig
+) -> AimdState:
+    """A 429: decrease, unless a decrease already happened within the window."""
+    if (
+        state.last_decrease_at is not None
+        and now - state.last_decrease_at < config.decrease_window_s
+    ):
+        return state
+    decreased = state.rate * config.decrease_factor
+    measured = measured_rate(state, now, config)
+    ceiling = measured if measured is not None else state.rate
+    if state.ceiling is not None and measured is not None and measured > 0.7 * state.ceiling:
+        # A short measurement is noisy: move the known ceiling only halfway to it,
+        # unless it fell far (a real drop of the provider's limit).
+        ceiling = max(measured, (state.ceiling + measured) / 2)
+    if config.decrease_to_measured and measured is not None:
+        # The provider just accepted `measured` per second while refusing more:
+        # that is its ceiling. Halving below it would only lose throughput, and
+        # when the ceiling fell far, going straight under it stops the 429s at once.
+        decreased = min(state.rate, measured) * config.headroom
+    elif config.decrease_to_measured and state.ceiling is not None:
+        # Too soon after the last change to measure: back under the known ceiling
+        # (a real drop of it shows in the next window's measurement).
+        decreased = max(decreased, min(state.rate, state.ceiling) * config.headroom)
+    rate = _clamp(decreased, config)
+    return AimdState(
+        rate=rate,
+        ceiling=ceiling,
+        changed_at=now,
+        ok_since_change=0,
+        last_decrease_at=now,
+        hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
+        step=_first_step(rate, config),
+    )
+
+
+def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
+    """A success: count it, and raise the rate if an increase is due."""
+    counted = replace(state, ok_since_change=state.ok_since_change + 1)
+    if now < state.hold_until or now - state.changed_at < config.increase_interval_s:
+        return counted
+    step = state.step or _first_step(state.rate, config)
+    if state.ceiling is None:
+        # No 429 seen yet: the ceiling is unknown, climb as fast as the cap allows.
+        step = max(step, state.rate * (config.probe_cap - 1))
+    measured = measured_rate(counted, now, config)
+    if measured is None or measured < config.min_utilisation * state.rate:
+        # The rate is not what holds the calls back (too few of them): raising it
+        # would only let a later burst hit the provider unchecked.
+        return counted
+    # The learned ceiling only changes at a 429: a success above it may be the
+    # provider's burst allowance, and probing finds a raised limit anyway.
+    ceiling = state.ceiling
+    target = ceiling * config.headroom if ceiling is not None else None
+    if target is not None and state.rate < target:
+        # Fast recovery to just under the learned ceiling, then a pause before probing.
+        rate = target
+        hold_until = now + config.probe_after_s
+        next_step = _first_step(target, config)
+    else:
+        since_decrease = now - (state.last_decrease_at or -1e18)
+        if since_decrease < config.probe_after_s + config.decrease_window_s:
+            # Just cut at the learned ceiling: stay there a while before probing again.
+            return counted
+        # Never far above what actually flows: the excess would reach the provider
+        # as a burst the moment demand catches up.
+        rate = min(state.rate + step, max(state.rate, measured * config.probe_cap))
+        hold_until = state.hold_until
+        next_step = step * config.increase_step_growth
+    rate = _clamp(rate, config)
+    if rate == state.rate:
+        return counted
+    return AimdState(
+        rate=rate,
+        ceiling=ceiling,
+        changed_at=now,
+        ok_since_change=0,
+        last_decrease_at=state.last_decrease_at,
+        hold_until=hold_until,
+        step=next_step,
+    )
+
+
+# --- circuit breaker ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    threshold: int = 5
+    cooldown_s: float = 30.0
+    # A half-open probe that never reported back (its worker died) is given up
+    # after this long, and another call may probe.
+    probe_timeout_s: float = 130.0
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    status: BreakerStatus = "closed"
+    consecutive_failures: int = 0
+    opened_at: float | None = None
+    probe_started_at: float | None = None
+    trips: int = 0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a call may do now: go ahead, go ahead as the half-open probe, or wait."""
+
+    allowed: bool
+    probe: bool = False
+    retry_in_s: float = 0.0
+    reason: str = ""
+
+
+def admit(state: BreakerState, now: float, config: BreakerConfig) -> Admission:
+    if state.status == "closed":
+        return Admission(allowed=True)
+    opened_at = state.opened_at or now
+    if state.status == "open":
+        remaining = opened_at + config.cooldown_s - now
+        if remaining > 0:
+            return Admission(
+                allowed=False,
+                retry_in_s=remaining,
+                reason=f"circuit open after {state.consecutive_failures} consecutive failures",
+            )
+        return Admission(allowed=True, probe=True)
+    # half_open: one probe at a time.
+    started = state.probe_started_at
+    if started is None or now - started >= config.probe_timeout_s:
+        return Admission(allowed=True, probe=True)
+    return Admission(
+        allowed=False,
+        retry_in_s=min(config.cooldown_s, max(1.0, config.probe_timeout_s - (now - started))),
+        reason="circuit half-open: a probe call is testing the provider",
+    )
+
+
+def claim_probe(state: BreakerState, now: float) -> BreakerState:
+    return replace(state, status="half_open", probe_started_at=now)
+
+
+def record_success(state: BreakerState) -> BreakerState:
+    if state.status == "closed" and state.consecutive_failures == 0:
+        return state
+    return replace(
+        state, status="closed", consecutive_failures=0, opened_at=None, probe_started_at=None
+    )
+
+
+def record_failure(state: BreakerState, now: float, config: BreakerConfig) -> BreakerState:
+    failures = state.consecutive_failures + 1
+    if state.status == "half_open" or (state.status == "closed" and failures >= config.threshold):
+        return BreakerState(
+            status="open",
+            consecutive_failures=failures,
+            opened_at=now,
+            probe_started_at=None,
+            trips=state.trips + 1,
+        )
+    return replace(state, consecutive_failures=failures)

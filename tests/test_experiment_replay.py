@@ -1,0 +1,109 @@
+"""Determinism: recorded Experiment histories must replay against today's code.
+
+Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/experiment_*.json
+from a fresh run; commit them when a change to the workflow is intended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, Worker
+
+from activities.experiments import ExperimentActivities
+from konstruct import db
+from konstruct.config import Settings
+from konstruct.router import load_router_config
+from konstruct.simulator_admin import SimulatorAdmin
+from tests.test_experiments import experiment, wait_for
+from workers.providers import provider_workers
+from workflows.experiment import Experiment
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def replayer() -> Replayer:
+    return Replayer(workflows=[Experiment], data_converter=pydantic_data_converter)
+
+
+async def test_recorded_histories_replay() -> None:
+    files = sorted(HISTORIES.glob("experiment_*.json"))
+    assert files, "no recorded Experiment history in tests/histories"
+    for path in files:
+        history = WorkflowHistory.from_json(path.stem, path.read_text())
+        await replayer().replay_workflow(history)
+
+
+async def _runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """Every run of a workflow id (continue-as-new makes several), oldest first."""
+    runs = [execution async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+    runs.sort(key=lambda e: e.start_time)
+    return [
+        await client.get_workflow_handle(workflow_id, run_id=e.run_id).fetch_history() for e in runs
+    ]
+
+
+async def test_fresh_runs_replay_without_cache(
+    client: Client, settings: Settings, task_queue: str, sim: SimulatorAdmin
+) -> None:
+    """Every workflow task replays from scratch (no cache), then every history replays."""
+    await sim.set_profile("sim-fast", latency_ms=100)
+    judged = experiment(
+        20,
+        evals=[
+            {"kind": "exact_match"},
+            {"kind": "llm_judge", "model_group": "judge", "rubric": "right?"},
+        ],
+        max_concurrency=3,
+        options={"continue_as_new_every": 4, "toggle_cooldown_s": 0.0},
+    )
+    bad = experiment(3, evals=[{"kind": "bleu"}])
+    histories: dict[str, WorkflowHistory] = {}
+    router_config = load_router_config(settings.path(settings.llm.router_config))
+    pool = await db.create_pool(db.app_url(settings), max_size=10)
+    acts = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
+    no_cache = Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[Experiment],
+        activities=[
+            acts.prepare,
+            acts.pending_page,
+            acts.record_failure,
+            acts.set_stop_flag,
+            acts.monitor,
+            acts.finalize,
+        ],
+        max_cached_workflows=0,
+    )
+    async with provider_workers(client, settings, task_queue, pool, router_config):
+        async with no_cache:
+            handle = await client.start_workflow(
+                Experiment.run, judged, id=judged["experiment_id"], task_queue=task_queue
+            )
+            await wait_for(handle, lambda p: p.evaluated >= 2)
+            await handle.signal(Experiment.stop)
+            await wait_for(handle, lambda p: p.status == "stopped")
+            await asyncio.sleep(0.2)
+            await handle.signal(Experiment.resume)
+            await handle.result()
+            for index, history in enumerate(await _runs(client, judged["experiment_id"])):
+                histories[f"judged_stop_resume_{index}"] = history
+            failing = await client.start_workflow(
+                Experiment.run, bad, id=bad["experiment_id"], task_queue=task_queue
+            )
+            try:
+                await failing.result()
+            except WorkflowFailureError:
+                pass
+            histories["bad_input"] = await failing.fetch_history()
+    assert len([n for n in histories if n.startswith("judged")]) >= 3
+    await pool.close()
+    for name, history in histories.items():
+        await replayer().replay_workflow(history)
+        if os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1":
+            (HISTORIES / f"experiment_{name}.json").write_text(history.to_json())

@@ -1,0 +1,363 @@
+"""Experiment end to end: real dev server, real PostgreSQL, the simulator through litellm.
+
+Short latencies, small datasets and short cooldowns keep this file to a couple
+of minutes; nothing here asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+
+from konstruct.cli import main as cli_main
+from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
+from konstruct.simulator_admin import SimulatorAdmin
+from tests.support import WorkerProcess
+from workflows.experiment import Experiment
+
+FAST = "sim-fast"
+
+
+def items(n: int, prefix: str = "q") -> list[dict[str, Any]]:
+    return [
+        {"id": f"{prefix}{i:04d}", "input": f"What is {i} + {i + 1}?", "expected": str(2 * i + 1)}
+        for i in range(n)
+    ]
+
+
+def experiment(n: int = 20, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "experiment_id": f"exp-{uuid.uuid4().hex[:10]}",
+        "tenant_id": "demo",
+        "dataset": {"items": items(n)},
+        "task": {"model_group": "fast", "prompt_template": "Answer with a number only: {input}"},
+        "evals": [{"kind": "exact_match"}, {"kind": "contains"}],
+        "max_concurrency": 10,
+        "options": {"retry_max_s": 2.0, "monitor_interval_s": 0.5},
+    }
+    for key, value in overrides.items():
+        if key == "options":
+            body["options"] = {**body["options"], **value}
+        else:
+            body[key] = value
+    return body
+
+
+async def start(client: Client, task_queue: str, body: dict[str, Any]) -> WorkflowHandle:
+    return await client.start_workflow(
+        Experiment.run, body, id=body["experiment_id"], task_queue=task_queue
+    )
+
+
+async def results(pool: asyncpg.Pool, experiment_id: str) -> list[asyncpg.Record]:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("select set_config('konstruct.tenant_id', 'demo', true)")
+        return await conn.fetch(
+            "select * from experiment_results where tenant_id = 'demo' and experiment_id = $1"
+            " order by seq",
+            experiment_id,
+        )
+
+
+async def wait_for(
+    handle: WorkflowHandle, check: Callable[[ExperimentProgress], bool], within_s: float = 60
+) -> ExperimentProgress:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        progress = await handle.query(Experiment.progress)
+        if check(progress):
+            return progress
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"condition never met; last progress: {progress}")
+        await asyncio.sleep(0.1)
+
+
+def throttled(stats: dict[str, Any]) -> int:
+    return int(stats.get("rate_limited", stats.get("throttled", stats.get("429", 0))) or 0)
+
+
+async def test_contract_example_runs_and_show_lists_every_item(
+    client: Client,
+    worker: str,
+    sim: SimulatorAdmin,
+    app_pool: asyncpg.Pool,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    body: dict[str, Any] = {
+        "experiment_id": f"exp-{uuid.uuid4().hex[:10]}",
+        "tenant_id": "demo",
+        "name": "arith-fast",
+        "dataset": {"path": "deploy/datasets/arithmetic.jsonl"},
+        "task": {"model_group": "fast", "prompt_template": "Answer with a number only: {input}"},
+        "evals": [{"kind": "exact_match"}],
+        "max_concurrency": 20,
+    }
+    handle = await start(client, worker, body)
+    result: ExperimentResult = await handle.result()
+    summary = result.summary
+    assert summary.total == 200 and summary.completed == 200 and summary.failed == 0
+    assert [e.name for e in summary.evals] == ["exact_match"]
+    assert summary.evals[0].scored == 200 and summary.evals[0].pass_rate is not None
+    assert summary.latency.p50_ms is not None and summary.latency.p99_ms is not None
+    assert summary.prompt_tokens > 0
+    progress = await handle.query(Experiment.progress)
+    assert progress.status == "completed" and progress.evaluated == 200
+    assert any(p.provider == "simulator" for p in progress.providers)
+    # One provider call per item, one row per item.
+    assert (await sim.model_stats(FAST))["ok"] == 200
+    rows = await results(app_pool, body["experiment_id"])
+    assert len(rows) == 200 and {r["status"] for r in rows} == {"ok"}
+    # The registry run holds the summary's metrics.
+    async with app_pool.acquire() as conn, conn.transaction():
+        await conn.execute("select set_config('konstruct.tenant_id', 'demo', true)")
+        run = await conn.fetchrow(
+            "select * from registry_runs where run_id = $1::uuid", result.registry_run_id
+        )
+    assert run["kind"] == "experiment" and run["name"] == "arith-fast"
+    assert json.loads(run["metrics"])["exact_match.pass_rate"] == summary.evals[0].pass_rate
+
+    capsys.readouterr()
+    assert (
+        await asyncio.to_thread(cli_main, ["experiments", "show", body["experiment_id"], "--json"])
+        == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "completed" and len(shown["items"]) == 200
+    first = shown["items"][0]
+    assert first["status"] == "ok" and first["output"] and "exact_match" in first["scores"]
+    assert first["latency_ms"] is not None and first["model"]
+    assert await asyncio.to_thread(cli_main, ["experiments", "list"]) == 0
+    assert body["experiment_id"] in capsys.readouterr().out
+
+
+def _bad(tmp_path: Path) -> list[tuple[dict[str, Any], str, str]]:
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"id": 1, "input": "What is 1 + 1?"}\n{"id": 2, "input": oops}\n')
+    return [
+        ({"dataset": {"path": str(tmp_path / "missing.jsonl")}}, "dataset.path", "does not exist"),
+        ({"dataset": {"path": str(malformed)}}, "dataset.path", "line 2"),
+        ({"evals": [{"kind": "bleu"}]}, "evals", "unknown eval kind 'bleu'"),
+        (
+            {"task": {"model_group": "nope", "prompt_template": "{input}"}},
+            "task.model_group",
+            "unknown model group 'nope'",
+        ),
+        (
+            {"evals": [{"kind": "llm_judge", "model_group": "ghost", "rubric": "r"}]},
+            "evals.0.model_group",
+            "unknown model group 'ghost'",
+        ),
+        (
+            {"task": {"model_group": "fast", "prompt_template": "no slot here"}},
+            "task.prompt_template",
+            "{input}",
+        ),
+    ]
+
+
+async def test_bad_inputs_fail_at_once_naming_the_field(
+    client: Client, worker: str, tmp_path: Path
+) -> None:
+    for change, field, words in _bad(tmp_path):
+        handle = await start(client, worker, experiment(**change))
+        with pytest.raises(WorkflowFailureError) as info:
+            await handle.result()
+        cause = info.value.cause
+        assert isinstance(cause, ApplicationError), change
+        assert cause.type == "InvalidInput" and cause.non_retryable, cause
+        assert field in cause.message and words in cause.message, cause.message
+
+
+async def test_judge_evals_and_continue_as_new_twice(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    body = experiment(
+        25,
+        evals=[
+            {"kind": "numeric_close", "tolerance": 0.01},
+            {"kind": "llm_judge", "model_group": "judge", "rubric": "Is the number right?"},
+        ],
+        options={"continue_as_new_every": 8, "page_size": 5},
+        max_concurrency=4,
+    )
+    handle = await start(client, worker, body)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 25
+    by_name = {e.name: e for e in result.summary.evals}
+    assert by_name["llm_judge"].scored + by_name["numeric_close"].scored == 50
+    progress = await handle.query(Experiment.progress)
+    assert progress.run_index >= 2, "the workflow should have continued as new twice"
+    rows = await results(app_pool, body["experiment_id"])
+    assert len(rows) == 25
+    assert all(r["evaluated"] and "llm_judge" in json.loads(r["scores"]) for r in rows)
+    # Each item called the task model once and the judge once, across three runs.
+    assert (await sim.model_stats(FAST))["ok"] == 25
+    assert (await sim.model_stats("sim-judge"))["ok"] == 25
+
+
+async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_completes(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    await sim.set_profile(FAST, latency_ms=400)
+    body = experiment(30, max_concurrency=4)
+    handle = await start(client, worker, body)
+    await wait_for(handle, lambda p: p.completed >= 4 and p.in_flight > 0)
+    stopped = await handle.execute_update(Experiment.request_stop, ToggleInput(by="test"))
+    loop = asyncio.get_running_loop()
+    stopped_at = loop.time()
+    assert stopped.accepted
+    # A toggle within the cooldown (5 s by default) is refused, visibly.
+    too_soon = await handle.execute_update(Experiment.request_resume, ToggleInput())
+    assert not too_soon.accepted and "too soon" in too_soon.reason
+    progress = await wait_for(handle, lambda p: p.status == "stopped")
+    assert progress.last_refusal is not None and progress.last_refusal.action == "resume"
+    assert progress.in_flight == 0
+    stats = await sim.model_stats(FAST)
+    done = await results(app_pool, body["experiment_id"])
+    # Calls in flight at the stop completed and were stored; nothing else was sent.
+    assert stats.get("in_flight", 0) == 0
+    assert stats["requests"] == len(done) < 30
+    await asyncio.sleep(1.0)
+    assert (await sim.model_stats(FAST))["requests"] == stats["requests"]
+    assert (await handle.query(Experiment.progress)).status == "stopped"
+
+    await sim.set_profile(FAST, latency_ms=5)
+    # After the cooldown, resume by signal; the items without a result run, once.
+    await asyncio.sleep(max(0.0, 5.5 - (loop.time() - stopped_at)))
+    await handle.signal(Experiment.resume)
+    resumed = await wait_for(handle, lambda p: p.status != "stopped")
+    assert resumed.toggles[-1].action == "resume" and resumed.toggles[-1].accepted
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 30
+    rows = await results(app_pool, body["experiment_id"])
+    assert len(rows) == 30
+    assert (await sim.model_stats(FAST))["requests"] == 30
+
+
+async def test_restarting_a_finished_experiment_gives_the_same_results(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    body = experiment(12)
+    body["task"]["model_group"] = "arith"
+    first = await (await start(client, worker, body)).result()
+    before = [dict(r) for r in await results(app_pool, body["experiment_id"])]
+    calls = (await sim.model_stats("sim-arith"))["requests"]
+    for _ in range(2):
+        again = await client.execute_workflow(
+            Experiment.run,
+            body,
+            id=f"{body['experiment_id']}-again-{uuid.uuid4().hex[:4]}",
+            task_queue=worker,
+        )
+        assert again.summary.evals == first.summary.evals
+        assert again.registry_run_id == first.registry_run_id
+    after = [dict(r) for r in await results(app_pool, body["experiment_id"])]
+    assert after == before and len(after) == 12
+    assert (await sim.model_stats("sim-arith"))["requests"] == calls
+
+
+async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    await sim.set_profile(FAST, latency_ms=20)
+    body = experiment(160, max_concurrency=20)
+    handle = await start(client, worker, body)
+    await wait_for(handle, lambda p: p.completed >= 20)
+    # The provider's limit drops far below the configured rate (50/s) mid-run.
+    await sim.set_profile(FAST, rate_limit_rps=12)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 160 and result.summary.failed == 0
+    stats = await sim.model_stats(FAST)
+    assert throttled(stats) > 0, stats
+    assert stats["ok"] == 160
+    assert result.summary.providers["calls"]["throttled"] == throttled(stats)
+    async with app_pool.acquire() as conn:
+        rate = await conn.fetchval(
+            "select rate from provider_limits where task_queue = $1 and provider = 'simulator'",
+            worker,
+        )
+    assert rate < 50 * 0.5, rate
+
+
+async def test_outage_opens_the_breaker_pauses_and_recovers_by_itself(
+    client: Client, experiment_worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    await sim.set_profile(FAST, latency_ms=20)
+    body = experiment(50, max_concurrency=5)
+    handle = await start(client, experiment_worker, body)
+    await wait_for(handle, lambda p: p.completed >= 5)
+    await sim.set_profile(FAST, outage=True)
+    paused = await wait_for(handle, lambda p: p.status == "paused")
+    assert paused.paused_reason and "circuit" in paused.paused_reason
+    provider = next(p for p in paused.providers if p.provider == "simulator")
+    assert provider.breaker in ("open", "half_open") and provider.breaker_trips >= 1
+    calls_while_open = (await sim.model_stats(FAST))["requests"]
+    await asyncio.sleep(0.5)
+    # While open (cooldown 1.5 s) at most the half-open probes reach the provider.
+    assert (await sim.model_stats(FAST))["requests"] - calls_while_open <= 2
+    await sim.set_profile(FAST, outage=False)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 50 and result.summary.failed == 0
+    assert (await handle.query(Experiment.progress)).status == "completed"
+    assert len(await results(app_pool, body["experiment_id"])) == 50
+
+
+async def test_kill_9_of_a_worker_loses_and_duplicates_nothing(
+    client: Client,
+    worker_process: Callable[[str], WorkerProcess],
+    task_queue: str,
+    sim: SimulatorAdmin,
+    app_pool: asyncpg.Pool,
+) -> None:
+    await sim.set_profile(FAST, latency_ms=600)
+    doomed = worker_process("a")
+    body = experiment(40, max_concurrency=8, options={"heartbeat_timeout_s": 3})
+    handle = await start(client, task_queue, body)
+    for _ in range(400):
+        stats = await sim.model_stats(FAST)
+        if stats.get("ok", 0) >= 8 and stats.get("in_flight", 0) >= 4:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the calls never got going")
+    doomed.kill()
+    in_flight_at_kill = (await sim.model_stats(FAST)).get("in_flight", 0)
+    await sim.set_profile(FAST, latency_ms=20)
+    worker_process("b")
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 40 and result.summary.failed == 0
+    rows = await results(app_pool, body["experiment_id"])
+    assert len(rows) == 40 and len({r["item_id"] for r in rows}) == 40
+    duplicates = (await sim.model_stats(FAST))["requests"] - 40
+    assert 0 <= duplicates <= in_flight_at_kill
+
+
+async def test_cli_start_watch_and_a_refused_stop(
+    worker: str,
+    sim: SimulatorAdmin,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items(5)))
+    experiment_id = f"exp-cli-{uuid.uuid4().hex[:6]}"
+    argv = ["experiments", "start", "--id", experiment_id, "--dataset", str(data)]
+    argv += ["--eval", "exact_match", "--eval", "numeric_close", "--watch"]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "5/5" in out and "numeric_close" in out
+    # A stop of a finished experiment is answered, and refused.
+    stop = ["experiments", "stop", experiment_id]
+    assert await asyncio.to_thread(cli_main, stop) == 1
+    assert "refused" in capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""One Worker per provider, polling that provider's rate-limited task queue.
+
+The Temporal server dispatches `<task_queue>-llm-<provider>` at the provider's
+adaptive rate, summed over every worker process; this module also keeps the
+server's limit equal to the rate in PostgreSQL (the call that changes the rate
+pushes it at once; this loop repairs a push that was lost or overtaken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import asyncpg
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.provider_calls import ProviderCallActivities
+from konstruct.config import Settings
+from konstruct.provider_store import current_rates, provider_queue, push_rate
+from konstruct.router import RouterConfig
+
+log = logging.getLogger("konstruct.worker.providers")
+_meter = metrics.get_meter("konstruct.experiments")
+# Pushed again even unchanged this often, in case another process overwrote it.
+_REPUSH_EVERY_S = 10.0
+_SYNC_EVERY_S = 1.0
+
+
+@asynccontextmanager
+async def provider_workers(
+    client: Client,
+    settings: Settings,
+    task_queue: str,
+    pool: asyncpg.Pool,
+    router_config: RouterConfig,
+) -> AsyncIterator[list[Worker]]:
+    calls = ProviderCallActivities(pool, router_config, settings.experiments)
+    providers = sorted({d.provider for d in router_config.active()})
+    workers = [
+        Worker(
+            client,
+            task_queue=provider_queue(task_queue, provider),
+            activities=[calls.run_item, calls.judge_item],
+            max_concurrent_activities=settings.worker.max_concurrent_activities,
+            graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
+        )
+        for provider in providers
+    ]
+    rates: dict[str, float] = {}
+
+    def observe_rates(_options: CallbackOptions) -> list[Observation]:
+        return [Observation(r, {"provider": p}) for p, r in rates.items()]
+
+    def observe_slots(_options: CallbackOptions) -> list[Observation]:
+        size = settings.worker.max_concurrent_activities
+        return [Observation(n / size, {"provider": p}) for p, n in calls.in_progress.items()]
+
+    _meter.create_observable_gauge(
+        "konstruct.provider.rate", [observe_rates], unit="1/s", description="adaptive rate"
+    )
+    _meter.create_observable_gauge(
+        "konstruct.provider.slot_utilisation",
+        [observe_slots],
+        description="provider calls in progress / activity slots, this worker",
+    )
+    sync = asyncio.create_task(_sync_rates(client, pool, task_queue, providers, rates))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for worker in workers:
+                await stack.enter_async_context(worker)
+            yield workers
+    finally:
+        sync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sync
+
+
+async def _sync_rates(
+    client: Client,
+    pool: asyncpg.Pool,
+    task_queue: str,
+    providers: list[str],
+    rates: dict[str, float],
+) -> None:
+    pushed: dict[str, tuple[float, float]] = {}
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            current = await current_rates(pool, task_queue)
+            for provider in providers:
+                rate = current.get(provider)
+                if rate is None:
+                    continue
+                rates[provider] = rate
+                last = pushed.get(provider)
+                now = loop.time()
+                if last is None or last[0] != rate or now - last[1] > _REPUSH_EVERY_S:
+                    await push_rate(client, provider_queue(task_queue, provider), rate, "sync")
+                    pushed[provider] = (rate, now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # database or server away: try again next round
+            log.debug("rate sync failed: %s", exc)
+        await asyncio.sleep(_SYNC_EVERY_S)

@@ -1,0 +1,589 @@
+"""Experiment: run a task over every item of a dataset, score it, summarise it.
+
+The workflow holds ids and counters, never outputs: items and results live in
+PostgreSQL. Each item is one activity on its provider's task queue (the task
+call plus its deterministic evals), then one per `llm_judge` eval on the
+judge's provider queue. The Temporal server dispatches each provider queue at
+the provider's adaptive rate and round-robin across experiments (fairness key
+= experiment id), so an item waiting for capacity holds no worker slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import Priority, RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.experiments import ExperimentActivities
+    from activities.provider_calls import ProviderCallActivities
+    from konstruct.models.experiments import (
+        ExperimentCarry,
+        ExperimentInput,
+        ExperimentProgress,
+        ExperimentResult,
+        ExperimentStatus,
+        ExperimentSummary,
+        FinalizeInput,
+        JudgeItemInput,
+        LatencyStats,
+        MonitorInput,
+        MonitorResult,
+        PendingItem,
+        PendingPage,
+        PendingPageInput,
+        PrepareInput,
+        PrepareResult,
+        ProviderProgress,
+        RecordFailureInput,
+        Route,
+        RunItemInput,
+        RunItemResult,
+        StopFlagInput,
+        StopFlagResult,
+        ToggleInput,
+        ToggleRecord,
+        ToggleResult,
+    )
+    from konstruct.provider_store import provider_queue
+    from konstruct.validation import parse_input
+
+TENANT = SearchAttributeKey.for_keyword("KonstructTenant")
+KIND = SearchAttributeKey.for_keyword("KonstructKind")
+STATUS = SearchAttributeKey.for_keyword("KonstructStatus")
+
+# Loading a 20,000-line dataset takes seconds; a database restart is survived
+# by retrying.
+PREPARE_TIMEOUT = timedelta(minutes=5)
+PREPARE_HEARTBEAT = timedelta(seconds=10)
+# Short, so a call lost with a killed worker is retried within seconds.
+DB_TIMEOUT = timedelta(seconds=10)
+MONITOR_TIMEOUT = timedelta(seconds=5)
+FINALIZE_TIMEOUT = timedelta(minutes=2)
+DB_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+    non_retryable_error_types=["InvalidInput", "NotFound"],
+)
+# Errors no retry of a provider call can fix.
+CALL_NON_RETRYABLE = ["InvalidInput", "NotFound", "ExperimentStopped"]
+# Toggle records kept in `progress`.
+TOGGLE_HISTORY = 20
+# No local activities here: the monitor, the dispatch loop and failing items run
+# concurrently, and concurrent local activities resolve in completion order when
+# first run but in sequence order on replay (temporalio/sdk-python#1578), which
+# broke replay of this workflow without a cache.
+
+
+def pick_route(routes: list[Route], item_id: str) -> Route:
+    """The same deployment for an item on every attempt, run and restart."""
+    return routes[zlib.crc32(item_id.encode()) % len(routes)]
+
+
+def _cause(error: ActivityError) -> ApplicationError:
+    cause = error.cause
+    if isinstance(cause, ApplicationError):
+        return ApplicationError(cause.message, *cause.details, type=cause.type, non_retryable=True)
+    return ApplicationError(str(cause or error), non_retryable=True)
+
+
+@workflow.defn
+class Experiment:
+    def __init__(self) -> None:
+        self._input: ExperimentInput | None = None
+        self._carry: ExperimentCarry | None = None
+        self._status: ExperimentStatus = "running"
+        self._paused_reason: str | None = None
+        self._error: str | None = None
+        self._stop_requested = False
+        self._in_flight: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}
+        self._dispatched = 0
+        self._done_this_run = 0
+        self._monitor: MonitorResult | None = None
+        self._providers: list[ProviderProgress] = []
+        self._items_per_s = 0.0
+        self._last_sample: tuple[float, int] | None = None
+        self._finishing = False
+        self._monitor_off = False
+
+    # --- messages ------------------------------------------------------------------
+
+    @workflow.query
+    def progress(self) -> ExperimentProgress:
+        inp, carry = self._input, self._carry
+        if inp is None:
+            return ExperimentProgress(experiment_id="", tenant_id="", name="", status="running")
+        total = carry.prepared.total if carry else 0
+        done = (carry.evaluated + carry.failed) if carry else 0
+        refusals = [t for t in (carry.toggles if carry else []) if not t.accepted]
+        eta = None
+        if self._items_per_s > 0 and total:
+            eta = round((total - done) / self._items_per_s, 1)
+        return ExperimentProgress(
+            experiment_id=inp.experiment_id,
+            tenant_id=inp.tenant_id,
+            name=inp.name or inp.experiment_id,
+            status=self._status,
+            paused_reason=self._paused_reason,
+            total=total,
+            completed=carry.completed if carry else 0,
+            failed=carry.failed if carry else 0,
+            in_flight=len(self._in_flight),
+            evaluated=carry.evaluated if carry else 0,
+            max_concurrency=inp.max_concurrency,
+            slot_utilisation=round(len(self._in_flight) / inp.max_concurrency, 3),
+            items_per_s=round(self._items_per_s, 2),
+            eta_s=eta,
+            providers=self._providers,
+            latency=self._monitor.latency if self._monitor else LatencyStats(),
+            prompt_tokens=carry.prompt_tokens if carry else 0,
+            completion_tokens=carry.completion_tokens if carry else 0,
+            run_index=carry.run_index if carry else 0,
+            toggles=list(carry.toggles) if carry else [],
+            last_refusal=refusals[-1] if refusals else None,
+            error=self._error,
+        )
+
+    @workflow.signal
+    def stop(self, input: ToggleInput | None = None) -> None:
+        self._toggle("stop", input)
+
+    @workflow.signal
+    def resume(self, input: ToggleInput | None = None) -> None:
+        self._toggle("resume", input)
+
+    @workflow.update
+    def request_stop(self, input: ToggleInput | None = None) -> ToggleResult:
+        """`stop`, answered: accepted, or refused with the reason."""
+        return self._toggle("stop", input)
+
+    @workflow.update
+    def request_resume(self, input: ToggleInput | None = None) -> ToggleResult:
+        return self._toggle("resume", input)
+
+    def _toggle(self, action: str, input: ToggleInput | None) -> ToggleResult:
+        now = workflow.now()
+        reason = self._refusal(action, now.timestamp())
+        accepted = reason is None
+        if accepted:
+            self._stop_requested = action == "stop"
+        if self._carry is not None:
+            if accepted:
+                self._carry.last_toggle_at = now.timestamp()
+            by = f" by {input.by}" if input and input.by else ""
+            self._carry.toggles = [
+                *self._carry.toggles,
+                ToggleRecord(
+                    action="stop" if action == "stop" else "resume",
+                    accepted=accepted,
+                    reason=(reason or "accepted") + by,
+                    at=now.isoformat(),
+                ),
+            ][-TOGGLE_HISTORY:]
+        self._publish()
+        return ToggleResult(accepted=accepted, status=self._status, reason=reason or "accepted")
+
+    def _refusal(self, action: str, now: float) -> str | None:
+        if self._finishing or self._status in ("completed", "failed"):
+            return f"the experiment is {self._status}"
+        if self._carry is None or self._input is None:
+            return "the experiment is still loading its dataset; try again in a moment"
+        if action == "stop" and self._stop_requested:
+            return f"the experiment is already {self._status}"
+        if action == "resume" and not self._stop_requested:
+            return f"the experiment is not stopped (it is {self._status})"
+        last = self._carry.last_toggle_at
+        cooldown = self._input.options.toggle_cooldown_s
+        if last is not None and now - last < cooldown:
+            return (
+                f"too soon: {now - last:.1f} s since the last stop/resume; wait "
+                f"{cooldown - (now - last):.1f} s more (cooldown {cooldown:g} s)"
+            )
+        return None
+
+    # --- the run -------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, raw_input: dict[str, Any]) -> ExperimentResult:
+        inp = parse_input(ExperimentInput, raw_input, "Experiment")
+        self._input = inp
+        workflow.upsert_search_attributes(
+            [
+                TENANT.value_set(inp.tenant_id),
+                KIND.value_set("experiment"),
+                STATUS.value_set("running"),
+            ]
+        )
+        if inp.carry is None:
+            self._publish("loading the dataset")
+            try:
+                prepared: PrepareResult = await workflow.execute_activity_method(
+                    ExperimentActivities.prepare,
+                    PrepareInput(experiment=inp, workflow_id=workflow.info().workflow_id),
+                    start_to_close_timeout=PREPARE_TIMEOUT,
+                    heartbeat_timeout=PREPARE_HEARTBEAT,
+                    retry_policy=DB_RETRY_POLICY,
+                )
+            except ActivityError as err:
+                self._set_status("failed")
+                self._error = str(err.cause or err)
+                raise _cause(err) from None
+            self._carry = ExperimentCarry(
+                prepared=prepared,
+                completed=prepared.completed,
+                failed=prepared.failed,
+                evaluated=prepared.evaluated,
+                started_at=workflow.now().timestamp(),
+            )
+        else:
+            self._carry = inp.carry
+            self._stop_requested = inp.carry.stop_requested
+        monitor_task = asyncio.create_task(self._monitor_loop())
+        outcome = "again"
+        while outcome != "done":
+            if self._stop_requested:
+                await self._stop_and_wait()
+                continue
+            outcome = await self._dispatch_pass()
+            if outcome == "continue_as_new":
+                self._monitor_off = True
+                await monitor_task
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                carry = self._carry
+                carry.run_index += 1
+                carry.stop_requested = self._stop_requested
+                next_input = inp.model_copy(update={"carry": carry})
+                if next_input.dataset.items is not None:
+                    # The items are in PostgreSQL; the next run's history need not carry them.
+                    next_input.dataset = next_input.dataset.model_copy(update={"items": []})
+                workflow.continue_as_new(next_input.model_dump(mode="json", exclude_none=True))
+        self._finishing = self._monitor_off = True
+        await monitor_task
+        self._set_status("completed")
+        summary: ExperimentSummary = await workflow.execute_activity_method(
+            ExperimentActivities.finalize,
+            FinalizeInput(
+                tenant_id=inp.tenant_id,
+                experiment_id=inp.experiment_id,
+                name=inp.name or inp.experiment_id,
+                status="completed",
+                workflow_id=workflow.info().workflow_id,
+                workflow_run_id=workflow.info().run_id,
+                providers=self._carry.prepared.providers,
+                params={
+                    "model_group": inp.task.model_group,
+                    "evals": [e.kind for e in inp.evals],
+                    "max_concurrency": inp.max_concurrency,
+                },
+            ),
+            start_to_close_timeout=FINALIZE_TIMEOUT,
+            retry_policy=DB_RETRY_POLICY,
+        )
+        self._publish()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return ExperimentResult(summary=summary, registry_run_id=summary.registry_run_id)
+
+    async def _dispatch_pass(self) -> str:
+        """Dispatch every pending item once; 'done', 'stopped', 'again' or 'continue_as_new'."""
+        assert self._input is not None and self._carry is not None
+        inp = self._input
+        cursor = -1
+        dispatched = 0
+        outcome = "again"
+        while outcome == "again":
+            page: PendingPage = await workflow.execute_activity_method(
+                ExperimentActivities.pending_page,
+                PendingPageInput(
+                    tenant_id=inp.tenant_id,
+                    experiment_id=inp.experiment_id,
+                    after_seq=cursor,
+                    limit=inp.options.page_size,
+                ),
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY_POLICY,
+            )
+            if not page.items:
+                break
+            for item in page.items:
+                await workflow.wait_condition(
+                    lambda: len(self._in_flight) < inp.max_concurrency or self._stop_requested
+                )
+                if self._stop_requested:
+                    outcome = "stopped"
+                    break
+                if self._should_continue_as_new():
+                    outcome = "continue_as_new"
+                    break
+                cursor = item.seq
+                if item.item_id in self._in_flight:
+                    continue
+                self._in_flight[item.item_id] = True
+                asyncio.create_task(self._run_item(item))
+                dispatched += 1
+        await workflow.wait_condition(lambda: not self._in_flight)
+        if outcome != "again":
+            return outcome
+        if self._stop_requested:
+            return "stopped"
+        return "again" if dispatched else "done"
+
+    def _should_continue_as_new(self) -> bool:
+        assert self._input is not None
+        return (
+            self._done_this_run >= self._input.options.continue_as_new_every
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    def _retry_policy(self) -> RetryPolicy:
+        assert self._input is not None
+        o = self._input.options
+        return RetryPolicy(
+            initial_interval=timedelta(seconds=o.retry_initial_s),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=o.retry_max_s),
+            maximum_attempts=o.max_attempts,
+            non_retryable_error_types=CALL_NON_RETRYABLE,
+        )
+
+    def _start_call(self, method: Any, arg: Any, provider: str, key: str) -> tuple[Any, str]:
+        assert self._input is not None
+        o = self._input.options
+        self._dispatched += 1
+        activity_id = f"{key}#{self._dispatched}"
+        handle = workflow.start_activity_method(
+            method,
+            arg,
+            task_queue=provider_queue(workflow.info().task_queue, provider),
+            start_to_close_timeout=timedelta(seconds=o.call_timeout_s),
+            heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
+            retry_policy=self._retry_policy(),
+            activity_id=activity_id,
+            # A stop cancels only calls still waiting for capacity; wait for the answer.
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            priority=Priority(fairness_key=self._input.experiment_id),
+        )
+        self._handles[activity_id] = handle
+        return handle, activity_id
+
+    async def _run_item(self, item: PendingItem) -> None:
+        assert self._input is not None and self._carry is not None
+        inp, carry = self._input, self._carry
+        keys: list[str] = []
+        task_done = not item.needs_task
+        try:
+            missing = item.missing_evals
+            if item.needs_task:
+                route = pick_route(carry.prepared.task_routes, item.item_id)
+                handle, key = self._start_call(
+                    ProviderCallActivities.run_item,
+                    RunItemInput(
+                        tenant_id=inp.tenant_id,
+                        experiment_id=inp.experiment_id,
+                        item_id=item.item_id,
+                        deployment_id=route.deployment_id,
+                        provider=route.provider,
+                    ),
+                    route.provider,
+                    f"task:{item.item_id}",
+                )
+                keys.append(key)
+                result: RunItemResult = await handle
+                if result.status == "failed":
+                    carry.failed += 1
+                    self._done_this_run += 1
+                    return
+                carry.completed += 1
+                task_done = True
+                if result.fresh:
+                    carry.prompt_tokens += result.prompt_tokens
+                    carry.completion_tokens += result.completion_tokens
+                missing = result.missing_evals
+            for name in missing:
+                route = pick_route(carry.prepared.judge_routes[name], item.item_id)
+                judge, key = self._start_call(
+                    ProviderCallActivities.judge_item,
+                    JudgeItemInput(
+                        tenant_id=inp.tenant_id,
+                        experiment_id=inp.experiment_id,
+                        item_id=item.item_id,
+                        eval_name=name,
+                        deployment_id=route.deployment_id,
+                        provider=route.provider,
+                    ),
+                    route.provider,
+                    f"judge:{name}:{item.item_id}",
+                )
+                keys.append(key)
+                await judge
+            carry.evaluated += 1
+            self._done_this_run += 1
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, CancelledError) or (
+                isinstance(cause, ApplicationError) and cause.type == "ExperimentStopped"
+            ):
+                return  # stopped before its call: still pending, a resume runs it
+            kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
+            await workflow.execute_activity_method(
+                ExperimentActivities.record_failure,
+                RecordFailureInput(
+                    tenant_id=inp.tenant_id,
+                    experiment_id=inp.experiment_id,
+                    item_id=item.item_id,
+                    error_kind=kind,
+                    error=str(cause or err),
+                ),
+                start_to_close_timeout=DB_TIMEOUT,
+                retry_policy=DB_RETRY_POLICY,
+            )
+            if task_done:
+                carry.evaluated += 1  # a judge gave up: the item is scored without it
+            else:
+                carry.failed += 1
+            self._done_this_run += 1
+        finally:
+            self._in_flight.pop(item.item_id, None)
+            for key in keys:
+                self._handles.pop(key, None)
+
+    async def _stop_and_wait(self) -> None:
+        assert self._input is not None
+        inp = self._input
+        self._set_status("stopping")
+        flagged: StopFlagResult = await workflow.execute_activity_method(
+            ExperimentActivities.set_stop_flag,
+            StopFlagInput(
+                tenant_id=inp.tenant_id,
+                experiment_id=inp.experiment_id,
+                stopped=True,
+                workflow_id=workflow.info().workflow_id,
+            ),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY_POLICY,
+        )
+        for activity_id in flagged.waiting_activity_ids:
+            handle = self._handles.get(activity_id)
+            if handle is not None and not handle.done():
+                handle.cancel()
+        await workflow.wait_condition(lambda: not self._in_flight)
+        self._set_status("stopped")
+        await workflow.wait_condition(lambda: not self._stop_requested)
+        await workflow.execute_activity_method(
+            ExperimentActivities.set_stop_flag,
+            StopFlagInput(
+                tenant_id=inp.tenant_id,
+                experiment_id=inp.experiment_id,
+                stopped=False,
+                workflow_id=workflow.info().workflow_id,
+            ),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY_POLICY,
+        )
+        self._set_status("running")
+
+    # --- monitoring ----------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        assert self._input is not None and self._carry is not None
+        inp = self._input
+        while not self._monitor_off:
+            if self._status == "stopped":
+                await workflow.wait_condition(
+                    lambda: self._monitor_off or self._status != "stopped"
+                )
+                continue
+            sample: MonitorResult | None
+            try:
+                sample = await workflow.execute_activity_method(
+                    ExperimentActivities.monitor,
+                    MonitorInput(
+                        tenant_id=inp.tenant_id,
+                        experiment_id=inp.experiment_id,
+                        providers=self._carry.prepared.providers,
+                    ),
+                    start_to_close_timeout=MONITOR_TIMEOUT,
+                    retry_policy=RetryPolicy(maximum_attempts=1),
+                )
+            except (ActivityError, ApplicationError):
+                sample = None  # the database is away: keep the last known state
+            if sample is not None:
+                self._absorb(sample)
+            self._publish()
+            try:
+                await workflow.wait_condition(
+                    lambda: self._monitor_off,
+                    timeout=timedelta(seconds=inp.options.monitor_interval_s),
+                )
+            except TimeoutError:
+                pass
+
+    def _absorb(self, sample: MonitorResult) -> None:
+        assert self._carry is not None
+        previous = {p.provider: p for p in (self._monitor.providers if self._monitor else [])}
+        elapsed = sample.at - self._monitor.at if self._monitor else 0.0
+        providers = []
+        for p in sample.providers:
+            before = previous.get(p.provider)
+            if before is not None and elapsed > 0:
+                p.ok_per_s = round((p.ok_total - before.ok_total) / elapsed, 2)
+                p.throttled_per_s = round((p.throttled_total - before.throttled_total) / elapsed, 2)
+            providers.append(p)
+        self._providers = providers
+        self._monitor = sample
+        done = self._carry.evaluated + self._carry.failed
+        if self._last_sample is not None and sample.at > self._last_sample[0]:
+            rate = (done - self._last_sample[1]) / (sample.at - self._last_sample[0])
+            self._items_per_s = (
+                rate if self._items_per_s == 0 else 0.5 * self._items_per_s + 0.5 * rate
+            )
+        self._last_sample = (sample.at, done)
+        unhealthy = [p for p in providers if p.breaker != "closed"]
+        if self._status in ("running", "paused"):
+            if unhealthy:
+                p = unhealthy[0]
+                self._paused_reason = (
+                    f"provider {p.provider!r}: circuit {p.breaker.replace('_', '-')} after "
+                    f"{p.consecutive_failures} consecutive failures; items wait and resume by "
+                    f"themselves (next probe in {p.cooldown_left_s:.0f} s)"
+                )
+                self._set_status("paused")
+            else:
+                self._paused_reason = None
+                self._set_status("running")
+
+    def _set_status(self, status: ExperimentStatus) -> None:
+        if status != self._status:
+            self._status = status
+            workflow.upsert_search_attributes([STATUS.value_set(status)])
+        if status != "paused":
+            self._paused_reason = None
+        self._publish()
+
+    def _publish(self, note: str = "") -> None:
+        progress = self.progress()
+        lines = [
+            f"**{progress.status}** {progress.evaluated + progress.failed}/{progress.total} done"
+            f" ({progress.failed} failed), {progress.in_flight} in flight,"
+            f" {progress.items_per_s:.1f} items/s"
+            + (f", ETA {progress.eta_s:.0f} s" if progress.eta_s is not None else "")
+        ]
+        if note:
+            lines.append(note)
+        if progress.paused_reason:
+            lines.append(f"paused: {progress.paused_reason}")
+        for p in progress.providers:
+            lines.append(
+                f"- `{p.provider}`: rate {p.rate_rps:.1f}/s, ok {p.ok_per_s:.1f}/s,"
+                f" 429 {p.throttled_per_s:.1f}/s, breaker {p.breaker}"
+                f" ({p.breaker_trips} trips)"
+            )
+        if progress.last_refusal is not None:
+            r = progress.last_refusal
+            lines.append(f"last refused {r.action}: {r.reason}")
+        workflow.set_current_details("\n\n".join(lines))
