@@ -17,13 +17,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from konstruct import db
-from konstruct.config import Settings
+from konstruct.config import DEV_SQLITE_PRAGMAS, Settings
 from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.errors import StackError
 from konstruct.processes import kill_with_parent, port_in_use, stop_process, wait_for_port
@@ -58,7 +58,12 @@ def temporal_test_server() -> str:
 
 
 def dev_server_command(
-    port: int, ui_port: int, namespace: str, db_file: Path | None, log_level: str = "warn"
+    port: int,
+    ui_port: int,
+    namespace: str,
+    db_file: Path | None,
+    log_level: str = "warn",
+    sqlite_pragmas: Sequence[str] = DEV_SQLITE_PRAGMAS,
 ) -> list[str]:
     command = [
         temporal_cli(),
@@ -77,6 +82,8 @@ def dev_server_command(
     ]
     if db_file is not None:
         command += ["--db-filename", str(db_file)]
+        for pragma in sqlite_pragmas:
+            command += ["--sqlite-pragma", pragma]
     for name, kind in SEARCH_ATTRIBUTES.items():
         command += ["--search-attribute", f"{name}={kind}"]
     for value in DEV_SERVER_DYNAMIC_CONFIG:
@@ -208,6 +215,7 @@ class Stack:
                 s.temporal.ui_port,
                 s.temporal.namespace,
                 self.state_dir / "temporal.db",
+                sqlite_pragmas=s.temporal.dev_sqlite_pragmas,
             ),
         )
         self._wait_ready(temporal, s.temporal.port, 60)
