@@ -1,0 +1,510 @@
+"""Experiment throughput at a provider's ceiling: Konstruct against the seed's runners.
+
+Starts its own servers on free ports (Temporal dev server with a state file,
+embedded PostgreSQL, the simulator, worker processes), gives the simulated
+provider a known ceiling (default 25 req/s, 200 ms latency, 429 + Retry-After
+above it) and measures, in one run:
+
+  konstruct    the Experiment workflow, 2,000 items, adaptive rate from 10 req/s
+  gatekeeper   the seed's runner: asyncio semaphore of 20, retries with backoff
+               inside the slot
+  fixed-5      a fixed 5 req/s token bucket (measured on fewer items; the time
+               for 2,000 is extrapolated from its rate)
+  step         Konstruct while the ceiling drops to a fifth and comes back
+  fairness     three experiments started 5 s apart, of different sizes
+  two-workers  two worker processes share one provider limit
+  crash        kill -9 of the worker mid-run: time to the first new result
+
+    .venv/bin/python bench/experiments.py     # writes bench/results/experiments.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import asyncpg  # noqa: E402
+
+from konstruct import db  # noqa: E402
+from konstruct.embedded_pg import EmbeddedPostgres  # noqa: E402
+from konstruct.processes import free_port, wait_for_port  # noqa: E402
+from konstruct.simulator_admin import SimulatorAdmin  # noqa: E402
+from konstruct.temporal_client import connect  # noqa: E402
+from tests.support import DevServer, ManagedProcess, WorkerProcess  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "experiments.json"
+MODEL = "sim-fast"
+PROVIDER = "bench-provider"
+TASK_QUEUE = "bench"
+API_KEY = "sim-bench-" + uuid.uuid4().hex[:12]
+
+
+def jain(values: list[float]) -> float:
+    squares = sum(v * v for v in values)
+    return sum(values) ** 2 / (len(values) * squares) if squares else 0.0
+
+
+def dataset(n: int, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"{prefix}-{i:05d}",
+            "input": f"What is {i} + {i % 97}?",
+            "expected": str(i + i % 97),
+        }
+        for i in range(n)
+    ]
+
+
+def throttled(stats: dict[str, Any]) -> int:
+    return int(stats.get("rate_limited", stats.get("throttled", stats.get("429", 0))) or 0)
+
+
+class Bench:
+    def __init__(self, tmp: Path, ceiling: float, latency_ms: int, initial_rps: float) -> None:
+        self.tmp = tmp
+        self.ceiling = ceiling
+        self.latency_ms = latency_ms
+        self.initial_rps = initial_rps
+        self.workers: list[WorkerProcess] = []
+        self.max_concurrency = 60
+
+    # --- servers ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.pg = EmbeddedPostgres(self.tmp / "pgdata", free_port())
+        self.pg.start()
+        asyncio.run(self._migrate())
+        self.temporal = DevServer.create(self.tmp, db_file=self.tmp / "temporal.db")
+        self.temporal.start()
+        port = free_port()
+        sim_config = self.tmp / "simulator.yaml"
+        sim_config.write_text(
+            f"models:\n  {MODEL}: {{latency_ms: {self.latency_ms},"
+            f" rate_limit_rps: {self.ceiling}}}\n"
+        )
+        command = [
+            sys.executable, "-m", "konstruct.simulator", "--host", "127.0.0.1",
+            "--port", str(port), "--config", str(sim_config), "--api-key-env", "SIMULATOR_API_KEY",
+        ]  # fmt: skip
+        if os.environ.get("BENCH_SIMULATOR_CMD"):
+            command = shlex.split(os.environ["BENCH_SIMULATOR_CMD"].format(port=port))
+        self.simulator = ManagedProcess(
+            command=command,
+            log_path=self.tmp / "simulator.log",
+            env=dict(os.environ, SIMULATOR_API_KEY=API_KEY),
+        )
+        self.simulator.start()
+        if not wait_for_port(port, 30, self.simulator.process):
+            raise RuntimeError(f"simulator did not start:\n{self.simulator.log_tail()}")
+        self.sim_url = f"http://127.0.0.1:{port}"
+        router = self.tmp / "router.yaml"
+        router.write_text(
+            "model_list:\n"
+            "  - model_name: fast\n"
+            f"    litellm_params: {{model: openai/{MODEL}, api_base: os.environ/SIMULATOR_API_BASE,"
+            " api_key: os.environ/SIMULATOR_API_KEY, timeout: 30}\n"
+            f"    model_info: {{id: {MODEL}, provider: {PROVIDER}, initial_rps: {self.initial_rps}}}\n"
+            "router_settings: {num_retries: 0, disable_cooldowns: true}\n"
+        )
+        self.env = dict(
+            os.environ,
+            KONSTRUCT_CONFIG=str(ROOT / "temporal-dev.yaml"),
+            TEMPORAL_ADDRESS=self.temporal.address,
+            KONSTRUCT_DATABASE_URL=self.pg.owner_url,
+            KONSTRUCT_TASK_QUEUE=TASK_QUEUE,
+            KONSTRUCT_ROUTER_CONFIG=str(router),
+            SIMULATOR_API_BASE=self.sim_url + "/v1",
+            SIMULATOR_API_KEY=API_KEY,
+            LITELLM_LOCAL_MODEL_COST_MAP="True",
+        )
+        self.add_worker()
+
+    async def _migrate(self) -> None:
+        await db.migrate(self.pg.owner_url, app_role="konstruct_app", app_password="konstruct-app")
+        await db.seed_demo(self.pg.owner_url)
+
+    def add_worker(self) -> WorkerProcess:
+        worker = WorkerProcess.create(self.tmp, self.env, f"w{len(self.workers)}")
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.simulator.stop()
+        self.temporal.stop()
+        self.pg.destroy()
+
+    # --- helpers -----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        from konstruct.config import load_settings
+
+        self.settings = load_settings(environ=self.env)
+        self.client = await connect(self.settings.temporal)
+        self.pool = await asyncpg.create_pool(self.pg.owner_url, min_size=1, max_size=4)
+        self.sim = SimulatorAdmin(self.sim_url)
+
+    async def fresh(self, ceiling: float | None = None) -> None:
+        """Reset the simulator's counters and the learned rate, so runs do not share state."""
+        from konstruct.provider_store import provider_queue, push_rate, reset_provider
+
+        await self.sim.set_profile(
+            MODEL, latency_ms=self.latency_ms, rate_limit_rps=ceiling or self.ceiling
+        )
+        await self.sim.reset()
+        await reset_provider(self.pool, TASK_QUEUE, PROVIDER)
+        await push_rate(self.client, provider_queue(TASK_QUEUE, PROVIDER), self.initial_rps)
+
+    async def start_experiment(self, n: int, prefix: str, **extra: Any) -> Any:
+        from workflows.experiment import Experiment
+
+        experiment_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        body = {
+            "experiment_id": experiment_id,
+            "tenant_id": "demo",
+            "dataset": {"items": dataset(n, prefix)},
+            "task": {"model_group": "fast", "prompt_template": "Answer with a number: {input}"},
+            "evals": [{"kind": "exact_match"}],
+            "max_concurrency": self.max_concurrency,
+            **extra,
+        }
+        return await self.client.start_workflow(
+            Experiment.run, body, id=experiment_id, task_queue=TASK_QUEUE
+        )
+
+    async def completions(self, experiment_id: str) -> list[float]:
+        rows = await self.pool.fetch(
+            "select extract(epoch from created_at)::float8 as t from experiment_results"
+            " where experiment_id = $1 order by created_at",
+            experiment_id,
+        )
+        return [r["t"] for r in rows]
+
+    async def sim_counts(self) -> tuple[int, int]:
+        stats = await self.sim.model_stats(MODEL)
+        return int(stats.get("requests", 0)), throttled(stats)
+
+    # --- scenarios ---------------------------------------------------------------
+
+    async def sample_rates(self, into: list[tuple[float, float]], started: float) -> None:
+        """The adaptive rate every half second (for the JSON: how it moved)."""
+        while True:
+            rate = await self.pool.fetchval(
+                "select rate from provider_limits where task_queue = $1 and provider = $2",
+                TASK_QUEUE,
+                PROVIDER,
+            )
+            into.append((round(time.time() - started, 1), round(float(rate or 0), 2)))
+            await asyncio.sleep(0.5)
+
+    async def konstruct(self, n: int) -> dict[str, Any]:
+        await self.fresh()
+        started = time.time()
+        rates: list[tuple[float, float]] = []
+        sampler = asyncio.create_task(self.sample_rates(rates, started))
+        handle = await self.start_experiment(n, "konstruct")
+        await handle.result()
+        total = time.time() - started
+        sampler.cancel()
+        times = await self.completions(handle.id)
+        requests, limited = await self.sim_counts()
+        steady = (len(times) - 1) / (times[-1] - times[0])
+        return {
+            "runner": "konstruct",
+            "items": n,
+            "total_s": round(total, 1),
+            "throughput_rps": round(n / total, 2),
+            "steady_rps": round(steady, 2),
+            "fraction_of_ceiling": round(n / total / self.ceiling, 3),
+            "steady_fraction_of_ceiling": round(steady / self.ceiling, 3),
+            "requests": requests,
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+            "rate_timeline": rates,
+        }
+
+    async def _direct(self, n: int, runner: str, slot: Any, pace: Any | None) -> dict[str, Any]:
+        """A runner that calls the provider itself (the seed's designs)."""
+        import litellm
+
+        await self.fresh()
+        done = 0
+
+        async def one(i: int) -> None:
+            nonlocal done
+            async with slot:
+                for attempt in range(12):
+                    if pace is not None:
+                        await pace()
+                    try:
+                        await litellm.acompletion(
+                            model=f"openai/{MODEL}",
+                            api_base=self.sim_url + "/v1",
+                            api_key=API_KEY,
+                            messages=[{"role": "user", "content": f"What is {i} + 1?"}],
+                            max_retries=0,
+                        )
+                        done += 1
+                        return
+                    except litellm.RateLimitError:
+                        # Backoff inside the slot: the Gatekeeper's weakness.
+                        await asyncio.sleep(min(32.0, 2.0**attempt))
+
+        started = time.time()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        total = time.time() - started
+        requests, limited = await self.sim_counts()
+        return {
+            "runner": runner,
+            "items": n,
+            "done": done,
+            "total_s": round(total, 1),
+            "throughput_rps": round(n / total, 2),
+            "fraction_of_ceiling": round(n / total / self.ceiling, 3),
+            "requests": requests,
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+        }
+
+    async def gatekeeper(self, n: int) -> dict[str, Any]:
+        return await self._direct(n, "gatekeeper (semaphore 20)", asyncio.Semaphore(20), None)
+
+    async def fixed(self, n: int, rate: float, full: int) -> dict[str, Any]:
+        lock = asyncio.Lock()
+        next_at = [0.0]
+
+        async def pace() -> None:
+            async with lock:
+                now = time.monotonic()
+                wait = max(0.0, next_at[0] - now)
+                next_at[0] = max(now, next_at[0]) + 1.0 / rate
+            await asyncio.sleep(wait)
+
+        row = await self._direct(n, f"fixed {rate:g} req/s bucket", asyncio.Semaphore(20), pace)
+        row["total_s_for_full"] = round(full / row["throughput_rps"], 1)
+        row["note"] = f"measured on {n} items; time for {full} extrapolated from its rate"
+        return row
+
+    async def step(self, n: int, low: float, t_low: float, t_high: float) -> dict[str, Any]:
+        await self.fresh()
+        handle = await self.start_experiment(n, "step")
+        t0 = time.time()
+        await asyncio.sleep(t_low)
+        await self.sim.set_profile(MODEL, rate_limit_rps=low)
+        t1 = time.time()
+        await asyncio.sleep(t_high - t_low)
+        await self.sim.set_profile(MODEL, rate_limit_rps=self.ceiling)
+        t2 = time.time()
+        await handle.result()
+        times = await self.completions(handle.id)
+        requests, limited = await self.sim_counts()
+
+        def per_second(start: float, end: float) -> list[int]:
+            counts = Counter(int(t - start) for t in times if start <= t < end)
+            return [counts.get(i, 0) for i in range(int(end - start))]
+
+        def recovery(start: float, end: float, ceiling: float) -> float | None:
+            series = per_second(start, end)
+            for i in range(len(series)):
+                # 2-second window at or above 0.9 of the new ceiling, and no higher than it + 10%
+                window = series[i : i + 2]
+                if len(window) == 2 and min(window) >= 0.9 * ceiling:
+                    return float(i + 1)
+            return None
+
+        after_drop = per_second(t1, t2)
+        return {
+            "runner": f"konstruct, ceiling {self.ceiling:g} -> {low:g} -> {self.ceiling:g}",
+            "seconds_to_0.9_after_drop": recovery(t1, t2, low),
+            "items": n,
+            "t_drop_s": round(t1 - t0, 1),
+            "t_rise_s": round(t2 - t0, 1),
+            "seconds_to_0.9_after_rise": recovery(t2, times[-1], self.ceiling),
+            "per_second_after_drop": after_drop,
+            "mean_rps_while_low_after_5s": round(
+                sum(after_drop[5:]) / max(1, len(after_drop[5:])), 2
+            ),
+            "per_second_after_rise": per_second(t2, min(times[-1], t2 + 20)),
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+        }
+
+    async def fairness(self, sizes: list[int], gap_s: float) -> dict[str, Any]:
+        await self.fresh()
+        handles = []
+        for index, size in enumerate(sizes):
+            if index:
+                await asyncio.sleep(gap_s)
+            handles.append(await self.start_experiment(size, f"fair{index}"))
+        await asyncio.gather(*(h.result() for h in handles))
+        series = [await self.completions(h.id) for h in handles]
+        # The window where all three run: from the last one's first result to the first to end.
+        start = max(s[0] for s in series)
+        end = min(s[-1] for s in series)
+        counts = [sum(1 for t in s if start <= t <= end) for s in series]
+        rates = [c / (end - start) for c in counts] if end > start else [0.0] * len(series)
+        requests, limited = await self.sim_counts()
+        return {
+            "runner": "konstruct, 3 experiments",
+            "sizes": sizes,
+            "window_s": round(end - start, 1),
+            "rates_in_window": [round(r, 2) for r in rates],
+            "jain_index": round(jain(rates), 4),
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+        }
+
+    async def two_workers(self, n: int) -> dict[str, Any]:
+        self.add_worker()
+        await self.fresh()
+        handle = await self.start_experiment(n, "two")
+        await handle.result()
+        times = await self.completions(handle.id)
+        counts = Counter(int(t - times[0]) for t in times)
+        series = [counts.get(i, 0) for i in range(int(times[-1] - times[0]))]
+        requests, limited = await self.sim_counts()
+        identities: Counter[str] = Counter()
+        async for execution in self.client.list_workflows(f"WorkflowId = '{handle.id}'"):
+            history = await self.client.get_workflow_handle(
+                handle.id, run_id=execution.run_id
+            ).fetch_history()
+            for event in history.events:
+                if event.HasField("activity_task_started_event_attributes"):
+                    identities[event.activity_task_started_event_attributes.identity] += 1
+        return {
+            "runner": "konstruct, 2 worker processes",
+            "items": n,
+            "max_ok_per_second": max(series) if series else 0,
+            "mean_ok_per_second": round(sum(series) / max(1, len(series)), 2),
+            "activity_starts_by_worker": dict(identities),
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+        }
+
+    async def crash(self, n: int) -> dict[str, Any]:
+        for worker in self.workers[1:]:
+            worker.stop()
+        self.workers = self.workers[:1]
+        await self.fresh()
+        handle = await self.start_experiment(n, "crash")
+        for _ in range(6000):
+            if len(await self.completions(handle.id)) >= n // 4:
+                break
+            await asyncio.sleep(0.1)
+        self.workers[0].kill()
+        killed_at = time.time()
+        self.workers = []
+        self.add_worker()
+        first_new = None
+        while first_new is None:
+            newer = [t for t in await self.completions(handle.id) if t > killed_at + 0.05]
+            first_new = min(newer) if newer else None
+            await asyncio.sleep(0.05)
+        await handle.result()
+        rows = await self.completions(handle.id)
+        requests, _ = await self.sim_counts()
+        return {
+            "runner": "konstruct, kill -9 mid-run",
+            "items": n,
+            "results": len(rows),
+            "seconds_to_first_new_result": round(first_new - killed_at, 2),
+            "provider_calls": requests,
+        }
+
+
+async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    await bench.connect()
+    out: dict[str, Any] = {
+        "ceiling_rps": args.ceiling,
+        "latency_ms": args.latency_ms,
+        "initial_rps": args.initial_rps,
+        "max_concurrency": args.max_concurrency,
+        "cpus": os.cpu_count(),
+        "simulator": "override: " + os.environ["BENCH_SIMULATOR_CMD"]
+        if os.environ.get("BENCH_SIMULATOR_CMD")
+        else "konstruct.simulator",
+    }
+    n = args.items
+    scenarios = {
+        "konstruct": lambda: bench.konstruct(n),
+        "gatekeeper": lambda: bench.gatekeeper(n),
+        "fixed": lambda: bench.fixed(max(50, n // 7), 5.0, n),
+        "step": lambda: bench.step(n // 2, args.ceiling / 5, 10.0, 25.0),
+        "fairness": lambda: bench.fairness([int(n * 0.375), n // 6, n // 12], 5.0),
+        "two_workers": lambda: bench.two_workers(n // 4),
+        "crash": lambda: bench.crash(n // 4),
+    }
+    for name, scenario in scenarios.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        out[name] = await scenario()
+        print(out[name], flush=True)
+    return out
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"\nceiling {r['ceiling_rps']} req/s, latency {r['latency_ms']} ms\n")
+    print("| runner | items | total time | throughput / ceiling | 429 share |")
+    print("|---|---|---|---|---|")
+    for key in ("konstruct", "gatekeeper", "fixed"):
+        row = r[key]
+        total = row.get("total_s_for_full", row["total_s"])
+        print(
+            f"| {row['runner']} | {row['items']} | {total} s | {row['fraction_of_ceiling']:.3f} |"
+            f" {row['share_429'] * 100:.1f} % |"
+        )
+    s, f, t, c = r["step"], r["fairness"], r["two_workers"], r["crash"]
+    print(
+        f"\nstep: back above 0.9 of the ceiling {s['seconds_to_0.9_after_rise']} s after the rise"
+    )
+    print(
+        f"fairness: Jain index {f['jain_index']} over {f['window_s']} s, rates {f['rates_in_window']}"
+    )
+    print(
+        f"two workers: max {t['max_ok_per_second']} ok/s (ceiling {r['ceiling_rps']}), starts {t['activity_starts_by_worker']}"
+    )
+    print(
+        f"crash: first new result {c['seconds_to_first_new_result']} s after kill -9; {c['results']} results"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=2000)
+    # 25/s: one worker process on a 2-core machine tops out near 33 calls/s
+    # (litellm alone spends ~9 ms of CPU per call), and the ceiling must be
+    # the bottleneck, not the machine.
+    parser.add_argument("--ceiling", type=float, default=25.0)
+    parser.add_argument("--latency-ms", type=int, default=200)
+    parser.add_argument("--initial-rps", type=float, default=10.0)
+    parser.add_argument("--max-concurrency", type=int, default=60)
+    parser.add_argument("--only", help="tuning: comma-separated scenarios to run")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
+        bench = Bench(Path(tmp), args.ceiling, args.latency_ms, args.initial_rps)
+        bench.max_concurrency = args.max_concurrency
+        bench.start()
+        try:
+            result = asyncio.run(run(args, bench))
+        finally:
+            bench.stop()
+    if args.only:
+        return  # a partial run does not overwrite the recorded results
+    print_table(result)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
