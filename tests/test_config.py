@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from konstruct.config import load_settings
+from konstruct.config import ExperimentSettings, load_settings
 from konstruct.errors import ConfigError
+from konstruct.models.experiments import ExperimentOptions
 
 
 def test_env_overrides_the_file(tmp_path: Path) -> None:
@@ -46,3 +47,11 @@ def test_an_unknown_key_names_it(tmp_path: Path) -> None:
 def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does-not-exist.yaml"):
         load_settings(tmp_path / "does-not-exist.yaml", environ={})
+
+
+def test_experiment_options_default_to_the_settings_defaults() -> None:
+    # A workflow started without `options` (Temporal CLI) must behave like one
+    # started by `konstruct experiments start` on default settings.
+    settings = ExperimentSettings()
+    for name, field in ExperimentOptions.model_fields.items():
+        assert getattr(settings, name) == field.default, name

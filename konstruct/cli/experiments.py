@@ -20,7 +20,12 @@ from konstruct.cli.common import client_of, failure_message, print_json, run_asy
 from konstruct.config import Settings
 from konstruct.db import tenant_transaction
 from konstruct.errors import InvalidInput, NotFound
-from konstruct.models.experiments import ExperimentInput, ExperimentProgress, ToggleInput
+from konstruct.models.experiments import (
+    ExperimentInput,
+    ExperimentOptions,
+    ExperimentProgress,
+    ToggleInput,
+)
 from workflows.experiment import Experiment
 
 
@@ -93,17 +98,7 @@ def build_input(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         body["name"] = args.name
     s = settings.experiments
     body.setdefault("max_concurrency", args.max_concurrency or s.max_concurrency)
-    options = {
-        "toggle_cooldown_s": s.toggle_cooldown_s,
-        "call_timeout_s": s.call_timeout_s,
-        "heartbeat_timeout_s": s.heartbeat_timeout_s,
-        "retry_initial_s": s.retry_initial_s,
-        "retry_max_s": s.retry_max_s,
-        "max_attempts": s.max_attempts,
-        "continue_as_new_every": s.continue_as_new_every,
-        "page_size": s.page_size,
-        "monitor_interval_s": s.monitor_interval_s,
-    }
+    options = {name: getattr(s, name) for name in ExperimentOptions.model_fields}
     body["options"] = {**options, **body.get("options", {})}
     try:
         ExperimentInput.model_validate(body)
