@@ -27,12 +27,8 @@ from konstruct.config import DEV_SQLITE_PRAGMAS, Settings
 from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.errors import StackError
 from konstruct.processes import kill_with_parent, port_in_use, stop_process, wait_for_port
+from konstruct.search_attributes import SEARCH_ATTRIBUTES
 
-SEARCH_ATTRIBUTES = {
-    "KonstructTenant": "Keyword",
-    "KonstructKind": "Keyword",
-    "KonstructStatus": "Keyword",
-}
 # Fairness keys spread a provider's capacity across experiments (engine-facts.md).
 DEV_SERVER_DYNAMIC_CONFIG = [
     "matching.enableFairness=true",

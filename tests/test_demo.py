@@ -40,11 +40,12 @@ from konstruct.models.demo import (
     steps_of,
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
+from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import SEARCH_ATTRIBUTES, temporal_test_server
+from konstruct.stack import temporal_test_server
 from tests.support import ROOT, WorkerProcess
 from workers.main import build_worker
-from workflows.demo_cascade import APPROVAL_TIMEOUT, KIND, STATUS, TENANT, DemoCascade
+from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
 MINIMAL_STEPS = [s.name for s in steps_of("demo_minimal")]
 RICH_ONLY_STEPS = [n for n in STEP_NAMES if n not in MINIMAL_STEPS]

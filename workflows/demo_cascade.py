@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -105,13 +105,11 @@ with workflow.unsafe.imports_passed_through():
         SettleAliasInput,
         UndoAliasMoveInput,
     )
+    from konstruct.search_attributes import KIND, STATUS, TENANT
     from konstruct.validation import parse_input
     from workflows.batch_sweep import BatchSweep
     from workflows.experiment import Experiment
 
-TENANT = SearchAttributeKey.for_keyword("KonstructTenant")
-KIND = SearchAttributeKey.for_keyword("KonstructKind")
-STATUS = SearchAttributeKey.for_keyword("KonstructStatus")
 
 # Steps are short: local activities, retried inside the workflow task.
 STEP_TIMEOUT = timedelta(seconds=60)

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import Priority, RetryPolicy, SearchAttributeKey
+from temporalio.common import Priority, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
@@ -51,11 +51,9 @@ with workflow.unsafe.imports_passed_through():
         ToggleResult,
     )
     from konstruct.provider_store import provider_queue
+    from konstruct.search_attributes import KIND, STATUS, TENANT
     from konstruct.validation import parse_input
 
-TENANT = SearchAttributeKey.for_keyword("KonstructTenant")
-KIND = SearchAttributeKey.for_keyword("KonstructKind")
-STATUS = SearchAttributeKey.for_keyword("KonstructStatus")
 
 # Loading a 20,000-line dataset takes seconds; a database restart is survived
 # by retrying.

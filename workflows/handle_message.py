@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -22,11 +22,9 @@ with workflow.unsafe.imports_passed_through():
         StoreTurnInput,
     )
     from konstruct.prompts import build_messages
+    from konstruct.search_attributes import KIND, STATUS, TENANT
     from konstruct.validation import parse_input
 
-TENANT = SearchAttributeKey.for_keyword("KonstructTenant")
-KIND = SearchAttributeKey.for_keyword("KonstructKind")
-STATUS = SearchAttributeKey.for_keyword("KonstructStatus")
 
 # Local activities: a message is three short steps, and running them inside the
 # workflow task cuts orchestration latency about 4x (engine-facts.md).
