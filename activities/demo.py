@@ -190,6 +190,27 @@ class DemoActivities:
         info = activity.info()
         return info.workflow_id or "", info.workflow_run_id or ""
 
+    async def _put_points(
+        self,
+        input: StepInput,
+        name: str,
+        points: Any,
+        started: float,
+        detail: Callable[[int, int], str],
+    ) -> DataRef:
+        """Store a data step's table in the session, then fail if injected."""
+        ref = await self._put(input.tenant_id, input.session_prefix + name, points)
+        rows, series = forecasting.count_points(points)
+        _maybe_fail(input)
+        return ref.model_copy(
+            update={
+                "rows": rows,
+                "series": series,
+                "detail": detail(rows, series),
+                "work_ms": _ms(started),
+            }
+        )
+
     async def _put(self, tenant_id: str, uri: str, value: Any) -> DataRef:
         data = _json_bytes(value)
         async with tenant_transaction(self.pool, tenant_id) as conn:
@@ -331,16 +352,12 @@ class DemoActivities:
         sales = await _compute(
             forecasting.generate_sales, input.seed, size.stores, size.products, size.days
         )
-        ref = await self._put(input.tenant_id, input.session_prefix + "data/sales.json", sales)
-        rows, series = forecasting.count_points(sales)
-        _maybe_fail(input)
-        return ref.model_copy(
-            update={
-                "rows": rows,
-                "series": series,
-                "detail": f"{series} series x {size.days} days (seed {input.seed})",
-                "work_ms": _ms(started),
-            }
+        return await self._put_points(
+            input,
+            "data/sales.json",
+            sales,
+            started,
+            lambda rows, series: f"{series} series x {size.days} days (seed {input.seed})",
         )
 
     @activity.defn(name="demo_backfill")
@@ -350,18 +367,12 @@ class DemoActivities:
         filled = await _compute(
             forecasting.backfill_sales, sales, input.size.backfill_days, input.seed
         )
-        ref = await self._put(
-            input.tenant_id, input.session_prefix + "data/backfill/sales.json", filled
-        )
-        rows, series = forecasting.count_points(filled)
-        _maybe_fail(input)
-        return ref.model_copy(
-            update={
-                "rows": rows,
-                "series": series,
-                "detail": f"backfilled {input.size.backfill_days} days: {rows} points",
-                "work_ms": _ms(started),
-            }
+        return await self._put_points(
+            input,
+            "data/backfill/sales.json",
+            filled,
+            started,
+            lambda rows, series: f"backfilled {input.size.backfill_days} days: {rows} points",
         )
 
     @activity.defn(name="demo_features")
@@ -369,16 +380,12 @@ class DemoActivities:
         started = time.perf_counter()
         sales = await self._get(input.tenant_id, input.data)
         table = await _compute(forecasting.build_features, sales)
-        ref = await self._put(input.tenant_id, input.session_prefix + "data/features.json", table)
-        rows, series = forecasting.count_points(table)
-        _maybe_fail(input)
-        return ref.model_copy(
-            update={
-                "rows": rows,
-                "series": series,
-                "detail": f"{rows} feature rows over {series} series",
-                "work_ms": _ms(started),
-            }
+        return await self._put_points(
+            input,
+            "data/features.json",
+            table,
+            started,
+            lambda rows, series: f"{rows} feature rows over {series} series",
         )
 
     # --- models ---------------------------------------------------------------------
