@@ -30,6 +30,14 @@ class SimulatorAdmin:
     async def model_stats(self, model: str) -> dict[str, int]:
         return dict((await self.stats())["models"].get(model, {}))
 
+    async def timeline(self, model: str, bucket_s: float = 1.0) -> dict[str, Any]:
+        """ok and 429 answers per bucket of `bucket_s` since start or the last reset."""
+        response = await self._http.get(
+            f"/admin/stats/{model}/timeline", params={"bucket_s": bucket_s}
+        )
+        response.raise_for_status()
+        return dict(response.json())
+
     async def requests_by_content(self, model: str) -> dict[str, Any]:
         response = await self._http.get(f"/admin/requests/{model}")
         response.raise_for_status()

@@ -128,6 +128,8 @@ async def test_rate_limit_answers_429_with_retry_after(
     assert limited.headers["Retry-After"] == "1"
     assert 0 < int(limited.headers["retry-after-ms"]) <= 1000
     assert (await admin.model_stats("sim-fast"))["rate_limited"] == 2
+    timeline = await admin.timeline("sim-fast", bucket_s=60)
+    assert (timeline["ok"], timeline["rate_limited"]) == ([1], [2])
 
     await admin.set_profile("sim-fast", rate_limit_rps=2)  # burst 2, a token every 500 ms
     burst = [await chat(http, "sim-fast", f"b{i}") for i in range(3)]

@@ -81,6 +81,7 @@ class ModelState:
     by_content: Counter[str] = field(default_factory=Counter)
     ok_by_content: Counter[str] = field(default_factory=Counter)
     ok_per_tick: Counter[int] = field(default_factory=Counter)
+    rate_limited_per_tick: Counter[int] = field(default_factory=Counter)
 
     def set_profile(self, profile: ModelProfile) -> None:
         rate = profile.rate_limit_rps
@@ -97,6 +98,10 @@ class ModelState:
         self.ok_by_content[content_key] += 1
         self.ok_per_tick[int(since_start_s / TICK_S)] += 1
 
+    def record_rate_limited(self, since_start_s: float) -> None:
+        self.counters["rate_limited"] += 1
+        self.rate_limited_per_tick[int(since_start_s / TICK_S)] += 1
+
     def reset_counters(self) -> None:
         # Requests still sleeping will decrement in_flight when they finish.
         in_flight = self.counters["in_flight"]
@@ -105,6 +110,7 @@ class ModelState:
         self.by_content.clear()
         self.ok_by_content.clear()
         self.ok_per_tick.clear()
+        self.rate_limited_per_tick.clear()
 
     def stats(self) -> dict[str, int]:
         return {key: self.counters[key] for key in STATS_KEYS}

@@ -123,7 +123,7 @@ class Simulator:
         if state.bucket is not None:
             wait_s = state.bucket.take(time.monotonic())
             if wait_s > 0:
-                counters["rate_limited"] += 1
+                state.record_rate_limited(self._since_start())
                 return rate_limited_response(name, state.bucket.rate, wait_s)
         rng = seeded_rng(profile.seed, name, key, self.attempts[(name, key)])
         if rng.random() < profile.error_rate:
@@ -237,23 +237,28 @@ class Simulator:
         return web.json_response({"models": models, "started_at": self.started_at})
 
     async def timeline(self, request: web.Request) -> web.Response:
-        """ok answers per bucket since start (or the last reset); index i is bucket i."""
+        """ok and 429 answers per bucket since start (or the last reset); index i is bucket i."""
         try:
             bucket_s = float(request.query.get("bucket_s", "1"))
         except ValueError:
             return bad_request("bucket_s must be a number")
         ticks_per_bucket = max(1, round(bucket_s / TICK_S))
         bucket_count = int(self._since_start() / TICK_S) // ticks_per_bucket + 1
-        ok = [0] * bucket_count
         state = self.models.get(request.match_info["model"])
-        for tick, count in (state.ok_per_tick if state else Counter[int]()).items():
-            ok[min(tick // ticks_per_bucket, bucket_count - 1)] += count
+
+        def per_bucket(ticks: Counter[int]) -> list[int]:
+            counts = [0] * bucket_count
+            for tick, count in ticks.items():
+                counts[min(tick // ticks_per_bucket, bucket_count - 1)] += count
+            return counts
+
         return web.json_response(
             {
                 "model": request.match_info["model"],
                 "bucket_s": ticks_per_bucket * TICK_S,
                 "started_at": self.started_at,
-                "ok": ok,
+                "ok": per_bucket(state.ok_per_tick if state else Counter()),
+                "rate_limited": per_bucket(state.rate_limited_per_tick if state else Counter()),
             }
         )
 
