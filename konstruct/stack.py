@@ -33,6 +33,12 @@ from konstruct.search_attributes import SEARCH_ATTRIBUTES
 DEV_SERVER_DYNAMIC_CONFIG = [
     "matching.enableFairness=true",
     "matching.useNewMatcher=true",
+    # One partition per task queue: a queue's rate limit is split across its
+    # partitions, so with the default four a provider queue got its rate in
+    # uneven bursts and drained its last calls at a fraction of it
+    # (docs/experiments.md, "Server-side rate limit").
+    "matching.numTaskqueueReadPartitions=1",
+    "matching.numTaskqueueWritePartitions=1",
 ]
 
 
