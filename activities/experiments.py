@@ -39,6 +39,8 @@ from konstruct.models.experiments import (
     Route,
     StopFlagInput,
     StopFlagResult,
+    WaitingCalls,
+    WaitingCallsInput,
     eval_name,
 )
 from konstruct.provider_store import (
@@ -61,6 +63,15 @@ def registry_run_id(tenant_id: str, experiment_id: str) -> str:
     return str(uuid.uuid5(_REGISTRY_NAMESPACE, f"{tenant_id}/{experiment_id}"))
 
 
+async def _waiting_calls(workflow_id: str) -> list[str]:
+    description = await activity.client().get_workflow_handle(workflow_id).describe()
+    return [
+        p.activity_id
+        for p in description.raw_description.pending_activities
+        if p.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
+    ]
+
+
 class ExperimentActivities:
     def __init__(
         self,
@@ -73,6 +84,17 @@ class ExperimentActivities:
         self.router_config = router_config
         self.settings = settings
         self.base_dir = base_dir
+
+    def all(self) -> list[Any]:
+        return [
+            self.prepare,
+            self.pending_page,
+            self.record_failure,
+            self.set_stop_flag,
+            self.waiting_calls,
+            self.monitor,
+            self.finalize,
+        ]
 
     def _routes(self, group: str, field: str) -> tuple[list[Route], list[Deployment]]:
         deployments = sorted(
@@ -287,13 +309,12 @@ class ExperimentActivities:
             return StopFlagResult()
         # From here on a call that starts finds the flag and makes no request; one
         # not started yet can be cancelled outright, one started is left to finish.
-        description = await activity.client().get_workflow_handle(input.workflow_id).describe()
-        waiting = [
-            p.activity_id
-            for p in description.raw_description.pending_activities
-            if p.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED
-        ]
-        return StopFlagResult(waiting_activity_ids=waiting)
+        return StopFlagResult(waiting_activity_ids=await _waiting_calls(input.workflow_id))
+
+    @activity.defn(name="experiment_waiting_calls")
+    async def waiting_calls(self, input: WaitingCallsInput) -> WaitingCalls:
+        """The calls of a run still waiting for capacity (scheduled, not started)."""
+        return WaitingCalls(activity_ids=await _waiting_calls(input.workflow_id))
 
     @activity.defn(name="experiment_monitor")
     async def monitor(self, input: MonitorInput) -> MonitorResult:

@@ -70,14 +70,7 @@ async def test_fresh_runs_replay_without_cache(
         client,
         task_queue=task_queue,
         workflows=[Experiment],
-        activities=[
-            acts.prepare,
-            acts.pending_page,
-            acts.record_failure,
-            acts.set_stop_flag,
-            acts.monitor,
-            acts.finalize,
-        ],
+        activities=acts.all(),
         max_cached_workflows=0,
     )
     async with provider_workers(client, settings, task_queue, pool, router_config):

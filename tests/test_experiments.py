@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError
 
 from konstruct.cli import main as cli_main
 from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
+from konstruct.provider_store import ensure_provider, provider_queue, push_rate
 from konstruct.simulator_admin import SimulatorAdmin
 from tests.support import WorkerProcess
 from workflows.experiment import Experiment
@@ -202,6 +203,35 @@ async def test_judge_evals_and_continue_as_new_twice(
     # Each item called the task model once and the judge once, across three runs.
     assert (await sim.model_stats(FAST))["ok"] == 25
     assert (await sim.model_stats("sim-judge"))["ok"] == 25
+
+
+async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_calling_twice(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    # A slow provider rate keeps calls queued for capacity when a run ends.
+    await ensure_provider(app_pool, worker, "simulator", 4.0, 0.5, 1000.0)
+    async with app_pool.acquire() as conn:
+        await conn.execute(
+            "update provider_limits set rate = 4 where task_queue = $1 and provider = 'simulator'",
+            worker,
+        )
+    await push_rate(client, provider_queue(worker, "simulator"), 4.0)
+    body = experiment(40, max_concurrency=20, options={"continue_as_new_every": 10})
+    handle = await start(client, worker, body)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 40 and result.summary.failed == 0
+    first_run = [
+        e
+        async for e in client.get_workflow_handle(
+            body["experiment_id"], run_id=handle.first_execution_run_id
+        ).fetch_history_events()
+    ]
+    cancelled = [e for e in first_run if e.HasField("activity_task_canceled_event_attributes")]
+    assert cancelled, "the first run should have ended with calls still queued"
+    assert len(await results(app_pool, body["experiment_id"])) == 40
+    # Cancelled before they started, the queued calls made no request: one per item.
+    stats = await sim.model_stats(FAST)
+    assert stats["requests"] == stats["ok"] == 40
 
 
 async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_completes(

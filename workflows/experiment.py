@@ -49,6 +49,8 @@ with workflow.unsafe.imports_passed_through():
         ToggleInput,
         ToggleRecord,
         ToggleResult,
+        WaitingCalls,
+        WaitingCallsInput,
     )
     from konstruct.provider_store import provider_queue
     from konstruct.search_attributes import KIND, STATUS, TENANT
@@ -72,6 +74,9 @@ DB_RETRY_POLICY = RetryPolicy(
 CALL_NON_RETRYABLE = ["InvalidInput", "NotFound", "ExperimentStopped"]
 # Toggle records kept in `progress`.
 TOGGLE_HISTORY = 20
+# Patch marker: runs recorded before it drained every queued call before
+# continue-as-new; runs after it cancel the ones not started yet.
+CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
 # first run but in sequence order on replay (temporalio/sdk-python#1578), which
@@ -324,12 +329,32 @@ class Experiment:
                 self._in_flight[item.item_id] = True
                 asyncio.create_task(self._run_item(item))
                 dispatched += 1
+        if outcome == "continue_as_new" and workflow.patched(CANCEL_WAITING_BEFORE_NEW_RUN):
+            await self._cancel_waiting_calls()
         await workflow.wait_condition(lambda: not self._in_flight)
         if outcome != "again":
             return outcome
         if self._stop_requested:
             return "stopped"
         return "again" if dispatched else "done"
+
+    async def _cancel_waiting_calls(self) -> None:
+        """Before continue-as-new: calls still queued for capacity go to the next run.
+
+        Draining them here would leave the provider idle while the queue empties;
+        cancelled before they start, they make no request, and their items, still
+        without a result, are the next run's first page. Calls already started finish.
+        """
+        waiting: WaitingCalls = await workflow.execute_activity_method(
+            ExperimentActivities.waiting_calls,
+            WaitingCallsInput(workflow_id=workflow.info().workflow_id),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY_POLICY,
+        )
+        for activity_id in waiting.activity_ids:
+            handle = self._handles.get(activity_id)
+            if handle is not None and not handle.done():
+                handle.cancel()
 
     def _should_continue_as_new(self) -> bool:
         assert self._input is not None

@@ -301,6 +301,14 @@ class StopFlagResult(StrictModel):
     waiting_activity_ids: list[str] = Field(default_factory=list)
 
 
+class WaitingCallsInput(StrictModel):
+    workflow_id: str
+
+
+class WaitingCalls(StrictModel):
+    activity_ids: list[str] = Field(default_factory=list)
+
+
 class MonitorInput(StrictModel):
     tenant_id: str
     experiment_id: str
