@@ -185,6 +185,7 @@ class ProviderCallActivities:
         seen: BreakerState,
         retry_after: float | None = None,
         error: str = "",
+        age_s: float | None = None,
     ) -> None:
         base = self._base_queue(provider)
         effect = await record_outcome(
@@ -197,6 +198,7 @@ class ProviderCallActivities:
             breaker=self.breaker,
             retry_after_s=retry_after,
             error=error,
+            age_s=age_s,
         )
         if effect.breaker_tripped:
             _trips.add(1, {"provider": provider})
@@ -267,7 +269,7 @@ class ProviderCallActivities:
                     return (
                         None,
                         (time.perf_counter() - started) * 1000,
-                        *(await self._failed(provider, seen, exc, experiment)),
+                        *(await self._failed(provider, seen, exc, experiment, started)),
                     )
         finally:
             self.in_progress[provider] -= 1
@@ -278,7 +280,12 @@ class ProviderCallActivities:
         return response, latency, None, ""
 
     async def _failed(
-        self, provider: str, seen: BreakerState, exc: Exception, experiment: tuple[str, str]
+        self,
+        provider: str,
+        seen: BreakerState,
+        exc: Exception,
+        experiment: tuple[str, str],
+        sent: float,
     ) -> tuple[str, str]:
         """Learn from a failed call; raise to retry, or return (kind, message) to give up."""
         kind = type(exc).__name__
@@ -288,7 +295,13 @@ class ProviderCallActivities:
             retry_after = retry_after_seconds(exc)
             _throttled.add(1, {"provider": provider})
             _calls.add(1, {"provider": provider, "outcome": "throttled"})
-            await self._outcome(provider, "throttled", seen, retry_after=retry_after)
+            await self._outcome(
+                provider,
+                "throttled",
+                seen,
+                retry_after=retry_after,
+                age_s=time.perf_counter() - sent,
+            )
             await self._count(tenant_id, experiment_id, "throttled")
             raise ApplicationError(
                 f"provider {provider!r} rate-limited the call: {message}",

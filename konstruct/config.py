@@ -121,7 +121,7 @@ class ExperimentSettings(_Section):
     max_rps: float = Field(1000.0, gt=0)
     # Multiplicative decrease on a 429, at most once per `decrease_window_s`.
     decrease_factor: float = Field(0.5, gt=0, lt=1)
-    decrease_window_s: float = Field(1.0, gt=0)
+    decrease_window_s: float = Field(0.5, gt=0)
     # After a 429 the rate is never set below the provider's measured accepted
     # rate times `headroom` (set false for plain halving).
     decrease_to_measured: bool = True
@@ -135,10 +135,18 @@ class ExperimentSettings(_Section):
     increase_step_growth: float = Field(2.0, ge=1)
     # Seconds at the learned ceiling before probing above it again.
     probe_after_s: float = Field(2.0, ge=0)
-    # Raise only while calls use this share of the rate; probe at most this
-    # factor above the measured rate.
+    # Raise only while calls use this share of the rate; climb at most this
+    # factor above the measured rate while no ceiling is known.
     min_utilisation: float = Field(0.75, gt=0, le=1)
     probe_cap: float = Field(1.5, ge=1)
+    # Above a learned ceiling: at most this factor above the measured rate, and
+    # successes beyond `ceiling_rise` x the ceiling (no 429) mean the limit rose.
+    probe_cap_above_ceiling: float = Field(1.2, ge=1)
+    ceiling_rise: float = Field(1.3, gt=1)
+    # A provider's accepted rate is measured over at least this long, and a 429
+    # moves the learned ceiling only after this many successes were counted.
+    min_measure_s: float = Field(0.5, gt=0)
+    min_measure_ok: int = Field(10, ge=1)
 
 
 class Settings(_Section):

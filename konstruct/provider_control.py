@@ -4,11 +4,14 @@ Two pieces, both shared by every worker through PostgreSQL
 (`konstruct/provider_store.py` reads and writes them):
 
 - the adaptive rate (AIMD): a 429 cuts the rate (at most once per
-  `decrease_window_s`, so a burst of 429s counts once): to just under the rate
-  the provider was measured to accept since the last change, or by
-  `decrease_factor` (halving) when nothing was measured; successes raise it
-  additively, at most once per `increase_interval_s`, first straight back to
-  just under the learned ceiling, then in growing steps that probe above it.
+  `decrease_window_s`, so a burst of 429s counts once). When calls came at
+  about the rate since the last change, the provider's ceiling is what it
+  accepted and the rate goes just under it; when the window was too short or
+  far fewer calls came (a burst after a pause, a late retry), the rate goes
+  back under the known ceiling, which stays; with no ceiling known it is
+  halved (`decrease_factor`). Successes raise it additively, at most once per
+  `increase_interval_s`, first straight back to just under the learned
+  ceiling, then in growing steps that probe above it.
   The rate is what the Temporal server dispatches from the provider's task
   queue per second.
 - the circuit breaker: `closed` until `threshold` consecutive failures, then
@@ -31,7 +34,7 @@ class AimdConfig:
     min_rps: float = 0.5
     max_rps: float = 1000.0
     decrease_factor: float = 0.5
-    decrease_window_s: float = 1.0
+    decrease_window_s: float = 0.5
     decrease_to_measured: bool = True
     headroom: float = 0.97
     increase_interval_s: float = 1.0
@@ -39,12 +42,21 @@ class AimdConfig:
     increase_step_min_rps: float = 0.5
     increase_step_growth: float = 2.0
     probe_after_s: float = 2.0
-    # The accepted rate is only measured over at least this long.
+    # The accepted rate is only measured over at least this long, and a 429 only
+    # moves the ceiling when at least `min_measure_ok` successes were counted.
     min_measure_s: float = 0.5
+    min_measure_ok: int = 10
+    # ... and only when calls were answered at this share of the rate or more
+    # (fewer, and the queue ran short: the provider was not what held them back).
+    min_offered: float = 0.9
     # Successes raise the rate only while they use at least this share of it,
     # and a probing step goes at most this factor above the measured rate.
     min_utilisation: float = 0.75
     probe_cap: float = 1.5
+    # Above a learned ceiling a step goes at most this factor above the measured
+    # rate; successes beyond `ceiling_rise` x the ceiling mean the limit rose.
+    probe_cap_above_ceiling: float = 1.2
+    ceiling_rise: float = 1.3
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,7 @@ class AimdState:
     # When the rate last changed, and the successes counted since then.
     changed_at: float = 0.0
     ok_since_change: int = 0
+    throttled_since_change: int = 0
     last_decrease_at: float | None = None
     # No increase before this (the provider's Retry-After, or the probe pause).
     hold_until: float = 0.0
@@ -78,37 +91,71 @@ def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | N
     return state.ok_since_change / elapsed
 
 
+def offered_rate(state: AimdState, now: float) -> float:
+    """Calls per second answered, accepted or refused, since the last change."""
+    elapsed = max(1e-9, now - state.changed_at)
+    return (state.ok_since_change + state.throttled_since_change) / elapsed
+
+
 def on_throttled(
-    state: AimdState, now: float, retry_after_s: float | None, config: AimdConfig
+    state: AimdState,
+    now: float,
+    retry_after_s: float | None,
+    config: AimdConfig,
+    sent_at: float | None = None,
 ) -> AimdState:
-    """A 429: decrease, unless a decrease already happened within the window."""
-    if (
-        state.last_decrease_at is not None
-        and now - state.last_decrease_at < config.decrease_window_s
+    """A 429: count it, and decrease unless the last decrease already answered it.
+
+    `sent_at`: when the refused request was sent, if known. One sent before the
+    last decrease went out at the old rate, which that decrease already cut.
+    """
+    counted = replace(state, throttled_since_change=state.throttled_since_change + 1)
+    if state.last_decrease_at is not None and (
+        now - state.last_decrease_at < config.decrease_window_s
+        or (sent_at is not None and sent_at < state.last_decrease_at)
     ):
-        return state
-    decreased = state.rate * config.decrease_factor
-    measured = measured_rate(state, now, config)
-    ceiling = measured if measured is not None else state.rate
-    if state.ceiling is not None and measured is not None and measured > 0.7 * state.ceiling:
-        # A short measurement is noisy: move the known ceiling only halfway to it,
-        # unless it fell far (a real drop of the provider's limit).
-        ceiling = max(measured, (state.ceiling + measured) / 2)
-    if config.decrease_to_measured and measured is not None:
-        # The provider just accepted `measured` per second while refusing more:
-        # that is its ceiling. Halving below it would only lose throughput, and
-        # when the ceiling fell far, going straight under it stops the 429s at once.
-        decreased = min(state.rate, measured) * config.headroom
-    elif config.decrease_to_measured and state.ceiling is not None:
-        # Too soon after the last change to measure: back under the known ceiling
-        # (a real drop of it shows in the next window's measurement).
-        decreased = max(decreased, min(state.rate, state.ceiling) * config.headroom)
-    rate = _clamp(decreased, config)
+        return counted
+    measured = measured_rate(counted, now, config)
+    if state.ceiling is not None and counted.ok_since_change < config.min_measure_ok:
+        measured = None  # a handful of calls measures noise, not a move of the ceiling
+    saturated = (
+        measured is not None and offered_rate(counted, now) >= config.min_offered * state.rate
+    )
+    ceiling: float | None
+    if not config.decrease_to_measured:
+        ceiling = measured if measured is not None else state.rate
+        rate = state.rate * config.decrease_factor
+    elif saturated and measured is not None and measured < state.rate * config.headroom:
+        # Calls came at about the rate and the provider took only `measured` a
+        # second of them: that is its ceiling now. Straight under it stops the
+        # 429s at once, where halving would lose throughput or take steps.
+        ceiling = measured
+        rate = measured * config.headroom
+    elif state.ceiling is not None:
+        # No news about the limit: too soon after a change or too few calls to
+        # measure, the queue ran short, or the provider took about all that was
+        # sent (a burst at the edge). Back under the known ceiling, which stays.
+        ceiling = state.ceiling
+        rate = min(state.rate, state.ceiling * config.headroom)
+        if rate == state.rate:
+            # Already under it: keep measuring (a real drop shows once enough calls
+            # are counted); only hold increases for the provider's Retry-After.
+            return replace(counted, hold_until=max(state.hold_until, now + (retry_after_s or 0.0)))
+    elif saturated:
+        # The first climb met the limit right at the rate: that is the ceiling.
+        ceiling = state.rate
+        rate = state.rate * config.headroom
+    else:
+        # Nothing known yet: halve, but not below what the provider was seen to take.
+        ceiling = None
+        rate = max(state.rate * config.decrease_factor, (measured or 0.0) * config.headroom)
+    rate = _clamp(rate, config)
     return AimdState(
         rate=rate,
         ceiling=ceiling,
         changed_at=now,
         ok_since_change=0,
+        throttled_since_change=0,
         last_decrease_at=now,
         hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
         step=_first_step(rate, config),
@@ -129,8 +176,6 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
         # The rate is not what holds the calls back (too few of them): raising it
         # would only let a later burst hit the provider unchecked.
         return counted
-    # The learned ceiling only changes at a 429: a success above it may be the
-    # provider's burst allowance, and probing finds a raised limit anyway.
     ceiling = state.ceiling
     target = ceiling * config.headroom if ceiling is not None else None
     if target is not None and state.rate < target:
@@ -143,9 +188,19 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
         if since_decrease < config.probe_after_s + config.decrease_window_s:
             # Just cut at the learned ceiling: stay there a while before probing again.
             return counted
+        if (
+            ceiling is not None
+            and state.throttled_since_change == 0
+            and measured > ceiling * config.ceiling_rise
+        ):
+            # The provider took well above its learned ceiling without a 429: its
+            # limit rose. Forget the old one (a 429 now must not send the rate back
+            # under it) and climb as at the start.
+            ceiling = None
         # Never far above what actually flows: the excess would reach the provider
         # as a burst the moment demand catches up.
-        rate = min(state.rate + step, max(state.rate, measured * config.probe_cap))
+        cap = config.probe_cap if ceiling is None else config.probe_cap_above_ceiling
+        rate = min(state.rate + step, max(state.rate, measured * cap))
         hold_until = state.hold_until
         next_step = step * config.increase_step_growth
     rate = _clamp(rate, config)
@@ -156,6 +211,7 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
         ceiling=ceiling,
         changed_at=now,
         ok_since_change=0,
+        throttled_since_change=0,
         last_decrease_at=state.last_decrease_at,
         hold_until=hold_until,
         step=next_step,

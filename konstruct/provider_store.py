@@ -66,6 +66,10 @@ def aimd_config(settings: ExperimentSettings) -> AimdConfig:
         probe_after_s=settings.probe_after_s,
         min_utilisation=settings.min_utilisation,
         probe_cap=settings.probe_cap,
+        probe_cap_above_ceiling=settings.probe_cap_above_ceiling,
+        ceiling_rise=settings.ceiling_rise,
+        min_measure_s=settings.min_measure_s,
+        min_measure_ok=settings.min_measure_ok,
     )
 
 
@@ -134,6 +138,7 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
+            " throttled_since_change = 0,"
             f" changed_at = {_NOW}, last_decrease_at = null, hold_until = 0, step = 0,"
             " version = version + 1 where task_queue = $1 and provider = $2",
             task_queue,
@@ -164,9 +169,22 @@ def _aimd(row: Any) -> AimdState:
         ceiling=row["ceiling"],
         changed_at=row["changed_at"],
         ok_since_change=row["ok_since_change"],
+        throttled_since_change=row["throttled_since_change"],
         last_decrease_at=row["last_decrease_at"],
         hold_until=row["hold_until"],
         step=row["step"],
+    )
+
+
+def _decision(state: AimdState) -> tuple[Any, ...]:
+    """What a decision writes (the counters are bumped in SQL)."""
+    return (
+        state.rate,
+        state.ceiling,
+        state.changed_at,
+        state.last_decrease_at,
+        state.hold_until,
+        state.step,
     )
 
 
@@ -236,16 +254,21 @@ async def record_outcome(
     breaker: BreakerConfig,
     retry_after_s: float | None = None,
     error: str = "",
+    age_s: float | None = None,
 ) -> OutcomeEffect:
-    """Count one call's outcome, and let the rate and the breaker react to it."""
+    """Count one call's outcome, and let the rate and the breaker react to it.
+
+    `age_s`: how long ago the call's request was sent (a duration, so the
+    worker's clock need not agree with the database's).
+    """
     rate_changed: float | None = None
     tripped = False
     async with pool.acquire() as conn:
         if outcome in ("ok", "throttled"):
             column = "ok" if outcome == "ok" else "throttled"
-            extra = ", ok_since_change = ok_since_change + 1" if outcome == "ok" else ""
             row = await conn.fetchrow(
-                f"update provider_limits set {column}_total = {column}_total + 1{extra}"
+                f"update provider_limits set {column}_total = {column}_total + 1,"
+                f" {column}_since_change = {column}_since_change + 1"
                 " where task_queue = $1 and provider = $2"
                 f" returning *, {_NOW} as now",
                 task_queue,
@@ -253,15 +276,23 @@ async def record_outcome(
             )
             if row is not None:
                 before = dict(row)
+                before[f"{column}_since_change"] -= 1
                 if outcome == "ok":
-                    before["ok_since_change"] -= 1
                     decided = on_success(_aimd(before), row["now"], aimd)
                 else:
-                    decided = on_throttled(_aimd(before), row["now"], retry_after_s, aimd)
-                if decided.changed_at != row["changed_at"] or decided.rate != row["rate"]:
+                    sent_at = None if age_s is None else row["now"] - age_s
+                    decided = on_throttled(
+                        _aimd(before), row["now"], retry_after_s, aimd, sent_at=sent_at
+                    )
+                if _decision(decided) != _decision(_aimd(row)):
                     written = await conn.execute(
-                        "update provider_limits set rate = $4, ceiling = $5, changed_at = $6,"
-                        " ok_since_change = 0, last_decrease_at = $7, hold_until = $8, step = $9,"
+                        # A new window (changed_at) restarts the counts; a decision
+                        # that keeps the window (a hold) keeps them.
+                        "update provider_limits set rate = $4, ceiling = $5,"
+                        " ok_since_change = case when changed_at = $6 then ok_since_change"
+                        " else 0 end, throttled_since_change = case when changed_at = $6"
+                        " then throttled_since_change else 0 end, changed_at = $6,"
+                        " last_decrease_at = $7, hold_until = $8, step = $9,"
                         " version = version + 1, updated_at = now()"
                         " where task_queue = $1 and provider = $2 and version = $3",
                         task_queue,
@@ -276,6 +307,18 @@ async def record_outcome(
                     )
                     if written.endswith(" 1") and decided.rate != row["rate"]:
                         rate_changed = decided.rate
+                        log.info(
+                            "%s %s: rate %.2f -> %.2f after %s (ceiling %s; %d ok, %d 429 in %.2f s)",
+                            task_queue,
+                            provider,
+                            row["rate"],
+                            decided.rate,
+                            outcome,
+                            f"{decided.ceiling:.2f}" if decided.ceiling is not None else "unknown",
+                            row["ok_since_change"],
+                            row["throttled_since_change"],
+                            row["now"] - row["changed_at"],
+                        )
         elif outcome == "failure":
             await conn.execute(
                 "update provider_limits set failure_total = failure_total + 1"

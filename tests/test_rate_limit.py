@@ -36,9 +36,11 @@ def test_a_429_halves_the_rate_once_per_window() -> None:
     first = on_throttled(state, 10.0, None, HALVING)
     assert first.rate == 20.0
     # The rest of the burst, within the window: no further decrease.
-    burst = on_throttled(first, 10.5, None, HALVING)
-    assert burst == first
-    later = on_throttled(first, 11.5, None, HALVING)
+    window = HALVING.decrease_window_s
+    burst = on_throttled(first, 10.0 + window / 2, None, HALVING)
+    assert (burst.rate, burst.changed_at) == (first.rate, first.changed_at)
+    assert burst.throttled_since_change == 1
+    later = on_throttled(first, 10.0 + window * 1.5, None, HALVING)
     assert later.rate == 10.0
 
 
@@ -81,8 +83,8 @@ def test_the_rate_stays_within_its_bounds() -> None:
 
 
 def test_measured_decrease_goes_just_under_what_the_provider_accepted() -> None:
-    # At 60/s the provider accepted 50/s for two seconds, then a 429.
-    state = AimdState(rate=60.0, changed_at=0.0, ok_since_change=100)
+    # At 60/s the provider accepted 50/s for two seconds (refusing 10/s), then a 429.
+    state = AimdState(rate=60.0, changed_at=0.0, ok_since_change=100, throttled_since_change=19)
     cut = on_throttled(state, 2.0, 1.0, MEASURED)
     assert cut.ceiling == 50.0
     assert cut.rate == 50.0 * MEASURED.headroom
@@ -91,8 +93,9 @@ def test_measured_decrease_goes_just_under_what_the_provider_accepted() -> None:
 
 
 def test_measured_decrease_goes_straight_under_a_ceiling_that_fell_far() -> None:
-    # The ceiling dropped to 10/s while we sent 50/s: no halving in steps, straight under it.
-    state = AimdState(rate=50.0, changed_at=0.0, ok_since_change=20)
+    # The ceiling dropped to 10/s while we sent 50/s (40 of them a second refused,
+    # and retried): no halving in steps, straight under it.
+    state = AimdState(rate=50.0, changed_at=0.0, ok_since_change=20, throttled_since_change=79)
     cut = on_throttled(state, 2.0, 1.0, MEASURED)
     assert cut.rate == 10.0 * MEASURED.headroom
 
@@ -180,3 +183,99 @@ def test_before_the_first_429_the_rate_climbs_fast_but_near_what_flows() -> None
     state, rates = succeed(AimdState(rate=10.0, changed_at=0.0), 0.0, 6.0, 60, MEASURED)
     assert rates[-1] > 25.0
     assert max(rates) <= 60 * MEASURED.probe_cap
+
+
+def test_a_429_after_a_lull_keeps_the_known_ceiling() -> None:
+    # 57 calls in 5.7 s against a rate of 28 (the workflow paused), then a 429: the
+    # provider did not fall to 10/s; the rate goes back under the ceiling it knows.
+    state = AimdState(rate=28.0, ceiling=25.0, changed_at=0.0, ok_since_change=57)
+    cut = on_throttled(state, 5.7, 0.1, MEASURED)
+    assert cut.ceiling == 25.0
+    assert cut.rate == 25.0 * MEASURED.headroom
+
+
+def test_a_429_right_after_a_raise_does_not_make_that_rate_the_ceiling() -> None:
+    # The first climb just went to 58/s and a 429 came 30 ms later: nothing measured.
+    state = AimdState(rate=58.0, changed_at=10.0, ok_since_change=1)
+    cut = on_throttled(state, 10.03, None, MEASURED)
+    assert cut.rate == 29.0 and cut.ceiling is None
+    # Successes do not send it straight back to 58: it climbs again near what flows.
+    after, rates = succeed(cut, 10.1, 1.5, 25, MEASURED)
+    assert max(rates) <= 25 * MEASURED.probe_cap
+
+
+def test_a_limit_that_rose_is_forgotten_so_a_429_does_not_fall_back_under_it() -> None:
+    # Learned 5/s; the provider now allows 25/s and the probe climbs with no 429.
+    state = AimdState(rate=4.85, ceiling=5.0, changed_at=0.0, step=0.5)
+    state, rates = succeed(state, 0.0, 8.0, 30, MEASURED)
+    assert state.rate > 20.0 and state.ceiling is None
+    # A 429 right after the next step (nothing measured yet) halves: not back to 5.
+    cut = on_throttled(replace(state, changed_at=8.0, ok_since_change=1), 8.05, None, MEASURED)
+    assert cut.rate == state.rate * MEASURED.decrease_factor
+
+
+def test_probing_above_a_learned_ceiling_stays_near_what_flows() -> None:
+    # Ceiling 25, successes at 25.5/s: each step at most 1.2 x that, no runaway doubling.
+    state = AimdState(rate=24.25, ceiling=25.0, changed_at=0.0, step=1.25)
+    state, rates = succeed(state, 0.0, 6.0, 25.5, MEASURED)
+    assert max(rates) > 24.25
+    assert max(rates) <= 25.5 * MEASURED.probe_cap_above_ceiling + 1e-6
+    assert state.ceiling == 25.0
+
+
+def test_a_429_under_the_ceiling_keeps_measuring_until_a_drop_is_clear() -> None:
+    # At 24.25/s under a ceiling of 25, a 429 after 3 successes: no news, nothing
+    # moves and the measurement window is not restarted.
+    state = AimdState(rate=24.25, ceiling=25.0, changed_at=0.0, ok_since_change=3)
+    early = on_throttled(state, 0.6, 0.2, MEASURED)
+    assert (early.rate, early.ceiling, early.changed_at) == (24.25, 25.0, 0.0)
+    assert early.hold_until == 0.8
+    # The provider really fell to 5/s: once ten successes are counted, the rate
+    # goes straight under it.
+    later = replace(early, ok_since_change=10, throttled_since_change=38)
+    cut = on_throttled(later, 2.0, 0.2, MEASURED)
+    assert cut.ceiling == 5.0 and cut.rate == 5.0 * MEASURED.headroom
+
+
+def test_a_429_for_a_request_sent_before_the_last_decrease_changes_nothing() -> None:
+    state = on_throttled(
+        AimdState(rate=40.0, changed_at=0.0, ok_since_change=60, throttled_since_change=20),
+        2.0,
+        0.1,
+        MEASURED,
+    )
+    # 1.5 s later (past the window) a 429 arrives for a request sent at 1.9 s.
+    window = replace(state, ok_since_change=30, throttled_since_change=10)
+    late = on_throttled(window, 3.5, 0.1, MEASURED, sent_at=1.9)
+    assert (late.rate, late.changed_at) == (state.rate, state.changed_at)
+    assert late.throttled_since_change == 11
+    # The same 429 for a request sent after the decrease is news: the rate goes down.
+    assert on_throttled(window, 3.5, 0.1, MEASURED, sent_at=2.1).rate < state.rate
+
+
+def test_a_429_while_the_queue_ran_short_does_not_lower_the_ceiling() -> None:
+    # Calls answered at 20/s against a rate of 24 (items waiting on retries, not
+    # in the queue): 16 of them a second accepted says little about the provider.
+    state = AimdState(
+        rate=24.0, ceiling=25.0, changed_at=0.0, ok_since_change=15, throttled_since_change=4
+    )
+    cut = on_throttled(state, 0.95, 0.1, MEASURED)
+    assert cut.ceiling == 25.0 and cut.rate == 24.0
+
+
+def test_a_low_limit_met_before_any_ceiling_is_measured_not_halved_away() -> None:
+    # The provider holds 10/s; the first climb is cut to 20/s and a 429 comes
+    # after 5 successes and 7 refusals in 0.54 s: a short count, but the best
+    # news there is. Going under it beats halving again and again.
+    state = AimdState(rate=20.0, changed_at=0.0, ok_since_change=5, throttled_since_change=7)
+    cut = on_throttled(state, 0.54, 0.1, MEASURED)
+    assert cut.ceiling is not None and 9.0 < cut.ceiling < 10.0
+    assert cut.rate == cut.ceiling * MEASURED.headroom
+
+
+def test_a_429_while_the_provider_took_all_that_was_sent_does_not_ratchet_down() -> None:
+    # Known ceiling 50, sending 36.7/s, 45 a second accepted (calls finishing from
+    # before): a burst at the edge, not a lower limit. The rate stays.
+    state = AimdState(rate=36.67, ceiling=50.0, changed_at=0.0, ok_since_change=27)
+    held = on_throttled(state, 0.59, 0.1, MEASURED)
+    assert (held.rate, held.ceiling, held.changed_at) == (36.67, 50.0, 0.0)
