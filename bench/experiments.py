@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -224,6 +225,7 @@ class Bench:
         times = await self.completions(handle.id)
         requests, limited = await self.sim_counts()
         steady = (len(times) - 1) / (times[-1] - times[0])
+        counts = Counter(int(t - started) for t in times)
         return {
             "runner": "konstruct",
             "items": n,
@@ -234,6 +236,11 @@ class Bench:
             "steady_fraction_of_ceiling": round(steady / self.ceiling, 3),
             "requests": requests,
             "share_429": round(limited / requests, 4) if requests else 0.0,
+            # Where the time goes: to the first result, after the last one (the summary).
+            "first_result_s": round(times[0] - started, 1),
+            "after_last_result_s": round(started + total - times[-1], 1),
+            "ok_per_second": [counts.get(i, 0) for i in range(int(times[-1] - started) + 1)],
+            "throttled_per_second": (await self.sim.timeline(MODEL))["rate_limited"],
             "rate_timeline": rates,
         }
 
@@ -488,6 +495,7 @@ def main() -> None:
     parser.add_argument("--initial-rps", type=float, default=10.0)
     parser.add_argument("--max-concurrency", type=int, default=60)
     parser.add_argument("--only", help="tuning: comma-separated scenarios to run")
+    parser.add_argument("--keep-logs", type=Path, help="copy the servers' and workers' logs here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
         bench = Bench(Path(tmp), args.ceiling, args.latency_ms, args.initial_rps)
@@ -497,6 +505,10 @@ def main() -> None:
             result = asyncio.run(run(args, bench))
         finally:
             bench.stop()
+            if args.keep_logs:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("*.log"):
+                    shutil.copy(log, args.keep_logs / log.name)
     if args.only:
         return  # a partial run does not overwrite the recorded results
     print_table(result)
