@@ -351,7 +351,10 @@ class Experiment:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY_POLICY,
         )
-        for activity_id in waiting.activity_ids:
+        self._cancel_calls(waiting.activity_ids)
+
+    def _cancel_calls(self, activity_ids: list[str]) -> None:
+        for activity_id in activity_ids:
             handle = self._handles.get(activity_id)
             if handle is not None and not handle.done():
                 handle.cancel()
@@ -490,10 +493,7 @@ class Experiment:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY_POLICY,
         )
-        for activity_id in flagged.waiting_activity_ids:
-            handle = self._handles.get(activity_id)
-            if handle is not None and not handle.done():
-                handle.cancel()
+        self._cancel_calls(flagged.waiting_activity_ids)
         await workflow.wait_condition(lambda: not self._in_flight)
         self._set_status("stopped")
         await workflow.wait_condition(lambda: not self._stop_requested)
