@@ -147,6 +147,8 @@ class ExperimentSettings(_Section):
     # moves the learned ceiling only after this many successes were counted.
     min_measure_s: float = Field(0.5, gt=0)
     min_measure_ok: int = Field(10, ge=1)
+    # ... and only when calls were answered at this share of the rate or more.
+    min_offered: float = Field(0.9, gt=0, le=1)
 
 
 class Settings(_Section):

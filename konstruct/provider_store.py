@@ -70,6 +70,7 @@ def aimd_config(settings: ExperimentSettings) -> AimdConfig:
         ceiling_rise=settings.ceiling_rise,
         min_measure_s=settings.min_measure_s,
         min_measure_ok=settings.min_measure_ok,
+        min_offered=settings.min_offered,
     )
 
 

@@ -55,3 +55,20 @@ def test_experiment_options_default_to_the_settings_defaults() -> None:
     settings = ExperimentSettings()
     for name, field in ExperimentOptions.model_fields.items():
         assert getattr(settings, name) == field.default, name
+
+
+def test_every_rate_constant_is_a_setting_with_the_same_default() -> None:
+    import dataclasses
+
+    from konstruct.provider_control import AimdConfig
+    from konstruct.provider_store import aimd_config
+
+    assert aimd_config(ExperimentSettings()) == AimdConfig()
+    changed = ExperimentSettings(min_offered=0.5, ceiling_rise=2.0)
+    assert (aimd_config(changed).min_offered, aimd_config(changed).ceiling_rise) == (0.5, 2.0)
+    missing = [
+        f.name
+        for f in dataclasses.fields(AimdConfig)
+        if f.name not in ExperimentSettings.model_fields
+    ]
+    assert missing == []
