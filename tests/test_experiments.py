@@ -304,18 +304,31 @@ async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
     await wait_for(handle, lambda p: p.completed >= 20)
     # The provider's limit drops far below the configured rate (50/s) mid-run.
     await sim.set_profile(FAST, rate_limit_rps=12)
+    rates: list[float] = []
+
+    async def sample_rate() -> None:
+        while True:
+            async with app_pool.acquire() as conn:
+                rates.append(
+                    await conn.fetchval(
+                        "select rate from provider_limits"
+                        " where task_queue = $1 and provider = 'simulator'",
+                        worker,
+                    )
+                )
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample_rate())
     result: ExperimentResult = await handle.result()
+    sampler.cancel()
     assert result.summary.completed == 160 and result.summary.failed == 0
     stats = await sim.model_stats(FAST)
     assert throttled(stats) > 0, stats
     assert stats["ok"] == 160
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
-    async with app_pool.acquire() as conn:
-        rate = await conn.fetchval(
-            "select rate from provider_limits where task_queue = $1 and provider = 'simulator'",
-            worker,
-        )
-    assert rate < 50 * 0.5, rate
+    # The rate went under the new limit (where it ends depends on how far the
+    # last probe got, so the lowest sample is what is checked).
+    assert min(rates) < 12 * 1.2, rates
 
 
 async def test_outage_opens_the_breaker_pauses_and_recovers_by_itself(
