@@ -384,7 +384,9 @@ async def _record_move(
     move_id: str,
     workflow_id: str | None,
     workflow_run_id: str | None,
-) -> int:
+    detail: str = "",
+) -> AliasMoveResult:
+    """Point the alias at `to_run_id` and append the move to its history."""
     to_uuid = None if to_run_id is None else uuid.UUID(to_run_id)
     if exists:
         await conn.execute(
@@ -414,7 +416,28 @@ async def _record_move(
         workflow_id,
         workflow_run_id,
     )
-    return history_id
+    return AliasMoveResult(
+        alias=alias,
+        moved=True,
+        from_run_id=from_run_id,
+        to_run_id=to_run_id,
+        run_id=to_run_id,
+        history_id=history_id,
+        detail=detail,
+    )
+
+
+def _made_before(alias: str, done: AliasMove, detail: str) -> AliasMoveResult:
+    """The result of a move an earlier attempt already made (found by its move id)."""
+    return AliasMoveResult(
+        alias=alias,
+        moved=True,
+        from_run_id=done.from_run_id,
+        to_run_id=done.to_run_id,
+        run_id=done.to_run_id,
+        history_id=done.id,
+        detail=detail,
+    )
 
 
 async def alias_state(conn: asyncpg.Connection, tenant_id: str, alias: str) -> AliasState:
@@ -446,15 +469,7 @@ async def move_alias(
     """Point the alias at `to_run_id` (a no-op when it is there already)."""
     done = await find_move(conn, input.tenant_id, input.move_id)
     if done is not None:
-        return AliasMoveResult(
-            alias=input.alias,
-            moved=True,
-            from_run_id=done.from_run_id,
-            to_run_id=done.to_run_id,
-            run_id=done.to_run_id,
-            history_id=done.id,
-            detail="move already made by an earlier attempt",
-        )
+        return _made_before(input.alias, done, "move already made by an earlier attempt")
     if not await _run_exists(conn, input.tenant_id, input.to_run_id):
         raise NotFound(
             f"cannot point alias {input.alias!r} at run {input.to_run_id}: no such run "
@@ -466,7 +481,7 @@ async def move_alias(
         return AliasMoveResult(
             alias=input.alias, moved=False, run_id=current, detail="already there"
         )
-    history_id = await _record_move(
+    return await _record_move(
         conn,
         tenant_id=input.tenant_id,
         alias=input.alias,
@@ -477,14 +492,6 @@ async def move_alias(
         move_id=input.move_id,
         workflow_id=workflow_id,
         workflow_run_id=workflow_run_id,
-    )
-    return AliasMoveResult(
-        alias=input.alias,
-        moved=True,
-        from_run_id=current,
-        to_run_id=input.to_run_id,
-        run_id=input.to_run_id,
-        history_id=history_id,
     )
 
 
@@ -540,15 +547,7 @@ class RegistryActivities:
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             done = await find_move(conn, input.tenant_id, input.move_id)
             if done is not None:
-                return AliasMoveResult(
-                    alias=input.alias,
-                    moved=True,
-                    from_run_id=done.from_run_id,
-                    to_run_id=done.to_run_id,
-                    run_id=done.to_run_id,
-                    history_id=done.id,
-                    detail="undo already made by an earlier attempt",
-                )
+                return _made_before(input.alias, done, "undo already made by an earlier attempt")
             target = await find_move(conn, input.tenant_id, input.undo_move_id)
             if target is None:
                 state = await alias_state(conn, input.tenant_id, input.alias)
@@ -579,7 +578,7 @@ class RegistryActivities:
             if not await _run_exists(conn, input.tenant_id, back_to):
                 note = f" (run {back_to} no longer exists: alias emptied)"
                 back_to = None
-            history_id = await _record_move(
+            return await _record_move(
                 conn,
                 tenant_id=input.tenant_id,
                 alias=input.alias,
@@ -590,16 +589,8 @@ class RegistryActivities:
                 move_id=input.move_id,
                 workflow_id=workflow_id,
                 workflow_run_id=workflow_run_id,
+                detail="undone" + note,
             )
-        return AliasMoveResult(
-            alias=input.alias,
-            moved=True,
-            from_run_id=current,
-            to_run_id=back_to,
-            run_id=back_to,
-            history_id=history_id,
-            detail="undone" + note,
-        )
 
     @activity.defn(name="registry_settle_alias")
     async def settle_alias(self, input: SettleAliasInput) -> AliasMoveResult:
@@ -612,15 +603,7 @@ class RegistryActivities:
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             done = await find_move(conn, input.tenant_id, input.move_id)
             if done is not None:
-                return AliasMoveResult(
-                    alias=input.alias,
-                    moved=True,
-                    from_run_id=done.from_run_id,
-                    to_run_id=done.to_run_id,
-                    run_id=done.to_run_id,
-                    history_id=done.id,
-                    detail="settled by an earlier attempt",
-                )
+                return _made_before(input.alias, done, "settled by an earlier attempt")
             row = await _lock_alias(conn, input.tenant_id, input.alias)
             current = None if row is None else _str(row["run_id"])
             if current == input.target_run_id:
@@ -645,7 +628,7 @@ class RegistryActivities:
                 raise to_application_error(
                     NotFound(f"cannot settle {input.alias!r} on run {target}: no such run")
                 )
-            history_id = await _record_move(
+            return await _record_move(
                 conn,
                 tenant_id=input.tenant_id,
                 alias=input.alias,
@@ -656,16 +639,8 @@ class RegistryActivities:
                 move_id=input.move_id,
                 workflow_id=workflow_id,
                 workflow_run_id=workflow_run_id,
+                detail="settled",
             )
-        return AliasMoveResult(
-            alias=input.alias,
-            moved=True,
-            from_run_id=current,
-            to_run_id=target,
-            run_id=target,
-            history_id=history_id,
-            detail="settled",
-        )
 
     @activity.defn(name="registry_discard_runs")
     async def discard_runs(self, input: DiscardRunsInput) -> DiscardRunsResult:
