@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,34 +31,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack_bench import running_stack, write_results  # noqa: E402
 from konstruct.config import load_settings  # noqa: E402
-from konstruct.processes import free_port  # noqa: E402
-from konstruct.stack import Stack  # noqa: E402
 from konstruct.temporal_client import connect  # noqa: E402
 
+MODELS = ("sim-fast", "sim-quality", "sim-judge", "sim-arith", "sim-embed")
 RESULTS = ROOT / "bench" / "results" / "demo.json"
 SCENARIOS = ("demo_minimal", "showcase_rich")
 TARGET_S = {"demo_minimal": 15.0, "showcase_rich": 60.0}
-
-
-def write_stack_config(directory: Path) -> Path:
-    simulator = directory / "simulator.yaml"
-    simulator.write_text(
-        "models:\n"
-        + "".join(
-            f"  {m}: {{latency_ms: 0}}\n"
-            for m in ("sim-fast", "sim-quality", "sim-judge", "sim-arith", "sim-embed")
-        )
-    )
-    config = directory / "bench.yaml"
-    config.write_text(
-        f"state_dir: {directory / 'state'}\n"
-        f"temporal: {{port: {free_port()}, ui_port: {free_port()}}}\n"
-        f"postgres: {{port: {free_port()}}}\n"
-        f"simulator: {{port: {free_port()}, config: {simulator}}}\n"
-        f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"
-    )
-    return config
 
 
 def _seconds(timestamp: Any) -> float:
@@ -187,19 +165,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario (median)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="konstruct-bench-demo-") as tmp:
-        config = write_stack_config(Path(tmp))
-        stack = Stack(load_settings(config))
-        os.environ.setdefault(stack.settings.simulator.api_key_env, "sim-bench-" + uuid.uuid4().hex)
-        stack.start(say=lambda _line: None)
-        try:
-            result = asyncio.run(run_bench(config, args.runs))
-        finally:
-            stack.stop()
+    with running_stack("konstruct-bench-demo-", MODELS) as (config, stack):
+        result = asyncio.run(run_bench(config, args.runs))
     print_table(result)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    write_results(RESULTS, result)
 
 
 if __name__ == "__main__":

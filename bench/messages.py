@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,11 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stack_bench import running_stack, write_results  # noqa: E402
 from konstruct.config import load_settings  # noqa: E402
-from konstruct.processes import free_port  # noqa: E402
 from konstruct.stack import Stack  # noqa: E402
 from konstruct.temporal_client import connect  # noqa: E402
 
+MODELS = ("sim-fast", "sim-quality")
 RESULTS = ROOT / "bench" / "results" / "messages.json"
 
 
@@ -64,20 +63,6 @@ async def measure(
         "mean_ms": statistics.fmean(latencies),
         "per_second": len(latencies) / elapsed,
     }
-
-
-def write_stack_config(directory: Path) -> Path:
-    simulator = directory / "simulator.yaml"
-    simulator.write_text("models:\n  sim-fast: {latency_ms: 0}\n  sim-quality: {latency_ms: 0}\n")
-    config = directory / "bench.yaml"
-    config.write_text(
-        f"state_dir: {directory / 'state'}\n"
-        f"temporal: {{port: {free_port()}, ui_port: {free_port()}}}\n"
-        f"postgres: {{port: {free_port()}}}\n"
-        f"simulator: {{port: {free_port()}, config: {simulator}}}\n"
-        f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"
-    )
-    return config
 
 
 async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -> dict:
@@ -166,19 +151,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer messages per level")
     args = parser.parse_args()
     levels = [(1, 100), (8, 300), (32, 600)] if not args.quick else [(1, 20), (8, 40), (32, 64)]
-    with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
-        config = write_stack_config(Path(tmp))
-        stack = Stack(load_settings(config))
-        os.environ.setdefault(stack.settings.simulator.api_key_env, "sim-bench-" + uuid.uuid4().hex)
-        stack.start(say=lambda _line: None)
-        try:
-            result = asyncio.run(run_bench(config, levels, stack))
-        finally:
-            stack.stop()
+    with running_stack("konstruct-bench-", MODELS) as (config, stack):
+        result = asyncio.run(run_bench(config, levels, stack))
     print_table(result)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    write_results(RESULTS, result)
 
 
 if __name__ == "__main__":
