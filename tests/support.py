@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from konstruct.processes import free_port, kill_with_parent, stop_process, wait_for_port
+from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import dev_server_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +133,12 @@ class WorkerProcess(ManagedProcess):
     def start(self) -> None:
         super().start()
         self.wait_for_log("worker ready", 60)
+
+
+async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:
+    """Poll every 50 ms until the simulator is answering a call to `model`."""
+    for _ in range(polls):
+        if (await sim.model_stats(model)).get("in_flight", 0) >= 1:
+            return True
+        await asyncio.sleep(0.05)
+    return False

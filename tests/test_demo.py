@@ -43,7 +43,7 @@ from konstruct.models.registry import MoveAliasInput, NewRun
 from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import temporal_test_server
-from tests.support import ROOT, WorkerProcess
+from tests.support import ROOT, WorkerProcess, call_in_flight
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
@@ -493,11 +493,7 @@ async def test_killed_worker_mid_step_is_finished_by_another(
     await sim.set_profile("sim-embed", latency_ms=4000)
     first = worker_process("a")
     handle = await start(client, task_queue, demo_input(scenario="showcase_rich"))
-    for _ in range(600):
-        if (await sim.model_stats("sim-embed")).get("in_flight", 0) >= 1:
-            break
-        await asyncio.sleep(0.05)
-    else:
+    if not await call_in_flight(sim, "sim-embed", polls=600):
         pytest.fail("the embedding call never started")
     first.kill()
     await sim.set_profile("sim-embed", latency_ms=1)

@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 from konstruct.agents import put_agent
 from konstruct.models import AgentProfile, HandleMessageResult
 from konstruct.simulator_admin import SimulatorAdmin
-from tests.support import SIMULATOR_TEST_KEY, WorkerProcess
+from tests.support import SIMULATOR_TEST_KEY, WorkerProcess, call_in_flight
 from workflows.handle_message import HandleMessage
 
 
@@ -212,11 +212,7 @@ async def test_killed_worker_mid_message_is_finished_by_another(
     handle = await client.start_workflow(
         HandleMessage.run, body, id=f"msg-demo-{body['message_id']}", task_queue=task_queue
     )
-    for _ in range(200):
-        if (await sim.model_stats("sim-fast")).get("in_flight", 0) >= 1:
-            break
-        await asyncio.sleep(0.05)
-    else:
+    if not await call_in_flight(sim, "sim-fast", polls=200):
         pytest.fail("the provider call never started")
     first.kill()
     await sim.set_profile("sim-fast", latency_ms=5)
