@@ -479,36 +479,29 @@ class Experiment:
                 self._handles.pop(key, None)
 
     async def _stop_and_wait(self) -> None:
-        assert self._input is not None
-        inp = self._input
         self._set_status("stopping")
-        flagged: StopFlagResult = await workflow.execute_activity_method(
-            ExperimentActivities.set_stop_flag,
-            StopFlagInput(
-                tenant_id=inp.tenant_id,
-                experiment_id=inp.experiment_id,
-                stopped=True,
-                workflow_id=workflow.info().workflow_id,
-            ),
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY_POLICY,
-        )
+        flagged = await self._set_stop_flag(stopped=True)
         self._cancel_calls(flagged.waiting_activity_ids)
         await workflow.wait_condition(lambda: not self._in_flight)
         self._set_status("stopped")
         await workflow.wait_condition(lambda: not self._stop_requested)
-        await workflow.execute_activity_method(
+        await self._set_stop_flag(stopped=False)
+        self._set_status("running")
+
+    async def _set_stop_flag(self, stopped: bool) -> StopFlagResult:
+        assert self._input is not None
+        result: StopFlagResult = await workflow.execute_activity_method(
             ExperimentActivities.set_stop_flag,
             StopFlagInput(
-                tenant_id=inp.tenant_id,
-                experiment_id=inp.experiment_id,
-                stopped=False,
+                tenant_id=self._input.tenant_id,
+                experiment_id=self._input.experiment_id,
+                stopped=stopped,
                 workflow_id=workflow.info().workflow_id,
             ),
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY_POLICY,
         )
-        self._set_status("running")
+        return result
 
     # --- monitoring ----------------------------------------------------------------
 
