@@ -51,6 +51,7 @@ from konstruct.provider_store import (
     admit_call,
     aimd_config,
     breaker_config,
+    breaker_from_row,
     provider_queue,
     push_rate,
     record_outcome,
@@ -79,13 +80,7 @@ _BREAKER_COLUMNS = (
 def _breaker_seen(row: Any) -> BreakerState | None:
     if row["breaker_status"] is None:
         return None
-    return BreakerState(
-        status=row["breaker_status"],
-        consecutive_failures=row["consecutive_failures"],
-        opened_at=row["opened_at"],
-        probe_started_at=row["probe_started_at"],
-        trips=row["trips"],
-    )
+    return breaker_from_row(row, status_column="breaker_status")
 
 
 class _Spec:

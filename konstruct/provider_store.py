@@ -154,9 +154,10 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
         )
 
 
-def _breaker(row: asyncpg.Record) -> BreakerState:
+def breaker_from_row(row: Any, status_column: str = "status") -> BreakerState:
+    """A `provider_breakers` row (its status under another name when joined)."""
     return BreakerState(
-        status=row["status"],
+        status=row[status_column],
         consecutive_failures=row["consecutive_failures"],
         opened_at=row["opened_at"],
         probe_started_at=row["probe_started_at"],
@@ -202,7 +203,7 @@ async def admit_call(
         )
         if row is None:
             return Admission(allowed=True), BreakerState()
-        state = _breaker(row)
+        state = breaker_from_row(row)
         if state.status == "closed":
             return Admission(allowed=True), state
         async with conn.transaction():
@@ -212,7 +213,7 @@ async def admit_call(
                 task_queue,
                 provider,
             )
-            state = _breaker(row)
+            state = breaker_from_row(row)
             admission = admit(state, row["now"], config)
             if admission.probe:
                 claimed = claim_probe(state, row["now"])
@@ -336,7 +337,7 @@ async def record_outcome(
                     provider,
                 )
                 if row is not None:
-                    state = _breaker(row)
+                    state = breaker_from_row(row)
                     closed = record_success(state)
                     if closed != state:
                         await _write_breaker(conn, task_queue, provider, closed)
@@ -349,7 +350,7 @@ async def record_outcome(
                     provider,
                 )
                 if row is not None:
-                    state = _breaker(row)
+                    state = breaker_from_row(row)
                     failed = record_failure(state, row["now"], breaker)
                     tripped = failed.trips > state.trips
                     await _write_breaker(conn, task_queue, provider, failed)
