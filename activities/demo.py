@@ -25,7 +25,6 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import registry
 from activities.llm import provider_error
 from konstruct import forecasting
 from konstruct.db import tenant_transaction
@@ -80,6 +79,7 @@ from konstruct.models.demo import (
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
 from konstruct.router import RouterConfig
+from konstruct.store import registry
 from konstruct.validation import to_application_error
 
 T = TypeVar("T")

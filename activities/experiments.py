@@ -23,7 +23,6 @@ from konstruct.db import tenant_transaction
 from konstruct.errors import InvalidInput, KonstructError
 from konstruct.models.experiments import (
     EvalSpec,
-    EvalSummary,
     ExperimentSummary,
     FinalizeInput,
     LatencyStats,
@@ -43,24 +42,20 @@ from konstruct.models.experiments import (
     WaitingCallsInput,
     eval_name,
 )
-from konstruct.provider_store import (
+from konstruct.naming import registry_run_id
+from konstruct.router import Deployment, RouterConfig
+from konstruct.store.experiments import latency_stats, summarise, summary_metrics
+from konstruct.store.providers import (
     breaker_config,
     ensure_provider,
     provider_queue,
     provider_statuses,
     push_rate,
 )
-from konstruct.router import Deployment, RouterConfig
 from konstruct.validation import to_application_error
 
 _EVALS = TypeAdapter(list[EvalSpec])
 _INSERT_BATCH = 2000
-# Registry runs of experiments get a stable id: a restart records the same run.
-_REGISTRY_NAMESPACE = uuid.UUID("5b0c1f0e-6d1e-4c59-9a51-6b6f6e737472")
-
-
-def registry_run_id(tenant_id: str, experiment_id: str) -> str:
-    return str(uuid.uuid5(_REGISTRY_NAMESPACE, f"{tenant_id}/{experiment_id}"))
 
 
 async def _waiting_calls(workflow_id: str) -> list[str]:
@@ -325,7 +320,7 @@ class ExperimentActivities:
         latency = LatencyStats()
         if input.with_latency:
             async with tenant_transaction(self.pool, input.tenant_id) as conn:
-                latency = await _latency(conn, input.tenant_id, input.experiment_id)
+                latency = await latency_stats(conn, input.tenant_id, input.experiment_id)
         return MonitorResult(
             providers=[
                 ProviderProgress(
@@ -382,151 +377,3 @@ class ExperimentActivities:
                 uuid.UUID(run_id),
             )
         return summary
-
-
-async def _latency(conn: asyncpg.Connection, tenant_id: str, experiment_id: str) -> LatencyStats:
-    row = await conn.fetchrow(
-        "select percentile_cont(array[0.5, 0.95, 0.99]) within group (order by latency_ms) as p"
-        " from experiment_results where tenant_id = $1 and experiment_id = $2"
-        " and latency_ms is not null",
-        tenant_id,
-        experiment_id,
-    )
-    p = row["p"] if row and row["p"] else None
-    if not p:
-        return LatencyStats()
-    return LatencyStats(p50_ms=round(p[0], 1), p95_ms=round(p[1], 1), p99_ms=round(p[2], 1))
-
-
-async def summarise(
-    conn: asyncpg.Connection, tenant_id: str, experiment_id: str
-) -> ExperimentSummary:
-    """Per-eval mean and pass rate, latency percentiles, tokens and errors, from the rows."""
-    exp = await conn.fetchrow(
-        "select name, spec, status, total, throttled, call_failures,"
-        " extract(epoch from coalesce(completed_at, now()) - created_at) as duration"
-        " from experiments where tenant_id = $1 and experiment_id = $2",
-        tenant_id,
-        experiment_id,
-    )
-    evals = _EVALS.validate_python(json.loads(exp["spec"])["evals"])
-    counts = await conn.fetchrow(
-        "select count(*) filter (where status = 'ok') as completed,"
-        " count(*) filter (where status = 'failed') as failed,"
-        " coalesce(sum(prompt_tokens), 0) as prompt_tokens,"
-        " coalesce(sum(completion_tokens), 0) as completion_tokens"
-        " from experiment_results where tenant_id = $1 and experiment_id = $2",
-        tenant_id,
-        experiment_id,
-    )
-    summaries = []
-    for spec in evals:
-        name = eval_name(spec)
-        row = await conn.fetchrow(
-            "select count(*) filter (where scores->$3->>'score' is not null) as scored,"
-            " avg((scores->$3->>'score')::float8) as mean,"
-            " avg(case when (scores->$3->>'passed')::boolean then 1.0 else 0.0 end)"
-            " filter (where scores ? $3) as pass_rate"
-            " from experiment_results where tenant_id = $1 and experiment_id = $2"
-            " and status = 'ok'",
-            tenant_id,
-            experiment_id,
-            name,
-        )
-        summaries.append(
-            EvalSummary(
-                name=name,
-                kind=spec.kind,
-                scored=row["scored"],
-                mean=None if row["mean"] is None else round(float(row["mean"]), 4),
-                pass_rate=None if row["pass_rate"] is None else round(float(row["pass_rate"]), 4),
-            )
-        )
-    errors = await conn.fetch(
-        "select coalesce(error_kind, 'unknown') as kind, count(*) as n from experiment_results"
-        " where tenant_id = $1 and experiment_id = $2 and status = 'failed' group by 1",
-        tenant_id,
-        experiment_id,
-    )
-    by_kind = {r["kind"]: r["n"] for r in errors}
-    calls = counts["completed"] + exp["throttled"] + exp["call_failures"]
-    if exp["throttled"]:
-        by_kind["RateLimited (retried)"] = exp["throttled"]
-    if exp["call_failures"]:
-        by_kind["provider failures (retried)"] = exp["call_failures"]
-    return ExperimentSummary(
-        experiment_id=experiment_id,
-        tenant_id=tenant_id,
-        name=exp["name"],
-        status=exp["status"],
-        total=exp["total"],
-        completed=counts["completed"],
-        failed=counts["failed"],
-        evals=summaries,
-        latency=await _latency(conn, tenant_id, experiment_id),
-        prompt_tokens=counts["prompt_tokens"],
-        completion_tokens=counts["completion_tokens"],
-        errors_by_kind=by_kind,
-        providers={
-            "calls": {
-                "throttled": float(exp["throttled"]),
-                "failures": float(exp["call_failures"]),
-                "throttled_share": round(exp["throttled"] / calls, 4) if calls else 0.0,
-            }
-        },
-        duration_s=round(float(exp["duration"]), 2),
-    )
-
-
-def summary_metrics(summary: ExperimentSummary) -> dict[str, float]:
-    """Flat metrics for the registry run, comparable across experiments."""
-    metrics: dict[str, float] = {
-        "items": float(summary.total),
-        "completed": float(summary.completed),
-        "failed": float(summary.failed),
-        "prompt_tokens": float(summary.prompt_tokens),
-        "completion_tokens": float(summary.completion_tokens),
-    }
-    for e in summary.evals:
-        if e.mean is not None:
-            metrics[f"{e.name}.mean"] = e.mean
-        if e.pass_rate is not None:
-            metrics[f"{e.name}.pass_rate"] = e.pass_rate
-    for key in ("p50_ms", "p95_ms", "p99_ms"):
-        value = getattr(summary.latency, key)
-        if value is not None:
-            metrics[f"latency_{key}"] = value
-    calls = summary.providers.get("calls", {})
-    metrics["throttled"] = calls.get("throttled", 0.0)
-    metrics["throttled_share"] = calls.get("throttled_share", 0.0)
-    if summary.duration_s is not None:
-        metrics["duration_s"] = summary.duration_s
-    return metrics
-
-
-def experiment_rows_query() -> str:
-    return (
-        "select i.seq, i.item_id, i.input, i.expected, r.status, r.output, r.scores,"
-        " r.latency_ms, r.model, r.provider, r.prompt_tokens, r.completion_tokens,"
-        " r.error_kind, r.error from experiment_items i left join experiment_results r"
-        " using (tenant_id, experiment_id, item_id)"
-        " where i.tenant_id = $1 and i.experiment_id = $2 order by i.seq"
-    )
-
-
-def row_json(row: Any) -> dict[str, Any]:
-    return {
-        "item_id": row["item_id"],
-        "status": row["status"] or "pending",
-        "input": row["input"],
-        "expected": None if row["expected"] is None else json.loads(row["expected"]),
-        "output": row["output"],
-        "scores": json.loads(row["scores"]) if row["scores"] else {},
-        "latency_ms": row["latency_ms"],
-        "model": row["model"],
-        "provider": row["provider"],
-        "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["completion_tokens"],
-        "error_kind": row["error_kind"],
-        "error": row["error"],
-    }

@@ -46,7 +46,8 @@ from konstruct.models.experiments import (
     eval_name,
 )
 from konstruct.provider_control import Admission, BreakerState
-from konstruct.provider_store import (
+from konstruct.router import Deployment, RouterConfig
+from konstruct.store.providers import (
     Outcome,
     admit_call,
     aimd_config,
@@ -56,7 +57,6 @@ from konstruct.provider_store import (
     push_rate,
     record_outcome,
 )
-from konstruct.router import Deployment, RouterConfig
 
 _tracer = trace.get_tracer("konstruct.experiments")
 _meter = metrics.get_meter("konstruct.experiments")

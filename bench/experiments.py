@@ -162,7 +162,7 @@ class Bench:
 
     async def fresh(self, ceiling: float | None = None) -> None:
         """Reset the simulator's counters and the learned rate, so runs do not share state."""
-        from konstruct.provider_store import provider_queue, push_rate, reset_provider
+        from konstruct.store.providers import provider_queue, push_rate, reset_provider
 
         await self.sim.set_profile(
             MODEL, latency_ms=self.latency_ms, rate_limit_rps=ceiling or self.ceiling

@@ -1,10 +1,32 @@
-"""One exception hierarchy. Every error says what was wrong and what to do."""
+"""One exception tree. Every error says what was wrong and what to do.
+
+    KonstructError                 base; `retryable` and `error_type` are class properties
+    ├── InvalidInput               a workflow, activity, CLI or HTTP input that does not validate
+    ├── NotFound                   a tenant, agent, experiment, run or file that does not exist
+    │   ├── UnknownTenant
+    │   ├── UnknownAgent
+    │   └── ArtifactMissing
+    ├── ConfigError                a configuration value that is missing or wrong
+    ├── StackError                 the local stack cannot start or stop
+    ├── ArtifactIntegrityError     stored bytes no longer match their sha256 (also a ValueError)
+    ├── ForecastingError           the forecasting domain refused its input (also a ValueError)
+    ├── InjectedFailure            a failure the demo was asked to inject (`fail_at`)
+    ├── InvariantViolated          a registry invariant does not hold
+    └── PrecheckFailed             the demo's environment is not ready
+
+An activity raises these; the worker's interceptor (`konstruct.interceptors`)
+turns each into an `ApplicationError` whose `type` is `error_type` and whose
+`non_retryable` is `not retryable`, so a workflow's retry policy needs no list
+of type names. Workflows and the CLI read a failure back through
+`innermost_application_error`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from pydantic import ValidationError
+from temporalio.exceptions import ApplicationError
 
 
 class KonstructError(Exception):
@@ -12,7 +34,18 @@ class KonstructError(Exception):
 
     # The ApplicationError type a workflow failure carries for this error.
     error_type = "KonstructError"
+    # Whether Temporal may retry the activity that raised it.
     retryable = False
+
+
+def field_problems(error: ValidationError, root: str = "(input)") -> list[tuple[str, str]]:
+    """(dotted field, problem) for each error of a pydantic ValidationError."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or root
+        text = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.append((field, text))
+    return problems
 
 
 class InvalidInput(KonstructError):
@@ -26,16 +59,11 @@ class InvalidInput(KonstructError):
 
     @classmethod
     def from_validation_error(cls, what: str, error: ValidationError) -> InvalidInput:
-        problems = []
-        fields = []
-        for item in error.errors():
-            field = ".".join(str(part) for part in item["loc"]) or "(input)"
-            fields.append(field)
-            if item["type"] == "extra_forbidden":
-                problems.append(f"{field}: unknown field")
-            else:
-                problems.append(f"{field}: {item['msg']}")
-        return cls(f"invalid {what} input: " + "; ".join(problems), fields)
+        problems = field_problems(error)
+        return cls(
+            f"invalid {what} input: " + "; ".join(f"{field}: {text}" for field, text in problems),
+            [field for field, _ in problems],
+        )
 
 
 class NotFound(KonstructError):
@@ -52,6 +80,12 @@ class UnknownAgent(NotFound):
     error_type = "UnknownAgent"
 
 
+class ArtifactMissing(NotFound):
+    """An artifact the registry or a demo step expects is not stored."""
+
+    error_type = "ArtifactMissing"
+
+
 class ConfigError(KonstructError):
     """A configuration value that is missing or wrong; names the key."""
 
@@ -62,3 +96,48 @@ class StackError(KonstructError):
     """The local stack cannot start or stop (port in use, already running...)."""
 
     error_type = "StackError"
+
+
+class ArtifactIntegrityError(KonstructError, ValueError):
+    """An artifact whose bytes no longer match the sha256 recorded for them."""
+
+    error_type = "ArtifactIntegrityError"
+
+
+class ForecastingError(KonstructError, ValueError):
+    """The forecasting domain refused its input (unknown model, bad URI...)."""
+
+    error_type = "ForecastingError"
+
+
+class InjectedFailure(KonstructError):
+    """A failure injected on purpose at a demo step (`fail_at`)."""
+
+    error_type = "InjectedFailure"
+
+
+class InvariantViolated(KonstructError):
+    error_type = "InvariantViolated"
+
+
+class PrecheckFailed(KonstructError):
+    error_type = "PrecheckFailed"
+
+
+def to_application_error(error: KonstructError) -> ApplicationError:
+    """The one mapping from our errors to what Temporal records and retries (or not)."""
+    details = [error.fields] if isinstance(error, InvalidInput) else []
+    return ApplicationError(
+        str(error), *details, type=error.error_type, non_retryable=not error.retryable
+    )
+
+
+def innermost_application_error(error: BaseException | None) -> ApplicationError | None:
+    """The deepest ApplicationError in a failure's cause chain (the one an activity raised)."""
+    found = None
+    cause = error
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            found = cause
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return found

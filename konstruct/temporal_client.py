@@ -1,12 +1,11 @@
-"""One way to connect to Temporal: pydantic converter and tracing interceptor, always."""
+"""One way to connect to Temporal: always with `KonstructPlugin` (converter, interceptors)."""
 
 from __future__ import annotations
 
 from temporalio.client import Client, TLSConfig
-from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from konstruct.config import TemporalSettings
+from konstruct.plugin import KonstructPlugin
 
 
 def _tls(settings: TemporalSettings) -> TLSConfig | bool:
@@ -25,6 +24,5 @@ async def connect(settings: TemporalSettings) -> Client:
         namespace=settings.namespace,
         api_key=settings.api_key,
         tls=_tls(settings),
-        data_converter=pydantic_data_converter,
-        interceptors=[TracingInterceptor()],
+        plugins=[KonstructPlugin()],
     )

@@ -5,18 +5,10 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from temporalio.exceptions import ApplicationError
 
-from konstruct.errors import InvalidInput, KonstructError
+from konstruct.errors import InvalidInput, to_application_error
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def to_application_error(error: KonstructError) -> ApplicationError:
-    details = [error.fields] if isinstance(error, InvalidInput) else []
-    return ApplicationError(
-        str(error), *details, type=error.error_type, non_retryable=not error.retryable
-    )
 
 
 def parse_input(model: type[ModelT], raw: Any, what: str) -> ModelT:

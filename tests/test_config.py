@@ -61,7 +61,7 @@ def test_every_rate_constant_is_a_setting_with_the_same_default() -> None:
     import dataclasses
 
     from konstruct.provider_control import AimdConfig
-    from konstruct.provider_store import aimd_config
+    from konstruct.store.providers import aimd_config
 
     assert aimd_config(ExperimentSettings()) == AimdConfig()
     changed = ExperimentSettings(min_offered=0.5, ceiling_rise=2.0)

@@ -29,7 +29,6 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 
-from activities import registry
 from konstruct.config import Settings
 from konstruct.db import tenant_transaction
 from konstruct.models.demo import (
@@ -43,6 +42,7 @@ from konstruct.models.registry import MoveAliasInput, NewRun
 from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import temporal_test_server
+from konstruct.store import registry
 from tests.support import ROOT, WorkerProcess, call_in_flight
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade

@@ -20,8 +20,8 @@ from temporalio.exceptions import ApplicationError
 
 from konstruct.cli import main as cli_main
 from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
-from konstruct.provider_store import ensure_provider, provider_queue, push_rate
 from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.store.providers import ensure_provider, provider_queue, push_rate
 from tests.support import WorkerProcess
 from workflows.experiment import Experiment
 

@@ -13,9 +13,9 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from konstruct.agents import put_agent
 from konstruct.models import AgentProfile, HandleMessageResult
 from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.store.agents import put_agent
 from tests.support import SIMULATOR_TEST_KEY, WorkerProcess, call_in_flight
 from workflows.handle_message import HandleMessage
 

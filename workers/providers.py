@@ -23,8 +23,8 @@ from temporalio.worker import Worker
 
 from activities.provider_calls import ProviderCallActivities
 from konstruct.config import Settings
-from konstruct.provider_store import current_rates, provider_queue, push_rate
 from konstruct.router import RouterConfig
+from konstruct.store.providers import current_rates, provider_queue, push_rate
 
 log = logging.getLogger("konstruct.worker.providers")
 _meter = metrics.get_meter("konstruct.experiments")

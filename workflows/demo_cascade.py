@@ -34,7 +34,6 @@ from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_e
 
 with workflow.unsafe.imports_passed_through():
     from activities.demo import DemoActivities
-    from activities.experiments import registry_run_id
     from activities.llm import LlmActivities
     from activities.registry import RegistryActivities
     from konstruct.models.demo import (
@@ -105,6 +104,7 @@ with workflow.unsafe.imports_passed_through():
         SettleAliasInput,
         UndoAliasMoveInput,
     )
+    from konstruct.naming import registry_run_id
     from konstruct.search_attributes import KIND, STATUS, TENANT
     from konstruct.validation import parse_input
     from workflows.batch_sweep import BatchSweep

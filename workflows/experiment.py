@@ -52,8 +52,8 @@ with workflow.unsafe.imports_passed_through():
         WaitingCalls,
         WaitingCallsInput,
     )
-    from konstruct.provider_store import provider_queue
     from konstruct.search_attributes import KIND, STATUS, TENANT
+    from konstruct.store.providers import provider_queue
     from konstruct.validation import parse_input
 
 

@@ -7,10 +7,10 @@ import argparse
 from pydantic import ValidationError
 
 from konstruct import db
-from konstruct.agents import list_agents, put_agent
 from konstruct.cli.common import print_json, run_async, settings_of
 from konstruct.errors import InvalidInput
 from konstruct.models import AgentProfile
+from konstruct.store.agents import list_agents, put_agent
 
 DEFAULT_FALLBACK = "Sorry, I cannot answer right now. Please try again in a few minutes."
 

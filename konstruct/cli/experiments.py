@@ -14,11 +14,9 @@ from pydantic import ValidationError
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
-from activities.experiments import experiment_rows_query, row_json
 from konstruct import db
 from konstruct.cli.common import client_of, failure_message, print_json, run_async, settings_of
 from konstruct.config import Settings
-from konstruct.db import tenant_transaction
 from konstruct.errors import InvalidInput, NotFound
 from konstruct.models.experiments import (
     ExperimentInput,
@@ -26,6 +24,7 @@ from konstruct.models.experiments import (
     ExperimentProgress,
     ToggleInput,
 )
+from konstruct.store.experiments import experiment_detail, find_workflow_id, list_experiments
 from workflows.experiment import Experiment
 
 
@@ -111,15 +110,10 @@ async def _workflow_id(settings: Settings, tenant: str, experiment: str) -> str:
     """The experiment's workflow id: recorded in PostgreSQL; else the id itself."""
     pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=1)
     try:
-        async with tenant_transaction(pool, tenant) as conn:
-            found = await conn.fetchval(
-                "select workflow_id from experiments where tenant_id = $1 and experiment_id = $2",
-                tenant,
-                experiment,
-            )
+        found = await find_workflow_id(pool, tenant, experiment)
     finally:
         await pool.close()
-    return str(found or experiment)
+    return found or experiment
 
 
 async def _progress(client: Client, workflow_id: str) -> ExperimentProgress:
@@ -222,32 +216,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     async def show() -> dict[str, Any]:
         pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=1)
         try:
-            async with tenant_transaction(pool, args.tenant) as conn:
-                exp = await conn.fetchrow(
-                    "select * from experiments where tenant_id = $1 and experiment_id = $2",
-                    args.tenant,
-                    args.experiment,
-                )
-                if exp is None:
-                    raise NotFound(
-                        f"experiment {args.experiment!r} of tenant {args.tenant!r} does not exist;"
-                        " see `konstruct experiments list`"
-                    )
-                rows = await conn.fetch(experiment_rows_query(), args.tenant, args.experiment)
+            return await experiment_detail(pool, args.tenant, args.experiment)
         finally:
             await pool.close()
-        return {
-            "experiment_id": exp["experiment_id"],
-            "tenant_id": exp["tenant_id"],
-            "name": exp["name"],
-            "status": exp["status"],
-            "workflow_id": exp["workflow_id"],
-            "total": exp["total"],
-            "spec": json.loads(exp["spec"]),
-            "summary": json.loads(exp["summary"]) if exp["summary"] else None,
-            "registry_run_id": str(exp["registry_run_id"]) if exp["registry_run_id"] else None,
-            "items": [row_json(r) for r in rows],
-        }
 
     data = run_async(show())
     if args.json:
@@ -269,18 +240,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     async def ls() -> list[dict[str, Any]]:
         pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=1)
         try:
-            async with tenant_transaction(pool, args.tenant) as conn:
-                rows = await conn.fetch(
-                    "select e.experiment_id, e.name, e.status, e.total, e.created_at,"
-                    " e.workflow_id, (select count(*) from experiment_results r"
-                    " where r.tenant_id = e.tenant_id and r.experiment_id = e.experiment_id)"
-                    " as results from experiments e where e.tenant_id = $1"
-                    " order by e.created_at desc",
-                    args.tenant,
-                )
+            return await list_experiments(pool, args.tenant)
         finally:
             await pool.close()
-        return [dict(r) for r in rows]
 
     rows = run_async(ls())
     if args.json:

@@ -8,9 +8,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from activities.registry import alias_history, list_aliases, list_runs
 from konstruct import db
 from konstruct.cli.common import print_json, run_async, settings_of
+from konstruct.store.registry import alias_history, list_aliases, list_runs
 
 T = TypeVar("T")
 

@@ -1,0 +1,23 @@
+"""Konstruct's Temporal wiring, defined once: converter and interceptors.
+
+Every client (worker, CLI, benches, tests) connects with `KonstructPlugin`,
+and every worker or replayer built from such a client gets the same
+converter and interceptors, so none of them wires these by hand.
+"""
+
+from __future__ import annotations
+
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.plugin import SimplePlugin
+
+from konstruct.interceptors import KonstructErrorInterceptor
+
+
+class KonstructPlugin(SimplePlugin):
+    def __init__(self) -> None:
+        super().__init__(
+            "konstruct",
+            data_converter=pydantic_data_converter,
+            interceptors=[TracingInterceptor(), KonstructErrorInterceptor()],
+        )

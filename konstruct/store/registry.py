@@ -1,0 +1,477 @@
+"""The model registry's SQL: runs, aliases and their history, and the artifact store.
+
+Alias moves are serialised by a row lock on the alias (`select ... for update`),
+so two workflows moving the same alias queue up instead of interleaving. Every
+move writes a history row naming the workflow run that made it and the
+`move_id` its caller chose beforehand: a retried activity finds its move
+already made, and an undo can name exactly the move it reverses.
+
+Artifacts are content-hashed: the sha256 is stored next to the bytes and
+checked again on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import asyncpg
+
+from konstruct.db import tenant_transaction
+from konstruct.errors import ArtifactIntegrityError, ArtifactMissing, NotFound
+from konstruct.models.registry import (
+    AliasMove,
+    AliasMoveResult,
+    AliasState,
+    MoveAliasInput,
+    NewRun,
+    RegistryAlias,
+    RegistryRun,
+)
+
+# A move waits this long for another workflow's move of the same alias; beyond
+# it the attempt fails (retryably) instead of piling up connections.
+ALIAS_LOCK_TIMEOUT_MS = 3000
+# Taken by every transaction that writes runs or deletes demo rows, so a demo
+# reset never deletes an artifact another run is registering at that moment.
+_REGISTRY_WRITE_LOCK = "konstruct-registry-write:"
+# Sessions still `running` after this long are treated as abandoned by `reset`.
+STALE_DEMO_SESSION_HOURS = 24
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+async def lock_registry_writes(conn: asyncpg.Connection, tenant_id: str) -> None:
+    await conn.execute(
+        "select pg_advisory_xact_lock(hashtext($1))", _REGISTRY_WRITE_LOCK + tenant_id
+    )
+
+
+# --- artifact store ---------------------------------------------------------
+
+
+async def store_artifact(conn: asyncpg.Connection, tenant_id: str, uri: str, data: bytes) -> str:
+    """Write (or overwrite) the artifact at `uri`; returns its sha256."""
+    digest = sha256_hex(data)
+    await conn.execute(
+        "insert into registry_artifacts (tenant_id, uri, sha256, data) values ($1, $2, $3, $4)"
+        " on conflict (tenant_id, uri) do update"
+        " set sha256 = excluded.sha256, data = excluded.data, created_at = now()",
+        tenant_id,
+        uri,
+        digest,
+        data,
+    )
+    return digest
+
+
+async def load_artifact(
+    conn: asyncpg.Connection, tenant_id: str, uri: str, expected_sha256: str | None = None
+) -> bytes:
+    """The artifact's bytes, after checking them against the stored (and expected) hash."""
+    row = await conn.fetchrow(
+        "select sha256, data from registry_artifacts where tenant_id = $1 and uri = $2",
+        tenant_id,
+        uri,
+    )
+    if row is None:
+        raise ArtifactMissing(
+            f"artifact {uri!r} is not in the artifact store of tenant {tenant_id!r}; "
+            "register the run again to rewrite it"
+        )
+    data = bytes(row["data"])
+    actual = sha256_hex(data)
+    for label, wanted in (("stored", row["sha256"]), ("registered", expected_sha256)):
+        if wanted is not None and actual != wanted:
+            raise ArtifactIntegrityError(
+                f"artifact {uri!r} has sha256 {actual[:12]}… but its {label} hash is "
+                f"{wanted[:12]}…: the bytes were changed after they were written; "
+                "retrain and register the model again"
+            )
+    return data
+
+
+async def delete_artifacts(conn: asyncpg.Connection, tenant_id: str, prefix: str) -> int:
+    result = await conn.execute(
+        "delete from registry_artifacts where tenant_id = $1 and starts_with(uri, $2)",
+        tenant_id,
+        prefix,
+    )
+    return int(result.split()[-1])
+
+
+# --- runs ---------------------------------------------------------------------
+
+
+def _run(row: asyncpg.Record) -> RegistryRun:
+    return RegistryRun(
+        run_id=str(row["run_id"]),
+        tenant_id=row["tenant_id"],
+        kind=row["kind"],
+        name=row["name"],
+        owner=row["owner"],
+        status=row["status"],
+        params=json.loads(row["params"]),
+        metrics=json.loads(row["metrics"]),
+        artifact_uri=row["artifact_uri"],
+        artifact_sha256=row["artifact_sha256"],
+        artifact_size=row["artifact_size"],
+        workflow_id=row["workflow_id"],
+        workflow_run_id=row["workflow_run_id"],
+        created_at=row["created_at"],
+    )
+
+
+async def insert_runs(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    runs: list[NewRun],
+    workflow_id: str | None,
+    workflow_run_id: str | None,
+) -> list[RegistryRun]:
+    """Insert each run once (by its id); a run's artifact must be stored, hash matching."""
+    await lock_registry_writes(conn, tenant_id)
+    for run in runs:
+        if run.artifact_uri is not None:
+            data = await load_artifact(conn, tenant_id, run.artifact_uri, run.artifact_sha256)
+            if run.artifact_size is not None and run.artifact_size != len(data):
+                raise ArtifactIntegrityError(
+                    f"artifact {run.artifact_uri!r} has {len(data)} bytes, "
+                    f"not the {run.artifact_size} registered for run {run.name!r}"
+                )
+        await conn.execute(
+            "insert into registry_runs (run_id, tenant_id, kind, name, owner, params, metrics,"
+            " artifact_uri, artifact_sha256, artifact_size, workflow_id, workflow_run_id)"
+            " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            " on conflict (run_id) do nothing",
+            uuid.UUID(run.run_id),
+            tenant_id,
+            run.kind,
+            run.name,
+            run.owner,
+            json.dumps(run.params),
+            json.dumps(run.metrics),
+            run.artifact_uri,
+            run.artifact_sha256,
+            run.artifact_size,
+            workflow_id,
+            workflow_run_id,
+        )
+    rows = await conn.fetch(
+        "select * from registry_runs where tenant_id = $1 and run_id = any($2::uuid[])",
+        tenant_id,
+        [uuid.UUID(r.run_id) for r in runs],
+    )
+    by_id = {str(r["run_id"]): _run(r) for r in rows}
+    return [by_id[r.run_id] for r in runs]
+
+
+async def get_run(conn: asyncpg.Connection, tenant_id: str, run_id: str) -> RegistryRun:
+    row = await conn.fetchrow(
+        "select * from registry_runs where tenant_id = $1 and run_id = $2",
+        tenant_id,
+        uuid.UUID(run_id),
+    )
+    if row is None:
+        raise NotFound(f"registry run {run_id} does not exist in tenant {tenant_id!r}")
+    return _run(row)
+
+
+async def list_runs(pool: asyncpg.Pool, tenant_id: str, limit: int = 200) -> list[RegistryRun]:
+    async with tenant_transaction(pool, tenant_id) as conn:
+        rows = await conn.fetch(
+            "select * from registry_runs where tenant_id = $1 order by created_at desc limit $2",
+            tenant_id,
+            limit,
+        )
+    return [_run(r) for r in rows]
+
+
+async def list_aliases(pool: asyncpg.Pool, tenant_id: str) -> list[RegistryAlias]:
+    async with tenant_transaction(pool, tenant_id) as conn:
+        rows = await conn.fetch(
+            "select a.*, r.name as run_name, r.owner as run_owner from registry_aliases a"
+            " left join registry_runs r on r.run_id = a.run_id"
+            " where a.tenant_id = $1 order by a.alias",
+            tenant_id,
+        )
+    return [
+        RegistryAlias(
+            tenant_id=r["tenant_id"],
+            alias=r["alias"],
+            run_id=_str(r["run_id"]),
+            version=r["version"],
+            updated_at=r["updated_at"],
+            run_name=r["run_name"],
+            run_owner=r["run_owner"],
+        )
+        for r in rows
+    ]
+
+
+def _move(row: asyncpg.Record) -> AliasMove:
+    return AliasMove(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        alias=row["alias"],
+        from_run_id=_str(row["from_run_id"]),
+        to_run_id=_str(row["to_run_id"]),
+        reason=row["reason"],
+        move_id=row["move_id"],
+        workflow_id=row["workflow_id"],
+        workflow_run_id=row["workflow_run_id"],
+        moved_at=row["moved_at"],
+    )
+
+
+async def alias_history(
+    pool: asyncpg.Pool, tenant_id: str, alias: str, limit: int = 500
+) -> list[AliasMove]:
+    async with tenant_transaction(pool, tenant_id) as conn:
+        rows = await conn.fetch(
+            "select * from registry_alias_history where tenant_id = $1 and alias = $2"
+            " order by id desc limit $3",
+            tenant_id,
+            alias,
+            limit,
+        )
+    return [_move(r) for r in reversed(rows)]
+
+
+async def delete_demo_rows(
+    conn: asyncpg.Connection, tenant_id: str, live_workflow_run_ids: list[str]
+) -> dict[str, int]:
+    """Delete demo-owned runs and artifacts of demo runs that are over.
+
+    Never a user's run, never a run an alias points at (so an alias is never
+    emptied by a reset), never the rows of a demo run still going
+    (`live_workflow_run_ids`).
+    """
+    await lock_registry_writes(conn, tenant_id)
+    deleted_runs = await conn.fetch(
+        "delete from registry_runs r where r.tenant_id = $1 and r.owner = 'demo'"
+        " and not (coalesce(r.params->>'demo_workflow_run_id', r.workflow_run_id, '')"
+        "          = any($2::text[]))"
+        " and not exists (select 1 from registry_aliases a"
+        "                 where a.tenant_id = r.tenant_id and a.run_id = r.run_id)"
+        " returning r.run_id",
+        tenant_id,
+        live_workflow_run_ids,
+    )
+    # Model artifacts are content-addressed and may be shared by several runs:
+    # delete one only when no run refers to it any more.
+    model_artifacts = await conn.execute(
+        "delete from registry_artifacts a where a.tenant_id = $1 and starts_with(a.uri, 'demo/')"
+        " and not starts_with(a.uri, 'demo/sessions/')"
+        " and not exists (select 1 from registry_runs r"
+        "                 where r.tenant_id = a.tenant_id and r.artifact_uri = a.uri)",
+        tenant_id,
+    )
+    session_artifacts = await conn.execute(
+        "delete from registry_artifacts a where a.tenant_id = $1"
+        " and starts_with(a.uri, 'demo/sessions/')"
+        " and not (split_part(a.uri, '/', 3) = any($2::text[]))",
+        tenant_id,
+        live_workflow_run_ids,
+    )
+    return {
+        "runs": len(deleted_runs),
+        "model_artifacts": int(model_artifacts.split()[-1]),
+        "session_artifacts": int(session_artifacts.split()[-1]),
+    }
+
+
+async def adopt_demo_run(
+    conn: asyncpg.Connection, tenant_id: str, run_id: str, demo_workflow_run_id: str
+) -> bool:
+    """Hand a run another workflow registered (an Experiment child's) to the demo run.
+
+    It becomes demo-owned, so a later demo reset deletes it like the demo's own.
+    """
+    result = await conn.execute(
+        "update registry_runs set owner = 'demo',"
+        " params = params || jsonb_build_object('demo_workflow_run_id', $3::text)"
+        " where tenant_id = $1 and run_id = $2",
+        tenant_id,
+        uuid.UUID(run_id),
+        demo_workflow_run_id,
+    )
+    return result.endswith(" 1")
+
+
+# --- aliases --------------------------------------------------------------------
+
+
+async def find_move(conn: asyncpg.Connection, tenant_id: str, move_id: str) -> AliasMove | None:
+    row = await conn.fetchrow(
+        "select * from registry_alias_history where tenant_id = $1 and move_id = $2",
+        tenant_id,
+        move_id,
+    )
+    return None if row is None else _move(row)
+
+
+async def _lock_alias(
+    conn: asyncpg.Connection, tenant_id: str, alias: str
+) -> asyncpg.Record | None:
+    """The alias row, locked until the transaction ends; None if the alias does not exist."""
+    await conn.execute(f"set local lock_timeout = {ALIAS_LOCK_TIMEOUT_MS}")
+    return await conn.fetchrow(
+        "select run_id, version from registry_aliases where tenant_id = $1 and alias = $2"
+        " for update",
+        tenant_id,
+        alias,
+    )
+
+
+async def _run_exists(conn: asyncpg.Connection, tenant_id: str, run_id: str | None) -> bool:
+    if run_id is None:
+        return True
+    return bool(
+        await conn.fetchval(
+            "select 1 from registry_runs where tenant_id = $1 and run_id = $2",
+            tenant_id,
+            uuid.UUID(run_id),
+        )
+    )
+
+
+async def _latest_move(conn: asyncpg.Connection, tenant_id: str, alias: str) -> AliasMove | None:
+    row = await conn.fetchrow(
+        "select * from registry_alias_history where tenant_id = $1 and alias = $2"
+        " order by id desc limit 1",
+        tenant_id,
+        alias,
+    )
+    return None if row is None else _move(row)
+
+
+async def _record_move(
+    conn: asyncpg.Connection,
+    *,
+    tenant_id: str,
+    alias: str,
+    exists: bool,
+    from_run_id: str | None,
+    to_run_id: str | None,
+    reason: str,
+    move_id: str,
+    workflow_id: str | None,
+    workflow_run_id: str | None,
+    detail: str = "",
+) -> AliasMoveResult:
+    """Point the alias at `to_run_id` and append the move to its history."""
+    to_uuid = None if to_run_id is None else uuid.UUID(to_run_id)
+    if exists:
+        await conn.execute(
+            "update registry_aliases set run_id = $3, version = version + 1, updated_at = now()"
+            " where tenant_id = $1 and alias = $2",
+            tenant_id,
+            alias,
+            to_uuid,
+        )
+    else:
+        await conn.execute(
+            "insert into registry_aliases (tenant_id, alias, run_id) values ($1, $2, $3)",
+            tenant_id,
+            alias,
+            to_uuid,
+        )
+    history_id: int = await conn.fetchval(
+        "insert into registry_alias_history (tenant_id, alias, from_run_id, to_run_id, reason,"
+        " move_id, workflow_id, workflow_run_id) values ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " returning id",
+        tenant_id,
+        alias,
+        None if from_run_id is None else uuid.UUID(from_run_id),
+        to_uuid,
+        reason,
+        move_id,
+        workflow_id,
+        workflow_run_id,
+    )
+    return AliasMoveResult(
+        alias=alias,
+        moved=True,
+        from_run_id=from_run_id,
+        to_run_id=to_run_id,
+        run_id=to_run_id,
+        history_id=history_id,
+        detail=detail,
+    )
+
+
+def _made_before(alias: str, done: AliasMove, detail: str) -> AliasMoveResult:
+    """The result of a move an earlier attempt already made (found by its move id)."""
+    return AliasMoveResult(
+        alias=alias,
+        moved=True,
+        from_run_id=done.from_run_id,
+        to_run_id=done.to_run_id,
+        run_id=done.to_run_id,
+        history_id=done.id,
+        detail=detail,
+    )
+
+
+async def alias_state(conn: asyncpg.Connection, tenant_id: str, alias: str) -> AliasState:
+    row = await conn.fetchrow(
+        "select run_id, version from registry_aliases where tenant_id = $1 and alias = $2",
+        tenant_id,
+        alias,
+    )
+    mark = await conn.fetchval(
+        "select coalesce(max(id), 0) from registry_alias_history"
+        " where tenant_id = $1 and alias = $2",
+        tenant_id,
+        alias,
+    )
+    return AliasState(
+        alias=alias,
+        run_id=None if row is None else _str(row["run_id"]),
+        version=0 if row is None else row["version"],
+        history_mark=mark,
+    )
+
+
+async def move_alias(
+    conn: asyncpg.Connection,
+    input: MoveAliasInput,
+    workflow_id: str | None = None,
+    workflow_run_id: str | None = None,
+) -> AliasMoveResult:
+    """Point the alias at `to_run_id` (a no-op when it is there already)."""
+    done = await find_move(conn, input.tenant_id, input.move_id)
+    if done is not None:
+        return _made_before(input.alias, done, "move already made by an earlier attempt")
+    if not await _run_exists(conn, input.tenant_id, input.to_run_id):
+        raise NotFound(
+            f"cannot point alias {input.alias!r} at run {input.to_run_id}: no such run "
+            f"in tenant {input.tenant_id!r}; see `konstruct registry runs`"
+        )
+    row = await _lock_alias(conn, input.tenant_id, input.alias)
+    current = None if row is None else _str(row["run_id"])
+    if row is not None and current == input.to_run_id:
+        return AliasMoveResult(
+            alias=input.alias, moved=False, run_id=current, detail="already there"
+        )
+    return await _record_move(
+        conn,
+        tenant_id=input.tenant_id,
+        alias=input.alias,
+        exists=row is not None,
+        from_run_id=current,
+        to_run_id=input.to_run_id,
+        reason=input.reason,
+        move_id=input.move_id,
+        workflow_id=workflow_id,
+        workflow_run_id=workflow_run_id,
+    )
