@@ -8,15 +8,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from konstruct.plugin import KonstructPlugin
 from konstruct.processes import ManagedProcess, free_port
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import dev_server_command, simulator_command
 
 ROOT = Path(__file__).resolve().parent.parent
+HISTORIES = ROOT / "tests" / "histories"
 # A secret-looking key: the history scan proves it never reaches Temporal.
 SIMULATOR_TEST_KEY = "sk-sim-TEST-SECRET-" + "7f3a9c1e5b2d4f60"
 
 __all__ = [
+    "HISTORIES",
     "ROOT",
     "SIMULATOR_TEST_KEY",
     "DevServer",
@@ -24,6 +30,9 @@ __all__ = [
     "SimulatorProcess",
     "WorkerProcess",
     "call_in_flight",
+    "recorded_histories",
+    "replay_all",
+    "replayer",
 ]
 
 
@@ -97,3 +106,30 @@ async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def replayer(*workflows: type) -> Replayer:
+    """A replayer wired as every worker is, by KonstructPlugin."""
+    return Replayer(workflows=list(workflows), plugins=[KonstructPlugin()])
+
+
+def recorded_histories(*patterns: str) -> dict[str, WorkflowHistory]:
+    """The histories in tests/histories matching each glob, by file stem (the workflow id)."""
+    paths = [path for pattern in patterns for path in sorted(HISTORIES.glob(pattern))]
+    return {path.stem: WorkflowHistory.from_json(path.stem, path.read_text()) for path in paths}
+
+
+async def replay_all(
+    replayer: Replayer, histories: dict[str, WorkflowHistory], record_as: str | None = None
+) -> None:
+    """Replay every history, failing with the name of one that does not replay.
+
+    With `record_as` and KONSTRUCT_RECORD_HISTORIES=1, each history that
+    replays is (re)written to tests/histories/<record_as><name>.json.
+    """
+    record = record_as is not None and os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1"
+    for name, history in histories.items():
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, f"{name}: {result.replay_failure}"
+        if record:
+            (HISTORIES / f"{record_as}{name}.json").write_text(history.to_json())

@@ -25,7 +25,6 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 
@@ -39,6 +38,7 @@ from konstruct.models.demo import (
     steps_of,
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
+from konstruct.plugin import KonstructPlugin
 from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import temporal_test_server
@@ -542,7 +542,7 @@ async def test_no_answer_within_the_timeout_means_hold(
 ) -> None:
     """On the time-skipping server the 90 s wait passes at once."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_test_server(), data_converter=pydantic_data_converter
+        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin()]
     )
     try:
         await env.client.operator_service.add_search_attributes(
