@@ -6,10 +6,10 @@ simulator profile gets the baseline back afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,6 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(session_dir / "pgdata", free_port())
     server.start()
-    import asyncio
 
     async def prepare() -> None:
         await db.migrate(server.owner_url, app_role="konstruct_app", app_password="konstruct-app")
@@ -148,12 +147,6 @@ def worker_process(
     yield start
     for process in started:
         process.stop()
-
-
-@asynccontextmanager
-async def running_worker(client: Client, settings: Settings, task_queue: str):  # type: ignore[no-untyped-def]
-    async with build_worker(client, settings, task_queue) as w, w:
-        yield w
 
 
 @pytest.fixture(scope="session")
