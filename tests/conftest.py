@@ -22,7 +22,14 @@ from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.processes import free_port
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.temporal_client import connect
-from tests.support import ROOT, SIMULATOR_TEST_KEY, DevServer, SimulatorProcess, WorkerProcess
+from tests.support import (
+    ROOT,
+    SIMULATOR_TEST_KEY,
+    DevServer,
+    SimulatorProcess,
+    WorkerProcess,
+    WorkerRelay,
+)
 from workers.main import build_worker
 
 SIMULATOR_CONFIG = ROOT / "tests" / "simulator.yaml"
@@ -147,6 +154,12 @@ def worker_process(
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def relay(sim: SimulatorAdmin, worker_process: Callable[[str], WorkerProcess]) -> WorkerRelay:
+    """A worker process to kill -9 mid-call and one to take over (on this test's queue)."""
+    return WorkerRelay(sim, worker_process)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = [
     "ManagedProcess",
     "SimulatorProcess",
     "WorkerProcess",
+    "WorkerRelay",
     "call_in_flight",
     "recorded_histories",
     "replay_all",
@@ -97,6 +99,35 @@ class WorkerProcess(ManagedProcess):
     def start(self) -> None:
         super().start()
         self.wait_for_log("worker ready", 60)
+
+
+@dataclass
+class WorkerRelay:
+    """Two worker processes in turn, for the kill -9 tests: the first dies mid-call to a
+    slowed model, the second finishes the work."""
+
+    sim: SimulatorAdmin
+    start_worker: Callable[[str], WorkerProcess]
+    model: str = ""
+    first: WorkerProcess | None = None
+
+    async def start_slow(self, model: str, latency_ms: int) -> None:
+        """Slow `model` down, then start the first worker."""
+        self.model = model
+        await self.sim.set_profile(model, latency_ms=latency_ms)
+        self.first = self.start_worker("a")
+
+    async def hand_over(self, latency_ms: int) -> int:
+        """kill -9 the first worker, give the model `latency_ms`, start the second.
+
+        Returns how many calls to the model were in flight right after the kill.
+        """
+        assert self.first is not None, "start_slow first"
+        self.first.kill()
+        in_flight = (await self.sim.model_stats(self.model)).get("in_flight", 0)
+        await self.sim.set_profile(self.model, latency_ms=latency_ms)
+        self.start_worker("b")
+        return in_flight
 
 
 async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:
