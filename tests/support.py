@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
@@ -39,10 +40,22 @@ __all__ = [
 
 
 @dataclass
-class DevServer(ManagedProcess):
+class _Server(ManagedProcess):
+    """A process that has started once it accepts connections on `port`."""
+
     cwd: Path | None = ROOT
     port: int = 0
+    startup_s: ClassVar[float] = 30
+
+    def start(self) -> None:
+        super().start()
+        self.wait_for_port(self.port, self.startup_s)
+
+
+@dataclass
+class DevServer(_Server):
     ui_port: int = 0
+    startup_s: ClassVar[float] = 60
 
     @classmethod
     def create(cls, tmp: Path, db_file: Path | None = None) -> DevServer:
@@ -56,16 +69,9 @@ class DevServer(ManagedProcess):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        super().start()
-        self.wait_for_port(self.port, 60)
-
 
 @dataclass
-class SimulatorProcess(ManagedProcess):
-    cwd: Path | None = ROOT
-    port: int = 0
-
+class SimulatorProcess(_Server):
     @classmethod
     def create(cls, tmp: Path, config: Path) -> SimulatorProcess:
         port = free_port()
@@ -76,10 +82,6 @@ class SimulatorProcess(ManagedProcess):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        super().start()
-        self.wait_for_port(self.port, 30)
 
 
 @dataclass
@@ -156,7 +158,8 @@ async def replay_all(
     """Replay every history, failing with the name of one that does not replay.
 
     With `record_as` and KONSTRUCT_RECORD_HISTORIES=1, each history that
-    replays is (re)written to tests/histories/<record_as><name>.json.
+    replays is (re)written to tests/histories/<record_as><name>.json; commit
+    them when a change to the workflow is intended.
     """
     record = record_as is not None and os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1"
     for name, history in histories.items():

@@ -1,7 +1,6 @@
 """Determinism: DemoCascade and BatchSweep histories must replay against today's code.
 
-Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/demo_cascade_*.json and
-batch_sweep_*.json from fresh runs; commit them when a change to the workflows is intended.
+`tests.support.replay_all` says how to record them again from fresh runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Determinism: recorded HandleMessage histories must replay against today's code.
 
-Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/handle_message_*.json
-from a fresh run; commit them when a change to the workflow is intended.
+`tests.support.replay_all` says how to record them again from a fresh run.
 """
 
 from __future__ import annotations
