@@ -41,10 +41,11 @@ import asyncpg  # noqa: E402
 
 from konstruct import db  # noqa: E402
 from konstruct.embedded_pg import EmbeddedPostgres  # noqa: E402
-from konstruct.processes import free_port, wait_for_port  # noqa: E402
+from konstruct.processes import ManagedProcess, free_port  # noqa: E402
 from konstruct.simulator_admin import SimulatorAdmin  # noqa: E402
+from konstruct.stack import simulator_command  # noqa: E402
 from konstruct.temporal_client import connect  # noqa: E402
-from tests.support import DevServer, ManagedProcess, WorkerProcess  # noqa: E402
+from tests.support import DevServer, WorkerProcess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "experiments.json"
 MODEL = "sim-fast"
@@ -96,20 +97,17 @@ class Bench:
             f"models:\n  {MODEL}: {{latency_ms: {self.latency_ms},"
             f" rate_limit_rps: {self.ceiling}}}\n"
         )
-        command = [
-            sys.executable, "-m", "konstruct.simulator", "--host", "127.0.0.1",
-            "--port", str(port), "--config", str(sim_config), "--api-key-env", "SIMULATOR_API_KEY",
-        ]  # fmt: skip
+        command = simulator_command(port, sim_config, "SIMULATOR_API_KEY")
         if os.environ.get("BENCH_SIMULATOR_CMD"):
             command = shlex.split(os.environ["BENCH_SIMULATOR_CMD"].format(port=port))
         self.simulator = ManagedProcess(
             command=command,
             log_path=self.tmp / "simulator.log",
             env=dict(os.environ, SIMULATOR_API_KEY=API_KEY),
+            cwd=ROOT,
         )
         self.simulator.start()
-        if not wait_for_port(port, 30, self.simulator.process):
-            raise RuntimeError(f"simulator did not start:\n{self.simulator.log_tail()}")
+        self.simulator.wait_for_port(port, 30)
         self.sim_url = f"http://127.0.0.1:{port}"
         router = self.tmp / "router.yaml"
         router.write_text(

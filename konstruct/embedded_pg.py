@@ -122,26 +122,17 @@ class EmbeddedPostgres:
             raise StackError(f"PostgreSQL did not start on port {self.port}; log tail:\n{tail}")
         self._ensure_database(timeout)
 
+    def _psql(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """psql as the superuser, on the maintenance database."""
+        command = [str(_bin_dir() / "psql"), "-h", "127.0.0.1", "-p", str(self.port)]
+        command += ["-U", "postgres", "-d", "postgres", *args]
+        return subprocess.run(command, capture_output=True, text=True)
+
     def _ensure_database(self, timeout: float) -> None:
-        psql = str(_bin_dir() / "psql")
         deadline = time.monotonic() + timeout
         while True:
-            result = subprocess.run(
-                [
-                    psql,
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-tAc",
-                    f"select 1 from pg_database where datname = '{self.database}'",
-                ],
-                capture_output=True,
-                text=True,
+            result = self._psql(
+                "-tAc", f"select 1 from pg_database where datname = '{self.database}'"
             )
             if result.returncode == 0:
                 break
@@ -149,23 +140,7 @@ class EmbeddedPostgres:
                 raise StackError(f"PostgreSQL on port {self.port} is not accepting connections")
             time.sleep(0.2)
         if result.stdout.strip() != "1":
-            subprocess.run(
-                [
-                    psql,
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-c",
-                    f'create database "{self.database}"',
-                ],
-                check=True,
-                capture_output=True,
-            )
+            self._psql("-c", f'create database "{self.database}"').check_returncode()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -1,8 +1,9 @@
 """Konstruct's Temporal wiring, defined once: converter and interceptors.
 
-Every client (worker, CLI, benches, tests) connects with `KonstructPlugin`,
-and every worker or replayer built from such a client gets the same
-converter and interceptors, so none of them wires these by hand.
+Every client (worker, CLI, benches, tests) connects with `KonstructPlugin`
+through `konstruct.temporal_client.connect`, and every Worker built from such
+a client inherits it; replayers and the tests' time-skipping environment take
+it as `plugins=[KonstructPlugin()]`. So none of them wires these by hand.
 """
 
 from __future__ import annotations

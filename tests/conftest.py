@@ -6,10 +6,10 @@ simulator profile gets the baseline back afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,14 @@ from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.processes import free_port
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.temporal_client import connect
-from tests.support import ROOT, SIMULATOR_TEST_KEY, DevServer, SimulatorProcess, WorkerProcess
+from tests.support import (
+    ROOT,
+    SIMULATOR_TEST_KEY,
+    DevServer,
+    SimulatorProcess,
+    WorkerProcess,
+    WorkerRelay,
+)
 from workers.main import build_worker
 
 SIMULATOR_CONFIG = ROOT / "tests" / "simulator.yaml"
@@ -37,7 +44,6 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def postgres(session_dir: Path) -> Iterator[EmbeddedPostgres]:
     server = EmbeddedPostgres(session_dir / "pgdata", free_port())
     server.start()
-    import asyncio
 
     async def prepare() -> None:
         await db.migrate(server.owner_url, app_role="konstruct_app", app_password="konstruct-app")
@@ -150,10 +156,10 @@ def worker_process(
         process.stop()
 
 
-@asynccontextmanager
-async def running_worker(client: Client, settings: Settings, task_queue: str):  # type: ignore[no-untyped-def]
-    async with build_worker(client, settings, task_queue) as w, w:
-        yield w
+@pytest.fixture
+def relay(sim: SimulatorAdmin, worker_process: Callable[[str], WorkerProcess]) -> WorkerRelay:
+    """A worker process to kill -9 mid-call and one to take over (on this test's queue)."""
+    return WorkerRelay(sim, worker_process)
 
 
 @pytest.fixture(scope="session")

@@ -4,68 +4,58 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from konstruct.processes import free_port, kill_with_parent, stop_process, wait_for_port
+from temporalio.client import WorkflowHistory
+from temporalio.worker import Replayer
+
+from konstruct.plugin import KonstructPlugin
+from konstruct.processes import ManagedProcess, free_port
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import dev_server_command
+from konstruct.stack import dev_server_command, simulator_command
 
 ROOT = Path(__file__).resolve().parent.parent
+HISTORIES = ROOT / "tests" / "histories"
 # A secret-looking key: the history scan proves it never reaches Temporal.
 SIMULATOR_TEST_KEY = "sk-sim-TEST-SECRET-" + "7f3a9c1e5b2d4f60"
 
+__all__ = [
+    "HISTORIES",
+    "ROOT",
+    "SIMULATOR_TEST_KEY",
+    "DevServer",
+    "ManagedProcess",
+    "SimulatorProcess",
+    "WorkerProcess",
+    "WorkerRelay",
+    "call_in_flight",
+    "recorded_histories",
+    "replay_all",
+    "replayer",
+]
+
 
 @dataclass
-class ManagedProcess:
-    command: list[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    process: subprocess.Popen[bytes] | None = None
+class _Server(ManagedProcess):
+    """A process that has started once it accepts connections on `port`."""
+
+    cwd: Path | None = ROOT
+    port: int = 0
+    startup_s: ClassVar[float] = 30
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                cwd=str(ROOT),
-                start_new_session=True,
-                preexec_fn=kill_with_parent,
-            )
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-    def kill(self) -> None:
-        """kill -9: no cleanup, no graceful shutdown."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def wait_for_log(self, marker: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.log_path.read_text(errors="replace"):
-                return
-            if self.process is not None and self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.command[:3]} did not print {marker!r}:\n{self.log_tail()}")
+        super().start()
+        self.wait_for_port(self.port, self.startup_s)
 
 
 @dataclass
-class DevServer(ManagedProcess):
-    port: int = 0
+class DevServer(_Server):
     ui_port: int = 0
+    startup_s: ClassVar[float] = 60
 
     @classmethod
     def create(cls, tmp: Path, db_file: Path | None = None) -> DevServer:
@@ -79,48 +69,26 @@ class DevServer(ManagedProcess):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        super().start()
-        if not wait_for_port(self.port, 60, self.process):
-            raise RuntimeError(f"dev server did not start:\n{self.log_tail()}")
-
 
 @dataclass
-class SimulatorProcess(ManagedProcess):
-    port: int = 0
-
+class SimulatorProcess(_Server):
     @classmethod
     def create(cls, tmp: Path, config: Path) -> SimulatorProcess:
         port = free_port()
         env = dict(os.environ, SIMULATOR_API_KEY=SIMULATOR_TEST_KEY)
-        command = [
-            sys.executable,
-            "-m",
-            "konstruct.simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-            "--api-key-env",
-            "SIMULATOR_API_KEY",
-        ]
+        command = simulator_command(port, config, "SIMULATOR_API_KEY")
         return cls(command=command, log_path=tmp / f"simulator-{port}.log", env=env, port=port)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        super().start()
-        if not wait_for_port(self.port, 30, self.process):
-            raise RuntimeError(f"simulator did not start:\n{self.log_tail()}")
-
 
 @dataclass
 class WorkerProcess(ManagedProcess):
     """A worker in its own process, so a test can kill -9 it."""
+
+    cwd: Path | None = ROOT
 
     @classmethod
     def create(cls, tmp: Path, env: dict[str, str], name: str) -> WorkerProcess:
@@ -135,6 +103,35 @@ class WorkerProcess(ManagedProcess):
         self.wait_for_log("worker ready", 60)
 
 
+@dataclass
+class WorkerRelay:
+    """Two worker processes in turn, for the kill -9 tests: the first dies mid-call to a
+    slowed model, the second finishes the work."""
+
+    sim: SimulatorAdmin
+    start_worker: Callable[[str], WorkerProcess]
+    model: str = ""
+    first: WorkerProcess | None = None
+
+    async def start_slow(self, model: str, latency_ms: int) -> None:
+        """Slow `model` down, then start the first worker."""
+        self.model = model
+        await self.sim.set_profile(model, latency_ms=latency_ms)
+        self.first = self.start_worker("a")
+
+    async def hand_over(self, latency_ms: int) -> int:
+        """kill -9 the first worker, give the model `latency_ms`, start the second.
+
+        Returns how many calls to the model were in flight right after the kill.
+        """
+        assert self.first is not None, "start_slow first"
+        self.first.kill()
+        in_flight = (await self.sim.model_stats(self.model)).get("in_flight", 0)
+        await self.sim.set_profile(self.model, latency_ms=latency_ms)
+        self.start_worker("b")
+        return in_flight
+
+
 async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:
     """Poll every 50 ms until the simulator is answering a call to `model`."""
     for _ in range(polls):
@@ -142,3 +139,31 @@ async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def replayer(*workflows: type) -> Replayer:
+    """A replayer wired as every worker is, by KonstructPlugin."""
+    return Replayer(workflows=list(workflows), plugins=[KonstructPlugin()])
+
+
+def recorded_histories(*patterns: str) -> dict[str, WorkflowHistory]:
+    """The histories in tests/histories matching each glob, by file stem (the workflow id)."""
+    paths = [path for pattern in patterns for path in sorted(HISTORIES.glob(pattern))]
+    return {path.stem: WorkflowHistory.from_json(path.stem, path.read_text()) for path in paths}
+
+
+async def replay_all(
+    replayer: Replayer, histories: dict[str, WorkflowHistory], record_as: str | None = None
+) -> None:
+    """Replay every history, failing with the name of one that does not replay.
+
+    With `record_as` and KONSTRUCT_RECORD_HISTORIES=1, each history that
+    replays is (re)written to tests/histories/<record_as><name>.json; commit
+    them when a change to the workflow is intended.
+    """
+    record = record_as is not None and os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1"
+    for name, history in histories.items():
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        assert result.replay_failure is None, f"{name}: {result.replay_failure}"
+        if record:
+            (HISTORIES / f"{record_as}{name}.json").write_text(history.to_json())

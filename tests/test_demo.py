@@ -25,7 +25,6 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 
@@ -39,11 +38,12 @@ from konstruct.models.demo import (
     steps_of,
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
+from konstruct.plugin import KonstructPlugin
 from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import temporal_test_server
 from konstruct.store import registry
-from tests.support import ROOT, WorkerProcess, call_in_flight
+from tests.support import ROOT, WorkerRelay, call_in_flight
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
@@ -484,20 +484,13 @@ async def test_cancel_mid_run_compensates_and_keeps_the_champion(
 
 
 async def test_killed_worker_mid_step_is_finished_by_another(
-    client: Client,
-    worker_process: Callable[[str], WorkerProcess],
-    task_queue: str,
-    sim: SimulatorAdmin,
-    app_pool: asyncpg.Pool,
+    client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool
 ) -> None:
-    await sim.set_profile("sim-embed", latency_ms=4000)
-    first = worker_process("a")
+    await relay.start_slow("sim-embed", latency_ms=4000)
     handle = await start(client, task_queue, demo_input(scenario="showcase_rich"))
-    if not await call_in_flight(sim, "sim-embed", polls=600):
+    if not await call_in_flight(relay.sim, "sim-embed", polls=600):
         pytest.fail("the embedding call never started")
-    first.kill()
-    await sim.set_profile("sim-embed", latency_ms=1)
-    worker_process("b")
+    await relay.hand_over(latency_ms=1)
     result = await handle.result()
     assert result.overall_status == "pass"
     assert all(s.status == "pass" for s in result.steps)
@@ -542,7 +535,7 @@ async def test_no_answer_within_the_timeout_means_hold(
 ) -> None:
     """On the time-skipping server the 90 s wait passes at once."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_test_server(), data_converter=pydantic_data_converter
+        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin()]
     )
     try:
         await env.client.operator_service.add_search_attributes(

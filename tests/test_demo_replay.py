@@ -1,44 +1,30 @@
 """Determinism: DemoCascade and BatchSweep histories must replay against today's code.
 
-Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/demo_cascade_*.json and
-batch_sweep_*.json from fresh runs; commit them when a change to the workflows is intended.
+`tests.support.replay_all` says how to record them again from fresh runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Worker
 
 from konstruct.config import Settings
 from konstruct.models.demo import DemoProgress
+from tests.support import recorded_histories, replay_all, replayer
 from workers.main import build_worker
 from workflows.batch_sweep import BatchSweep
 from workflows.demo_cascade import DemoCascade
 
-HISTORIES = Path(__file__).parent / "histories"
-
-
-def replayer() -> Replayer:
-    return Replayer(workflows=[DemoCascade, BatchSweep], data_converter=pydantic_data_converter)
-
 
 async def test_recorded_histories_replay() -> None:
-    files = sorted(HISTORIES.glob("demo_cascade_*.json")) + sorted(
-        HISTORIES.glob("batch_sweep_*.json")
-    )
-    assert any(f.name.startswith("demo_cascade_") for f in files), "no recorded DemoCascade"
-    assert any(f.name.startswith("batch_sweep_") for f in files), "no recorded BatchSweep"
-    for path in files:
-        history = WorkflowHistory.from_json(path.stem, path.read_text())
-        result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
-        assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
+    histories = recorded_histories("demo_cascade_*.json", "batch_sweep_*.json")
+    assert any(n.startswith("demo_cascade_") for n in histories), "no recorded DemoCascade"
+    assert any(n.startswith("batch_sweep_") for n in histories), "no recorded BatchSweep"
+    await replay_all(replayer(DemoCascade, BatchSweep), histories)
 
 
 async def _until(handle: Any, check: Any) -> None:
@@ -109,8 +95,4 @@ async def test_fresh_runs_replay_without_cache(
                     histories["batch_sweep_ok"] = await sweep.fetch_history()
     handle = await _run_case(client, worker, "rich_ok", {"scenario": "showcase_rich"})
     histories["demo_cascade_rich_ok"] = await handle.fetch_history()
-    for name, history in histories.items():
-        result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
-        assert result.replay_failure is None, f"{name}: {result.replay_failure}"
-        if os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1":
-            (HISTORIES / f"{name}.json").write_text(history.to_json())
+    await replay_all(replayer(DemoCascade, BatchSweep), histories, record_as="")

@@ -1,41 +1,30 @@
 """Determinism: recorded Experiment histories must replay against today's code.
 
-Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/experiment_*.json
-from a fresh run; commit them when a change to the workflow is intended.
+`tests.support.replay_all` says how to record them again from a fresh run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Worker
 
 from activities.experiments import ExperimentActivities
 from konstruct import db
 from konstruct.config import Settings
 from konstruct.router import load_router_config
 from konstruct.simulator_admin import SimulatorAdmin
+from tests.support import recorded_histories, replay_all, replayer
 from tests.test_experiments import experiment, wait_for
 from workers.providers import provider_workers
 from workflows.experiment import Experiment
 
-HISTORIES = Path(__file__).parent / "histories"
-
-
-def replayer() -> Replayer:
-    return Replayer(workflows=[Experiment], data_converter=pydantic_data_converter)
-
 
 async def test_recorded_histories_replay() -> None:
-    files = sorted(HISTORIES.glob("experiment_*.json"))
-    assert files, "no recorded Experiment history in tests/histories"
-    for path in files:
-        history = WorkflowHistory.from_json(path.stem, path.read_text())
-        await replayer().replay_workflow(history)
+    histories = recorded_histories("experiment_*.json")
+    assert histories, "no recorded Experiment history in tests/histories"
+    await replay_all(replayer(Experiment), histories)
 
 
 async def _runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
@@ -96,7 +85,4 @@ async def test_fresh_runs_replay_without_cache(
             histories["bad_input"] = await failing.fetch_history()
     assert len([n for n in histories if n.startswith("judged")]) >= 3
     await pool.close()
-    for name, history in histories.items():
-        await replayer().replay_workflow(history)
-        if os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1":
-            (HISTORIES / f"experiment_{name}.json").write_text(history.to_json())
+    await replay_all(replayer(Experiment), histories, record_as="experiment_")

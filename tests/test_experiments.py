@@ -22,7 +22,7 @@ from konstruct.cli import main as cli_main
 from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.store.providers import ensure_provider, provider_queue, push_rate
-from tests.support import WorkerProcess
+from tests.support import WorkerRelay
 from workflows.experiment import Experiment
 
 FAST = "sim-fast"
@@ -355,14 +355,10 @@ async def test_outage_opens_the_breaker_pauses_and_recovers_by_itself(
 
 
 async def test_kill_9_of_a_worker_loses_and_duplicates_nothing(
-    client: Client,
-    worker_process: Callable[[str], WorkerProcess],
-    task_queue: str,
-    sim: SimulatorAdmin,
-    app_pool: asyncpg.Pool,
+    client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool
 ) -> None:
-    await sim.set_profile(FAST, latency_ms=600)
-    doomed = worker_process("a")
+    sim = relay.sim
+    await relay.start_slow(FAST, latency_ms=600)
     body = experiment(40, max_concurrency=8, options={"heartbeat_timeout_s": 3})
     handle = await start(client, task_queue, body)
     for _ in range(400):
@@ -372,10 +368,7 @@ async def test_kill_9_of_a_worker_loses_and_duplicates_nothing(
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the calls never got going")
-    doomed.kill()
-    in_flight_at_kill = (await sim.model_stats(FAST)).get("in_flight", 0)
-    await sim.set_profile(FAST, latency_ms=20)
-    worker_process("b")
+    in_flight_at_kill = await relay.hand_over(latency_ms=20)
     result: ExperimentResult = await handle.result()
     assert result.summary.completed == 40 and result.summary.failed == 0
     rows = await results(app_pool, body["experiment_id"])

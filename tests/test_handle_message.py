@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -16,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from konstruct.models import AgentProfile, HandleMessageResult
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.store.agents import put_agent
-from tests.support import SIMULATOR_TEST_KEY, WorkerProcess, call_in_flight
+from tests.support import SIMULATOR_TEST_KEY, WorkerRelay, call_in_flight
 from workflows.handle_message import HandleMessage
 
 
@@ -79,9 +78,8 @@ async def test_reply_has_the_contract_shape_and_says_it_is_an_ai(
     assert (await sim.model_stats("sim-fast"))["ok"] == 1
 
 
-async def test_quality_falls_back_to_fast_when_quality_providers_fail(
-    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
-) -> None:
+async def _put_expert(app_pool: asyncpg.Pool, fallback_reply: str) -> None:
+    """Tenant acme's agent "expert", on the quality model group."""
     await put_agent(
         app_pool,
         "acme",
@@ -90,9 +88,15 @@ async def test_quality_falls_back_to_fast_when_quality_providers_fail(
             name="Ada",
             role="an expert",
             model_group="quality",
-            fallback_reply="Ada is unavailable.",
+            fallback_reply=fallback_reply,
         ),
     )
+
+
+async def test_quality_falls_back_to_fast_when_quality_providers_fail(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    await _put_expert(app_pool, "Ada is unavailable.")
     await sim.set_profile("sim-quality", outage=True)
     result = await send(client, worker, message(tenant_id="acme", agent_id="expert"))
     assert result.fallback_used is True
@@ -105,17 +109,7 @@ async def test_quality_falls_back_to_fast_when_quality_providers_fail(
 async def test_polite_fallback_when_every_provider_fails(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    await put_agent(
-        app_pool,
-        "acme",
-        AgentProfile(
-            agent_id="expert",
-            name="Ada",
-            role="an expert",
-            model_group="quality",
-            fallback_reply="Ada is unavailable, please try later.",
-        ),
-    )
+    await _put_expert(app_pool, "Ada is unavailable, please try later.")
     await sim.set_profile("sim-quality", outage=True)
     await sim.set_profile("sim-fast", outage=True)
     body = message(tenant_id="acme", agent_id="expert")
@@ -200,23 +194,16 @@ async def test_unknown_tenant_and_agent_get_clear_errors(client: Client, worker:
 
 
 async def test_killed_worker_mid_message_is_finished_by_another(
-    client: Client,
-    worker_process: Callable[[str], WorkerProcess],
-    task_queue: str,
-    sim: SimulatorAdmin,
-    app_pool: asyncpg.Pool,
+    client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool
 ) -> None:
-    await sim.set_profile("sim-fast", latency_ms=3000)
-    first = worker_process("a")
+    await relay.start_slow("sim-fast", latency_ms=3000)
     body = message(text="Slow question for a doomed worker")
     handle = await client.start_workflow(
         HandleMessage.run, body, id=f"msg-demo-{body['message_id']}", task_queue=task_queue
     )
-    if not await call_in_flight(sim, "sim-fast", polls=200):
+    if not await call_in_flight(relay.sim, "sim-fast", polls=200):
         pytest.fail("the provider call never started")
-    first.kill()
-    await sim.set_profile("sim-fast", latency_ms=5)
-    worker_process("b")
+    await relay.hand_over(latency_ms=5)
     result: HandleMessageResult = await handle.result()
     assert result.degraded is False
     stored = await turns(app_pool, "demo", body["message_id"])

@@ -1,37 +1,25 @@
 """Determinism: recorded HandleMessage histories must replay against today's code.
 
-Set KONSTRUCT_RECORD_HISTORIES=1 to (re)write tests/histories/handle_message_*.json
-from a fresh run; commit them when a change to the workflow is intended.
+`tests.support.replay_all` says how to record them again from a fresh run.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer
 
 from konstruct.config import Settings
 from konstruct.simulator_admin import SimulatorAdmin
+from tests.support import recorded_histories, replay_all, replayer
 from workers.main import build_worker
 from workflows.handle_message import HandleMessage
 
-HISTORIES = Path(__file__).parent / "histories"
-
-
-def replayer() -> Replayer:
-    return Replayer(workflows=[HandleMessage], data_converter=pydantic_data_converter)
-
 
 async def test_recorded_histories_replay() -> None:
-    files = sorted(HISTORIES.glob("handle_message_*.json"))
-    assert files, "no recorded HandleMessage history in tests/histories"
-    for path in files:
-        history = WorkflowHistory.from_json(path.stem, path.read_text())
-        await replayer().replay_workflow(history)
+    histories = recorded_histories("handle_message_*.json")
+    assert histories, "no recorded HandleMessage history in tests/histories"
+    await replay_all(replayer(HandleMessage), histories)
 
 
 async def test_fresh_runs_replay_without_cache(
@@ -68,7 +56,4 @@ async def test_fresh_runs_replay_without_cache(
                 except Exception:
                     assert name == "unknown_agent"
                 histories[name] = await handle.fetch_history()
-    for name, history in histories.items():
-        await replayer().replay_workflow(history)
-        if os.environ.get("KONSTRUCT_RECORD_HISTORIES") == "1":
-            (HISTORIES / f"handle_message_{name}.json").write_text(history.to_json())
+    await replay_all(replayer(HandleMessage), histories, record_as="handle_message_")

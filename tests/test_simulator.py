@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from konstruct.simulator import (
     start_simulator,
 )
 from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.stack import simulator_command
 
 KEY = "sk-sim-unit"
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,38 +229,31 @@ async def test_embeddings_are_deterministic_normalised_and_similar(
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
 
 
-async def test_reached_through_litellm_like_a_real_provider(server: SimulatorHandle) -> None:
-    response = await litellm.acompletion(
-        model="openai/sim-fast",
-        api_base=server.url + "/v1",
-        api_key=KEY,
-        messages=[{"role": "user", "content": "hello from litellm"}],
-        num_retries=0,
-        max_retries=0,
-    )
-    assert response.choices[0].message.content == "[sim-fast] hello from litellm"
-    assert response.usage.total_tokens > 0
-    arithmetic = await litellm.acompletion(
-        model="openai/arith",
+async def _through_litellm(server: SimulatorHandle, model: str, text: str, **options: Any) -> Any:
+    """One chat completion through litellm, which must not retry on its own."""
+    return await litellm.acompletion(
+        model=f"openai/{model}",
         api_base=server.api_base,
         api_key=KEY,
-        messages=[{"role": "user", "content": "Answer with a number only: What is 12 + 30?"}],
+        messages=[{"role": "user", "content": text}],
         num_retries=0,
         max_retries=0,
+        **options,
+    )
+
+
+async def test_reached_through_litellm_like_a_real_provider(server: SimulatorHandle) -> None:
+    response = await _through_litellm(server, "sim-fast", "hello from litellm")
+    assert response.choices[0].message.content == "[sim-fast] hello from litellm"
+    assert response.usage.total_tokens > 0
+    arithmetic = await _through_litellm(
+        server, "arith", "Answer with a number only: What is 12 + 30?"
     )
     assert arithmetic.choices[0].message.content == "42"
 
 
 async def test_streaming_through_litellm(server: SimulatorHandle) -> None:
-    stream = await litellm.acompletion(
-        model="openai/sim-fast",
-        api_base=server.api_base,
-        api_key=KEY,
-        messages=[{"role": "user", "content": "stream me"}],
-        stream=True,
-        num_retries=0,
-        max_retries=0,
-    )
+    stream = await _through_litellm(server, "sim-fast", "stream me", stream=True)
     parts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
     assert "".join(parts) == "[sim-fast] stream me"
 
@@ -271,14 +264,7 @@ async def test_a_429_reaches_litellm_callers_with_its_retry_after(
     await admin.set_profile("sim-fast", rate_limit_rps=0.25)
     await chat(http, "sim-fast", "take the only token")
     with pytest.raises(litellm.RateLimitError) as info:
-        await litellm.acompletion(
-            model="openai/sim-fast",
-            api_base=server.api_base,
-            api_key=KEY,
-            messages=[{"role": "user", "content": "again"}],
-            num_retries=0,
-            max_retries=0,
-        )
+        await _through_litellm(server, "sim-fast", "again")
     # In litellm 1.102.4 the provider's headers are on `litellm_response_headers`
     # (an httpx.Headers); `error.response` is a placeholder without them.
     headers = getattr(info.value, "litellm_response_headers", None) or {}
@@ -289,9 +275,7 @@ async def test_a_429_reaches_litellm_callers_with_its_retry_after(
 
 def test_cli_serves_prints_its_port_and_stops_on_sigterm() -> None:
     env = dict(os.environ, SIM_TEST_KEY="cli-key")
-    command = [sys.executable, "-m", "konstruct.simulator", "--port", "0"]
-    command += ["--config", str(ROOT / "deploy" / "simulator.yaml")]
-    command += ["--api-key-env", "SIM_TEST_KEY"]
+    command = simulator_command(0, ROOT / "deploy" / "simulator.yaml", "SIM_TEST_KEY")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -24,7 +25,7 @@ from activities.messages import MessageActivities
 from activities.registry import RegistryActivities
 from konstruct import db
 from konstruct.config import Settings, load_settings
-from konstruct.router import build_router, load_router_config
+from konstruct.router import RouterConfig, build_router, load_router_config
 from konstruct.telemetry import setup_telemetry
 from konstruct.temporal_client import connect
 from workers.providers import provider_workers
@@ -38,12 +39,30 @@ log = logging.getLogger("konstruct.worker")
 WORKFLOWS = [HandleMessage, Experiment, DemoCascade, BatchSweep]
 
 
+def _activities(
+    pool: asyncpg.Pool, router: Any, router_config: RouterConfig, settings: Settings
+) -> list[Callable[..., Any]]:
+    """Every activity of the main task queue (provider calls run on the provider workers)."""
+    messages = MessageActivities(pool)
+    llm = LlmActivities(router, router_config)
+    experiments = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
+    return [
+        messages.load_agent_context,
+        messages.store_turn,
+        llm.call_llm,
+        *experiments.all(),
+        *RegistryActivities(pool).all(),
+        *DemoActivities(pool, router, router_config).all(),
+    ]
+
+
 @asynccontextmanager
 async def build_worker(
     client: Client, settings: Settings, task_queue: str | None = None, **worker_options: Any
 ) -> AsyncIterator[Worker]:
     """A worker with its database pool and LLM router; closes them on exit.
 
+    Converter and interceptors come from the client's `KonstructPlugin`.
     `worker_options` go to `Worker` as they are (the replay tests pass
     `max_cached_workflows=0`).
     """
@@ -54,9 +73,6 @@ async def build_worker(
         min_size=settings.postgres.pool_min,
         max_size=settings.postgres.pool_max,
     )
-    messages = MessageActivities(pool)
-    llm = LlmActivities(router, router_config)
-    experiments = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
     queue = task_queue or settings.temporal.task_queue
     try:
         # Experiment calls run on one rate-limited queue per provider, beside this one.
@@ -65,14 +81,7 @@ async def build_worker(
                 client,
                 task_queue=queue,
                 workflows=WORKFLOWS,
-                activities=[
-                    messages.load_agent_context,
-                    messages.store_turn,
-                    llm.call_llm,
-                    *experiments.all(),
-                    *RegistryActivities(pool).all(),
-                    *DemoActivities(pool, router, router_config).all(),
-                ],
+                activities=_activities(pool, router, router_config, settings),
                 max_concurrent_activities=settings.worker.max_concurrent_activities,
                 max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
                 max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
