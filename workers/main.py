@@ -17,7 +17,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.demo import DemoActivities
+from activities.demo import demo_activities
 from activities.experiments import ExperimentActivities
 from activities.llm import LlmActivities
 from activities.messages import MessageActivities
@@ -71,7 +71,7 @@ async def build_worker(
                     llm.call_llm,
                     *experiments.all(),
                     *RegistryActivities(pool).all(),
-                    *DemoActivities(pool, router, router_config).all(),
+                    *demo_activities(pool, router, router_config),
                 ],
                 max_concurrent_activities=settings.worker.max_concurrent_activities,
                 max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,

@@ -33,7 +33,10 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from activities.demo import DemoActivities
+    from activities.demo_agent import DemoAgentActivities
+    from activities.demo_data import DemoDataActivities
+    from activities.demo_registry import DemoRegistryActivities
+    from activities.demo_session import DemoSessionActivities
     from activities.llm import LlmActivities
     from activities.registry import RegistryActivities
     from konstruct.models.demo import (
@@ -411,7 +414,7 @@ class DemoCascade:
             await self._compensate("(invariant)", "settle demo-production", self._settle_alias)
         try:
             await self._local(
-                DemoActivities.finish,
+                DemoSessionActivities.finish,
                 FinishInput(
                     status="cancelled" if cancelled else "failed",
                     champion_run_id=self._champion.run_id if self._champion else None,
@@ -552,7 +555,7 @@ class DemoCascade:
 
     async def _delete_prefix(self, prefix: str) -> str:
         output: StepOutput = await self._local(
-            DemoActivities.delete_prefix,
+            DemoSessionActivities.delete_prefix,
             DeletePrefixInput(prefix=prefix),
             retry_policy=COMPENSATION_RETRY_POLICY,
         )
@@ -577,14 +580,14 @@ class DemoCascade:
         # Recorded first, on its own: the invariant needs it however precheck ends,
         # and a re-executed step (worker crash) reads the first record back.
         start: SessionStart = await self._local(
-            DemoActivities.open_session,
+            DemoSessionActivities.open_session,
             OpenSessionInput(scenario=self._input.scenario, seed=self._input.seed),
             summary="precheck: open session",
         )
         self._pre_run_alias = self._alias_run_id = start.pre_run_alias_run_id
         self._history_mark = start.history_mark
         result: PrecheckResult = await self._local(
-            DemoActivities.precheck,
+            DemoSessionActivities.precheck,
             PrecheckInput(**self._step_input("precheck", inject), scenario=self._input.scenario),
             summary="precheck",
         )
@@ -597,7 +600,9 @@ class DemoCascade:
 
     async def _step_reset(self, inject: bool) -> _Outcome:
         result: ResetResult = await self._local(
-            DemoActivities.reset, StepInput(**self._step_input("reset", inject)), summary="reset"
+            DemoSessionActivities.reset,
+            StepInput(**self._step_input("reset", inject)),
+            summary="reset",
         )
         return _Outcome(detail=result.detail, work_ms=result.work_ms)
 
@@ -605,7 +610,7 @@ class DemoCascade:
         assert self._input is not None
         self._push_delete("seed_data", "sales series", self._prefix + "data/sales")
         result: DataRef = await self._local(
-            DemoActivities.seed_data,
+            DemoDataActivities.seed_data,
             SeedDataInput(
                 **self._step_input("seed_data", inject),
                 seed=self._input.seed,
@@ -620,7 +625,7 @@ class DemoCascade:
         assert self._input is not None and self._sales is not None
         self._push_delete("backfill", "backfilled series", self._prefix + "data/backfill")
         result: DataRef = await self._local(
-            DemoActivities.backfill,
+            DemoDataActivities.backfill,
             BackfillInput(
                 **self._step_input("backfill", inject),
                 data=self._sales,
@@ -636,7 +641,7 @@ class DemoCascade:
         assert self._sales is not None
         self._push_delete("features", "feature table", self._prefix + "data/features")
         result: DataRef = await self._local(
-            DemoActivities.features,
+            DemoDataActivities.features,
             FeaturesInput(**self._step_input("features", inject), data=self._sales),
             summary="features",
         )
@@ -647,7 +652,7 @@ class DemoCascade:
         assert self._features is not None
         self._push_delete(step, "trained model files", self._prefix + f"models/{step}/")
         result: TrainResult = await self._local(
-            DemoActivities.train,
+            DemoDataActivities.train,
             TrainInput(**self._step_input(step, inject), features=self._features, models=models),
             summary=step,
         )
@@ -663,7 +668,7 @@ class DemoCascade:
     async def _step_backtest(self, inject: bool) -> _Outcome:
         assert self._input is not None and self._features is not None
         result: BacktestResult = await self._local(
-            DemoActivities.backtest,
+            DemoDataActivities.backtest,
             BacktestInput(
                 **self._step_input("backtest", inject),
                 features=self._features,
@@ -720,7 +725,7 @@ class DemoCascade:
 
         self._push("register_runs", "discard registered runs", "register_runs:discard", discard)
         result: RegisterResult = await self._local(
-            DemoActivities.register,
+            DemoRegistryActivities.register,
             RegisterInput(
                 **self._step_input("register_runs", inject),
                 models=self._models,
@@ -738,7 +743,7 @@ class DemoCascade:
         v1 = self._v1_runs()[0]
         v2 = next(r for r in self._runs if r.model == "trend_seasonal_v2")
         result: CompatResult = await self._local(
-            DemoActivities.compat_compare,
+            DemoRegistryActivities.compat_compare,
             CompatInput(**self._step_input("compat_compare", inject), v1=v1, v2=v2),
             summary="compat_compare",
         )
@@ -753,7 +758,7 @@ class DemoCascade:
 
         self._push("promote", "undo the promote move", "promote:move", undo)
         result: MoveOutput = await self._local(
-            DemoActivities.promote,
+            DemoRegistryActivities.promote,
             PromoteInput(
                 **self._step_input("promote", inject),
                 champion=best,
@@ -771,7 +776,7 @@ class DemoCascade:
     async def _step_stale_alias_check(self, inject: bool) -> _Outcome:
         assert self._champion is not None
         result: StaleCheckResult = await self._local(
-            DemoActivities.stale_alias_check,
+            DemoRegistryActivities.stale_alias_check,
             StaleCheckInput(
                 **self._step_input("stale_alias_check", inject),
                 champion_run_id=self._champion.run_id,
@@ -789,7 +794,7 @@ class DemoCascade:
 
         self._push("safer_promote", "undo the swap to the worse run", "safer:swap", undo)
         swap: MoveOutput = await self._local(
-            DemoActivities.safer_promote_swap,
+            DemoRegistryActivities.safer_promote_swap,
             PromoteInput(
                 **self._step_input("safer_promote", inject),
                 champion=worse,
@@ -799,7 +804,7 @@ class DemoCascade:
             summary="safer_promote: swap",
         )
         check: RegressionCheck = await self._local(
-            DemoActivities.check_regression,
+            DemoRegistryActivities.check_regression,
             RegressionCheckInput(
                 **self._step_input("safer_promote", False),
                 champion=self._champion,
@@ -828,7 +833,7 @@ class DemoCascade:
         )
         # The recorded champion, never the live alias (the seed's cascade).
         result: ScenarioResult = await self._local(
-            DemoActivities.scenario_simulate_and_save,
+            DemoDataActivities.scenario_simulate_and_save,
             ScenarioInput(
                 **self._step_input("scenario_simulate_and_save", inject),
                 champion=self._champion,
@@ -842,7 +847,7 @@ class DemoCascade:
 
     async def _step_plan_compare(self, inject: bool) -> _Outcome:
         result: PlanCompareResult = await self._local(
-            DemoActivities.plan_compare,
+            DemoDataActivities.plan_compare,
             PlanCompareInput(**self._step_input("plan_compare", inject), plans=self._plans),
             summary="plan_compare",
         )
@@ -851,7 +856,7 @@ class DemoCascade:
     async def _step_rag_index(self, inject: bool) -> _Outcome:
         self._push_delete("rag_index", "RAG index", self._prefix + "rag/")
         result: RagResult = await self._local(
-            DemoActivities.rag_index,
+            DemoAgentActivities.rag_index,
             RagInput(
                 **self._step_input("rag_index", inject),
                 question="How does the demo keep demo-production on the champion?",
@@ -905,7 +910,7 @@ class DemoCascade:
 
             self._push("agent_decision", "undo the agent's promote", "agent:move", undo)
         result: DecisionApplyResult = await self._local(
-            DemoActivities.apply_decision,
+            DemoAgentActivities.apply_decision,
             DecisionApplyInput(
                 **self._step_input("agent_decision", inject),
                 proposal=proposal,
@@ -1017,7 +1022,7 @@ class DemoCascade:
                 for name, v in scores.items()
             )
         result: StepOutput = await self._local(
-            DemoActivities.record_eval,
+            DemoAgentActivities.record_eval,
             EvalRecordInput(**self._step_input("agent_eval", inject), summary=summary),
             summary="agent_eval: record",
         )
@@ -1026,7 +1031,7 @@ class DemoCascade:
     async def _step_verify(self, inject: bool) -> _Outcome:
         assert self._champion is not None
         result: StepOutput = await self._local(
-            DemoActivities.verify,
+            DemoRegistryActivities.verify,
             VerifyInput(
                 **self._step_input("verify", inject),
                 champion=self._champion,
@@ -1038,12 +1043,12 @@ class DemoCascade:
 
     async def _step_cleanup(self, inject: bool) -> _Outcome:
         result: StepOutput = await self._local(
-            DemoActivities.cleanup,
+            DemoSessionActivities.cleanup,
             CleanupInput(**self._step_input("cleanup", inject)),
             summary="cleanup",
         )
         await self._local(
-            DemoActivities.finish,
+            DemoSessionActivities.finish,
             FinishInput(
                 status="completed",
                 champion_run_id=self._champion.run_id if self._champion else None,
