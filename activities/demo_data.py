@@ -64,15 +64,12 @@ class DemoDataActivities:
             self.plan_compare,
         ]
 
-    async def _put_table(
-        self, input: StepInput, name: str, table: Any, detail: Callable[[int, int], str]
-    ) -> DataRef:
-        """Store a data step's table in the session."""
+    async def _put_table(self, input: StepInput, name: str, table: Any, detail: str) -> DataRef:
+        """Store a data step's table in the session; `detail` may name its {rows} and {series}."""
         ref = await put_json(self.pool, input.tenant_id, input.session_prefix + name, table)
         rows, series = forecasting.count_points(table)
-        return ref.model_copy(
-            update={"rows": rows, "series": series, "detail": detail(rows, series)}
-        )
+        detail = detail.format(rows=rows, series=series)
+        return ref.model_copy(update={"rows": rows, "series": series, "detail": detail})
 
     # --- data -----------------------------------------------------------------------
 
@@ -83,12 +80,8 @@ class DemoDataActivities:
         sales = await compute(
             forecasting.generate_sales, input.seed, size.stores, size.products, size.days
         )
-        return await self._put_table(
-            input,
-            "data/sales.json",
-            sales,
-            lambda rows, series: f"{series} series x {size.days} days (seed {input.seed})",
-        )
+        detail = f"{{series}} series x {size.days} days (seed {input.seed})"
+        return await self._put_table(input, "data/sales.json", sales, detail)
 
     @activity.defn(name="demo_backfill")
     @demo_step
@@ -97,24 +90,16 @@ class DemoDataActivities:
         filled = await compute(
             forecasting.backfill_sales, sales, input.size.backfill_days, input.seed
         )
-        return await self._put_table(
-            input,
-            "data/backfill/sales.json",
-            filled,
-            lambda rows, series: f"backfilled {input.size.backfill_days} days: {rows} points",
-        )
+        detail = f"backfilled {input.size.backfill_days} days: {{rows}} points"
+        return await self._put_table(input, "data/backfill/sales.json", filled, detail)
 
     @activity.defn(name="demo_features")
     @demo_step
     async def features(self, input: FeaturesInput) -> DataRef:
         sales = await get_json(self.pool, input.tenant_id, input.data)
         table = await compute(forecasting.build_features, sales)
-        return await self._put_table(
-            input,
-            "data/features.json",
-            table,
-            lambda rows, series: f"{rows} feature rows over {series} series",
-        )
+        detail = "{rows} feature rows over {series} series"
+        return await self._put_table(input, "data/features.json", table, detail)
 
     # --- models ---------------------------------------------------------------------
 

@@ -13,11 +13,9 @@ from activities.demo_step import caller, demo_step
 from konstruct.db import tenant_transaction
 from konstruct.errors import PrecheckFailed
 from konstruct.models.demo import (
-    CleanupInput,
     DeletePrefixInput,
     FinishInput,
     OpenSessionInput,
-    PrecheckInput,
     PrecheckResult,
     ResetResult,
     SessionStart,
@@ -65,7 +63,7 @@ class DemoSessionActivities:
 
     @activity.defn(name="demo_precheck")
     @demo_step
-    async def precheck(self, input: PrecheckInput) -> PrecheckResult:
+    async def precheck(self, input: StepInput) -> PrecheckResult:
         """The registry schema is there; which providers the router has."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             missing = await sessions.missing_tables(conn, REGISTRY_TABLES)
@@ -109,7 +107,7 @@ class DemoSessionActivities:
 
     @activity.defn(name="demo_cleanup")
     @demo_step
-    async def cleanup(self, input: CleanupInput) -> StepOutput:
+    async def cleanup(self, input: StepInput) -> StepOutput:
         """Delete this run's scratch data and model files; keep runs, scenarios, index."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             data = await registry.delete_artifacts(

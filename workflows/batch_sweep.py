@@ -19,6 +19,7 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from activities.demo_data import DemoDataActivities
     from konstruct.models.demo import (
+        StepContext,
         SweepInput,
         SweepPlanInput,
         SweepPoint,
@@ -52,15 +53,16 @@ async def _local(activity: Callable[..., Awaitable[T]], arg: Any, summary: str |
 class BatchSweep:
     @workflow.run
     async def run(self, input: SweepInput) -> SweepResult:
+        step = StepContext(
+            SWEEP_STEP, input.inject_failure, input.session_prefix, tenant_id=input.tenant_id
+        )
         plan = await _local(DemoDataActivities.sweep_plan, SweepPlanInput(preset=input.preset))
         points: list[SweepPoint] = await asyncio.gather(
             *(
                 _local(
                     DemoDataActivities.sweep_point,
-                    SweepPointInput(
-                        tenant_id=input.tenant_id,
-                        step=SWEEP_STEP,
-                        session_prefix=input.session_prefix,
+                    step.without_injection().input(
+                        SweepPointInput,
                         features=input.features,
                         model=config.model,
                         params=config.params,
@@ -75,12 +77,9 @@ class BatchSweep:
         # fail_at=batch_sweep fails here, after the best model was written.
         trained = await _local(
             DemoDataActivities.train,
-            TrainInput(
-                tenant_id=input.tenant_id,
-                step=SWEEP_STEP,
-                session_prefix=input.session_prefix,
+            step.input(
+                TrainInput,
                 features=input.features,
-                inject_failure=input.inject_failure,
                 models=[best.model],
                 params={best.model: best.params},
             ),

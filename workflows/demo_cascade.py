@@ -66,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
         RegisteredRun,
         RunStatus,
         SavedPlan,
+        StepContext,
         StepInput,
         TrainedModel,
         steps_of,
@@ -87,7 +88,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.experiment import Experiment
 
 T = TypeVar("T")
-In = TypeVar("In", bound=StepInput)
 
 
 @dataclass(frozen=True)
@@ -100,33 +100,16 @@ class _Options:
     schedule_to_close: timedelta = timedelta(minutes=3)
 
 
+def _retries(first: timedelta, longest: timedelta, attempts: int) -> RetryPolicy:
+    return RetryPolicy(initial_interval=first, maximum_interval=longest, maximum_attempts=attempts)
+
+
+_SECOND = timedelta(seconds=1)
 # Errors no retry can fix (ours carry non_retryable) fail the step at once.
-STEP = _Options(
-    start_to_close=timedelta(seconds=60),
-    retry_policy=RetryPolicy(
-        initial_interval=timedelta(milliseconds=200),
-        maximum_interval=timedelta(seconds=5),
-        maximum_attempts=5,
-    ),
-)
+STEP = _Options(60 * _SECOND, _retries(_SECOND / 5, 5 * _SECOND, 5))
 # A compensation gets a few tries; after that it is reported, not retried forever.
-COMPENSATION = dataclasses.replace(
-    STEP,
-    retry_policy=RetryPolicy(
-        initial_interval=timedelta(milliseconds=500),
-        maximum_interval=timedelta(seconds=2),
-        maximum_attempts=3,
-    ),
-)
-LLM_CALL = dataclasses.replace(
-    STEP,
-    start_to_close=timedelta(seconds=120),
-    retry_policy=RetryPolicy(
-        initial_interval=timedelta(seconds=1),
-        maximum_interval=timedelta(seconds=8),
-        maximum_attempts=3,
-    ),
-)
+COMPENSATION = dataclasses.replace(STEP, retry_policy=_retries(_SECOND / 2, 2 * _SECOND, 3))
+LLM_CALL = _Options(120 * _SECOND, _retries(_SECOND, 8 * _SECOND, 3))
 CHILD_EXECUTION_TIMEOUT = timedelta(minutes=10)
 # No answer to a manual approval within this long means hold.
 APPROVAL_TIMEOUT = timedelta(seconds=90)
@@ -134,25 +117,6 @@ SWEEP_PRESET = "moving_average_windows"
 # The v1 models: `promote` picks the champion among them; v2 and the sweep's best
 # are the challengers the agent step weighs against it.
 BASELINES = ("naive", "seasonal_naive", "moving_average")
-
-
-@dataclass(frozen=True)
-class _Step:
-    """The step being run: its name, whether `fail_at` names it, where its data goes."""
-
-    name: str
-    inject: bool
-    session_prefix: str
-
-    def input(self, model: type[In], **fields: Any) -> In:
-        """The step activity's input: where the step's data lives, and whether to fail."""
-        return model(
-            tenant_id=DEMO_TENANT,
-            step=self.name,
-            session_prefix=self.session_prefix,
-            inject_failure=self.inject,
-            **fields,
-        )
 
 
 @dataclass
@@ -319,7 +283,7 @@ class DemoCascade:
         row.status = "running"
         self._current = name
         self._show()
-        step = _Step(name, self._input.fail_at == name, self._prefix)
+        step = StepContext(name, self._input.fail_at == name, self._prefix)
         started = workflow.now()
         try:
             outcome = await _STEP_RUNS[name](self, step)
@@ -412,7 +376,11 @@ class DemoCascade:
         )
 
     async def _step(
-        self, activity: Callable[..., Awaitable[T]], step: _Step, arg: BaseModel, part: str = ""
+        self,
+        activity: Callable[..., Awaitable[T]],
+        step: StepContext,
+        arg: BaseModel,
+        part: str = "",
     ) -> T:
         """Run a step's activity; its summary is the step's name (and which part of it)."""
         return await self._local(
@@ -512,7 +480,7 @@ class DemoCascade:
 
     # --- the steps: setup and data ---------------------------------------------------
 
-    async def _precheck(self, step: _Step) -> _Outcome:
+    async def _precheck(self, step: StepContext) -> _Outcome:
         # Recorded first, on its own: the invariant needs it however precheck ends,
         # and a re-executed step (worker crash) reads the first record back.
         start = await self._step(
@@ -526,7 +494,7 @@ class DemoCascade:
         result = await self._step(
             DemoSessionActivities.precheck,
             step,
-            step.input(dm.PrecheckInput, scenario=self._input.scenario),
+            step.input(StepInput),
         )
         self._handoff.precheck = result
         before = self._pre_run_alias or "(none)"
@@ -535,12 +503,12 @@ class DemoCascade:
             work_ms=result.work_ms,
         )
 
-    async def _reset(self, step: _Step) -> _Outcome:
+    async def _reset(self, step: StepContext) -> _Outcome:
         return _Outcome.of(
             await self._step(DemoSessionActivities.reset, step, step.input(StepInput))
         )
 
-    async def _seed_data(self, step: _Step) -> _Outcome:
+    async def _seed_data(self, step: StepContext) -> _Outcome:
         self._push_delete(step.name, "sales series", self._prefix + "data/sales")
         result = await self._step(
             DemoDataActivities.seed_data,
@@ -550,7 +518,7 @@ class DemoCascade:
         self._handoff.sales = result
         return _Outcome.of(result)
 
-    async def _backfill(self, step: _Step) -> _Outcome:
+    async def _backfill(self, step: StepContext) -> _Outcome:
         assert self._handoff.sales is not None
         self._push_delete(step.name, "backfilled series", self._prefix + "data/backfill")
         result = await self._step(
@@ -563,7 +531,7 @@ class DemoCascade:
         self._handoff.sales = result
         return _Outcome.of(result)
 
-    async def _features(self, step: _Step) -> _Outcome:
+    async def _features(self, step: StepContext) -> _Outcome:
         assert self._handoff.sales is not None
         self._push_delete(step.name, "feature table", self._prefix + "data/features")
         result = await self._step(
@@ -576,7 +544,7 @@ class DemoCascade:
 
     # --- modeling --------------------------------------------------------------------
 
-    async def _train(self, step: _Step, models: list[str]) -> _Outcome:
+    async def _train(self, step: StepContext, models: list[str]) -> _Outcome:
         assert self._handoff.features is not None
         self._push_delete(step.name, "trained model files", self._prefix + f"models/{step.name}/")
         result = await self._step(
@@ -587,13 +555,13 @@ class DemoCascade:
         self._handoff.models += result.models
         return _Outcome.of(result)
 
-    async def _train_baselines(self, step: _Step) -> _Outcome:
+    async def _train_baselines(self, step: StepContext) -> _Outcome:
         return await self._train(step, list(BASELINES))
 
-    async def _train_v2(self, step: _Step) -> _Outcome:
+    async def _train_v2(self, step: StepContext) -> _Outcome:
         return await self._train(step, ["trend_seasonal_v2"])
 
-    async def _backtest(self, step: _Step) -> _Outcome:
+    async def _backtest(self, step: StepContext) -> _Outcome:
         assert self._handoff.features is not None
         result = await self._step(
             DemoDataActivities.backtest,
@@ -608,7 +576,7 @@ class DemoCascade:
         self._handoff.scores = result.scores
         return _Outcome.of(result)
 
-    async def _batch_sweep(self, step: _Step) -> _Outcome:
+    async def _batch_sweep(self, step: StepContext) -> _Outcome:
         assert self._handoff.features is not None
         self._push_delete(step.name, "sweep model files", self._prefix + "models/batch_sweep/")
         result = await workflow.execute_child_workflow(
@@ -638,7 +606,7 @@ class DemoCascade:
 
     # --- registry --------------------------------------------------------------------
 
-    async def _register_runs(self, step: _Step) -> _Outcome:
+    async def _register_runs(self, step: StepContext) -> _Outcome:
         run_ids = {m.name: str(workflow.uuid4()) for m in self._handoff.models}
         self._push_discard(
             step.name, "discard registered runs", "register_runs:discard", list(run_ids.values())
@@ -658,7 +626,7 @@ class DemoCascade:
         self._handoff.runs = result.runs
         return _Outcome.of(result)
 
-    async def _compat_compare(self, step: _Step) -> _Outcome:
+    async def _compat_compare(self, step: StepContext) -> _Outcome:
         v1 = self._v1_runs()[0]
         v2 = next(r for r in self._handoff.runs if r.model == "trend_seasonal_v2")
         return _Outcome.of(
@@ -669,7 +637,7 @@ class DemoCascade:
             )
         )
 
-    async def _promote(self, step: _Step) -> _Outcome:
+    async def _promote(self, step: StepContext) -> _Outcome:
         best = self._v1_runs()[0]
         self._alias_touched = True
         self._push_undo_move(
@@ -695,7 +663,7 @@ class DemoCascade:
         self._saga.drop("promote:move")
         return _Outcome.of(result)
 
-    async def _stale_alias_check(self, step: _Step) -> _Outcome:
+    async def _stale_alias_check(self, step: StepContext) -> _Outcome:
         assert self._champion is not None
         return _Outcome.of(
             await self._step(
@@ -705,7 +673,7 @@ class DemoCascade:
             )
         )
 
-    async def _safer_promote(self, step: _Step) -> _Outcome:
+    async def _safer_promote(self, step: StepContext) -> _Outcome:
         assert self._champion is not None
         worse = self._v1_runs()[-1]
         self._push_undo_move(
@@ -726,11 +694,10 @@ class DemoCascade:
             ),
             "swap",
         )
-        # `fail_at` fails the swap, the step's change; the check only reads.
         check = await self._step(
             DemoRegistryActivities.check_regression,
             step,
-            dataclasses.replace(step, inject=False).input(
+            step.without_injection().input(
                 dm.RegressionCheckInput,
                 champion=self._champion,
                 swap_move_id=self._move_id("safer-swap"),
@@ -754,7 +721,7 @@ class DemoCascade:
 
     # --- planning and knowledge ------------------------------------------------------
 
-    async def _scenario_simulate_and_save(self, step: _Step) -> _Outcome:
+    async def _scenario_simulate_and_save(self, step: StepContext) -> _Outcome:
         assert self._champion is not None and self._handoff.features is not None
         self._push_delete(step.name, "saved scenarios", self._prefix + "scenarios/")
         # The recorded champion, never the live alias (the seed's cascade).
@@ -771,7 +738,7 @@ class DemoCascade:
         self._handoff.plans = result.plans
         return _Outcome.of(result)
 
-    async def _plan_compare(self, step: _Step) -> _Outcome:
+    async def _plan_compare(self, step: StepContext) -> _Outcome:
         return _Outcome.of(
             await self._step(
                 DemoDataActivities.plan_compare,
@@ -780,7 +747,7 @@ class DemoCascade:
             )
         )
 
-    async def _rag_index(self, step: _Step) -> _Outcome:
+    async def _rag_index(self, step: StepContext) -> _Outcome:
         self._push_delete(step.name, "RAG index", self._prefix + "rag/")
         result = await self._step(
             DemoAgentActivities.rag_index,
@@ -795,7 +762,7 @@ class DemoCascade:
 
     # --- agents ----------------------------------------------------------------------
 
-    async def _agent_decision(self, step: _Step) -> _Outcome:
+    async def _agent_decision(self, step: StepContext) -> _Outcome:
         assert self._handoff.precheck is not None and self._champion is not None
         champion = self._champion
         challenger = self._challenger()
@@ -904,7 +871,7 @@ class DemoCascade:
             return True, "approved by signal"
         return False, "rejected by signal"
 
-    async def _agent_eval(self, step: _Step) -> _Outcome:
+    async def _agent_eval(self, step: StepContext) -> _Outcome:
         """A short Experiment child scores the agent's rationale; the record step carries fail_at."""
         assert self._handoff.precheck is not None
         group, judge = self._handoff.precheck.agent_group, self._handoff.precheck.judge_group
@@ -961,7 +928,7 @@ class DemoCascade:
 
     # --- ops -------------------------------------------------------------------------
 
-    async def _verify(self, step: _Step) -> _Outcome:
+    async def _verify(self, step: StepContext) -> _Outcome:
         assert self._champion is not None
         return _Outcome.of(
             await self._step(
@@ -973,14 +940,14 @@ class DemoCascade:
             )
         )
 
-    async def _cleanup(self, step: _Step) -> _Outcome:
-        result = await self._step(DemoSessionActivities.cleanup, step, step.input(dm.CleanupInput))
+    async def _cleanup(self, step: StepContext) -> _Outcome:
+        result = await self._step(DemoSessionActivities.cleanup, step, step.input(StepInput))
         await self._finish("completed", summary="cleanup: finish session")
         return _Outcome.of(result)
 
 
 # Each step of DEMO_STEPS (its name, phase and scenarios) and the method that runs it.
-_STEP_RUNS: dict[str, Callable[[DemoCascade, _Step], Awaitable[_Outcome]]] = {
+_STEP_RUNS: dict[str, Callable[[DemoCascade, StepContext], Awaitable[_Outcome]]] = {
     "precheck": DemoCascade._precheck,
     "reset": DemoCascade._reset,
     "seed_data": DemoCascade._seed_data,
