@@ -381,8 +381,16 @@ class DemoCascade:
         step: StepContext,
         arg: BaseModel,
         part: str = "",
+        deletes: tuple[str, str] | None = None,
     ) -> T:
-        """Run a step's activity; its summary is the step's name (and which part of it)."""
+        """Run a step's activity; its summary is the step's name (and which part of it).
+
+        `deletes` is (what, path in the session) the activity writes: its delete is
+        pushed on the saga first.
+        """
+        if deletes is not None:
+            what, path = deletes
+            self._push_delete(step.name, what, self._prefix + path)
         return await self._local(
             activity, arg, summary=f"{step.name}: {part}" if part else step.name
         )
@@ -509,35 +517,35 @@ class DemoCascade:
         )
 
     async def _seed_data(self, step: StepContext) -> _Outcome:
-        self._push_delete(step.name, "sales series", self._prefix + "data/sales")
         result = await self._step(
             DemoDataActivities.seed_data,
             step,
             step.input(dm.SeedDataInput, seed=self._input.seed, size=self._size()),
+            deletes=("sales series", "data/sales"),
         )
         self._handoff.sales = result
         return _Outcome.of(result)
 
     async def _backfill(self, step: StepContext) -> _Outcome:
         assert self._handoff.sales is not None
-        self._push_delete(step.name, "backfilled series", self._prefix + "data/backfill")
         result = await self._step(
             DemoDataActivities.backfill,
             step,
             step.input(
                 dm.BackfillInput, data=self._handoff.sales, seed=self._input.seed, size=self._size()
             ),
+            deletes=("backfilled series", "data/backfill"),
         )
         self._handoff.sales = result
         return _Outcome.of(result)
 
     async def _features(self, step: StepContext) -> _Outcome:
         assert self._handoff.sales is not None
-        self._push_delete(step.name, "feature table", self._prefix + "data/features")
         result = await self._step(
             DemoDataActivities.features,
             step,
             step.input(dm.FeaturesInput, data=self._handoff.sales),
+            deletes=("feature table", "data/features"),
         )
         self._handoff.features = result
         return _Outcome.of(result)
@@ -546,11 +554,11 @@ class DemoCascade:
 
     async def _train(self, step: StepContext, models: list[str]) -> _Outcome:
         assert self._handoff.features is not None
-        self._push_delete(step.name, "trained model files", self._prefix + f"models/{step.name}/")
         result = await self._step(
             DemoDataActivities.train,
             step,
             step.input(dm.TrainInput, features=self._handoff.features, models=models),
+            deletes=("trained model files", f"models/{step.name}/"),
         )
         self._handoff.models += result.models
         return _Outcome.of(result)
@@ -723,7 +731,6 @@ class DemoCascade:
 
     async def _scenario_simulate_and_save(self, step: StepContext) -> _Outcome:
         assert self._champion is not None and self._handoff.features is not None
-        self._push_delete(step.name, "saved scenarios", self._prefix + "scenarios/")
         # The recorded champion, never the live alias (the seed's cascade).
         result = await self._step(
             DemoDataActivities.scenario_simulate_and_save,
@@ -734,6 +741,7 @@ class DemoCascade:
                 features=self._handoff.features,
                 horizon=SCENARIO_SIZES["showcase_rich"].horizon,
             ),
+            deletes=("saved scenarios", "scenarios/"),
         )
         self._handoff.plans = result.plans
         return _Outcome.of(result)
@@ -748,11 +756,11 @@ class DemoCascade:
         )
 
     async def _rag_index(self, step: StepContext) -> _Outcome:
-        self._push_delete(step.name, "RAG index", self._prefix + "rag/")
         result = await self._step(
             DemoAgentActivities.rag_index,
             step,
             step.input(dm.RagInput, question=demo_content.RAG_QUESTION),
+            deletes=("RAG index", "rag/"),
         )
         return _Outcome(
             status="skip" if result.skipped else "pass",
