@@ -1,8 +1,8 @@
-"""Registry activities DemoCascade schedules as compensations: thin wrappers over
-`konstruct.store.registry`.
+"""Registry activities: undo an alias move, settle an alias, discard runs.
 
-Each names the workflow run that calls it, so every alias move is traceable to
-the workflow that made it.
+DemoCascade schedules them to roll back and compensate its changes; each is a
+thin wrapper over `konstruct.store.registry` that names the calling workflow
+run, so every alias move is traceable to the workflow that made it.
 """
 
 from __future__ import annotations
