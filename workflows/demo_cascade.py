@@ -413,11 +413,13 @@ class DemoCascade:
         self._alias_run_id = result.run_id
         return result
 
-    def _push_undo_move(self, step: str, action: str, key: str, what: str, reason: str) -> None:
+    def _push_undo_move(self, step: str, action: str, what: str, reason: str) -> None:
+        """Push the undo of the move `what` (its key on the saga too)."""
+
         async def undo() -> str:
             return (await self._undo_move(what, reason)).detail
 
-        self._saga.push(step, action, key, undo)
+        self._saga.push(step, action, what, undo)
 
     async def _settle_alias(self) -> str:
         target = self._champion.run_id if self._champion else self._pre_run_alias
@@ -651,7 +653,6 @@ class DemoCascade:
         self._push_undo_move(
             step.name,
             "undo the promote move",
-            "promote:move",
             "promote",
             "undo promote (step failed)",
         )
@@ -668,7 +669,7 @@ class DemoCascade:
         # The pivot: the champion is recorded and the alias stays on it.
         self._champion = best
         self._alias_run_id = best.run_id
-        self._saga.drop("promote:move")
+        self._saga.drop("promote")
         return _Outcome.of(result)
 
     async def _stale_alias_check(self, step: StepContext) -> _Outcome:
@@ -687,7 +688,6 @@ class DemoCascade:
         self._push_undo_move(
             step.name,
             "undo the swap to the worse run",
-            "safer:swap",
             "safer-swap",
             "undo the trial swap (run ended)",
         )
@@ -713,7 +713,7 @@ class DemoCascade:
             "detect",
         )
         rollback = await self._undo_move("safer-swap", "safer promote: regression, roll back")
-        self._saga.drop("safer:swap")
+        self._saga.drop("safer-swap")
         if not check.regressed:
             # Raised by the workflow itself, so mapped here rather than by the interceptor.
             raise to_application_error(
@@ -808,7 +808,6 @@ class DemoCascade:
             self._push_undo_move(
                 step.name,
                 "undo the agent's promote",
-                "agent:move",
                 "agent-promote",
                 "undo agent promote",
             )
@@ -832,7 +831,7 @@ class DemoCascade:
             # A second pivot: the challenger is the recorded champion now.
             self._champion = challenger
             self._alias_run_id = challenger.run_id
-        self._saga.drop("agent:move")
+        self._saga.drop("agent-promote")
         return _Outcome(
             detail=f"agent proposed {proposal} ({how}): {rationale[:200]} | {result.detail}",
             work_ms=work_ms + result.work_ms,
