@@ -6,6 +6,7 @@ Pure and deterministic (workflows import it): text in, text out.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from konstruct.models.demo import (
     DEMO_TENANT,
@@ -15,7 +16,7 @@ from konstruct.models.demo import (
     PendingApproval,
     RegisteredRun,
 )
-from konstruct.models.experiments import ExperimentInput
+from konstruct.models.experiments import ExperimentInput, ExperimentResult
 
 # What the RAG step asks of the demo docs it indexes.
 RAG_QUESTION = "How does the demo keep demo-production on the champion?"
@@ -103,6 +104,25 @@ def evaluation(
             "max_concurrency": 2,
         }
     )
+
+
+def evaluation_report(
+    experiment_id: str, evaluated: ExperimentResult
+) -> tuple[dict[str, Any], str]:
+    """What the evaluation step records of the Experiment (scores per eval), and its detail."""
+    scores = {e.name: {"mean": e.mean, "pass_rate": e.pass_rate} for e in evaluated.summary.evals}
+    recorded = {
+        "registry_run_id": evaluated.registry_run_id,
+        "total": evaluated.summary.total,
+        "failed": evaluated.summary.failed,
+        "scores": scores,
+    }
+    detail = f"Experiment {experiment_id}: " + ", ".join(
+        f"{name} mean {v['mean'] if v['mean'] is None else round(v['mean'], 3)}"
+        f" pass {v['pass_rate'] if v['pass_rate'] is None else round(v['pass_rate'], 3)}"
+        for name, v in scores.items()
+    )
+    return recorded, detail
 
 
 _MARKS = {

@@ -911,20 +911,8 @@ class DemoCascade:
                 cancellation_type=workflow.ChildWorkflowCancellationType.TRY_CANCEL,
                 static_summary=f"evaluate the agent's rationale for {workflow.info().workflow_id}",
             )
-            scores = {
-                e.name: {"mean": e.mean, "pass_rate": e.pass_rate} for e in evaluated.summary.evals
-            }
-            summary.update(
-                registry_run_id=evaluated.registry_run_id,
-                total=evaluated.summary.total,
-                failed=evaluated.summary.failed,
-                scores=scores,
-            )
-            detail = f"Experiment {experiment_id}: " + ", ".join(
-                f"{name} mean {v['mean'] if v['mean'] is None else round(v['mean'], 3)}"
-                f" pass {v['pass_rate'] if v['pass_rate'] is None else round(v['pass_rate'], 3)}"
-                for name, v in scores.items()
-            )
+            recorded, detail = demo_content.evaluation_report(experiment_id, evaluated)
+            summary.update(recorded)
         result = await self._step(
             DemoAgentActivities.record_eval,
             step,
