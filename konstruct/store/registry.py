@@ -16,9 +16,10 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+from pydantic import BaseModel
 
 from konstruct.db import tenant_transaction
 from konstruct.errors import ArtifactIntegrityError, ArtifactMissing, NotFound
@@ -35,6 +36,8 @@ from konstruct.models.registry import (
     SettleAliasInput,
     UndoAliasMoveInput,
 )
+
+M = TypeVar("M", bound=BaseModel)
 
 # A move waits this long for another workflow's move of the same alias; beyond
 # it the attempt fails (retryably) instead of piling up connections.
@@ -114,23 +117,18 @@ async def delete_artifacts(conn: asyncpg.Connection, tenant_id: str, prefix: str
 # --- runs ---------------------------------------------------------------------
 
 
+def _from_row(
+    model: type[M], row: asyncpg.Record, ids: tuple[str, ...] = (), docs: tuple[str, ...] = ()
+) -> M:
+    """The model's fields from a row: uuid columns `ids` as strings, jsonb `docs` parsed."""
+    values = {name: row[name] for name in model.model_fields}
+    values.update({name: _str(row[name]) for name in ids})
+    values.update({name: json.loads(row[name]) for name in docs})
+    return model.model_validate(values)
+
+
 def _run(row: asyncpg.Record) -> RegistryRun:
-    return RegistryRun(
-        run_id=str(row["run_id"]),
-        tenant_id=row["tenant_id"],
-        kind=row["kind"],
-        name=row["name"],
-        owner=row["owner"],
-        status=row["status"],
-        params=json.loads(row["params"]),
-        metrics=json.loads(row["metrics"]),
-        artifact_uri=row["artifact_uri"],
-        artifact_sha256=row["artifact_sha256"],
-        artifact_size=row["artifact_size"],
-        workflow_id=row["workflow_id"],
-        workflow_run_id=row["workflow_run_id"],
-        created_at=row["created_at"],
-    )
+    return _from_row(RegistryRun, row, ids=("run_id",), docs=("params", "metrics"))
 
 
 async def insert_runs(
@@ -206,33 +204,11 @@ async def list_aliases(pool: asyncpg.Pool, tenant_id: str) -> list[RegistryAlias
             " where a.tenant_id = $1 order by a.alias",
             tenant_id,
         )
-    return [
-        RegistryAlias(
-            tenant_id=r["tenant_id"],
-            alias=r["alias"],
-            run_id=_str(r["run_id"]),
-            version=r["version"],
-            updated_at=r["updated_at"],
-            run_name=r["run_name"],
-            run_owner=r["run_owner"],
-        )
-        for r in rows
-    ]
+    return [_from_row(RegistryAlias, r, ids=("run_id",)) for r in rows]
 
 
 def _move(row: asyncpg.Record) -> AliasMove:
-    return AliasMove(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        alias=row["alias"],
-        from_run_id=_str(row["from_run_id"]),
-        to_run_id=_str(row["to_run_id"]),
-        reason=row["reason"],
-        move_id=row["move_id"],
-        workflow_id=row["workflow_id"],
-        workflow_run_id=row["workflow_run_id"],
-        moved_at=row["moved_at"],
-    )
+    return _from_row(AliasMove, row, ids=("from_run_id", "to_run_id"))
 
 
 async def alias_history(
