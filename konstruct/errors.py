@@ -12,6 +12,7 @@
     ├── ForecastingError           the forecasting domain refused its input (also a ValueError)
     ├── InjectedFailure            a failure the demo was asked to inject (`fail_at`)
     ├── InvariantViolated          a registry invariant does not hold
+    │   └── RegressionNotDetected  the demo's safer promote missed the regression it made
     └── PrecheckFailed             the demo's environment is not ready
 
 An activity raises these; the worker's interceptor (`konstruct.interceptors`)
@@ -141,3 +142,9 @@ def innermost_application_error(error: BaseException | None) -> ApplicationError
             found = cause
         cause = cause.__cause__ or getattr(cause, "cause", None)
     return found
+
+
+class RegressionNotDetected(InvariantViolated):
+    """The demo's safer promote swapped to a worse run and its check saw no regression."""
+
+    error_type = "RegressionNotDetected"

@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from konstruct.errors import ArtifactIntegrityError
+
 Table = dict[str, Any]
 Params = dict[str, Any]
 
@@ -27,10 +29,6 @@ WEEK = 7
 # Weekday multipliers (Monday first): a weekend peak, as retail sales have.
 WEEKDAY_SHAPE = (0.86, 0.9, 0.95, 1.0, 1.12, 1.22, 0.95)
 PRICE_ELASTICITY = -1.5
-
-
-class ArtifactIntegrityError(ValueError):
-    """The bytes loaded are not the bytes registered."""
 
 
 # --- data ---------------------------------------------------------------

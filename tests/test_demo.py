@@ -26,15 +26,19 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
+from activities.demo_registry import DemoRegistryActivities
 from konstruct.config import Settings
 from konstruct.db import tenant_transaction
+from konstruct.errors import NotFound, to_application_error
 from konstruct.models.demo import (
     DEMO_ALIAS,
     STEP_NAMES,
     DemoCascadeResult,
     DemoProgress,
+    RegisteredRun,
+    RegressionCheckInput,
     steps_of,
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
@@ -605,6 +609,39 @@ async def test_artifact_hash_is_verified_on_load(app_pool: asyncpg.Pool) -> None
         with pytest.raises(registry.ArtifactIntegrityError, match="stored hash"):
             await registry.load_artifact(conn, "demo", uri)
         await registry.delete_artifacts(conn, "demo", uri)
+
+
+async def test_a_vanished_run_fails_the_regression_check_without_retries(
+    app_pool: asyncpg.Pool,
+) -> None:
+    """The run the trial swap put live is gone: NotFound, which is never retried."""
+    swap_move_id, gone = f"test-{uuid.uuid4().hex}", uuid.uuid4()
+    async with tenant_transaction(app_pool, "demo") as conn:
+        await conn.execute(
+            "insert into registry_alias_history (tenant_id, alias, to_run_id, reason, move_id)"
+            " values ('demo', 'test-vanished', $1, 'test', $2)",
+            gone,
+            swap_move_id,
+        )
+    champion = RegisteredRun(
+        run_id=str(uuid.uuid4()),
+        name="c",
+        model="naive",
+        wape=0.1,
+        artifact_uri="",
+        artifact_sha256="",
+    )
+    check = RegressionCheckInput(
+        step="safer_promote",
+        session_prefix="demo/sessions/test/",
+        alias="test-vanished",
+        champion=champion,
+        swap_move_id=swap_move_id,
+    )
+    with pytest.raises(NotFound, match=str(gone)) as raised:
+        await ActivityEnvironment().run(DemoRegistryActivities(app_pool).check_regression, check)
+    # What the worker's interceptor hands Temporal for it.
+    assert to_application_error(raised.value).non_retryable
 
 
 async def test_a_changed_artifact_fails_verify_and_the_run_compensates(

@@ -18,7 +18,7 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.demo import DemoActivities
+from activities.demo import demo_activities
 from activities.experiments import ExperimentActivities
 from activities.llm import LlmActivities
 from activities.messages import MessageActivities
@@ -52,7 +52,7 @@ def _activities(
         llm.call_llm,
         *experiments.all(),
         *RegistryActivities(pool).all(),
-        *DemoActivities(pool, router, router_config).all(),
+        *demo_activities(pool, router, router_config),
     ]
 
 

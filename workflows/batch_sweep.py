@@ -9,59 +9,65 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.demo import DemoActivities
+    from activities.demo_data import DemoDataActivities
     from konstruct.models.demo import (
+        StepContext,
         SweepInput,
-        SweepPlan,
         SweepPlanInput,
         SweepPoint,
         SweepPointInput,
         SweepResult,
         TrainInput,
-        TrainResult,
     )
 
+T = TypeVar("T")
 SWEEP_STEP = "batch_sweep"
+# Errors no retry fixes (an injected failure, a missing file) carry non_retryable themselves.
 SWEEP_TIMEOUT = timedelta(seconds=60)
 SWEEP_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     maximum_interval=timedelta(seconds=5),
     maximum_attempts=5,
-    non_retryable_error_types=["InjectedFailure", "InvalidInput", "NotFound"],
 )
+
+
+async def _local(activity: Callable[..., Awaitable[T]], arg: Any, summary: str | None = None) -> T:
+    return await workflow.execute_local_activity_method(
+        activity,
+        arg,
+        start_to_close_timeout=SWEEP_TIMEOUT,
+        retry_policy=SWEEP_RETRY_POLICY,
+        summary=summary,
+    )
 
 
 @workflow.defn
 class BatchSweep:
     @workflow.run
     async def run(self, input: SweepInput) -> SweepResult:
-        plan: SweepPlan = await workflow.execute_local_activity_method(
-            DemoActivities.sweep_plan,
-            SweepPlanInput(preset=input.preset),
-            start_to_close_timeout=SWEEP_TIMEOUT,
-            retry_policy=SWEEP_RETRY_POLICY,
+        step = StepContext(
+            SWEEP_STEP, input.inject_failure, input.session_prefix, tenant_id=input.tenant_id
         )
+        plan = await _local(DemoDataActivities.sweep_plan, SweepPlanInput(preset=input.preset))
         points: list[SweepPoint] = await asyncio.gather(
             *(
-                workflow.execute_local_activity_method(
-                    DemoActivities.sweep_point,
-                    SweepPointInput(
-                        tenant_id=input.tenant_id,
-                        step=SWEEP_STEP,
-                        session_prefix=input.session_prefix,
+                _local(
+                    DemoDataActivities.sweep_point,
+                    step.without_injection().input(
+                        SweepPointInput,
                         features=input.features,
                         model=config.model,
                         params=config.params,
                         size=input.size,
                     ),
-                    start_to_close_timeout=SWEEP_TIMEOUT,
-                    retry_policy=SWEEP_RETRY_POLICY,
                     summary=f"{config.model} {config.params}",
                 )
                 for config in plan.configs
@@ -69,19 +75,14 @@ class BatchSweep:
         )
         best = min(points, key=lambda p: (p.wape, p.model, json.dumps(p.params, sort_keys=True)))
         # fail_at=batch_sweep fails here, after the best model was written.
-        trained: TrainResult = await workflow.execute_local_activity_method(
-            DemoActivities.train,
-            TrainInput(
-                tenant_id=input.tenant_id,
-                step=SWEEP_STEP,
-                session_prefix=input.session_prefix,
-                inject_failure=input.inject_failure,
+        trained = await _local(
+            DemoDataActivities.train,
+            step.input(
+                TrainInput,
                 features=input.features,
                 models=[best.model],
                 params={best.model: best.params},
             ),
-            start_to_close_timeout=SWEEP_TIMEOUT,
-            retry_policy=SWEEP_RETRY_POLICY,
             summary=f"train best {best.model} {best.params}",
         )
         return SweepResult(

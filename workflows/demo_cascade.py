@@ -1,13 +1,13 @@
 """DemoCascade: the forecasting registry showcase as a saga.
 
 Every step is one or more activities; every registry change pushes its
-compensation on a stack *before* it is made (so a change whose activity
-committed but never reported back is still undone). However the run ends -
-a step failing, `fail_at`, a cancel from the CLI or the Web UI - the stack is
-unwound in reverse and `demo-production` is settled on the champion this run
-recorded, or on what it pointed at before the run when no champion was
-recorded. Then the workflow fails with the original error; a compensation
-that fails is logged and shown in `progress`, and never replaces it.
+compensation on the saga (`konstruct.saga`) *before* it is made (so a change
+whose activity committed but never reported back is still undone). However
+the run ends - a step failing, `fail_at`, a cancel from the CLI or the Web UI -
+the compensations run in reverse and `demo-production` is settled on the
+champion this run recorded, or on what it pointed at before the run when no
+champion was recorded. Then the workflow fails with the original error; a
+compensation that fails is logged and shown in `progress`, and never replaces it.
 
 Champion semantics. `promote` records the best run as this run's champion:
 from then on the alias belongs on it, so the promote move is not undone (it is
@@ -17,85 +17,61 @@ serialised by a row lock, and an undo or the final settle only moves the alias
 if no other workflow run moved it after this one: with demo runs at once, the
 last run to move the alias wins, and the alias always ends on a champion some
 run recorded (see docs/demo.md).
+
+The module is longer than most because its 21 steps are one saga: each step
+is a short method that pushes its undo and hands its result to the next ones
+through the run's state, and `_STEP_RUNS` (at the end) maps every step of
+`DEMO_STEPS` to its method. Prompts and texts are `konstruct.demo_content`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import dataclasses
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_exception
+from temporalio.exceptions import ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from activities.demo import DemoActivities
+    from activities.demo_agent import DemoAgentActivities
+    from activities.demo_data import DemoDataActivities
+    from activities.demo_registry import DemoRegistryActivities
+    from activities.demo_session import DemoSessionActivities
     from activities.llm import LlmActivities
     from activities.registry import RegistryActivities
+    from konstruct import demo_content
+    from konstruct.errors import RegressionNotDetected, to_application_error
+    from konstruct.models import demo as dm
     from konstruct.models.demo import (
         DEMO_ALIAS,
         DEMO_TENANT,
         SCENARIO_SIZES,
-        ApprovalSignal,
-        BackfillInput,
-        BacktestInput,
-        BacktestResult,
+        STEP_NAMES,
         BacktestScore,
-        CleanupInput,
-        CompatInput,
-        CompatResult,
         CompensationRecord,
         DataRef,
         Decision,
-        DecisionApplyInput,
-        DecisionApplyResult,
-        DeletePrefixInput,
         DemoCascadeInput,
         DemoCascadeResult,
         DemoProgress,
         DemoStep,
-        EvalRecordInput,
-        FeaturesInput,
-        FinishInput,
-        MoveOutput,
-        OpenSessionInput,
         PendingApproval,
-        PlanCompareInput,
-        PlanCompareResult,
-        PrecheckInput,
         PrecheckResult,
-        PromoteInput,
-        RagInput,
-        RagResult,
         RegisteredRun,
-        RegisterInput,
-        RegisterResult,
-        RegressionCheck,
-        RegressionCheckInput,
-        ResetResult,
         RunStatus,
         SavedPlan,
-        ScenarioInput,
-        ScenarioResult,
-        SeedDataInput,
-        SessionStart,
-        StaleCheckInput,
-        StaleCheckResult,
+        StepContext,
         StepInput,
-        StepOutput,
-        SweepInput,
-        SweepResult,
         TrainedModel,
-        TrainInput,
-        TrainResult,
-        VerifyInput,
         steps_of,
     )
-    from konstruct.models.experiments import ExperimentInput, ExperimentResult
+    from konstruct.models.experiments import ExperimentResult
     from konstruct.models.llm import ChatTurn, LlmCallInput, LlmCallResult
     from konstruct.models.registry import (
         AliasMoveResult,
@@ -104,47 +80,36 @@ with workflow.unsafe.imports_passed_through():
         SettleAliasInput,
         UndoAliasMoveInput,
     )
-    from konstruct.naming import registry_run_id
+    from konstruct.naming import move_id, registry_run_id
+    from konstruct.saga import Saga, error_text, failure_of
     from konstruct.search_attributes import KIND, STATUS, TENANT
     from konstruct.validation import parse_input
     from workflows.batch_sweep import BatchSweep
     from workflows.experiment import Experiment
 
+T = TypeVar("T")
 
-# Steps are short: local activities, retried inside the workflow task.
-STEP_TIMEOUT = timedelta(seconds=60)
-STEP_SCHEDULE_TO_CLOSE = timedelta(minutes=3)
-# Errors no retry can fix fail the step at once.
-NON_RETRYABLE_ERRORS = [
-    "InjectedFailure",
-    "InvalidInput",
-    "NotFound",
-    "ArtifactMissing",
-    "ArtifactIntegrityError",
-    "InvariantViolated",
-    "RegressionNotDetected",
-    "PrecheckFailed",
-    "ForecastingError",
-]
-STEP_RETRY_POLICY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    maximum_interval=timedelta(seconds=5),
-    maximum_attempts=5,
-    non_retryable_error_types=NON_RETRYABLE_ERRORS,
-)
+
+@dataclass(frozen=True)
+class _Options:
+    """How a local activity is timed out and retried."""
+
+    start_to_close: timedelta
+    retry_policy: RetryPolicy
+    # Steps are short: local activities, retried inside the workflow task.
+    schedule_to_close: timedelta = timedelta(minutes=3)
+
+
+def _retries(first: timedelta, longest: timedelta, attempts: int) -> RetryPolicy:
+    return RetryPolicy(initial_interval=first, maximum_interval=longest, maximum_attempts=attempts)
+
+
+_SECOND = timedelta(seconds=1)
+# Errors no retry can fix (ours carry non_retryable) fail the step at once.
+STEP = _Options(60 * _SECOND, _retries(_SECOND / 5, 5 * _SECOND, 5))
 # A compensation gets a few tries; after that it is reported, not retried forever.
-COMPENSATION_RETRY_POLICY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=500),
-    maximum_interval=timedelta(seconds=2),
-    maximum_attempts=3,
-    non_retryable_error_types=NON_RETRYABLE_ERRORS,
-)
-LLM_CALL_TIMEOUT = timedelta(seconds=120)
-LLM_RETRY_POLICY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    maximum_interval=timedelta(seconds=8),
-    maximum_attempts=3,
-)
+COMPENSATION = dataclasses.replace(STEP, retry_policy=_retries(_SECOND / 2, 2 * _SECOND, 3))
+LLM_CALL = _Options(120 * _SECOND, _retries(_SECOND, 8 * _SECOND, 3))
 CHILD_EXECUTION_TIMEOUT = timedelta(minutes=10)
 # No answer to a manual approval within this long means hold.
 APPROVAL_TIMEOUT = timedelta(seconds=90)
@@ -152,8 +117,6 @@ SWEEP_PRESET = "moving_average_windows"
 # The v1 models: `promote` picks the champion among them; v2 and the sweep's best
 # are the challengers the agent step weighs against it.
 BASELINES = ("naive", "seasonal_naive", "moving_average")
-_DECISION_LINE = re.compile(r"decision\s*:\s*\**\s*(promote|hold)", re.IGNORECASE)
-_RATIONALE_LINE = re.compile(r"rationale\s*:\s*(.+)", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass
@@ -162,78 +125,36 @@ class _Outcome:
     detail: str = ""
     work_ms: float = 0.0
 
+    @classmethod
+    def of(cls, result: dm.StepOutput) -> _Outcome:
+        return cls(detail=result.detail, work_ms=result.work_ms)
+
 
 @dataclass
-class _Compensation:
-    step: str
-    action: str
-    # Identifies the entry, so a step that commits its change can drop it.
-    key: str
-    run: Callable[[], Awaitable[str]]
+class _Handoff:
+    """What the steps hand each other."""
 
-
-def _error_text(error: BaseException) -> str:
-    """The innermost message of an error chain, with its type."""
-    innermost = _innermost_application_error(error)
-    if innermost is not None:
-        return f"{innermost.type or 'ApplicationError'}: {innermost.message}"
-    cause: BaseException | None = error
-    while cause is not None and cause.__cause__ is not None:
-        cause = cause.__cause__
-    return f"{type(cause).__name__}: {cause}"
-
-
-def _innermost_application_error(error: BaseException) -> ApplicationError | None:
-    found = None
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, ApplicationError):
-            found = cause
-        cause = cause.__cause__
-    return found
-
-
-def _original_error(error: BaseException) -> BaseException:
-    """What the workflow fails with: the first error, unwrapped to its own type and message."""
-    if is_cancelled_exception(error):
-        return error
-    innermost = _innermost_application_error(error)
-    if innermost is not None:
-        return ApplicationError(innermost.message, type=innermost.type, non_retryable=True)
-    kind = type(error).__name__
-    if isinstance(error, FailureError):
-        return ApplicationError(_error_text(error), type=kind, non_retryable=True)
-    # A bug in this workflow: fail the run (compensated) rather than retry the task forever.
-    return ApplicationError(f"{kind}: {error}", type=kind, non_retryable=True)
-
-
-async def _shielded(run: Callable[[], Awaitable[str]]) -> str:
-    """Run a compensation to its end even if a cancel request arrives meanwhile."""
-    task = asyncio.ensure_future(run())
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            # The cancel hit our await, not the compensation: keep waiting for it.
-
-
-def parse_proposal(text: str) -> tuple[Decision, str]:
-    """`Decision: PROMOTE|HOLD` and `Rationale: ...` from the agent's answer; hold if unclear."""
-    decision_match = _DECISION_LINE.search(text)
-    rationale_match = _RATIONALE_LINE.search(text)
-    rationale = rationale_match.group(1).strip() if rationale_match else text.strip()
-    if decision_match is None:
-        return "HOLD", f"(no decision in the answer, holding) {rationale}"[:1000]
-    decision: Decision = "PROMOTE" if decision_match.group(1).upper() == "PROMOTE" else "HOLD"
-    return decision, rationale[:1000]
+    precheck: PrecheckResult | None = None
+    sales: DataRef | None = None
+    features: DataRef | None = None
+    models: list[TrainedModel] = field(default_factory=list)
+    scores: list[BacktestScore] = field(default_factory=list)
+    runs: list[RegisteredRun] = field(default_factory=list)
+    plans: list[SavedPlan] = field(default_factory=list)
+    rationale: str = ""
 
 
 @workflow.defn
 class DemoCascade:
-    def __init__(self) -> None:
-        self._input: DemoCascadeInput | None = None
+    @workflow.init
+    def __init__(self, raw_input: dict[str, Any]) -> None:
+        self._invalid: ApplicationError | None = None
+        try:
+            self._input = parse_input(DemoCascadeInput, raw_input, "DemoCascade")
+        except ApplicationError as error:
+            # `run` fails with it; until then progress shows the defaults.
+            self._invalid = error
+            self._input = DemoCascadeInput()
         self._steps: list[DemoStep] = []
         self._status: RunStatus = "running"
         self._current: str | None = None
@@ -241,39 +162,28 @@ class DemoCascade:
         self._paused = False
         self._notes: list[str] = []
         self._error: str | None = None
-        # Saga state.
-        self._compensations: list[_Compensation] = []
+        self._saga = Saga(self._record_compensation)
         self._compensation_records: list[CompensationRecord] = []
         self._alias_touched = False
         self._pre_run_alias: str | None = None
         self._history_mark = 0
         self._champion: RegisteredRun | None = None
         self._alias_run_id: str | None = None
+        self._decision: str | None = None
         # Human in the loop.
         self._pending: PendingApproval | None = None
         self._answer: Literal["approve", "reject"] | None = None
-        self._decision: str | None = None
-        # What the steps hand each other.
-        self._precheck: PrecheckResult | None = None
-        self._sales: DataRef | None = None
-        self._features: DataRef | None = None
-        self._models: list[TrainedModel] = []
-        self._scores: list[BacktestScore] = []
-        self._sweep: SweepResult | None = None
-        self._runs: list[RegisteredRun] = []
-        self._plans: list[SavedPlan] = []
-        self._rationale = ""
+        self._handoff = _Handoff()
 
     # --- messages ---------------------------------------------------------------
 
     @workflow.query
     def progress(self) -> DemoProgress:
-        input = self._input
         return DemoProgress(
             workflow_id=workflow.info().workflow_id,
-            scenario=input.scenario if input else "showcase_rich",
-            approval=input.approval if input else "auto",
-            fail_at=input.fail_at if input else None,
+            scenario=self._input.scenario,
+            approval=self._input.approval,
+            fail_at=self._input.fail_at,
             status=self._status,
             current_step=self._current,
             steps=[s.model_copy() for s in self._steps],
@@ -299,15 +209,15 @@ class DemoCascade:
         self._note("resume received")
 
     @workflow.signal
-    def approve(self, input: ApprovalSignal | None = None) -> None:
+    def approve(self, input: dm.ApprovalSignal | None = None) -> None:
         self._answer_approval("approve", input)
 
     @workflow.signal
-    def reject(self, input: ApprovalSignal | None = None) -> None:
+    def reject(self, input: dm.ApprovalSignal | None = None) -> None:
         self._answer_approval("reject", input)
 
     def _answer_approval(
-        self, answer: Literal["approve", "reject"], input: ApprovalSignal | None
+        self, answer: Literal["approve", "reject"], input: dm.ApprovalSignal | None
     ) -> None:
         who = f" by {input.by}" if input and input.by else ""
         if self._pending is None or self._answer is not None:
@@ -323,8 +233,9 @@ class DemoCascade:
 
     @workflow.run
     async def run(self, raw_input: dict[str, Any]) -> DemoCascadeResult:
-        input = parse_input(DemoCascadeInput, raw_input, "DemoCascade")
-        self._input = input
+        if self._invalid is not None:
+            raise self._invalid
+        input = self._input
         specs = steps_of(input.scenario)
         self._steps = [DemoStep(name=s.name, phase=s.phase) for s in specs]
         self._set_status("running")
@@ -340,8 +251,8 @@ class DemoCascade:
                 # cache. It resumes elsewhere; nothing to undo.
                 raise
             await self._unwind(error)
-            raise _original_error(error) from None
-        self._compensations.clear()
+            raise failure_of(error) from None
+        self._saga.clear()
         self._set_status("completed")
         await workflow.wait_condition(workflow.all_handlers_finished)
         overall = "pass" if all(s.status in ("pass", "skip") for s in self._steps) else "fail"
@@ -372,14 +283,13 @@ class DemoCascade:
         row.status = "running"
         self._current = name
         self._show()
-        assert self._input is not None
-        inject = self._input.fail_at == name
+        step = StepContext(name, self._input.fail_at == name, self._prefix)
         started = workflow.now()
         try:
-            outcome: _Outcome = await getattr(self, f"_step_{name}")(inject)
+            outcome = await _STEP_RUNS[name](self, step)
         except BaseException as error:
             row.status = "fail"
-            row.detail = ("cancelled" if is_cancelled_exception(error) else _error_text(error))[
+            row.detail = ("cancelled" if is_cancelled_exception(error) else error_text(error))[
                 :2000
             ]
             row.duration_ms = (workflow.now() - started).total_seconds() * 1000
@@ -395,7 +305,7 @@ class DemoCascade:
         """Run the compensations in reverse, settle the alias, close the session."""
         cancelled = is_cancelled_exception(error)
         where = f"at {self._current}" if self._current else f"while paused before {self._next_step}"
-        self._error = "cancelled" if cancelled else _error_text(error)
+        self._error = "cancelled" if cancelled else error_text(error)
         self._current = None
         self._set_status("compensating")
         for row in self._steps:
@@ -404,52 +314,26 @@ class DemoCascade:
                 row.detail = (
                     f"not reached: the run {'was cancelled' if cancelled else 'failed'} {where}"
                 )
-        while self._compensations:
-            entry = self._compensations.pop()
-            await self._compensate(entry.step, entry.action, entry.run)
+        await self._saga.unwind()
         if self._alias_touched:
-            await self._compensate("(invariant)", "settle demo-production", self._settle_alias)
+            await self._saga.compensate("(invariant)", "settle demo-production", self._settle_alias)
         try:
-            await self._local(
-                DemoActivities.finish,
-                FinishInput(
-                    status="cancelled" if cancelled else "failed",
-                    champion_run_id=self._champion.run_id if self._champion else None,
-                    decision=self._decision,
-                ),
-                retry_policy=COMPENSATION_RETRY_POLICY,
-            )
+            await self._finish("cancelled" if cancelled else "failed", COMPENSATION)
         except Exception:
             workflow.logger.exception("could not mark the demo session finished")
         self._set_status("cancelled" if cancelled else "failed")
 
-    async def _compensate(self, step: str, action: str, run: Callable[[], Awaitable[str]]) -> None:
-        try:
-            detail = await _shielded(run)
-        except Exception as error:
-            # Never masks the original error: logged, shown in progress, and on we go.
-            workflow.logger.exception("compensation %r of step %s failed", action, step)
-            self._compensation_records.append(
-                CompensationRecord(
-                    step=step, action=action, status="fail", detail=_error_text(error)
-                )
-            )
-            self._show()
-            return
+    def _record_compensation(self, step: str, action: str, passed: bool, detail: str) -> None:
         self._compensation_records.append(
-            CompensationRecord(step=step, action=action, status="pass", detail=detail)
+            CompensationRecord(
+                step=step, action=action, status="pass" if passed else "fail", detail=detail
+            )
         )
         for row in self._steps:
-            if row.name == step and row.status == "pass":
+            if passed and row.name == step and row.status == "pass":
                 row.status = "compensated"
                 row.detail = f"{row.detail} | compensated: {detail}".strip(" |")
         self._show()
-
-    def _push(self, step: str, action: str, key: str, run: Callable[[], Awaitable[str]]) -> None:
-        self._compensations.append(_Compensation(step=step, action=action, key=key, run=run))
-
-    def _drop(self, key: str) -> None:
-        self._compensations = [c for c in self._compensations if c.key != key]
 
     # --- helpers ----------------------------------------------------------------
 
@@ -464,58 +348,58 @@ class DemoCascade:
         self._show()
 
     def _show(self) -> None:
-        """The Web UI's current details: the step table and what the run waits for."""
-        marks = {
-            "pending": "·",
-            "running": "▶",
-            "pass": "✔",
-            "fail": "✘",
-            "skip": "↷",
-            "compensated": "↺",
-        }
-        lines = [f"**DemoCascade {self._status}**", ""]
-        if self._pending is not None and self._answer is None:
-            p = self._pending
-            lines += [
-                f"**Waiting for approval** (until {p.deadline.isoformat(timespec='seconds')}):"
-                f" agent proposes **{p.proposal}**",
-                f"challenger WAPE {p.challenger_wape:.4f} vs champion {p.champion_wape:.4f}",
-                f"> {p.rationale}",
-                f"{p.how}",
-                "",
-            ]
-        lines += ["| step | status | detail |", "|---|---|---|"]
-        for s in self._steps:
-            lines.append(f"| {s.name} | {marks[s.status]} {s.status} | {s.detail[:120]} |")
-        failed = [c for c in self._compensation_records if c.status == "fail"]
-        if failed:
-            lines += ["", "**Compensations that failed:**"]
-            lines += [f"- {c.step}: {c.action}: {c.detail[:200]}" for c in failed]
-        workflow.set_current_details("\n".join(lines))
-
-    def _step_input(self, name: str, inject: bool) -> dict[str, Any]:
-        return {
-            "tenant_id": DEMO_TENANT,
-            "step": name,
-            "session_prefix": self._prefix,
-            "inject_failure": inject,
-        }
+        waiting = self._pending if self._answer is None else None
+        workflow.set_current_details(
+            demo_content.current_details(
+                self._status, self._steps, waiting, self._compensation_records
+            )
+        )
 
     @property
     def _prefix(self) -> str:
         return f"demo/sessions/{workflow.info().run_id}/"
 
-    async def _local(self, activity: Callable[..., Any], arg: Any, **options: Any) -> Any:
-        options.setdefault("start_to_close_timeout", STEP_TIMEOUT)
-        options.setdefault("schedule_to_close_timeout", STEP_SCHEDULE_TO_CLOSE)
-        options.setdefault("retry_policy", STEP_RETRY_POLICY)
-        return await workflow.execute_local_activity_method(activity, arg, **options)
+    async def _local(
+        self,
+        activity: Callable[..., Awaitable[T]],
+        arg: BaseModel,
+        options: _Options = STEP,
+        summary: str | None = None,
+    ) -> T:
+        return await workflow.execute_local_activity_method(
+            activity,
+            arg,
+            start_to_close_timeout=options.start_to_close,
+            schedule_to_close_timeout=options.schedule_to_close,
+            retry_policy=options.retry_policy,
+            summary=summary,
+        )
+
+    async def _step(
+        self,
+        activity: Callable[..., Awaitable[T]],
+        step: StepContext,
+        arg: BaseModel,
+        part: str = "",
+        deletes: tuple[str, str] | None = None,
+    ) -> T:
+        """Run a step's activity; its summary is the step's name (and which part of it).
+
+        `deletes` is (what, path in the session) the activity writes: its delete is
+        pushed on the saga first.
+        """
+        if deletes is not None:
+            what, path = deletes
+            self._push_delete(step.name, what, self._prefix + path)
+        return await self._local(
+            activity, arg, summary=f"{step.name}: {part}" if part else step.name
+        )
 
     def _move_id(self, what: str) -> str:
-        return f"{workflow.info().run_id}/{what}"
+        return move_id(workflow.info().run_id, what)
 
     async def _undo_move(self, what: str, reason: str) -> AliasMoveResult:
-        result: AliasMoveResult = await self._local(
+        result = await self._local(
             RegistryActivities.undo_alias_move,
             UndoAliasMoveInput(
                 tenant_id=DEMO_TENANT,
@@ -524,14 +408,22 @@ class DemoCascade:
                 move_id=self._move_id(f"undo-{what}"),
                 reason=reason,
             ),
-            retry_policy=COMPENSATION_RETRY_POLICY,
+            COMPENSATION,
         )
         self._alias_run_id = result.run_id
         return result
 
+    def _push_undo_move(self, step: str, action: str, what: str, reason: str) -> None:
+        """Push the undo of the move `what` (its key on the saga too)."""
+
+        async def undo() -> str:
+            return (await self._undo_move(what, reason)).detail
+
+        self._saga.push(step, action, what, undo)
+
     async def _settle_alias(self) -> str:
         target = self._champion.run_id if self._champion else self._pre_run_alias
-        result: AliasMoveResult = await self._local(
+        result = await self._local(
             RegistryActivities.settle_alias,
             SettleAliasInput(
                 tenant_id=DEMO_TENANT,
@@ -545,318 +437,330 @@ class DemoCascade:
                     else "settle on the alias before the run (no champion recorded)"
                 ),
             ),
-            retry_policy=COMPENSATION_RETRY_POLICY,
+            COMPENSATION,
         )
         self._alias_run_id = result.run_id
         return f"{result.detail}: {result.run_id}"
 
-    async def _delete_prefix(self, prefix: str) -> str:
-        output: StepOutput = await self._local(
-            DemoActivities.delete_prefix,
-            DeletePrefixInput(prefix=prefix),
-            retry_policy=COMPENSATION_RETRY_POLICY,
-        )
-        return output.detail
-
     def _push_delete(self, step: str, what: str, prefix: str) -> None:
-        async def run() -> str:
-            return await self._delete_prefix(prefix)
+        async def delete() -> str:
+            output = await self._local(
+                DemoSessionActivities.delete_prefix,
+                dm.DeletePrefixInput(prefix=prefix),
+                COMPENSATION,
+            )
+            return output.detail
 
-        self._push(step, f"delete {what}", f"{step}:delete", run)
+        self._saga.push(step, f"delete {what}", f"{step}:delete", delete)
+
+    def _push_discard(self, step: str, action: str, key: str, run_ids: list[str]) -> None:
+        async def discard() -> str:
+            keep = [self._champion.run_id] if self._champion else []
+            result: DiscardRunsResult = await self._local(
+                RegistryActivities.discard_runs,
+                DiscardRunsInput(tenant_id=DEMO_TENANT, run_ids=run_ids, keep=keep),
+                COMPENSATION,
+            )
+            return f"discarded {len(result.deleted)} runs, kept {len(result.kept)}"
+
+        self._saga.push(step, action, key, discard)
+
+    async def _finish(
+        self, status: str, options: _Options = STEP, summary: str | None = None
+    ) -> None:
+        await self._local(
+            DemoSessionActivities.finish,
+            dm.FinishInput(
+                status=status,
+                champion_run_id=self._champion.run_id if self._champion else None,
+                decision=self._decision,
+            ),
+            options,
+            summary,
+        )
 
     def _v1_runs(self) -> list[RegisteredRun]:
         """The baseline runs, best first: what `promote` chooses the champion from."""
         return sorted(
-            (r for r in self._runs if r.name in BASELINES), key=lambda r: (r.wape, r.name)
+            (r for r in self._handoff.runs if r.name in BASELINES), key=lambda r: (r.wape, r.name)
         )
 
-    # --- the steps ----------------------------------------------------------------
+    def _size(self) -> dm.ScenarioSize:
+        return SCENARIO_SIZES[self._input.scenario]
 
-    async def _step_precheck(self, inject: bool) -> _Outcome:
-        assert self._input is not None
+    # --- the steps: setup and data ---------------------------------------------------
+
+    async def _precheck(self, step: StepContext) -> _Outcome:
         # Recorded first, on its own: the invariant needs it however precheck ends,
         # and a re-executed step (worker crash) reads the first record back.
-        start: SessionStart = await self._local(
-            DemoActivities.open_session,
-            OpenSessionInput(scenario=self._input.scenario, seed=self._input.seed),
-            summary="precheck: open session",
+        start = await self._step(
+            DemoSessionActivities.open_session,
+            step,
+            dm.OpenSessionInput(scenario=self._input.scenario, seed=self._input.seed),
+            "open session",
         )
         self._pre_run_alias = self._alias_run_id = start.pre_run_alias_run_id
         self._history_mark = start.history_mark
-        result: PrecheckResult = await self._local(
-            DemoActivities.precheck,
-            PrecheckInput(**self._step_input("precheck", inject), scenario=self._input.scenario),
-            summary="precheck",
+        result = await self._step(
+            DemoSessionActivities.precheck,
+            step,
+            step.input(StepInput),
         )
-        self._precheck = result
+        self._handoff.precheck = result
         before = self._pre_run_alias or "(none)"
         return _Outcome(
             detail=f"{DEMO_ALIAS} before the run: {before}; {result.detail}",
             work_ms=result.work_ms,
         )
 
-    async def _step_reset(self, inject: bool) -> _Outcome:
-        result: ResetResult = await self._local(
-            DemoActivities.reset, StepInput(**self._step_input("reset", inject)), summary="reset"
+    async def _reset(self, step: StepContext) -> _Outcome:
+        return _Outcome.of(
+            await self._step(DemoSessionActivities.reset, step, step.input(StepInput))
         )
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
 
-    async def _step_seed_data(self, inject: bool) -> _Outcome:
-        assert self._input is not None
-        self._push_delete("seed_data", "sales series", self._prefix + "data/sales")
-        result: DataRef = await self._local(
-            DemoActivities.seed_data,
-            SeedDataInput(
-                **self._step_input("seed_data", inject),
-                seed=self._input.seed,
-                size=SCENARIO_SIZES[self._input.scenario],
+    async def _seed_data(self, step: StepContext) -> _Outcome:
+        result = await self._step(
+            DemoDataActivities.seed_data,
+            step,
+            step.input(dm.SeedDataInput, seed=self._input.seed, size=self._size()),
+            deletes=("sales series", "data/sales"),
+        )
+        self._handoff.sales = result
+        return _Outcome.of(result)
+
+    async def _backfill(self, step: StepContext) -> _Outcome:
+        assert self._handoff.sales is not None
+        result = await self._step(
+            DemoDataActivities.backfill,
+            step,
+            step.input(
+                dm.BackfillInput, data=self._handoff.sales, seed=self._input.seed, size=self._size()
             ),
-            summary="seed_data",
+            deletes=("backfilled series", "data/backfill"),
         )
-        self._sales = result
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
+        self._handoff.sales = result
+        return _Outcome.of(result)
 
-    async def _step_backfill(self, inject: bool) -> _Outcome:
-        assert self._input is not None and self._sales is not None
-        self._push_delete("backfill", "backfilled series", self._prefix + "data/backfill")
-        result: DataRef = await self._local(
-            DemoActivities.backfill,
-            BackfillInput(
-                **self._step_input("backfill", inject),
-                data=self._sales,
-                seed=self._input.seed,
-                size=SCENARIO_SIZES[self._input.scenario],
+    async def _features(self, step: StepContext) -> _Outcome:
+        assert self._handoff.sales is not None
+        result = await self._step(
+            DemoDataActivities.features,
+            step,
+            step.input(dm.FeaturesInput, data=self._handoff.sales),
+            deletes=("feature table", "data/features"),
+        )
+        self._handoff.features = result
+        return _Outcome.of(result)
+
+    # --- modeling --------------------------------------------------------------------
+
+    async def _train(self, step: StepContext, models: list[str]) -> _Outcome:
+        assert self._handoff.features is not None
+        result = await self._step(
+            DemoDataActivities.train,
+            step,
+            step.input(dm.TrainInput, features=self._handoff.features, models=models),
+            deletes=("trained model files", f"models/{step.name}/"),
+        )
+        self._handoff.models += result.models
+        return _Outcome.of(result)
+
+    async def _train_baselines(self, step: StepContext) -> _Outcome:
+        return await self._train(step, list(BASELINES))
+
+    async def _train_v2(self, step: StepContext) -> _Outcome:
+        return await self._train(step, ["trend_seasonal_v2"])
+
+    async def _backtest(self, step: StepContext) -> _Outcome:
+        assert self._handoff.features is not None
+        result = await self._step(
+            DemoDataActivities.backtest,
+            step,
+            step.input(
+                dm.BacktestInput,
+                features=self._handoff.features,
+                models=self._handoff.models,
+                size=self._size(),
             ),
-            summary="backfill",
         )
-        self._sales = result
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
+        self._handoff.scores = result.scores
+        return _Outcome.of(result)
 
-    async def _step_features(self, inject: bool) -> _Outcome:
-        assert self._sales is not None
-        self._push_delete("features", "feature table", self._prefix + "data/features")
-        result: DataRef = await self._local(
-            DemoActivities.features,
-            FeaturesInput(**self._step_input("features", inject), data=self._sales),
-            summary="features",
-        )
-        self._features = result
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
-
-    async def _train(self, step: str, inject: bool, models: list[str]) -> _Outcome:
-        assert self._features is not None
-        self._push_delete(step, "trained model files", self._prefix + f"models/{step}/")
-        result: TrainResult = await self._local(
-            DemoActivities.train,
-            TrainInput(**self._step_input(step, inject), features=self._features, models=models),
-            summary=step,
-        )
-        self._models += result.models
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
-
-    async def _step_train_baselines(self, inject: bool) -> _Outcome:
-        return await self._train("train_baselines", inject, list(BASELINES))
-
-    async def _step_train_v2(self, inject: bool) -> _Outcome:
-        return await self._train("train_v2", inject, ["trend_seasonal_v2"])
-
-    async def _step_backtest(self, inject: bool) -> _Outcome:
-        assert self._input is not None and self._features is not None
-        result: BacktestResult = await self._local(
-            DemoActivities.backtest,
-            BacktestInput(
-                **self._step_input("backtest", inject),
-                features=self._features,
-                models=self._models,
-                size=SCENARIO_SIZES[self._input.scenario],
-            ),
-            summary="backtest",
-        )
-        self._scores = result.scores
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
-
-    async def _step_batch_sweep(self, inject: bool) -> _Outcome:
-        assert self._input is not None and self._features is not None
-        self._push_delete("batch_sweep", "sweep model files", self._prefix + "models/batch_sweep/")
-        result: SweepResult = await workflow.execute_child_workflow(
+    async def _batch_sweep(self, step: StepContext) -> _Outcome:
+        assert self._handoff.features is not None
+        self._push_delete(step.name, "sweep model files", self._prefix + "models/batch_sweep/")
+        result = await workflow.execute_child_workflow(
             BatchSweep.run,
-            SweepInput(
+            dm.SweepInput(
                 session_prefix=self._prefix,
-                features=self._features,
+                features=self._handoff.features,
                 preset=SWEEP_PRESET,
-                size=SCENARIO_SIZES[self._input.scenario],
-                inject_failure=inject,
+                size=self._size(),
+                inject_failure=step.inject,
             ),
             id=f"{workflow.info().workflow_id}-sweep",
             execution_timeout=CHILD_EXECUTION_TIMEOUT,
             static_summary=f"batch sweep {SWEEP_PRESET} for {workflow.info().workflow_id}",
         )
-        self._sweep = result
-        self._models.append(result.best)
-        self._scores.append(
-            BacktestScore(
-                name=result.best.name, model=result.best.model, wape=result.best_wape, folds=0
-            )
+        best = result.best
+        self._handoff.models.append(best)
+        self._handoff.scores.append(
+            BacktestScore(name=best.name, model=best.model, wape=result.best_wape, folds=0)
         )
         ranked = ", ".join(f"{p.params} {p.wape:.4f}" for p in result.points)
         return _Outcome(
             detail=f"preset {result.preset}: {len(result.points)} configs ({ranked});"
-            f" best {result.best.name} WAPE {result.best_wape:.4f}",
+            f" best {best.name} WAPE {result.best_wape:.4f}",
             work_ms=result.work_ms,
         )
 
-    async def _step_register_runs(self, inject: bool) -> _Outcome:
-        assert self._input is not None
-        run_ids = {m.name: str(workflow.uuid4()) for m in self._models}
+    # --- registry --------------------------------------------------------------------
 
-        async def discard() -> str:
-            keep = [self._champion.run_id] if self._champion else []
-            result: DiscardRunsResult = await self._local(
-                RegistryActivities.discard_runs,
-                DiscardRunsInput(tenant_id=DEMO_TENANT, run_ids=list(run_ids.values()), keep=keep),
-                retry_policy=COMPENSATION_RETRY_POLICY,
-            )
-            return f"discarded {len(result.deleted)} runs, kept {len(result.kept)}"
-
-        self._push("register_runs", "discard registered runs", "register_runs:discard", discard)
-        result: RegisterResult = await self._local(
-            DemoActivities.register,
-            RegisterInput(
-                **self._step_input("register_runs", inject),
-                models=self._models,
-                scores=self._scores,
+    async def _register_runs(self, step: StepContext) -> _Outcome:
+        run_ids = {m.name: str(workflow.uuid4()) for m in self._handoff.models}
+        self._push_discard(
+            step.name, "discard registered runs", "register_runs:discard", list(run_ids.values())
+        )
+        result = await self._step(
+            DemoRegistryActivities.register,
+            step,
+            step.input(
+                dm.RegisterInput,
+                models=self._handoff.models,
+                scores=self._handoff.scores,
                 run_ids=run_ids,
                 seed=self._input.seed,
                 scenario=self._input.scenario,
             ),
-            summary="register_runs",
         )
-        self._runs = result.runs
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
+        self._handoff.runs = result.runs
+        return _Outcome.of(result)
 
-    async def _step_compat_compare(self, inject: bool) -> _Outcome:
+    async def _compat_compare(self, step: StepContext) -> _Outcome:
         v1 = self._v1_runs()[0]
-        v2 = next(r for r in self._runs if r.model == "trend_seasonal_v2")
-        result: CompatResult = await self._local(
-            DemoActivities.compat_compare,
-            CompatInput(**self._step_input("compat_compare", inject), v1=v1, v2=v2),
-            summary="compat_compare",
+        v2 = next(r for r in self._handoff.runs if r.model == "trend_seasonal_v2")
+        return _Outcome.of(
+            await self._step(
+                DemoRegistryActivities.compat_compare,
+                step,
+                step.input(dm.CompatInput, v1=v1, v2=v2),
+            )
         )
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
 
-    async def _step_promote(self, inject: bool) -> _Outcome:
+    async def _promote(self, step: StepContext) -> _Outcome:
         best = self._v1_runs()[0]
         self._alias_touched = True
-
-        async def undo() -> str:
-            return (await self._undo_move("promote", "undo promote (step failed)")).detail
-
-        self._push("promote", "undo the promote move", "promote:move", undo)
-        result: MoveOutput = await self._local(
-            DemoActivities.promote,
-            PromoteInput(
-                **self._step_input("promote", inject),
+        self._push_undo_move(
+            step.name,
+            "undo the promote move",
+            "promote",
+            "undo promote (step failed)",
+        )
+        result = await self._step(
+            DemoRegistryActivities.promote,
+            step,
+            step.input(
+                dm.PromoteInput,
                 champion=best,
                 move_id=self._move_id("promote"),
                 reason=f"promote champion {best.name} (WAPE {best.wape:.4f})",
             ),
-            summary="promote",
         )
         # The pivot: the champion is recorded and the alias stays on it.
         self._champion = best
         self._alias_run_id = best.run_id
-        self._drop("promote:move")
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
+        self._saga.drop("promote")
+        return _Outcome.of(result)
 
-    async def _step_stale_alias_check(self, inject: bool) -> _Outcome:
+    async def _stale_alias_check(self, step: StepContext) -> _Outcome:
         assert self._champion is not None
-        result: StaleCheckResult = await self._local(
-            DemoActivities.stale_alias_check,
-            StaleCheckInput(
-                **self._step_input("stale_alias_check", inject),
-                champion_run_id=self._champion.run_id,
-            ),
-            summary="stale_alias_check",
+        return _Outcome.of(
+            await self._step(
+                DemoRegistryActivities.stale_alias_check,
+                step,
+                step.input(dm.StaleCheckInput, champion_run_id=self._champion.run_id),
+            )
         )
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
 
-    async def _step_safer_promote(self, inject: bool) -> _Outcome:
+    async def _safer_promote(self, step: StepContext) -> _Outcome:
         assert self._champion is not None
         worse = self._v1_runs()[-1]
-
-        async def undo() -> str:
-            return (await self._undo_move("safer-swap", "undo the trial swap (run ended)")).detail
-
-        self._push("safer_promote", "undo the swap to the worse run", "safer:swap", undo)
-        swap: MoveOutput = await self._local(
-            DemoActivities.safer_promote_swap,
-            PromoteInput(
-                **self._step_input("safer_promote", inject),
+        self._push_undo_move(
+            step.name,
+            "undo the swap to the worse run",
+            "safer-swap",
+            "undo the trial swap (run ended)",
+        )
+        swap = await self._step(
+            DemoRegistryActivities.safer_promote_swap,
+            step,
+            step.input(
+                dm.PromoteInput,
                 champion=worse,
                 move_id=self._move_id("safer-swap"),
                 reason=f"safer promote: trial swap to {worse.name} (WAPE {worse.wape:.4f})",
             ),
-            summary="safer_promote: swap",
+            "swap",
         )
-        check: RegressionCheck = await self._local(
-            DemoActivities.check_regression,
-            RegressionCheckInput(
-                **self._step_input("safer_promote", False),
+        check = await self._step(
+            DemoRegistryActivities.check_regression,
+            step,
+            step.without_injection().input(
+                dm.RegressionCheckInput,
                 champion=self._champion,
                 swap_move_id=self._move_id("safer-swap"),
             ),
-            summary="safer_promote: detect",
+            "detect",
         )
         rollback = await self._undo_move("safer-swap", "safer promote: regression, roll back")
-        self._drop("safer:swap")
+        self._saga.drop("safer-swap")
         if not check.regressed:
-            raise ApplicationError(
-                f"safer promote swapped to {worse.name} but the check saw no regression "
-                f"({check.detail})",
-                type="RegressionNotDetected",
-                non_retryable=True,
+            # Raised by the workflow itself, so mapped here rather than by the interceptor.
+            raise to_application_error(
+                RegressionNotDetected(
+                    f"safer promote swapped to {worse.name} but the check saw no regression "
+                    f"({check.detail})"
+                )
             )
         return _Outcome(
             detail=f"{swap.detail}; {check.detail}; rollback: {rollback.detail}",
             work_ms=swap.work_ms + check.work_ms,
         )
 
-    async def _step_scenario_simulate_and_save(self, inject: bool) -> _Outcome:
-        assert self._champion is not None and self._features is not None
-        self._push_delete(
-            "scenario_simulate_and_save", "saved scenarios", self._prefix + "scenarios/"
-        )
+    # --- planning and knowledge ------------------------------------------------------
+
+    async def _scenario_simulate_and_save(self, step: StepContext) -> _Outcome:
+        assert self._champion is not None and self._handoff.features is not None
         # The recorded champion, never the live alias (the seed's cascade).
-        result: ScenarioResult = await self._local(
-            DemoActivities.scenario_simulate_and_save,
-            ScenarioInput(
-                **self._step_input("scenario_simulate_and_save", inject),
+        result = await self._step(
+            DemoDataActivities.scenario_simulate_and_save,
+            step,
+            step.input(
+                dm.ScenarioInput,
                 champion=self._champion,
-                features=self._features,
+                features=self._handoff.features,
                 horizon=SCENARIO_SIZES["showcase_rich"].horizon,
             ),
-            summary="scenario_simulate_and_save",
+            deletes=("saved scenarios", "scenarios/"),
         )
-        self._plans = result.plans
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
+        self._handoff.plans = result.plans
+        return _Outcome.of(result)
 
-    async def _step_plan_compare(self, inject: bool) -> _Outcome:
-        result: PlanCompareResult = await self._local(
-            DemoActivities.plan_compare,
-            PlanCompareInput(**self._step_input("plan_compare", inject), plans=self._plans),
-            summary="plan_compare",
+    async def _plan_compare(self, step: StepContext) -> _Outcome:
+        return _Outcome.of(
+            await self._step(
+                DemoDataActivities.plan_compare,
+                step,
+                step.input(dm.PlanCompareInput, plans=self._handoff.plans),
+            )
         )
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
 
-    async def _step_rag_index(self, inject: bool) -> _Outcome:
-        self._push_delete("rag_index", "RAG index", self._prefix + "rag/")
-        result: RagResult = await self._local(
-            DemoActivities.rag_index,
-            RagInput(
-                **self._step_input("rag_index", inject),
-                question="How does the demo keep demo-production on the champion?",
-            ),
-            summary="rag_index",
+    async def _rag_index(self, step: StepContext) -> _Outcome:
+        result = await self._step(
+            DemoAgentActivities.rag_index,
+            step,
+            step.input(dm.RagInput, question=demo_content.RAG_QUESTION),
+            deletes=("RAG index", "rag/"),
         )
         return _Outcome(
             status="skip" if result.skipped else "pass",
@@ -864,12 +768,13 @@ class DemoCascade:
             work_ms=result.work_ms,
         )
 
-    async def _step_agent_decision(self, inject: bool) -> _Outcome:
-        assert self._input is not None and self._precheck is not None
-        assert self._champion is not None
+    # --- agents ----------------------------------------------------------------------
+
+    async def _agent_decision(self, step: StepContext) -> _Outcome:
+        assert self._handoff.precheck is not None and self._champion is not None
         champion = self._champion
         challenger = self._challenger()
-        group = self._precheck.agent_group
+        group = self._handoff.precheck.agent_group
         work_ms = 0.0
         if group is None:
             proposal: Decision = "HOLD"
@@ -882,32 +787,35 @@ class DemoCascade:
                 LlmCallInput(
                     model_group=group,
                     messages=[
-                        ChatTurn(role="system", content=_AGENT_SYSTEM_PROMPT),
-                        ChatTurn(role="user", content=_agent_prompt(champion, challenger)),
+                        ChatTurn(role="system", content=demo_content.AGENT_SYSTEM_PROMPT),
+                        ChatTurn(
+                            role="user", content=demo_content.agent_prompt(champion, challenger)
+                        ),
                     ],
                     temperature=0,
                 ),
-                start_to_close_timeout=LLM_CALL_TIMEOUT,
-                retry_policy=LLM_RETRY_POLICY,
+                LLM_CALL,
                 summary="agent_decision: propose",
             )
             work_ms = (workflow.now() - asked).total_seconds() * 1000
-            proposal, rationale = parse_proposal(answer.content)
-        self._rationale = rationale
+            proposal, rationale = demo_content.parse_proposal(answer.content)
+        self._handoff.rationale = rationale
         approved, how = True, "auto approval"
         if self._input.approval == "manual":
             approved, how = await self._wait_for_approval(proposal, rationale, challenger)
         if proposal == "PROMOTE" and approved:
             self._alias_touched = True
-
-            async def undo() -> str:
-                return (await self._undo_move("agent-promote", "undo agent promote")).detail
-
-            self._push("agent_decision", "undo the agent's promote", "agent:move", undo)
-        result: DecisionApplyResult = await self._local(
-            DemoActivities.apply_decision,
-            DecisionApplyInput(
-                **self._step_input("agent_decision", inject),
+            self._push_undo_move(
+                step.name,
+                "undo the agent's promote",
+                "agent-promote",
+                "undo agent promote",
+            )
+        result = await self._step(
+            DemoAgentActivities.apply_decision,
+            step,
+            step.input(
+                dm.DecisionApplyInput,
                 proposal=proposal,
                 approved=approved,
                 how=how,
@@ -916,14 +824,14 @@ class DemoCascade:
                 challenger=challenger,
                 move_id=self._move_id("agent-promote"),
             ),
-            summary="agent_decision: apply",
+            "apply",
         )
         self._decision = result.decision
         if result.promoted:
             # A second pivot: the challenger is the recorded champion now.
             self._champion = challenger
             self._alias_run_id = challenger.run_id
-        self._drop("agent:move")
+        self._saga.drop("agent-promote")
         return _Outcome(
             detail=f"agent proposed {proposal} ({how}): {rationale[:200]} | {result.detail}",
             work_ms=work_ms + result.work_ms,
@@ -933,7 +841,7 @@ class DemoCascade:
         """The best run that is not a baseline (v2, the sweep's best), else the runner-up."""
         assert self._champion is not None
         ranked = sorted(
-            (r for r in self._runs if r.run_id != self._champion.run_id),
+            (r for r in self._handoff.runs if r.run_id != self._champion.run_id),
             key=lambda r: (r.name in BASELINES, r.wape, r.name),
         )
         return ranked[0] if ranked else self._champion
@@ -970,12 +878,13 @@ class DemoCascade:
             return True, "approved by signal"
         return False, "rejected by signal"
 
-    async def _step_agent_eval(self, inject: bool) -> _Outcome:
+    async def _agent_eval(self, step: StepContext) -> _Outcome:
         """A short Experiment child scores the agent's rationale; the record step carries fail_at."""
-        assert self._precheck is not None
-        group, judge = self._precheck.agent_group, self._precheck.judge_group
+        assert self._handoff.precheck is not None
+        group, judge = self._handoff.precheck.agent_group, self._handoff.precheck.judge_group
+        rationale = self._handoff.rationale
         experiment_id = f"demo-eval-{workflow.info().run_id}"
-        summary: dict[str, Any] = {"experiment_id": experiment_id, "rationale": self._rationale}
+        summary: dict[str, Any] = {"experiment_id": experiment_id, "rationale": rationale}
         status: Literal["pass", "skip"] = "pass"
         if group is None or judge is None:
             status = "skip"
@@ -984,142 +893,76 @@ class DemoCascade:
             run_id = registry_run_id(DEMO_TENANT, experiment_id)
 
             async def discard() -> str:
-                result: DiscardRunsResult = await self._local(
+                result = await self._local(
                     RegistryActivities.discard_runs,
                     DiscardRunsInput(tenant_id=DEMO_TENANT, run_ids=[run_id]),
-                    retry_policy=COMPENSATION_RETRY_POLICY,
+                    COMPENSATION,
                 )
                 return f"discarded {len(result.deleted)} evaluation run"
 
-            self._push("agent_eval", "discard the evaluation's registry run", "eval", discard)
+            self._saga.push(step.name, "discard the evaluation's registry run", "eval", discard)
             evaluated: ExperimentResult = await workflow.execute_child_workflow(
                 Experiment.run,
-                _evaluation(
-                    experiment_id, group, judge, self._rationale, self._decision
+                demo_content.evaluation(
+                    experiment_id, group, judge, rationale, self._decision
                 ).model_dump(mode="json", exclude_none=True),
                 id=f"{workflow.info().workflow_id}-eval",
                 execution_timeout=CHILD_EXECUTION_TIMEOUT,
                 cancellation_type=workflow.ChildWorkflowCancellationType.TRY_CANCEL,
                 static_summary=f"evaluate the agent's rationale for {workflow.info().workflow_id}",
             )
-            scores = {
-                e.name: {"mean": e.mean, "pass_rate": e.pass_rate} for e in evaluated.summary.evals
-            }
-            summary.update(
-                registry_run_id=evaluated.registry_run_id,
-                total=evaluated.summary.total,
-                failed=evaluated.summary.failed,
-                scores=scores,
-            )
-            detail = f"Experiment {experiment_id}: " + ", ".join(
-                f"{name} mean {v['mean'] if v['mean'] is None else round(v['mean'], 3)}"
-                f" pass {v['pass_rate'] if v['pass_rate'] is None else round(v['pass_rate'], 3)}"
-                for name, v in scores.items()
-            )
-        result: StepOutput = await self._local(
-            DemoActivities.record_eval,
-            EvalRecordInput(**self._step_input("agent_eval", inject), summary=summary),
-            summary="agent_eval: record",
+            recorded, detail = demo_content.evaluation_report(experiment_id, evaluated)
+            summary.update(recorded)
+        result = await self._step(
+            DemoAgentActivities.record_eval,
+            step,
+            step.input(dm.EvalRecordInput, summary=summary),
+            "record",
         )
         return _Outcome(status=status, detail=f"{detail} | {result.detail}", work_ms=result.work_ms)
 
-    async def _step_verify(self, inject: bool) -> _Outcome:
+    # --- ops -------------------------------------------------------------------------
+
+    async def _verify(self, step: StepContext) -> _Outcome:
         assert self._champion is not None
-        result: StepOutput = await self._local(
-            DemoActivities.verify,
-            VerifyInput(
-                **self._step_input("verify", inject),
-                champion=self._champion,
-                history_mark=self._history_mark,
-            ),
-            summary="verify",
+        return _Outcome.of(
+            await self._step(
+                DemoRegistryActivities.verify,
+                step,
+                step.input(
+                    dm.VerifyInput, champion=self._champion, history_mark=self._history_mark
+                ),
+            )
         )
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
 
-    async def _step_cleanup(self, inject: bool) -> _Outcome:
-        result: StepOutput = await self._local(
-            DemoActivities.cleanup,
-            CleanupInput(**self._step_input("cleanup", inject)),
-            summary="cleanup",
-        )
-        await self._local(
-            DemoActivities.finish,
-            FinishInput(
-                status="completed",
-                champion_run_id=self._champion.run_id if self._champion else None,
-                decision=self._decision,
-            ),
-            summary="cleanup: finish session",
-        )
-        return _Outcome(detail=result.detail, work_ms=result.work_ms)
+    async def _cleanup(self, step: StepContext) -> _Outcome:
+        result = await self._step(DemoSessionActivities.cleanup, step, step.input(StepInput))
+        await self._finish("completed", summary="cleanup: finish session")
+        return _Outcome.of(result)
 
 
-_AGENT_SYSTEM_PROMPT = (
-    "You are the release agent of a forecasting model registry. You decide whether a "
-    "challenger model replaces the production champion; a smaller backtest WAPE (weighted "
-    "absolute percentage error) means a more accurate model."
-)
-
-
-# The evaluation's rubric: what a good rationale of a release decision looks like.
-EVAL_RUBRIC = (
-    "Score 1 if the answer gives a clear promote-or-hold decision and a reason grounded in "
-    "the backtest metrics; 0.5 if the reason is vague; 0 if there is no decision."
-)
-
-
-def _evaluation(
-    experiment_id: str, group: str, judge: str, rationale: str, decision: str | None
-) -> ExperimentInput:
-    """A two-item dataset built from the rationale: restate it, and challenge it."""
-    return ExperimentInput.model_validate(
-        {
-            "experiment_id": experiment_id,
-            "tenant_id": DEMO_TENANT,
-            "name": "demo: agent rationale",
-            "dataset": {
-                "items": [
-                    {"id": "restate", "input": rationale, "expected": decision or "HOLD"},
-                    {
-                        "id": "challenge",
-                        "input": f"{rationale} (a reviewer doubts this)",
-                        "expected": decision or "HOLD",
-                    },
-                ]
-            },
-            "task": {
-                "model_group": group,
-                "prompt_template": "A release agent justified its decision with: {input}\n"
-                "Should we promote or hold? Answer in two lines:\n"
-                "Decision: PROMOTE or HOLD\nRationale: one sentence.",
-            },
-            "evals": [
-                {"kind": "contains", "name": "has_decision", "value": "Decision:"},
-                {
-                    "kind": "llm_judge",
-                    "name": "judge",
-                    "model_group": judge,
-                    "rubric": EVAL_RUBRIC,
-                    "pass_threshold": 0.5,
-                },
-            ],
-            "max_concurrency": 2,
-        }
-    )
-
-
-def _agent_prompt(champion: RegisteredRun, challenger: RegisteredRun) -> str:
-    if challenger.wape < champion.wape:
-        comparison = (
-            f"The challenger has the lower WAPE: it improves on the champion by "
-            f"{(champion.wape - challenger.wape) / champion.wape:.1%}."
-        )
-    else:
-        comparison = "The challenger's WAPE is not below the champion's."
-    return (
-        "Should we promote or hold?\n"
-        f"Champion: {champion.name} ({champion.model}), backtest WAPE {champion.wape:.4f}.\n"
-        f"Challenger: {challenger.name} ({challenger.model}), backtest WAPE "
-        f"{challenger.wape:.4f}.\n{comparison}\n"
-        "Answer in exactly two lines:\nDecision: PROMOTE or HOLD\nRationale: one sentence."
-    )
+# Each step of DEMO_STEPS (its name, phase and scenarios) and the method that runs it.
+_STEP_RUNS: dict[str, Callable[[DemoCascade, StepContext], Awaitable[_Outcome]]] = {
+    "precheck": DemoCascade._precheck,
+    "reset": DemoCascade._reset,
+    "seed_data": DemoCascade._seed_data,
+    "backfill": DemoCascade._backfill,
+    "features": DemoCascade._features,
+    "train_baselines": DemoCascade._train_baselines,
+    "train_v2": DemoCascade._train_v2,
+    "backtest": DemoCascade._backtest,
+    "batch_sweep": DemoCascade._batch_sweep,
+    "register_runs": DemoCascade._register_runs,
+    "compat_compare": DemoCascade._compat_compare,
+    "promote": DemoCascade._promote,
+    "stale_alias_check": DemoCascade._stale_alias_check,
+    "safer_promote": DemoCascade._safer_promote,
+    "scenario_simulate_and_save": DemoCascade._scenario_simulate_and_save,
+    "plan_compare": DemoCascade._plan_compare,
+    "rag_index": DemoCascade._rag_index,
+    "agent_decision": DemoCascade._agent_decision,
+    "agent_eval": DemoCascade._agent_eval,
+    "verify": DemoCascade._verify,
+    "cleanup": DemoCascade._cleanup,
+}
+assert tuple(_STEP_RUNS) == STEP_NAMES, "every step of DEMO_STEPS needs its method, in order"

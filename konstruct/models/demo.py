@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -13,7 +14,6 @@ DEMO_TENANT = "demo"
 DEMO_ALIAS = "demo-production"
 
 Scenario = Literal["demo_minimal", "showcase_rich"]
-SCENARIOS: tuple[Scenario, ...] = ("demo_minimal", "showcase_rich")
 StepStatus = Literal["pending", "running", "pass", "fail", "skip", "compensated"]
 RunStatus = Literal[
     "running", "paused", "awaiting_approval", "compensating", "completed", "failed", "cancelled"
@@ -211,6 +211,35 @@ class StepInput(StrictModel):
     inject_failure: bool = False
 
 
+In = TypeVar("In", bound=StepInput)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The step being run: its name, whether `fail_at` names it, where its data goes."""
+
+    name: str
+    inject: bool
+    session_prefix: str
+    tenant_id: str = DEMO_TENANT
+
+    def input(self, kind: type[In], /, **fields: Any) -> In:
+        """The step activity's input: its own fields, and where the step's data lives."""
+        return kind(
+            tenant_id=self.tenant_id,
+            step=self.name,
+            session_prefix=self.session_prefix,
+            inject_failure=self.inject,
+            **fields,
+        )
+
+    def without_injection(self) -> StepContext:
+        """For a step's read-only activities: `fail_at` fails the one that makes the change."""
+        return replace(self, inject=False)
+
+
+# Results keep every field they ever had, read or not: recorded histories carry them
+# and replay decodes them strictly.
 class StepOutput(StrictModel):
     detail: str = ""
     work_ms: float = 0.0
@@ -228,10 +257,6 @@ class SessionStart(StrictModel):
 
     pre_run_alias_run_id: str | None
     history_mark: int
-
-
-class PrecheckInput(StepInput):
-    scenario: Scenario
 
 
 class PrecheckResult(StepOutput):
@@ -482,10 +507,6 @@ class VerifyInput(StepInput):
     history_mark: int
 
 
-class CleanupInput(StepInput):
-    pass
-
-
 class FinishInput(StrictModel):
     tenant_id: str = DEMO_TENANT
     status: str
@@ -496,8 +517,3 @@ class FinishInput(StrictModel):
 class DeletePrefixInput(StrictModel):
     tenant_id: str = DEMO_TENANT
     prefix: str
-
-
-class DeleteOrphansInput(StrictModel):
-    tenant_id: str = DEMO_TENANT
-    uris: list[str]

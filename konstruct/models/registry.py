@@ -44,11 +44,6 @@ class NewRun(StrictModel):
     artifact_size: int | None = None
 
 
-class RegisterRunsInput(StrictModel):
-    tenant_id: str
-    runs: list[NewRun] = Field(min_length=1)
-
-
 class RegistryAlias(StrictModel):
     tenant_id: str
     alias: str
@@ -72,11 +67,6 @@ class AliasMove(StrictModel):
     workflow_id: str | None = None
     workflow_run_id: str | None = None
     moved_at: datetime | None = None
-
-
-class AliasStateInput(StrictModel):
-    tenant_id: str
-    alias: str
 
 
 class AliasState(StrictModel):

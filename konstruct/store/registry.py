@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import asyncpg
+from pydantic import BaseModel
 
 from konstruct.db import tenant_transaction
 from konstruct.errors import ArtifactIntegrityError, ArtifactMissing, NotFound
@@ -25,11 +27,17 @@ from konstruct.models.registry import (
     AliasMove,
     AliasMoveResult,
     AliasState,
+    DiscardRunsInput,
+    DiscardRunsResult,
     MoveAliasInput,
     NewRun,
     RegistryAlias,
     RegistryRun,
+    SettleAliasInput,
+    UndoAliasMoveInput,
 )
+
+M = TypeVar("M", bound=BaseModel)
 
 # A move waits this long for another workflow's move of the same alias; beyond
 # it the attempt fails (retryably) instead of piling up connections.
@@ -37,8 +45,6 @@ ALIAS_LOCK_TIMEOUT_MS = 3000
 # Taken by every transaction that writes runs or deletes demo rows, so a demo
 # reset never deletes an artifact another run is registering at that moment.
 _REGISTRY_WRITE_LOCK = "konstruct-registry-write:"
-# Sessions still `running` after this long are treated as abandoned by `reset`.
-STALE_DEMO_SESSION_HOURS = 24
 
 
 def sha256_hex(data: bytes) -> str:
@@ -111,23 +117,18 @@ async def delete_artifacts(conn: asyncpg.Connection, tenant_id: str, prefix: str
 # --- runs ---------------------------------------------------------------------
 
 
+def _from_row(
+    model: type[M], row: asyncpg.Record, ids: tuple[str, ...] = (), docs: tuple[str, ...] = ()
+) -> M:
+    """The model's fields from a row: uuid columns `ids` as strings, jsonb `docs` parsed."""
+    values = {name: row[name] for name in model.model_fields}
+    values.update({name: _str(row[name]) for name in ids})
+    values.update({name: json.loads(row[name]) for name in docs})
+    return model.model_validate(values)
+
+
 def _run(row: asyncpg.Record) -> RegistryRun:
-    return RegistryRun(
-        run_id=str(row["run_id"]),
-        tenant_id=row["tenant_id"],
-        kind=row["kind"],
-        name=row["name"],
-        owner=row["owner"],
-        status=row["status"],
-        params=json.loads(row["params"]),
-        metrics=json.loads(row["metrics"]),
-        artifact_uri=row["artifact_uri"],
-        artifact_sha256=row["artifact_sha256"],
-        artifact_size=row["artifact_size"],
-        workflow_id=row["workflow_id"],
-        workflow_run_id=row["workflow_run_id"],
-        created_at=row["created_at"],
-    )
+    return _from_row(RegistryRun, row, ids=("run_id",), docs=("params", "metrics"))
 
 
 async def insert_runs(
@@ -203,33 +204,11 @@ async def list_aliases(pool: asyncpg.Pool, tenant_id: str) -> list[RegistryAlias
             " where a.tenant_id = $1 order by a.alias",
             tenant_id,
         )
-    return [
-        RegistryAlias(
-            tenant_id=r["tenant_id"],
-            alias=r["alias"],
-            run_id=_str(r["run_id"]),
-            version=r["version"],
-            updated_at=r["updated_at"],
-            run_name=r["run_name"],
-            run_owner=r["run_owner"],
-        )
-        for r in rows
-    ]
+    return [_from_row(RegistryAlias, r, ids=("run_id",)) for r in rows]
 
 
 def _move(row: asyncpg.Record) -> AliasMove:
-    return AliasMove(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        alias=row["alias"],
-        from_run_id=_str(row["from_run_id"]),
-        to_run_id=_str(row["to_run_id"]),
-        reason=row["reason"],
-        move_id=row["move_id"],
-        workflow_id=row["workflow_id"],
-        workflow_run_id=row["workflow_run_id"],
-        moved_at=row["moved_at"],
-    )
+    return _from_row(AliasMove, row, ids=("from_run_id", "to_run_id"))
 
 
 async def alias_history(
@@ -319,20 +298,28 @@ async def find_move(conn: asyncpg.Connection, tenant_id: str, move_id: str) -> A
     return None if row is None else _move(row)
 
 
-async def _lock_alias(
-    conn: asyncpg.Connection, tenant_id: str, alias: str
-) -> asyncpg.Record | None:
-    """The alias row, locked until the transaction ends; None if the alias does not exist."""
+@dataclass(frozen=True)
+class LockedAlias:
+    """An alias row held by `lock_alias` until the transaction ends."""
+
+    exists: bool
+    run_id: str | None
+
+
+async def lock_alias(conn: asyncpg.Connection, tenant_id: str, alias: str) -> LockedAlias:
+    """Lock the alias row (a move of it by another workflow waits); it may not exist yet."""
     await conn.execute(f"set local lock_timeout = {ALIAS_LOCK_TIMEOUT_MS}")
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         "select run_id, version from registry_aliases where tenant_id = $1 and alias = $2"
         " for update",
         tenant_id,
         alias,
     )
+    return LockedAlias(exists=row is not None, run_id=None if row is None else _str(row["run_id"]))
 
 
-async def _run_exists(conn: asyncpg.Connection, tenant_id: str, run_id: str | None) -> bool:
+async def run_exists(conn: asyncpg.Connection, tenant_id: str, run_id: str | None) -> bool:
+    """Whether an alias may point at `run_id` (None, an empty alias, always may)."""
     if run_id is None:
         return True
     return bool(
@@ -344,7 +331,7 @@ async def _run_exists(conn: asyncpg.Connection, tenant_id: str, run_id: str | No
     )
 
 
-async def _latest_move(conn: asyncpg.Connection, tenant_id: str, alias: str) -> AliasMove | None:
+async def latest_move(conn: asyncpg.Connection, tenant_id: str, alias: str) -> AliasMove | None:
     row = await conn.fetchrow(
         "select * from registry_alias_history where tenant_id = $1 and alias = $2"
         " order by id desc limit 1",
@@ -354,54 +341,53 @@ async def _latest_move(conn: asyncpg.Connection, tenant_id: str, alias: str) -> 
     return None if row is None else _move(row)
 
 
-async def _record_move(
+# What a move names: the alias, why, and the id its caller chose for it.
+AliasChange = MoveAliasInput | UndoAliasMoveInput | SettleAliasInput
+
+
+async def record_move(
     conn: asyncpg.Connection,
-    *,
-    tenant_id: str,
-    alias: str,
-    exists: bool,
-    from_run_id: str | None,
+    change: AliasChange,
+    locked: LockedAlias,
     to_run_id: str | None,
-    reason: str,
-    move_id: str,
     workflow_id: str | None,
     workflow_run_id: str | None,
     detail: str = "",
 ) -> AliasMoveResult:
-    """Point the alias at `to_run_id` and append the move to its history."""
+    """Point the locked alias at `to_run_id` and append the move to its history."""
     to_uuid = None if to_run_id is None else uuid.UUID(to_run_id)
-    if exists:
+    if locked.exists:
         await conn.execute(
             "update registry_aliases set run_id = $3, version = version + 1, updated_at = now()"
             " where tenant_id = $1 and alias = $2",
-            tenant_id,
-            alias,
+            change.tenant_id,
+            change.alias,
             to_uuid,
         )
     else:
         await conn.execute(
             "insert into registry_aliases (tenant_id, alias, run_id) values ($1, $2, $3)",
-            tenant_id,
-            alias,
+            change.tenant_id,
+            change.alias,
             to_uuid,
         )
     history_id: int = await conn.fetchval(
         "insert into registry_alias_history (tenant_id, alias, from_run_id, to_run_id, reason,"
         " move_id, workflow_id, workflow_run_id) values ($1, $2, $3, $4, $5, $6, $7, $8)"
         " returning id",
-        tenant_id,
-        alias,
-        None if from_run_id is None else uuid.UUID(from_run_id),
+        change.tenant_id,
+        change.alias,
+        None if locked.run_id is None else uuid.UUID(locked.run_id),
         to_uuid,
-        reason,
-        move_id,
+        change.reason,
+        change.move_id,
         workflow_id,
         workflow_run_id,
     )
     return AliasMoveResult(
-        alias=alias,
+        alias=change.alias,
         moved=True,
-        from_run_id=from_run_id,
+        from_run_id=locked.run_id,
         to_run_id=to_run_id,
         run_id=to_run_id,
         history_id=history_id,
@@ -409,7 +395,7 @@ async def _record_move(
     )
 
 
-def _made_before(alias: str, done: AliasMove, detail: str) -> AliasMoveResult:
+def made_before(alias: str, done: AliasMove, detail: str) -> AliasMoveResult:
     """The result of a move an earlier attempt already made (found by its move id)."""
     return AliasMoveResult(
         alias=alias,
@@ -419,6 +405,14 @@ def _made_before(alias: str, done: AliasMove, detail: str) -> AliasMoveResult:
         run_id=done.to_run_id,
         history_id=done.id,
         detail=detail,
+    )
+
+
+def _left_as_is(
+    alias: str, locked: LockedAlias, detail: str, by: str | None = None
+) -> AliasMoveResult:
+    return AliasMoveResult(
+        alias=alias, moved=False, run_id=locked.run_id, superseded_by=by, detail=detail
     )
 
 
@@ -451,27 +445,145 @@ async def move_alias(
     """Point the alias at `to_run_id` (a no-op when it is there already)."""
     done = await find_move(conn, input.tenant_id, input.move_id)
     if done is not None:
-        return _made_before(input.alias, done, "move already made by an earlier attempt")
-    if not await _run_exists(conn, input.tenant_id, input.to_run_id):
+        return made_before(input.alias, done, "move already made by an earlier attempt")
+    if not await run_exists(conn, input.tenant_id, input.to_run_id):
         raise NotFound(
             f"cannot point alias {input.alias!r} at run {input.to_run_id}: no such run "
             f"in tenant {input.tenant_id!r}; see `konstruct registry runs`"
         )
-    row = await _lock_alias(conn, input.tenant_id, input.alias)
-    current = None if row is None else _str(row["run_id"])
-    if row is not None and current == input.to_run_id:
+    locked = await lock_alias(conn, input.tenant_id, input.alias)
+    if locked.exists and locked.run_id == input.to_run_id:
+        return _left_as_is(input.alias, locked, "already there")
+    return await record_move(conn, input, locked, input.to_run_id, workflow_id, workflow_run_id)
+
+
+async def undo_move(
+    conn: asyncpg.Connection,
+    input: UndoAliasMoveInput,
+    workflow_id: str | None,
+    workflow_run_id: str | None,
+) -> AliasMoveResult:
+    """Reverse one move, if it was made and nobody has moved the alias since."""
+    done = await find_move(conn, input.tenant_id, input.move_id)
+    if done is not None:
+        return made_before(input.alias, done, "undo already made by an earlier attempt")
+    target = await find_move(conn, input.tenant_id, input.undo_move_id)
+    if target is None:
+        state = await alias_state(conn, input.tenant_id, input.alias)
         return AliasMoveResult(
-            alias=input.alias, moved=False, run_id=current, detail="already there"
+            alias=input.alias,
+            moved=False,
+            run_id=state.run_id,
+            detail="nothing to undo: the move was never made",
         )
-    return await _record_move(
-        conn,
-        tenant_id=input.tenant_id,
-        alias=input.alias,
-        exists=row is not None,
-        from_run_id=current,
-        to_run_id=input.to_run_id,
-        reason=input.reason,
-        move_id=input.move_id,
-        workflow_id=workflow_id,
-        workflow_run_id=workflow_run_id,
+    locked = await lock_alias(conn, input.tenant_id, input.alias)
+    latest = await latest_move(conn, input.tenant_id, input.alias)
+    if latest is not None and latest.id != target.id:
+        if latest.workflow_run_id != workflow_run_id:
+            detail = f"alias moved again since (by {latest.workflow_id}); left as is"
+            return _left_as_is(input.alias, locked, detail, by=latest.workflow_id)
+        return _left_as_is(input.alias, locked, "alias moved again since by this run; left as is")
+    back_to = target.from_run_id
+    note = ""
+    if not await run_exists(conn, input.tenant_id, back_to):
+        note = f" (run {back_to} no longer exists: alias emptied)"
+        back_to = None
+    return await record_move(
+        conn, input, locked, back_to, workflow_id, workflow_run_id, detail="undone" + note
     )
+
+
+async def settle_alias(
+    conn: asyncpg.Connection,
+    input: SettleAliasInput,
+    workflow_id: str | None,
+    workflow_run_id: str | None,
+) -> AliasMoveResult:
+    """Put the alias on the target, unless another workflow run moved it after ours.
+
+    The last demo run to move the alias wins: a run never overrides a move
+    that someone else made after its own.
+    """
+    done = await find_move(conn, input.tenant_id, input.move_id)
+    if done is not None:
+        return made_before(input.alias, done, "settled by an earlier attempt")
+    locked = await lock_alias(conn, input.tenant_id, input.alias)
+    if locked.run_id == input.target_run_id:
+        return _left_as_is(input.alias, locked, "on target")
+    latest = await latest_move(conn, input.tenant_id, input.alias)
+    if (
+        latest is not None
+        and latest.id > input.history_mark
+        and latest.workflow_run_id != workflow_run_id
+    ):
+        detail = f"left where {latest.workflow_id} moved it after this run"
+        return _left_as_is(input.alias, locked, detail, by=latest.workflow_id)
+    if not await run_exists(conn, input.tenant_id, input.target_run_id):
+        raise NotFound(f"cannot settle {input.alias!r} on run {input.target_run_id}: no such run")
+    return await record_move(
+        conn, input, locked, input.target_run_id, workflow_id, workflow_run_id, detail="settled"
+    )
+
+
+async def discard_runs(conn: asyncpg.Connection, input: DiscardRunsInput) -> DiscardRunsResult:
+    """Delete runs (and artifacts no other run uses), except kept or aliased ones."""
+    await lock_registry_writes(conn, input.tenant_id)
+    deleted = await conn.fetch(
+        "delete from registry_runs r where r.tenant_id = $1 and r.run_id = any($2::uuid[])"
+        " and not (r.run_id = any($3::uuid[]))"
+        " and not exists (select 1 from registry_aliases a"
+        "                 where a.tenant_id = r.tenant_id and a.run_id = r.run_id)"
+        " returning r.run_id, r.artifact_uri",
+        input.tenant_id,
+        [uuid.UUID(r) for r in input.run_ids],
+        [uuid.UUID(r) for r in input.keep],
+    )
+    uris = [r["artifact_uri"] for r in deleted if r["artifact_uri"]]
+    if uris:
+        await conn.execute(
+            "delete from registry_artifacts a where a.tenant_id = $1"
+            " and a.uri = any($2::text[])"
+            " and not exists (select 1 from registry_runs r"
+            "                 where r.tenant_id = a.tenant_id and r.artifact_uri = a.uri)",
+            input.tenant_id,
+            uris,
+        )
+    gone = {str(r["run_id"]) for r in deleted}
+    return DiscardRunsResult(
+        deleted=[r for r in input.run_ids if r in gone],
+        kept=[r for r in input.run_ids if r not in gone],
+    )
+
+
+@dataclass(frozen=True)
+class AliasCheck:
+    """An alias, the run it points at, and that run's artifact as registered and as stored."""
+
+    alias: str
+    run_id: str | None
+    run_found: bool
+    artifact_uri: str | None
+    artifact_sha256: str | None
+    stored_sha256: str | None
+
+
+async def check_aliases(conn: asyncpg.Connection, tenant_id: str) -> list[AliasCheck]:
+    rows = await conn.fetch(
+        "select a.alias, a.run_id, r.run_id as found, r.artifact_uri, r.artifact_sha256,"
+        " (select sha256 from registry_artifacts x where x.tenant_id = a.tenant_id"
+        "  and x.uri = r.artifact_uri) as stored_sha"
+        " from registry_aliases a left join registry_runs r on r.run_id = a.run_id"
+        " where a.tenant_id = $1 order by a.alias",
+        tenant_id,
+    )
+    return [
+        AliasCheck(
+            alias=r["alias"],
+            run_id=_str(r["run_id"]),
+            run_found=r["found"] is not None,
+            artifact_uri=r["artifact_uri"],
+            artifact_sha256=r["artifact_sha256"],
+            stored_sha256=r["stored_sha"],
+        )
+        for r in rows
+    ]
