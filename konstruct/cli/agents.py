@@ -5,15 +5,7 @@ from __future__ import annotations
 import click
 from pydantic import ValidationError
 
-from konstruct.cli.common import (
-    CliState,
-    json_option,
-    pass_state,
-    print_json,
-    print_table,
-    tenant_argument,
-    with_pool,
-)
+from konstruct.cli.common import CliState, Query, listing, pass_state, tenant_argument, with_pool
 from konstruct.errors import InvalidInput
 from konstruct.models import AgentProfile
 from konstruct.store.agents import list_agents, put_agent
@@ -67,18 +59,11 @@ def put(
 
 @group.command("list")
 @tenant_argument
-@json_option()
-@pass_state
-def list_(state: CliState, tenant: str, as_json: bool) -> int:
+@listing(
+    "tenant {tenant!r} has no agents",
+    ["agent", "name", "model group", "role"],
+    lambda a: (a.agent_id, a.name, a.model_group, a.role),
+)
+def list_(tenant: str) -> Query:
     """List a tenant's agents."""
-    agents = with_pool(state.settings, lambda pool: list_agents(pool, tenant))
-    if as_json:
-        print_json(agents)
-    elif not agents:
-        print(f"tenant {tenant!r} has no agents")
-    else:
-        print_table(
-            ["agent", "name", "model group", "role"],
-            [(a.agent_id, a.name, a.model_group, a.role) for a in agents],
-        )
-    return 0
+    return lambda pool: list_agents(pool, tenant)

@@ -1,44 +1,29 @@
-"""Shared plumbing of the CLI: options, settings, connections and output."""
+"""Shared plumbing of the CLI: options, settings and connections (output is in `output`)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
-import json
-import sys
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Iterator,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 import click
-from pydantic import BaseModel
-from rich import box
-from rich.console import Console
-from rich.table import Column, Table
-from rich.text import Text
-from temporalio.client import Client, WorkflowFailureError
+from rich.table import Column
+from temporalio.client import Client
 
 from konstruct import db
+from konstruct.cli.output import print_json, print_table
 from konstruct.config import Settings, load_settings
-from konstruct.errors import ServiceUnreachable, innermost_application_error
+from konstruct.errors import ServiceUnreachable
 from konstruct.temporal_client import connect
 
 T = TypeVar("T")
-
-# Piped output is not wrapped at 80 columns: one table row stays one line.
-_PIPE_WIDTH = 250
 
 # The one --tenant option of every command that takes it.
 tenant_option = click.option("--tenant", default="demo", show_default=True, help="tenant id")
@@ -152,47 +137,33 @@ def with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[T]]) 
     return run_async(run())
 
 
-@cache
-def console() -> Console:
-    """Where tables and live progress go; never colours or wraps a pipe."""
-    return Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH, highlight=False)
+# What a list command's function returns: the store call that fetches its rows.
+Query = Callable[[asyncpg.Pool], Awaitable[list[Any]]]
 
 
-def build_table(columns: Sequence[str | Column], rows: Iterable[Iterable[Any]]) -> Table:
-    """Rows as a rich table; cells are plain text (brackets are not markup).
+def listing(
+    empty: str, columns: Sequence[str | Column], row: Callable[[Any], Sequence[Any]]
+) -> Callable[[Callable[..., Query]], Callable[..., int]]:
+    """Turn a function returning a `Query` into a list command.
 
-    Only the last column wraps when space runs out, so ids stay whole and greppable.
+    The command gets `--json`; it prints the rows as JSON, as a table of one
+    `row` each, or the `empty` sentence (formatted with the command's parameters).
     """
-    last = len(columns) - 1
-    table = Table(
-        *(Column(c, no_wrap=i < last) if isinstance(c, str) else c for i, c in enumerate(columns)),
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    for row in rows:
-        table.add_row(*(Text("-" if cell is None else str(cell)) for cell in row))
-    return table
 
+    def decorate(query_of: Callable[..., Query]) -> Callable[..., int]:
+        @json_option()
+        @pass_state
+        @functools.wraps(query_of)
+        def command(state: CliState, as_json: bool, **params: Any) -> int:
+            items = with_pool(state.settings, query_of(**params))
+            if as_json:
+                print_json(items)
+            elif not items:
+                print(empty.format(**params))
+            else:
+                print_table(columns, [row(item) for item in items])
+            return 0
 
-def print_table(columns: Sequence[str | Column], rows: Iterable[Iterable[Any]]) -> None:
-    console().print(build_table(columns, rows))
+        return command
 
-
-def print_json(value: Any) -> None:
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    elif isinstance(value, list):
-        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
-    json.dump(value, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def failure_message(error: WorkflowFailureError) -> str:
-    """The error an activity or workflow raised, with its type."""
-    cause = innermost_application_error(error)
-    if cause is not None and cause.type:
-        return f"{cause.type}: {cause.message}"
-    deepest: BaseException | None = error.cause
-    while getattr(deepest, "cause", None) is not None:
-        deepest = deepest.cause  # type: ignore[union-attr]
-    return str(deepest or error)
+    return decorate

@@ -6,30 +6,19 @@ import asyncio
 import contextlib
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
 from rich.console import Group, RenderableType
-from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Column
 from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.service import RPCError
 
-from konstruct.cli.common import (
-    CliState,
-    build_table,
-    console,
-    failure_message,
-    json_option,
-    pass_state,
-    print_json,
-    print_table,
-    run_async,
-    temporal_client,
-)
+from konstruct.cli.common import CliState, json_option, pass_state, run_async, temporal_client
+from konstruct.cli.output import LiveView, build_table, failure_message, print_json, print_table
 from konstruct.errors import NotFound
 from konstruct.models.demo import STEP_NAMES, ApprovalSignal, DemoProgress, DemoStep
 from workflows.demo_cascade import DemoCascade
@@ -103,61 +92,35 @@ def progress_view(progress: DemoProgress) -> RenderableType:
     return Group(head, ProgressBar(total=max(total, 1), completed=finished, width=40), table)
 
 
-class _Follower:
-    """Shows a running demo: a live table on a terminal, a line per finished step otherwise."""
-
-    def __init__(self) -> None:
-        self.console = console()
-        self.live = (
-            Live(console=self.console, auto_refresh=False, transient=True)
-            if self.console.is_terminal
-            else None
-        )
-        self.shown: set[str] = set()
-        self.prompted = False
-
-    def show(self, progress: DemoProgress) -> None:
-        if self.live is not None:
-            self.live.update(progress_view(progress), refresh=True)
+async def _follow(handle: WorkflowHandle, view: LiveView) -> None:
+    """Show each poll: the live table on a terminal, a line per finished step otherwise."""
+    shown: set[str] = set()
+    prompted = False
+    while True:
+        try:
+            progress: DemoProgress = await handle.query(DemoCascade.progress)
+        except RPCError:
+            # The workflow may not have run its first task yet.
+            await asyncio.sleep(_POLL_SECONDS)
+            continue
+        if view.is_live:
+            view.update(progress_view(progress))
         else:
             for s in progress.steps:
-                if s.status not in ("pending", "running") and s.name not in self.shown:
-                    self.shown.add(s.name)
-                    print(f"  {s.name:<28} {s.status:<12} {s.detail[:100]}", flush=True)
-        if progress.pending_approval is not None and not self.prompted:
-            self.prompted = True
+                if s.status not in ("pending", "running") and s.name not in shown:
+                    shown.add(s.name)
+                    view.say(f"  {s.name:<28} {s.status:<12} {s.detail[:100]}")
+        if progress.pending_approval is not None and not prompted:
+            prompted = True
             p = progress.pending_approval
-            # Printed above the live table, where it stays.
-            self.console.print(
-                Text(
-                    f"  >> agent proposes {p.proposal}: {p.rationale}\n"
-                    f"  >> konstruct demo approve|reject {progress.workflow_id}"
-                    f" (hold after {p.deadline.isoformat(timespec='seconds')})"
-                ),
-                soft_wrap=True,
+            view.say(
+                f"  >> agent proposes {p.proposal}: {p.rationale}\n"
+                f"  >> konstruct demo approve|reject {progress.workflow_id}"
+                f" (hold after {p.deadline.isoformat(timespec='seconds')})"
             )
-
-    async def follow(self, handle: WorkflowHandle) -> None:
-        while True:
-            try:
-                progress: DemoProgress = await handle.query(DemoCascade.progress)
-            except RPCError:
-                # The workflow may not have run its first task yet.
-                await asyncio.sleep(_POLL_SECONDS)
-                continue
-            self.show(progress)
-            if progress.status in _FINISHED:
-                return
-            await asyncio.sleep(_POLL_SECONDS)
-
-    def __enter__(self) -> _Follower:
-        if self.live is not None:
-            self.live.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.stop()
+        if progress.status in _FINISHED:
+            return
+        await asyncio.sleep(_POLL_SECONDS)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -209,8 +172,9 @@ def run(
         if detach:
             return 0
         failure: WorkflowFailureError | None = None
-        with _Follower() as follower:
-            following = asyncio.create_task(follower.follow(handle))
+        # The live table goes when the run ends; the final table is printed below.
+        with LiveView(transient=True) as view:
+            following = asyncio.create_task(_follow(handle, view))
             try:
                 result = await handle.result()
             except WorkflowFailureError as exc:
@@ -235,66 +199,65 @@ def run(
     return run_async(execute())
 
 
-def _steer(
-    state: CliState, workflow_id: str | None, action: str, send: Callable[[WorkflowHandle], Any]
-) -> int:
-    """Send one signal (or the cancel) to a demo run, by default the latest running one."""
+def _steering_command(
+    name: str, help: str, send: Callable[[WorkflowHandle, str], Awaitable[Any]], decides: bool
+) -> click.Command:
+    """A command that sends one signal (or the cancel) to a demo run.
 
-    async def execute() -> int:
-        client = await temporal_client(state.settings)
-        target = workflow_id or await _latest(client, running_only=True)
-        await send(client.get_workflow_handle(target))
-        print(f"{action} sent to {target}")
-        return 0
+    Its target defaults to the latest running demo; `decides` adds `--by`.
+    """
 
-    return run_async(execute())
+    @click.command(name, help=f"{help} (default: the latest running demo).")
+    @workflow_id_argument
+    @pass_state
+    def steer(state: CliState, workflow_id: str | None, by: str = "cli") -> int:
+        async def execute() -> int:
+            client = await temporal_client(state.settings)
+            target = workflow_id or await _latest(client, running_only=True)
+            await send(client.get_workflow_handle(target), by)
+            print(f"{name} sent to {target}")
+            return 0
 
+        return run_async(execute())
 
-by_option = click.option("--by", default="cli", show_default=True, help="who decides (recorded)")
-
-
-@group.command("approve")
-@workflow_id_argument
-@by_option
-@pass_state
-def approve(state: CliState, workflow_id: str | None, by: str) -> int:
-    """Approve the agent's pending decision (default: the latest running demo)."""
-    signal = ApprovalSignal(by=by)
-    return _steer(state, workflow_id, "approve", lambda h: h.signal(DemoCascade.approve, signal))
+    if decides:
+        click.option("--by", default="cli", show_default=True, help="who decides (recorded)")(steer)
+    return steer
 
 
-@group.command("reject")
-@workflow_id_argument
-@by_option
-@pass_state
-def reject(state: CliState, workflow_id: str | None, by: str) -> int:
-    """Reject the agent's pending decision: hold (default: the latest running demo)."""
-    signal = ApprovalSignal(by=by)
-    return _steer(state, workflow_id, "reject", lambda h: h.signal(DemoCascade.reject, signal))
-
-
-@group.command("stop")
-@workflow_id_argument
-@pass_state
-def stop(state: CliState, workflow_id: str | None) -> int:
-    """Pause a demo run before its next step (default: the latest running demo)."""
-    return _steer(state, workflow_id, "stop", lambda h: h.signal(DemoCascade.stop))
-
-
-@group.command("resume")
-@workflow_id_argument
-@pass_state
-def resume(state: CliState, workflow_id: str | None) -> int:
-    """Resume a paused demo run (default: the latest running demo)."""
-    return _steer(state, workflow_id, "resume", lambda h: h.signal(DemoCascade.resume))
-
-
-@group.command("cancel")
-@workflow_id_argument
-@pass_state
-def cancel(state: CliState, workflow_id: str | None) -> int:
-    """Cancel a demo run; compensations run (default: the latest running demo)."""
-    return _steer(state, workflow_id, "cancel", lambda h: h.cancel())
+for _command in (
+    _steering_command(
+        "approve",
+        "Approve the agent's pending decision",
+        lambda h, by: h.signal(DemoCascade.approve, ApprovalSignal(by=by)),
+        decides=True,
+    ),
+    _steering_command(
+        "reject",
+        "Reject the agent's pending decision: hold",
+        lambda h, by: h.signal(DemoCascade.reject, ApprovalSignal(by=by)),
+        decides=True,
+    ),
+    _steering_command(
+        "stop",
+        "Pause a demo run before its next step",
+        lambda h, _: h.signal(DemoCascade.stop),
+        decides=False,
+    ),
+    _steering_command(
+        "resume",
+        "Resume a paused demo run",
+        lambda h, _: h.signal(DemoCascade.resume),
+        decides=False,
+    ),
+    _steering_command(
+        "cancel",
+        "Cancel a demo run; compensations run",
+        lambda h, _: h.cancel(),
+        decides=False,
+    ),
+):
+    group.add_command(_command)
 
 
 @group.command("progress")

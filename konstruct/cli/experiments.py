@@ -13,7 +13,6 @@ from typing import Any
 import click
 from pydantic import ValidationError
 from rich.console import Group, RenderableType
-from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Column, Table
 from rich.text import Text
@@ -22,18 +21,17 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.cli.common import (
     CliState,
+    Query,
     app_pool,
-    console,
-    failure_message,
     json_option,
+    listing,
     pass_state,
-    print_json,
-    print_table,
     run_async,
     temporal_client,
     tenant_option,
     with_pool,
 )
+from konstruct.cli.output import LiveView, failure_message, print_json, print_table
 from konstruct.config import Settings
 from konstruct.errors import InvalidInput, NotFound
 from konstruct.models.experiments import (
@@ -221,26 +219,19 @@ async def _progress(client: Client, workflow_id: str) -> ExperimentProgress:
 
 async def _follow(client: Client, workflow_id: str, interval: float) -> ExperimentProgress:
     """Poll until the experiment ends: a live bar on a terminal, one line per poll otherwise."""
-    out = console()
     rate = ItemRate()
-    live = Live(console=out, auto_refresh=False) if out.is_terminal else None
-    if live is not None:
-        live.start()
-    try:
+    with LiveView() as view:
         while True:
             p = await _progress(client, workflow_id)
             measured = rate.add(time.monotonic(), p.evaluated + p.failed)
             shown = p.items_per_s if measured is None else measured
-            if live is not None:
-                live.update(progress_view(p, shown), refresh=True)
+            if view.is_live:
+                view.update(progress_view(p, shown))
             else:
-                print("\n".join([f"{p.status:<9} {_figures(p, shown)}", *_notes(p)]), flush=True)
+                view.say("\n".join([f"{p.status:<9} {_figures(p, shown)}", *_notes(p)]))
             if p.status in FINISHED:
                 return p
             await asyncio.sleep(interval)
-    finally:
-        if live is not None:
-            live.stop()
 
 
 async def _watch(client: Client, workflow_id: str, interval: float) -> int:
@@ -328,64 +319,51 @@ def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
 
 @group.command("list")
 @tenant_option
-@json_option()
-@pass_state
-def list_(state: CliState, tenant: str, as_json: bool) -> int:
+@listing(
+    "tenant {tenant!r} has no experiments",
+    ["experiment", "status", Column("results", justify="right"), "name"],
+    lambda r: (r["experiment_id"], r["status"], f"{r['results']}/{r['total']}", r["name"]),
+)
+def list_(tenant: str) -> Query:
     """A tenant's experiments."""
-    rows = with_pool(state.settings, lambda pool: list_experiments(pool, tenant))
-    if as_json:
-        print_json(rows)
-    elif not rows:
-        print(f"tenant {tenant!r} has no experiments")
-    else:
-        print_table(
-            ["experiment", "status", Column("results", justify="right"), "name"],
-            [
-                (r["experiment_id"], r["status"], f"{r['results']}/{r['total']}", r["name"])
-                for r in rows
-            ],
-        )
-    return 0
+    return lambda pool: list_experiments(pool, tenant)
 
 
-def _toggle(state: CliState, action: str, experiment: str, tenant: str) -> int:
-    settings = state.settings
+def _toggle_command(action: str) -> click.Command:
+    """`stop` or `resume`: the update's answer, accepted or refused with its reason."""
+    update = Experiment.request_stop if action == "stop" else Experiment.request_resume
 
-    async def run() -> int:
-        workflow_id = await _workflow_id(settings, tenant, experiment)
-        client = await temporal_client(settings)
-        handle = client.get_workflow_handle(workflow_id)
-        update = Experiment.request_stop if action == "stop" else Experiment.request_resume
-        try:
-            result = await handle.execute_update(update, ToggleInput(by="cli"))
-        except RPCError as exc:
+    @click.command(action, help=f"{action.capitalize()} an experiment (answers accepted/refused).")
+    @experiment_argument
+    @tenant_option
+    @pass_state
+    def toggle(state: CliState, experiment: str, tenant: str) -> int:
+        settings = state.settings
+
+        async def run() -> int:
+            workflow_id = await _workflow_id(settings, tenant, experiment)
+            client = await temporal_client(settings)
+            handle = client.get_workflow_handle(workflow_id)
             try:
-                status = (await handle.describe()).status
-            except RPCError:
-                raise NotFound(f"no experiment workflow {workflow_id!r}: {exc.message}") from None
-            word = status.name.lower() if status is not None else "closed"
-            print(f"{action} refused: the experiment's workflow is {word}")
-            return 1
-        word = "accepted" if result.accepted else "refused"
-        print(f"{action} {word}: {result.reason} (status {result.status})")
-        return 0 if result.accepted else 1
+                result = await handle.execute_update(update, ToggleInput(by="cli"))
+            except RPCError as exc:
+                try:
+                    status = (await handle.describe()).status
+                except RPCError:
+                    raise NotFound(
+                        f"no experiment workflow {workflow_id!r}: {exc.message}"
+                    ) from None
+                word = status.name.lower() if status is not None else "closed"
+                print(f"{action} refused: the experiment's workflow is {word}")
+                return 1
+            word = "accepted" if result.accepted else "refused"
+            print(f"{action} {word}: {result.reason} (status {result.status})")
+            return 0 if result.accepted else 1
 
-    return run_async(run())
+        return run_async(run())
 
-
-@group.command("stop")
-@experiment_argument
-@tenant_option
-@pass_state
-def stop(state: CliState, experiment: str, tenant: str) -> int:
-    """Stop an experiment (answers accepted/refused)."""
-    return _toggle(state, "stop", experiment, tenant)
+    return toggle
 
 
-@group.command("resume")
-@experiment_argument
-@tenant_option
-@pass_state
-def resume(state: CliState, experiment: str, tenant: str) -> int:
-    """Resume an experiment (answers accepted/refused)."""
-    return _toggle(state, "resume", experiment, tenant)
+group.add_command(_toggle_command("stop"))
+group.add_command(_toggle_command("resume"))

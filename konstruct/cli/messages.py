@@ -10,14 +10,13 @@ from temporalio.client import WorkflowFailureError
 
 from konstruct.cli.common import (
     CliState,
-    failure_message,
     json_option,
     pass_state,
-    print_json,
     run_async,
     temporal_client,
     tenant_argument,
 )
+from konstruct.cli.output import failure_message, print_json
 from konstruct.naming import message_workflow_id
 from workflows.handle_message import HandleMessage
 

@@ -6,15 +6,8 @@ from typing import Any
 
 import click
 
-from konstruct.cli.common import (
-    CliState,
-    json_option,
-    pass_state,
-    print_json,
-    print_table,
-    tenant_option,
-    with_pool,
-)
+from konstruct.cli.common import Query, listing, tenant_option
+from konstruct.models.registry import AliasMove, RegistryAlias, RegistryRun
 from konstruct.store.registry import alias_history, list_aliases, list_runs
 
 
@@ -27,84 +20,68 @@ def _short(value: Any) -> str:
     return "-" if value is None else str(value)[:8]
 
 
+def _run_row(r: RegistryRun) -> tuple[Any, ...]:
+    wape = r.metrics.get("wape")
+    return (
+        r.run_id,
+        r.kind,
+        r.owner,
+        r.name,
+        "" if wape is None else f"{wape:.4f}",
+        r.artifact_uri,
+    )
+
+
+def _alias_row(a: RegistryAlias) -> tuple[Any, ...]:
+    return (a.alias, f"v{a.version}", a.run_id or "(nothing)", a.run_name, a.run_owner)
+
+
+def _move_row(m: AliasMove) -> tuple[Any, ...]:
+    when = m.moved_at.isoformat(timespec="seconds") if m.moved_at else "?"
+    return (
+        m.id,
+        when,
+        _short(m.from_run_id),
+        _short(m.to_run_id),
+        m.workflow_id,
+        m.workflow_run_id,
+        m.reason,
+    )
+
+
 @group.command("runs")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True)
 @tenant_option
-@json_option()
-@pass_state
-def runs(state: CliState, limit: int, tenant: str, as_json: bool) -> int:
+@listing(
+    "tenant {tenant!r} has no registered runs",
+    ["run", "kind", "owner", "name", "wape", "artifact"],
+    _run_row,
+)
+def runs(limit: int, tenant: str) -> Query:
     """Registered runs, newest first."""
-    found = with_pool(state.settings, lambda pool: list_runs(pool, tenant, limit))
-    if as_json:
-        print_json(found)
-    elif not found:
-        print(f"tenant {tenant!r} has no registered runs")
-    else:
-        print_table(
-            ["run", "kind", "owner", "name", "wape", "artifact"],
-            [
-                (
-                    r.run_id,
-                    r.kind,
-                    r.owner,
-                    r.name,
-                    f"{r.metrics['wape']:.4f}" if r.metrics.get("wape") is not None else "",
-                    r.artifact_uri or "",
-                )
-                for r in found
-            ],
-        )
-    return 0
+    return lambda pool: list_runs(pool, tenant, limit)
 
 
 @group.command("aliases")
 @tenant_option
-@json_option()
-@pass_state
-def aliases(state: CliState, tenant: str, as_json: bool) -> int:
+@listing(
+    "tenant {tenant!r} has no aliases",
+    ["alias", "version", "run", "run name", "run owner"],
+    _alias_row,
+)
+def aliases(tenant: str) -> Query:
     """Aliases and the run each points at."""
-    found = with_pool(state.settings, lambda pool: list_aliases(pool, tenant))
-    if as_json:
-        print_json(found)
-    elif not found:
-        print(f"tenant {tenant!r} has no aliases")
-    else:
-        print_table(
-            ["alias", "version", "run", "run name", "run owner"],
-            [
-                (a.alias, f"v{a.version}", a.run_id or "(nothing)", a.run_name, a.run_owner)
-                for a in found
-            ],
-        )
-    return 0
+    return lambda pool: list_aliases(pool, tenant)
 
 
 @group.command("history")
 @click.argument("alias")
 @tenant_option
-@json_option()
-@pass_state
-def history(state: CliState, alias: str, tenant: str, as_json: bool) -> int:
+@listing(
+    "alias {alias!r} of tenant {tenant!r} has never moved",
+    ["#", "moved at", "from", "to", "by workflow", "run", "reason"],
+    _move_row,
+)
+def history(alias: str, tenant: str) -> Query:
     """Every move of one alias, oldest first."""
-    moves = with_pool(state.settings, lambda pool: alias_history(pool, tenant, alias))
-    if as_json:
-        print_json(moves)
-    elif not moves:
-        print(f"alias {alias!r} of tenant {tenant!r} has never moved")
-    else:
-        print_table(
-            ["#", "moved at", "from", "to", "by workflow", "run", "reason"],
-            [
-                (
-                    m.id,
-                    m.moved_at.isoformat(timespec="seconds") if m.moved_at else "?",
-                    _short(m.from_run_id),
-                    _short(m.to_run_id),
-                    m.workflow_id,
-                    m.workflow_run_id or "-",
-                    m.reason,
-                )
-                for m in moves
-            ],
-        )
-    return 0
+    return lambda pool: alias_history(pool, tenant, alias)
