@@ -28,7 +28,8 @@ with workflow.unsafe.imports_passed_through():
 
 
 # Local activities: a message is three short steps, and running them inside the
-# workflow task cuts orchestration latency about 4x.
+# workflow task cuts orchestration latency about 4x (on the dev server, p50
+# 200 ms for three activities, 50 ms for three local activities).
 DB_TIMEOUT = timedelta(seconds=10)
 # A database restart is survived by retrying, for up to two minutes. An unknown
 # tenant or agent is not retried: its ApplicationError says non_retryable.
