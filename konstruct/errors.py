@@ -13,7 +13,8 @@
     ├── InjectedFailure            a failure the demo was asked to inject (`fail_at`)
     ├── InvariantViolated          a registry invariant does not hold
     │   └── RegressionNotDetected  the demo's safer promote missed the regression it made
-    └── PrecheckFailed             the demo's environment is not ready
+    ├── PrecheckFailed             the demo's environment is not ready
+    └── ServiceUnreachable         Temporal or PostgreSQL does not answer (retryable)
 
 An activity raises these; the worker's interceptor (`konstruct.interceptors`)
 turns each into an `ApplicationError` whose `type` is `error_type` and whose
@@ -148,3 +149,10 @@ class RegressionNotDetected(InvariantViolated):
     """The demo's safer promote swapped to a worse run and its check saw no regression."""
 
     error_type = "RegressionNotDetected"
+
+
+class ServiceUnreachable(KonstructError):
+    """Temporal or PostgreSQL does not answer; says where it was looked for."""
+
+    error_type = "ServiceUnreachable"
+    retryable = True

@@ -78,10 +78,10 @@ async def test_reply_has_the_contract_shape_and_says_it_is_an_ai(
     assert (await sim.model_stats("sim-fast"))["ok"] == 1
 
 
-async def _put_expert(app_pool: asyncpg.Pool, fallback_reply: str) -> None:
-    """Tenant acme's agent "expert", on the quality model group."""
+async def put_expert(pool: asyncpg.Pool, fallback_reply: str) -> None:
+    """Agent acme/expert, answering from the quality group."""
     await put_agent(
-        app_pool,
+        pool,
         "acme",
         AgentProfile(
             agent_id="expert",
@@ -96,7 +96,7 @@ async def _put_expert(app_pool: asyncpg.Pool, fallback_reply: str) -> None:
 async def test_quality_falls_back_to_fast_when_quality_providers_fail(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    await _put_expert(app_pool, "Ada is unavailable.")
+    await put_expert(app_pool, fallback_reply="Ada is unavailable.")
     await sim.set_profile("sim-quality", outage=True)
     result = await send(client, worker, message(tenant_id="acme", agent_id="expert"))
     assert result.fallback_used is True
@@ -109,7 +109,7 @@ async def test_quality_falls_back_to_fast_when_quality_providers_fail(
 async def test_polite_fallback_when_every_provider_fails(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    await _put_expert(app_pool, "Ada is unavailable, please try later.")
+    await put_expert(app_pool, fallback_reply="Ada is unavailable, please try later.")
     await sim.set_profile("sim-quality", outage=True)
     await sim.set_profile("sim-fast", outage=True)
     body = message(tenant_id="acme", agent_id="expert")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-
+import click
 from pydantic import ValidationError
 
-from konstruct import db
-from konstruct.cli.common import print_json, run_async, settings_of
+from konstruct.cli.common import CliState, Query, listing, pass_state, tenant_argument, with_pool
 from konstruct.errors import InvalidInput
 from konstruct.models import AgentProfile
 from konstruct.store.agents import list_agents, put_agent
@@ -15,59 +13,57 @@ from konstruct.store.agents import list_agents, put_agent
 DEFAULT_FALLBACK = "Sorry, I cannot answer right now. Please try again in a few minutes."
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    agents = commands.add_parser("agents", help="manage a tenant's agents")
-    sub = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
-    put = sub.add_parser("put", help="create or update an agent (creates the tenant if new)")
-    put.add_argument("tenant")
-    put.add_argument("agent")
-    put.add_argument("--name", required=True)
-    put.add_argument("--role", required=True)
-    put.add_argument("--persona", default="")
-    put.add_argument("--system-prompt", default="")
-    put.add_argument("--model-group", choices=["fast", "quality"], default="fast")
-    put.add_argument("--fallback-reply", default=DEFAULT_FALLBACK)
-    put.set_defaults(handler=cmd_put)
-    ls = sub.add_parser("list", help="list a tenant's agents")
-    ls.add_argument("tenant")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(handler=cmd_list)
+@click.group("agents")
+def group() -> None:
+    """Manage a tenant's agents."""
 
 
-async def _with_pool(args: argparse.Namespace, work):  # type: ignore[no-untyped-def]
-    settings = settings_of(args)
-    pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=2)
+@group.command("put")
+@tenant_argument
+@click.argument("agent")
+@click.option("--name", required=True)
+@click.option("--role", required=True)
+@click.option("--persona", default="")
+@click.option("--system-prompt", default="")
+@click.option("--model-group", type=click.Choice(["fast", "quality"]), default="fast")
+@click.option("--fallback-reply", default=DEFAULT_FALLBACK)
+@pass_state
+def put(
+    state: CliState,
+    tenant: str,
+    agent: str,
+    name: str,
+    role: str,
+    persona: str,
+    system_prompt: str,
+    model_group: str,
+    fallback_reply: str,
+) -> int:
+    """Create or update an agent (creates the tenant if new)."""
     try:
-        return await work(pool)
-    finally:
-        await pool.close()
-
-
-def cmd_put(args: argparse.Namespace) -> int:
-    try:
-        agent = AgentProfile(
-            agent_id=args.agent,
-            name=args.name,
-            role=args.role,
-            persona=args.persona,
-            system_prompt=args.system_prompt,
-            model_group=args.model_group,
-            fallback_reply=args.fallback_reply,
+        profile = AgentProfile(
+            agent_id=agent,
+            name=name,
+            role=role,
+            persona=persona,
+            system_prompt=system_prompt,
+            model_group=model_group,  # type: ignore[arg-type]
+            fallback_reply=fallback_reply,
         )
     except ValidationError as exc:
         raise InvalidInput.from_validation_error("agents put", exc) from None
-    run_async(_with_pool(args, lambda pool: put_agent(pool, args.tenant, agent)))
-    print(f"agent {args.tenant}/{args.agent} saved")
+    with_pool(state.settings, lambda pool: put_agent(pool, tenant, profile))
+    print(f"agent {tenant}/{agent} saved")
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    agents = run_async(_with_pool(args, lambda pool: list_agents(pool, args.tenant)))
-    if args.json:
-        print_json(agents)
-        return 0
-    if not agents:
-        print(f"tenant {args.tenant!r} has no agents")
-    for a in agents:
-        print(f"{a.agent_id:<16} {a.name:<16} {a.model_group:<8} {a.role}")
-    return 0
+@group.command("list")
+@tenant_argument
+@listing(
+    "tenant {tenant!r} has no agents",
+    ["agent", "name", "model group", "role"],
+    lambda a: (a.agent_id, a.name, a.model_group, a.role),
+)
+def list_(tenant: str) -> Query:
+    """List a tenant's agents."""
+    return lambda pool: list_agents(pool, tenant)

@@ -1,24 +1,53 @@
-"""Shared plumbing of the CLI commands."""
+"""Shared plumbing of the CLI: options, settings and connections (output is in `output`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import functools
 import gc
-import json
-import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+import asyncpg
+import click
+from rich.table import Column
+from temporalio.client import Client
 
+from konstruct import db
+from konstruct.cli.output import print_json, print_table
 from konstruct.config import Settings, load_settings
-from konstruct.errors import KonstructError
+from konstruct.errors import ServiceUnreachable
 from konstruct.temporal_client import connect
 
 T = TypeVar("T")
+
+# The one --tenant option of every command that takes it.
+tenant_option = click.option("--tenant", default="demo", show_default=True, help="tenant id")
+# The tenant of commands that take it as their first argument (`agents`, `send`).
+tenant_argument = click.argument("tenant")
+
+
+def json_option(help: str = "print JSON") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--json`, passed to the command as `as_json`."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+@dataclass
+class CliState:
+    """What the root command's options give every subcommand."""
+
+    config: str | None = None
+
+    @cached_property
+    def settings(self) -> Settings:
+        return load_settings(self.config)
+
+
+pass_state = click.make_pass_decorator(CliState, ensure=True)
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -37,34 +66,104 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(run())
 
 
-def settings_of(args: argparse.Namespace) -> Settings:
-    return load_settings(getattr(args, "config", None))
-
-
-async def client_of(settings: Settings) -> Client:
+async def temporal_client(settings: Settings) -> Client:
+    target = settings.temporal.target
     try:
         return await connect(settings.temporal)
     except RuntimeError as exc:
-        raise KonstructError(
-            f"cannot reach Temporal at {settings.temporal.target}: {exc}. "
-            "Is the stack up (`konstruct up`)?"
-        ) from exc
+        reason = "connection refused" if "Connection refused" in str(exc) else _first_line(exc)
+        raise ServiceUnreachable(
+            f"cannot reach Temporal at {target} ({reason}): start the stack with"
+            " `konstruct up` or set TEMPORAL_ADDRESS"
+        ) from None
 
 
-def print_json(value: Any) -> None:
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    elif isinstance(value, list):
-        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
-    json.dump(value, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def failure_message(error: WorkflowFailureError) -> str:
-    """The innermost cause of a workflow failure, with its type."""
-    cause: BaseException | None = error.cause
-    while getattr(cause, "cause", None) is not None:
-        cause = cause.cause  # type: ignore[union-attr]
-    if isinstance(cause, ApplicationError) and cause.type:
-        return f"{cause.type}: {cause.message}"
-    return str(cause or error)
+def _postgres_at(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+# Raised while connecting: the server is down, or refuses this role or database.
+_CONNECT_REFUSALS = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@contextmanager
+def reaching_postgres(url: str) -> Iterator[None]:
+    """Turns a failure to connect to `url` into one line saying what to do."""
+    try:
+        yield
+    except (OSError, TimeoutError) as exc:
+        reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else exc
+        raise ServiceUnreachable(
+            f"cannot reach PostgreSQL at {_postgres_at(url)} ({reason}): start the stack with"
+            " `konstruct up` or set KONSTRUCT_DATABASE_URL"
+        ) from None
+    except _CONNECT_REFUSALS as exc:
+        raise ServiceUnreachable(
+            f"PostgreSQL at {_postgres_at(url)} refused the connection ({_first_line(exc)}):"
+            " run `konstruct migrate`, or check KONSTRUCT_DATABASE_URL and"
+            " KONSTRUCT_APP_DATABASE_URL"
+        ) from None
+
+
+@asynccontextmanager
+async def app_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool of the application role, closed on exit."""
+    url = db.app_url(settings)
+    with reaching_postgres(url):
+        pool = await db.create_pool(url, min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Run `work` on an `app_pool` from synchronous command code."""
+
+    async def run() -> T:
+        async with app_pool(settings) as pool:
+            return await work(pool)
+
+    return run_async(run())
+
+
+# What a list command's function returns: the store call that fetches its rows.
+Query = Callable[[asyncpg.Pool], Awaitable[list[Any]]]
+
+
+def listing(
+    empty: str, columns: Sequence[str | Column], row: Callable[[Any], Sequence[Any]]
+) -> Callable[[Callable[..., Query]], Callable[..., int]]:
+    """Turn a function returning a `Query` into a list command.
+
+    The command gets `--json`; it prints the rows as JSON, as a table of one
+    `row` each, or the `empty` sentence (formatted with the command's parameters).
+    """
+
+    def decorate(query_of: Callable[..., Query]) -> Callable[..., int]:
+        @json_option()
+        @pass_state
+        @functools.wraps(query_of)
+        def command(state: CliState, as_json: bool, **params: Any) -> int:
+            items = with_pool(state.settings, query_of(**params))
+            if as_json:
+                print_json(items)
+            elif not items:
+                print(empty.format(**params))
+            else:
+                print_table(columns, [row(item) for item in items])
+            return 0
+
+        return command
+
+    return decorate

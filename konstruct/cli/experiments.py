@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+import click
 from pydantic import ValidationError
+from rich.console import Group, RenderableType
+from rich.progress_bar import ProgressBar
+from rich.table import Column, Table
+from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
-from konstruct import db
-from konstruct.cli.common import client_of, failure_message, print_json, run_async, settings_of
+from konstruct.cli.common import (
+    CliState,
+    Query,
+    app_pool,
+    json_option,
+    listing,
+    pass_state,
+    run_async,
+    temporal_client,
+    tenant_option,
+    with_pool,
+)
+from konstruct.cli.output import LiveView, failure_message, print_json, print_table
 from konstruct.config import Settings
 from konstruct.errors import InvalidInput, NotFound
 from konstruct.models.experiments import (
@@ -27,77 +43,57 @@ from konstruct.models.experiments import (
 from konstruct.store.experiments import experiment_detail, find_workflow_id, list_experiments
 from workflows.experiment import Experiment
 
-
-def register(commands: argparse._SubParsersAction) -> None:
-    group = commands.add_parser("experiments", help="run and inspect experiments")
-    sub = group.add_subparsers(dest="experiments_command", required=True, metavar="ACTION")
-
-    start = sub.add_parser("start", help="start an Experiment (from a JSON file or flags)")
-    start.add_argument("file", nargs="?", help="JSON input file (the workflow input)")
-    start.add_argument("--id", dest="experiment_id", help="experiment id (default: new)")
-    start.add_argument("--tenant", default="demo")
-    start.add_argument("--name")
-    start.add_argument("--dataset", help="JSONL path (default: deploy/datasets/arithmetic.jsonl)")
-    start.add_argument("--model-group", default="fast")
-    start.add_argument("--template", default="Answer with a number only: {input}")
-    start.add_argument(
-        "--eval",
-        dest="evals",
-        action="append",
-        help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid",
-    )
-    start.add_argument("--judge", help="add an llm_judge eval with this model group")
-    start.add_argument("--rubric", default="Is the answer correct? Score 1 if so, else 0.")
-    start.add_argument("--max-concurrency", type=int)
-    start.add_argument("--watch", action="store_true", help="watch it until it ends")
-    start.set_defaults(handler=cmd_start)
-
-    watch = sub.add_parser("watch", help="live progress: done/total, rate, ETA, 429s, breakers")
-    watch.add_argument("experiment")
-    watch.add_argument("--tenant", default="demo")
-    watch.add_argument("--interval", type=float, default=1.0)
-    watch.set_defaults(handler=cmd_watch)
-
-    show = sub.add_parser("show", help="the experiment with one row per item")
-    show.add_argument("experiment")
-    show.add_argument("--tenant", default="demo")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(handler=cmd_show)
-
-    ls = sub.add_parser("list", help="a tenant's experiments")
-    ls.add_argument("--tenant", default="demo")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(handler=cmd_list)
-
-    for action in ("stop", "resume"):
-        toggle = sub.add_parser(action, help=f"{action} an experiment (answers accepted/refused)")
-        toggle.add_argument("experiment")
-        toggle.add_argument("--tenant", default="demo")
-        toggle.set_defaults(handler=cmd_toggle, action=action)
+DEFAULT_DATASET = "deploy/datasets/arithmetic.jsonl"
+FINISHED = ("completed", "failed", "stopped")
+experiment_argument = click.argument("experiment")
 
 
-def build_input(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+@click.group("experiments")
+def group() -> None:
+    """Run and inspect experiments."""
+
+
+def build_input(
+    settings: Settings,
+    *,
+    file: Path | None = None,
+    experiment_id: str | None = None,
+    tenant: str = "demo",
+    name: str | None = None,
+    dataset: str | None = None,
+    model_group: str = "fast",
+    template: str = "",
+    evals: tuple[str, ...] = (),
+    judge: str | None = None,
+    rubric: str = "",
+    max_concurrency: int | None = None,
+) -> dict[str, Any]:
     """The workflow input, with the experiment settings as its `options` defaults."""
-    if args.file:
-        body = json.loads(Path(args.file).read_text())
+    if file is not None:
+        try:
+            body = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{file} is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidInput(f"{file} must hold a JSON object (the Experiment input)")
     else:
-        evals: list[dict[str, Any]] = [{"kind": k} for k in (args.evals or ["exact_match"])]
-        if args.judge:
-            evals.append({"kind": "llm_judge", "model_group": args.judge, "rubric": args.rubric})
+        kinds: list[dict[str, Any]] = [{"kind": k} for k in (evals or ("exact_match",))]
+        if judge:
+            kinds.append({"kind": "llm_judge", "model_group": judge, "rubric": rubric})
         body = {
-            "tenant_id": args.tenant,
-            "dataset": {"path": args.dataset or "deploy/datasets/arithmetic.jsonl"},
-            "task": {"model_group": args.model_group, "prompt_template": args.template},
-            "evals": evals,
+            "tenant_id": tenant,
+            "dataset": {"path": dataset or DEFAULT_DATASET},
+            "task": {"model_group": model_group, "prompt_template": template},
+            "evals": kinds,
         }
-    if args.experiment_id:
-        body["experiment_id"] = args.experiment_id
+    if experiment_id:
+        body["experiment_id"] = experiment_id
     body.setdefault("experiment_id", f"exp-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.name:
-        body["name"] = args.name
+    if name:
+        body["name"] = name
     s = settings.experiments
-    body.setdefault("max_concurrency", args.max_concurrency or s.max_concurrency)
-    options = {name: getattr(s, name) for name in ExperimentOptions.model_fields}
+    body.setdefault("max_concurrency", max_concurrency or s.max_concurrency)
+    options = {option: getattr(s, option) for option in ExperimentOptions.model_fields}
     body["options"] = {**options, **body.get("options", {})}
     try:
         ExperimentInput.model_validate(body)
@@ -106,178 +102,268 @@ def build_input(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     return body
 
 
-async def _workflow_id(settings: Settings, tenant: str, experiment: str) -> str:
-    """The experiment's workflow id: recorded in PostgreSQL; else the id itself."""
-    pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=1)
-    try:
-        found = await find_workflow_id(pool, tenant, experiment)
-    finally:
-        await pool.close()
-    return found or experiment
+@group.command("start")
+@click.argument(
+    "file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--id", "experiment_id", help="experiment id (default: new)")
+@tenant_option
+@click.option("--name")
+@click.option("--dataset", help=f"JSONL path (default: {DEFAULT_DATASET})")
+@click.option("--model-group", default="fast", show_default=True)
+@click.option("--template", default="Answer with a number only: {input}", show_default=True)
+@click.option(
+    "--eval",
+    "evals",
+    multiple=True,
+    help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid",
+)
+@click.option("--judge", help="add an llm_judge eval with this model group")
+@click.option(
+    "--rubric", default="Is the answer correct? Score 1 if so, else 0.", show_default=True
+)
+@click.option("--max-concurrency", type=click.IntRange(min=1))
+@click.option("--watch", is_flag=True, help="watch it until it ends")
+@pass_state
+def start(state: CliState, watch: bool, **fields: Any) -> int:
+    """Start an Experiment (from a JSON file or flags)."""
+    settings = state.settings
+    body = build_input(settings, **fields)
+    workflow_id = body["experiment_id"]
+
+    async def run() -> int:
+        client = await temporal_client(settings)
+        await client.start_workflow(
+            Experiment.run,
+            body,
+            id=workflow_id,
+            task_queue=settings.temporal.task_queue,
+            static_summary=f"experiment {workflow_id} ({body['task']['model_group']})",
+        )
+        print(f"started experiment {workflow_id} (workflow id {workflow_id})")
+        print(f"  watch: konstruct experiments watch {workflow_id}")
+        if watch:
+            return await _watch(client, workflow_id, 1.0)
+        return 0
+
+    return run_async(run())
+
+
+class ItemRate:
+    """Items per second over the polls of the last `window_s` seconds.
+
+    The workflow's own figure moves only when its provider monitor samples,
+    so the watcher measures what it sees between polls.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, at: float, done: int) -> float | None:
+        """Record `done` items at time `at` (seconds); the rate, once two polls are apart."""
+        self._samples.append((at, done))
+        # Keep the newest sample that is at least a window old, and all after it.
+        while len(self._samples) > 2 and at - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        first_at, first_done = self._samples[0]
+        if at <= first_at:
+            return None
+        return max(done - first_done, 0) / (at - first_at)
+
+
+def _figures(p: ExperimentProgress, rate: float) -> str:
+    done = p.evaluated + p.failed
+    eta_s = (p.total - done) / rate if rate > 0 else p.eta_s
+    eta = f"ETA {eta_s:5.0f}s" if eta_s is not None and p.status not in FINISHED else "ETA     -"
+    throttled = sum(x.throttled_per_s for x in p.providers)
+    breakers = ",".join(f"{x.provider}:{x.breaker}" for x in p.providers) or "-"
+    rates = ",".join(f"{x.provider}:{x.rate_rps:.1f}/s" for x in p.providers) or "-"
+    return (
+        f"{done}/{p.total} failed {p.failed} in-flight {p.in_flight} {rate:6.1f} items/s {eta}"
+        f" 429/s {throttled:.1f} rate {rates} breaker {breakers}"
+    )
+
+
+def _notes(p: ExperimentProgress) -> list[str]:
+    notes = []
+    if p.paused_reason:
+        notes.append(f"  paused: {p.paused_reason}")
+    if p.last_refusal is not None:
+        notes.append(f"  last refused {p.last_refusal.action}: {p.last_refusal.reason}")
+    return notes
+
+
+def progress_view(p: ExperimentProgress, rate: float) -> RenderableType:
+    """One poll on a terminal: status, a rich progress bar, the figures, then any notes."""
+    line = Table.grid(Column(no_wrap=True), Column(), Column(), padding=(0, 1))
+    line.add_row(
+        Text(f"{p.status:<9}"),
+        ProgressBar(total=max(p.total, 1), completed=p.evaluated + p.failed, width=30),
+        Text(_figures(p, rate)),
+    )
+    return Group(line, *(Text(n) for n in _notes(p)))
 
 
 async def _progress(client: Client, workflow_id: str) -> ExperimentProgress:
     try:
         return await client.get_workflow_handle(workflow_id).query(Experiment.progress)
     except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise
         raise NotFound(
             f"no experiment workflow {workflow_id!r}: {exc.message}; "
             "see `konstruct experiments list`"
         ) from None
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-    body = build_input(args, settings)
-
-    async def start() -> int:
-        client = await client_of(settings)
-        workflow_id = body["experiment_id"]
-        await client.start_workflow(
-            Experiment.run,
-            body,
-            id=workflow_id,
-            task_queue=settings.temporal.task_queue,
-            static_summary=f"experiment {body['experiment_id']} ({body['task']['model_group']})",
-        )
-        print(f"started experiment {body['experiment_id']} (workflow id {workflow_id})")
-        print(f"  watch: konstruct experiments watch {body['experiment_id']}")
-        if args.watch:
-            return await _watch(client, workflow_id, 1.0)
-        return 0
-
-    return run_async(start())
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = int(width * done / total) if total else 0
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def render(p: ExperimentProgress) -> str:
-    done = p.evaluated + p.failed
-    eta = f"ETA {p.eta_s:5.0f}s" if p.eta_s is not None else "ETA     -"
-    throttled = sum(x.throttled_per_s for x in p.providers)
-    breakers = ",".join(f"{x.provider}:{x.breaker}" for x in p.providers) or "-"
-    rates = ",".join(f"{x.provider}:{x.rate_rps:.1f}/s" for x in p.providers) or "-"
-    line = (
-        f"{p.status:<9} {_bar(done, p.total)} {done}/{p.total} failed {p.failed}"
-        f" in-flight {p.in_flight} {p.items_per_s:6.1f} items/s {eta}"
-        f" 429/s {throttled:.1f} rate {rates} breaker {breakers}"
-    )
-    if p.paused_reason:
-        line += f"\n  paused: {p.paused_reason}"
-    if p.last_refusal is not None:
-        line += f"\n  last refused {p.last_refusal.action}: {p.last_refusal.reason}"
-    return line
+async def _follow(client: Client, workflow_id: str, interval: float) -> ExperimentProgress:
+    """Poll until the experiment ends: a live bar on a terminal, one line per poll otherwise."""
+    rate = ItemRate()
+    with LiveView() as view:
+        while True:
+            p = await _progress(client, workflow_id)
+            measured = rate.add(time.monotonic(), p.evaluated + p.failed)
+            shown = p.items_per_s if measured is None else measured
+            if view.is_live:
+                view.update(progress_view(p, shown))
+            else:
+                view.say("\n".join([f"{p.status:<9} {_figures(p, shown)}", *_notes(p)]))
+            if p.status in FINISHED:
+                return p
+            await asyncio.sleep(interval)
 
 
 async def _watch(client: Client, workflow_id: str, interval: float) -> int:
-    tty = sys.stdout.isatty()
-    while True:
-        p = await _progress(client, workflow_id)
-        text = render(p)
-        if tty:
-            sys.stdout.write("\r\x1b[J" + text)
-        else:
-            sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-        if p.status in ("completed", "failed", "stopped"):
-            break
-        await asyncio.sleep(interval)
-    sys.stdout.write("\n")
+    p = await _follow(client, workflow_id, interval)
     if p.status == "completed":
         try:
             result = await client.get_workflow_handle_for(Experiment.run, workflow_id).result()
         except WorkflowFailureError as exc:
             print(f"error: {failure_message(exc)}", file=sys.stderr)
             return 1
-        for e in result.summary.evals:
-            print(f"  {e.name:<16} mean {e.mean} pass rate {e.pass_rate} ({e.scored} scored)")
+        print_table(
+            [
+                "eval",
+                Column("mean", justify="right"),
+                Column("pass rate", justify="right"),
+                "scored",
+            ],
+            [(e.name, e.mean, e.pass_rate, e.scored) for e in result.summary.evals],
+        )
         lat = result.summary.latency
         print(f"  latency p50/p95/p99 ms: {lat.p50_ms} / {lat.p95_ms} / {lat.p99_ms}")
         print(f"  registry run {result.registry_run_id}")
     return 0 if p.status != "failed" else 1
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-
-    async def watch() -> int:
-        workflow_id = await _workflow_id(settings, args.tenant, args.experiment)
-        return await _watch(await client_of(settings), workflow_id, args.interval)
-
-    return run_async(watch())
+async def _workflow_id(settings: Settings, tenant: str, experiment: str) -> str:
+    """The experiment's workflow id: recorded in PostgreSQL; else the id itself."""
+    async with app_pool(settings) as pool:
+        found = await find_workflow_id(pool, tenant, experiment)
+    return found or experiment
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+@group.command("watch")
+@experiment_argument
+@tenant_option
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="seconds between polls",
+)
+@pass_state
+def watch(state: CliState, experiment: str, tenant: str, interval: float) -> int:
+    """Live progress: done/total, rate, ETA, 429s, breakers."""
+    settings = state.settings
 
-    async def show() -> dict[str, Any]:
-        pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=1)
-        try:
-            return await experiment_detail(pool, args.tenant, args.experiment)
-        finally:
-            await pool.close()
+    async def run() -> int:
+        workflow_id = await _workflow_id(settings, tenant, experiment)
+        return await _watch(await temporal_client(settings), workflow_id, interval)
 
-    data = run_async(show())
-    if args.json:
+    return run_async(run())
+
+
+@group.command("show")
+@experiment_argument
+@tenant_option
+@json_option()
+@pass_state
+def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
+    """The experiment with one row per item."""
+    data = with_pool(state.settings, lambda pool: experiment_detail(pool, tenant, experiment))
+    if as_json:
         print_json(data)
         return 0
     print(f"{data['experiment_id']}  {data['name']}  {data['status']}  {data['total']} items")
-    for item in data["items"]:
-        scores = " ".join(
-            f"{k}={v.get('score')}" for k, v in item["scores"].items() if isinstance(v, dict)
-        )
-        output = (item["output"] or item["error"] or "").replace("\n", " ")[:40]
-        print(f"  {item['item_id']:<14} {item['status']:<8} {output:<40} {scores}")
+    print_table(
+        ["item", "status", "output", "scores"],
+        [
+            (
+                item["item_id"],
+                item["status"],
+                (item["output"] or item["error"] or "").replace("\n", " ")[:40],
+                " ".join(
+                    f"{k}={v.get('score')}"
+                    for k, v in item["scores"].items()
+                    if isinstance(v, dict)
+                ),
+            )
+            for item in data["items"]
+        ],
+    )
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-
-    async def ls() -> list[dict[str, Any]]:
-        pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=1)
-        try:
-            return await list_experiments(pool, args.tenant)
-        finally:
-            await pool.close()
-
-    rows = run_async(ls())
-    if args.json:
-        print_json(rows)
-        return 0
-    if not rows:
-        print(f"tenant {args.tenant!r} has no experiments")
-    for r in rows:
-        print(
-            f"{r['experiment_id']:<28} {r['status']:<10} {r['results']:>6}/{r['total']:<6}"
-            f" {r['name']}"
-        )
-    return 0
+@group.command("list")
+@tenant_option
+@listing(
+    "tenant {tenant!r} has no experiments",
+    ["experiment", "status", Column("results", justify="right"), "name"],
+    lambda r: (r["experiment_id"], r["status"], f"{r['results']}/{r['total']}", r["name"]),
+)
+def list_(tenant: str) -> Query:
+    """A tenant's experiments."""
+    return lambda pool: list_experiments(pool, tenant)
 
 
-def cmd_toggle(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+def _toggle_command(action: str) -> click.Command:
+    """`stop` or `resume`: the update's answer, accepted or refused with its reason."""
+    update = Experiment.request_stop if action == "stop" else Experiment.request_resume
 
-    async def toggle() -> int:
-        workflow_id = await _workflow_id(settings, args.tenant, args.experiment)
-        client = await client_of(settings)
-        handle = client.get_workflow_handle(workflow_id)
-        update = Experiment.request_stop if args.action == "stop" else Experiment.request_resume
-        try:
-            result = await handle.execute_update(update, ToggleInput(by="cli"))
-        except RPCError as exc:
+    @click.command(action, help=f"{action.capitalize()} an experiment (answers accepted/refused).")
+    @experiment_argument
+    @tenant_option
+    @pass_state
+    def toggle(state: CliState, experiment: str, tenant: str) -> int:
+        settings = state.settings
+
+        async def run() -> int:
+            workflow_id = await _workflow_id(settings, tenant, experiment)
+            client = await temporal_client(settings)
+            handle = client.get_workflow_handle(workflow_id)
             try:
-                status = (await handle.describe()).status
-            except RPCError:
-                raise NotFound(f"no experiment workflow {workflow_id!r}: {exc.message}") from None
-            word = status.name.lower() if status is not None else "closed"
-            print(f"{args.action} refused: the experiment's workflow is {word}")
-            return 1
-        word = "accepted" if result.accepted else "refused"
-        print(f"{args.action} {word}: {result.reason} (status {result.status})")
-        return 0 if result.accepted else 1
+                result = await handle.execute_update(update, ToggleInput(by="cli"))
+            except RPCError as exc:
+                try:
+                    status = (await handle.describe()).status
+                except RPCError:
+                    raise NotFound(
+                        f"no experiment workflow {workflow_id!r}: {exc.message}"
+                    ) from None
+                word = status.name.lower() if status is not None else "closed"
+                print(f"{action} refused: the experiment's workflow is {word}")
+                return 1
+            word = "accepted" if result.accepted else "refused"
+            print(f"{action} {word}: {result.reason} (status {result.status})")
+            return 0 if result.accepted else 1
 
-    return run_async(toggle())
+        return run_async(run())
+
+    return toggle
+
+
+group.add_command(_toggle_command("stop"))
+group.add_command(_toggle_command("resume"))

@@ -2,63 +2,75 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import uuid
 
+import click
 from temporalio.client import WorkflowFailureError
 
-from konstruct.cli.common import client_of, failure_message, print_json, run_async, settings_of
+from konstruct.cli.common import (
+    CliState,
+    json_option,
+    pass_state,
+    run_async,
+    temporal_client,
+    tenant_argument,
+)
+from konstruct.cli.output import failure_message, print_json
+from konstruct.naming import message_workflow_id
 from workflows.handle_message import HandleMessage
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    send = commands.add_parser("send", help="send a message to an agent and print the reply")
-    send.add_argument("tenant")
-    send.add_argument("agent")
-    send.add_argument("text")
-    send.add_argument("--thread", default="cli", help="thread id (default: cli)")
-    send.add_argument("--message-id", help="default: a new random id")
-    send.add_argument("--sender", default="cli-user")
-    send.add_argument("--json", action="store_true", help="print the whole result")
-    send.set_defaults(handler=cmd_send)
-
-
-def message_workflow_id(tenant_id: str, message_id: str) -> str:
-    return f"msg-{tenant_id}-{message_id}"
-
-
-async def _send(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-    client = await client_of(settings)
+@click.command("send")
+@tenant_argument
+@click.argument("agent")
+@click.argument("text")
+@click.option("--thread", default="cli", show_default=True, help="thread id")
+@click.option("--message-id", help="default: a new random id")
+@click.option("--sender", default="cli-user", show_default=True)
+@json_option("print the whole result")
+@pass_state
+def send(
+    state: CliState,
+    tenant: str,
+    agent: str,
+    text: str,
+    thread: str,
+    message_id: str | None,
+    sender: str,
+    as_json: bool,
+) -> int:
+    """Send a message to an agent and print the reply."""
+    settings = state.settings
     message = {
-        "message_id": args.message_id or uuid.uuid4().hex[:12],
-        "tenant_id": args.tenant,
-        "agent_id": args.agent,
-        "thread_id": args.thread,
+        "message_id": message_id or uuid.uuid4().hex[:12],
+        "tenant_id": tenant,
+        "agent_id": agent,
+        "thread_id": thread,
         "channel": "cli",
-        "sender": args.sender,
-        "text": args.text,
+        "sender": sender,
+        "text": text,
     }
-    try:
-        result = await client.execute_workflow(
-            HandleMessage.run,
-            message,
-            id=message_workflow_id(args.tenant, message["message_id"]),
-            task_queue=settings.temporal.task_queue,
-            static_summary=f"{args.tenant}/{args.agent}: {args.text[:60]}",
-        )
-    except WorkflowFailureError as exc:
-        print(f"error: {failure_message(exc)}", file=sys.stderr)
-        return 1
-    if args.json:
-        print_json(result)
-    else:
-        print(result.response)
-        if result.degraded:
-            print("(degraded: no provider answered)", file=sys.stderr)
-    return 0
 
+    async def execute() -> int:
+        client = await temporal_client(settings)
+        try:
+            result = await client.execute_workflow(
+                HandleMessage.run,
+                message,
+                id=message_workflow_id(tenant, message["message_id"]),
+                task_queue=settings.temporal.task_queue,
+                static_summary=f"{tenant}/{agent}: {text[:60]}",
+            )
+        except WorkflowFailureError as exc:
+            print(f"error: {failure_message(exc)}", file=sys.stderr)
+            return 1
+        if as_json:
+            print_json(result)
+        else:
+            print(result.response)
+            if result.degraded:
+                print("(degraded: no provider answered)", file=sys.stderr)
+        return 0
 
-def cmd_send(args: argparse.Namespace) -> int:
-    return run_async(_send(args))
+    return run_async(execute())

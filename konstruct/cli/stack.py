@@ -2,40 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import click
+
 from konstruct import db
-from konstruct.cli.common import run_async, settings_of
+from konstruct.cli.common import (
+    CliState,
+    app_pool,
+    pass_state,
+    reaching_postgres,
+    run_async,
+    temporal_client,
+)
+from konstruct.config import Settings
 from konstruct.errors import StackError
 from konstruct.processes import port_in_use
 from konstruct.stack import Stack, running_pid
 
-
-def register(commands: argparse._SubParsersAction) -> None:
-    up = commands.add_parser("up", help="start the whole dev stack (foreground; Ctrl-C stops)")
-    up.add_argument("--detach", action="store_true", help="start in the background and return")
-    up.set_defaults(handler=cmd_up)
-    commands.add_parser("down", help="stop a detached stack").set_defaults(handler=cmd_down)
-    commands.add_parser("status", help="what of the stack is running").set_defaults(
-        handler=cmd_status
-    )
-    commands.add_parser(
-        "worker", help="run one worker against the configured Temporal and PostgreSQL"
-    ).set_defaults(handler=cmd_worker)
-    commands.add_parser(
-        "migrate", help="apply database migrations and create the app role"
-    ).set_defaults(handler=cmd_migrate)
+_READY_TIMEOUT_S = 180
+_STOP_TIMEOUT_S = 60
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
-    if args.detach:
-        return _up_detached(args, settings)
+@click.command("up")
+@click.option("--detach", is_flag=True, help="start in the background and return")
+@pass_state
+def up(state: CliState, detach: bool) -> int:
+    """Start the whole dev stack (foreground; Ctrl-C stops)."""
+    settings = state.settings
+    if detach:
+        return _up_detached(state.config, settings)
     stack = Stack(settings)
     try:
         stack.start()
@@ -48,7 +48,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _up_detached(args: argparse.Namespace, settings) -> int:  # type: ignore[no-untyped-def]
+def _up_detached(config: str | None, settings: Settings) -> int:
     stack = Stack(settings)
     pid = running_pid(settings)
     if pid is not None:
@@ -56,8 +56,8 @@ def _up_detached(args: argparse.Namespace, settings) -> int:  # type: ignore[no-
     stack.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = stack.state_dir / "stack.log"
     command = [sys.executable, "-m", "konstruct.cli"]
-    if args.config:
-        command += ["--config", args.config]
+    if config:
+        command += ["--config", config]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command + ["up"],
@@ -66,7 +66,7 @@ def _up_detached(args: argparse.Namespace, settings) -> int:  # type: ignore[no-
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if stack.ready_file.exists():
             print(stack.banner().replace("Ctrl-C stops everything.", "`konstruct down` stops it."))
@@ -74,29 +74,38 @@ def _up_detached(args: argparse.Namespace, settings) -> int:  # type: ignore[no-
         if process.poll() is not None:
             raise StackError(f"the stack failed to start:\n{log_path.read_text()[-2000:]}")
         time.sleep(0.2)
-    raise StackError(f"the stack did not become ready in 180 s; see {log_path}")
+    raise StackError(f"the stack did not become ready in {_READY_TIMEOUT_S} s; see {log_path}")
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+@click.command("down")
+@pass_state
+def down(state: CliState) -> int:
+    """Stop a detached stack."""
+    settings = state.settings
     pid = running_pid(settings)
     if pid is None:
         print("Konstruct is not running.")
         return 0
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
     while time.monotonic() < deadline:
         if running_pid(settings) is None:
             print("stopped.")
             return 0
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
-    print("stack did not stop in 60 s; killed it (children follow via parent-death signal).")
+    print(
+        f"stack did not stop in {_STOP_TIMEOUT_S} s; killed it"
+        " (children follow via parent-death signal)."
+    )
     return 1
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+@click.command("status")
+@pass_state
+def status(state: CliState) -> int:
+    """What of the stack is running (exit 3 when it is not)."""
+    settings = state.settings
     stack = Stack(settings)
     pid = running_pid(settings)
     ready = stack.ready_file.exists()
@@ -116,24 +125,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if pid else 3
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+@click.command("worker")
+@pass_state
+def worker(state: CliState) -> int:
+    """Run one worker against the configured Temporal and PostgreSQL."""
     import logging
 
     from workers.main import run_worker
 
+    settings = state.settings
+
+    async def run() -> None:
+        # Fail with one line, before the worker starts, when either is not there.
+        await temporal_client(settings)
+        async with app_pool(settings):
+            pass
+        await run_worker(settings)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_async(run_worker(settings_of(args)))
+    run_async(run())
     return 0
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = settings_of(args)
+@click.command("migrate")
+@pass_state
+def migrate(state: CliState) -> int:
+    """Apply database migrations and create the app role."""
+    settings = state.settings
     owner = db.owner_url(settings)
-    applied = run_async(
-        db.migrate(
-            owner, app_role=settings.postgres.app_role, app_password=settings.postgres.app_password
+    with reaching_postgres(owner):
+        applied = run_async(
+            db.migrate(
+                owner,
+                app_role=settings.postgres.app_role,
+                app_password=settings.postgres.app_password,
+            )
         )
-    )
-    run_async(db.seed_demo(owner))
+        run_async(db.seed_demo(owner))
     print(f"applied: {', '.join(applied) or 'nothing new'}")
     return 0
+
+
+COMMANDS = [up, down, status, worker, migrate]

@@ -1,11 +1,22 @@
-"""Tenants and agents: the SQL of that table family."""
+"""Tenants, agents, threads and message turns: the SQL of that table family."""
 
 from __future__ import annotations
+
+import json
 
 import asyncpg
 
 from konstruct.db import tenant_transaction
-from konstruct.models import AgentProfile
+from konstruct.errors import UnknownAgent, UnknownTenant
+from konstruct.models import (
+    AgentContext,
+    AgentProfile,
+    ChatTurn,
+    HandleMessageResult,
+    LoadAgentInput,
+    StoreTurnInput,
+    TokenUsage,
+)
 
 
 async def put_agent(pool: asyncpg.Pool, tenant_id: str, agent: AgentProfile) -> None:
@@ -33,11 +44,119 @@ async def put_agent(pool: asyncpg.Pool, tenant_id: str, agent: AgentProfile) -> 
         )
 
 
+async def _select_agents(
+    conn: asyncpg.Connection, tenant_id: str, agent_id: str | None = None
+) -> list[AgentProfile]:
+    """A tenant's agents by id, or only `agent_id` when given."""
+    rows = await conn.fetch(
+        "select agent_id, name, role, persona, system_prompt, model_group, fallback_reply"
+        " from agents where tenant_id = $1 and ($2::text is null or agent_id = $2)"
+        " order by agent_id",
+        tenant_id,
+        agent_id,
+    )
+    return [AgentProfile(**dict(row)) for row in rows]
+
+
 async def list_agents(pool: asyncpg.Pool, tenant_id: str) -> list[AgentProfile]:
     async with tenant_transaction(pool, tenant_id) as conn:
+        return await _select_agents(conn, tenant_id)
+
+
+def _turn_result(row: asyncpg.Record) -> HandleMessageResult:
+    return HandleMessageResult(
+        message_id=row["message_id"],
+        tenant_id=row["tenant_id"],
+        agent_id=row["agent_id"],
+        thread_id=row["thread_id"],
+        response=row["reply_text"],
+        model_group=row["model_group"],
+        model=row["model"],
+        fallback_used=row["fallback_used"],
+        degraded=row["degraded"],
+        usage=TokenUsage.model_validate(json.loads(row["usage"])),
+    )
+
+
+async def _stored_turn(
+    conn: asyncpg.Connection, tenant_id: str, message_id: str
+) -> HandleMessageResult | None:
+    row = await conn.fetchrow(
+        "select * from message_turns where tenant_id = $1 and message_id = $2",
+        tenant_id,
+        message_id,
+    )
+    return _turn_result(row) if row is not None else None
+
+
+async def load_agent_context(pool: asyncpg.Pool, input: LoadAgentInput) -> AgentContext:
+    """The agent, the thread's last turns, and the stored reply if this message has one.
+
+    Raises UnknownTenant or UnknownAgent, each saying which command fixes it.
+    """
+    async with tenant_transaction(pool, input.tenant_id) as conn:
+        if not await conn.fetchval("select 1 from tenants where tenant_id = $1", input.tenant_id):
+            raise UnknownTenant(
+                f"tenant {input.tenant_id!r} does not exist; create it with "
+                f"`konstruct agents put {input.tenant_id} AGENT ...`"
+            )
+        agents = await _select_agents(conn, input.tenant_id, input.agent_id)
+        if not agents:
+            raise UnknownAgent(
+                f"agent {input.agent_id!r} does not exist in tenant {input.tenant_id!r}; "
+                f"see `konstruct agents list {input.tenant_id}`"
+            )
+        existing = await _stored_turn(conn, input.tenant_id, input.message_id)
         rows = await conn.fetch(
-            "select agent_id, name, role, persona, system_prompt, model_group, fallback_reply"
-            " from agents where tenant_id = $1 order by agent_id",
-            tenant_id,
+            "select user_text, reply_text from message_turns"
+            " where tenant_id = $1 and thread_id = $2 and message_id <> $3"
+            " order by created_at desc limit $4",
+            input.tenant_id,
+            input.thread_id,
+            input.message_id,
+            input.history_turns,
         )
-    return [AgentProfile(**dict(row)) for row in rows]
+    history: list[ChatTurn] = []
+    for row in reversed(rows):
+        history.append(ChatTurn(role="user", content=row["user_text"]))
+        history.append(ChatTurn(role="assistant", content=row["reply_text"]))
+    return AgentContext(agent=agents[0], history=history, existing=existing)
+
+
+async def store_turn(pool: asyncpg.Pool, input: StoreTurnInput) -> HandleMessageResult:
+    """Store the turn once; a redelivery gets the turn that was stored first."""
+    message, result = input.message, input.result
+    async with tenant_transaction(pool, message.tenant_id) as conn:
+        await conn.execute(
+            "insert into threads (tenant_id, thread_id, agent_id, channel)"
+            " values ($1, $2, $3, $4) on conflict do nothing",
+            message.tenant_id,
+            message.thread_id,
+            message.agent_id,
+            message.channel,
+        )
+        await conn.execute(
+            "insert into message_turns (tenant_id, message_id, thread_id, agent_id, channel,"
+            " sender, user_text, reply_text, model_group, model, fallback_used, degraded,"
+            " usage, workflow_id)"
+            " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            " on conflict (tenant_id, message_id) do nothing",
+            message.tenant_id,
+            message.message_id,
+            message.thread_id,
+            message.agent_id,
+            message.channel,
+            message.sender,
+            message.text,
+            result.response,
+            result.model_group,
+            result.model,
+            result.fallback_used,
+            result.degraded,
+            result.usage.model_dump_json(),
+            input.workflow_id,
+        )
+        stored = await _stored_turn(conn, message.tenant_id, message.message_id)
+    # The row was inserted or already there inside this transaction.
+    assert stored is not None
+    return stored

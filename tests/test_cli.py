@@ -1,0 +1,162 @@
+"""The `konstruct` CLI as a user runs it: a subprocess against the session's real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+
+import asyncpg
+import pytest
+from rich.console import Console
+
+from konstruct.cli.experiments import ItemRate, progress_view
+from konstruct.db import tenant_transaction
+from konstruct.models import AgentProfile
+from konstruct.models.experiments import ExperimentProgress
+from konstruct.models.registry import MoveAliasInput, NewRun
+from konstruct.processes import free_port
+from konstruct.store.agents import put_agent
+from konstruct.store.registry import insert_runs, move_alias
+from tests.support import ROOT
+
+KONSTRUCT = [sys.executable, "-m", "konstruct"]
+
+
+def konstruct(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KONSTRUCT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=120,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for word in words:
+        assert word in lines[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["demo", "progress"], ["send", "demo", "assistant", "hi"], ["experiments", "watch", "x"]],
+)
+def test_unreachable_temporal_is_one_line(environ: dict[str, str], command: list[str]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    done = konstruct(dict(environ, TEMPORAL_ADDRESS=address), *command)
+    assert_one_line_error(done, f"cannot reach Temporal at {address}", "TEMPORAL_ADDRESS")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["agents", "list", "demo"],
+        ["experiments", "watch", "x"],
+        ["registry", "history", "demo-production", "--json"],
+        ["migrate"],
+    ],
+)
+def test_unreachable_postgres_is_one_line(environ: dict[str, str], command: list[str]) -> None:
+    port = free_port()
+    env = {k: v for k, v in environ.items() if k != "KONSTRUCT_APP_DATABASE_URL"}
+    env["KONSTRUCT_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{port}/konstruct"
+    done = konstruct(env, *command)
+    assert_one_line_error(done, f"cannot reach PostgreSQL at 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(
+    ("command", "named"),
+    [
+        (["demo", "run", "--seed", "abc"], "'--seed'"),
+        (["demo", "run", "--fail-at", "nowhere"], "'--fail-at'"),
+        (["experiments", "watch", "x", "--interval", "0"], "'--interval'"),
+        (["agents", "put", "demo", "a1", "--role", "r"], "'--name'"),
+        (["registry", "history"], "'ALIAS'"),
+    ],
+)
+def test_a_bad_argument_is_named(command: list[str], named: str) -> None:
+    done = konstruct(dict(os.environ), *command)
+    assert done.returncode == 2
+    assert_one_line_error(done, named)
+
+
+def test_an_unknown_experiment_is_one_line(environ: dict[str, str]) -> None:
+    done = konstruct(environ, "experiments", "watch", f"exp-none-{uuid.uuid4().hex[:6]}")
+    assert done.returncode == 2
+    assert_one_line_error(done, "no experiment workflow")
+
+
+def test_agents_list(environ: dict[str, str]) -> None:
+    listed = konstruct(environ, "agents", "list", "demo", "--json")
+    assert listed.returncode == 0, listed.stderr
+    agents = json.loads(listed.stdout)
+    assert "assistant" in {a["agent_id"] for a in agents}
+    assert set(agents[0]) == set(AgentProfile.model_fields)
+    table = konstruct(environ, "agents", "list", "demo")
+    assert table.returncode == 0 and "assistant" in table.stdout
+
+
+async def test_output_cut_short_by_head_ends_quietly(
+    environ: dict[str, str], app_pool: asyncpg.Pool
+) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    await put_agent(
+        app_pool, tenant, AgentProfile(agent_id="a", name="A", role="r", fallback_reply="-")
+    )
+    runs = [NewRun(run_id=str(uuid.uuid4()), name=f"run-{i}") for i in range(2)]
+    # Far more history than a pipe holds, so the CLI is still writing when head leaves.
+    async with tenant_transaction(app_pool, tenant) as conn:
+        await insert_runs(conn, tenant, runs, None, None)
+        for i in range(400):
+            move = MoveAliasInput(
+                tenant_id=tenant,
+                alias="pipe",
+                to_run_id=runs[i % 2].run_id,
+                reason="a reason long enough to make every history row a few hundred bytes",
+                move_id=f"move-{i}",
+            )
+            await move_alias(conn, move, workflow_id="cli-test", workflow_run_id="run")
+    command = shlex.join([*KONSTRUCT, "registry", "history", "pipe", "--tenant", tenant, "--json"])
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["sh", "-c", f"{command} | head -1"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=str(ROOT),
+        timeout=120,
+    )
+    assert done.stdout == "[\n"
+    assert done.stderr == "", done.stderr
+
+
+def test_items_per_second_reads_while_running() -> None:
+    rate = ItemRate(window_s=10)
+    assert rate.add(100.0, 0) is None
+    assert rate.add(101.0, 5) == 5.0
+    assert rate.add(102.0, 12) == 6.0
+    # Only the last window counts once polls span more than one.
+    for t in range(103, 120):
+        rate.add(float(t), 12 + 2 * (t - 102))
+    assert rate.add(120.0, 48) == pytest.approx(2.0)
+
+
+def test_the_watch_view_shows_the_measured_rate() -> None:
+    # The workflow's own figure is still 0.0 early in a run.
+    progress = ExperimentProgress(
+        experiment_id="e", tenant_id="demo", name="e", status="running", total=50, evaluated=10
+    )
+    out = Console(width=200, record=True)
+    out.print(progress_view(progress, 4.0))
+    text = out.export_text()
+    assert "4.0 items/s" in text and "10/50" in text and "ETA    10s" in text
