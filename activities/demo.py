@@ -25,7 +25,6 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.llm import provider_error
 from konstruct import forecasting
 from konstruct.db import tenant_transaction
 from konstruct.errors import KonstructError
@@ -78,6 +77,7 @@ from konstruct.models.demo import (
     VerifyInput,
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
+from konstruct.provider_adapter import provider_error
 from konstruct.router import RouterConfig
 from konstruct.store import registry
 from konstruct.validation import to_application_error

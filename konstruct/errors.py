@@ -12,7 +12,8 @@
     ├── ForecastingError           the forecasting domain refused its input (also a ValueError)
     ├── InjectedFailure            a failure the demo was asked to inject (`fail_at`)
     ├── InvariantViolated          a registry invariant does not hold
-    └── PrecheckFailed             the demo's environment is not ready
+    ├── PrecheckFailed             the demo's environment is not ready
+    └── ExperimentStopped          an experiment call found the stop flag raised; it made no request
 
 An activity raises these; the worker's interceptor (`konstruct.interceptors`)
 turns each into an `ApplicationError` whose `type` is `error_type` and whose
@@ -141,3 +142,9 @@ def innermost_application_error(error: BaseException | None) -> ApplicationError
             found = cause
         cause = cause.__cause__ or getattr(cause, "cause", None)
     return found
+
+
+class ExperimentStopped(KonstructError):
+    """A provider call of a stopping experiment: no request made, the item stays pending."""
+
+    error_type = "ExperimentStopped"

@@ -22,6 +22,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
     from activities.provider_calls import ProviderCallActivities
+    from konstruct.errors import ExperimentStopped, innermost_application_error
     from konstruct.models.experiments import (
         ExperimentCarry,
         ExperimentInput,
@@ -52,8 +53,8 @@ with workflow.unsafe.imports_passed_through():
         WaitingCalls,
         WaitingCallsInput,
     )
+    from konstruct.naming import ProviderQueue
     from konstruct.search_attributes import KIND, STATUS, TENANT
-    from konstruct.store.providers import provider_queue
     from konstruct.validation import parse_input
 
 
@@ -65,13 +66,12 @@ PREPARE_HEARTBEAT = timedelta(seconds=10)
 DB_TIMEOUT = timedelta(seconds=10)
 MONITOR_TIMEOUT = timedelta(seconds=5)
 FINALIZE_TIMEOUT = timedelta(minutes=2)
+# Our errors (InvalidInput, NotFound, ExperimentStopped) and the requests a
+# provider will never accept arrive non-retryable: no list of type names here.
 DB_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     maximum_interval=timedelta(seconds=5),
-    non_retryable_error_types=["InvalidInput", "NotFound"],
 )
-# Errors no retry of a provider call can fix.
-CALL_NON_RETRYABLE = ["InvalidInput", "NotFound", "ExperimentStopped"]
 # Toggle records kept in `progress`.
 TOGGLE_HISTORY = 20
 # Patch marker: runs recorded before it drained every queued call before
@@ -88,11 +88,12 @@ def pick_route(routes: list[Route], item_id: str) -> Route:
     return routes[zlib.crc32(item_id.encode()) % len(routes)]
 
 
-def _cause(error: ActivityError) -> ApplicationError:
-    cause = error.cause
-    if isinstance(cause, ApplicationError):
+def _failure(error: ActivityError) -> ApplicationError:
+    """The workflow's own failure for an activity that gave up: the activity's error."""
+    cause = innermost_application_error(error)
+    if cause is not None:
         return ApplicationError(cause.message, *cause.details, type=cause.type, non_retryable=True)
-    return ApplicationError(str(cause or error), non_retryable=True)
+    return ApplicationError(str(error.cause or error), non_retryable=True)
 
 
 @workflow.defn
@@ -236,7 +237,7 @@ class Experiment:
             except ActivityError as err:
                 self._set_status("failed")
                 self._error = str(err.cause or err)
-                raise _cause(err) from None
+                raise _failure(err) from None
             self._carry = ExperimentCarry(
                 prepared=prepared,
                 completed=prepared.completed,
@@ -374,7 +375,6 @@ class Experiment:
             backoff_coefficient=2.0,
             maximum_interval=timedelta(seconds=o.retry_max_s),
             maximum_attempts=o.max_attempts,
-            non_retryable_error_types=CALL_NON_RETRYABLE,
         )
 
     def _start_call(self, method: Any, arg: Any, provider: str, key: str) -> tuple[Any, str]:
@@ -385,7 +385,7 @@ class Experiment:
         handle = workflow.start_activity_method(
             method,
             arg,
-            task_queue=provider_queue(workflow.info().task_queue, provider),
+            task_queue=ProviderQueue(workflow.info().task_queue, provider).name,
             start_to_close_timeout=timedelta(seconds=o.call_timeout_s),
             heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
             retry_policy=self._retry_policy(),
@@ -452,7 +452,7 @@ class Experiment:
         except ActivityError as err:
             cause = err.cause
             if isinstance(cause, CancelledError) or (
-                isinstance(cause, ApplicationError) and cause.type == "ExperimentStopped"
+                isinstance(cause, ApplicationError) and cause.type == ExperimentStopped.error_type
             ):
                 return  # stopped before its call: still pending, a resume runs it
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
