@@ -19,25 +19,7 @@ from konstruct.config import ExperimentSettings
 from konstruct.datasets import items_digest, load_items
 from konstruct.db import tenant_transaction
 from konstruct.errors import InvalidInput
-from konstruct.models.experiments import (
-    ExperimentSummary,
-    FinalizeInput,
-    LatencyStats,
-    MonitorInput,
-    MonitorResult,
-    PendingPage,
-    PendingPageInput,
-    PrepareInput,
-    PrepareResult,
-    ProviderProgress,
-    RecordFailureInput,
-    Route,
-    StopFlagInput,
-    StopFlagResult,
-    WaitingCalls,
-    WaitingCallsInput,
-    eval_name,
-)
+from konstruct.models import experiments as models
 from konstruct.models.registry import NewRun
 from konstruct.naming import ProviderQueue, registry_run_id
 from konstruct.router import Deployment, RouterConfig
@@ -80,7 +62,7 @@ class ExperimentActivities:
             self.finalize,
         ]
 
-    def _routes(self, group: str, field: str) -> tuple[list[Route], list[Deployment]]:
+    def _routes(self, group: str, field: str) -> tuple[list[models.Route], list[Deployment]]:
         deployments = sorted(
             (d for d in self.router_config.active() if d.model_name == group),
             key=lambda d: d.deployment_id,
@@ -92,20 +74,20 @@ class ExperimentActivities:
                 f"{', '.join(known) or 'none'} (deploy/llm-router.yaml)",
                 [field],
             )
-        return [Route(deployment_id=d.deployment_id, provider=d.provider) for d in deployments], (
-            deployments
-        )
+        return [
+            models.Route(deployment_id=d.deployment_id, provider=d.provider) for d in deployments
+        ], (deployments)
 
     @activity.defn(name="experiment_prepare")
-    async def prepare(self, input: PrepareInput) -> PrepareResult:
+    async def prepare(self, input: models.PrepareInput) -> models.PrepareResult:
         """Validate groups and dataset, store the items once, set up each provider's rate."""
         exp = input.experiment
         task_routes, deployments = self._routes(exp.task.model_group, "task.model_group")
-        judge_routes: dict[str, list[Route]] = {}
+        judge_routes: dict[str, list[models.Route]] = {}
         for index, spec in enumerate(exp.evals):
             if spec.kind == "llm_judge":
                 routes, more = self._routes(spec.model_group, f"evals.{index}.model_group")
-                judge_routes[eval_name(spec)] = routes
+                judge_routes[models.eval_name(spec)] = routes
                 deployments += more
         items = load_items(exp.dataset, self.base_dir)
         spec_json = {
@@ -144,7 +126,7 @@ class ExperimentActivities:
                 on_batch=activity.heartbeat,
             )
         providers = await self._setup_providers(deployments)
-        return PrepareResult(
+        return models.PrepareResult(
             total=len(items),
             completed=counts.completed,
             failed=counts.failed,
@@ -178,16 +160,16 @@ class ExperimentActivities:
         return activity.info().task_queue
 
     @activity.defn(name="experiment_pending_page")
-    async def pending_page(self, input: PendingPageInput) -> PendingPage:
+    async def pending_page(self, input: models.PendingPageInput) -> models.PendingPage:
         """Items after `after_seq` that have no complete result, in dataset order."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             items = await store.pending_items(
                 conn, input.tenant_id, input.experiment_id, input.after_seq, input.limit
             )
-        return PendingPage(items=items)
+        return models.PendingPage(items=items)
 
     @activity.defn(name="experiment_record_failure")
-    async def record_failure(self, input: RecordFailureInput) -> bool:
+    async def record_failure(self, input: models.RecordFailureInput) -> bool:
         """An item whose calls gave up: a failed result, unless one is stored already."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             await store.record_failure(
@@ -201,34 +183,34 @@ class ExperimentActivities:
         return True
 
     @activity.defn(name="experiment_set_stop_flag")
-    async def set_stop_flag(self, input: StopFlagInput) -> StopFlagResult:
+    async def set_stop_flag(self, input: models.StopFlagInput) -> models.StopFlagResult:
         """Raise or clear the stop flag; list the calls that still wait for capacity."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             await store.set_stop_flag(conn, input.tenant_id, input.experiment_id, input.stopped)
         if not (input.stopped and input.cancel_waiting):
-            return StopFlagResult()
+            return models.StopFlagResult()
         # From here on a call that starts finds the flag and makes no request; one
         # not started yet can be cancelled outright, one started is left to finish.
-        return StopFlagResult(waiting_activity_ids=await _waiting_calls(input.workflow_id))
+        return models.StopFlagResult(waiting_activity_ids=await _waiting_calls(input.workflow_id))
 
     @activity.defn(name="experiment_waiting_calls")
-    async def waiting_calls(self, input: WaitingCallsInput) -> WaitingCalls:
+    async def waiting_calls(self, input: models.WaitingCallsInput) -> models.WaitingCalls:
         """The calls of a run still waiting for capacity (scheduled, not started)."""
-        return WaitingCalls(activity_ids=await _waiting_calls(input.workflow_id))
+        return models.WaitingCalls(activity_ids=await _waiting_calls(input.workflow_id))
 
     @activity.defn(name="experiment_monitor")
-    async def monitor(self, input: MonitorInput) -> MonitorResult:
+    async def monitor(self, input: models.MonitorInput) -> models.MonitorResult:
         """Rate and breaker of each provider used, and the latency percentiles so far."""
         statuses = await provider_statuses(
             self.pool, self._base_queue(), input.providers, self.settings.breaker_config()
         )
-        latency = LatencyStats()
+        latency = models.LatencyStats()
         if input.with_latency:
             async with tenant_transaction(self.pool, input.tenant_id) as conn:
                 latency = await store.latency_stats(conn, input.tenant_id, input.experiment_id)
-        return MonitorResult(
+        return models.MonitorResult(
             providers=[
-                ProviderProgress(
+                models.ProviderProgress(
                     provider=s.provider,
                     rate_rps=round(s.rate, 3),
                     initial_rps=s.initial_rate,
@@ -248,7 +230,7 @@ class ExperimentActivities:
         )
 
     @activity.defn(name="experiment_finalize")
-    async def finalize(self, input: FinalizeInput) -> ExperimentSummary:
+    async def finalize(self, input: models.FinalizeInput) -> models.ExperimentSummary:
         """The summary, stored on the experiment and recorded as a registry run (once)."""
         run_id = registry_run_id(input.tenant_id, input.experiment_id)
         async with tenant_transaction(self.pool, input.tenant_id) as conn:

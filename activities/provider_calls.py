@@ -127,6 +127,11 @@ class ProviderCallActivities:
             self._specs.popitem(last=False)
         return spec
 
+    def _ref(self, input: RunItemInput | JudgeItemInput) -> store.CallRef:
+        return store.CallRef(
+            input.tenant_id, input.experiment_id, input.item_id, self.task_queue, input.provider
+        )
+
     def _deployment(self, deployment_id: str) -> Deployment:
         deployment = self.deployments.get(deployment_id)
         if deployment is None:
@@ -274,14 +279,7 @@ class ProviderCallActivities:
         """The task call of one item, its deterministic evals, and its result row, once."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             spec = await self._spec(conn, input.tenant_id, input.experiment_id)
-            item = await store.task_call(
-                conn,
-                input.tenant_id,
-                input.experiment_id,
-                input.item_id,
-                self.task_queue,
-                input.provider,
-            )
+            item = await store.task_call(conn, self._ref(input))
         if item is None:
             raise NotFound(f"item {input.item_id!r} is not in experiment {input.experiment_id!r}")
         if item.result is not None:
@@ -362,14 +360,7 @@ class ProviderCallActivities:
         """One llm_judge eval of one item; its score is merged into the result row once."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             spec = await self._spec(conn, input.tenant_id, input.experiment_id)
-            item = await store.judge_call(
-                conn,
-                input.tenant_id,
-                input.experiment_id,
-                input.item_id,
-                self.task_queue,
-                input.provider,
-            )
+            item = await store.judge_call(conn, self._ref(input))
         judge = spec.judges.get(input.eval_name)
         if item is None or judge is None:
             raise NotFound(

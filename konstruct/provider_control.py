@@ -96,6 +96,26 @@ def _first_step(rate: float, config: AimdConfig) -> float:
     return max(config.increase_step_min_rps, rate * config.increase_step_fraction)
 
 
+def _new_window(
+    rate: float,
+    ceiling: float | None,
+    now: float,
+    *,
+    last_decrease_at: float | None,
+    hold_until: float,
+    step: float,
+) -> AimdState:
+    """A changed rate: the counts start again from `now`."""
+    return AimdState(
+        rate=rate,
+        ceiling=ceiling,
+        changed_at=now,
+        last_decrease_at=last_decrease_at,
+        hold_until=hold_until,
+        step=step,
+    )
+
+
 def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:
     """Successes per second since the last change, if measured over long enough."""
     elapsed = now - state.changed_at
@@ -163,12 +183,10 @@ def on_throttled(
         ceiling = None
         rate = max(state.rate * config.decrease_factor, (measured or 0.0) * config.headroom)
     rate = _clamp(rate, config)
-    return AimdState(
-        rate=rate,
-        ceiling=ceiling,
-        changed_at=now,
-        ok_since_change=0,
-        throttled_since_change=0,
+    return _new_window(
+        rate,
+        ceiling,
+        now,
         last_decrease_at=now,
         hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
         step=_first_step(rate, config),
@@ -219,12 +237,10 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     rate = _clamp(rate, config)
     if rate == state.rate:
         return counted
-    return AimdState(
-        rate=rate,
-        ceiling=ceiling,
-        changed_at=now,
-        ok_since_change=0,
-        throttled_since_change=0,
+    return _new_window(
+        rate,
+        ceiling,
+        now,
         last_decrease_at=state.last_decrease_at,
         hold_until=hold_until,
         step=next_step,

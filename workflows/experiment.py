@@ -6,6 +6,10 @@ call plus its deterministic evals), then one per `llm_judge` eval on the
 judge's provider queue. The Temporal server dispatches each provider queue at
 the provider's adaptive rate and round-robin across experiments (fairness key
 = experiment id), so an item waiting for capacity holds no worker slot.
+
+One module, longer than most, because it is one concept: dispatching, stop and
+resume, continue-as-new and the monitor all read and write the same in-memory
+counters and in-flight set, and splitting them would pass that state around.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ TOGGLE_HISTORY = 20
 CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
-# first run but in sequence order on replay (temporalio/sdk-python#1578), which
+# first run but in sequence order on replay (a behaviour of the Python SDK), which
 # broke replay of this workflow without a cache.
 
 

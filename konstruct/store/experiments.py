@@ -73,14 +73,24 @@ async def tenant_exists(conn: asyncpg.Connection, tenant_id: str) -> bool:
     return bool(await conn.fetchval("select 1 from tenants where tenant_id = $1", tenant_id))
 
 
-async def spec_digest(conn: asyncpg.Connection, tenant_id: str, experiment_id: str) -> str | None:
-    """The digest of the spec and dataset an experiment was stored with (None: new)."""
+async def _experiment_column(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    experiment_id: str,
+    column: Literal["spec", "spec_digest", "workflow_id"],
+) -> str | None:
+    """One text column of an experiment (None: no such experiment)."""
     found = await conn.fetchval(
-        "select spec_digest from experiments where tenant_id = $1 and experiment_id = $2",
+        f"select {column} from experiments where tenant_id = $1 and experiment_id = $2",
         tenant_id,
         experiment_id,
     )
     return None if found is None else str(found)
+
+
+async def spec_digest(conn: asyncpg.Connection, tenant_id: str, experiment_id: str) -> str | None:
+    """The digest of the spec and dataset an experiment was stored with (None: new)."""
+    return await _experiment_column(conn, tenant_id, experiment_id, "spec_digest")
 
 
 async def store_experiment(
@@ -139,11 +149,7 @@ async def store_experiment(
 async def stored_spec(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str
 ) -> StoredSpec | None:
-    raw = await conn.fetchval(
-        "select spec from experiments where tenant_id = $1 and experiment_id = $2",
-        tenant_id,
-        experiment_id,
-    )
+    raw = await _experiment_column(conn, tenant_id, experiment_id, "spec")
     return None if raw is None else StoredSpec.from_json(raw)
 
 
@@ -266,6 +272,21 @@ class StoredResult:
 
 
 @dataclass(frozen=True)
+class CallRef:
+    """The item a provider call is for, and the provider queue whose breaker it reads."""
+
+    tenant_id: str
+    experiment_id: str
+    item_id: str
+    task_queue: str
+    provider: str
+
+    @property
+    def args(self) -> tuple[str, str, str, str, str]:
+        return (self.tenant_id, self.experiment_id, self.item_id, self.task_queue, self.provider)
+
+
+@dataclass(frozen=True)
 class TaskCall:
     """An item about to get its task call, read with its result and the breaker."""
 
@@ -291,14 +312,7 @@ class JudgeCall:
     breaker: BreakerState | None
 
 
-async def task_call(
-    conn: asyncpg.Connection,
-    tenant_id: str,
-    experiment_id: str,
-    item_id: str,
-    task_queue: str,
-    provider: str,
-) -> TaskCall | None:
+async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
     row = await conn.fetchrow(
         "select i.seq, i.input, i.expected, e.stop_requested, r.status, r.scores,"
         " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
@@ -307,11 +321,7 @@ async def task_call(
         " left join experiment_results r using (tenant_id, experiment_id, item_id)"
         " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
         " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = $3",
-        tenant_id,
-        experiment_id,
-        item_id,
-        task_queue,
-        provider,
+        *ref.args,
     )
     if row is None:
         return None
@@ -325,14 +335,7 @@ async def task_call(
     )
 
 
-async def judge_call(
-    conn: asyncpg.Connection,
-    tenant_id: str,
-    experiment_id: str,
-    item_id: str,
-    task_queue: str,
-    provider: str,
-) -> JudgeCall | None:
+async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None:
     row = await conn.fetchrow(
         "select i.input, i.expected, r.output, r.scores, e.stop_requested, "
         + _BREAKER_COLUMNS
@@ -341,11 +344,7 @@ async def judge_call(
         " join experiments e using (tenant_id, experiment_id)"
         " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
         " where r.tenant_id = $1 and r.experiment_id = $2 and r.item_id = $3",
-        tenant_id,
-        experiment_id,
-        item_id,
-        task_queue,
-        provider,
+        *ref.args,
     )
     if row is None:
         return None
@@ -526,7 +525,7 @@ async def summarise(
         tenant_id,
         experiment_id,
     )
-    evals = _EVALS.validate_python(json.loads(exp["spec"])["evals"])
+    evals = StoredSpec.from_json(exp["spec"]).evals
     counts = await conn.fetchrow(
         "select count(*) filter (where status = 'ok') as completed,"
         " count(*) filter (where status = 'failed') as failed,"
@@ -621,17 +620,16 @@ def summary_metrics(summary: ExperimentSummary) -> dict[str, float]:
     return metrics
 
 
-def experiment_rows_query() -> str:
-    return (
-        "select i.seq, i.item_id, i.input, i.expected, r.status, r.output, r.scores,"
-        " r.latency_ms, r.model, r.provider, r.prompt_tokens, r.completion_tokens,"
-        " r.error_kind, r.error from experiment_items i left join experiment_results r"
-        " using (tenant_id, experiment_id, item_id)"
-        " where i.tenant_id = $1 and i.experiment_id = $2 order by i.seq"
-    )
+_ROWS_QUERY = (
+    "select i.seq, i.item_id, i.input, i.expected, r.status, r.output, r.scores,"
+    " r.latency_ms, r.model, r.provider, r.prompt_tokens, r.completion_tokens,"
+    " r.error_kind, r.error from experiment_items i left join experiment_results r"
+    " using (tenant_id, experiment_id, item_id)"
+    " where i.tenant_id = $1 and i.experiment_id = $2 order by i.seq"
+)
 
 
-def row_json(row: Any) -> dict[str, Any]:
+def _row_json(row: Any) -> dict[str, Any]:
     return {
         "item_id": row["item_id"],
         "status": row["status"] or "pending",
@@ -652,12 +650,7 @@ def row_json(row: Any) -> dict[str, Any]:
 async def find_workflow_id(pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> str | None:
     """The workflow id recorded for an experiment, if PostgreSQL has the experiment."""
     async with tenant_transaction(pool, tenant_id) as conn:
-        found = await conn.fetchval(
-            "select workflow_id from experiments where tenant_id = $1 and experiment_id = $2",
-            tenant_id,
-            experiment_id,
-        )
-    return None if found is None else str(found)
+        return await _experiment_column(conn, tenant_id, experiment_id, "workflow_id")
 
 
 async def experiment_detail(
@@ -675,7 +668,7 @@ async def experiment_detail(
                 f"experiment {experiment_id!r} of tenant {tenant_id!r} does not exist;"
                 " see `konstruct experiments list`"
             )
-        rows = await conn.fetch(experiment_rows_query(), tenant_id, experiment_id)
+        rows = await conn.fetch(_ROWS_QUERY, tenant_id, experiment_id)
     return {
         "experiment_id": exp["experiment_id"],
         "tenant_id": exp["tenant_id"],
@@ -686,7 +679,7 @@ async def experiment_detail(
         "spec": json.loads(exp["spec"]),
         "summary": json.loads(exp["summary"]) if exp["summary"] else None,
         "registry_run_id": str(exp["registry_run_id"]) if exp["registry_run_id"] else None,
-        "items": [row_json(r) for r in rows],
+        "items": [_row_json(r) for r in rows],
     }
 
 

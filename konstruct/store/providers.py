@@ -147,24 +147,14 @@ async def admit_call(
 ) -> Admitted:
     """May a call go to the provider now? A half-open probe is claimed atomically."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            f"select *, {_NOW} as now from provider_breakers"
-            " where task_queue = $1 and provider = $2",
-            task_queue,
-            provider,
-        )
+        row = await _breaker_row(conn, task_queue, provider)
         if row is None:
             return Admitted(Admission(allowed=True), BreakerState())
         state = breaker_from_row(row)
         if state.status == "closed":
             return Admitted(Admission(allowed=True), state)
         async with conn.transaction():
-            row = await conn.fetchrow(
-                f"select *, {_NOW} as now from provider_breakers"
-                " where task_queue = $1 and provider = $2 for update",
-                task_queue,
-                provider,
-            )
+            row = await _breaker_row(conn, task_queue, provider, lock=True)
             state = breaker_from_row(row)
             admission = admit(state, row["now"], config)
             if admission.probe:
@@ -172,6 +162,18 @@ async def admit_call(
                 await _write_breaker(conn, task_queue, provider, claimed)
                 state = claimed
             return Admitted(admission, state)
+
+
+async def _breaker_row(
+    conn: asyncpg.Connection, task_queue: str, provider: str, lock: bool = False
+) -> Any:
+    """The breaker row with the database's clock (`now`); `lock`: for update."""
+    return await conn.fetchrow(
+        f"select *, {_NOW} as now from provider_breakers"
+        " where task_queue = $1 and provider = $2" + (" for update" if lock else ""),
+        task_queue,
+        provider,
+    )
 
 
 async def _write_breaker(
@@ -320,12 +322,7 @@ async def _learn_breaker(
     row lock). Returns whether this failure tripped it."""
     if outcome == "ok" and record_success(seen) != seen:
         async with conn.transaction():
-            row = await conn.fetchrow(
-                "select * from provider_breakers where task_queue = $1 and provider = $2"
-                " for update",
-                task_queue,
-                provider,
-            )
+            row = await _breaker_row(conn, task_queue, provider, lock=True)
             if row is not None:
                 state = breaker_from_row(row)
                 closed = record_success(state)
@@ -335,12 +332,7 @@ async def _learn_breaker(
     if outcome != "failure":
         return False
     async with conn.transaction():
-        row = await conn.fetchrow(
-            f"select *, {_NOW} as now from provider_breakers"
-            " where task_queue = $1 and provider = $2 for update",
-            task_queue,
-            provider,
-        )
+        row = await _breaker_row(conn, task_queue, provider, lock=True)
         if row is None:
             return False
         state = breaker_from_row(row)
