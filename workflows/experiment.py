@@ -70,8 +70,8 @@ PREPARE_HEARTBEAT = timedelta(seconds=10)
 DB_TIMEOUT = timedelta(seconds=10)
 MONITOR_TIMEOUT = timedelta(seconds=5)
 FINALIZE_TIMEOUT = timedelta(minutes=2)
-# Our errors (InvalidInput, NotFound, ExperimentStopped) and the requests a
-# provider will never accept arrive non-retryable: no list of type names here.
+# Our errors (InvalidInput, NotFound, ExperimentStopped) arrive marked
+# non-retryable by the worker's interceptor: no list of type names here.
 DB_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     maximum_interval=timedelta(seconds=5),
