@@ -29,6 +29,10 @@ from konstruct.store.registry import insert_runs
 from konstruct.task_queue_limits import push_rate
 
 
+def _routes(deployments: list[Deployment]) -> list[models.Route]:
+    return [models.Route(deployment_id=d.deployment_id, provider=d.provider) for d in deployments]
+
+
 async def _waiting_calls(workflow_id: str) -> list[str]:
     description = await activity.client().get_workflow_handle(workflow_id).describe()
     return [
@@ -62,7 +66,8 @@ class ExperimentActivities:
             self.finalize,
         ]
 
-    def _routes(self, group: str, field: str) -> tuple[list[models.Route], list[Deployment]]:
+    def _deployments(self, group: str, field: str) -> list[Deployment]:
+        """The active deployments of a model group, in a stable order."""
         deployments = sorted(
             (d for d in self.router_config.active() if d.model_name == group),
             key=lambda d: d.deployment_id,
@@ -74,21 +79,20 @@ class ExperimentActivities:
                 f"{', '.join(known) or 'none'} (deploy/llm-router.yaml)",
                 [field],
             )
-        return [
-            models.Route(deployment_id=d.deployment_id, provider=d.provider) for d in deployments
-        ], (deployments)
+        return deployments
 
     @activity.defn(name="experiment_prepare")
     async def prepare(self, input: models.PrepareInput) -> models.PrepareResult:
         """Validate groups and dataset, store the items once, set up each provider's rate."""
         exp = input.experiment
-        task_routes, deployments = self._routes(exp.task.model_group, "task.model_group")
+        task_deployments = self._deployments(exp.task.model_group, "task.model_group")
+        deployments = list(task_deployments)
         judge_routes: dict[str, list[models.Route]] = {}
         for index, spec in enumerate(exp.evals):
             if spec.kind == "llm_judge":
-                routes, more = self._routes(spec.model_group, f"evals.{index}.model_group")
-                judge_routes[models.eval_name(spec)] = routes
-                deployments += more
+                judges = self._deployments(spec.model_group, f"evals.{index}.model_group")
+                judge_routes[models.eval_name(spec)] = _routes(judges)
+                deployments += judges
         items = load_items(exp.dataset, self.base_dir)
         spec_json = {
             "task": exp.task.model_dump(mode="json"),
@@ -131,7 +135,7 @@ class ExperimentActivities:
             completed=counts.completed,
             failed=counts.failed,
             evaluated=counts.evaluated,
-            task_routes=task_routes,
+            task_routes=_routes(task_deployments),
             judge_routes=judge_routes,
             providers=providers,
         )

@@ -63,7 +63,7 @@ class ProviderFailure:
     retry_after_s: float | None = None
 
 
-def retry_after_seconds(error: BaseException) -> float | None:
+def _retry_after_seconds(error: BaseException) -> float | None:
     """The provider's Retry-After, if the error carries one."""
     headers: Any = getattr(error, "litellm_response_headers", None)
     if headers is None:
@@ -93,18 +93,18 @@ def classify(error: BaseException) -> ProviderFailure:
         kind=kind,
         message=f"{kind}: {str(error)[:400]}",
         posture=posture,
-        retry_after_s=retry_after_seconds(error),
+        retry_after_s=_retry_after_seconds(error),
     )
 
 
 def provider_error(error: BaseException, what: str) -> ApplicationError:
     """A provider exception as the failure Temporal retries (or does not)."""
-    kind = type(error).__name__
-    delay = retry_after_seconds(error)
+    failure = classify(error)
+    delay = failure.retry_after_s
     return ApplicationError(
-        f"{what} failed: {kind}: {str(error)[:500]}",
-        type=kind,
-        non_retryable=kind in _NON_RETRYABLE,
+        f"{what} failed: {failure.kind}: {str(error)[:500]}",
+        type=failure.kind,
+        non_retryable=failure.posture == "rejected",
         next_retry_delay=timedelta(seconds=delay) if delay else None,
     )
 
