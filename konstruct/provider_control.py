@@ -106,14 +106,8 @@ def _new_window(
     step: float,
 ) -> AimdState:
     """A changed rate: the counts start again from `now`."""
-    return AimdState(
-        rate=rate,
-        ceiling=ceiling,
-        changed_at=now,
-        last_decrease_at=last_decrease_at,
-        hold_until=hold_until,
-        step=step,
-    )
+    window = AimdState(rate, ceiling, changed_at=now)
+    return replace(window, last_decrease_at=last_decrease_at, hold_until=hold_until, step=step)
 
 
 def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:

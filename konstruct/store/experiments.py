@@ -187,11 +187,11 @@ async def pending_items(
 async def set_stop_flag(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str, stopped: bool
 ) -> None:
-    await conn.execute(
-        "update experiments set stop_requested = $3, status = $4, updated_at = now()"
-        " where tenant_id = $1 and experiment_id = $2",
+    await _update_experiment(
+        conn,
         tenant_id,
         experiment_id,
+        "stop_requested = $3, status = $4, updated_at = now()",
         stopped,
         "stopping" if stopped else "running",
     )
@@ -205,12 +205,7 @@ async def count_retried_call(
 ) -> None:
     """One more call of the experiment that a 429 or a provider failure sent back."""
     async with tenant_transaction(pool, tenant_id) as conn:
-        await conn.execute(
-            f"update experiments set {what} = {what} + 1"
-            " where tenant_id = $1 and experiment_id = $2",
-            tenant_id,
-            experiment_id,
-        )
+        await _update_experiment(conn, tenant_id, experiment_id, f"{what} = {what} + 1")
 
 
 async def store_summary(
@@ -221,15 +216,26 @@ async def store_summary(
     registry_run_id: str,
 ) -> None:
     """The experiment is finished: its status, summary and registry run."""
-    await conn.execute(
-        "update experiments set status = $3, summary = $4, registry_run_id = $5,"
-        " completed_at = now(), updated_at = now()"
-        " where tenant_id = $1 and experiment_id = $2",
+    await _update_experiment(
+        conn,
         tenant_id,
         experiment_id,
+        "status = $3, summary = $4, registry_run_id = $5, completed_at = now(), updated_at = now()",
         summary.status,
         summary.model_dump_json(),
         uuid.UUID(registry_run_id),
+    )
+
+
+async def _update_experiment(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str, assignments: str, *values: Any
+) -> None:
+    """`update experiments set <assignments>` of one experiment; values start at $3."""
+    await conn.execute(
+        f"update experiments set {assignments} where tenant_id = $1 and experiment_id = $2",
+        tenant_id,
+        experiment_id,
+        *values,
     )
 
 
