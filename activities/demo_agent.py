@@ -16,7 +16,6 @@ import asyncpg
 from temporalio import activity
 
 from activities.demo_step import caller, demo_step, put_json
-from activities.llm import provider_error
 from konstruct.db import tenant_transaction
 from konstruct.models.demo import (
     DecisionApplyInput,
@@ -27,6 +26,7 @@ from konstruct.models.demo import (
     StepOutput,
 )
 from konstruct.models.registry import MoveAliasInput
+from konstruct.provider_adapter import embed
 from konstruct.store import demo as sessions
 from konstruct.store import registry
 
@@ -112,12 +112,7 @@ class DemoAgentActivities:
         )
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        try:
-            response = await self.router.aembedding(model=EMBED_GROUP, input=texts)
-        except Exception as exc:
-            raise provider_error(exc, f"embedding call to group {EMBED_GROUP!r}") from exc
-        data = sorted(response.data, key=lambda d: d["index"] if isinstance(d, dict) else d.index)
-        return [list(d["embedding"] if isinstance(d, dict) else d.embedding) for d in data]
+        return await embed(self.router, EMBED_GROUP, texts)
 
     # --- agents ---------------------------------------------------------------------
 

@@ -160,7 +160,9 @@ class Bench:
 
     async def fresh(self, ceiling: float | None = None) -> None:
         """Reset the simulator's counters and the learned rate, so runs do not share state."""
-        from konstruct.store.providers import provider_queue, push_rate, reset_provider
+        from konstruct.naming import provider_queue
+        from konstruct.store.providers import reset_provider
+        from konstruct.task_queue_limits import push_rate
 
         await self.sim.set_profile(
             MODEL, latency_ms=self.latency_ms, rate_limit_rps=ceiling or self.ceiling

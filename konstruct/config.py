@@ -7,13 +7,20 @@ or the environment variable that set it).
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from konstruct.errors import ConfigError
+from konstruct.errors import ConfigError, field_problems
+from konstruct.models.experiments import (
+    DEFAULT_MAX_CONCURRENCY,
+    MAX_CONCURRENCY_LIMIT,
+    ExperimentOptions,
+)
+from konstruct.provider_control import AimdConfig, BreakerConfig
 
 CONFIG_FILE_ENV = "KONSTRUCT_CONFIG"
 DEFAULT_CONFIG_FILE = "temporal-dev.yaml"
@@ -86,69 +93,41 @@ class TelemetrySettings(_Section):
     service_name: str = "konstruct"
 
 
-class ExperimentSettings(_Section):
-    """Experiment defaults; the seed runner's constants where it had one.
+class ExperimentSettings(ExperimentOptions, AimdConfig):
+    """Experiment defaults: the workflow's options, the adaptive rate's knobs, the rest.
 
-    Workflows cannot read settings: the CLI copies the workflow-side values into
-    the input (`options`), and the activities read the rest from here.
+    All flat under `experiments.`. Workflows cannot read settings: the CLI copies
+    `workflow_options()` into the input, and the activities read the rest from here.
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     # Items in flight per experiment (scheduled, waiting for capacity or calling).
-    max_concurrency: int = Field(20, ge=1, le=1000)
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1, le=MAX_CONCURRENCY_LIMIT)
     # Circuit breaker per provider: trips after this many consecutive failures.
-    breaker_threshold: int = Field(5, ge=1)
-    breaker_cooldown_s: float = Field(30.0, gt=0)
-    # A stop/resume within this long of the previous accepted one is refused.
-    toggle_cooldown_s: float = Field(5.0, ge=0)
-    # One provider call: start-to-close, heartbeat timeout and heartbeat period.
-    call_timeout_s: float = Field(120.0, gt=0)
-    heartbeat_timeout_s: float = Field(10.0, gt=0)
+    breaker_threshold: int = Field(BreakerConfig.threshold, ge=1)
+    breaker_cooldown_s: float = Field(BreakerConfig.cooldown_s, gt=0)
+    # How often a provider call heartbeats while it waits for the answer.
     heartbeat_every_s: float = Field(2.0, gt=0)
-    # Temporal retries of a call: 1 s, 2 s, 4 s ... 32 s; 0 attempts = unlimited.
-    retry_initial_s: float = Field(1.0, gt=0)
-    retry_max_s: float = Field(32.0, gt=0)
-    max_attempts: int = Field(0, ge=0)
-    # Completed items per workflow run before continue-as-new (bounded history).
-    continue_as_new_every: int = Field(1000, ge=1)
-    # Pending item ids fetched per page.
-    page_size: int = Field(500, ge=1, le=5000)
-    # How often progress, rates and breakers are refreshed into the workflow.
-    monitor_interval_s: float = Field(2.0, gt=0)
-    # Adaptive rate per provider (AIMD): used when the router config has no
-    # `model_info.initial_rps` / `max_rps` for a deployment.
+    # A provider's first rate, when the router config has no `model_info.initial_rps`.
     initial_rps: float = Field(5.0, gt=0)
-    min_rps: float = Field(0.5, gt=0)
-    max_rps: float = Field(1000.0, gt=0)
-    # Multiplicative decrease on a 429, at most once per `decrease_window_s`.
-    decrease_factor: float = Field(0.5, gt=0, lt=1)
-    decrease_window_s: float = Field(0.5, gt=0)
-    # After a 429 the rate is never set below the provider's measured accepted
-    # rate times `headroom` (set false for plain halving).
-    decrease_to_measured: bool = True
-    headroom: float = Field(0.97, gt=0, le=1)
-    # Additive increase, at most once per `increase_interval_s`: the first step
-    # is `increase_step_fraction` of the rate (at least `increase_step_min_rps`),
-    # each further step without a 429 is `increase_step_growth` times the last.
-    increase_interval_s: float = Field(1.0, gt=0)
-    increase_step_fraction: float = Field(0.05, gt=0)
-    increase_step_min_rps: float = Field(0.5, gt=0)
-    increase_step_growth: float = Field(2.0, ge=1)
-    # Seconds at the learned ceiling before probing above it again.
-    probe_after_s: float = Field(2.0, ge=0)
-    # Raise only while calls use this share of the rate; climb at most this
-    # factor above the measured rate while no ceiling is known.
-    min_utilisation: float = Field(0.75, gt=0, le=1)
-    probe_cap: float = Field(1.5, ge=1)
-    # Above a learned ceiling: at most this factor above the measured rate, and
-    # successes beyond `ceiling_rise` x the ceiling (no 429) mean the limit rose.
-    probe_cap_above_ceiling: float = Field(1.2, ge=1)
-    ceiling_rise: float = Field(1.3, gt=1)
-    # A provider's accepted rate is measured over at least this long, and a 429
-    # moves the learned ceiling only after this many successes were counted.
-    min_measure_s: float = Field(0.5, gt=0)
-    min_measure_ok: int = Field(10, ge=1)
-    # ... and only when calls were answered at this share of the rate or more.
-    min_offered: float = Field(0.9, gt=0, le=1)
+
+    def workflow_options(self) -> ExperimentOptions:
+        """The workflow-side values, as the workflow input's `options`."""
+        return ExperimentOptions.model_validate(
+            self.model_dump(include=set(ExperimentOptions.model_fields))
+        )
+
+    def aimd_config(self) -> AimdConfig:
+        return AimdConfig(**{f.name: getattr(self, f.name) for f in fields(AimdConfig)})
+
+    def breaker_config(self) -> BreakerConfig:
+        # A probe outlives the longest call by a margin before another may probe.
+        return BreakerConfig(
+            threshold=self.breaker_threshold,
+            cooldown_s=self.breaker_cooldown_s,
+            probe_timeout_s=self.call_timeout_s + 10,
+        )
 
 
 class Settings(_Section):
@@ -241,10 +220,9 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            key = ".".join(str(p) for p in item["loc"])
-            source = f" (from {origin[key]})" if key in origin else ""
-            problems.append(f"{key}{source}: {item['msg']}")
+        problems = [
+            f"{key}{f' (from {origin[key]})' if key in origin else ''}: {problem}"
+            for key, problem in field_problems(exc, root="(config)")
+        ]
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}: " + "; ".join(problems)) from exc

@@ -8,18 +8,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from konstruct.errors import InvalidInput
+from konstruct.errors import InvalidInput, field_problems
 from konstruct.models.experiments import DatasetItem, DatasetSpec
 
 
 def _problem(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(item)"
-        parts.append(
-            f"{field}: {'unknown field' if item['type'] == 'extra_forbidden' else item['msg']}"
-        )
-    return "; ".join(parts)
+    return "; ".join(f"{field}: {text}" for field, text in field_problems(error, root="(item)"))
 
 
 def read_jsonl(path: Path) -> list[DatasetItem]:

@@ -14,7 +14,8 @@
     ├── InvariantViolated          a registry invariant does not hold
     │   └── RegressionNotDetected  the demo's safer promote missed the regression it made
     ├── PrecheckFailed             the demo's environment is not ready
-    └── ServiceUnreachable         Temporal or PostgreSQL does not answer (retryable)
+    ├── ServiceUnreachable         Temporal or PostgreSQL does not answer (retryable)
+    └── ExperimentStopped          an experiment call found the stop flag raised; it made no request
 
 An activity raises these; the worker's interceptor (`konstruct.interceptors`)
 turns each into an `ApplicationError` whose `type` is `error_type` and whose
@@ -156,3 +157,9 @@ class ServiceUnreachable(KonstructError):
 
     error_type = "ServiceUnreachable"
     retryable = True
+
+
+class ExperimentStopped(KonstructError):
+    """A provider call of a stopping experiment: no request made, the item stays pending."""
+
+    error_type = "ExperimentStopped"

@@ -1,7 +1,7 @@
 """Decisions about a provider's rate and health, as pure functions of its state.
 
 Two pieces, both shared by every worker through PostgreSQL
-(`konstruct/provider_store.py` reads and writes them):
+(`konstruct/store/providers.py` reads and writes them):
 
 - the adaptive rate (AIMD): a 429 cuts the rate (at most once per
   `decrease_window_s`, so a burst of 429s counts once). When calls came at
@@ -24,39 +24,52 @@ Times are seconds on the database's clock, so workers on different machines agre
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 BreakerStatus = Literal["closed", "open", "half_open"]
 
 
 @dataclass(frozen=True)
 class AimdConfig:
-    min_rps: float = 0.5
-    max_rps: float = 1000.0
-    decrease_factor: float = 0.5
-    decrease_window_s: float = 0.5
+    """The adaptive rate's knobs. `ExperimentSettings` inherits these fields, so each
+    is also a flat `experiments.<name>` setting; the bounds are checked there."""
+
+    # Used when the router config has no `model_info.min_rps` / `max_rps`.
+    min_rps: Annotated[float, Field(gt=0)] = 0.5
+    max_rps: Annotated[float, Field(gt=0)] = 1000.0
+    # Multiplicative decrease on a 429, at most once per `decrease_window_s`.
+    decrease_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    decrease_window_s: Annotated[float, Field(gt=0)] = 0.5
+    # After a 429 the rate is never set below the provider's measured accepted
+    # rate times `headroom` (set false for plain halving).
     decrease_to_measured: bool = True
-    headroom: float = 0.97
-    increase_interval_s: float = 1.0
-    increase_step_fraction: float = 0.05
-    increase_step_min_rps: float = 0.5
-    increase_step_growth: float = 2.0
-    probe_after_s: float = 2.0
+    headroom: Annotated[float, Field(gt=0, le=1)] = 0.97
+    # Additive increase, at most once per `increase_interval_s`: the first step
+    # is `increase_step_fraction` of the rate (at least `increase_step_min_rps`),
+    # each further step without a 429 is `increase_step_growth` times the last.
+    increase_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    increase_step_fraction: Annotated[float, Field(gt=0)] = 0.05
+    increase_step_min_rps: Annotated[float, Field(gt=0)] = 0.5
+    increase_step_growth: Annotated[float, Field(ge=1)] = 2.0
+    # Seconds at the learned ceiling before probing above it again.
+    probe_after_s: Annotated[float, Field(ge=0)] = 2.0
     # The accepted rate is only measured over at least this long, and a 429 only
     # moves the ceiling when at least `min_measure_ok` successes were counted.
-    min_measure_s: float = 0.5
-    min_measure_ok: int = 10
+    min_measure_s: Annotated[float, Field(gt=0)] = 0.5
+    min_measure_ok: Annotated[int, Field(ge=1)] = 10
     # ... and only when calls were answered at this share of the rate or more
     # (fewer, and the queue ran short: the provider was not what held them back).
-    min_offered: float = 0.9
+    min_offered: Annotated[float, Field(gt=0, le=1)] = 0.9
     # Successes raise the rate only while they use at least this share of it,
     # and a probing step goes at most this factor above the measured rate.
-    min_utilisation: float = 0.75
-    probe_cap: float = 1.5
+    min_utilisation: Annotated[float, Field(gt=0, le=1)] = 0.75
+    probe_cap: Annotated[float, Field(ge=1)] = 1.5
     # Above a learned ceiling a step goes at most this factor above the measured
     # rate; successes beyond `ceiling_rise` x the ceiling mean the limit rose.
-    probe_cap_above_ceiling: float = 1.2
-    ceiling_rise: float = 1.3
+    probe_cap_above_ceiling: Annotated[float, Field(ge=1)] = 1.2
+    ceiling_rise: Annotated[float, Field(gt=1)] = 1.3
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,20 @@ def _clamp(rate: float, config: AimdConfig) -> float:
 
 def _first_step(rate: float, config: AimdConfig) -> float:
     return max(config.increase_step_min_rps, rate * config.increase_step_fraction)
+
+
+def _new_window(
+    rate: float,
+    ceiling: float | None,
+    now: float,
+    *,
+    last_decrease_at: float | None,
+    hold_until: float,
+    step: float,
+) -> AimdState:
+    """A changed rate: the counts start again from `now`."""
+    window = AimdState(rate, ceiling, changed_at=now)
+    return replace(window, last_decrease_at=last_decrease_at, hold_until=hold_until, step=step)
 
 
 def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:
@@ -150,12 +177,10 @@ def on_throttled(
         ceiling = None
         rate = max(state.rate * config.decrease_factor, (measured or 0.0) * config.headroom)
     rate = _clamp(rate, config)
-    return AimdState(
-        rate=rate,
-        ceiling=ceiling,
-        changed_at=now,
-        ok_since_change=0,
-        throttled_since_change=0,
+    return _new_window(
+        rate,
+        ceiling,
+        now,
         last_decrease_at=now,
         hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
         step=_first_step(rate, config),
@@ -206,16 +231,37 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     rate = _clamp(rate, config)
     if rate == state.rate:
         return counted
-    return AimdState(
-        rate=rate,
-        ceiling=ceiling,
-        changed_at=now,
-        ok_since_change=0,
-        throttled_since_change=0,
+    return _new_window(
+        rate,
+        ceiling,
+        now,
         last_decrease_at=state.last_decrease_at,
         hold_until=hold_until,
         step=next_step,
     )
+
+
+def decide_rate(
+    before: AimdState,
+    throttled: bool,
+    now: float,
+    config: AimdConfig,
+    retry_after_s: float | None = None,
+    sent_at: float | None = None,
+) -> AimdState:
+    """The rate after one answer (a success, or a 429 when `throttled`)."""
+    if throttled:
+        return on_throttled(before, now, retry_after_s, config, sent_at=sent_at)
+    return on_success(before, now, config)
+
+
+def rate_decided(current: AimdState, decided: AimdState) -> bool:
+    """Whether `decided` changes more than the counters (which are bumped on their own)."""
+
+    def uncounted(state: AimdState) -> AimdState:
+        return replace(state, ok_since_change=0, throttled_since_change=0)
+
+    return uncounted(decided) != uncounted(current)
 
 
 # --- circuit breaker ----------------------------------------------------------

@@ -29,10 +29,6 @@ class Deployment(BaseModel):
     def provider(self) -> str:
         return str(self.model_info.get("provider") or self.deployment_id)
 
-    @property
-    def initial_rps(self) -> float:
-        return float(self.model_info.get("initial_rps", 5.0))
-
     def required_env(self) -> list[str]:
         return [
             value[len(ENV_PREFIX) :]

@@ -61,14 +61,25 @@ def test_every_rate_constant_is_a_setting_with_the_same_default() -> None:
     import dataclasses
 
     from konstruct.provider_control import AimdConfig
-    from konstruct.store.providers import aimd_config
 
-    assert aimd_config(ExperimentSettings()) == AimdConfig()
-    changed = ExperimentSettings(min_offered=0.5, ceiling_rise=2.0)
-    assert (aimd_config(changed).min_offered, aimd_config(changed).ceiling_rise) == (0.5, 2.0)
+    assert ExperimentSettings().aimd_config() == AimdConfig()
+    changed = ExperimentSettings.model_validate({"min_offered": 0.5, "ceiling_rise": 2.0})
+    assert (changed.aimd_config().min_offered, changed.aimd_config().ceiling_rise) == (0.5, 2.0)
     missing = [
         f.name
         for f in dataclasses.fields(AimdConfig)
         if f.name not in ExperimentSettings.model_fields
     ]
     assert missing == []
+
+
+def test_a_rate_setting_out_of_bounds_names_its_flat_key(tmp_path: Path) -> None:
+    config = tmp_path / "k.yaml"
+    config.write_text("experiments:\n  headroom: 2\n")
+    with pytest.raises(ConfigError, match=r"experiments\.headroom"):
+        load_settings(config, environ={})
+
+
+def test_the_workflow_options_are_the_settings_values() -> None:
+    settings = ExperimentSettings.model_validate({"page_size": 7, "min_rps": 2.0})
+    assert settings.workflow_options() == ExperimentOptions(page_size=7)

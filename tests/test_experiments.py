@@ -20,8 +20,10 @@ from temporalio.exceptions import ApplicationError
 
 from konstruct.cli import main as cli_main
 from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
+from konstruct.naming import provider_queue
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.providers import ensure_provider, provider_queue, push_rate
+from konstruct.store.providers import ensure_provider
+from konstruct.task_queue_limits import push_rate
 from tests.support import WorkerRelay
 from workflows.experiment import Experiment
 

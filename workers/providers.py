@@ -1,6 +1,6 @@
 """One Worker per provider, polling that provider's rate-limited task queue.
 
-The Temporal server dispatches `<task_queue>-llm-<provider>` at the provider's
+The Temporal server dispatches each `ProviderQueue(task_queue, provider)` at the provider's
 adaptive rate, summed over every worker process; this module also keeps the
 server's limit equal to the rate in PostgreSQL (the call that changes the rate
 pushes it at once; this loop repairs a push that was lost or overtaken).
@@ -23,8 +23,10 @@ from temporalio.worker import Worker
 
 from activities.provider_calls import ProviderCallActivities
 from konstruct.config import Settings
+from konstruct.naming import ProviderQueue
 from konstruct.router import RouterConfig
-from konstruct.store.providers import current_rates, provider_queue, push_rate
+from konstruct.store.providers import current_rates
+from konstruct.task_queue_limits import push_rate
 
 log = logging.getLogger("konstruct.worker.providers")
 _meter = metrics.get_meter("konstruct.experiments")
@@ -41,12 +43,12 @@ async def provider_workers(
     pool: asyncpg.Pool,
     router_config: RouterConfig,
 ) -> AsyncIterator[list[Worker]]:
-    calls = ProviderCallActivities(pool, router_config, settings.experiments)
+    calls = ProviderCallActivities(pool, router_config, settings.experiments, task_queue)
     providers = sorted({d.provider for d in router_config.active()})
     workers = [
         Worker(
             client,
-            task_queue=provider_queue(task_queue, provider),
+            task_queue=ProviderQueue(task_queue, provider).name,
             activities=[calls.run_item, calls.judge_item],
             max_concurrent_activities=settings.worker.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
@@ -102,7 +104,8 @@ async def _sync_rates(
                 last = pushed.get(provider)
                 now = loop.time()
                 if last is None or last[0] != rate or now - last[1] > _REPUSH_EVERY_S:
-                    await push_rate(client, provider_queue(task_queue, provider), rate, "sync")
+                    queue = ProviderQueue(task_queue, provider).name
+                    await push_rate(client, queue, rate, "sync")
                     pushed[provider] = (rate, now)
         except asyncio.CancelledError:
             raise

@@ -6,6 +6,10 @@ call plus its deterministic evals), then one per `llm_judge` eval on the
 judge's provider queue. The Temporal server dispatches each provider queue at
 the provider's adaptive rate and round-robin across experiments (fairness key
 = experiment id), so an item waiting for capacity holds no worker slot.
+
+One module, longer than most, because it is one concept: dispatching, stop and
+resume, continue-as-new and the monitor all read and write the same in-memory
+counters and in-flight set, and splitting them would pass that state around.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
     from activities.provider_calls import ProviderCallActivities
+    from konstruct.errors import ExperimentStopped, innermost_application_error
     from konstruct.models.experiments import (
         ExperimentCarry,
         ExperimentInput,
@@ -52,8 +57,8 @@ with workflow.unsafe.imports_passed_through():
         WaitingCalls,
         WaitingCallsInput,
     )
+    from konstruct.naming import ProviderQueue
     from konstruct.search_attributes import KIND, STATUS, TENANT
-    from konstruct.store.providers import provider_queue
     from konstruct.validation import parse_input
 
 
@@ -65,13 +70,12 @@ PREPARE_HEARTBEAT = timedelta(seconds=10)
 DB_TIMEOUT = timedelta(seconds=10)
 MONITOR_TIMEOUT = timedelta(seconds=5)
 FINALIZE_TIMEOUT = timedelta(minutes=2)
+# Our errors (InvalidInput, NotFound, ExperimentStopped) arrive marked
+# non-retryable by the worker's interceptor: no list of type names here.
 DB_RETRY_POLICY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     maximum_interval=timedelta(seconds=5),
-    non_retryable_error_types=["InvalidInput", "NotFound"],
 )
-# Errors no retry of a provider call can fix.
-CALL_NON_RETRYABLE = ["InvalidInput", "NotFound", "ExperimentStopped"]
 # Toggle records kept in `progress`.
 TOGGLE_HISTORY = 20
 # Patch marker: runs recorded before it drained every queued call before
@@ -79,7 +83,7 @@ TOGGLE_HISTORY = 20
 CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
-# first run but in sequence order on replay (temporalio/sdk-python#1578), which
+# first run but in sequence order on replay (a behaviour of the Python SDK), which
 # broke replay of this workflow without a cache.
 
 
@@ -88,11 +92,12 @@ def pick_route(routes: list[Route], item_id: str) -> Route:
     return routes[zlib.crc32(item_id.encode()) % len(routes)]
 
 
-def _cause(error: ActivityError) -> ApplicationError:
-    cause = error.cause
-    if isinstance(cause, ApplicationError):
+def _failure(error: ActivityError) -> ApplicationError:
+    """The workflow's own failure for an activity that gave up: the activity's error."""
+    cause = innermost_application_error(error)
+    if cause is not None:
         return ApplicationError(cause.message, *cause.details, type=cause.type, non_retryable=True)
-    return ApplicationError(str(cause or error), non_retryable=True)
+    return ApplicationError(str(error.cause or error), non_retryable=True)
 
 
 @workflow.defn
@@ -236,7 +241,7 @@ class Experiment:
             except ActivityError as err:
                 self._set_status("failed")
                 self._error = str(err.cause or err)
-                raise _cause(err) from None
+                raise _failure(err) from None
             self._carry = ExperimentCarry(
                 prepared=prepared,
                 completed=prepared.completed,
@@ -374,7 +379,6 @@ class Experiment:
             backoff_coefficient=2.0,
             maximum_interval=timedelta(seconds=o.retry_max_s),
             maximum_attempts=o.max_attempts,
-            non_retryable_error_types=CALL_NON_RETRYABLE,
         )
 
     def _start_call(self, method: Any, arg: Any, provider: str, key: str) -> tuple[Any, str]:
@@ -385,7 +389,7 @@ class Experiment:
         handle = workflow.start_activity_method(
             method,
             arg,
-            task_queue=provider_queue(workflow.info().task_queue, provider),
+            task_queue=ProviderQueue(workflow.info().task_queue, provider).name,
             start_to_close_timeout=timedelta(seconds=o.call_timeout_s),
             heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
             retry_policy=self._retry_policy(),
@@ -452,7 +456,7 @@ class Experiment:
         except ActivityError as err:
             cause = err.cause
             if isinstance(cause, CancelledError) or (
-                isinstance(cause, ApplicationError) and cause.type == "ExperimentStopped"
+                isinstance(cause, ApplicationError) and cause.type == ExperimentStopped.error_type
             ):
                 return  # stopped before its call: still pending, a resume runs it
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"

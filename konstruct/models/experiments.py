@@ -16,6 +16,10 @@ from konstruct.models.base import StrictModel
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _EXPERIMENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
+# Items in flight per experiment, unless the input says otherwise.
+DEFAULT_MAX_CONCURRENCY = 20
+MAX_CONCURRENCY_LIMIT = 1000
+
 ExperimentStatus = Literal["running", "stopping", "stopped", "paused", "completed", "failed"]
 ItemStatus = Literal["pending", "ok", "failed"]
 
@@ -125,17 +129,24 @@ def eval_name(spec: Any) -> str:
 
 
 class ExperimentOptions(StrictModel):
-    """Workflow-side settings; `konstruct experiments start` fills them from settings."""
+    """Workflow-side settings. `ExperimentSettings` inherits them (flat keys under
+    `experiments.`); `konstruct experiments start` copies them into the input."""
 
+    # A stop/resume within this long of the previous accepted one is refused.
     toggle_cooldown_s: float = Field(5.0, ge=0)
+    # One provider call: start-to-close and heartbeat timeout.
     call_timeout_s: float = Field(120.0, gt=0)
     heartbeat_timeout_s: float = Field(10.0, gt=0)
+    # Temporal retries of a call: 1 s, 2 s, 4 s ... 32 s.
     retry_initial_s: float = Field(1.0, gt=0)
     retry_max_s: float = Field(32.0, gt=0)
     # 0: retry a retryable error forever (the breaker stops a dead provider).
     max_attempts: int = Field(0, ge=0)
+    # Completed items per workflow run before continue-as-new (bounded history).
     continue_as_new_every: int = Field(1000, ge=1)
+    # Pending item ids fetched per page.
     page_size: int = Field(500, ge=1, le=5000)
+    # How often progress, rates and breakers are refreshed into the workflow.
     monitor_interval_s: float = Field(2.0, gt=0)
 
 
@@ -169,7 +180,7 @@ class ExperimentInput(StrictModel):
     dataset: DatasetSpec
     task: TaskSpec
     evals: list[EvalSpec] = Field(default_factory=list)
-    max_concurrency: int = Field(20, ge=1, le=1000)
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1, le=MAX_CONCURRENCY_LIMIT)
     options: ExperimentOptions = ExperimentOptions()
     # Set by the workflow itself when it continues as new; never by a caller.
     carry: ExperimentCarry | None = None
@@ -397,7 +408,7 @@ class ExperimentProgress(StrictModel):
     failed: int = 0
     in_flight: int = 0
     evaluated: int = 0
-    max_concurrency: int = 20
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     # in_flight / max_concurrency.
     slot_utilisation: float = 0.0
     items_per_s: float = 0.0

@@ -1,4 +1,4 @@
-"""The SQL of `provider_limits` and `provider_breakers`, and the push of a rate to Temporal.
+"""The SQL of `provider_limits` and `provider_breakers`.
 
 Provider rows are global, not tenant data: every experiment of every tenant on
 one task queue shares a provider's rate and breaker. They are keyed by the
@@ -17,15 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import asyncpg
-from temporalio.api.enums.v1 import TaskQueueType
-from temporalio.api.taskqueue.v1 import RateLimit, TaskQueue
-from temporalio.api.workflowservice.v1 import (
-    DescribeTaskQueueRequest,
-    UpdateTaskQueueConfigRequest,
-)
-from temporalio.client import Client
 
-from konstruct.config import ExperimentSettings
 from konstruct.provider_control import (
     Admission,
     AimdConfig,
@@ -34,8 +26,8 @@ from konstruct.provider_control import (
     BreakerState,
     admit,
     claim_probe,
-    on_success,
-    on_throttled,
+    decide_rate,
+    rate_decided,
     record_failure,
     record_success,
 )
@@ -44,42 +36,6 @@ log = logging.getLogger("konstruct.providers")
 
 Outcome = Literal["ok", "throttled", "failure", "neutral"]
 _NOW = "extract(epoch from clock_timestamp())::float8"
-
-
-def provider_queue(task_queue: str, provider: str) -> str:
-    """The activity task queue of one provider: the server rate-limits it."""
-    return f"{task_queue}-llm-{provider}"
-
-
-def aimd_config(settings: ExperimentSettings) -> AimdConfig:
-    return AimdConfig(
-        min_rps=settings.min_rps,
-        max_rps=settings.max_rps,
-        decrease_factor=settings.decrease_factor,
-        decrease_window_s=settings.decrease_window_s,
-        decrease_to_measured=settings.decrease_to_measured,
-        headroom=settings.headroom,
-        increase_interval_s=settings.increase_interval_s,
-        increase_step_fraction=settings.increase_step_fraction,
-        increase_step_min_rps=settings.increase_step_min_rps,
-        increase_step_growth=settings.increase_step_growth,
-        probe_after_s=settings.probe_after_s,
-        min_utilisation=settings.min_utilisation,
-        probe_cap=settings.probe_cap,
-        probe_cap_above_ceiling=settings.probe_cap_above_ceiling,
-        ceiling_rise=settings.ceiling_rise,
-        min_measure_s=settings.min_measure_s,
-        min_measure_ok=settings.min_measure_ok,
-        min_offered=settings.min_offered,
-    )
-
-
-def breaker_config(settings: ExperimentSettings) -> BreakerConfig:
-    return BreakerConfig(
-        threshold=settings.breaker_threshold,
-        cooldown_s=settings.breaker_cooldown_s,
-        probe_timeout_s=settings.call_timeout_s + 10,
-    )
 
 
 @dataclass(frozen=True)
@@ -178,48 +134,46 @@ def _aimd(row: Any) -> AimdState:
     )
 
 
-def _decision(state: AimdState) -> tuple[Any, ...]:
-    """What a decision writes (the counters are bumped in SQL)."""
-    return (
-        state.rate,
-        state.ceiling,
-        state.changed_at,
-        state.last_decrease_at,
-        state.hold_until,
-        state.step,
-    )
+@dataclass(frozen=True)
+class Admitted:
+    """What `admit_call` decided, and the breaker as it saw (or claimed) it."""
+
+    admission: Admission
+    breaker: BreakerState
 
 
 async def admit_call(
     pool: asyncpg.Pool, task_queue: str, provider: str, config: BreakerConfig
-) -> tuple[Admission, BreakerState]:
+) -> Admitted:
     """May a call go to the provider now? A half-open probe is claimed atomically."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            f"select *, {_NOW} as now from provider_breakers"
-            " where task_queue = $1 and provider = $2",
-            task_queue,
-            provider,
-        )
+        row = await _breaker_row(conn, task_queue, provider)
         if row is None:
-            return Admission(allowed=True), BreakerState()
+            return Admitted(Admission(allowed=True), BreakerState())
         state = breaker_from_row(row)
         if state.status == "closed":
-            return Admission(allowed=True), state
+            return Admitted(Admission(allowed=True), state)
         async with conn.transaction():
-            row = await conn.fetchrow(
-                f"select *, {_NOW} as now from provider_breakers"
-                " where task_queue = $1 and provider = $2 for update",
-                task_queue,
-                provider,
-            )
+            row = await _breaker_row(conn, task_queue, provider, lock=True)
             state = breaker_from_row(row)
             admission = admit(state, row["now"], config)
             if admission.probe:
                 claimed = claim_probe(state, row["now"])
                 await _write_breaker(conn, task_queue, provider, claimed)
                 state = claimed
-            return admission, state
+            return Admitted(admission, state)
+
+
+async def _breaker_row(
+    conn: asyncpg.Connection, task_queue: str, provider: str, lock: bool = False
+) -> Any:
+    """The breaker row with the database's clock (`now`); `lock`: for update."""
+    return await conn.fetchrow(
+        f"select *, {_NOW} as now from provider_breakers"
+        " where task_queue = $1 and provider = $2" + (" for update" if lock else ""),
+        task_queue,
+        provider,
+    )
 
 
 async def _write_breaker(
@@ -263,105 +217,134 @@ async def record_outcome(
     `age_s`: how long ago the call's request was sent (a duration, so the
     worker's clock need not agree with the database's).
     """
-    rate_changed: float | None = None
-    tripped = False
     async with pool.acquire() as conn:
-        if outcome in ("ok", "throttled"):
-            column = "ok" if outcome == "ok" else "throttled"
-            row = await conn.fetchrow(
-                f"update provider_limits set {column}_total = {column}_total + 1,"
-                f" {column}_since_change = {column}_since_change + 1"
-                " where task_queue = $1 and provider = $2"
-                f" returning *, {_NOW} as now",
-                task_queue,
-                provider,
-            )
-            if row is not None:
-                before = dict(row)
-                before[f"{column}_since_change"] -= 1
-                if outcome == "ok":
-                    decided = on_success(_aimd(before), row["now"], aimd)
-                else:
-                    sent_at = None if age_s is None else row["now"] - age_s
-                    decided = on_throttled(
-                        _aimd(before), row["now"], retry_after_s, aimd, sent_at=sent_at
-                    )
-                if _decision(decided) != _decision(_aimd(row)):
-                    written = await conn.execute(
-                        # A new window (changed_at) restarts the counts; a decision
-                        # that keeps the window (a hold) keeps them.
-                        "update provider_limits set rate = $4, ceiling = $5,"
-                        " ok_since_change = case when changed_at = $6 then ok_since_change"
-                        " else 0 end, throttled_since_change = case when changed_at = $6"
-                        " then throttled_since_change else 0 end, changed_at = $6,"
-                        " last_decrease_at = $7, hold_until = $8, step = $9,"
-                        " version = version + 1, updated_at = now()"
-                        " where task_queue = $1 and provider = $2 and version = $3",
-                        task_queue,
-                        provider,
-                        row["version"],
-                        decided.rate,
-                        decided.ceiling,
-                        decided.changed_at,
-                        decided.last_decrease_at,
-                        decided.hold_until,
-                        decided.step,
-                    )
-                    if written.endswith(" 1") and decided.rate != row["rate"]:
-                        rate_changed = decided.rate
-                        log.info(
-                            "%s %s: rate %.2f -> %.2f after %s (ceiling %s; %d ok, %d 429 in %.2f s)",
-                            task_queue,
-                            provider,
-                            row["rate"],
-                            decided.rate,
-                            outcome,
-                            f"{decided.ceiling:.2f}" if decided.ceiling is not None else "unknown",
-                            row["ok_since_change"],
-                            row["throttled_since_change"],
-                            row["now"] - row["changed_at"],
-                        )
-        elif outcome == "failure":
-            await conn.execute(
-                "update provider_limits set failure_total = failure_total + 1"
-                " where task_queue = $1 and provider = $2",
-                task_queue,
-                provider,
-            )
-        if outcome == "ok" and record_success(breaker_seen) != breaker_seen:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    "select * from provider_breakers where task_queue = $1 and provider = $2"
-                    " for update",
-                    task_queue,
-                    provider,
-                )
-                if row is not None:
-                    state = breaker_from_row(row)
-                    closed = record_success(state)
-                    if closed != state:
-                        await _write_breaker(conn, task_queue, provider, closed)
-        elif outcome == "failure":
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    f"select *, {_NOW} as now from provider_breakers"
-                    " where task_queue = $1 and provider = $2 for update",
-                    task_queue,
-                    provider,
-                )
-                if row is not None:
-                    state = breaker_from_row(row)
-                    failed = record_failure(state, row["now"], breaker)
-                    tripped = failed.trips > state.trips
-                    await _write_breaker(conn, task_queue, provider, failed)
-                    await conn.execute(
-                        "update provider_breakers set last_error = $3"
-                        " where task_queue = $1 and provider = $2",
-                        task_queue,
-                        provider,
-                        error[:500],
-                    )
+        rate_changed = await _learn_rate(
+            conn, task_queue, provider, outcome, aimd, retry_after_s, age_s
+        )
+        tripped = await _learn_breaker(
+            conn, task_queue, provider, outcome, breaker_seen, breaker, error
+        )
     return OutcomeEffect(rate_changed_to=rate_changed, breaker_tripped=tripped)
+
+
+async def _learn_rate(
+    conn: asyncpg.Connection,
+    task_queue: str,
+    provider: str,
+    outcome: Outcome,
+    aimd: AimdConfig,
+    retry_after_s: float | None,
+    age_s: float | None,
+) -> float | None:
+    """Count the outcome; after a success or a 429, write the rate decided (if
+    nobody decided since). Returns the new rate if this call changed it."""
+    if outcome == "failure":
+        await conn.execute(
+            "update provider_limits set failure_total = failure_total + 1"
+            " where task_queue = $1 and provider = $2",
+            task_queue,
+            provider,
+        )
+        return None
+    if outcome == "neutral":
+        return None
+    column = "ok" if outcome == "ok" else "throttled"
+    row = await conn.fetchrow(
+        f"update provider_limits set {column}_total = {column}_total + 1,"
+        f" {column}_since_change = {column}_since_change + 1"
+        " where task_queue = $1 and provider = $2"
+        f" returning *, {_NOW} as now",
+        task_queue,
+        provider,
+    )
+    if row is None:
+        return None
+    current = _aimd(row)
+    before = dict(row)
+    before[f"{column}_since_change"] -= 1
+    decided = decide_rate(
+        _aimd(before),
+        outcome == "throttled",
+        row["now"],
+        aimd,
+        retry_after_s=retry_after_s,
+        sent_at=None if age_s is None else row["now"] - age_s,
+    )
+    if not rate_decided(current, decided):
+        return None
+    written = await conn.execute(
+        # A new window (changed_at) restarts the counts; a decision that keeps
+        # the window (a hold) keeps them.
+        "update provider_limits set rate = $4, ceiling = $5,"
+        " ok_since_change = case when changed_at = $6 then ok_since_change"
+        " else 0 end, throttled_since_change = case when changed_at = $6"
+        " then throttled_since_change else 0 end, changed_at = $6,"
+        " last_decrease_at = $7, hold_until = $8, step = $9,"
+        " version = version + 1, updated_at = now()"
+        " where task_queue = $1 and provider = $2 and version = $3",
+        task_queue,
+        provider,
+        row["version"],
+        decided.rate,
+        decided.ceiling,
+        decided.changed_at,
+        decided.last_decrease_at,
+        decided.hold_until,
+        decided.step,
+    )
+    if not written.endswith(" 1") or decided.rate == current.rate:
+        return None
+    log.info(
+        "%s %s: rate %.2f -> %.2f after %s (ceiling %s; %d ok, %d 429 in %.2f s)",
+        task_queue,
+        provider,
+        current.rate,
+        decided.rate,
+        outcome,
+        f"{decided.ceiling:.2f}" if decided.ceiling is not None else "unknown",
+        current.ok_since_change,
+        current.throttled_since_change,
+        row["now"] - current.changed_at,
+    )
+    return decided.rate
+
+
+async def _learn_breaker(
+    conn: asyncpg.Connection,
+    task_queue: str,
+    provider: str,
+    outcome: Outcome,
+    seen: BreakerState,
+    config: BreakerConfig,
+    error: str,
+) -> bool:
+    """A success closes the breaker, a failure counts towards opening it (under a
+    row lock). Returns whether this failure tripped it."""
+    if outcome == "ok" and record_success(seen) != seen:
+        async with conn.transaction():
+            row = await _breaker_row(conn, task_queue, provider, lock=True)
+            if row is not None:
+                state = breaker_from_row(row)
+                closed = record_success(state)
+                if closed != state:
+                    await _write_breaker(conn, task_queue, provider, closed)
+        return False
+    if outcome != "failure":
+        return False
+    async with conn.transaction():
+        row = await _breaker_row(conn, task_queue, provider, lock=True)
+        if row is None:
+            return False
+        state = breaker_from_row(row)
+        failed = record_failure(state, row["now"], config)
+        await _write_breaker(conn, task_queue, provider, failed)
+        await conn.execute(
+            "update provider_breakers set last_error = $3 where task_queue = $1 and provider = $2",
+            task_queue,
+            provider,
+            error[:500],
+        )
+    return failed.trips > state.trips
 
 
 async def provider_statuses(
@@ -408,37 +391,3 @@ async def current_rates(pool: asyncpg.Pool, task_queue: str) -> dict[str, float]
             "select provider, rate from provider_limits where task_queue = $1", task_queue
         )
     return {r["provider"]: float(r["rate"]) for r in rows}
-
-
-# --- the server-side limit ------------------------------------------------------
-
-
-async def push_rate(client: Client, queue: str, rps: float, reason: str = "") -> None:
-    """Set the activity dispatch rate of `queue` on the Temporal server."""
-    request = UpdateTaskQueueConfigRequest(
-        namespace=client.namespace,
-        identity=client.identity,
-        task_queue=queue,
-        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-    )
-    request.update_queue_rate_limit.rate_limit.CopyFrom(RateLimit(requests_per_second=rps))
-    request.update_queue_rate_limit.reason = reason or "konstruct adaptive rate"
-    await client.workflow_service.update_task_queue_config(request)
-
-
-async def server_rate(client: Client, queue: str) -> float | None:
-    """The queue's rate limit as the server holds it (None: unlimited)."""
-    response = await client.workflow_service.describe_task_queue(
-        DescribeTaskQueueRequest(
-            namespace=client.namespace,
-            task_queue=TaskQueue(name=queue),
-            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
-            report_config=True,
-        )
-    )
-    config = response.config
-    if not config.HasField("queue_rate_limit") or not config.queue_rate_limit.HasField(
-        "rate_limit"
-    ):
-        return None
-    return float(config.queue_rate_limit.rate_limit.requests_per_second)

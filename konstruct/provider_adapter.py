@@ -1,0 +1,210 @@
+"""The one place that calls litellm, reads its answers and maps its errors.
+
+Three call paths share it: the Router's completion (`call_llm`), the Router's
+embedding (the demo), and one request to one deployment (experiment calls,
+which must see each 429 themselves to adapt the rate). Every request goes out
+with litellm's own retries off: Temporal is the one retry loop.
+
+A provider's exception becomes one retry posture here:
+
+- `RateLimitError` (429): throttled; retried after the provider's Retry-After;
+- a request the provider will never accept (400, 401, 404, 422...): rejected,
+  never retried;
+- anything else (5xx, timeout, connection error): failed, retried with backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from temporalio.exceptions import ApplicationError
+
+# Errors a retry cannot fix: the request itself is wrong, or the key is.
+_NON_RETRYABLE = frozenset(
+    {
+        "BadRequestError",
+        "AuthenticationError",
+        "PermissionDeniedError",
+        "NotFoundError",
+        "ContentPolicyViolationError",
+        "ContextWindowExceededError",
+        "UnprocessableEntityError",
+    }
+)
+_RATE_LIMITED = frozenset({"RateLimitError"})
+# The shortest wait a throttled or held-back call is given before its retry.
+_MIN_RETRY_DELAY_S = 0.2
+
+Posture = Literal["throttled", "rejected", "failed"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a chat completion answered, read once from litellm's response."""
+
+    content: str
+    model: str
+    # The Router's deployment that answered ("" for a direct deployment call).
+    deployment_id: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ProviderFailure:
+    """A failed provider call: its exception class, a short message, what to do next."""
+
+    kind: str
+    message: str
+    posture: Posture
+    retry_after_s: float | None = None
+
+
+def _retry_after_seconds(error: BaseException) -> float | None:
+    """The provider's Retry-After, if the error carries one."""
+    headers: Any = getattr(error, "litellm_response_headers", None)
+    if headers is None:
+        response = getattr(error, "response", None)
+        headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    for name in ("retry-after-ms", "retry-after"):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / (1000 if name.endswith("-ms") else 1)
+        except ValueError:
+            continue
+        return max(seconds, 0.0)
+    return None
+
+
+def classify(error: BaseException) -> ProviderFailure:
+    """The retry posture of a provider exception."""
+    kind = type(error).__name__
+    posture: Posture = (
+        "throttled" if kind in _RATE_LIMITED else "rejected" if kind in _NON_RETRYABLE else "failed"
+    )
+    return ProviderFailure(
+        kind=kind,
+        message=f"{kind}: {str(error)[:400]}",
+        posture=posture,
+        retry_after_s=_retry_after_seconds(error),
+    )
+
+
+def provider_error(error: BaseException, what: str) -> ApplicationError:
+    """A provider exception as the failure Temporal retries (or does not)."""
+    failure = classify(error)
+    delay = failure.retry_after_s
+    return ApplicationError(
+        f"{what} failed: {failure.kind}: {str(error)[:500]}",
+        type=failure.kind,
+        non_retryable=failure.posture == "rejected",
+        next_retry_delay=timedelta(seconds=delay) if delay else None,
+    )
+
+
+def call_error(provider: str, failure: ProviderFailure) -> ApplicationError:
+    """A retryable failure of an experiment call: after a 429, wait the Retry-After."""
+    if failure.posture == "throttled":
+        return ApplicationError(
+            f"provider {provider!r} rate-limited the call: {failure.message}",
+            type="RateLimited",
+            next_retry_delay=timedelta(
+                seconds=max(_MIN_RETRY_DELAY_S, failure.retry_after_s or 1.0)
+            ),
+        )
+    return ApplicationError(f"call to {provider!r} failed: {failure.message}", type=failure.kind)
+
+
+def provider_unavailable(provider: str, reason: str, retry_in_s: float) -> ApplicationError:
+    """The provider's circuit breaker holds the call back; retried when it may go."""
+    return ApplicationError(
+        f"provider {provider!r} unavailable: {reason}; retrying in {retry_in_s:.1f} s",
+        type="ProviderUnavailable",
+        next_retry_delay=timedelta(seconds=max(_MIN_RETRY_DELAY_S, retry_in_s)),
+    )
+
+
+def deployment_unavailable(deployment_id: str) -> ApplicationError:
+    """Another worker knows the deployment (its environment switches it on); this one does not."""
+    return ApplicationError(
+        f"deployment {deployment_id!r} is not active on this worker; check its "
+        "environment variables",
+        type="DeploymentUnavailable",
+    )
+
+
+def _completion(response: Any) -> Completion:
+    usage = getattr(response, "usage", None)
+    hidden = getattr(response, "_hidden_params", None) or {}
+    return Completion(
+        content=response.choices[0].message.content or "",
+        model=str(response.model),
+        deployment_id=str(hidden.get("model_id") or ""),
+        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        total_tokens=getattr(usage, "total_tokens", 0) or 0,
+    )
+
+
+def _sampling(temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if temperature is not None:
+        params["temperature"] = temperature
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    return params
+
+
+async def complete(
+    router: Any,
+    model_group: str,
+    messages: list[dict[str, str]],
+    *,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+) -> Completion:
+    """A completion from the Router's model group; a failure is `provider_error`'s."""
+    try:
+        response = await router.acompletion(
+            model=model_group, messages=messages, **_sampling(temperature, max_tokens)
+        )
+    except Exception as exc:
+        raise provider_error(exc, f"LLM call to group {model_group!r}") from exc
+    return _completion(response)
+
+
+async def embed(router: Any, model_group: str, texts: list[str]) -> list[list[float]]:
+    """One vector per text, in order, from the Router's embedding group."""
+    try:
+        response = await router.aembedding(model=model_group, input=texts)
+    except Exception as exc:
+        raise provider_error(exc, f"embedding call to group {model_group!r}") from exc
+    data = sorted(response.data, key=lambda d: d["index"] if isinstance(d, dict) else d.index)
+    return [list(d["embedding"] if isinstance(d, dict) else d.embedding) for d in data]
+
+
+async def complete_on(
+    litellm_params: dict[str, Any],
+    messages: list[dict[str, str]],
+    *,
+    timeout_s: float,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+) -> Completion:
+    """One request to one deployment, no retries; raises litellm's exception as is
+    (`classify` reads it), so the caller can learn from each 429."""
+    import litellm
+
+    params = dict(litellm_params)
+    params["max_retries"] = 0
+    params["num_retries"] = 0
+    params["timeout"] = min(float(params.get("timeout") or 1e9), timeout_s)
+    params.update(_sampling(temperature, max_tokens))
+    return _completion(await litellm.acompletion(messages=messages, **params))
