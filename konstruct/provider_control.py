@@ -62,6 +62,10 @@ class AimdConfig:
     # ... and only when calls were answered at this share of the rate or more
     # (fewer, and the queue ran short: the provider was not what held them back).
     min_offered: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # ... or when at least this share of the calls answered was refused: refused
+    # calls wait out their Retry-After, so the queue runs short because of the
+    # provider itself, and what it accepted is its limit.
+    min_refused_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     # Successes raise the rate only while they use at least this share of it,
     # and a probing step goes at most this factor above the measured rate.
     min_utilisation: Annotated[float, Field(gt=0, le=1)] = 0.75
@@ -145,8 +149,10 @@ def on_throttled(
     measured = measured_rate(counted, now, config)
     if state.ceiling is not None and counted.ok_since_change < config.min_measure_ok:
         measured = None  # a handful of calls measures noise, not a move of the ceiling
-    saturated = (
-        measured is not None and offered_rate(counted, now) >= config.min_offered * state.rate
+    answered = counted.ok_since_change + counted.throttled_since_change
+    saturated = measured is not None and (
+        offered_rate(counted, now) >= config.min_offered * state.rate
+        or counted.throttled_since_change >= config.min_refused_share * answered
     )
     ceiling: float | None
     if not config.decrease_to_measured:

@@ -279,3 +279,14 @@ def test_a_429_while_the_provider_took_all_that_was_sent_does_not_ratchet_down()
     state = AimdState(rate=36.67, ceiling=50.0, changed_at=0.0, ok_since_change=27)
     held = on_throttled(state, 0.59, 0.1, MEASURED)
     assert (held.rate, held.ceiling, held.changed_at) == (36.67, 50.0, 0.0)
+
+
+def test_a_429_storm_that_starves_the_queue_still_lowers_the_ceiling() -> None:
+    # The limit fell from 50/s to 12/s. Refused calls wait out their Retry-After,
+    # so only 28.7 calls a second are answered against a rate of 48.5: fewer than
+    # `min_offered` of it, yet most were refused. What was accepted is the limit.
+    state = AimdState(
+        rate=48.5, ceiling=50.0, changed_at=0.0, ok_since_change=18, throttled_since_change=24
+    )
+    cut = on_throttled(state, 1.5, 0.5, MEASURED)
+    assert cut.ceiling == 12.0 and cut.rate == 12.0 * MEASURED.headroom
