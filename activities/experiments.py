@@ -25,7 +25,7 @@ from konstruct.naming import ProviderQueue, registry_run_id
 from konstruct.router import Deployment, RouterConfig
 from konstruct.store import experiments as store
 from konstruct.store.providers import ensure_provider, provider_statuses
-from konstruct.store.registry import insert_runs
+from konstruct.store.registry import record_run
 from konstruct.task_queue_limits import push_rate
 
 
@@ -242,19 +242,18 @@ class ExperimentActivities:
             summary.status = input.status
             summary.name = input.name
             summary.registry_run_id = run_id
-            await insert_runs(
+            await record_run(
                 conn,
                 input.tenant_id,
-                [
-                    NewRun(
-                        run_id=run_id,
-                        kind="experiment",
-                        name=input.name,
-                        owner="user",
-                        params={"experiment_id": input.experiment_id, **input.params},
-                        metrics=store.summary_metrics(summary),
-                    )
-                ],
+                NewRun(
+                    run_id=run_id,
+                    kind="experiment",
+                    name=input.name,
+                    owner="user",
+                    params={"experiment_id": input.experiment_id, **input.params},
+                    metrics=store.summary_metrics(summary),
+                ),
+                "success" if input.status == "completed" else input.status,
                 input.workflow_id,
                 input.workflow_run_id,
             )

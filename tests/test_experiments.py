@@ -19,6 +19,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from konstruct.cli import main as cli_main
+from konstruct.db import tenant_transaction
 from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
 from konstruct.naming import provider_queue
 from konstruct.simulator_admin import SimulatorAdmin
@@ -284,14 +285,20 @@ async def test_restarting_a_finished_experiment_gives_the_same_results(
     before = [dict(r) for r in await results(app_pool, body["experiment_id"])]
     calls = (await sim.model_stats("sim-arith"))["requests"]
     for _ in range(2):
+        workflow_id = f"{body['experiment_id']}-again-{uuid.uuid4().hex[:4]}"
         again = await client.execute_workflow(
-            Experiment.run,
-            body,
-            id=f"{body['experiment_id']}-again-{uuid.uuid4().hex[:4]}",
-            task_queue=worker,
+            Experiment.run, body, id=workflow_id, task_queue=worker
         )
         assert again.summary.evals == first.summary.evals
         assert again.registry_run_id == first.registry_run_id
+        # The one registry run is refreshed by the latest finalize, not left as the first.
+        async with tenant_transaction(app_pool, body["tenant_id"]) as conn:
+            run = await conn.fetchrow(
+                "select status, workflow_run_id from registry_runs where run_id = $1::uuid",
+                again.registry_run_id,
+            )
+        latest = await client.get_workflow_handle(workflow_id).describe()
+        assert (run["status"], run["workflow_run_id"]) == ("success", latest.run_id)
     after = [dict(r) for r in await results(app_pool, body["experiment_id"])]
     assert after == before and len(after) == 12
     assert (await sim.model_stats("sim-arith"))["requests"] == calls

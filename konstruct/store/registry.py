@@ -175,6 +175,35 @@ async def insert_runs(
     return [by_id[r.run_id] for r in runs]
 
 
+async def record_run(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    run: NewRun,
+    status: str,
+    workflow_id: str | None,
+    workflow_run_id: str | None,
+) -> None:
+    """Insert a run without an artifact, or refresh its status and metrics (an
+    experiment finalized again records its latest summary on the same run)."""
+    await lock_registry_writes(conn, tenant_id)
+    await conn.execute(
+        "insert into registry_runs (run_id, tenant_id, kind, name, owner, status, params,"
+        " metrics, workflow_id, workflow_run_id) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        " on conflict (run_id) do update set status = excluded.status,"
+        " metrics = excluded.metrics, workflow_run_id = excluded.workflow_run_id",
+        uuid.UUID(run.run_id),
+        tenant_id,
+        run.kind,
+        run.name,
+        run.owner,
+        status,
+        json.dumps(run.params),
+        json.dumps(run.metrics),
+        workflow_id,
+        workflow_run_id,
+    )
+
+
 async def get_run(conn: asyncpg.Connection, tenant_id: str, run_id: str) -> RegistryRun:
     row = await conn.fetchrow(
         "select * from registry_runs where tenant_id = $1 and run_id = $2",
