@@ -18,7 +18,9 @@ class _TranslateErrors(ActivityInboundInterceptor):
         try:
             return await self.next.execute_activity(input)
         except KonstructError as error:
-            raise to_application_error(error) from error
+            # Not chained: the failure then ends at our ApplicationError (with its
+            # details), while the traceback still shows where the activity raised.
+            raise to_application_error(error).with_traceback(error.__traceback__) from None
 
 
 class KonstructErrorInterceptor(Interceptor):

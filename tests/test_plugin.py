@@ -79,6 +79,10 @@ async def test_a_konstruct_error_fails_at_once_with_its_type(
     assert ours.type == "UnknownAgent" and ours.non_retryable is True
     assert "ghost" in ours.message
     assert ours_attempts == 1
+    # The failure ends at the mapped error (so workflows read its details through
+    # innermost_application_error), and its trace still points at the activity.
+    assert ours.cause is None
+    assert ours.failure is not None and "raise_for" in ours.failure.stack_trace
     # Anything else is left to the retry policy.
     assert other.type == "RuntimeError" and other.non_retryable is False
     assert other_attempts == 3
