@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.demo_data import DemoDataActivities
+    from konstruct.activity_options import LocalActivityOptions, retries
     from konstruct.models.demo import (
         StepContext,
         SweepInput,
@@ -31,22 +30,10 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 SWEEP_STEP = "batch_sweep"
 # Errors no retry fixes (an injected failure, a missing file) carry non_retryable themselves.
-SWEEP_TIMEOUT = timedelta(seconds=60)
-SWEEP_RETRY_POLICY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    maximum_interval=timedelta(seconds=5),
-    maximum_attempts=5,
+SWEEP = LocalActivityOptions(
+    start_to_close=timedelta(seconds=60),
+    retry_policy=retries(timedelta(milliseconds=200), timedelta(seconds=5), attempts=5),
 )
-
-
-async def _local(activity: Callable[..., Awaitable[T]], arg: Any, summary: str | None = None) -> T:
-    return await workflow.execute_local_activity_method(
-        activity,
-        arg,
-        start_to_close_timeout=SWEEP_TIMEOUT,
-        retry_policy=SWEEP_RETRY_POLICY,
-        summary=summary,
-    )
 
 
 @workflow.defn
@@ -56,10 +43,10 @@ class BatchSweep:
         step = StepContext(
             SWEEP_STEP, input.inject_failure, input.session_prefix, tenant_id=input.tenant_id
         )
-        plan = await _local(DemoDataActivities.sweep_plan, SweepPlanInput(preset=input.preset))
+        plan = await SWEEP.run(DemoDataActivities.sweep_plan, SweepPlanInput(preset=input.preset))
         points: list[SweepPoint] = await asyncio.gather(
             *(
-                _local(
+                SWEEP.run(
                     DemoDataActivities.sweep_point,
                     step.without_injection().input(
                         SweepPointInput,
@@ -75,7 +62,7 @@ class BatchSweep:
         )
         best = min(points, key=lambda p: (p.wape, p.model, json.dumps(p.params, sort_keys=True)))
         # fail_at=batch_sweep fails here, after the best model was written.
-        trained = await _local(
+        trained = await SWEEP.run(
             DemoDataActivities.train,
             step.input(
                 TrainInput,

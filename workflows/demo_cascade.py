@@ -35,7 +35,6 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -46,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.llm import LlmActivities
     from activities.registry import RegistryActivities
     from konstruct import demo_content
+    from konstruct.activity_options import LocalActivityOptions, retries
     from konstruct.errors import RegressionNotDetected, to_application_error
     from konstruct.models import demo as dm
     from konstruct.models.demo import (
@@ -90,26 +90,15 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class _Options:
-    """How a local activity is timed out and retried."""
-
-    start_to_close: timedelta
-    retry_policy: RetryPolicy
-    # Steps are short: local activities, retried inside the workflow task.
-    schedule_to_close: timedelta = timedelta(minutes=3)
-
-
-def _retries(first: timedelta, longest: timedelta, attempts: int) -> RetryPolicy:
-    return RetryPolicy(initial_interval=first, maximum_interval=longest, maximum_attempts=attempts)
-
-
 _SECOND = timedelta(seconds=1)
 # Errors no retry can fix (ours carry non_retryable) fail the step at once.
-STEP = _Options(60 * _SECOND, _retries(_SECOND / 5, 5 * _SECOND, 5))
+# Steps are short: local activities, retried inside the workflow task for at most 3 minutes.
+STEP = LocalActivityOptions(60 * _SECOND, retries(_SECOND / 5, 5 * _SECOND, 5), 180 * _SECOND)
 # A compensation gets a few tries; after that it is reported, not retried forever.
-COMPENSATION = dataclasses.replace(STEP, retry_policy=_retries(_SECOND / 2, 2 * _SECOND, 3))
-LLM_CALL = _Options(120 * _SECOND, _retries(_SECOND, 8 * _SECOND, 3))
+COMPENSATION = dataclasses.replace(STEP, retry_policy=retries(_SECOND / 2, 2 * _SECOND, 3))
+LLM_CALL = dataclasses.replace(
+    STEP, start_to_close=120 * _SECOND, retry_policy=retries(_SECOND, 8 * _SECOND, 3)
+)
 CHILD_EXECUTION_TIMEOUT = timedelta(minutes=10)
 # No answer to a manual approval within this long means hold.
 APPROVAL_TIMEOUT = timedelta(seconds=90)
@@ -363,17 +352,10 @@ class DemoCascade:
         self,
         activity: Callable[..., Awaitable[T]],
         arg: BaseModel,
-        options: _Options = STEP,
+        options: LocalActivityOptions = STEP,
         summary: str | None = None,
     ) -> T:
-        return await workflow.execute_local_activity_method(
-            activity,
-            arg,
-            start_to_close_timeout=options.start_to_close,
-            schedule_to_close_timeout=options.schedule_to_close,
-            retry_policy=options.retry_policy,
-            summary=summary,
-        )
+        return await options.run(activity, arg, summary)
 
     async def _step(
         self,
@@ -466,7 +448,7 @@ class DemoCascade:
         self._saga.push(step, action, key, discard)
 
     async def _finish(
-        self, status: str, options: _Options = STEP, summary: str | None = None
+        self, status: str, options: LocalActivityOptions = STEP, summary: str | None = None
     ) -> None:
         await self._local(
             DemoSessionActivities.finish,

@@ -1,0 +1,40 @@
+"""How a workflow times out and retries a local activity: one typed value per kind
+of call, named by the workflow (`DB`, `LLM_CALL`, `STEP`), instead of the same
+keyword arguments repeated at every call. Deterministic: workflows import it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+T = TypeVar("T")
+
+
+def retries(first: timedelta, longest: timedelta, attempts: int = 0) -> RetryPolicy:
+    """Exponential backoff from `first` to `longest`; 0 attempts retries until a timeout."""
+    return RetryPolicy(initial_interval=first, maximum_interval=longest, maximum_attempts=attempts)
+
+
+@dataclass(frozen=True)
+class LocalActivityOptions:
+    start_to_close: timedelta
+    retry_policy: RetryPolicy
+    # Bounds the retries too; None leaves only start_to_close and the attempts.
+    schedule_to_close: timedelta | None = None
+
+    async def run(
+        self, activity: Callable[..., Awaitable[T]], arg: Any, summary: str | None = None
+    ) -> T:
+        return await workflow.execute_local_activity_method(
+            activity,
+            arg,
+            start_to_close_timeout=self.start_to_close,
+            schedule_to_close_timeout=self.schedule_to_close,
+            retry_policy=self.retry_policy,
+            summary=summary,
+        )
