@@ -17,6 +17,7 @@ from konstruct.models import (
     StoreTurnInput,
     TokenUsage,
 )
+from konstruct.store._rows import from_row
 
 
 async def put_agent(pool: asyncpg.Pool, tenant_id: str, agent: AgentProfile) -> None:
@@ -64,18 +65,8 @@ async def list_agents(pool: asyncpg.Pool, tenant_id: str) -> list[AgentProfile]:
 
 
 def _turn_result(row: asyncpg.Record) -> HandleMessageResult:
-    return HandleMessageResult(
-        message_id=row["message_id"],
-        tenant_id=row["tenant_id"],
-        agent_id=row["agent_id"],
-        thread_id=row["thread_id"],
-        response=row["reply_text"],
-        model_group=row["model_group"],
-        model=row["model"],
-        fallback_used=row["fallback_used"],
-        degraded=row["degraded"],
-        usage=TokenUsage.model_validate(json.loads(row["usage"])),
-    )
+    usage = TokenUsage.model_validate(json.loads(row["usage"]))
+    return from_row(HandleMessageResult, row, columns={"response": "reply_text"}, usage=usage)
 
 
 async def _stored_turn(

@@ -31,6 +31,7 @@ from konstruct.provider_control import (
     record_failure,
     record_success,
 )
+from konstruct.store._rows import from_row
 
 log = logging.getLogger("konstruct.providers")
 
@@ -112,26 +113,11 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
 
 def breaker_from_row(row: Any, status_column: str = "status") -> BreakerState:
     """A `provider_breakers` row (its status under another name when joined)."""
-    return BreakerState(
-        status=row[status_column],
-        consecutive_failures=row["consecutive_failures"],
-        opened_at=row["opened_at"],
-        probe_started_at=row["probe_started_at"],
-        trips=row["trips"],
-    )
+    return from_row(BreakerState, row, columns={"status": status_column})
 
 
 def _aimd(row: Any) -> AimdState:
-    return AimdState(
-        rate=row["rate"],
-        ceiling=row["ceiling"],
-        changed_at=row["changed_at"],
-        ok_since_change=row["ok_since_change"],
-        throttled_since_change=row["throttled_since_change"],
-        last_decrease_at=row["last_decrease_at"],
-        hold_until=row["hold_until"],
-        step=row["step"],
-    )
+    return from_row(AimdState, row)
 
 
 @dataclass(frozen=True)
@@ -366,21 +352,7 @@ async def provider_statuses(
         if r["status"] == "open" and r["opened_at"] is not None:
             left = max(0.0, r["opened_at"] + config.cooldown_s - r["now"])
         statuses.append(
-            ProviderStatus(
-                provider=r["provider"],
-                rate=r["rate"],
-                initial_rate=r["initial_rate"],
-                ceiling=r["ceiling"],
-                ok_total=r["ok_total"],
-                throttled_total=r["throttled_total"],
-                failure_total=r["failure_total"],
-                breaker=r["status"],
-                consecutive_failures=r["consecutive_failures"],
-                trips=r["trips"],
-                opened_at=r["opened_at"],
-                cooldown_left_s=left,
-                now=r["now"],
-            )
+            from_row(ProviderStatus, r, columns={"breaker": "status"}, cooldown_left_s=left)
         )
     return statuses
 

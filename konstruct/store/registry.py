@@ -36,6 +36,7 @@ from konstruct.models.registry import (
     SettleAliasInput,
     UndoAliasMoveInput,
 )
+from konstruct.store._rows import from_row
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -117,18 +118,8 @@ async def delete_artifacts(conn: asyncpg.Connection, tenant_id: str, prefix: str
 # --- runs ---------------------------------------------------------------------
 
 
-def _from_row(
-    model: type[M], row: asyncpg.Record, ids: tuple[str, ...] = (), docs: tuple[str, ...] = ()
-) -> M:
-    """The model's fields from a row: uuid columns `ids` as strings, jsonb `docs` parsed."""
-    values = {name: row[name] for name in model.model_fields}
-    values.update({name: _str(row[name]) for name in ids})
-    values.update({name: json.loads(row[name]) for name in docs})
-    return model.model_validate(values)
-
-
 def _run(row: asyncpg.Record) -> RegistryRun:
-    return _from_row(RegistryRun, row, ids=("run_id",), docs=("params", "metrics"))
+    return from_row(RegistryRun, row, ids=("run_id",), docs=("params", "metrics"))
 
 
 async def insert_runs(
@@ -233,11 +224,11 @@ async def list_aliases(pool: asyncpg.Pool, tenant_id: str) -> list[RegistryAlias
             " where a.tenant_id = $1 order by a.alias",
             tenant_id,
         )
-    return [_from_row(RegistryAlias, r, ids=("run_id",)) for r in rows]
+    return [from_row(RegistryAlias, r, ids=("run_id",)) for r in rows]
 
 
 def _move(row: asyncpg.Record) -> AliasMove:
-    return _from_row(AliasMove, row, ids=("from_run_id", "to_run_id"))
+    return from_row(AliasMove, row, ids=("from_run_id", "to_run_id"))
 
 
 async def alias_history(
