@@ -304,13 +304,21 @@ async def test_restarting_a_finished_experiment_gives_the_same_results(
     assert (await sim.model_stats("sim-arith"))["requests"] == calls
 
 
+async def start_at_20ms(
+    client: Client, worker: str, sim: SimulatorAdmin, items: int, concurrency: int, running_at: int
+) -> tuple[dict[str, Any], WorkflowHandle]:
+    """An experiment on the 20 ms fast model, returned once `running_at` items are done."""
+    await sim.set_profile(FAST, latency_ms=20)
+    body = experiment(items, max_concurrency=concurrency)
+    handle = await start(client, worker, body)
+    await wait_for(handle, lambda p: p.completed >= running_at)
+    return body, handle
+
+
 async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    await sim.set_profile(FAST, latency_ms=20)
-    body = experiment(160, max_concurrency=20)
-    handle = await start(client, worker, body)
-    await wait_for(handle, lambda p: p.completed >= 20)
+    body, handle = await start_at_20ms(client, worker, sim, 160, 20, running_at=20)
     # The provider's limit drops far below the configured rate (50/s) mid-run.
     await sim.set_profile(FAST, rate_limit_rps=12)
     rates: list[float] = []
@@ -343,10 +351,7 @@ async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
 async def test_outage_opens_the_breaker_pauses_and_recovers_by_itself(
     client: Client, experiment_worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    await sim.set_profile(FAST, latency_ms=20)
-    body = experiment(50, max_concurrency=5)
-    handle = await start(client, experiment_worker, body)
-    await wait_for(handle, lambda p: p.completed >= 5)
+    body, handle = await start_at_20ms(client, experiment_worker, sim, 50, 5, running_at=5)
     await sim.set_profile(FAST, outage=True)
     paused = await wait_for(handle, lambda p: p.status == "paused")
     assert paused.paused_reason and "circuit" in paused.paused_reason

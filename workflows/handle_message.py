@@ -87,12 +87,7 @@ class HandleMessage:
         try:
             context: AgentContext = await DB.run(
                 MessageActivities.load_agent_context,
-                LoadAgentInput(
-                    tenant_id=message.tenant_id,
-                    agent_id=message.agent_id,
-                    thread_id=message.thread_id,
-                    message_id=message.message_id,
-                ),
+                LoadAgentInput(**message.model_dump(include=set(LoadAgentInput.model_fields))),
             )
         except LOCAL_ACTIVITY_FAILURES as err:
             workflow.upsert_search_attributes([STATUS.value_set("failed")])
