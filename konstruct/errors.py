@@ -127,25 +127,6 @@ class PrecheckFailed(KonstructError):
     error_type = "PrecheckFailed"
 
 
-def to_application_error(error: KonstructError) -> ApplicationError:
-    """The one mapping from our errors to what Temporal records and retries (or not)."""
-    details = [error.fields] if isinstance(error, InvalidInput) else []
-    return ApplicationError(
-        str(error), *details, type=error.error_type, non_retryable=not error.retryable
-    )
-
-
-def innermost_application_error(error: BaseException | None) -> ApplicationError | None:
-    """The deepest ApplicationError in a failure's cause chain (the one an activity raised)."""
-    found = None
-    cause = error
-    while cause is not None:
-        if isinstance(cause, ApplicationError):
-            found = cause
-        cause = cause.__cause__ or getattr(cause, "cause", None)
-    return found
-
-
 class RegressionNotDetected(InvariantViolated):
     """The demo's safer promote swapped to a worse run and its check saw no regression."""
 
@@ -163,3 +144,22 @@ class ExperimentStopped(KonstructError):
     """A provider call of a stopping experiment: no request made, the item stays pending."""
 
     error_type = "ExperimentStopped"
+
+
+def to_application_error(error: KonstructError) -> ApplicationError:
+    """The one mapping from our errors to what Temporal records and retries (or not)."""
+    details = [error.fields] if isinstance(error, InvalidInput) else []
+    return ApplicationError(
+        str(error), *details, type=error.error_type, non_retryable=not error.retryable
+    )
+
+
+def innermost_application_error(error: BaseException | None) -> ApplicationError | None:
+    """The deepest ApplicationError in a failure's cause chain (the one an activity raised)."""
+    found = None
+    cause = error
+    while cause is not None:
+        if isinstance(cause, ApplicationError):
+            found = cause
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    return found
