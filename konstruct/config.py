@@ -139,8 +139,6 @@ class Settings(_Section):
     llm: LlmSettings = LlmSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     experiments: ExperimentSettings = ExperimentSettings()
-    # Sections owned by later capabilities keep their own models.
-    demo: dict[str, Any] = Field(default_factory=dict)
 
     # Directory relative paths are resolved against (the config file's folder).
     base_dir: Path = Path(".")

@@ -36,7 +36,6 @@ from konstruct.config import Settings
 from konstruct.errors import InvalidInput, NotFound
 from konstruct.models.experiments import (
     ExperimentInput,
-    ExperimentOptions,
     ExperimentProgress,
     ToggleInput,
 )
@@ -93,8 +92,7 @@ def build_input(
         body["name"] = name
     s = settings.experiments
     body.setdefault("max_concurrency", max_concurrency or s.max_concurrency)
-    options = {option: getattr(s, option) for option in ExperimentOptions.model_fields}
-    body["options"] = {**options, **body.get("options", {})}
+    body["options"] = {**s.workflow_options().model_dump(), **body.get("options", {})}
     try:
         ExperimentInput.model_validate(body)
     except ValidationError as exc:

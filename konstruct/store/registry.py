@@ -16,10 +16,9 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
-from pydantic import BaseModel
 
 from konstruct.db import tenant_transaction
 from konstruct.errors import ArtifactIntegrityError, ArtifactMissing, NotFound
@@ -37,8 +36,6 @@ from konstruct.models.registry import (
     UndoAliasMoveInput,
 )
 from konstruct.store._rows import from_row
-
-M = TypeVar("M", bound=BaseModel)
 
 # A move waits this long for another workflow's move of the same alias; beyond
 # it the attempt fails (retryably) instead of piling up connections.
