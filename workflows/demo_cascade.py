@@ -713,7 +713,7 @@ class DemoCascade:
 
     async def _scenario_simulate_and_save(self, step: StepContext) -> _Outcome:
         assert self._champion is not None and self._handoff.features is not None
-        # The recorded champion, never the live alias (the seed's cascade).
+        # Plans come from the recorded champion, never from whatever the live alias points at.
         result = await self._step(
             DemoDataActivities.scenario_simulate_and_save,
             step,
