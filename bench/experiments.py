@@ -1,4 +1,4 @@
-"""Experiment throughput at a provider's ceiling: Konstruct against the seed's runners.
+"""Experiment throughput at a provider's ceiling: Konstruct against plain in-process runners.
 
 Starts its own servers on free ports (Temporal dev server with a state file,
 embedded PostgreSQL, the simulator, worker processes), gives the simulated
@@ -6,8 +6,8 @@ provider a known ceiling (default 25 req/s, 200 ms latency, 429 + Retry-After
 above it) and measures, in one run:
 
   konstruct    the Experiment workflow, 2,000 items, adaptive rate from 10 req/s
-  gatekeeper   the seed's runner: asyncio semaphore of 20, retries with backoff
-               inside the slot
+  gatekeeper   a plain asyncio runner: semaphore of 20, retries with backoff
+               inside the slot (the design Konstruct replaced)
   fixed-5      a fixed 5 req/s token bucket (measured on fewer items; the time
                for 2,000 is extrapolated from its rate)
   step         Konstruct while the ceiling drops to a fifth and comes back
@@ -245,7 +245,7 @@ class Bench:
         }
 
     async def _direct(self, n: int, runner: str, slot: Any, pace: Any | None) -> dict[str, Any]:
-        """A runner that calls the provider itself (the seed's designs)."""
+        """A runner that calls the provider itself, in this process (the baselines)."""
         import litellm
 
         await self.fresh()
