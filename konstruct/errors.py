@@ -163,3 +163,12 @@ def innermost_application_error(error: BaseException | None) -> ApplicationError
             found = cause
         cause = cause.__cause__ or getattr(cause, "cause", None)
     return found
+
+
+def workflow_failure(error: BaseException) -> ApplicationError:
+    """An activity's own error as the workflow's failure: type, message and details
+    kept, never retried (a workflow task retry could not fix it)."""
+    cause = innermost_application_error(error)
+    if cause is not None:
+        return ApplicationError(cause.message, *cause.details, type=cause.type, non_retryable=True)
+    return ApplicationError(str(getattr(error, "cause", None) or error), non_retryable=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_exception
 
-from konstruct.errors import innermost_application_error
+from konstruct.errors import innermost_application_error, workflow_failure
 
 Undo = Callable[[], Awaitable[str]]
 # Told of each compensation run: (step, action, passed, detail or error text).
@@ -91,9 +91,8 @@ def failure_of(error: BaseException) -> BaseException:
     """What the workflow fails with: the first error, unwrapped to its own type and message."""
     if is_cancelled_exception(error):
         return error
-    innermost = innermost_application_error(error)
-    if innermost is not None:
-        return ApplicationError(innermost.message, type=innermost.type, non_retryable=True)
+    if innermost_application_error(error) is not None:
+        return workflow_failure(error)
     kind = type(error).__name__
     if isinstance(error, FailureError):
         return ApplicationError(error_text(error), type=kind, non_retryable=True)

@@ -26,7 +26,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
     from activities.provider_calls import ProviderCallActivities
-    from konstruct.errors import ExperimentStopped, innermost_application_error
+    from konstruct.errors import ExperimentStopped, workflow_failure
     from konstruct.models.experiments import (
         ExperimentCarry,
         ExperimentInput,
@@ -90,14 +90,6 @@ CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
 def pick_route(routes: list[Route], item_id: str) -> Route:
     """The same deployment for an item on every attempt, run and restart."""
     return routes[zlib.crc32(item_id.encode()) % len(routes)]
-
-
-def _failure(error: ActivityError) -> ApplicationError:
-    """The workflow's own failure for an activity that gave up: the activity's error."""
-    cause = innermost_application_error(error)
-    if cause is not None:
-        return ApplicationError(cause.message, *cause.details, type=cause.type, non_retryable=True)
-    return ApplicationError(str(error.cause or error), non_retryable=True)
 
 
 @workflow.defn
@@ -241,7 +233,7 @@ class Experiment:
             except ActivityError as err:
                 self._set_status("failed")
                 self._error = str(err.cause or err)
-                raise _failure(err) from None
+                raise workflow_failure(err) from None
             self._carry = ExperimentCarry(
                 prepared=prepared,
                 completed=prepared.completed,

@@ -12,7 +12,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.llm import LlmActivities
     from activities.messages import MessageActivities
     from konstruct.activity_options import LocalActivityOptions, retries
-    from konstruct.errors import innermost_application_error
+    from konstruct.errors import workflow_failure
     from konstruct.models import (
         AgentContext,
         HandleMessageInput,
@@ -50,14 +50,6 @@ LLM_CALL = LocalActivityOptions(
 LOCAL_ACTIVITY_FAILURES = (ActivityError, ApplicationError)
 
 
-def _reraise_cause(error: ActivityError | ApplicationError) -> ApplicationError:
-    """The activity's own error, as the workflow's non-retryable failure."""
-    cause = innermost_application_error(error)
-    if cause is not None:
-        return ApplicationError(cause.message, type=cause.type, non_retryable=True)
-    return ApplicationError(str(error.cause or error), non_retryable=True)
-
-
 @workflow.defn
 class HandleMessage:
     def __init__(self) -> None:
@@ -91,7 +83,7 @@ class HandleMessage:
             )
         except LOCAL_ACTIVITY_FAILURES as err:
             workflow.upsert_search_attributes([STATUS.value_set("failed")])
-            raise _reraise_cause(err) from None
+            raise workflow_failure(err) from None
         if context.existing is not None:
             self._set_stage("already answered", "returned the stored reply")
             workflow.upsert_search_attributes([STATUS.value_set("completed")])
