@@ -60,6 +60,7 @@ class ExperimentActivities:
             self.prepare,
             self.pending_page,
             self.record_failure,
+            self.result_count,
             self.set_stop_flag,
             self.waiting_calls,
             self.monitor,
@@ -174,9 +175,10 @@ class ExperimentActivities:
 
     @activity.defn(name="experiment_record_failure")
     async def record_failure(self, input: models.RecordFailureInput) -> bool:
-        """An item whose calls gave up: a failed result, unless one is stored already."""
+        """An item whose calls gave up: a failed result, unless one is stored already.
+        False when it could not be recorded (the item is not in the experiment)."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
-            await store.record_failure(
+            return await store.record_failure(
                 conn,
                 input.tenant_id,
                 input.experiment_id,
@@ -184,7 +186,15 @@ class ExperimentActivities:
                 input.error_kind,
                 input.error,
             )
-        return True
+
+    @activity.defn(name="experiment_result_count")
+    async def result_count(self, input: models.ResultCountInput) -> models.ResultCount:
+        """How many of the experiment's items PostgreSQL holds a result for."""
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            total, with_result = await store.result_count(
+                conn, input.tenant_id, input.experiment_id
+            )
+        return models.ResultCount(total=total, with_result=with_result)
 
     @activity.defn(name="experiment_set_stop_flag")
     async def set_stop_flag(self, input: models.StopFlagInput) -> models.StopFlagResult:
@@ -242,6 +252,8 @@ class ExperimentActivities:
             summary.status = input.status
             summary.name = input.name
             summary.registry_run_id = run_id
+            summary.unfinished = max(0, summary.total - summary.completed - summary.failed)
+            summary.incomplete_reason = input.reason
             await record_run(
                 conn,
                 input.tenant_id,

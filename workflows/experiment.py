@@ -46,6 +46,8 @@ with workflow.unsafe.imports_passed_through():
         PrepareResult,
         ProviderProgress,
         RecordFailureInput,
+        ResultCount,
+        ResultCountInput,
         Route,
         RunItemInput,
         RunItemResult,
@@ -81,6 +83,11 @@ TOGGLE_HISTORY = 20
 # Patch marker: runs recorded before it drained every queued call before
 # continue-as-new; runs after it cancel the ones not started yet.
 CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
+# Patch marker: runs recorded before it reported `completed` from the workflow's
+# own counters; runs after it count results in PostgreSQL first, dispatch the
+# items left without one again (after these pauses), and else end `incomplete`.
+SETTLE_UNFINISHED = "settle-items-without-a-result"
+SETTLE_PAUSES_S = (1.0, 2.0, 4.0)
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
 # first run but in sequence order on replay (a behaviour of the Python SDK), which
@@ -111,6 +118,9 @@ class Experiment:
         self._last_sample: tuple[float, int] | None = None
         self._finishing = False
         self._monitor_off = False
+        # Items found without a result at the end, and the last reason one was left so.
+        self._unfinished = 0
+        self._unrecorded: str | None = None
 
     # --- messages ------------------------------------------------------------------
 
@@ -148,6 +158,8 @@ class Experiment:
             toggles=list(carry.toggles) if carry else [],
             last_refusal=refusals[-1] if refusals else None,
             error=self._error,
+            unfinished=self._unfinished,
+            incomplete_reason=self._unrecorded if self._status == "incomplete" else None,
         )
 
     @workflow.signal
@@ -251,6 +263,8 @@ class Experiment:
                 await self._stop_and_wait()
                 continue
             outcome = await self._dispatch_pass()
+            if outcome == "done" and workflow.patched(SETTLE_UNFINISHED):
+                outcome = await self._settle_unfinished()
             if outcome == "continue_as_new":
                 self._monitor_off = True
                 await monitor_task
@@ -265,14 +279,16 @@ class Experiment:
                 workflow.continue_as_new(next_input.model_dump(mode="json", exclude_none=True))
         self._finishing = self._monitor_off = True
         await monitor_task
-        self._set_status("completed")
+        status: ExperimentStatus = "incomplete" if self._unfinished else "completed"
+        self._set_status(status)
         summary: ExperimentSummary = await workflow.execute_activity_method(
             ExperimentActivities.finalize,
             FinalizeInput(
                 tenant_id=inp.tenant_id,
                 experiment_id=inp.experiment_id,
                 name=inp.name or inp.experiment_id,
-                status="completed",
+                status=status,
+                reason=self._unrecorded if self._unfinished else None,
                 workflow_id=workflow.info().workflow_id,
                 workflow_run_id=workflow.info().run_id,
                 providers=self._carry.prepared.providers,
@@ -334,6 +350,34 @@ class Experiment:
         if self._stop_requested:
             return "stopped"
         return "again" if dispatched else "done"
+
+    async def _settle_unfinished(self) -> str:
+        """'done' when PostgreSQL holds a result for every item; else 'again' (the
+        next pass dispatches the items left without one), or, after the last
+        pause, 'done' with `_unfinished` set: the experiment ends `incomplete`."""
+        assert self._input is not None and self._carry is not None
+        inp, carry = self._input, self._carry
+        count: ResultCount = await workflow.execute_activity_method(
+            ExperimentActivities.result_count,
+            ResultCountInput(tenant_id=inp.tenant_id, experiment_id=inp.experiment_id),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY_POLICY,
+        )
+        # The total prepare loaded is what must be accounted for, whatever the rows say.
+        self._unfinished = max(carry.prepared.total, count.total) - count.with_result
+        if self._unfinished <= 0:
+            self._unfinished = 0
+            return "done"
+        if carry.settle_rounds >= len(SETTLE_PAUSES_S):
+            self._unrecorded = (
+                f"{self._unfinished} of {carry.prepared.total} items have no result after "
+                f"{carry.settle_rounds} more passes: {self._unrecorded or 'none could be run'}"
+            )
+            return "done"
+        self._publish(f"{self._unfinished} items without a result: dispatching them again")
+        await workflow.sleep(SETTLE_PAUSES_S[carry.settle_rounds])
+        carry.settle_rounds += 1
+        return "again"
 
     async def _cancel_waiting_calls(self) -> None:
         """Before continue-as-new: calls still queued for capacity go to the next run.
@@ -452,18 +496,28 @@ class Experiment:
             ):
                 return  # stopped before its call: still pending, a resume runs it
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
-            await workflow.execute_activity_method(
-                ExperimentActivities.record_failure,
-                RecordFailureInput(
-                    tenant_id=inp.tenant_id,
-                    experiment_id=inp.experiment_id,
-                    item_id=item.item_id,
-                    error_kind=kind,
-                    error=str(cause or err),
-                ),
-                start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=DB_RETRY_POLICY,
-            )
+            try:
+                recorded: bool = await workflow.execute_activity_method(
+                    ExperimentActivities.record_failure,
+                    RecordFailureInput(
+                        tenant_id=inp.tenant_id,
+                        experiment_id=inp.experiment_id,
+                        item_id=item.item_id,
+                        error_kind=kind,
+                        error=str(cause or err),
+                    ),
+                    start_to_close_timeout=DB_TIMEOUT,
+                    retry_policy=DB_RETRY_POLICY,
+                )
+            except ActivityError as unrecordable:
+                recorded, cause = False, unrecordable.cause or unrecordable
+            if not recorded:
+                # Nothing holds this item's failure, so it is counted nowhere: it stays
+                # without a result and the count at the end finds it.
+                self._unrecorded = (
+                    f"item {item.item_id!r} failed and could not be recorded: {cause}"
+                )
+                return
             if task_done:
                 carry.evaluated += 1  # a judge gave up: the item is scored without it
             else:

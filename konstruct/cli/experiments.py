@@ -43,7 +43,7 @@ from konstruct.store.experiments import experiment_detail, find_workflow_id, lis
 from workflows.experiment import Experiment
 
 DEFAULT_DATASET = "deploy/datasets/arithmetic.jsonl"
-FINISHED = ("completed", "failed", "stopped")
+FINISHED = ("completed", "incomplete", "failed", "stopped")
 experiment_argument = click.argument("experiment")
 
 
@@ -189,6 +189,10 @@ def _notes(p: ExperimentProgress) -> list[str]:
         notes.append(f"  paused: {p.paused_reason}")
     if p.last_refusal is not None:
         notes.append(f"  last refused {p.last_refusal.action}: {p.last_refusal.reason}")
+    if p.incomplete_reason:
+        notes.append(f"  incomplete: {p.incomplete_reason}")
+    elif p.unfinished:
+        notes.append(f"  {p.unfinished} items without a result: dispatching them again")
     return notes
 
 
@@ -234,7 +238,7 @@ async def _follow(client: Client, workflow_id: str, interval: float) -> Experime
 
 async def _watch(client: Client, workflow_id: str, interval: float) -> int:
     p = await _follow(client, workflow_id, interval)
-    if p.status == "completed":
+    if p.status in ("completed", "incomplete"):
         try:
             result = await client.get_workflow_handle_for(Experiment.run, workflow_id).result()
         except WorkflowFailureError as exc:
@@ -252,7 +256,7 @@ async def _watch(client: Client, workflow_id: str, interval: float) -> int:
         lat = result.summary.latency
         print(f"  latency p50/p95/p99 ms: {lat.p50_ms} / {lat.p95_ms} / {lat.p99_ms}")
         print(f"  registry run {result.registry_run_id}")
-    return 0 if p.status != "failed" else 1
+    return 0 if p.status in ("completed", "stopped") else 1
 
 
 async def _workflow_id(settings: Settings, tenant: str, experiment: str) -> str:

@@ -20,7 +20,9 @@ _EXPERIMENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 DEFAULT_MAX_CONCURRENCY = 20
 MAX_CONCURRENCY_LIMIT = 1000
 
-ExperimentStatus = Literal["running", "stopping", "stopped", "paused", "completed", "failed"]
+ExperimentStatus = Literal[
+    "running", "stopping", "stopped", "paused", "completed", "incomplete", "failed"
+]
 ItemStatus = Literal["pending", "ok", "failed"]
 
 
@@ -171,6 +173,8 @@ class ExperimentCarry(StrictModel):
     last_toggle_at: float | None = None
     toggles: list[ToggleRecord] = Field(default_factory=list)
     started_at: float = 0.0
+    # Passes made again over items left without a result (see `Experiment`).
+    settle_rounds: int = 0
 
 
 class ExperimentInput(StrictModel):
@@ -365,6 +369,20 @@ class FinalizeInput(StrictModel):
     workflow_run_id: str
     providers: list[str]
     params: dict[str, Any] = Field(default_factory=dict)
+    # With status `incomplete`: why items were left without a result.
+    reason: str | None = None
+
+
+class ResultCountInput(StrictModel):
+    tenant_id: str
+    experiment_id: str
+
+
+class ResultCount(StrictModel):
+    """What PostgreSQL holds: the experiment's items, and how many have a result."""
+
+    total: int
+    with_result: int
 
 
 class EvalSummary(StrictModel):
@@ -392,6 +410,9 @@ class ExperimentSummary(StrictModel):
     providers: dict[str, dict[str, float]] = Field(default_factory=dict)
     duration_s: float | None = None
     registry_run_id: str | None = None
+    # Items with neither an ok nor a failed result (status `incomplete`), and why.
+    unfinished: int = 0
+    incomplete_reason: str | None = None
 
 
 # --- the workflow's progress and result -----------------------------------------------
@@ -421,6 +442,10 @@ class ExperimentProgress(StrictModel):
     toggles: list[ToggleRecord] = Field(default_factory=list)
     last_refusal: ToggleRecord | None = None
     error: str | None = None
+    # Items found without a result at the end, being dispatched again (or, when
+    # `incomplete`, left so), and why.
+    unfinished: int = 0
+    incomplete_reason: str | None = None
 
 
 class ToggleInput(StrictModel):

@@ -470,8 +470,11 @@ async def record_failure(
     item_id: str,
     error_kind: str,
     error: str,
-) -> None:
-    """An item whose calls gave up: a failed result, unless one is stored already."""
+) -> bool:
+    """An item whose calls gave up: a failed result, unless one is stored already.
+
+    False when there is nothing to record it on: the item is not in the experiment.
+    """
     status = await conn.execute(
         "insert into experiment_results (tenant_id, experiment_id, item_id, seq, status,"
         " evaluated, error_kind, error) select tenant_id, experiment_id, item_id, seq,"
@@ -484,21 +487,40 @@ async def record_failure(
         error_kind,
         error[:1000],
     )
-    if status.endswith(" 0"):
-        # A result exists: if only a judge eval gave up, the item is evaluated now.
-        await _mark_evaluated(conn, tenant_id, experiment_id, item_id)
+    if not status.endswith(" 0"):
+        return True
+    # A result exists: if only a judge eval gave up, the item is evaluated now.
+    return await _mark_evaluated(conn, tenant_id, experiment_id, item_id)
 
 
 async def _mark_evaluated(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str, item_id: str
-) -> None:
-    await conn.execute(
+) -> bool:
+    """Whether the item has a result (now marked evaluated)."""
+    status = await conn.execute(
         "update experiment_results set evaluated = true"
         " where tenant_id = $1 and experiment_id = $2 and item_id = $3",
         tenant_id,
         experiment_id,
         item_id,
     )
+    return not status.endswith(" 0")
+
+
+async def result_count(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str
+) -> tuple[int, int]:
+    """The experiment's total as prepared, and how many items have a result (ok or failed)."""
+    row = await conn.fetchrow(
+        "select e.total, (select count(*) from experiment_results r"
+        " where r.tenant_id = e.tenant_id and r.experiment_id = e.experiment_id) as with_result"
+        " from experiments e where e.tenant_id = $1 and e.experiment_id = $2",
+        tenant_id,
+        experiment_id,
+    )
+    if row is None:
+        return 0, 0
+    return int(row["total"]), int(row["with_result"])
 
 
 # --- summaries ----------------------------------------------------------------------
@@ -609,6 +631,8 @@ def summary_metrics(summary: ExperimentSummary) -> dict[str, float]:
         "prompt_tokens": float(summary.prompt_tokens),
         "completion_tokens": float(summary.completion_tokens),
     }
+    if summary.unfinished:
+        metrics["unfinished"] = float(summary.unfinished)
     for e in summary.evals:
         if e.mean is not None:
             metrics[f"{e.name}.mean"] = e.mean
