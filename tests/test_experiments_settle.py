@@ -11,7 +11,8 @@ import asyncio
 from typing import Any
 
 import asyncpg
-from temporalio.client import Client
+import pytest
+from temporalio.client import Client, WorkflowHandle
 
 from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.models.experiments import ExperimentResult
@@ -59,17 +60,25 @@ async def _put_back(postgres: EmbeddedPostgres, row: dict[str, Any]) -> None:
         await conn.close()
 
 
-async def test_an_item_left_without_a_result_ends_the_experiment_incomplete(
-    client: Client,
-    worker: str,
-    sim: SimulatorAdmin,
-    postgres: EmbeddedPostgres,
-    app_pool: asyncpg.Pool,
-) -> None:
+Started = tuple[dict[str, Any], WorkflowHandle, dict[str, Any]]
+
+
+@pytest.fixture
+async def started_without_last_item(
+    client: Client, worker: str, sim: SimulatorAdmin, postgres: EmbeddedPostgres
+) -> Started:
+    """An experiment of ITEMS items run one at a time, its last item taken away:
+    its input, its handle and the row taken."""
     await sim.set_profile(FAST, latency_ms=300)
     body = experiment(ITEMS, max_concurrency=1)
     handle = await start(client, worker, body)
-    taken = await _take_last_item(postgres, body["experiment_id"])
+    return body, handle, await _take_last_item(postgres, body["experiment_id"])
+
+
+async def test_an_item_left_without_a_result_ends_the_experiment_incomplete(
+    started_without_last_item: Started, app_pool: asyncpg.Pool
+) -> None:
+    body, handle, taken = started_without_last_item
     result: ExperimentResult = await handle.result()
     summary = result.summary
     assert summary.status == "incomplete"
@@ -86,16 +95,9 @@ async def test_an_item_left_without_a_result_ends_the_experiment_incomplete(
 
 
 async def test_an_item_whose_failure_could_not_be_recorded_at_first_is_run_again(
-    client: Client,
-    worker: str,
-    sim: SimulatorAdmin,
-    postgres: EmbeddedPostgres,
-    app_pool: asyncpg.Pool,
+    started_without_last_item: Started, postgres: EmbeddedPostgres, app_pool: asyncpg.Pool
 ) -> None:
-    await sim.set_profile(FAST, latency_ms=300)
-    body = experiment(ITEMS, max_concurrency=1)
-    handle = await start(client, worker, body)
-    taken = await _take_last_item(postgres, body["experiment_id"])
+    body, handle, taken = started_without_last_item
     # The count at the end finds the item; while it waits to dispatch it again the
     # item is back, so the next pass runs it.
     settling = await wait_for(handle, lambda p: p.unfinished == 1)
