@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from konstruct.simulator.limiters import (
+    REQUIRED_FIELD,
+    Limiter,
+    RateLimitShape,
+    build_limiter,
+    limiter_key,
+)
 
 STATS_KEYS = (
     "requests",
@@ -29,13 +37,26 @@ class ModelProfile(BaseModel):
 
     latency_ms: float = Field(0.0, ge=0)
     latency_jitter_ms: float = Field(0.0, ge=0)
+    rate_limit_shape: RateLimitShape = "token_bucket"
     rate_limit_rps: float | None = Field(None, gt=0)
+    rate_limit_burst: int = Field(1, ge=1)
+    rate_limit_window_s: float = Field(60.0, gt=0)
+    rate_limit_requests: int | None = Field(None, ge=1)
+    rate_limit_tokens: int | None = Field(None, ge=1)
+    quota_requests: int | None = Field(None, ge=0)
     error_rate: float = Field(0.0, ge=0, le=1)
     hang_rate: float = Field(0.0, ge=0, le=1)
     hang_seconds: float = Field(600.0, ge=0)
     outage: bool = False
     accuracy: float = Field(1.0, ge=0, le=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _shape_has_its_limit(self) -> ModelProfile:
+        name = REQUIRED_FIELD.get(self.rate_limit_shape)
+        if name is not None and getattr(self, name) is None:
+            raise ValueError(f"rate_limit_shape {self.rate_limit_shape} needs {name} set")
+        return self
 
 
 class SimulatorConfig(BaseModel):
@@ -51,32 +72,10 @@ class SimulatorConfig(BaseModel):
 
 
 @dataclass
-class TokenBucket:
-    """Server-side token bucket with burst = max(1, rate)."""
-
-    rate: float
-    tokens: float
-    stamp: float
-
-    @classmethod
-    def full(cls, rate: float, now: float) -> TokenBucket:
-        return cls(rate, max(1.0, rate), now)
-
-    def take(self, now: float) -> float:
-        """0 if a token was taken, else the seconds until one is available."""
-        burst = max(1.0, self.rate)
-        self.tokens = min(burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
-@dataclass
 class ModelState:
     profile: ModelProfile
-    bucket: TokenBucket | None = None
+    limiter: Limiter | None = None
+    limiter_key: tuple[object, ...] | None = None
     counters: Counter[str] = field(default_factory=Counter)
     by_content: Counter[str] = field(default_factory=Counter)
     ok_by_content: Counter[str] = field(default_factory=Counter)
@@ -84,13 +83,12 @@ class ModelState:
     rate_limited_per_tick: Counter[int] = field(default_factory=Counter)
 
     def set_profile(self, profile: ModelProfile) -> None:
-        rate = profile.rate_limit_rps
-        # Keep a draining bucket when only other fields change, so a PUT of
-        # error_rate cannot hand out a fresh burst.
-        if rate is None:
-            self.bucket = None
-        elif self.bucket is None or self.bucket.rate != rate:
-            self.bucket = TokenBucket.full(rate, time.monotonic())
+        # Keep a draining limiter when only other fields change, so a PUT of
+        # error_rate cannot hand out a fresh burst (or window, or quota).
+        key = limiter_key(profile)
+        if key != self.limiter_key:
+            self.limiter = build_limiter(profile, time.monotonic())
+            self.limiter_key = key
         self.profile = profile
 
     def record_ok(self, content_key: str, since_start_s: float) -> None:
@@ -111,6 +109,8 @@ class ModelState:
         self.ok_by_content.clear()
         self.ok_per_tick.clear()
         self.rate_limited_per_tick.clear()
+        if self.limiter is not None:
+            self.limiter.reset(time.monotonic())
 
     def stats(self) -> dict[str, int]:
         return {key: self.counters[key] for key in STATS_KEYS}

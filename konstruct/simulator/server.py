@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import signal
 import time
@@ -43,15 +42,6 @@ def error_response(
 ) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers=headers)
-
-
-def rate_limited_response(model: str, rate: float, wait_s: float) -> web.Response:
-    headers = {
-        "Retry-After": str(max(1, math.ceil(wait_s))),
-        "retry-after-ms": str(max(1, math.ceil(wait_s * 1000))),
-    }
-    message = f"rate limit of {rate} requests/s exceeded for {model}"
-    return error_response(429, message, "requests", "rate_limit_exceeded", headers)
 
 
 def model_not_found(model: str) -> web.Response:
@@ -110,8 +100,15 @@ class Simulator:
             401, "Incorrect API key provided", "invalid_request_error", "invalid_api_key"
         )
 
-    async def _apply_faults(self, name: str, state: ModelState, key: str) -> web.Response | None:
-        """Count the request and play the profile's faults and latency; None means answer."""
+    async def _apply_faults(
+        self, name: str, state: ModelState, key: str, tokens: Callable[[], int]
+    ) -> tuple[web.Response | None, dict[str, str]]:
+        """Count the request and play the profile's limiter, faults and latency.
+
+        Returns the refusal (None means answer) and the limiter's headers, which
+        go on every answer after the limiter; `tokens` is called only by a
+        limiter that counts tokens.
+        """
         profile, counters = state.profile, state.counters
         counters["requests"] += 1
         state.by_content[key] += 1
@@ -119,16 +116,21 @@ class Simulator:
         if profile.outage:
             counters["outage"] += 1
             message = f"{name} is unavailable (simulated outage)"
-            return error_response(503, message, "service_unavailable", "service_unavailable")
-        if state.bucket is not None:
-            wait_s = state.bucket.take(time.monotonic())
-            if wait_s > 0:
+            refusal = error_response(503, message, "service_unavailable", "service_unavailable")
+            return refusal, {}
+        headers: dict[str, str] = {}
+        if state.limiter is not None:
+            verdict = state.limiter.admit(time.monotonic(), name, tokens())
+            headers = verdict.headers
+            if not verdict.allowed:
                 state.record_rate_limited(self._since_start())
-                return rate_limited_response(name, state.bucket.rate, wait_s)
+                refusal = error_response(429, verdict.message, verdict.kind, verdict.code, headers)
+                return refusal, headers
         rng = seeded_rng(profile.seed, name, key, self.attempts[(name, key)])
         if rng.random() < profile.error_rate:
             counters["errors"] += 1
-            return error_response(500, "simulated internal error", "server_error")
+            error = error_response(500, "simulated internal error", "server_error", None, headers)
+            return error, headers
         hang = rng.random() < profile.hang_rate
         delay_ms = max(0.0, profile.latency_ms + rng.uniform(-1, 1) * profile.latency_jitter_ms)
         counters["in_flight"] += 1
@@ -141,7 +143,7 @@ class Simulator:
                 await asyncio.sleep(delay_ms / 1000)
         finally:
             counters["in_flight"] -= 1
-        return None
+        return None, headers
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         if not self._authorised(request):
@@ -155,12 +157,17 @@ class Simulator:
             return model_not_found(name)
         messages = [m for m in body["messages"] if isinstance(m, dict)]
         key = content_key(last_user_text(messages))
-        refused = await self._apply_faults(name, state, key)
+        prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
+
+        def request_tokens() -> int:
+            # The usage this request will report, as a token limit counts it.
+            return prompt_tokens + count_tokens(simulated_reply(name, state.profile, messages))
+
+        refused, limit_headers = await self._apply_faults(name, state, key, request_tokens)
         if refused is not None:
             return refused
         reply = simulated_reply(name, state.profile, messages)
         state.record_ok(key, self._since_start())
-        prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
         completion_tokens = count_tokens(reply)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -171,7 +178,7 @@ class Simulator:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             chunks = stream_chunks(completion_id, name, reply, usage if include_usage else None)
-            return await send_event_stream(request, chunks)
+            return await send_event_stream(request, chunks, limit_headers)
         return web.json_response(
             {
                 "id": completion_id,
@@ -186,7 +193,8 @@ class Simulator:
                     }
                 ],
                 "usage": usage,
-            }
+            },
+            headers=limit_headers,
         )
 
     async def embeddings(self, request: web.Request) -> web.Response:
@@ -202,11 +210,11 @@ class Simulator:
         raw = body["input"]
         inputs = [str(item) for item in (raw if isinstance(raw, list) else [raw])]
         key = content_key(json.dumps(inputs))
-        refused = await self._apply_faults(name, state, key)
+        tokens = sum(count_tokens(text) for text in inputs)
+        refused, limit_headers = await self._apply_faults(name, state, key, lambda: tokens)
         if refused is not None:
             return refused
         state.record_ok(key, self._since_start())
-        tokens = sum(count_tokens(text) for text in inputs)
         data = [
             {"object": "embedding", "index": i, "embedding": embed_text(text)}
             for i, text in enumerate(inputs)
@@ -217,7 +225,8 @@ class Simulator:
                 "model": name,
                 "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+            },
+            headers=limit_headers,
         )
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -348,10 +357,14 @@ def stream_chunks(
 
 
 async def send_event_stream(
-    request: web.Request, chunks: list[dict[str, Any]]
+    request: web.Request, chunks: list[dict[str, Any]], headers: dict[str, str] | None = None
 ) -> web.StreamResponse:
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            **(headers or {}),
+        }
     )
     await response.prepare(request)
     for chunk in chunks:
