@@ -51,6 +51,7 @@ from konstruct.provider_adapter import (
     complete_on,
     deployment_unavailable,
     provider_unavailable,
+    quota_exceeded,
 )
 from konstruct.provider_control import BreakerState
 from konstruct.router import Deployment, RouterConfig
@@ -263,6 +264,11 @@ class ProviderCallActivities:
             )
             await store.count_retried_call(self.pool, tenant_id, experiment_id, "throttled")
             raise call_error(provider, failure)
+        if failure.posture == "quota":
+            # Not a rate problem (the rate stays) nor the provider's health (no breaker).
+            _calls.add(1, {"provider": provider, "outcome": "quota"})
+            await self._outcome(provider, "neutral", seen)
+            raise quota_exceeded(provider, failure)
         if failure.posture == "rejected":
             _calls.add(1, {"provider": provider, "outcome": "rejected"})
             await self._outcome(provider, "neutral", seen)

@@ -8,6 +8,8 @@ with litellm's own retries off: Temporal is the one retry loop.
 A provider's exception becomes one retry posture here:
 
 - `RateLimitError` (429): throttled; retried after the provider's Retry-After;
+- a 429 whose body says `insufficient_quota` (a daily or billing quota): quota;
+  no retry helps until someone raises the quota, so it is never retried;
 - a request the provider will never accept (400, 401, 404, 422...): rejected,
   never retried;
 - anything else (5xx, timeout, connection error): failed, retried with backoff.
@@ -37,7 +39,10 @@ _RATE_LIMITED = frozenset({"RateLimitError"})
 # The shortest wait a throttled or held-back call is given before its retry.
 _MIN_RETRY_DELAY_S = 0.2
 
-Posture = Literal["throttled", "rejected", "failed"]
+Posture = Literal["throttled", "quota", "rejected", "failed"]
+# How OpenAI-compatible providers word a spent quota (HTTP 429, code
+# `insufficient_quota`). litellm keeps only the body's message, so both are looked for.
+_QUOTA_MARKS = ("insufficient_quota", "exceeded your current quota")
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,12 @@ def _retry_after_seconds(error: BaseException) -> float | None:
 def classify(error: BaseException) -> ProviderFailure:
     """The retry posture of a provider exception."""
     kind = type(error).__name__
-    posture: Posture = (
-        "throttled" if kind in _RATE_LIMITED else "rejected" if kind in _NON_RETRYABLE else "failed"
-    )
+    posture: Posture
+    if kind in _RATE_LIMITED:
+        text = str(error).lower()
+        posture = "quota" if any(mark in text for mark in _QUOTA_MARKS) else "throttled"
+    else:
+        posture = "rejected" if kind in _NON_RETRYABLE else "failed"
     return ProviderFailure(
         kind=kind,
         message=f"{kind}: {str(error)[:400]}",
@@ -104,7 +112,7 @@ def provider_error(error: BaseException, what: str) -> ApplicationError:
     return ApplicationError(
         f"{what} failed: {failure.kind}: {str(error)[:500]}",
         type=failure.kind,
-        non_retryable=failure.posture == "rejected",
+        non_retryable=failure.posture in ("rejected", "quota"),
         next_retry_delay=timedelta(seconds=delay) if delay else None,
     )
 
@@ -120,6 +128,15 @@ def call_error(provider: str, failure: ProviderFailure) -> ApplicationError:
             ),
         )
     return ApplicationError(f"call to {provider!r} failed: {failure.message}", type=failure.kind)
+
+
+def quota_exceeded(provider: str, failure: ProviderFailure) -> ApplicationError:
+    """A spent quota: the experiment pauses until resumed; the call is not retried."""
+    return ApplicationError(
+        f"provider {provider!r} quota exceeded: {failure.message}",
+        type="QuotaExceeded",
+        non_retryable=True,
+    )
 
 
 def provider_unavailable(provider: str, reason: str, retry_in_s: float) -> ApplicationError:

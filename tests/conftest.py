@@ -115,7 +115,11 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
             **{
                 "latency_ms": 0,
                 "latency_jitter_ms": 0,
+                "rate_limit_shape": "token_bucket",
                 "rate_limit_rps": None,
+                "rate_limit_requests": None,
+                "rate_limit_tokens": None,
+                "quota_requests": None,
                 "error_rate": 0,
                 "hang_rate": 0,
                 "outage": False,

@@ -75,6 +75,19 @@ async def test_fresh_runs_replay_without_cache(
             await handle.result()
             for index, history in enumerate(await _runs(client, judged["experiment_id"])):
                 histories[f"judged_stop_resume_{index}"] = history
+            # A spent quota pauses the run; a resume finishes it.
+            await sim.set_profile(
+                "sim-fast", latency_ms=20, rate_limit_shape="daily_quota", quota_requests=3
+            )
+            quota = experiment(8, max_concurrency=2, options={"toggle_cooldown_s": 0.0})
+            paused = await client.start_workflow(
+                Experiment.run, quota, id=quota["experiment_id"], task_queue=task_queue
+            )
+            await wait_for(paused, lambda p: p.status == "paused")
+            await sim.set_profile("sim-fast", rate_limit_shape="token_bucket")
+            await paused.signal(Experiment.resume)
+            await paused.result()
+            histories["quota_pause_resume"] = await paused.fetch_history()
             failing = await client.start_workflow(
                 Experiment.run, bad, id=bad["experiment_id"], task_queue=task_queue
             )

@@ -118,6 +118,9 @@ class Experiment:
         self._last_sample: tuple[float, int] | None = None
         self._finishing = False
         self._monitor_off = False
+        # Set when a provider said its quota is spent: the experiment pauses (a stop
+        # made by the workflow itself) until someone resumes it.
+        self._quota_reason: str | None = None
         # Items found without a result at the end, and the last reason one was left so.
         self._unfinished = 0
         self._unrecorded: str | None = None
@@ -495,6 +498,13 @@ class Experiment:
                 isinstance(cause, ApplicationError) and cause.type == ExperimentStopped.error_type
             ):
                 return  # stopped before its call: still pending, a resume runs it
+            if isinstance(cause, ApplicationError) and cause.type == "QuotaExceeded":
+                # No retry helps a spent quota: pause, and leave the item pending.
+                if self._quota_reason is None:
+                    self._quota_reason = cause.message
+                    self._stop_requested = True
+                    self._publish(f"paused: {cause.message}")
+                return
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
             try:
                 recorded: bool = await workflow.execute_activity_method(
@@ -533,8 +543,13 @@ class Experiment:
         flagged = await self._set_stop_flag(stopped=True)
         self._cancel_calls(flagged.waiting_activity_ids)
         await workflow.wait_condition(lambda: not self._in_flight)
-        self._set_status("stopped")
+        if self._quota_reason is not None:
+            self._paused_reason = f"quota: {self._quota_reason}; resume once it is raised"
+            self._set_status("paused")
+        else:
+            self._set_status("stopped")
         await workflow.wait_condition(lambda: not self._stop_requested)
+        self._quota_reason = None
         await self._set_stop_flag(stopped=False)
         self._set_status("running")
 
@@ -610,7 +625,7 @@ class Experiment:
             )
         self._last_sample = (sample.at, done)
         unhealthy = [p for p in providers if p.breaker != "closed"]
-        if self._status in ("running", "paused"):
+        if self._status in ("running", "paused") and self._quota_reason is None:
             if unhealthy:
                 p = unhealthy[0]
                 self._paused_reason = (

@@ -1,0 +1,70 @@
+"""The retry posture of each provider exception, on litellm's own exception classes."""
+
+from __future__ import annotations
+
+import httpx
+import litellm
+import pytest
+
+from konstruct.provider_adapter import classify, provider_error
+
+QUOTA_BODY = (
+    '{"error": {"message": "You exceeded your current quota, please check your plan",'
+    ' "type": "insufficient_quota", "code": "insufficient_quota"}}'
+)
+
+
+def _response(status: int, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(status, headers=headers, request=httpx.Request("POST", "http://sim/v1"))
+
+
+@pytest.mark.parametrize(
+    ("error", "posture", "retry_after_s"),
+    [
+        (
+            litellm.RateLimitError(
+                "rate limit exceeded",
+                "openai",
+                "m",
+                response=_response(429, {"retry-after": "2"}),
+            ),
+            "throttled",
+            2.0,
+        ),
+        (
+            litellm.RateLimitError(QUOTA_BODY, "openai", "m", response=_response(429)),
+            "quota",
+            None,
+        ),
+        (
+            # What litellm keeps of OpenAI's quota answer: the message alone.
+            litellm.RateLimitError(
+                "You exceeded your current quota, please check your plan and billing details.",
+                "openai",
+                "m",
+                response=_response(429),
+            ),
+            "quota",
+            None,
+        ),
+        (litellm.BadRequestError("bad", "m", "openai"), "rejected", None),
+        (
+            litellm.InternalServerError("boom", "openai", "m", response=_response(500)),
+            "failed",
+            None,
+        ),
+    ],
+    ids=["429", "quota-body", "quota-message", "400", "500"],
+)
+def test_each_exception_has_one_posture(
+    error: Exception, posture: str, retry_after_s: float | None
+) -> None:
+    failure = classify(error)
+    assert (failure.posture, failure.retry_after_s) == (posture, retry_after_s)
+
+
+def test_a_spent_quota_is_never_retried_but_a_429_is() -> None:
+    quota = litellm.RateLimitError(QUOTA_BODY, "openai", "m", response=_response(429))
+    limited = litellm.RateLimitError("slow down", "openai", "m", response=_response(429))
+    assert provider_error(quota, "call").non_retryable is True
+    assert provider_error(limited, "call").non_retryable is False
