@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from konstruct.simulator import (
     main,
     start_simulator,
 )
+from konstruct.simulator.limiters import openai_duration
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import simulator_command
 
@@ -138,6 +140,156 @@ async def test_rate_limit_answers_429_with_retry_after(
     assert 0 < wait_ms <= 500
     await asyncio.sleep(wait_ms / 1000)
     assert (await chat(http, "sim-fast", "after the wait")).status_code == 200
+
+
+def seconds(duration: str) -> float:
+    """An OpenAI x-ratelimit-reset-* value (120ms, 1s, 6m0s, 1h0m0s) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_reset_durations_are_in_openai_format() -> None:
+    cases = {0: "0s", 0.12: "120ms", 0.0001: "1ms", 1: "1s", 7.66: "7.66s", 360: "6m0s"}
+    assert {s: openai_duration(s) for s in cases} == cases
+    assert openai_duration(3600 + 61.5) == "1h1m1.5s"
+    assert seconds("6m0s") == 360 and seconds("120ms") == 0.12
+
+
+async def test_sliding_window_reports_openai_request_headers(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile(
+        "sim-fast", rate_limit_shape="sliding_window", rate_limit_requests=3, rate_limit_window_s=1
+    )
+    answers = [await chat(http, "sim-fast", f"w{i}") for i in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["2", "1", "0", "0"]
+    assert {r.headers["x-ratelimit-limit-requests"] for r in answers} == {"3"}
+    limited = answers[3]
+    assert "Retry-After" not in limited.headers and "retry-after-ms" not in limited.headers
+    error = limited.json()["error"]
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert "Limit 3, Used 3, Requested 1" in error["message"]
+    wait_s = seconds(limited.headers["x-ratelimit-reset-requests"])
+    assert 0 < wait_s <= 1
+    await asyncio.sleep(wait_s)  # the oldest request leaves the window
+    after = await chat(http, "sim-fast", "after the window moved")
+    # The first three came within milliseconds, so one to all of them have left.
+    assert after.status_code == 200
+    assert 0 <= int(after.headers["x-ratelimit-remaining-requests"]) <= 2
+    await asyncio.sleep(seconds(after.headers["x-ratelimit-reset-requests"]))
+    streamed = await http.post(
+        "/v1/chat/completions",
+        json={"model": "sim-fast", "messages": [{"role": "user", "content": "s"}], "stream": True},
+    )
+    assert streamed.status_code == 200 and "x-ratelimit-reset-requests" in streamed.headers
+    stats = await admin.model_stats("sim-fast")
+    assert (stats["ok"], stats["rate_limited"]) == (5, 1)
+    timeline = await admin.timeline("sim-fast", bucket_s=60)
+    assert (timeline["ok"], timeline["rate_limited"]) == ([5], [1])
+
+
+async def test_leaky_bucket_refuses_without_retry_after(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", rate_limit_shape="leaky_bucket", rate_limit_rps=2)
+    first, second = [await chat(http, "sim-fast", f"l{i}") for i in range(2)]
+    assert (first.status_code, second.status_code) == (200, 429)
+    assert not {"retry-after", "retry-after-ms"} & {h.lower() for h in second.headers}
+    assert not any(h.lower().startswith("x-ratelimit") for h in second.headers)
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+    await asyncio.sleep(0.5)  # one request leaks out at 2 a second
+    assert (await chat(http, "sim-fast", "leaked")).status_code == 200
+
+    await admin.set_profile("sim-fast", rate_limit_burst=3, rate_limit_rps=1)
+    burst = [(await chat(http, "sim-fast", f"b{i}")).status_code for i in range(5)]
+    assert burst == [200, 200, 200, 429, 429]
+    await asyncio.sleep(1)
+    assert (await chat(http, "sim-fast", "after a second")).status_code == 200
+    timeline = await admin.timeline("sim-fast", bucket_s=60)
+    assert (sum(timeline["ok"]), sum(timeline["rate_limited"])) == (6, 3)
+    assert (await admin.model_stats("sim-fast"))["rate_limited"] == 3
+
+
+async def test_tokens_per_minute_counts_prompt_and_completion_tokens(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    text = "how many tokens is this"
+    tokens = (await chat(http, "sim-fast", text)).json()["usage"]["total_tokens"]
+    await admin.reset()
+    limit = 2 * tokens + 1
+    await admin.set_profile(
+        "sim-fast",
+        rate_limit_shape="tokens_per_minute",
+        rate_limit_tokens=limit,
+        rate_limit_window_s=1,
+    )
+    answers = [await chat(http, "sim-fast", text) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    remaining = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in answers]
+    assert remaining == [tokens + 1, 1, 1]
+    assert {r.headers["x-ratelimit-limit-tokens"] for r in answers} == {str(limit)}
+    error = answers[2].json()["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+    assert f"Limit {limit}, Used {2 * tokens}, Requested {tokens}" in error["message"]
+    assert "Retry-After" not in answers[2].headers
+    wait_s = seconds(answers[2].headers["x-ratelimit-reset-tokens"])
+    assert 0 < wait_s <= 1
+    await asyncio.sleep(wait_s)
+    assert (await chat(http, "sim-fast", text)).status_code == 200
+    timeline = await admin.timeline("sim-fast", bucket_s=60)
+    assert (timeline["ok"], timeline["rate_limited"]) == ([3], [1])
+
+
+async def test_daily_quota_holds_until_the_admin_reset(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", rate_limit_shape="daily_quota", quota_requests=2)
+    statuses = [(await chat(http, "sim-fast", f"d{i}")).status_code for i in range(3)]
+    assert statuses == [200, 200, 429]
+    await admin.set_profile("sim-fast", latency_ms=1)  # other fields keep the quota spent
+    refused = await chat(http, "sim-fast", "still over")
+    assert refused.status_code == 429 and "Retry-After" not in refused.headers
+    error = refused.json()["error"]
+    assert error["message"].startswith("You exceeded your current quota")
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    timeline = await admin.timeline("sim-fast", bucket_s=60)
+    assert (timeline["ok"], timeline["rate_limited"]) == ([2], [2])
+    await admin.reset()
+    assert (await chat(http, "sim-fast", "a new day")).status_code == 200
+
+
+async def test_limiter_fields_are_validated(http: httpx.AsyncClient, admin: SimulatorAdmin) -> None:
+    bad = [
+        ({"rate_limit_shape": "fixed_window"}, "rate_limit_shape"),
+        ({"rate_limit_shape": "sliding_window"}, "rate_limit_requests"),
+        ({"rate_limit_shape": "sliding_window", "rate_limit_requests": -1}, "rate_limit_requests"),
+        ({"rate_limit_tokens": 0}, "rate_limit_tokens"),
+        ({"quota_requests": -1}, "quota_requests"),
+        ({"rate_limit_window_s": 0}, "rate_limit_window_s"),
+        ({"rate_limit_burst": 0}, "rate_limit_burst"),
+        ({"rate_limit_shape": "leaky_bucket"}, "rate_limit_rps"),
+    ]
+    for fields, name in bad:
+        response = await http.put("/admin/models/sim-fast", json=fields)
+        assert response.status_code == 400 and name in response.text, (fields, response.text)
+    profile = await admin.set_profile("sim-fast", latency_ms=0)
+    assert (profile["rate_limit_shape"], profile["rate_limit_window_s"]) == ("token_bucket", 60)
+    assert (profile["rate_limit_burst"], profile["quota_requests"]) == (1, None)
+
+
+def test_limiter_shapes_load_from_the_profile_file(tmp_path: Path) -> None:
+    path = tmp_path / "simulator.yaml"
+    path.write_text(
+        "models:\n"
+        "  sim-rpm: {rate_limit_shape: sliding_window, rate_limit_requests: 60}\n"
+        "  sim-quota: {rate_limit_shape: daily_quota, quota_requests: 100}\n"
+    )
+    models = SimulatorConfig.from_yaml(path).models
+    assert models["sim-rpm"].rate_limit_window_s == 60
+    assert models["sim-quota"].quota_requests == 100
 
 
 async def test_faults_and_counters_change_at_run_time(
@@ -271,6 +423,35 @@ async def test_a_429_reaches_litellm_callers_with_its_retry_after(
     assert info.value.status_code == 429
     assert 1 <= int(headers["retry-after"]) <= 4
     assert 0 < int(headers["retry-after-ms"]) <= 4000
+
+
+async def test_litellm_surfaces_quota_and_window_refusals(
+    server: SimulatorHandle, admin: SimulatorAdmin
+) -> None:
+    await admin.set_profile("sim-fast", rate_limit_shape="daily_quota", quota_requests=0)
+    with pytest.raises(litellm.RateLimitError) as info:
+        await _through_litellm(server, "sim-fast", "over quota")
+    headers = getattr(info.value, "litellm_response_headers", None) or {}
+    assert info.value.status_code == 429
+    assert "You exceeded your current quota" in str(info.value)
+    # litellm 1.102.4 keeps only the message: `body` is None and `type` is its own
+    # "throttling_error", so a caller tells a spent quota from a rate limit by the text.
+    assert info.value.body is None and info.value.type == "throttling_error"
+    assert "retry-after" not in headers and "retry-after-ms" not in headers
+
+    await admin.set_profile(
+        "sim-fast", rate_limit_shape="sliding_window", rate_limit_requests=1, rate_limit_window_s=5
+    )
+    response = await _through_litellm(server, "sim-fast", "the one request")
+    passed = response._hidden_params["additional_headers"]
+    assert passed["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(litellm.RateLimitError) as info:
+        await _through_litellm(server, "sim-fast", "one too many")
+    headers = getattr(info.value, "litellm_response_headers", None) or {}
+    assert headers["x-ratelimit-limit-requests"] == "1"
+    assert 0 < seconds(headers["x-ratelimit-reset-requests"]) <= 5
+    # Again only the message survives litellm, not the body's code.
+    assert "Rate limit reached for sim-fast on requests" in str(info.value)
 
 
 def test_cli_serves_prints_its_port_and_stops_on_sigterm() -> None:

@@ -2,7 +2,10 @@
 
 Reached through litellm exactly like a real provider (`openai/<model>` with
 `api_base=http://127.0.0.1:8799/v1`). Per model: latency, a server-side rate
-limit answering 429 with Retry-After, injected 500s, hangs and outages,
+limit in one of five shapes (`rate_limit_shape`: token_bucket with Retry-After,
+sliding_window with OpenAI's x-ratelimit headers, leaky_bucket without
+Retry-After, tokens_per_minute, daily_quota answering insufficient_quota; see
+`limiters`), injected 500s, hangs and outages,
 deterministic answers (including arithmetic at a chosen accuracy), usage
 tokens, and an admin API to read counters and change profiles at run time.
 
