@@ -139,6 +139,31 @@ class _Window:
         self.used = 0
 
 
+def _admit_in_window(
+    window: _Window, limit: int, unit: str, cost: int, now: float, model: str
+) -> Verdict:
+    """A window limit on `unit` (requests or tokens), answered as OpenAI does:
+    x-ratelimit-{limit,remaining,reset}-<unit> on every answer, 429 type <unit>."""
+    window.expire(now)
+    allowed = window.used + cost <= limit
+    if allowed:
+        window.add(now, cost)
+    reset = openai_duration(window.reset_in(now))
+    headers = {
+        f"x-ratelimit-limit-{unit}": str(limit),
+        f"x-ratelimit-remaining-{unit}": str(max(0, limit - window.used)),
+        f"x-ratelimit-reset-{unit}": reset,
+    }
+    if allowed:
+        return Verdict(True, headers)
+    message = (
+        f"Rate limit reached for {model} on {unit} per {window.window_s:g}s:"
+        f" Limit {limit}, Used {window.used}, Requested {cost}."
+        f" Please try again in {reset}."
+    )
+    return Verdict(False, headers, message, unit, "rate_limit_exceeded")
+
+
 @dataclass
 class SlidingWindow:
     """At most `limit` requests in any `window_s`; x-ratelimit-*-requests on every answer."""
@@ -154,24 +179,7 @@ class SlidingWindow:
         return cls(profile.rate_limit_requests, _Window(profile.rate_limit_window_s))
 
     def admit(self, now: float, model: str, tokens: int) -> Verdict:
-        self.window.expire(now)
-        allowed = self.window.used + 1 <= self.limit
-        if allowed:
-            self.window.add(now, 1)
-        reset = openai_duration(self.window.reset_in(now))
-        headers = {
-            "x-ratelimit-limit-requests": str(self.limit),
-            "x-ratelimit-remaining-requests": str(max(0, self.limit - self.window.used)),
-            "x-ratelimit-reset-requests": reset,
-        }
-        if allowed:
-            return Verdict(True, headers)
-        message = (
-            f"Rate limit reached for {model} on requests per {self.window.window_s:g}s:"
-            f" Limit {self.limit}, Used {self.window.used}, Requested 1."
-            f" Please try again in {reset}."
-        )
-        return Verdict(False, headers, message, "requests", "rate_limit_exceeded")
+        return _admit_in_window(self.window, self.limit, "requests", 1, now, model)
 
     def reset(self, now: float) -> None:
         self.window.clear()
@@ -192,24 +200,7 @@ class TokensPerMinute:
         return cls(profile.rate_limit_tokens, _Window(profile.rate_limit_window_s))
 
     def admit(self, now: float, model: str, tokens: int) -> Verdict:
-        self.window.expire(now)
-        allowed = self.window.used + tokens <= self.limit
-        if allowed:
-            self.window.add(now, tokens)
-        reset = openai_duration(self.window.reset_in(now))
-        headers = {
-            "x-ratelimit-limit-tokens": str(self.limit),
-            "x-ratelimit-remaining-tokens": str(max(0, self.limit - self.window.used)),
-            "x-ratelimit-reset-tokens": reset,
-        }
-        if allowed:
-            return Verdict(True, headers)
-        message = (
-            f"Rate limit reached for {model} on tokens per {self.window.window_s:g}s:"
-            f" Limit {self.limit}, Used {self.window.used}, Requested {tokens}."
-            f" Please try again in {reset}."
-        )
-        return Verdict(False, headers, message, "tokens", "rate_limit_exceeded")
+        return _admit_in_window(self.window, self.limit, "tokens", tokens, now, model)
 
     def reset(self, now: float) -> None:
         self.window.clear()
