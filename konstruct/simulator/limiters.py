@@ -165,45 +165,53 @@ def _admit_in_window(
 
 
 @dataclass
-class SlidingWindow:
-    """At most `limit` requests in any `window_s`; x-ratelimit-*-requests on every answer."""
+class _WindowLimit:
+    """At most `limit` units (requests or tokens) in any `window_s`."""
 
-    fields: ClassVar[tuple[str, ...]] = ("rate_limit_requests", "rate_limit_window_s")
-
+    unit: ClassVar[str]
     limit: int
     window: _Window
 
-    @classmethod
-    def from_profile(cls, profile: ModelProfile, now: float) -> SlidingWindow:
-        assert profile.rate_limit_requests is not None
-        return cls(profile.rate_limit_requests, _Window(profile.rate_limit_window_s))
+    def cost(self, tokens: int) -> int:
+        raise NotImplementedError
 
     def admit(self, now: float, model: str, tokens: int) -> Verdict:
-        return _admit_in_window(self.window, self.limit, "requests", 1, now, model)
+        return _admit_in_window(self.window, self.limit, self.unit, self.cost(tokens), now, model)
 
     def reset(self, now: float) -> None:
         self.window.clear()
 
 
 @dataclass
-class TokensPerMinute:
+class SlidingWindow(_WindowLimit):
+    """At most `limit` requests in any `window_s`; x-ratelimit-*-requests on every answer."""
+
+    fields: ClassVar[tuple[str, ...]] = ("rate_limit_requests", "rate_limit_window_s")
+    unit: ClassVar[str] = "requests"
+
+    @classmethod
+    def from_profile(cls, profile: ModelProfile, now: float) -> SlidingWindow:
+        assert profile.rate_limit_requests is not None
+        return cls(profile.rate_limit_requests, _Window(profile.rate_limit_window_s))
+
+    def cost(self, tokens: int) -> int:
+        return 1
+
+
+@dataclass
+class TokensPerMinute(_WindowLimit):
     """At most `limit` prompt + completion tokens in any `window_s`; x-ratelimit-*-tokens."""
 
     fields: ClassVar[tuple[str, ...]] = ("rate_limit_tokens", "rate_limit_window_s")
-
-    limit: int
-    window: _Window
+    unit: ClassVar[str] = "tokens"
 
     @classmethod
     def from_profile(cls, profile: ModelProfile, now: float) -> TokensPerMinute:
         assert profile.rate_limit_tokens is not None
         return cls(profile.rate_limit_tokens, _Window(profile.rate_limit_window_s))
 
-    def admit(self, now: float, model: str, tokens: int) -> Verdict:
-        return _admit_in_window(self.window, self.limit, "tokens", tokens, now, model)
-
-    def reset(self, now: float) -> None:
-        self.window.clear()
+    def cost(self, tokens: int) -> int:
+        return tokens
 
 
 @dataclass
