@@ -31,7 +31,7 @@ from temporalio import activity
 
 from konstruct.config import ExperimentSettings
 from konstruct.db import tenant_transaction
-from konstruct.errors import ExperimentStopped, NotFound
+from konstruct.errors import ExperimentStopped, NotFound, QuotaExceeded
 from konstruct.evals import judge_messages, parse_judge, score_local
 from konstruct.models.experiments import (
     JudgeItemInput,
@@ -51,7 +51,6 @@ from konstruct.provider_adapter import (
     complete_on,
     deployment_unavailable,
     provider_unavailable,
-    quota_exceeded,
 )
 from konstruct.provider_control import BreakerState
 from konstruct.router import Deployment, RouterConfig
@@ -268,7 +267,7 @@ class ProviderCallActivities:
             # Not a rate problem (the rate stays) nor the provider's health (no breaker).
             _calls.add(1, {"provider": provider, "outcome": "quota"})
             await self._outcome(provider, "neutral", seen)
-            raise quota_exceeded(provider, failure)
+            raise QuotaExceeded(f"provider {provider!r} quota exceeded: {failure.message}")
         if failure.posture == "rejected":
             _calls.add(1, {"provider": provider, "outcome": "rejected"})
             await self._outcome(provider, "neutral", seen)

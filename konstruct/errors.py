@@ -15,7 +15,8 @@
     │   └── RegressionNotDetected  the demo's safer promote missed the regression it made
     ├── PrecheckFailed             the demo's environment is not ready
     ├── ServiceUnreachable         Temporal or PostgreSQL does not answer (retryable)
-    └── ExperimentStopped          an experiment call found the stop flag raised; it made no request
+    ├── ExperimentStopped          an experiment call found the stop flag raised; it made no request
+    └── QuotaExceeded              a provider's quota is spent; the experiment pauses until resumed
 
 An activity raises these; the worker's interceptor (`konstruct.interceptors`)
 turns each into an `ApplicationError` whose `type` is `error_type` and whose
@@ -144,6 +145,13 @@ class ExperimentStopped(KonstructError):
     """A provider call of a stopping experiment: no request made, the item stays pending."""
 
     error_type = "ExperimentStopped"
+
+
+class QuotaExceeded(KonstructError):
+    """A provider answered that its quota is spent (429 `insufficient_quota`): no retry
+    helps until someone raises it, so the experiment pauses until resumed."""
+
+    error_type = "QuotaExceeded"
 
 
 def to_application_error(error: KonstructError) -> ApplicationError:

@@ -130,15 +130,6 @@ def call_error(provider: str, failure: ProviderFailure) -> ApplicationError:
     return ApplicationError(f"call to {provider!r} failed: {failure.message}", type=failure.kind)
 
 
-def quota_exceeded(provider: str, failure: ProviderFailure) -> ApplicationError:
-    """A spent quota: the experiment pauses until resumed; the call is not retried."""
-    return ApplicationError(
-        f"provider {provider!r} quota exceeded: {failure.message}",
-        type="QuotaExceeded",
-        non_retryable=True,
-    )
-
-
 def provider_unavailable(provider: str, reason: str, retry_in_s: float) -> ApplicationError:
     """The provider's circuit breaker holds the call back; retried when it may go."""
     return ApplicationError(

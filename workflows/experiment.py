@@ -26,7 +26,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
     from activities.provider_calls import ProviderCallActivities
-    from konstruct.errors import ExperimentStopped, workflow_failure
+    from konstruct.errors import ExperimentStopped, QuotaExceeded, workflow_failure
     from konstruct.models.experiments import (
         ExperimentCarry,
         ExperimentInput,
@@ -498,7 +498,7 @@ class Experiment:
                 isinstance(cause, ApplicationError) and cause.type == ExperimentStopped.error_type
             ):
                 return  # stopped before its call: still pending, a resume runs it
-            if isinstance(cause, ApplicationError) and cause.type == "QuotaExceeded":
+            if isinstance(cause, ApplicationError) and cause.type == QuotaExceeded.error_type:
                 # No retry helps a spent quota: pause, and leave the item pending.
                 if self._quota_reason is None:
                     self._quota_reason = cause.message
