@@ -66,6 +66,10 @@ class AimdConfig:
     # calls wait out their Retry-After, so the queue runs short because of the
     # provider itself, and what it accepted is its limit.
     min_refused_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # ... or when at least this many calls were refused since the last change: one
+    # burst at the edge refuses a few, a limit that fell keeps refusing (a loaded
+    # worker answers fewer calls, so the share alone can stay under its bound).
+    min_refused_calls: Annotated[int, Field(ge=1)] = 10
     # Successes raise the rate only while they use at least this share of it,
     # and a probing step goes at most this factor above the measured rate.
     min_utilisation: Annotated[float, Field(gt=0, le=1)] = 0.75
@@ -153,6 +157,7 @@ def on_throttled(
     saturated = measured is not None and (
         offered_rate(counted, now) >= config.min_offered * state.rate
         or counted.throttled_since_change >= config.min_refused_share * answered
+        or counted.throttled_since_change >= config.min_refused_calls
     )
     ceiling: float | None
     if not config.decrease_to_measured:

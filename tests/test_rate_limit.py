@@ -290,3 +290,14 @@ def test_a_429_storm_that_starves_the_queue_still_lowers_the_ceiling() -> None:
     )
     cut = on_throttled(state, 1.5, 0.5, MEASURED)
     assert cut.ceiling == 12.0 and cut.rate == 12.0 * MEASURED.headroom
+
+
+def test_a_429_storm_on_a_loaded_worker_still_lowers_the_ceiling() -> None:
+    # The same drop, but the worker is loaded and answers only 20 calls a second:
+    # 12 accepted, 8 refused, so neither the share nor the offered rate says
+    # "saturated". Sixteen refusals in one window do: the limit fell.
+    state = AimdState(
+        rate=48.5, ceiling=50.0, changed_at=0.0, ok_since_change=24, throttled_since_change=15
+    )
+    cut = on_throttled(state, 2.0, 0.5, MEASURED)
+    assert cut.ceiling == 12.0 and cut.rate == 12.0 * MEASURED.headroom
