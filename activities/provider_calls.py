@@ -52,10 +52,16 @@ from konstruct.provider_adapter import (
     deployment_unavailable,
     provider_unavailable,
 )
-from konstruct.provider_control import BreakerState
+from konstruct.provider_control import BreakerState, Grant
 from konstruct.router import Deployment, RouterConfig
 from konstruct.store import experiments as store
-from konstruct.store.providers import Outcome, admit_call, record_outcome
+from konstruct.store.providers import (
+    Outcome,
+    OutcomeEffect,
+    admit_call,
+    record_outcome,
+    reserve_calls,
+)
 from konstruct.task_queue_limits import push_rate
 
 _tracer = trace.get_tracer("konstruct.experiments")
@@ -71,7 +77,7 @@ _SPEC_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
     """A provider call that was answered: a completion, or a request it will never accept."""
 
     completion: Completion | None
@@ -81,6 +87,49 @@ class _Answer:
 
 def _render(template: str, item_id: str, text: str) -> str:
     return template.replace("{input}", text).replace("{id}", item_id)
+
+
+def task_messages(spec: store.StoredSpec, item_id: str, text: str) -> list[dict[str, str]]:
+    """The task call's messages for one item."""
+    messages = []
+    if spec.task.system_prompt:
+        messages.append({"role": "system", "content": spec.task.system_prompt})
+    messages.append({"role": "user", "content": _render(spec.task.prompt_template, item_id, text)})
+    return messages
+
+
+def new_result(
+    spec: store.StoredSpec,
+    item: store.TaskCall,
+    answer: Answer,
+    deployment_id: str,
+    provider: str,
+) -> store.NewResult:
+    """The result row of an answered task call, with its deterministic scores."""
+    completion, rejected = answer.completion, answer.rejected
+    scores: dict[str, Any] = {}
+    if completion is not None:
+        for spec_eval in spec.evals:
+            if spec_eval.kind != "llm_judge":
+                scores[eval_name(spec_eval)] = score_local(
+                    spec_eval, completion.content, item.expected
+                ).as_json()
+    return store.NewResult(
+        seq=item.seq,
+        status="ok" if completion is not None else "failed",
+        output=completion.content if completion is not None else None,
+        scores=scores,
+        evaluated=completion is None or not spec.judges,
+        latency_ms=answer.latency_ms,
+        model=completion.model if completion is not None else None,
+        deployment_id=deployment_id,
+        provider=provider,
+        prompt_tokens=completion.prompt_tokens if completion is not None else 0,
+        completion_tokens=completion.completion_tokens if completion is not None else 0,
+        error_kind=rejected.kind if rejected is not None else None,
+        error=rejected.message if rejected is not None else None,
+        attempt=activity.info().attempt,
+    )
 
 
 def _stopping() -> ExperimentStopped:
@@ -167,6 +216,10 @@ class ProviderCallActivities:
             error=error,
             age_s=age_s,
         )
+        await self.apply_effect(provider, effect, outcome)
+
+    async def apply_effect(self, provider: str, effect: OutcomeEffect, why: str) -> None:
+        """Count a trip; push a changed rate to the provider queue's server-side limit."""
         if effect.breaker_tripped:
             _trips.add(1, {"provider": provider})
         if effect.rate_changed_to is not None:
@@ -175,10 +228,21 @@ class ProviderCallActivities:
                     activity.client(),
                     ProviderQueue(self.task_queue, provider).name,
                     effect.rate_changed_to,
-                    f"{outcome}: adaptive rate",
+                    f"{why}: adaptive rate",
                 )
             except Exception as exc:  # the worker's reconcile loop pushes it again
                 activity.logger.warning("could not push rate for %s: %s", provider, exc)
+
+    async def book(self, provider: str, wanted: int = 1) -> Grant:
+        """Call slots on the provider's shared schedule; waits until some are granted."""
+        while True:
+            grant = await reserve_calls(
+                self.pool, self.task_queue, provider, wanted, self.settings.schedule_horizon_s
+            )
+            if grant.granted:
+                return grant
+            await asyncio.sleep(min(grant.retry_in_s, self.settings.heartbeat_every_s))
+            activity.heartbeat()
 
     async def _call(
         self, deployment: Deployment, messages: list[dict[str, str]], task: TaskSpec | None
@@ -211,12 +275,17 @@ class ProviderCallActivities:
         task: TaskSpec | None,
         experiment: tuple[str, str],
         breaker: BreakerState | None,
-    ) -> _Answer:
+    ) -> Answer:
         """Admit, call, learn. Raises to retry; returns a completion or a rejection."""
         # A closed breaker (read with the item) admits at once; otherwise ask under a lock.
         seen = breaker if breaker is not None and breaker.status == "closed" else None
         if seen is None:
             seen = await self._admit(provider)
+        # Every call takes a slot on the provider's schedule, batched or not, so
+        # the rate holds whichever way calls reach it.
+        grant = await self.book(provider)
+        if grant.first_in_s > 0:
+            await asyncio.sleep(grant.first_in_s)
         started = time.perf_counter()
         self.in_progress[provider] = self.in_progress.get(provider, 0) + 1
         try:
@@ -231,14 +300,14 @@ class ProviderCallActivities:
                     span.record_exception(exc)
                     span.set_status(trace.StatusCode.ERROR)
                     rejected = await self._failed(provider, seen, exc, experiment, started)
-                    return _Answer(None, (time.perf_counter() - started) * 1000, rejected)
+                    return Answer(None, (time.perf_counter() - started) * 1000, rejected)
         finally:
             self.in_progress[provider] -= 1
         latency = (time.perf_counter() - started) * 1000
         _latency.record(latency, {"provider": provider})
         _calls.add(1, {"provider": provider, "outcome": "ok"})
         await self._outcome(provider, "ok", seen)
-        return _Answer(completion, latency)
+        return Answer(completion, latency)
 
     async def _failed(
         self,
@@ -292,53 +361,20 @@ class ProviderCallActivities:
         if item.stop_requested:
             raise _stopping()
         deployment = self._deployment(input.deployment_id)
-        messages = []
-        if spec.task.system_prompt:
-            messages.append({"role": "system", "content": spec.task.system_prompt})
-        messages.append(
-            {
-                "role": "user",
-                "content": _render(spec.task.prompt_template, input.item_id, item.input),
-            }
-        )
         answer = await self._provider_call(
             input.provider,
             deployment,
-            messages,
+            task_messages(spec, input.item_id, item.input),
             spec.task,
             (input.tenant_id, input.experiment_id),
             item.breaker,
         )
-        completion = answer.completion
-        scores: dict[str, Any] = {}
-        if completion is not None:
-            for spec_eval in spec.evals:
-                if spec_eval.kind != "llm_judge":
-                    scores[eval_name(spec_eval)] = score_local(
-                        spec_eval, completion.content, item.expected
-                    ).as_json()
-        rejected = answer.rejected
         stored = await store.store_result(
             self.pool,
             input.tenant_id,
             input.experiment_id,
             input.item_id,
-            store.NewResult(
-                seq=item.seq,
-                status="ok" if completion is not None else "failed",
-                output=completion.content if completion is not None else None,
-                scores=scores,
-                evaluated=completion is None or not spec.judges,
-                latency_ms=answer.latency_ms,
-                model=completion.model if completion is not None else None,
-                deployment_id=input.deployment_id,
-                provider=input.provider,
-                prompt_tokens=completion.prompt_tokens if completion is not None else 0,
-                completion_tokens=completion.completion_tokens if completion is not None else 0,
-                error_kind=rejected.kind if rejected is not None else None,
-                error=rejected.message if rejected is not None else None,
-                attempt=activity.info().attempt,
-            ),
+            new_result(spec, item, answer, input.deployment_id, input.provider),
         )
         return self._result(input.item_id, stored, spec, fresh=True)
 

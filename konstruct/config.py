@@ -111,6 +111,11 @@ class ExperimentSettings(ExperimentOptions, AimdConfig):
     heartbeat_every_s: float = Field(2.0, gt=0)
     # A provider's first rate, when the router config has no `model_info.initial_rps`.
     initial_rps: float = Field(5.0, gt=0)
+    # Calls book slots on the provider's shared schedule at most this far ahead,
+    # so slots booked at an old rate are spent soon after the rate changes.
+    schedule_horizon_s: float = Field(0.25, gt=0)
+    # Batched calls' answers are counted in PostgreSQL this often (a 429 at once).
+    outcome_flush_s: float = Field(0.25, gt=0)
 
     def workflow_options(self) -> ExperimentOptions:
         """The workflow-side values, as the workflow input's `options`."""

@@ -29,6 +29,12 @@ class ProviderQueue:
     def name(self) -> str:
         return f"{self.base}{_PROVIDER_INFIX}{self.provider}"
 
+    @property
+    def batch_name(self) -> str:
+        """The queue of the provider's batches: no server-side limit (a batch is many
+        calls); their calls book slots on the provider's schedule instead."""
+        return f"{self.name}-batch"
+
     def __str__(self) -> str:
         return self.name
 

@@ -23,6 +23,7 @@ Times are seconds on the database's clock, so workers on different machines agre
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
@@ -266,6 +267,27 @@ def decide_rate(
     return on_success(before, now, config)
 
 
+def decide_counts(
+    before: AimdState,
+    ok: int,
+    throttled: int,
+    now: float,
+    config: AimdConfig,
+    retry_after_s: float | None = None,
+    sent_at: float | None = None,
+) -> AimdState:
+    """The rate after several answers counted together (a batch's, or a second's):
+    one decision, as if the last of them were a 429 when any was, else a success."""
+    if throttled <= 0 and ok <= 0:
+        return before
+    counted = replace(
+        before,
+        ok_since_change=before.ok_since_change + ok - (0 if throttled > 0 else 1),
+        throttled_since_change=before.throttled_since_change + max(0, throttled - 1),
+    )
+    return decide_rate(counted, throttled > 0, now, config, retry_after_s, sent_at)
+
+
 def rate_decided(current: AimdState, decided: AimdState) -> bool:
     """Whether `decided` changes more than the counters (which are bumped on their own)."""
 
@@ -273,6 +295,40 @@ def rate_decided(current: AimdState, decided: AimdState) -> bool:
         return replace(state, ok_since_change=0, throttled_since_change=0)
 
     return uncounted(decided) != uncounted(current)
+
+
+# --- the shared call schedule -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Call slots granted from a provider's schedule: `granted` calls, the first
+    `first_in_s` from now and each next `interval_s` later; none granted: ask
+    again in `retry_in_s`."""
+
+    granted: int
+    first_in_s: float = 0.0
+    interval_s: float = 0.0
+    retry_in_s: float = 0.0
+
+
+def reserve_slots(
+    next_slot_at: float, now: float, rate: float, wanted: int, horizon_s: float
+) -> tuple[Grant, float]:
+    """Book up to `wanted` calls at `rate` a second (GCRA: one virtual clock per
+    provider, shared by every worker and experiment), no further ahead than
+    `horizon_s`, so calls booked at an old rate end soon after it changes.
+    Returns the grant and the schedule's new `next_slot_at`."""
+    interval = 1.0 / rate
+    start = max(next_slot_at, now)
+    # Slots start, start + interval ... that begin within the horizon (one at least
+    # when the schedule is idle, however slow the rate).
+    room = max(1 if start <= now else 0, math.ceil((now + horizon_s - start) * rate - 1e-9))
+    if room <= 0:
+        # The next slot is past the horizon: come back when it is within it.
+        return Grant(0, retry_in_s=max(interval, start - now - horizon_s)), next_slot_at
+    granted = min(wanted, room)
+    return Grant(granted, start - now, interval), start + granted * interval
 
 
 # --- circuit breaker ----------------------------------------------------------

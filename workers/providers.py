@@ -1,4 +1,4 @@
-"""One Worker per provider, polling that provider's rate-limited task queue.
+"""Two Workers per provider: its rate-limited task queue, and its batch queue.
 
 The Temporal server dispatches each `ProviderQueue(task_queue, provider)` at the provider's
 adaptive rate, summed over every worker process; this module also keeps the
@@ -21,6 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.provider_batches import ProviderBatchActivities
 from activities.provider_calls import ProviderCallActivities
 from konstruct.config import Settings
 from konstruct.naming import ProviderQueue
@@ -44,16 +45,21 @@ async def provider_workers(
     router_config: RouterConfig,
 ) -> AsyncIterator[list[Worker]]:
     calls = ProviderCallActivities(pool, router_config, settings.experiments, task_queue)
+    batches = ProviderBatchActivities(calls)
     providers = sorted({d.provider for d in router_config.active()})
     workers = [
         Worker(
             client,
-            task_queue=ProviderQueue(task_queue, provider).name,
-            activities=[calls.run_item, calls.judge_item],
+            task_queue=queue,
+            activities=activities,
             max_concurrent_activities=settings.worker.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
         )
         for provider in providers
+        for queue, activities in (
+            (ProviderQueue(task_queue, provider).name, [calls.run_item, calls.judge_item]),
+            (ProviderQueue(task_queue, provider).batch_name, [batches.run_batch]),
+        )
     ]
     rates: dict[str, float] = {}
 

@@ -25,9 +25,12 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
+    from activities.provider_batches import ProviderBatchActivities
     from activities.provider_calls import ProviderCallActivities
     from konstruct.errors import ExperimentStopped, QuotaExceeded, workflow_failure
     from konstruct.models.experiments import (
+        BatchItem,
+        BatchItemResult,
         ExperimentCarry,
         ExperimentInput,
         ExperimentProgress,
@@ -49,6 +52,8 @@ with workflow.unsafe.imports_passed_through():
         ResultCount,
         ResultCountInput,
         Route,
+        RunBatchInput,
+        RunBatchResult,
         RunItemInput,
         RunItemResult,
         StopFlagInput,
@@ -88,6 +93,13 @@ CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
 # items left without one again (after these pauses), and else end `incomplete`.
 SETTLE_UNFINISHED = "settle-items-without-a-result"
 SETTLE_PAUSES_S = (1.0, 2.0, 4.0)
+# Patch marker: runs after it send task calls in batches while the provider's
+# rate is high (`ExperimentOptions.batch_*`), and count `continue_as_new_every`
+# in task activities (one item, or one batch) rather than items.
+BATCH_CALLS = "batch-task-calls-at-high-rates"
+# A batch waits for its slots on the provider's schedule; its heartbeat, not
+# this, is what notices a dead worker.
+BATCH_TIMEOUT = timedelta(minutes=30)
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
 # first run but in sequence order on replay (a behaviour of the Python SDK), which
@@ -124,6 +136,9 @@ class Experiment:
         # Items found without a result at the end, and the last reason one was left so.
         self._unfinished = 0
         self._unrecorded: str | None = None
+        # Set once per run (`BATCH_CALLS`); task activities dispatched this run.
+        self._batching = False
+        self._calls_this_run = 0
 
     # --- messages ------------------------------------------------------------------
 
@@ -228,6 +243,7 @@ class Experiment:
     async def run(self, raw_input: dict[str, Any]) -> ExperimentResult:
         inp = parse_input(ExperimentInput, raw_input, "Experiment")
         self._input = inp
+        self._batching = workflow.patched(BATCH_CALLS)
         workflow.upsert_search_attributes(
             [
                 TENANT.value_set(inp.tenant_id),
@@ -329,7 +345,11 @@ class Experiment:
             )
             if not page.items:
                 break
+            # Items gathered into batches, per provider, not yet dispatched.
+            gathered: dict[str, list[PendingItem]] = {}
             for item in page.items:
+                if len(self._in_flight) >= inp.max_concurrency:
+                    self._dispatch_batches(gathered)
                 await workflow.wait_condition(
                     lambda: len(self._in_flight) < inp.max_concurrency or self._stop_requested
                 )
@@ -343,8 +363,22 @@ class Experiment:
                 if item.item_id in self._in_flight:
                     continue
                 self._in_flight[item.item_id] = True
-                asyncio.create_task(self._run_item(item))
                 dispatched += 1
+                size, provider = self._batch_size(item)
+                if size <= 1:
+                    self._calls_this_run += 1
+                    asyncio.create_task(self._run_item(item))
+                    continue
+                batch = gathered.setdefault(provider, [])
+                batch.append(item)
+                if len(batch) >= size:
+                    self._dispatch_batches({provider: gathered.pop(provider)})
+            if outcome == "again":
+                self._dispatch_batches(gathered)
+            else:
+                for batch in gathered.values():  # never sent: still pending
+                    for item in batch:
+                        self._in_flight.pop(item.item_id, None)
         if outcome == "continue_as_new" and workflow.patched(CANCEL_WAITING_BEFORE_NEW_RUN):
             await self._cancel_waiting_calls()
         await workflow.wait_condition(lambda: not self._in_flight)
@@ -405,10 +439,32 @@ class Experiment:
 
     def _should_continue_as_new(self) -> bool:
         assert self._input is not None
+        done = self._calls_this_run if self._batching else self._done_this_run
         return (
-            self._done_this_run >= self._input.options.continue_as_new_every
+            done >= self._input.options.continue_as_new_every
             or workflow.info().is_continue_as_new_suggested()
         )
+
+    def _batch_size(self, item: PendingItem) -> tuple[int, str]:
+        """How many items go in one task activity to the item's provider now (1: no
+        batch), from the provider's rate at the last monitor sample."""
+        assert self._input is not None and self._carry is not None
+        if not self._batching or not item.needs_task:
+            return 1, ""
+        provider = pick_route(self._carry.prepared.task_routes, item.item_id).provider
+        rate = next((p.rate_rps for p in self._providers if p.provider == provider), 0.0)
+        o = self._input.options
+        if rate < o.batch_above_rps:
+            return 1, provider
+        size = min(o.batch_max_items, self._input.max_concurrency, int(rate * o.batch_window_s))
+        return max(2, size), provider
+
+    def _dispatch_batches(self, gathered: dict[str, list[PendingItem]]) -> None:
+        for provider, items in gathered.items():
+            if items:
+                self._calls_this_run += 1
+                asyncio.create_task(self._run_batch(provider, items))
+        gathered.clear()
 
     def _retry_policy(self) -> RetryPolicy:
         assert self._input is not None
@@ -420,16 +476,19 @@ class Experiment:
             maximum_attempts=o.max_attempts,
         )
 
-    def _start_call(self, method: Any, arg: Any, provider: str, key: str) -> tuple[Any, str]:
+    def _start_call(
+        self, method: Any, arg: Any, provider: str, key: str, batch: bool = False
+    ) -> tuple[Any, str]:
         assert self._input is not None
         o = self._input.options
         self._dispatched += 1
         activity_id = f"{key}#{self._dispatched}"
+        queue = ProviderQueue(workflow.info().task_queue, provider)
         handle = workflow.start_activity_method(
             method,
             arg,
-            task_queue=ProviderQueue(workflow.info().task_queue, provider).name,
-            start_to_close_timeout=timedelta(seconds=o.call_timeout_s),
+            task_queue=queue.batch_name if batch else queue.name,
+            start_to_close_timeout=BATCH_TIMEOUT if batch else timedelta(seconds=o.call_timeout_s),
             heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
             retry_policy=self._retry_policy(),
             activity_id=activity_id,
@@ -440,12 +499,23 @@ class Experiment:
         self._handles[activity_id] = handle
         return handle, activity_id
 
-    async def _run_item(self, item: PendingItem) -> None:
+    async def _run_item(self, item: PendingItem, delay_s: float = 0.0) -> None:
+        """One item on the single-call path: its task call (after `delay_s`, a
+        batch's Retry-After), then its judges."""
         assert self._input is not None and self._carry is not None
         inp, carry = self._input, self._carry
         keys: list[str] = []
         task_done = not item.needs_task
         try:
+            if delay_s > 0:
+                try:
+                    await workflow.wait_condition(
+                        lambda: self._stop_requested, timeout=timedelta(seconds=delay_s)
+                    )
+                except TimeoutError:
+                    pass
+                if self._stop_requested:
+                    return  # still pending: a resume runs it
             missing = item.missing_evals
             if item.needs_task:
                 route = pick_route(carry.prepared.task_routes, item.item_id)
@@ -499,11 +569,7 @@ class Experiment:
             ):
                 return  # stopped before its call: still pending, a resume runs it
             if isinstance(cause, ApplicationError) and cause.type == QuotaExceeded.error_type:
-                # No retry helps a spent quota: pause, and leave the item pending.
-                if self._quota_reason is None:
-                    self._quota_reason = cause.message
-                    self._stop_requested = True
-                    self._publish(f"paused: {cause.message}")
+                self._quota_spent(cause.message)
                 return
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
             try:
@@ -537,6 +603,91 @@ class Experiment:
             self._in_flight.pop(item.item_id, None)
             for key in keys:
                 self._handles.pop(key, None)
+
+    def _quota_spent(self, message: str) -> None:
+        """No retry helps a spent quota: pause, and leave the item pending."""
+        if self._quota_reason is None:
+            self._quota_reason = message
+            self._stop_requested = True
+            self._publish(f"paused: {message}")
+
+    async def _run_batch(self, provider: str, items: list[PendingItem]) -> None:
+        """Task calls of several items in one activity. What the batch settled is
+        counted here; what it handed back goes on the single-call path."""
+        assert self._input is not None and self._carry is not None
+        inp, carry = self._input, self._carry
+        by_id = {item.item_id: item for item in items}
+        handed_over: set[str] = set()
+        handle, key = self._start_call(
+            ProviderBatchActivities.run_batch,
+            RunBatchInput(
+                tenant_id=inp.tenant_id,
+                experiment_id=inp.experiment_id,
+                provider=provider,
+                items=[
+                    BatchItem(
+                        item_id=item.item_id,
+                        deployment_id=pick_route(
+                            carry.prepared.task_routes, item.item_id
+                        ).deployment_id,
+                    )
+                    for item in items
+                ],
+            ),
+            provider,
+            f"batch:{items[0].item_id}",
+            batch=True,
+        )
+        try:
+            try:
+                result: RunBatchResult = await handle
+            except ActivityError as err:
+                cause = err.cause
+                if isinstance(cause, CancelledError):
+                    return  # stopped before it ran: its items are still pending
+                # The batch itself failed for good: each item goes the single way,
+                # whose errors say what is wrong with it.
+                for item in items:
+                    handed_over.add(item.item_id)
+                    asyncio.create_task(self._run_item(item))
+                return
+            for r in result.items:
+                item = by_id[r.item_id]
+                if r.status == "retry":
+                    handed_over.add(item.item_id)
+                    asyncio.create_task(self._run_item(item, delay_s=r.retry_in_s))
+                elif r.status == "quota":
+                    self._quota_spent(r.message or f"provider {provider!r} quota exceeded")
+                elif r.status in ("ok", "failed"):
+                    if self._count_batch_result(item, r):
+                        handed_over.add(item.item_id)
+        finally:
+            self._handles.pop(key, None)
+            for item_id in by_id:
+                if item_id not in handed_over:
+                    self._in_flight.pop(item_id, None)
+
+    def _count_batch_result(self, item: PendingItem, r: BatchItemResult) -> bool:
+        """Count a stored result; True when its judges still run (on their own)."""
+        assert self._carry is not None
+        carry = self._carry
+        if r.status == "failed":
+            carry.failed += 1
+            self._done_this_run += 1
+            return False
+        carry.completed += 1
+        if r.fresh:
+            carry.prompt_tokens += r.prompt_tokens
+            carry.completion_tokens += r.completion_tokens
+        if r.missing_evals:
+            judged = PendingItem(
+                seq=item.seq, item_id=item.item_id, needs_task=False, missing_evals=r.missing_evals
+            )
+            asyncio.create_task(self._run_item(judged))
+            return True
+        carry.evaluated += 1
+        self._done_this_run += 1
+        return False
 
     async def _stop_and_wait(self) -> None:
         self._set_status("stopping")

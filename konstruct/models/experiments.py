@@ -150,6 +150,12 @@ class ExperimentOptions(StrictModel):
     page_size: int = Field(500, ge=1, le=5000)
     # How often progress, rates and breakers are refreshed into the workflow.
     monitor_interval_s: float = Field(2.0, gt=0)
+    # At a provider rate of `batch_above_rps` or more, task calls go in batches of
+    # rate x `batch_window_s` items (2 to `batch_max_items`), one activity each:
+    # the per-item cost of an activity is what bounds throughput at high rates.
+    batch_above_rps: float = Field(40.0, gt=0)
+    batch_window_s: float = Field(0.1, gt=0)
+    batch_max_items: int = Field(50, ge=2, le=500)
 
 
 class ToggleRecord(StrictModel):
@@ -277,6 +283,42 @@ class RunItemResult(StrictModel):
     error_kind: str | None = None
     # False when the result was stored by an earlier attempt or run.
     fresh: bool = True
+
+
+class BatchItem(StrictModel):
+    item_id: str
+    deployment_id: str
+
+
+class RunBatchInput(StrictModel):
+    """Task calls of several items to one provider, in one activity (high rates)."""
+
+    tenant_id: str
+    experiment_id: str
+    provider: str
+    items: list[BatchItem]
+
+
+# What became of one item of a batch: a stored result (ok or failed), or, for the
+# workflow to act on: "stopped" (never called: still pending), "quota" (the
+# provider's quota is spent: pause), "retry" (not done here: the item goes on the
+# single-call path with its Temporal retries, after `retry_in_s`).
+BatchItemStatus = Literal["ok", "failed", "stopped", "quota", "retry"]
+
+
+class BatchItemResult(StrictModel):
+    item_id: str
+    status: BatchItemStatus
+    missing_evals: list[str] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    fresh: bool = True
+    retry_in_s: float = 0.0
+    message: str | None = None
+
+
+class RunBatchResult(StrictModel):
+    items: list[BatchItemResult]
 
 
 class JudgeItemInput(StrictModel):

@@ -202,10 +202,21 @@ async def count_retried_call(
     tenant_id: str,
     experiment_id: str,
     what: Literal["throttled", "call_failures"],
+    calls: int = 1,
 ) -> None:
-    """One more call of the experiment that a 429 or a provider failure sent back."""
+    """More calls of the experiment that a 429 or a provider failure sent back."""
     async with tenant_transaction(pool, tenant_id) as conn:
-        await _update_experiment(conn, tenant_id, experiment_id, f"{what} = {what} + 1")
+        await _update_experiment(conn, tenant_id, experiment_id, f"{what} = {what} + $3", calls)
+
+
+async def stop_requested(conn: asyncpg.Connection, tenant_id: str, experiment_id: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "select stop_requested from experiments where tenant_id = $1 and experiment_id = $2",
+            tenant_id,
+            experiment_id,
+        )
+    )
 
 
 async def store_summary(
@@ -341,6 +352,42 @@ async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
     )
 
 
+async def task_calls(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    experiment_id: str,
+    item_ids: list[str],
+    task_queue: str,
+    provider: str,
+) -> dict[str, TaskCall]:
+    """`task_call` of several items in one query (a batch's); absent ids are missing."""
+    rows = await conn.fetch(
+        "select i.item_id, i.seq, i.input, i.expected, e.stop_requested, r.status, r.scores,"
+        " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
+        + _BREAKER_COLUMNS
+        + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
+        " left join experiment_results r using (tenant_id, experiment_id, item_id)"
+        " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
+        " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = any($3::text[])",
+        tenant_id,
+        experiment_id,
+        item_ids,
+        task_queue,
+        provider,
+    )
+    return {
+        row["item_id"]: TaskCall(
+            seq=row["seq"],
+            input=row["input"],
+            expected=_expected(row["expected"]),
+            stop_requested=row["stop_requested"],
+            result=None if row["status"] is None else StoredResult.from_row(row),
+            breaker=_breaker_seen(row),
+        )
+        for row in rows
+    }
+
+
 async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None:
     row = await conn.fetchrow(
         "select i.input, i.expected, r.output, r.scores, e.stop_requested, "
@@ -400,20 +447,7 @@ async def store_result(
             tenant_id,
             experiment_id,
             item_id,
-            new.seq,
-            new.status,
-            new.output,
-            json.dumps(new.scores),
-            new.evaluated,
-            new.latency_ms,
-            new.model,
-            new.deployment_id,
-            new.provider,
-            new.prompt_tokens,
-            new.completion_tokens,
-            new.error_kind,
-            new.error,
-            new.attempt,
+            *_result_values(new),
         )
         if row is None:  # an earlier attempt stored it first
             row = await conn.fetchrow(
@@ -424,6 +458,60 @@ async def store_result(
                 item_id,
             )
     return StoredResult.from_row(row)
+
+
+async def store_results(
+    pool: asyncpg.Pool, tenant_id: str, experiment_id: str, new: list[tuple[str, NewResult]]
+) -> dict[str, tuple[StoredResult, bool]]:
+    """`store_result` of several items in one transaction: per item the stored
+    result, and whether this call stored it (False: an earlier attempt had)."""
+    returning = "item_id, status, scores, latency_ms, prompt_tokens, completion_tokens, error_kind"
+    columns = list(zip(*[(item_id, *_result_values(r)) for item_id, r in new], strict=True))
+    async with tenant_transaction(pool, tenant_id) as conn:
+        rows = await conn.fetch(
+            "insert into experiment_results (tenant_id, experiment_id, item_id, seq, status,"
+            " output, scores, evaluated, latency_ms, model, deployment_id, provider,"
+            " prompt_tokens, completion_tokens, error_kind, error, attempt)"
+            " select $1, $2, * from unnest($3::text[], $4::int[], $5::text[], $6::text[],"
+            " $7::jsonb[], $8::bool[], $9::float8[], $10::text[], $11::text[], $12::text[],"
+            " $13::int[], $14::int[], $15::text[], $16::text[], $17::int[])"
+            " on conflict (tenant_id, experiment_id, item_id) do nothing"
+            f" returning {returning}",
+            tenant_id,
+            experiment_id,
+            *[list(c) for c in columns],
+        )
+        stored = {r["item_id"]: (StoredResult.from_row(r), True) for r in rows}
+        earlier = [item_id for item_id, _ in new if item_id not in stored]
+        if earlier:
+            for r in await conn.fetch(
+                f"select {returning} from experiment_results"
+                " where tenant_id = $1 and experiment_id = $2 and item_id = any($3::text[])",
+                tenant_id,
+                experiment_id,
+                earlier,
+            ):
+                stored[r["item_id"]] = (StoredResult.from_row(r), False)
+    return stored
+
+
+def _result_values(new: NewResult) -> tuple[Any, ...]:
+    return (
+        new.seq,
+        new.status,
+        new.output,
+        json.dumps(new.scores),
+        new.evaluated,
+        new.latency_ms,
+        new.model,
+        new.deployment_id,
+        new.provider,
+        new.prompt_tokens,
+        new.completion_tokens,
+        new.error_kind,
+        new.error,
+        new.attempt,
+    )
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,14 @@ from konstruct.provider_control import (
     AimdState,
     BreakerConfig,
     BreakerState,
+    Grant,
     admit,
     claim_probe,
-    decide_rate,
+    decide_counts,
     rate_decided,
     record_failure,
     record_success,
+    reserve_slots,
 )
 from konstruct.store._rows import from_row
 
@@ -96,7 +98,7 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
-            " throttled_since_change = 0,"
+            " throttled_since_change = 0, next_slot_at = 0,"
             f" changed_at = {_NOW}, last_decrease_at = null, hold_until = 0, step = 0,"
             " version = version + 1 where task_queue = $1 and provider = $2",
             task_queue,
@@ -179,10 +181,65 @@ async def _write_breaker(
     )
 
 
+async def reserve_calls(
+    pool: asyncpg.Pool, task_queue: str, provider: str, wanted: int, horizon_s: float
+) -> Grant:
+    """Book up to `wanted` call slots on the provider's schedule (see `reserve_slots`).
+    A provider without a row yet is not limited here (its queue's limit still is)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"select rate, next_slot_at, {_NOW} as now from provider_limits"
+            " where task_queue = $1 and provider = $2 for update",
+            task_queue,
+            provider,
+        )
+        if row is None:
+            return Grant(wanted)
+        grant, next_slot_at = reserve_slots(
+            row["next_slot_at"], row["now"], float(row["rate"]), wanted, horizon_s
+        )
+        if grant.granted:
+            await conn.execute(
+                "update provider_limits set next_slot_at = $3"
+                " where task_queue = $1 and provider = $2",
+                task_queue,
+                provider,
+                next_slot_at,
+            )
+    return grant
+
+
 @dataclass(frozen=True)
 class OutcomeEffect:
     rate_changed_to: float | None = None
     breaker_tripped: bool = False
+
+
+@dataclass(frozen=True)
+class OutcomeCounts:
+    """Answers of several calls, counted together (a worker's last quarter second).
+
+    `failures_after_ok`: failures since the last success among them (the breaker
+    counts consecutive failures); `retry_after_s`: the longest Retry-After of the
+    429s; `newest_429_age_s`: how long ago the newest refused request was sent."""
+
+    ok: int = 0
+    throttled: int = 0
+    failures: int = 0
+    failures_after_ok: int = 0
+    retry_after_s: float | None = None
+    newest_429_age_s: float | None = None
+    last_error: str = ""
+
+
+def _one(outcome: Outcome, retry_after_s: float | None, error: str, age_s: float | None):
+    if outcome == "ok":
+        return OutcomeCounts(ok=1)
+    if outcome == "throttled":
+        return OutcomeCounts(throttled=1, retry_after_s=retry_after_s, newest_429_age_s=age_s)
+    if outcome == "failure":
+        return OutcomeCounts(failures=1, failures_after_ok=1, last_error=error)
+    return OutcomeCounts()
 
 
 async def record_outcome(
@@ -203,13 +260,32 @@ async def record_outcome(
     `age_s`: how long ago the call's request was sent (a duration, so the
     worker's clock need not agree with the database's).
     """
+    return await record_outcomes(
+        pool,
+        task_queue,
+        provider,
+        _one(outcome, retry_after_s, error, age_s),
+        breaker_seen=breaker_seen,
+        aimd=aimd,
+        breaker=breaker,
+    )
+
+
+async def record_outcomes(
+    pool: asyncpg.Pool,
+    task_queue: str,
+    provider: str,
+    counts: OutcomeCounts,
+    *,
+    breaker_seen: BreakerState | None,
+    aimd: AimdConfig,
+    breaker: BreakerConfig,
+) -> OutcomeEffect:
+    """Count several answers at once: one row update and at most one decision.
+    `breaker_seen` None: the breaker is read under its lock if anything changes it."""
     async with pool.acquire() as conn:
-        rate_changed = await _learn_rate(
-            conn, task_queue, provider, outcome, aimd, retry_after_s, age_s
-        )
-        tripped = await _learn_breaker(
-            conn, task_queue, provider, outcome, breaker_seen, breaker, error
-        )
+        rate_changed = await _learn_rate(conn, task_queue, provider, counts, aimd)
+        tripped = await _learn_breaker(conn, task_queue, provider, counts, breaker_seen, breaker)
     return OutcomeEffect(rate_changed_to=rate_changed, breaker_tripped=tripped)
 
 
@@ -217,44 +293,50 @@ async def _learn_rate(
     conn: asyncpg.Connection,
     task_queue: str,
     provider: str,
-    outcome: Outcome,
+    counts: OutcomeCounts,
     aimd: AimdConfig,
-    retry_after_s: float | None,
-    age_s: float | None,
 ) -> float | None:
-    """Count the outcome; after a success or a 429, write the rate decided (if
-    nobody decided since). Returns the new rate if this call changed it."""
-    if outcome == "failure":
+    """Count the outcomes; after successes or 429s, write the rate decided (if
+    nobody decided since). Returns the new rate if this changed it."""
+    if counts.failures and not (counts.ok or counts.throttled):
         await conn.execute(
-            "update provider_limits set failure_total = failure_total + 1"
+            "update provider_limits set failure_total = failure_total + $3"
             " where task_queue = $1 and provider = $2",
             task_queue,
             provider,
+            counts.failures,
         )
         return None
-    if outcome == "neutral":
+    if not (counts.ok or counts.throttled):
         return None
-    column = "ok" if outcome == "ok" else "throttled"
     row = await conn.fetchrow(
-        f"update provider_limits set {column}_total = {column}_total + 1,"
-        f" {column}_since_change = {column}_since_change + 1"
+        "update provider_limits set ok_total = ok_total + $3,"
+        " ok_since_change = ok_since_change + $3, throttled_total = throttled_total + $4,"
+        " throttled_since_change = throttled_since_change + $4,"
+        " failure_total = failure_total + $5"
         " where task_queue = $1 and provider = $2"
         f" returning *, {_NOW} as now",
         task_queue,
         provider,
+        counts.ok,
+        counts.throttled,
+        counts.failures,
     )
     if row is None:
         return None
     current = _aimd(row)
     before = dict(row)
-    before[f"{column}_since_change"] -= 1
-    decided = decide_rate(
+    before["ok_since_change"] -= counts.ok
+    before["throttled_since_change"] -= counts.throttled
+    age = counts.newest_429_age_s
+    decided = decide_counts(
         _aimd(before),
-        outcome == "throttled",
+        counts.ok,
+        counts.throttled,
         row["now"],
         aimd,
-        retry_after_s=retry_after_s,
-        sent_at=None if age_s is None else row["now"] - age_s,
+        retry_after_s=counts.retry_after_s,
+        sent_at=None if age is None else row["now"] - age,
     )
     if not rate_decided(current, decided):
         return None
@@ -286,7 +368,7 @@ async def _learn_rate(
         provider,
         current.rate,
         decided.rate,
-        outcome,
+        "a 429" if counts.throttled else "successes",
         f"{decided.ceiling:.2f}" if decided.ceiling is not None else "unknown",
         current.ok_since_change,
         current.throttled_since_change,
@@ -299,38 +381,35 @@ async def _learn_breaker(
     conn: asyncpg.Connection,
     task_queue: str,
     provider: str,
-    outcome: Outcome,
-    seen: BreakerState,
+    counts: OutcomeCounts,
+    seen: BreakerState | None,
     config: BreakerConfig,
-    error: str,
 ) -> bool:
-    """A success closes the breaker, a failure counts towards opening it (under a
-    row lock). Returns whether this failure tripped it."""
-    if outcome == "ok" and record_success(seen) != seen:
-        async with conn.transaction():
-            row = await _breaker_row(conn, task_queue, provider, lock=True)
-            if row is not None:
-                state = breaker_from_row(row)
-                closed = record_success(state)
-                if closed != state:
-                    await _write_breaker(conn, task_queue, provider, closed)
-        return False
-    if outcome != "failure":
+    """Successes close the breaker, failures after the last success count towards
+    opening it (under a row lock). Returns whether these failures tripped it."""
+    closes = counts.ok > 0 and (seen is None or record_success(seen) != seen)
+    if not closes and not counts.failures_after_ok:
         return False
     async with conn.transaction():
         row = await _breaker_row(conn, task_queue, provider, lock=True)
         if row is None:
             return False
-        state = breaker_from_row(row)
-        failed = record_failure(state, row["now"], config)
-        await _write_breaker(conn, task_queue, provider, failed)
-        await conn.execute(
-            "update provider_breakers set last_error = $3 where task_queue = $1 and provider = $2",
-            task_queue,
-            provider,
-            error[:500],
-        )
-    return failed.trips > state.trips
+        state = before = breaker_from_row(row)
+        if counts.ok > 0:
+            state = record_success(state)
+        for _ in range(counts.failures_after_ok):
+            state = record_failure(state, row["now"], config)
+        if state != before:
+            await _write_breaker(conn, task_queue, provider, state)
+        if counts.failures_after_ok:
+            await conn.execute(
+                "update provider_breakers set last_error = $3"
+                " where task_queue = $1 and provider = $2",
+                task_queue,
+                provider,
+                counts.last_error[:500],
+            )
+    return state.trips > before.trips
 
 
 async def provider_statuses(

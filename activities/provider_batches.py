@@ -1,0 +1,363 @@
+"""Task calls of several items to one provider in one activity: the high-rate path.
+
+At a hundred calls a second and more, what bounds an experiment is not the
+provider but the cost of one activity per item (its task, its events, its
+database round trips). A batch pays those once for many items:
+
+- its items are read in one query;
+- its calls book their slots on the provider's shared schedule
+  (`konstruct.store.providers.reserve_calls`: one virtual clock per provider
+  in PostgreSQL, shared by every worker and experiment, and by the single-item
+  path too) and go out paced at the provider's rate, a few at a time, so a
+  stop is seen before the next booking;
+- their answers are counted per worker and provider every quarter second (a
+  429 at once) instead of one locked row update per call;
+- their results are written together, one transaction per group of answers
+  that arrived while the last one was written, each as soon as it can be, so a
+  worker killed mid-batch leaves every answered item's result stored and its
+  retry calls only what was still in flight.
+
+A batch makes one attempt per item. What it cannot settle by itself, a 429, a
+failing provider, an item it cannot find, it hands back (`retry`) and the
+workflow runs that item on the single-item path, whose Temporal retries, server
+waits and breaker admission handle the hard cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from opentelemetry import trace
+from temporalio import activity
+
+from activities.provider_calls import (
+    Answer,
+    ProviderCallActivities,
+    _calls,
+    _latency,
+    _throttled,
+    new_result,
+    task_messages,
+)
+from konstruct.db import tenant_transaction
+from konstruct.models.experiments import (
+    BatchItem,
+    BatchItemResult,
+    RunBatchInput,
+    RunBatchResult,
+)
+from konstruct.provider_adapter import classify, complete_on
+from konstruct.store import experiments as store
+from konstruct.store.providers import OutcomeCounts, record_outcomes
+
+_tracer = trace.get_tracer("konstruct.experiments")
+
+
+class _Ledger:
+    """One provider's answers in this worker, not yet counted in PostgreSQL."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.flushed_at = time.monotonic()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.ok = self.throttled = self.failures = self.failures_after_ok = 0
+        self.retry_after_s: float | None = None
+        self.newest_429_sent: float | None = None
+        self.last_error = ""
+
+    def ok_answer(self) -> None:
+        self.ok += 1
+        self.failures_after_ok = 0
+
+    def refused(self, retry_after_s: float | None, sent: float) -> None:
+        self.throttled += 1
+        if retry_after_s is not None:
+            self.retry_after_s = max(self.retry_after_s or 0.0, retry_after_s)
+        self.newest_429_sent = max(self.newest_429_sent or sent, sent)
+
+    def failed(self, error: str) -> None:
+        self.failures += 1
+        self.failures_after_ok += 1
+        self.last_error = error
+
+    def take(self) -> OutcomeCounts | None:
+        if not (self.ok or self.throttled or self.failures):
+            return None
+        counts = OutcomeCounts(
+            ok=self.ok,
+            throttled=self.throttled,
+            failures=self.failures,
+            failures_after_ok=self.failures_after_ok,
+            retry_after_s=self.retry_after_s,
+            newest_429_age_s=None
+            if self.newest_429_sent is None
+            else time.perf_counter() - self.newest_429_sent,
+            last_error=self.last_error,
+        )
+        self._clear()
+        self.flushed_at = time.monotonic()
+        return counts
+
+
+class _ResultWriter:
+    """Writes a batch's results as they come: whatever arrived while the last
+    write ran goes in the next, one transaction each."""
+
+    def __init__(self, pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> None:
+        self.pool, self.tenant_id, self.experiment_id = pool, tenant_id, experiment_id
+        self._queue: list[tuple[str, store.NewResult, asyncio.Future]] = []
+        self._drain: asyncio.Task | None = None
+
+    async def write(self, item_id: str, new: store.NewResult) -> tuple[store.StoredResult, bool]:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((item_id, new, future))
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._write_queued())
+        return await future
+
+    async def _write_queued(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue, []
+            try:
+                stored = await store.store_results(
+                    self.pool,
+                    self.tenant_id,
+                    self.experiment_id,
+                    [(item_id, new) for item_id, new, _ in group],
+                )
+            except Exception as exc:
+                for _, _, future in group:
+                    future.set_exception(exc)
+                continue
+            for item_id, _, future in group:
+                future.set_result(stored[item_id])
+
+
+@dataclass
+class _Batch:
+    input: RunBatchInput
+    spec: store.StoredSpec
+    writer: _ResultWriter
+    throttled: int = 0
+    failures: int = 0
+
+
+class ProviderBatchActivities:
+    """Shares the single-item path's plumbing: its pool, deployments, settings,
+    spec cache, rate push and schedule booking."""
+
+    def __init__(self, calls: ProviderCallActivities) -> None:
+        self.calls = calls
+        self._ledgers: dict[str, _Ledger] = {}
+
+    @activity.defn(name="experiment_run_batch")
+    async def run_batch(self, input: RunBatchInput) -> RunBatchResult:
+        calls = self.calls
+        async with tenant_transaction(calls.pool, input.tenant_id) as conn:
+            spec = await calls._spec(conn, input.tenant_id, input.experiment_id)
+            found = await store.task_calls(
+                conn,
+                input.tenant_id,
+                input.experiment_id,
+                [i.item_id for i in input.items],
+                calls.task_queue,
+                input.provider,
+            )
+        out: dict[str, BatchItemResult] = {}
+        todo: list[tuple[BatchItem, store.TaskCall]] = []
+        for item in input.items:
+            call = found.get(item.item_id)
+            if call is None or item.deployment_id not in calls.deployments:
+                # The single-item path says what is wrong, non-retryably.
+                out[item.item_id] = BatchItemResult(item_id=item.item_id, status="retry")
+            elif call.result is not None:
+                out[item.item_id] = _stored(item.item_id, call.result, spec, fresh=False)
+            elif call.stop_requested:
+                out[item.item_id] = BatchItemResult(item_id=item.item_id, status="stopped")
+            else:
+                todo.append((item, call))
+        breaker = todo[0][1].breaker if todo else None
+        if breaker is not None and breaker.status != "closed":
+            # The provider is failing: its single calls wait for the breaker's probe.
+            for item, _ in todo:
+                out[item.item_id] = BatchItemResult(item_id=item.item_id, status="retry")
+        elif todo:
+            batch = _Batch(
+                input, spec, _ResultWriter(calls.pool, input.tenant_id, input.experiment_id)
+            )
+            for result in await self._call_all(batch, todo):
+                out[result.item_id] = result
+            await self._flush(input.provider, force=True)
+            for what, n in (("throttled", batch.throttled), ("call_failures", batch.failures)):
+                if n:
+                    await store.count_retried_call(
+                        calls.pool, input.tenant_id, input.experiment_id, what, n
+                    )
+        return RunBatchResult(items=[out[i.item_id] for i in input.items])
+
+    async def _call_all(
+        self, batch: _Batch, todo: list[tuple[BatchItem, store.TaskCall]]
+    ) -> list[BatchItemResult]:
+        """Book slots a few at a time and start each call at its slot; items left
+        unbooked when a stop comes are `stopped`."""
+        loop = asyncio.get_running_loop()
+        inp = batch.input
+        started: list[asyncio.Task[BatchItemResult]] = []
+        results: list[BatchItemResult] = []
+        index = 0
+        try:
+            while index < len(todo):
+                if index and await self._stop_requested(inp):
+                    break
+                grant = await self.calls.book(inp.provider, len(todo) - index)
+                base = loop.time() + grant.first_in_s
+                for k in range(grant.granted):
+                    item, call = todo[index]
+                    index += 1
+                    at = base + k * grant.interval_s
+                    started.append(asyncio.create_task(self._one(batch, item, call, at)))
+                # Book again when the last slot booked is due.
+                await asyncio.sleep(
+                    max(0.0, base + (grant.granted - 1) * grant.interval_s - loop.time())
+                )
+                activity.heartbeat()
+            results = [
+                BatchItemResult(item_id=item.item_id, status="stopped") for item, _ in todo[index:]
+            ]
+            pending = set(started)
+            while pending:
+                _, pending = await asyncio.wait(
+                    pending, timeout=self.calls.settings.heartbeat_every_s
+                )
+                activity.heartbeat()
+        finally:
+            for task in started:
+                if not task.done():
+                    task.cancel()
+        return [task.result() for task in started] + results
+
+    async def _stop_requested(self, inp: RunBatchInput) -> bool:
+        async with tenant_transaction(self.calls.pool, inp.tenant_id) as conn:
+            return await store.stop_requested(conn, inp.tenant_id, inp.experiment_id)
+
+    async def _one(
+        self, batch: _Batch, item: BatchItem, call: store.TaskCall, at: float
+    ) -> BatchItemResult:
+        """One item's task call at its slot, learned from and stored."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        inp, calls = batch.input, self.calls
+        provider = inp.provider
+        deployment = calls.deployments[item.deployment_id]
+        ledger = self._ledgers.setdefault(provider, _Ledger())
+        sent = time.perf_counter()
+        calls.in_progress[provider] = calls.in_progress.get(provider, 0) + 1
+        try:
+            with _tracer.start_as_current_span("llm.completion") as span:
+                span.set_attribute("llm.deployment", deployment.deployment_id)
+                span.set_attribute("llm.provider", provider)
+                try:
+                    completion = await complete_on(
+                        deployment.litellm_params,
+                        task_messages(batch.spec, item.item_id, call.input),
+                        timeout_s=calls.settings.call_timeout_s,
+                        temperature=batch.spec.task.temperature,
+                        max_tokens=batch.spec.task.max_tokens,
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(trace.StatusCode.ERROR)
+                    failure = classify(exc)
+                    completion = None
+        finally:
+            calls.in_progress[provider] -= 1
+        latency_ms = (time.perf_counter() - sent) * 1000
+        if completion is not None:
+            ledger.ok_answer()
+            _calls.add(1, {"provider": provider, "outcome": "ok"})
+            _latency.record(latency_ms, {"provider": provider})
+            answer = Answer(completion, latency_ms)
+        elif failure.posture == "rejected":
+            _calls.add(1, {"provider": provider, "outcome": "rejected"})
+            answer = Answer(None, latency_ms, failure)
+        else:
+            retry_in = 0.0
+            if failure.posture == "throttled":
+                ledger.refused(failure.retry_after_s, sent)
+                batch.throttled += 1
+                _throttled.add(1, {"provider": provider})
+                retry_in = failure.retry_after_s or calls.settings.retry_initial_s
+            elif failure.posture == "failed":
+                ledger.failed(failure.message)
+                batch.failures += 1
+                retry_in = calls.settings.retry_initial_s
+            outcome = "failure" if failure.posture == "failed" else failure.posture
+            _calls.add(1, {"provider": provider, "outcome": outcome})
+            await self._flush(provider)
+            if failure.posture == "quota":
+                return BatchItemResult(
+                    item_id=item.item_id,
+                    status="quota",
+                    message=f"provider {provider!r} quota exceeded: {failure.message}",
+                )
+            return BatchItemResult(item_id=item.item_id, status="retry", retry_in_s=retry_in)
+        await self._flush(provider)
+        try:
+            stored, fresh = await batch.writer.write(
+                item.item_id, new_result(batch.spec, call, answer, item.deployment_id, provider)
+            )
+        except (asyncpg.PostgresError, OSError) as exc:
+            # Answered but not stored: the single-item path calls again and stores it.
+            activity.logger.warning("result of %s not stored: %s", item.item_id, exc)
+            return BatchItemResult(item_id=item.item_id, status="retry")
+        return _stored(item.item_id, stored, batch.spec, fresh)
+
+    async def _flush(self, provider: str, force: bool = False) -> None:
+        """Count this worker's answers from the provider: when due, at once after a 429."""
+        ledger = self._ledgers.get(provider)
+        if ledger is None:
+            return
+        settings = self.calls.settings
+        due = ledger.throttled or time.monotonic() - ledger.flushed_at >= settings.outcome_flush_s
+        if not (due or force):
+            return
+        async with ledger.lock:
+            counts = ledger.take()
+            if counts is None:
+                return
+            try:
+                effect = await record_outcomes(
+                    self.calls.pool,
+                    self.calls.task_queue,
+                    provider,
+                    counts,
+                    breaker_seen=None,
+                    aimd=self.calls.aimd,
+                    breaker=self.calls.breaker,
+                )
+            except (asyncpg.PostgresError, OSError) as exc:
+                # The rate learns from the next ones; the results matter more.
+                activity.logger.warning("answers of %s not counted: %s", provider, exc)
+                return
+        await self.calls.apply_effect(provider, effect, "batch")
+
+
+def _stored(
+    item_id: str, stored: store.StoredResult, spec: store.StoredSpec, fresh: bool
+) -> BatchItemResult:
+    missing = [n for n in spec.judges if n not in stored.scores] if stored.status == "ok" else []
+    return BatchItemResult(
+        item_id=item_id,
+        status=stored.status,
+        missing_evals=missing,
+        prompt_tokens=stored.prompt_tokens,
+        completion_tokens=stored.completion_tokens,
+        fresh=fresh,
+    )
