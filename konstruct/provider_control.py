@@ -23,7 +23,6 @@ Times are seconds on the database's clock, so workers on different machines agre
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
@@ -302,33 +301,14 @@ def rate_decided(current: AimdState, decided: AimdState) -> bool:
 
 @dataclass(frozen=True)
 class Grant:
-    """Call slots granted from a provider's schedule: `granted` calls, the first
-    `first_in_s` from now and each next `interval_s` later; none granted: ask
-    again in `retry_in_s`."""
+    """Call slots granted from a provider's schedule (`konstruct.store.providers.
+    reserve_calls`): `granted` calls, the first `first_in_s` from now and each next
+    `interval_s` later; none granted: ask again in `retry_in_s`."""
 
     granted: int
     first_in_s: float = 0.0
     interval_s: float = 0.0
     retry_in_s: float = 0.0
-
-
-def reserve_slots(
-    next_slot_at: float, now: float, rate: float, wanted: int, horizon_s: float
-) -> tuple[Grant, float]:
-    """Book up to `wanted` calls at `rate` a second (GCRA: one virtual clock per
-    provider, shared by every worker and experiment), no further ahead than
-    `horizon_s`, so calls booked at an old rate end soon after it changes.
-    Returns the grant and the schedule's new `next_slot_at`."""
-    interval = 1.0 / rate
-    start = max(next_slot_at, now)
-    # Slots start, start + interval ... that begin within the horizon (one at least
-    # when the schedule is idle, however slow the rate).
-    room = max(1 if start <= now else 0, math.ceil((now + horizon_s - start) * rate - 1e-9))
-    if room <= 0:
-        # The next slot is past the horizon: come back when it is within it.
-        return Grant(0, retry_in_s=max(interval, start - now - horizon_s)), next_slot_at
-    granted = min(wanted, room)
-    return Grant(granted, start - now, interval), start + granted * interval
 
 
 # --- circuit breaker ----------------------------------------------------------

@@ -31,7 +31,6 @@ from konstruct.provider_control import (
     rate_decided,
     record_failure,
     record_success,
-    reserve_slots,
 )
 from konstruct.store._rows import from_row
 
@@ -78,12 +77,13 @@ async def ensure_provider(
             min_rps,
             max_rps,
         )
-        await conn.execute(
-            "insert into provider_breakers (task_queue, provider) values ($1, $2)"
-            " on conflict do nothing",
-            task_queue,
-            provider,
-        )
+        for table in ("provider_breakers", "provider_schedule"):
+            await conn.execute(
+                f"insert into {table} (task_queue, provider) values ($1, $2)"
+                " on conflict do nothing",
+                task_queue,
+                provider,
+            )
         return float(
             await conn.fetchval(
                 "select rate from provider_limits where task_queue = $1 and provider = $2",
@@ -98,9 +98,14 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
-            " throttled_since_change = 0, next_slot_at = 0,"
+            " throttled_since_change = 0,"
             f" changed_at = {_NOW}, last_decrease_at = null, hold_until = 0, step = 0,"
             " version = version + 1 where task_queue = $1 and provider = $2",
+            task_queue,
+            provider,
+        )
+        await conn.execute(
+            "update provider_schedule set next_slot_at = 0 where task_queue = $1 and provider = $2",
             task_queue,
             provider,
         )
@@ -181,32 +186,47 @@ async def _write_breaker(
     )
 
 
+# Book up to $3 call slots at the provider's rate, no further ahead than $4 seconds
+# (GCRA: one virtual clock per provider): slots start, start + 1/rate ... that
+# begin within the horizon, one at least when the schedule is idle however slow
+# the rate. One statement, so the row is locked only while PostgreSQL runs it;
+# locked across a worker's round trips, it serialised every worker at high rates.
+_BOOK = f"""
+with cur as (
+    select greatest(s.next_slot_at, t.now) as start, t.now, l.rate
+    from provider_schedule s join provider_limits l using (task_queue, provider),
+        (select {_NOW} as now) t
+    where s.task_queue = $1 and s.provider = $2
+    for update of s
+), counted as (
+    select start, now, rate,
+        case when start >= now + $4 and start > now then 0
+        else least($3, greatest(case when start <= now then 1 else 0 end,
+                                ceil((now + $4 - start) * rate - 1e-9)::int))
+        end as granted
+    from cur
+)
+update provider_schedule s set next_slot_at = c.start + c.granted / c.rate
+from counted c
+where s.task_queue = $1 and s.provider = $2
+returning c.granted, c.start - c.now as first_in_s, 1.0 / c.rate as interval_s,
+    greatest(1.0 / c.rate, c.start - c.now - $4) as retry_in_s
+"""
+
+
 async def reserve_calls(
     pool: asyncpg.Pool, task_queue: str, provider: str, wanted: int, horizon_s: float
 ) -> Grant:
-    """Book up to `wanted` call slots on the provider's schedule (see `reserve_slots`).
-    A provider without a row yet is not limited here (its queue's limit still is)."""
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            f"select rate, next_slot_at, {_NOW} as now from provider_limits"
-            " where task_queue = $1 and provider = $2 for update",
-            task_queue,
-            provider,
-        )
-        if row is None:
-            return Grant(wanted)
-        grant, next_slot_at = reserve_slots(
-            row["next_slot_at"], row["now"], float(row["rate"]), wanted, horizon_s
-        )
-        if grant.granted:
-            await conn.execute(
-                "update provider_limits set next_slot_at = $3"
-                " where task_queue = $1 and provider = $2",
-                task_queue,
-                provider,
-                next_slot_at,
-            )
-    return grant
+    """Book up to `wanted` call slots on the provider's shared schedule, so calls
+    booked at an old rate are spent soon after it changes. A provider without a
+    row yet is not limited here (its queue's server-side limit still is)."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(_BOOK, task_queue, provider, wanted, horizon_s)
+    if row is None:
+        return Grant(wanted)
+    if not row["granted"]:
+        return Grant(0, retry_in_s=row["retry_in_s"])
+    return Grant(row["granted"], max(0.0, row["first_in_s"]), row["interval_s"])
 
 
 @dataclass(frozen=True)
