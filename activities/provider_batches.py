@@ -54,8 +54,6 @@ from konstruct.store import experiments as store
 from konstruct.store.providers import OutcomeCounts, record_outcomes
 
 _tracer = trace.get_tracer("konstruct.experiments")
-# How long the first answer of a group waits for others before they are written.
-_WRITE_LINGER_S = 0.02
 
 
 class _Ledger:
@@ -124,8 +122,6 @@ class _ResultWriter:
 
     async def _write_queued(self) -> None:
         while self._queue:
-            # Answers come paced: wait a moment so one transaction carries several.
-            await asyncio.sleep(_WRITE_LINGER_S)
             group, self._queue = self._queue, []
             try:
                 stored = await store.store_results(

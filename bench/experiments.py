@@ -196,6 +196,16 @@ class Bench:
         )
         return [r["t"] for r in rows]
 
+    async def history_after(self, handle: Any, at: float) -> list[str]:
+        """The last run's events after `at`: where the time after the last result went."""
+        events = []
+        async for event in self.client.get_workflow_handle(handle.id).fetch_history_events():
+            t = event.event_time.ToDatetime().timestamp()
+            if t >= at:
+                name = event.WhichOneof("attributes") or ""
+                events.append(f"+{t - at:.2f}s {name.removesuffix('_event_attributes')}")
+        return events[:40]
+
     async def sim_counts(self) -> tuple[int, int]:
         stats = await self.sim.model_stats(MODEL)
         return int(stats.get("requests", 0)), throttled(stats)
@@ -225,6 +235,7 @@ class Bench:
         times = await self.completions(handle.id)
         requests, limited = await self.sim_counts()
         steady = (len(times) - 1) / (times[-1] - times[0])
+        tail = await self.history_after(handle, times[-1])
         counts = Counter(int(t - started) for t in times)
         return {
             "runner": "konstruct",
@@ -239,6 +250,7 @@ class Bench:
             # Where the time goes: to the first result, after the last one (the summary).
             "first_result_s": round(times[0] - started, 1),
             "after_last_result_s": round(started + total - times[-1], 1),
+            "events_after_last_result": tail,
             "ok_per_second": [counts.get(i, 0) for i in range(int(times[-1] - started) + 1)],
             "throttled_per_second": (await self.sim.timeline(MODEL))["rate_limited"],
             "rate_timeline": rates,

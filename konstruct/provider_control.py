@@ -78,6 +78,12 @@ class AimdConfig:
     # rate; successes beyond `ceiling_rise` x the ceiling mean the limit rose.
     probe_cap_above_ceiling: Annotated[float, Field(ge=1)] = 1.2
     ceiling_rise: Annotated[float, Field(gt=1)] = 1.3
+    # Slow start: while no ceiling is known (no 429 yet, or the limit rose), the
+    # rate may grow `slow_start_factor` times what flows every `slow_start_interval_s`,
+    # as TCP's window doubles per round trip: from 10 req/s a provider's 200 is
+    # reached in about three seconds instead of ten.
+    slow_start_factor: Annotated[float, Field(ge=1)] = 2.0
+    slow_start_interval_s: Annotated[float, Field(gt=0)] = 0.5
 
 
 @dataclass(frozen=True)
@@ -201,12 +207,15 @@ def on_throttled(
 def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     """A success: count it, and raise the rate if an increase is due."""
     counted = replace(state, ok_since_change=state.ok_since_change + 1)
-    if now < state.hold_until or now - state.changed_at < config.increase_interval_s:
+    interval = (
+        config.slow_start_interval_s if state.ceiling is None else config.increase_interval_s
+    )
+    if now < state.hold_until or now - state.changed_at < interval:
         return counted
     step = state.step or _first_step(state.rate, config)
     if state.ceiling is None:
         # No 429 seen yet: the ceiling is unknown, climb as fast as the cap allows.
-        step = max(step, state.rate * (config.probe_cap - 1))
+        step = max(step, state.rate * (config.slow_start_factor - 1))
     measured = measured_rate(counted, now, config)
     if measured is None or measured < config.min_utilisation * state.rate:
         # The rate is not what holds the calls back (too few of them): raising it
@@ -235,7 +244,10 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
             ceiling = None
         # Never far above what actually flows: the excess would reach the provider
         # as a burst the moment demand catches up.
-        cap = config.probe_cap if ceiling is None else config.probe_cap_above_ceiling
+        if ceiling is None:
+            cap = config.slow_start_factor if state.ceiling is None else config.probe_cap
+        else:
+            cap = config.probe_cap_above_ceiling
         rate = min(state.rate + step, max(state.rate, measured * cap))
         hold_until = state.hold_until
         next_step = step * config.increase_step_growth

@@ -124,12 +124,24 @@ class WorkerRelay:
 
         Returns how many calls to the model were in flight right after the kill.
         """
+        in_flight = await self.kill_first()
+        await self.take_over(latency_ms)
+        return in_flight
+
+    async def kill_first(self) -> int:
+        """kill -9 the first worker; the calls to the model in flight at that moment."""
         assert self.first is not None, "start_slow first"
+        # Read just before and just after the kill: the simulator may notice a dropped
+        # connection at once, so the count after alone can miss a call in flight.
+        before = (await self.sim.model_stats(self.model)).get("in_flight", 0)
         self.first.kill()
-        in_flight = (await self.sim.model_stats(self.model)).get("in_flight", 0)
+        after = (await self.sim.model_stats(self.model)).get("in_flight", 0)
+        return max(before, after)
+
+    async def take_over(self, latency_ms: int) -> None:
+        """Give the model `latency_ms` and start the second worker."""
         await self.sim.set_profile(self.model, latency_ms=latency_ms)
         self.start_worker("b")
-        return in_flight
 
 
 async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:

@@ -62,12 +62,13 @@ def test_successes_raise_the_rate_additively_at_most_once_per_interval() -> None
     state = AimdState(rate=10.0, changed_at=0.0)
     state, rates = succeed(state, 0.0, 5.0, 20, HALVING)
     changes = [b for a, b in zip(rates, rates[1:], strict=False) if b != a]
-    # One increase per second at most, each a step added (growing while no 429 comes).
-    assert len(changes) <= 5
+    # No ceiling known yet (slow start): one increase per half second at most, each
+    # a step added (growing while no 429 comes).
+    assert len(changes) <= 5 / HALVING.slow_start_interval_s
     steps = [b - a for a, b in zip([10.0, *changes], changes, strict=False)]
     assert all(s > 0 for s in steps)
     # Never far above the 20 calls a second that actually flow.
-    assert max(rates) <= 20 * HALVING.probe_cap
+    assert max(rates) <= 20 * HALVING.slow_start_factor
 
 
 def test_an_unused_rate_is_not_raised() -> None:
@@ -179,10 +180,22 @@ def test_an_unmeasured_429_falls_back_under_the_known_ceiling_not_to_half() -> N
 
 
 def test_before_the_first_429_the_rate_climbs_fast_but_near_what_flows() -> None:
-    # 60 successes a second against a rate of 10: it climbs, never past 1.3 x the flow.
+    # 60 successes a second against a rate of 10: it climbs, never past
+    # `slow_start_factor` x the flow.
     state, rates = succeed(AimdState(rate=10.0, changed_at=0.0), 0.0, 6.0, 60, MEASURED)
     assert rates[-1] > 25.0
-    assert max(rates) <= 60 * MEASURED.probe_cap
+    assert max(rates) <= 60 * MEASURED.slow_start_factor
+
+
+def test_slow_start_reaches_a_high_limit_within_seconds() -> None:
+    # Calls flow at whatever the rate allows, up to 200 a second: from 10 req/s
+    # the rate passes 150 within 3.5 s, where +50 % a second took ten.
+    state, t, rate_at = AimdState(rate=10.0, changed_at=0.0), 0.0, {}
+    while t < 6.0:
+        state = on_success(state, t, MEASURED)
+        t += 1.0 / min(200.0, state.rate)
+        rate_at[round(t, 1)] = state.rate
+    assert max(r for at, r in rate_at.items() if at <= 3.5) > 150.0
 
 
 def test_a_429_after_a_lull_keeps_the_known_ceiling() -> None:
