@@ -88,6 +88,31 @@ async def test_fresh_runs_replay_without_cache(
             await paused.signal(Experiment.resume)
             await paused.result()
             histories["quota_pause_resume"] = await paused.fetch_history()
+            # Batched task calls, a limit that falls mid-run (429s handed to single
+            # calls), and a stop and resume between batches.
+            await sim.set_profile("sim-fast", latency_ms=50, rate_limit_rps=1000)
+            batched = experiment(
+                60,
+                max_concurrency=12,
+                options={
+                    "batch_above_rps": 5.0,
+                    "batch_window_s": 0.2,
+                    "toggle_cooldown_s": 0.0,
+                    "continue_as_new_every": 6,
+                },
+            )
+            run = await client.start_workflow(
+                Experiment.run, batched, id=batched["experiment_id"], task_queue=task_queue
+            )
+            await wait_for(run, lambda p: p.completed >= 15)
+            await sim.set_profile("sim-fast", rate_limit_rps=15)
+            await run.signal(Experiment.stop)
+            await wait_for(run, lambda p: p.status == "stopped")
+            await run.signal(Experiment.resume)
+            await run.result()
+            await sim.set_profile("sim-fast", rate_limit_rps=1000)
+            for index, history in enumerate(await _runs(client, batched["experiment_id"])):
+                histories[f"batched_stop_resume_{index}"] = history
             failing = await client.start_workflow(
                 Experiment.run, bad, id=bad["experiment_id"], task_queue=task_queue
             )
@@ -97,5 +122,6 @@ async def test_fresh_runs_replay_without_cache(
                 pass
             histories["bad_input"] = await failing.fetch_history()
     assert len([n for n in histories if n.startswith("judged")]) >= 3
+    assert len([n for n in histories if n.startswith("batched")]) >= 2
     await pool.close()
     await replay_all(replayer(Experiment), histories, record_as="experiment_")
