@@ -15,7 +15,15 @@ above it) and measures, in one run:
   two-workers  two worker processes share one provider limit
   crash        kill -9 of the worker mid-run: time to the first new result
 
+With --ceilings, instead: at each ceiling Konstruct (one worker process, the
+default configuration) beside a naive in-process runner with as many slots as
+Konstruct's max_concurrency and backoff inside the slot, on the same items.
+With --shape, the same pair at --shape-ceilings for each limiter shape.
+
     .venv/bin/python bench/experiments.py     # writes bench/results/experiments.json
+    .venv/bin/python bench/experiments.py --ceilings 5,25,100,200   # experiments_ceilings.json
+    .venv/bin/python bench/experiments.py --shape token_bucket,sliding_window,leaky_bucket,tokens_per_minute
+                                                              # experiments_shapes.json
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ from konstruct.temporal_client import connect  # noqa: E402
 from tests.support import DevServer, WorkerProcess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "experiments.json"
+CEILINGS_RESULTS = ROOT / "bench" / "results" / "experiments_ceilings.json"
+SHAPES_RESULTS = ROOT / "bench" / "results" / "experiments_shapes.json"
+LARGE_RESULTS = ROOT / "bench" / "results" / "experiments_large.json"
+SHAPES = ("token_bucket", "sliding_window", "leaky_bucket", "tokens_per_minute")
+# The window of the sliding-window and tokens-per-minute shapes: short, so a
+# run of a minute spans several (OpenAI's is a minute).
+SHAPE_WINDOW_S = 10.0
 MODEL = "sim-fast"
 PROVIDER = "bench-provider"
 TASK_QUEUE = "bench"
@@ -158,18 +173,43 @@ class Bench:
         self.pool = await asyncpg.create_pool(self.pg.owner_url, min_size=1, max_size=4)
         self.sim = SimulatorAdmin(self.sim_url)
 
-    async def fresh(self, ceiling: float | None = None) -> None:
-        """Reset the simulator's counters and the learned rate, so runs do not share state."""
+    async def fresh(self, ceiling: float | None = None, shape: str = "token_bucket") -> None:
+        """Reset the simulator's counters and the learned rate, so runs do not share state.
+
+        `shape` sets the simulated provider's limiter; every shape's limit is
+        `ceiling` requests a second (the tokens shape: that many calls' tokens).
+        """
         from konstruct.naming import provider_queue
         from konstruct.store.providers import reset_provider
         from konstruct.task_queue_limits import push_rate
 
-        await self.sim.set_profile(
-            MODEL, latency_ms=self.latency_ms, rate_limit_rps=ceiling or self.ceiling
-        )
+        rate = ceiling or self.ceiling
+        limits: dict[str, Any] = {"rate_limit_shape": shape, "rate_limit_rps": rate}
+        if shape in ("sliding_window", "tokens_per_minute"):
+            limits["rate_limit_window_s"] = SHAPE_WINDOW_S
+            limits["rate_limit_requests"] = max(1, round(rate * SHAPE_WINDOW_S))
+        if shape == "tokens_per_minute":
+            per_call = await self.tokens_per_call()
+            limits["rate_limit_tokens"] = max(1, round(rate * SHAPE_WINDOW_S * per_call))
+            limits["rate_limit_requests"] = None
+        await self.sim.set_profile(MODEL, latency_ms=self.latency_ms, **limits)
         await self.sim.reset()
         await reset_provider(self.pool, TASK_QUEUE, PROVIDER)
         await push_rate(self.client, provider_queue(TASK_QUEUE, PROVIDER), self.initial_rps)
+
+    async def tokens_per_call(self) -> int:
+        """Prompt + completion tokens of one bench call, as the simulator counts them."""
+        import litellm
+
+        await self.sim.set_profile(MODEL, rate_limit_shape="token_bucket", rate_limit_rps=1000)
+        reply = await litellm.acompletion(
+            model=f"openai/{MODEL}",
+            api_base=self.sim_url + "/v1",
+            api_key=API_KEY,
+            messages=[{"role": "user", "content": "Answer with a number: What is 12 + 12?"}],
+            max_retries=0,
+        )
+        return int(reply.usage.prompt_tokens + reply.usage.completion_tokens)
 
     async def start_experiment(self, n: int, prefix: str, **extra: Any) -> Any:
         from workflows.experiment import Experiment
@@ -223,8 +263,11 @@ class Bench:
             into.append((round(time.time() - started, 1), round(float(rate or 0), 2)))
             await asyncio.sleep(0.5)
 
-    async def konstruct(self, n: int) -> dict[str, Any]:
-        await self.fresh()
+    async def konstruct(
+        self, n: int, ceiling: float | None = None, shape: str = "token_bucket"
+    ) -> dict[str, Any]:
+        await self.fresh(ceiling, shape)
+        ceiling = ceiling or self.ceiling
         started = time.time()
         rates: list[tuple[float, float]] = []
         sampler = asyncio.create_task(self.sample_rates(rates, started))
@@ -243,8 +286,10 @@ class Bench:
             "total_s": round(total, 1),
             "throughput_rps": round(n / total, 2),
             "steady_rps": round(steady, 2),
-            "fraction_of_ceiling": round(n / total / self.ceiling, 3),
-            "steady_fraction_of_ceiling": round(steady / self.ceiling, 3),
+            "fraction_of_ceiling": round(n / total / ceiling, 3),
+            "steady_fraction_of_ceiling": round(steady / ceiling, 3),
+            "max_concurrency": self.max_concurrency,
+            "seconds_without_a_result": seconds_without(times, started),
             "requests": requests,
             "share_429": round(limited / requests, 4) if requests else 0.0,
             # Where the time goes: to the first result, after the last one (the summary).
@@ -256,11 +301,20 @@ class Bench:
             "rate_timeline": rates,
         }
 
-    async def _direct(self, n: int, runner: str, slot: Any, pace: Any | None) -> dict[str, Any]:
+    async def _direct(
+        self,
+        n: int,
+        runner: str,
+        slot: Any,
+        pace: Any | None,
+        ceiling: float | None = None,
+        shape: str = "token_bucket",
+    ) -> dict[str, Any]:
         """A runner that calls the provider itself, in this process (the baselines)."""
         import litellm
 
-        await self.fresh()
+        await self.fresh(ceiling, shape)
+        ceiling = ceiling or self.ceiling
         done = 0
 
         async def one(i: int) -> None:
@@ -293,10 +347,17 @@ class Bench:
             "done": done,
             "total_s": round(total, 1),
             "throughput_rps": round(n / total, 2),
-            "fraction_of_ceiling": round(n / total / self.ceiling, 3),
+            "fraction_of_ceiling": round(n / total / ceiling, 3),
             "requests": requests,
             "share_429": round(limited / requests, 4) if requests else 0.0,
         }
+
+    async def naive(self, n: int, ceiling: float, shape: str = "token_bucket") -> dict[str, Any]:
+        """The plain asyncio script: a semaphore of Konstruct's max_concurrency slots."""
+        slots = self.max_concurrency
+        return await self._direct(
+            n, f"naive (semaphore {slots})", asyncio.Semaphore(slots), None, ceiling, shape
+        )
 
     async def gatekeeper(self, n: int) -> dict[str, Any]:
         return await self._direct(n, "gatekeeper (semaphore 20)", asyncio.Semaphore(20), None)
@@ -441,6 +502,161 @@ class Bench:
         }
 
 
+def seconds_without(times: list[float], started: float) -> int:
+    """Whole seconds between the first and the last result with no result at all."""
+    if not times:
+        return 0
+    seen = {int(t - started) for t in times}
+    return sum(1 for s in range(int(times[0] - started), int(times[-1] - started)) if s not in seen)
+
+
+def auto_concurrency(ceiling: float, latency_ms: int) -> int:
+    """Slots for a ceiling: five times the calls in flight at the ceiling, 20 at least."""
+    return max(20, round(ceiling * latency_ms / 1000 * 5))
+
+
+async def pair(
+    bench: Bench, ceiling: float, seconds: float, shape: str, concurrency: int | None
+) -> dict[str, Any]:
+    """Konstruct and the naive runner on the same number of items at one ceiling."""
+    n = max(200, round(ceiling * seconds))
+    bench.max_concurrency = concurrency or auto_concurrency(ceiling, bench.latency_ms)
+    ours = await bench.konstruct(n, ceiling, shape)
+    print(ours, flush=True)
+    naive = await bench.naive(n, ceiling, shape)
+    print(naive, flush=True)
+    return {
+        "ceiling_rps": ceiling,
+        "shape": shape,
+        "items": n,
+        "max_concurrency": bench.max_concurrency,
+        "konstruct": ours,
+        "naive": naive,
+        "konstruct_over_naive": round(ours["throughput_rps"] / naive["throughput_rps"], 3),
+    }
+
+
+async def run_pairs(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    await bench.connect()
+    out: dict[str, Any] = {
+        "latency_ms": args.latency_ms,
+        "initial_rps": args.initial_rps,
+        "cpus": os.cpu_count(),
+        "worker_processes": 1,
+        "rows": [],
+    }
+    if args.ceilings:
+        for ceiling in [float(c) for c in args.ceilings.split(",")]:
+            out["rows"].append(
+                await pair(bench, ceiling, args.seconds, "token_bucket", args.max_concurrency)
+            )
+    else:
+        for shape in args.shape.split(","):
+            for ceiling in [float(c) for c in args.shape_ceilings.split(",")]:
+                out["rows"].append(
+                    await pair(bench, ceiling, args.seconds, shape, args.max_concurrency)
+                )
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+async def run_large(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    """One experiment of `--large` items from a JSONL file: time, the worker's
+    resident memory every 5 s, and the size of each workflow run's history."""
+    await bench.connect()
+    await bench.fresh()
+    bench.max_concurrency = args.max_concurrency or auto_concurrency(
+        bench.ceiling, bench.latency_ms
+    )
+    path = bench.tmp / "large.jsonl"
+    with path.open("w") as out:
+        for row in dataset(args.large, "big"):
+            out.write(json.dumps(row) + "\n")
+    from workflows.experiment import Experiment
+
+    experiment_id = f"large-{uuid.uuid4().hex[:6]}"
+    body = {
+        "experiment_id": experiment_id,
+        "tenant_id": "demo",
+        "dataset": {"path": str(path)},
+        "task": {"model_group": "fast", "prompt_template": "Answer with a number: {input}"},
+        "evals": [{"kind": "exact_match"}],
+        "max_concurrency": bench.max_concurrency,
+    }
+    pid = bench.workers[0].process.pid
+    rss: list[tuple[float, float]] = []
+    started = time.time()
+
+    async def sample() -> None:
+        while True:
+            rss.append((round(time.time() - started), rss_mb(pid)))
+            await asyncio.sleep(5)
+
+    sampler = asyncio.create_task(sample())
+    handle = await bench.client.start_workflow(
+        Experiment.run, body, id=experiment_id, task_queue=TASK_QUEUE
+    )
+    result = await handle.result()
+    total = time.time() - started
+    sampler.cancel()
+    runs = []
+    async for execution in bench.client.list_workflows(f"WorkflowId = '{experiment_id}'"):
+        history = await bench.client.get_workflow_handle(
+            experiment_id, run_id=execution.run_id
+        ).fetch_history()
+        runs.append((len(history.events), len(history.to_json())))
+    times = await bench.completions(experiment_id)
+    requests, limited = await bench.sim_counts()
+    distinct = await bench.pool.fetchval(
+        "select count(distinct item_id) from experiment_results where experiment_id = $1",
+        experiment_id,
+    )
+    return {
+        "items": args.large,
+        "ceiling_rps": bench.ceiling,
+        "max_concurrency": bench.max_concurrency,
+        "total_s": round(total, 1),
+        "items_per_s": round(args.large / total, 2),
+        "fraction_of_ceiling": round(args.large / total / bench.ceiling, 3),
+        "completed": result.summary.completed,
+        "failed": result.summary.failed,
+        "result_rows": len(times),
+        "distinct_items": distinct,
+        "provider_requests": requests,
+        "share_429": round(limited / requests, 4) if requests else 0.0,
+        "seconds_without_a_result": seconds_without(times, started),
+        "workflow_runs": len(runs),
+        "history_events_max": max(e for e, _ in runs),
+        "history_bytes_max": max(b for _, b in runs),
+        "worker_rss_mb": rss,
+        "worker_rss_mb_first_last_max": [rss[0][1], rss[-1][1], max(r for _, r in rss)],
+    }
+
+
+def print_pairs(r: dict[str, Any]) -> None:
+    print(f"\nlatency {r['latency_ms']} ms, Konstruct from {r['initial_rps']} req/s\n")
+    print(
+        "| shape | ceiling | items | slots | Konstruct / ceiling (steady) | 429 share |"
+        " s without results | naive / ceiling | 429 share | Konstruct / naive |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in r["rows"]:
+        k, n = row["konstruct"], row["naive"]
+        print(
+            f"| {row['shape']} | {row['ceiling_rps']:g} | {row['items']} |"
+            f" {row['max_concurrency']} | {k['fraction_of_ceiling']:.3f}"
+            f" ({k['steady_fraction_of_ceiling']:.3f}) | {k['share_429'] * 100:.1f} % |"
+            f" {k['seconds_without_a_result']} | {n['fraction_of_ceiling']:.3f} |"
+            f" {n['share_429'] * 100:.1f} % | {row['konstruct_over_naive']:.2f} |"
+        )
+
+
 async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     await bench.connect()
     out: dict[str, Any] = {
@@ -505,22 +721,61 @@ def main() -> None:
     parser.add_argument("--ceiling", type=float, default=25.0)
     parser.add_argument("--latency-ms", type=int, default=200)
     parser.add_argument("--initial-rps", type=float, default=10.0)
-    parser.add_argument("--max-concurrency", type=int, default=60)
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        help="slots per experiment (default 60; with --ceilings/--shape: 5x the calls in"
+        " flight at the ceiling, 20 at least)",
+    )
+    parser.add_argument("--ceilings", help="comma-separated ceilings (req/s): Konstruct vs naive")
+    parser.add_argument(
+        "--shape", help=f"comma-separated limiter shapes ({', '.join(SHAPES)}): Konstruct vs naive"
+    )
+    parser.add_argument("--shape-ceilings", default="25,100")
+    parser.add_argument(
+        "--large", type=int, help="one experiment of this many items at --ceiling: time, memory"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="with --ceilings/--shape: items = ceiling x this",
+    )
     parser.add_argument("--only", help="tuning: comma-separated scenarios to run")
     parser.add_argument("--keep-logs", type=Path, help="copy the servers' and workers' logs here")
     args = parser.parse_args()
+    for shape in (args.shape or "").split(","):
+        if shape and shape not in SHAPES:
+            parser.error(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    pairs = bool(args.ceilings or args.shape)
     with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
         bench = Bench(Path(tmp), args.ceiling, args.latency_ms, args.initial_rps)
-        bench.max_concurrency = args.max_concurrency
+        bench.max_concurrency = args.max_concurrency or 60
         bench.start()
         try:
-            result = asyncio.run(run(args, bench))
+            if args.large:
+                result = asyncio.run(run_large(args, bench))
+            else:
+                result = asyncio.run(run_pairs(args, bench) if pairs else run(args, bench))
         finally:
             bench.stop()
             if args.keep_logs:
                 args.keep_logs.mkdir(parents=True, exist_ok=True)
                 for log in Path(tmp).glob("*.log"):
                     shutil.copy(log, args.keep_logs / log.name)
+    if args.large:
+        print(json.dumps({k: v for k, v in result.items() if k != "worker_rss_mb"}, indent=2))
+        LARGE_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        LARGE_RESULTS.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {LARGE_RESULTS.relative_to(ROOT)}")
+        return
+    if pairs:
+        print_pairs(result)
+        path = CEILINGS_RESULTS if args.ceilings else SHAPES_RESULTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {path.relative_to(ROOT)}")
+        return
     if args.only:
         return  # a partial run does not overwrite the recorded results
     print_table(result)

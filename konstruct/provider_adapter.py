@@ -17,6 +17,7 @@ A provider's exception becomes one retry posture here:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -85,7 +86,34 @@ def _retry_after_seconds(error: BaseException) -> float | None:
         except ValueError:
             continue
         return max(seconds, 0.0)
-    return None
+    return _window_reset_seconds(headers)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def openai_duration_seconds(text: str) -> float | None:
+    """OpenAI's x-ratelimit-reset-* format (120ms, 1s, 7.66s, 6m0s, 1h2m3s) in seconds."""
+    parts = _DURATION_PART.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _DURATION_UNIT_S[u] for n, u in parts)
+
+
+def _window_reset_seconds(headers: Any) -> float | None:
+    """No Retry-After: when the exhausted window limit (requests or tokens, OpenAI's
+    x-ratelimit-* headers) frees up; with none exhausted, the later of the two."""
+    resets: dict[str, float] = {}
+    for unit in ("requests", "tokens"):
+        value = headers.get(f"x-ratelimit-reset-{unit}")
+        seconds = openai_duration_seconds(value) if value else None
+        if seconds is not None:
+            resets[unit] = seconds
+    spent = [u for u in resets if headers.get(f"x-ratelimit-remaining-{u}") == "0"]
+    if spent:
+        return max(resets[u] for u in spent)
+    return max(resets.values()) if resets else None
 
 
 def classify(error: BaseException) -> ProviderFailure:

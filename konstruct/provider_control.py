@@ -78,7 +78,7 @@ class AimdConfig:
     # rate; successes beyond `ceiling_rise` x the ceiling mean the limit rose.
     probe_cap_above_ceiling: Annotated[float, Field(ge=1)] = 1.2
     ceiling_rise: Annotated[float, Field(gt=1)] = 1.3
-    # Slow start: while no ceiling is known (no 429 yet, or the limit rose), the
+    # Slow start: until the first 429 (and again once the limit is seen to rise), the
     # rate may grow `slow_start_factor` times what flows every `slow_start_interval_s`,
     # as TCP's window doubles per round trip: from 10 req/s a provider's 200 is
     # reached in about three seconds instead of ten.
@@ -100,6 +100,10 @@ class AimdState:
     hold_until: float = 0.0
     # The next additive step; grows while increases meet no 429, reset by one.
     step: float = 0.0
+    # Slow start: no 429 since the start (or since the limit was seen to rise).
+    # Ends at the first 429, learned or not, as TCP's does at the first loss:
+    # doubling again after every 429 would make a sawtooth of refusals.
+    slow_start: bool = True
 
 
 def _clamp(rate: float, config: AimdConfig) -> float:
@@ -118,10 +122,17 @@ def _new_window(
     last_decrease_at: float | None,
     hold_until: float,
     step: float,
+    slow_start: bool,
 ) -> AimdState:
     """A changed rate: the counts start again from `now`."""
     window = AimdState(rate, ceiling, changed_at=now)
-    return replace(window, last_decrease_at=last_decrease_at, hold_until=hold_until, step=step)
+    return replace(
+        window,
+        last_decrease_at=last_decrease_at,
+        hold_until=hold_until,
+        step=step,
+        slow_start=slow_start,
+    )
 
 
 def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:
@@ -184,7 +195,11 @@ def on_throttled(
         if rate == state.rate:
             # Already under it: keep measuring (a real drop shows once enough calls
             # are counted); only hold increases for the provider's Retry-After.
-            return replace(counted, hold_until=max(state.hold_until, now + (retry_after_s or 0.0)))
+            return replace(
+                counted,
+                hold_until=max(state.hold_until, now + (retry_after_s or 0.0)),
+                slow_start=False,
+            )
     elif saturated:
         # The first climb met the limit right at the rate: that is the ceiling.
         ceiling = state.rate
@@ -201,27 +216,40 @@ def on_throttled(
         last_decrease_at=now,
         hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
         step=_first_step(rate, config),
+        slow_start=False,
+    )
+
+
+def _idle_window(state: AimdState, now: float, config: AimdConfig) -> bool:
+    return (
+        state.ok_since_change == 0
+        and state.throttled_since_change == 0
+        and now - state.changed_at > config.min_measure_s
     )
 
 
 def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     """A success: count it, and raise the rate if an increase is due."""
+    if _idle_window(state, now, config):
+        # Nothing answered since the last change: the time before this answer says
+        # nothing about the provider (the queue was empty), so the window starts now.
+        return replace(state, changed_at=now, ok_since_change=1)
     counted = replace(state, ok_since_change=state.ok_since_change + 1)
-    interval = (
-        config.slow_start_interval_s if state.ceiling is None else config.increase_interval_s
-    )
+    interval = config.slow_start_interval_s if state.slow_start else config.increase_interval_s
     if now < state.hold_until or now - state.changed_at < interval:
         return counted
     step = state.step or _first_step(state.rate, config)
+    # Climbing with no ceiling known: as fast as the cap allows.
+    unknown_cap = config.slow_start_factor if state.slow_start else config.probe_cap
     if state.ceiling is None:
-        # No 429 seen yet: the ceiling is unknown, climb as fast as the cap allows.
-        step = max(step, state.rate * (config.slow_start_factor - 1))
+        step = max(step, state.rate * (unknown_cap - 1))
     measured = measured_rate(counted, now, config)
     if measured is None or measured < config.min_utilisation * state.rate:
         # The rate is not what holds the calls back (too few of them): raising it
         # would only let a later burst hit the provider unchecked.
         return counted
     ceiling = state.ceiling
+    slow_start = state.slow_start
     target = ceiling * config.headroom if ceiling is not None else None
     if target is not None and state.rate < target:
         # Fast recovery to just under the learned ceiling, then a pause before probing.
@@ -242,12 +270,10 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
             # limit rose. Forget the old one (a 429 now must not send the rate back
             # under it) and climb as at the start.
             ceiling = None
+            slow_start = True
         # Never far above what actually flows: the excess would reach the provider
         # as a burst the moment demand catches up.
-        if ceiling is None:
-            cap = config.slow_start_factor if state.ceiling is None else config.probe_cap
-        else:
-            cap = config.probe_cap_above_ceiling
+        cap = unknown_cap if ceiling is None else config.probe_cap_above_ceiling
         rate = min(state.rate + step, max(state.rate, measured * cap))
         hold_until = state.hold_until
         next_step = step * config.increase_step_growth
@@ -261,6 +287,7 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
         last_decrease_at=state.last_decrease_at,
         hold_until=hold_until,
         step=next_step,
+        slow_start=slow_start,
     )
 
 
@@ -291,6 +318,8 @@ def decide_counts(
     one decision, as if the last of them were a 429 when any was, else a success."""
     if throttled <= 0 and ok <= 0:
         return before
+    if _idle_window(before, now, config):
+        before = replace(before, changed_at=now)  # as in `on_success`
     counted = replace(
         before,
         ok_since_change=before.ok_since_change + ok - (0 if throttled > 0 else 1),

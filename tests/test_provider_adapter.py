@@ -32,6 +32,25 @@ def _response(status: int, headers: dict[str, str] | None = None) -> httpx.Respo
             2.0,
         ),
         (
+            # OpenAI's window limits answer with x-ratelimit-* and no Retry-After.
+            litellm.RateLimitError(
+                "Rate limit reached for m on requests",
+                "openai",
+                "m",
+                response=_response(
+                    429,
+                    {
+                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-reset-requests": "1.5s",
+                        "x-ratelimit-remaining-tokens": "9000",
+                        "x-ratelimit-reset-tokens": "6m0s",
+                    },
+                ),
+            ),
+            "throttled",
+            1.5,
+        ),
+        (
             litellm.RateLimitError(QUOTA_BODY, "openai", "m", response=_response(429)),
             "quota",
             None,
@@ -54,7 +73,7 @@ def _response(status: int, headers: dict[str, str] | None = None) -> httpx.Respo
             None,
         ),
     ],
-    ids=["429", "quota-body", "quota-message", "400", "500"],
+    ids=["429", "429-window-headers", "quota-body", "quota-message", "400", "500"],
 )
 def test_each_exception_has_one_posture(
     error: Exception, posture: str, retry_after_s: float | None

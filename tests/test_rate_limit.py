@@ -314,3 +314,21 @@ def test_a_429_storm_on_a_loaded_worker_still_lowers_the_ceiling() -> None:
     )
     cut = on_throttled(state, 2.0, 0.5, MEASURED)
     assert cut.ceiling == 12.0 and cut.rate == 12.0 * MEASURED.headroom
+
+
+def test_the_first_429_ends_slow_start_so_refusals_do_not_come_in_a_sawtooth() -> None:
+    # A 429 with nothing measured halves the rate and learns no ceiling; the
+    # climb after it is additive (probe_cap), not doubling per half second again.
+    state = AimdState(rate=40.0, changed_at=0.0, ok_since_change=2)
+    cut = on_throttled(state, 0.1, None, MEASURED)
+    assert cut.ceiling is None and not cut.slow_start
+    after, rates = succeed(cut, 1.0, 2.0, 20, MEASURED)
+    assert max(rates) <= 20 * MEASURED.probe_cap
+    assert not after.slow_start
+
+
+def test_an_idle_start_does_not_delay_the_first_increase() -> None:
+    # The rate was set at 0 s; calls flow at 10/s from 3 s. Counted from 0 s they
+    # would measure 5/s at 6 s and never look like they use the rate.
+    state, rates = succeed(AimdState(rate=10.0, changed_at=0.0), 3.0, 1.5, 10, MEASURED)
+    assert max(rates) > 10.0

@@ -13,3 +13,8 @@ create table provider_schedule (
 
 insert into provider_schedule (task_queue, provider)
     select task_queue, provider from provider_limits;
+
+-- Slow start: the rate doubles per half second until the first 429 (and again
+-- once the provider's limit is seen to rise); after it, it grows additively.
+alter table provider_limits
+    add column slow_start boolean not null default true;

@@ -98,7 +98,7 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
-            " throttled_since_change = 0,"
+            " throttled_since_change = 0, slow_start = true,"
             f" changed_at = {_NOW}, last_decrease_at = null, hold_until = 0, step = 0,"
             " version = version + 1 where task_queue = $1 and provider = $2",
             task_queue,
@@ -361,13 +361,14 @@ async def _learn_rate(
     if not rate_decided(current, decided):
         return None
     written = await conn.execute(
-        # A new window (changed_at) restarts the counts; a decision that keeps
-        # the window (a hold) keeps them.
+        # A new window (changed_at) restarts the counts from the decision's (0 after
+        # a change of rate, this answer's when an idle window restarts); a decision
+        # that keeps the window (a hold) keeps them, bumped by others meanwhile.
         "update provider_limits set rate = $4, ceiling = $5,"
         " ok_since_change = case when changed_at = $6 then ok_since_change"
-        " else 0 end, throttled_since_change = case when changed_at = $6"
-        " then throttled_since_change else 0 end, changed_at = $6,"
-        " last_decrease_at = $7, hold_until = $8, step = $9,"
+        " else $11 end, throttled_since_change = case when changed_at = $6"
+        " then throttled_since_change else $12 end, changed_at = $6,"
+        " last_decrease_at = $7, hold_until = $8, step = $9, slow_start = $10,"
         " version = version + 1, updated_at = now()"
         " where task_queue = $1 and provider = $2 and version = $3",
         task_queue,
@@ -379,6 +380,9 @@ async def _learn_rate(
         decided.last_decrease_at,
         decided.hold_until,
         decided.step,
+        decided.slow_start,
+        decided.ok_since_change,
+        decided.throttled_since_change,
     )
     if not written.endswith(" 1") or decided.rate == current.rate:
         return None
