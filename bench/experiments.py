@@ -185,6 +185,10 @@ class Bench:
 
         rate = ceiling or self.ceiling
         limits: dict[str, Any] = {"rate_limit_shape": shape, "rate_limit_rps": rate}
+        if shape == "leaky_bucket":
+            # "Little burst": a tenth of a second's calls (a burst of one at 100 req/s
+            # would refuse any two requests that the network brings 10 ms closer).
+            limits["rate_limit_burst"] = max(2, round(rate / 10))
         if shape in ("sliding_window", "tokens_per_minute"):
             limits["rate_limit_window_s"] = SHAPE_WINDOW_S
             limits["rate_limit_requests"] = max(1, round(rate * SHAPE_WINDOW_S))
@@ -202,14 +206,18 @@ class Bench:
         import litellm
 
         await self.sim.set_profile(MODEL, rate_limit_shape="token_bucket", rate_limit_rps=1000)
-        reply = await litellm.acompletion(
-            model=f"openai/{MODEL}",
-            api_base=self.sim_url + "/v1",
-            api_key=API_KEY,
-            messages=[{"role": "user", "content": "Answer with a number: What is 12 + 12?"}],
-            max_retries=0,
-        )
-        return int(reply.usage.prompt_tokens + reply.usage.completion_tokens)
+        used = []
+        for row in dataset(5, "tok"):
+            reply = await litellm.acompletion(
+                model=f"openai/{MODEL}",
+                api_base=self.sim_url + "/v1",
+                api_key=API_KEY,
+                # The experiment's own prompt, as its items render it.
+                messages=[{"role": "user", "content": f"Answer with a number: {row['input']}"}],
+                max_retries=0,
+            )
+            used.append(reply.usage.prompt_tokens + reply.usage.completion_tokens)
+        return round(sum(used) / len(used))
 
     async def start_experiment(self, n: int, prefix: str, **extra: Any) -> Any:
         from workflows.experiment import Experiment

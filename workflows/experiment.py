@@ -100,6 +100,7 @@ BATCH_CALLS = "batch-task-calls-at-high-rates"
 # A batch waits for its slots on the provider's schedule; its heartbeat, not
 # this, is what notices a dead worker.
 BATCH_TIMEOUT = timedelta(minutes=30)
+BATCHES_IN_FLIGHT = 8
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
 # first run but in sequence order on replay (a behaviour of the Python SDK), which
@@ -331,20 +332,19 @@ class Experiment:
         cursor = -1
         dispatched = 0
         outcome = "again"
+        upcoming: Any = None
         while outcome == "again":
-            page: PendingPage = await workflow.execute_activity_method(
-                ExperimentActivities.pending_page,
-                PendingPageInput(
-                    tenant_id=inp.tenant_id,
-                    experiment_id=inp.experiment_id,
-                    after_seq=cursor,
-                    limit=inp.options.page_size,
-                ),
-                start_to_close_timeout=DB_TIMEOUT,
-                retry_policy=DB_RETRY_POLICY,
-            )
+            if upcoming is not None:
+                page: PendingPage = await upcoming
+            else:
+                page = await self._pending_page(cursor)
+            upcoming = None
             if not page.items:
                 break
+            if self._batching:
+                # The next page is read while this one is dispatched: a page read
+                # takes tens of ms, a dip of that at every page at 200 items/s.
+                upcoming = asyncio.create_task(self._pending_page(page.items[-1].seq))
             # Items gathered into batches, per provider, not yet dispatched.
             gathered: dict[str, list[PendingItem]] = {}
             for item in page.items:
@@ -387,6 +387,22 @@ class Experiment:
         if self._stop_requested:
             return "stopped"
         return "again" if dispatched else "done"
+
+    async def _pending_page(self, after_seq: int) -> PendingPage:
+        assert self._input is not None
+        inp = self._input
+        page: PendingPage = await workflow.execute_activity_method(
+            ExperimentActivities.pending_page,
+            PendingPageInput(
+                tenant_id=inp.tenant_id,
+                experiment_id=inp.experiment_id,
+                after_seq=after_seq,
+                limit=inp.options.page_size,
+            ),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY_POLICY,
+        )
+        return page
 
     async def _settle_unfinished(self) -> str:
         """'done' when PostgreSQL holds a result for every item; else 'again' (the
@@ -456,7 +472,10 @@ class Experiment:
         o = self._input.options
         if rate < o.batch_above_rps:
             return 1, provider
-        size = min(o.batch_max_items, self._input.max_concurrency, int(rate * o.batch_window_s))
+        # At least `BATCHES_IN_FLIGHT` batches fit in `max_concurrency`: a batch is done
+        # when its slowest call is, and one large batch at a time would stall the flow.
+        in_flight_cap = self._input.max_concurrency // BATCHES_IN_FLIGHT
+        size = min(o.batch_max_items, in_flight_cap, int(rate * o.batch_window_s))
         return max(2, size), provider
 
     def _dispatch_batches(self, gathered: dict[str, list[PendingItem]]) -> None:
