@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import asyncpg
 from opentelemetry import trace
@@ -193,7 +194,11 @@ class ProviderBatchActivities:
             for result in await self._call_all(batch, todo):
                 out[result.item_id] = result
             await self._flush(input.provider, force=True)
-            for what, n in (("throttled", batch.throttled), ("call_failures", batch.failures)):
+            retried: tuple[tuple[Literal["throttled", "call_failures"], int], ...] = (
+                ("throttled", batch.throttled),
+                ("call_failures", batch.failures),
+            )
+            for what, n in retried:
                 if n:
                     await store.count_retried_call(
                         calls.pool, input.tenant_id, input.experiment_id, what, n

@@ -597,7 +597,9 @@ async def run_large(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "evals": [{"kind": "exact_match"}],
         "max_concurrency": bench.max_concurrency,
     }
-    pid = bench.workers[0].process.pid
+    process = bench.workers[0].process
+    assert process is not None, "the worker is started"
+    pid = process.pid
     rss: list[tuple[float, float]] = []
     started = time.time()
 

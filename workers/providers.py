@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 from opentelemetry import metrics
@@ -56,10 +57,7 @@ async def provider_workers(
             graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
         )
         for provider in providers
-        for queue, activities in (
-            (ProviderQueue(task_queue, provider).name, [calls.run_item, calls.judge_item]),
-            (ProviderQueue(task_queue, provider).batch_name, [batches.run_batch]),
-        )
+        for queue, activities in _queues(ProviderQueue(task_queue, provider), calls, batches)
     ]
     rates: dict[str, float] = {}
 
@@ -88,6 +86,16 @@ async def provider_workers(
         sync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sync
+
+
+def _queues(
+    queue: ProviderQueue, calls: ProviderCallActivities, batches: ProviderBatchActivities
+) -> list[tuple[str, Sequence[Callable[..., Any]]]]:
+    """A provider's two queues and the activities each runs."""
+    return [
+        (queue.name, [calls.run_item, calls.judge_item]),
+        (queue.batch_name, [batches.run_batch]),
+    ]
 
 
 async def _sync_rates(
