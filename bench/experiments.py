@@ -323,6 +323,7 @@ class Bench:
 
         await self.fresh(ceiling, shape)
         ceiling = ceiling or self.ceiling
+        prompts = [f"Answer with a number: {row['input']}" for row in dataset(n, "direct")]
         done = 0
 
         async def one(i: int) -> None:
@@ -336,7 +337,8 @@ class Bench:
                             model=f"openai/{MODEL}",
                             api_base=self.sim_url + "/v1",
                             api_key=API_KEY,
-                            messages=[{"role": "user", "content": f"What is {i} + 1?"}],
+                            # The experiment's prompt for the same item: the same tokens.
+                            messages=[{"role": "user", "content": prompts[i]}],
                             max_retries=0,
                         )
                         done += 1
