@@ -54,8 +54,6 @@ from konstruct.provider_adapter import classify, complete_on
 from konstruct.store import experiments as store
 from konstruct.store.providers import OutcomeCounts, record_outcomes
 
-_tracer = trace.get_tracer("konstruct.experiments")
-
 
 class _Ledger:
     """One provider's answers in this worker, not yet counted in PostgreSQL."""
@@ -261,28 +259,22 @@ class ProviderBatchActivities:
         deployment = calls.deployments[item.deployment_id]
         ledger = self._ledgers.setdefault(provider, _Ledger())
         sent = time.perf_counter()
-        calls.in_progress[provider] = calls.in_progress.get(provider, 0) + 1
-        try:
-            with _tracer.start_as_current_span("llm.completion") as span:
-                span.set_attribute("llm.deployment", deployment.deployment_id)
-                span.set_attribute("llm.provider", provider)
-                try:
-                    completion = await complete_on(
-                        deployment.litellm_params,
-                        task_messages(batch.spec, item.item_id, call.input),
-                        timeout_s=calls.settings.call_timeout_s,
-                        temperature=batch.spec.task.temperature,
-                        max_tokens=batch.spec.task.max_tokens,
-                    )
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    span.record_exception(exc)
-                    span.set_status(trace.StatusCode.ERROR)
-                    failure = classify(exc)
-                    completion = None
-        finally:
-            calls.in_progress[provider] -= 1
+        with calls.calling(provider, deployment) as span:
+            try:
+                completion = await complete_on(
+                    deployment.litellm_params,
+                    task_messages(batch.spec, item.item_id, call.input),
+                    timeout_s=calls.settings.call_timeout_s,
+                    temperature=batch.spec.task.temperature,
+                    max_tokens=batch.spec.task.max_tokens,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR)
+                failure = classify(exc)
+                completion = None
         latency_ms = (time.perf_counter() - sent) * 1000
         if completion is not None:
             ledger.ok_answer()

@@ -20,8 +20,10 @@ the answer was):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +235,18 @@ class ProviderCallActivities:
             except Exception as exc:  # the worker's reconcile loop pushes it again
                 activity.logger.warning("could not push rate for %s: %s", provider, exc)
 
+    @contextlib.contextmanager
+    def calling(self, provider: str, deployment: Deployment) -> Iterator[trace.Span]:
+        """A provider call in progress: counted (slot utilisation), traced as a span."""
+        self.in_progress[provider] = self.in_progress.get(provider, 0) + 1
+        try:
+            with _tracer.start_as_current_span("llm.completion") as span:
+                span.set_attribute("llm.deployment", deployment.deployment_id)
+                span.set_attribute("llm.provider", provider)
+                yield span
+        finally:
+            self.in_progress[provider] -= 1
+
     async def book(self, provider: str, wanted: int = 1) -> Grant:
         """Call slots on the provider's shared schedule; waits until some are granted."""
         while True:
@@ -287,22 +301,16 @@ class ProviderCallActivities:
         if grant.first_in_s > 0:
             await asyncio.sleep(grant.first_in_s)
         started = time.perf_counter()
-        self.in_progress[provider] = self.in_progress.get(provider, 0) + 1
-        try:
-            with _tracer.start_as_current_span("llm.completion") as span:
-                span.set_attribute("llm.deployment", deployment.deployment_id)
-                span.set_attribute("llm.provider", provider)
-                try:
-                    completion = await self._call(deployment, messages, task)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    span.record_exception(exc)
-                    span.set_status(trace.StatusCode.ERROR)
-                    rejected = await self._failed(provider, seen, exc, experiment, started)
-                    return Answer(None, (time.perf_counter() - started) * 1000, rejected)
-        finally:
-            self.in_progress[provider] -= 1
+        with self.calling(provider, deployment) as span:
+            try:
+                completion = await self._call(deployment, messages, task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR)
+                rejected = await self._failed(provider, seen, exc, experiment, started)
+                return Answer(None, (time.perf_counter() - started) * 1000, rejected)
         latency = (time.perf_counter() - started) * 1000
         _latency.record(latency, {"provider": provider})
         _calls.add(1, {"provider": provider, "outcome": "ok"})

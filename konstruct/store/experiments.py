@@ -352,14 +352,7 @@ async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
     )
     if row is None:
         return None
-    return TaskCall(
-        seq=row["seq"],
-        input=row["input"],
-        expected=_expected(row["expected"]),
-        stop_requested=row["stop_requested"],
-        result=None if row["status"] is None else StoredResult.from_row(row),
-        breaker=_breaker_seen(row),
-    )
+    return _task_call(row)
 
 
 async def task_calls(
@@ -389,17 +382,18 @@ async def task_calls(
         task_queue,
         provider,
     )
-    return {
-        row["item_id"]: TaskCall(
-            seq=row["seq"],
-            input=row["input"],
-            expected=_expected(row["expected"]),
-            stop_requested=row["stop_requested"],
-            result=None if row["status"] is None else StoredResult.from_row(row),
-            breaker=_breaker_seen(row),
-        )
-        for row in rows
-    }
+    return {row["item_id"]: _task_call(row) for row in rows}
+
+
+def _task_call(row: Any) -> TaskCall:
+    return TaskCall(
+        seq=row["seq"],
+        input=row["input"],
+        expected=_expected(row["expected"]),
+        stop_requested=row["stop_requested"],
+        result=None if row["status"] is None else StoredResult.from_row(row),
+        breaker=_breaker_seen(row),
+    )
 
 
 async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None:
