@@ -40,6 +40,7 @@ from activities.provider_calls import (
     _calls,
     _latency,
     _throttled,
+    missing_judges,
     new_result,
     task_messages,
 )
@@ -349,11 +350,10 @@ class ProviderBatchActivities:
 def _stored(
     item_id: str, stored: store.StoredResult, spec: store.StoredSpec, fresh: bool
 ) -> BatchItemResult:
-    missing = [n for n in spec.judges if n not in stored.scores] if stored.status == "ok" else []
     return BatchItemResult(
         item_id=item_id,
         status=stored.status,
-        missing_evals=missing,
+        missing_evals=missing_judges(stored, spec),
         prompt_tokens=stored.prompt_tokens,
         completion_tokens=stored.completion_tokens,
         fresh=fresh,

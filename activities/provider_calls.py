@@ -100,6 +100,11 @@ def task_messages(spec: store.StoredSpec, item_id: str, text: str) -> list[dict[
     return messages
 
 
+def missing_judges(stored: store.StoredResult, spec: store.StoredSpec) -> list[str]:
+    """The judge evals a stored task result still waits for (none once it failed)."""
+    return [n for n in spec.judges if n not in stored.scores] if stored.status == "ok" else []
+
+
 def new_result(
     spec: store.StoredSpec,
     item: store.TaskCall,
@@ -390,13 +395,10 @@ class ProviderCallActivities:
     def _result(
         item_id: str, stored: store.StoredResult, spec: store.StoredSpec, fresh: bool
     ) -> RunItemResult:
-        missing = (
-            [n for n in spec.judges if n not in stored.scores] if stored.status == "ok" else []
-        )
         return RunItemResult(
             item_id=item_id,
             status=stored.status,
-            missing_evals=missing,
+            missing_evals=missing_judges(stored, spec),
             latency_ms=stored.latency_ms,
             prompt_tokens=stored.prompt_tokens,
             completion_tokens=stored.completion_tokens,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
@@ -142,6 +143,17 @@ class WorkerRelay:
         """Give the model `latency_ms` and start the second worker."""
         await self.sim.set_profile(self.model, latency_ms=latency_ms)
         self.start_worker("b")
+
+
+async def wait_for_calls(sim: SimulatorAdmin, model: str, ok: int, in_flight: int) -> None:
+    """Poll every 50 ms (20 s at most) until `model` answered `ok` calls and has
+    `in_flight` more in progress: the moment a kill -9 test kills its worker."""
+    for _ in range(400):
+        stats = await sim.model_stats(model)
+        if stats.get("ok", 0) >= ok and stats.get("in_flight", 0) >= in_flight:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("the calls never got going")
 
 
 async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:

@@ -25,7 +25,7 @@ from konstruct.naming import provider_queue
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.store.providers import ensure_provider
 from konstruct.task_queue_limits import push_rate
-from tests.support import WorkerRelay
+from tests.support import WorkerRelay, wait_for_calls
 from workflows.experiment import Experiment
 
 FAST = "sim-fast"
@@ -375,13 +375,7 @@ async def test_kill_9_of_a_worker_loses_and_duplicates_nothing(
     await relay.start_slow(FAST, latency_ms=600)
     body = experiment(40, max_concurrency=8, options={"heartbeat_timeout_s": 3})
     handle = await start(client, task_queue, body)
-    for _ in range(400):
-        stats = await sim.model_stats(FAST)
-        if stats.get("ok", 0) >= 8 and stats.get("in_flight", 0) >= 4:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the calls never got going")
+    await wait_for_calls(sim, FAST, ok=8, in_flight=4)
     in_flight_at_kill = await relay.hand_over(latency_ms=20)
     result: ExperimentResult = await handle.result()
     assert result.summary.completed == 40 and result.summary.failed == 0

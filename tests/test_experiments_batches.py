@@ -17,7 +17,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from konstruct.models.experiments import ExperimentResult
 from konstruct.simulator_admin import SimulatorAdmin
-from tests.support import WorkerRelay
+from tests.support import WorkerRelay, wait_for_calls
 from tests.test_experiments import FAST, experiment, results, start, throttled, wait_for
 from workflows.experiment import Experiment
 
@@ -133,11 +133,7 @@ async def test_kill_9_mid_batch_loses_and_duplicates_nothing(
         options={**BATCHED, "batch_window_s": 1.0, "heartbeat_timeout_s": 3},
     )
     handle = await start(client, task_queue, body)
-    for _ in range(400):
-        stats = await sim.model_stats(FAST)
-        if stats.get("ok", 0) >= 10 and stats.get("in_flight", 0) >= 4:
-            break
-        await asyncio.sleep(0.05)
+    await wait_for_calls(sim, FAST, ok=10, in_flight=4)
     await relay.kill_first()
     # Calls made by the dead worker whose result it had not stored: the requests the
     # provider saw (in flight, or answered while the result was being written)
