@@ -22,6 +22,7 @@ from konstruct.errors import InvalidInput
 from konstruct.models import experiments as models
 from konstruct.models.registry import NewRun
 from konstruct.naming import ProviderQueue, registry_run_id
+from konstruct.provider_control import declared_bounds
 from konstruct.router import Deployment, RouterConfig
 from konstruct.store import experiments as store
 from konstruct.store.providers import ensure_provider, provider_statuses
@@ -148,15 +149,18 @@ class ExperimentActivities:
         for d in deployments:
             providers.setdefault(d.provider, d)
         for provider, d in sorted(providers.items()):
-            info = d.model_info
-            rate = await ensure_provider(
-                self.pool,
-                base,
-                provider,
-                float(info.get("initial_rps") or self.settings.initial_rps),
-                float(info.get("min_rps") or self.settings.min_rps),
-                float(info.get("max_rps") or self.settings.max_rps),
+            limits = d.limits
+            bounds = declared_bounds(
+                initial_rps=limits.initial_rps,
+                min_rps=limits.min_rps,
+                max_rps=limits.max_rps,
+                rpm=limits.rpm,
+                tpm=limits.tpm,
+                limit_window_s=limits.limit_window_s,
+                config=self.settings.aimd_config(),
+                default_initial_rps=self.settings.initial_rps,
             )
+            rate = await ensure_provider(self.pool, base, provider, bounds)
             await push_rate(activity.client(), ProviderQueue(base, provider).name, rate, "prepare")
         return sorted(providers)
 

@@ -51,7 +51,7 @@ from konstruct.models.experiments import (
     RunBatchInput,
     RunBatchResult,
 )
-from konstruct.provider_adapter import classify, complete_on
+from konstruct.provider_adapter import AnnouncedLimits, classify, complete_on
 from konstruct.store import experiments as store
 from konstruct.store.providers import OutcomeCounts, record_outcomes
 
@@ -69,6 +69,14 @@ class _Ledger:
         self.retry_after_s: float | None = None
         self.newest_429_sent: float | None = None
         self.last_error = ""
+        self.token_excess = 0.0
+        self.limits: AnnouncedLimits | None = None
+
+    def answered(self, token_excess: float, limits: AnnouncedLimits | None) -> None:
+        """Any answer: the tokens it used beyond its booking, the limits it announced."""
+        self.token_excess += token_excess
+        if limits is not None:
+            self.limits = limits
 
     def ok_answer(self) -> None:
         self.ok += 1
@@ -86,7 +94,7 @@ class _Ledger:
         self.last_error = error
 
     def take(self) -> OutcomeCounts | None:
-        if not (self.ok or self.throttled or self.failures):
+        if not (self.ok or self.throttled or self.failures or self.token_excess):
             return None
         counts = OutcomeCounts(
             ok=self.ok,
@@ -98,6 +106,8 @@ class _Ledger:
             if self.newest_429_sent is None
             else time.perf_counter() - self.newest_429_sent,
             last_error=self.last_error,
+            token_excess=self.token_excess,
+            limits=self.limits,
         )
         self._clear()
         self.flushed_at = time.monotonic()
@@ -136,6 +146,16 @@ class _ResultWriter:
                 continue
             for item_id, _, future in group:
                 future.set_result(stored[item_id])
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One item's call in a batch: its messages, and the tokens they are guessed at."""
+
+    item: BatchItem
+    call: store.TaskCall
+    messages: list[dict[str, str]]
+    estimate: int
 
 
 @dataclass
@@ -211,27 +231,40 @@ class ProviderBatchActivities:
         unbooked when a stop comes are `stopped`."""
         loop = asyncio.get_running_loop()
         inp = batch.input
+        max_tokens = batch.spec.task.max_tokens
+        calls = [
+            _Call(
+                item,
+                call,
+                messages := task_messages(batch.spec, item.item_id, call.input),
+                self.calls.tokens.estimate(inp.provider, messages, max_tokens),
+            )
+            for item, call in todo
+        ]
         started: list[asyncio.Task[BatchItemResult]] = []
         results: list[BatchItemResult] = []
         index = 0
         try:
-            while index < len(todo):
+            while index < len(calls):
                 if index and await self._stop_requested(inp):
                     break
-                grant = await self.calls.book(inp.provider, len(todo) - index)
+                left = calls[index:]
+                tokens_each = sum(c.estimate for c in left) / len(left)
+                grant = await self.calls.book(inp.provider, len(left), tokens_each)
                 base = loop.time() + grant.first_in_s
                 for k in range(grant.granted):
-                    item, call = todo[index]
+                    call = calls[index]
                     index += 1
                     at = base + k * grant.interval_s
-                    started.append(asyncio.create_task(self._one(batch, item, call, at)))
+                    booked = tokens_each if grant.metered else 0.0
+                    started.append(asyncio.create_task(self._one(batch, call, at, booked)))
                 # Book again when the last slot booked is due.
                 await asyncio.sleep(
                     max(0.0, base + (grant.granted - 1) * grant.interval_s - loop.time())
                 )
                 activity.heartbeat()
             results = [
-                BatchItemResult(item_id=item.item_id, status="stopped") for item, _ in todo[index:]
+                BatchItemResult(item_id=c.item.item_id, status="stopped") for c in calls[index:]
             ]
             pending = set(started)
             while pending:
@@ -249,12 +282,12 @@ class ProviderBatchActivities:
         async with tenant_transaction(self.calls.pool, inp.tenant_id) as conn:
             return await store.stop_requested(conn, inp.tenant_id, inp.experiment_id)
 
-    async def _one(
-        self, batch: _Batch, item: BatchItem, call: store.TaskCall, at: float
-    ) -> BatchItemResult:
-        """One item's task call at its slot, learned from and stored."""
+    async def _one(self, batch: _Batch, one: _Call, at: float, booked: float) -> BatchItemResult:
+        """One item's task call at its slot, learned from and stored; `booked`: the
+        tokens its slot booked (0: not metered), settled with what it used."""
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, at - loop.time()))
+        item, call = one.item, one.call
         inp, calls = batch.input, self.calls
         provider = inp.provider
         deployment = calls.deployments[item.deployment_id]
@@ -264,7 +297,7 @@ class ProviderBatchActivities:
             try:
                 completion = await complete_on(
                     deployment.litellm_params,
-                    task_messages(batch.spec, item.item_id, call.input),
+                    one.messages,
                     timeout_s=calls.settings.call_timeout_s,
                     temperature=batch.spec.task.temperature,
                     max_tokens=batch.spec.task.max_tokens,
@@ -278,14 +311,18 @@ class ProviderBatchActivities:
                 completion = None
         latency_ms = (time.perf_counter() - sent) * 1000
         if completion is not None:
+            used = calls.tokens.used(provider, completion)
+            ledger.answered(used - booked if booked else 0.0, completion.limits)
             ledger.ok_answer()
             _calls.add(1, {"provider": provider, "outcome": "ok"})
             _latency.record(latency_ms, {"provider": provider})
             answer = Answer(completion, latency_ms)
         elif failure.posture == "rejected":
+            ledger.answered(-booked, failure.limits)  # a refused call used no tokens
             _calls.add(1, {"provider": provider, "outcome": "rejected"})
             answer = Answer(None, latency_ms, failure)
         else:
+            ledger.answered(-booked, failure.limits)
             retry_in = 0.0
             if failure.posture == "throttled":
                 ledger.refused(failure.retry_after_s, sent)

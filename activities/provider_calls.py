@@ -46,6 +46,7 @@ from konstruct.models.experiments import (
 )
 from konstruct.naming import ProviderQueue
 from konstruct.provider_adapter import (
+    AnnouncedLimits,
     Completion,
     ProviderFailure,
     call_error,
@@ -85,6 +86,35 @@ class Answer:
     completion: Completion | None
     latency_ms: float
     rejected: ProviderFailure | None = None
+
+
+# A completion's tokens guessed before any answer taught the worker better.
+_FIRST_COMPLETION_GUESS = 64
+
+
+class TokenEstimates:
+    """A call's prompt + completion tokens guessed before it goes out, so a
+    metered provider's token clock can book them: the prompt at four characters a
+    token, the completion at `max_tokens` or what this provider's answers used on
+    average. The answer's usage settles the difference, so a guess only shifts
+    when, never how many, tokens are spent."""
+
+    def __init__(self) -> None:
+        self._completion: dict[str, float] = {}
+
+    def estimate(
+        self, provider: str, messages: list[dict[str, str]], max_tokens: int | None
+    ) -> int:
+        prompt = sum(len(m.get("content") or "") for m in messages) // 4 + 4 * len(messages)
+        guess = self._completion.get(provider, _FIRST_COMPLETION_GUESS)
+        return prompt + (max_tokens if max_tokens is not None else round(guess))
+
+    def used(self, provider: str, completion: Completion) -> int:
+        """The tokens an answer used; teaches the completion guess."""
+        last = self._completion.get(provider)
+        tokens = float(completion.completion_tokens)
+        self._completion[provider] = tokens if last is None else 0.9 * last + 0.1 * tokens
+        return completion.total_tokens or completion.prompt_tokens + completion.completion_tokens
 
 
 def _render(template: str, item_id: str, text: str) -> str:
@@ -165,6 +195,7 @@ class ProviderCallActivities:
         self._specs: OrderedDict[tuple[str, str], store.StoredSpec] = OrderedDict()
         # Calls in progress per provider in this process (slot utilisation).
         self.in_progress: dict[str, int] = {}
+        self.tokens = TokenEstimates()
 
     # --- shared plumbing -----------------------------------------------------------
 
@@ -210,6 +241,8 @@ class ProviderCallActivities:
         retry_after: float | None = None,
         error: str = "",
         age_s: float | None = None,
+        token_excess: float = 0.0,
+        limits: AnnouncedLimits | None = None,
     ) -> None:
         effect = await record_outcome(
             self.pool,
@@ -222,6 +255,8 @@ class ProviderCallActivities:
             retry_after_s=retry_after,
             error=error,
             age_s=age_s,
+            token_excess=token_excess,
+            limits=limits,
         )
         await self.apply_effect(provider, effect, outcome)
 
@@ -252,11 +287,17 @@ class ProviderCallActivities:
         finally:
             self.in_progress[provider] -= 1
 
-    async def book(self, provider: str, wanted: int = 1) -> Grant:
-        """Call slots on the provider's shared schedule; waits until some are granted."""
+    async def book(self, provider: str, wanted: int = 1, tokens_each: float = 0.0) -> Grant:
+        """Call slots on the provider's shared schedule (and, metered, `tokens_each`
+        tokens for each); waits until some are granted."""
         while True:
             grant = await reserve_calls(
-                self.pool, self.task_queue, provider, wanted, self.settings.schedule_horizon_s
+                self.pool,
+                self.task_queue,
+                provider,
+                wanted,
+                self.settings.schedule_horizon_s,
+                tokens_each,
             )
             if grant.granted:
                 return grant
@@ -302,7 +343,11 @@ class ProviderCallActivities:
             seen = await self._admit(provider)
         # Every call takes a slot on the provider's schedule, batched or not, so
         # the rate holds whichever way calls reach it.
-        grant = await self.book(provider)
+        estimate = self.tokens.estimate(
+            provider, messages, task.max_tokens if task is not None else None
+        )
+        grant = await self.book(provider, 1, estimate)
+        booked = estimate if grant.metered else 0
         if grant.first_in_s > 0:
             await asyncio.sleep(grant.first_in_s)
         started = time.perf_counter()
@@ -314,12 +359,19 @@ class ProviderCallActivities:
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR)
-                rejected = await self._failed(provider, seen, exc, experiment, started)
+                rejected = await self._failed(provider, seen, exc, experiment, started, booked)
                 return Answer(None, (time.perf_counter() - started) * 1000, rejected)
         latency = (time.perf_counter() - started) * 1000
         _latency.record(latency, {"provider": provider})
         _calls.add(1, {"provider": provider, "outcome": "ok"})
-        await self._outcome(provider, "ok", seen)
+        used = self.tokens.used(provider, completion)
+        await self._outcome(
+            provider,
+            "ok",
+            seen,
+            token_excess=used - booked if booked else 0.0,
+            limits=completion.limits,
+        )
         return Answer(completion, latency)
 
     async def _failed(
@@ -329,10 +381,13 @@ class ProviderCallActivities:
         exc: Exception,
         experiment: tuple[str, str],
         sent: float,
+        booked: float,
     ) -> ProviderFailure:
-        """Learn from a failed call; raise to retry, or return the rejection to give up."""
+        """Learn from a failed call; raise to retry, or return the rejection to give up.
+        A failed call used none of the tokens it `booked`: they go back."""
         failure = classify(exc)
         tenant_id, experiment_id = experiment
+        unused, limits = -booked, failure.limits
         if failure.posture == "throttled":
             _throttled.add(1, {"provider": provider})
             _calls.add(1, {"provider": provider, "outcome": "throttled"})
@@ -342,20 +397,22 @@ class ProviderCallActivities:
                 seen,
                 retry_after=failure.retry_after_s,
                 age_s=time.perf_counter() - sent,
+                token_excess=unused,
+                limits=limits,
             )
             await store.count_retried_call(self.pool, tenant_id, experiment_id, "throttled")
             raise call_error(provider, failure)
         if failure.posture == "quota":
             # Not a rate problem (the rate stays) nor the provider's health (no breaker).
             _calls.add(1, {"provider": provider, "outcome": "quota"})
-            await self._outcome(provider, "neutral", seen)
+            await self._outcome(provider, "neutral", seen, token_excess=unused)
             raise QuotaExceeded(f"provider {provider!r} quota exceeded: {failure.message}")
         if failure.posture == "rejected":
             _calls.add(1, {"provider": provider, "outcome": "rejected"})
-            await self._outcome(provider, "neutral", seen)
+            await self._outcome(provider, "neutral", seen, token_excess=unused)
             return failure
         _calls.add(1, {"provider": provider, "outcome": "failure"})
-        await self._outcome(provider, "failure", seen, error=failure.message)
+        await self._outcome(provider, "failure", seen, error=failure.message, token_excess=unused)
         await store.count_retried_call(self.pool, tenant_id, experiment_id, "call_failures")
         raise call_error(provider, failure)
 

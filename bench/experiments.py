@@ -125,12 +125,15 @@ class Bench:
         self.simulator.wait_for_port(port, 30)
         self.sim_url = f"http://127.0.0.1:{port}"
         router = self.tmp / "router.yaml"
+        # limit_window_s: the window shapes announce their limits per SHAPE_WINDOW_S
+        # (x-ratelimit-limit-*), as a user would declare for such a gateway.
         router.write_text(
             "model_list:\n"
             "  - model_name: fast\n"
             f"    litellm_params: {{model: openai/{MODEL}, api_base: os.environ/SIMULATOR_API_BASE,"
             " api_key: os.environ/SIMULATOR_API_KEY, timeout: 30}\n"
-            f"    model_info: {{id: {MODEL}, provider: {PROVIDER}, initial_rps: {self.initial_rps}}}\n"
+            f"    model_info: {{id: {MODEL}, provider: {PROVIDER}, initial_rps: {self.initial_rps},"
+            f" limit_window_s: {SHAPE_WINDOW_S}}}\n"
             "router_settings: {num_retries: 0, disable_cooldowns: true}\n"
         )
         self.env = dict(

@@ -47,6 +47,43 @@ _QUOTA_MARKS = ("insufficient_quota", "exceeded your current quota")
 
 
 @dataclass(frozen=True)
+class AnnouncedLimits:
+    """The limits a provider announces in its answers' headers, per its window
+    (a minute for OpenAI's `x-ratelimit-limit-*` and Anthropic's
+    `anthropic-ratelimit-*-limit`); None: not announced."""
+
+    requests: int | None = None
+    tokens: int | None = None
+
+
+_LIMIT_HEADERS = {
+    "requests": ("x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"),
+    "tokens": ("x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-limit"),
+}
+
+
+def announced_limits(headers: Any) -> AnnouncedLimits | None:
+    """The request and token limits in a response's headers (litellm forwards a
+    provider's own headers with an `llm_provider-` prefix)."""
+    if not headers:
+        return None
+    found: dict[str, int] = {}
+    for unit, names in _LIMIT_HEADERS.items():
+        for name in names:
+            value = headers.get(name) or headers.get(f"llm_provider-{name}")
+            if value is None:
+                continue
+            try:
+                limit = int(float(value))
+            except (TypeError, ValueError):
+                continue
+            if limit > 0:
+                found[unit] = limit
+                break
+    return AnnouncedLimits(**found) if found else None
+
+
+@dataclass(frozen=True)
 class Completion:
     """What a chat completion answered, read once from litellm's response."""
 
@@ -57,6 +94,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    limits: AnnouncedLimits | None = None
 
 
 @dataclass(frozen=True)
@@ -67,14 +105,20 @@ class ProviderFailure:
     message: str
     posture: Posture
     retry_after_s: float | None = None
+    limits: AnnouncedLimits | None = None
 
 
-def _retry_after_seconds(error: BaseException) -> float | None:
-    """The provider's Retry-After, if the error carries one."""
+def _error_headers(error: BaseException) -> Any:
     headers: Any = getattr(error, "litellm_response_headers", None)
     if headers is None:
         response = getattr(error, "response", None)
         headers = getattr(response, "headers", None)
+    return headers
+
+
+def _retry_after_seconds(error: BaseException) -> float | None:
+    """The provider's Retry-After, if the error carries one."""
+    headers = _error_headers(error)
     if not headers:
         return None
     for name in ("retry-after-ms", "retry-after"):
@@ -130,6 +174,7 @@ def classify(error: BaseException) -> ProviderFailure:
         message=f"{kind}: {str(error)[:400]}",
         posture=posture,
         retry_after_s=_retry_after_seconds(error),
+        limits=announced_limits(_error_headers(error)),
     )
 
 
@@ -186,6 +231,7 @@ def _completion(response: Any) -> Completion:
         prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
         completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
         total_tokens=getattr(usage, "total_tokens", 0) or 0,
+        limits=announced_limits(hidden.get("additional_headers")),
     )
 
 

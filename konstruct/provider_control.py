@@ -337,6 +337,76 @@ def rate_decided(current: AimdState, decided: AimdState) -> bool:
     return uncounted(decided) != uncounted(current)
 
 
+def on_announced_limit(
+    state: AimdState, limit_rps: float, now: float, config: AimdConfig
+) -> AimdState:
+    """The provider announced its request limit (x-ratelimit-limit-requests): the
+    rate never goes above it (the caller clamps with `max_rps`), and while still in
+    slow start, no 429 seen, it goes straight to just under it instead of doubling
+    its way there."""
+    target = _clamp(limit_rps * config.headroom, config)
+    if state.rate > limit_rps:
+        rate = min(state.rate, target)
+    elif state.slow_start and state.rate < target:
+        rate = target
+    else:
+        return state
+    return _new_window(
+        rate,
+        state.ceiling if state.ceiling is None else min(state.ceiling, limit_rps),
+        now,
+        last_decrease_at=state.last_decrease_at,
+        hold_until=state.hold_until,
+        step=_first_step(rate, config),
+        slow_start=state.slow_start,
+    )
+
+
+@dataclass(frozen=True)
+class ProviderBounds:
+    """A provider's rate bounds and token rate, from its deployment's declared
+    limits (`model_info`) and the settings' defaults."""
+
+    initial_rps: float
+    min_rps: float
+    max_rps: float
+    # Tokens a second (`tpm` / 60); None: tokens are not metered unless the
+    # provider's headers announce a limit.
+    token_rate: float | None = None
+    limit_window_s: float = 60.0
+    # Requests a second declared (`rpm` / 60): the provider's headers then move
+    # nothing (a header's window is an assumption, the config is what is known).
+    declared_rps: float | None = None
+
+
+def declared_bounds(
+    *,
+    initial_rps: float | None,
+    min_rps: float | None,
+    max_rps: float | None,
+    rpm: float | None,
+    tpm: float | None,
+    limit_window_s: float,
+    config: AimdConfig,
+    default_initial_rps: float,
+) -> ProviderBounds:
+    """`rpm` caps the rate and, with no `initial_rps`, starts it just under the
+    limit (`headroom`): a declared limit needs no climb to find it."""
+    low = min_rps or config.min_rps
+    high = max_rps or config.max_rps
+    if rpm is not None:
+        high = min(high, rpm / 60)
+    start = initial_rps or (rpm / 60 * config.headroom if rpm is not None else default_initial_rps)
+    return ProviderBounds(
+        initial_rps=min(high, max(low, start)),
+        min_rps=min(low, high),
+        max_rps=high,
+        token_rate=tpm / 60 if tpm is not None else None,
+        limit_window_s=limit_window_s,
+        declared_rps=rpm / 60 if rpm is not None else None,
+    )
+
+
 # --- the shared call schedule -------------------------------------------------
 
 
@@ -350,6 +420,9 @@ class Grant:
     first_in_s: float = 0.0
     interval_s: float = 0.0
     retry_in_s: float = 0.0
+    # Tokens are metered: each granted call booked the tokens asked for, and its
+    # answer settles the difference (`OutcomeCounts.token_excess`).
+    metered: bool = False
 
 
 # --- circuit breaker ----------------------------------------------------------

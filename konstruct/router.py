@@ -7,11 +7,31 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from konstruct.errors import ConfigError
 
 ENV_PREFIX = "os.environ/"
+
+
+class RateLimits(BaseModel):
+    """A deployment's declared limits, from its `model_info` (every field optional).
+
+    `rpm` / `tpm`: the provider's requests and tokens per minute (its dashboard's
+    figures); the rate never goes above `rpm`, starts just under it, and prompt +
+    completion tokens are metered against `tpm`. `limit_window_s`: the window of
+    the provider's `x-ratelimit-limit-*` headers (60: OpenAI's and Anthropic's per
+    minute). `initial_rps`, `min_rps`, `max_rps`: the adaptive rate's bounds.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    initial_rps: float | None = Field(None, gt=0)
+    min_rps: float | None = Field(None, gt=0)
+    max_rps: float | None = Field(None, gt=0)
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+    limit_window_s: float = Field(60.0, gt=0)
 
 
 class Deployment(BaseModel):
@@ -20,6 +40,16 @@ class Deployment(BaseModel):
     model_name: str
     litellm_params: dict[str, Any]
     model_info: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model_info")
+    @classmethod
+    def _limits_valid(cls, info: dict[str, Any]) -> dict[str, Any]:
+        RateLimits.model_validate(info)
+        return info
+
+    @property
+    def limits(self) -> RateLimits:
+        return RateLimits.model_validate(self.model_info)
 
     @property
     def deployment_id(self) -> str:

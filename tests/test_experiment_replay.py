@@ -91,14 +91,16 @@ async def test_fresh_runs_replay_without_cache(
             # Batched task calls, a limit that falls mid-run (429s handed to single
             # calls), and a stop and resume between batches.
             await sim.set_profile("sim-fast", latency_ms=50, rate_limit_rps=1000)
+            # Enough items that the stop lands mid-run (60 could all finish, at 50/s,
+            # between the progress that showed 15 done and the signal).
             batched = experiment(
-                60,
+                150,
                 max_concurrency=12,
                 options={
                     "batch_above_rps": 5.0,
                     "batch_window_s": 0.2,
                     "toggle_cooldown_s": 0.0,
-                    "continue_as_new_every": 6,
+                    "continue_as_new_every": 15,
                 },
             )
             run = await client.start_workflow(

@@ -22,6 +22,7 @@ from konstruct.cli import main as cli_main
 from konstruct.db import tenant_transaction
 from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
 from konstruct.naming import provider_queue
+from konstruct.provider_control import ProviderBounds
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.store.providers import ensure_provider
 from konstruct.task_queue_limits import push_rate
@@ -212,7 +213,7 @@ async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_callin
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
     # A slow provider rate keeps calls queued for capacity when a run ends.
-    await ensure_provider(app_pool, worker, "simulator", 4.0, 0.5, 1000.0)
+    await ensure_provider(app_pool, worker, "simulator", ProviderBounds(4.0, 0.5, 1000.0))
     async with app_pool.acquire() as conn:
         await conn.execute(
             "update provider_limits set rate = 4 where task_queue = $1 and provider = 'simulator'",

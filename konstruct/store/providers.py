@@ -13,11 +13,12 @@ in one statement; a decision is written only if nobody else decided since
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import asyncpg
 
+from konstruct.provider_adapter import AnnouncedLimits
 from konstruct.provider_control import (
     Admission,
     AimdConfig,
@@ -25,9 +26,11 @@ from konstruct.provider_control import (
     BreakerConfig,
     BreakerState,
     Grant,
+    ProviderBounds,
     admit,
     claim_probe,
     decide_counts,
+    on_announced_limit,
     rate_decided,
     record_failure,
     record_success,
@@ -58,24 +61,30 @@ class ProviderStatus:
 
 
 async def ensure_provider(
-    pool: asyncpg.Pool,
-    task_queue: str,
-    provider: str,
-    initial_rps: float,
-    min_rps: float,
-    max_rps: float,
+    pool: asyncpg.Pool, task_queue: str, provider: str, bounds: ProviderBounds
 ) -> float:
-    """Create the provider's rows if new; returns its current rate."""
+    """Create the provider's rows if new, else take the config's bounds and token
+    rate (a changed router config counts at the next experiment); returns its rate."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "insert into provider_limits (task_queue, provider, rate, initial_rate, min_rate,"
-            f" max_rate, changed_at) values ($1, $2, $3, $3, $4, $5, {_NOW})"
-            " on conflict do nothing",
+        rate = await conn.fetchval(
+            "insert into provider_limits as l (task_queue, provider, rate, initial_rate,"
+            " min_rate, max_rate, token_rate, limit_window_s, declared_rate, changed_at)"
+            f" values ($1, $2, $3, $3, $4, $5, $6, $7, $8, {_NOW})"
+            " on conflict (task_queue, provider) do update set initial_rate = $3,"
+            " min_rate = $4, max_rate = $5, token_rate = $6, limit_window_s = $7,"
+            " declared_rate = $8,"
+            " header_rate = case when l.limit_window_s = $7 then l.header_rate end,"
+            " header_token_rate = case when l.limit_window_s = $7"
+            " then l.header_token_rate end,"
+            " rate = least($5, greatest($4, l.rate)) returning rate",
             task_queue,
             provider,
-            min(max_rps, max(min_rps, initial_rps)),
-            min_rps,
-            max_rps,
+            bounds.initial_rps,
+            bounds.min_rps,
+            bounds.max_rps,
+            bounds.token_rate,
+            bounds.limit_window_s,
+            bounds.declared_rps,
         )
         for table in ("provider_breakers", "provider_schedule"):
             await conn.execute(
@@ -84,13 +93,7 @@ async def ensure_provider(
                 task_queue,
                 provider,
             )
-        return float(
-            await conn.fetchval(
-                "select rate from provider_limits where task_queue = $1 and provider = $2",
-                task_queue,
-                provider,
-            )
-        )
+        return float(rate)
 
 
 async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> None:
@@ -98,14 +101,16 @@ async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> 
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
-            " throttled_since_change = 0, slow_start = true,"
+            " throttled_since_change = 0, slow_start = true, header_rate = null,"
+            " header_token_rate = null,"
             f" changed_at = {_NOW}, last_decrease_at = null, hold_until = 0, step = 0,"
             " version = version + 1 where task_queue = $1 and provider = $2",
             task_queue,
             provider,
         )
         await conn.execute(
-            "update provider_schedule set next_slot_at = 0 where task_queue = $1 and provider = $2",
+            "update provider_schedule set next_slot_at = 0, next_token_at = 0"
+            " where task_queue = $1 and provider = $2",
             task_queue,
             provider,
         )
@@ -187,46 +192,71 @@ async def _write_breaker(
 
 
 # Book up to $3 call slots at the provider's rate, no further ahead than $4 seconds
-# (GCRA: one virtual clock per provider): slots start, start + 1/rate ... that
+# (GCRA: one virtual clock per provider): slots start, start + interval ... that
 # begin within the horizon, one at least when the schedule is idle however slow
-# the rate. One statement, so the row is locked only while PostgreSQL runs it;
-# locked across a worker's round trips, it serialised every worker at high rates.
+# the rate. With tokens metered (a token rate from `model_info.tpm` or the
+# provider's headers), a second clock paces the tokens: each call books $5
+# (its estimate), and the slots are spaced by the slower of the two clocks.
+# One statement, so the row is locked only while PostgreSQL runs it; locked
+# across a worker's round trips, it serialised every worker at high rates.
 _BOOK = f"""
 with cur as (
-    select greatest(s.next_slot_at, t.now) as start, t.now, l.rate
+    select greatest(s.next_slot_at, t.now) as req_start,
+        greatest(s.next_token_at, t.now) as tok_start, t.now, l.rate,
+        coalesce(l.token_rate, l.header_token_rate) as token_rate
     from provider_schedule s join provider_limits l using (task_queue, provider),
         (select {_NOW} as now) t
     where s.task_queue = $1 and s.provider = $2
     for update of s
+), paced as (
+    select now, rate, token_rate,
+        case when token_rate is null then req_start
+        else greatest(req_start, tok_start) end as start,
+        case when token_rate is null then 1.0 / rate
+        else greatest(1.0 / rate, $5 / token_rate) end as interval_s
+    from cur
 ), counted as (
-    select start, now, rate,
+    select *,
         case when start >= now + $4 and start > now then 0
         else least($3, greatest(case when start <= now then 1 else 0 end,
-                                ceil((now + $4 - start) * rate - 1e-9)::int))
+                                ceil((now + $4 - start) / interval_s - 1e-9)::int))
         end as granted
-    from cur
+    from paced
 )
-update provider_schedule s set next_slot_at = c.start + c.granted / c.rate
+update provider_schedule s set
+    next_slot_at = case when c.granted = 0 then s.next_slot_at
+        else c.start + (c.granted - 1) * c.interval_s + 1.0 / c.rate end,
+    next_token_at = case when c.granted = 0 or c.token_rate is null then s.next_token_at
+        else c.start + (c.granted - 1) * c.interval_s + $5 / c.token_rate end
 from counted c
 where s.task_queue = $1 and s.provider = $2
-returning c.granted, c.start - c.now as first_in_s, 1.0 / c.rate as interval_s,
-    greatest(1.0 / c.rate, c.start - c.now - $4) as retry_in_s
+returning c.granted, c.start - c.now as first_in_s, c.interval_s,
+    greatest(c.interval_s, c.start - c.now - $4) as retry_in_s,
+    c.token_rate is not null as metered
 """
 
 
 async def reserve_calls(
-    pool: asyncpg.Pool, task_queue: str, provider: str, wanted: int, horizon_s: float
+    pool: asyncpg.Pool,
+    task_queue: str,
+    provider: str,
+    wanted: int,
+    horizon_s: float,
+    tokens_each: float = 0.0,
 ) -> Grant:
     """Book up to `wanted` call slots on the provider's shared schedule, so calls
-    booked at an old rate are spent soon after it changes. A provider without a
+    booked at an old rate are spent soon after it changes; `tokens_each`: each
+    call's estimated tokens, booked when tokens are metered. A provider without a
     row yet is not limited here (its queue's server-side limit still is)."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(_BOOK, task_queue, provider, wanted, horizon_s)
+        row = await conn.fetchrow(_BOOK, task_queue, provider, wanted, horizon_s, tokens_each)
     if row is None:
         return Grant(wanted)
     if not row["granted"]:
-        return Grant(0, retry_in_s=row["retry_in_s"])
-    return Grant(row["granted"], max(0.0, row["first_in_s"]), row["interval_s"])
+        return Grant(0, retry_in_s=row["retry_in_s"], metered=row["metered"])
+    return Grant(
+        row["granted"], max(0.0, row["first_in_s"]), row["interval_s"], metered=row["metered"]
+    )
 
 
 @dataclass(frozen=True)
@@ -241,7 +271,9 @@ class OutcomeCounts:
 
     `failures_after_ok`: failures since the last success among them (the breaker
     counts consecutive failures); `retry_after_s`: the longest Retry-After of the
-    429s; `newest_429_age_s`: how long ago the newest refused request was sent."""
+    429s; `newest_429_age_s`: how long ago the newest refused request was sent;
+    `token_excess`: tokens used minus tokens booked (metered calls; a refused or
+    failed call used none); `limits`: the newest limits the provider announced."""
 
     ok: int = 0
     throttled: int = 0
@@ -250,16 +282,26 @@ class OutcomeCounts:
     retry_after_s: float | None = None
     newest_429_age_s: float | None = None
     last_error: str = ""
+    token_excess: float = 0.0
+    limits: AnnouncedLimits | None = None
 
 
-def _one(outcome: Outcome, retry_after_s: float | None, error: str, age_s: float | None):
+def _one(
+    outcome: Outcome,
+    retry_after_s: float | None,
+    error: str,
+    age_s: float | None,
+    token_excess: float,
+    limits: AnnouncedLimits | None,
+) -> OutcomeCounts:
+    counts = OutcomeCounts(token_excess=token_excess, limits=limits)
     if outcome == "ok":
-        return OutcomeCounts(ok=1)
+        return replace(counts, ok=1)
     if outcome == "throttled":
-        return OutcomeCounts(throttled=1, retry_after_s=retry_after_s, newest_429_age_s=age_s)
+        return replace(counts, throttled=1, retry_after_s=retry_after_s, newest_429_age_s=age_s)
     if outcome == "failure":
-        return OutcomeCounts(failures=1, failures_after_ok=1, last_error=error)
-    return OutcomeCounts()
+        return replace(counts, failures=1, failures_after_ok=1, last_error=error)
+    return counts
 
 
 async def record_outcome(
@@ -274,6 +316,8 @@ async def record_outcome(
     retry_after_s: float | None = None,
     error: str = "",
     age_s: float | None = None,
+    token_excess: float = 0.0,
+    limits: AnnouncedLimits | None = None,
 ) -> OutcomeEffect:
     """Count one call's outcome, and let the rate and the breaker react to it.
 
@@ -284,7 +328,7 @@ async def record_outcome(
         pool,
         task_queue,
         provider,
-        _one(outcome, retry_after_s, error, age_s),
+        _one(outcome, retry_after_s, error, age_s, token_excess, limits),
         breaker_seen=breaker_seen,
         aimd=aimd,
         breaker=breaker,
@@ -304,9 +348,44 @@ async def record_outcomes(
     """Count several answers at once: one row update and at most one decision.
     `breaker_seen` None: the breaker is read under its lock if anything changes it."""
     async with pool.acquire() as conn:
+        if counts.token_excess:
+            await _settle_tokens(conn, task_queue, provider, counts.token_excess)
         rate_changed = await _learn_rate(conn, task_queue, provider, counts, aimd)
         tripped = await _learn_breaker(conn, task_queue, provider, counts, breaker_seen, breaker)
     return OutcomeEffect(rate_changed_to=rate_changed, breaker_tripped=tripped)
+
+
+async def _settle_tokens(
+    conn: asyncpg.Connection, task_queue: str, provider: str, excess: float
+) -> None:
+    """Move the token clock by what the calls used beyond (or short of) their booking."""
+    await conn.execute(
+        "update provider_schedule s set next_token_at = s.next_token_at + $3 / l.tr"
+        " from (select coalesce(token_rate, header_token_rate) as tr from provider_limits"
+        "       where task_queue = $1 and provider = $2) l"
+        " where s.task_queue = $1 and s.provider = $2 and l.tr is not null",
+        task_queue,
+        provider,
+        excess,
+    )
+
+
+def _announced(row: Any, limits: AnnouncedLimits | None) -> tuple[float | None, float | None, bool]:
+    """The request and token rates the provider's headers announce (per second,
+    over the row's `limit_window_s`), and whether they differ from the row's."""
+    request_rate, token_rate = row["header_rate"], row["header_token_rate"]
+    if limits is not None:
+        window = row["limit_window_s"]
+        if limits.requests is not None:
+            request_rate = limits.requests / window
+        if limits.tokens is not None:
+            token_rate = limits.tokens / window
+
+    def moved(new: float | None, old: float | None) -> bool:
+        return new != old and (new is None or old is None or abs(new - old) > 1e-9 * new)
+
+    changed = moved(request_rate, row["header_rate"]) or moved(token_rate, row["header_token_rate"])
+    return request_rate, token_rate, changed
 
 
 async def _learn_rate(
@@ -317,7 +396,8 @@ async def _learn_rate(
     aimd: AimdConfig,
 ) -> float | None:
     """Count the outcomes; after successes or 429s, write the rate decided (if
-    nobody decided since). Returns the new rate if this changed it."""
+    nobody decided since), within the provider's bounds and announced limits.
+    Returns the new rate if this changed it."""
     if counts.failures and not (counts.ok or counts.throttled):
         await conn.execute(
             "update provider_limits set failure_total = failure_total + $3"
@@ -344,6 +424,15 @@ async def _learn_rate(
     )
     if row is None:
         return None
+    header_rate, header_token_rate, announced = _announced(row, counts.limits)
+    # The row's bounds (the deployment's `model_info`), under the announced limit
+    # unless the config declared one (`rpm`, already in `max_rate`).
+    follows_header = header_rate is not None and row["declared_rate"] is None
+    bounded = replace(
+        aimd,
+        min_rps=row["min_rate"],
+        max_rps=min(row["max_rate"], header_rate) if follows_header else row["max_rate"],
+    )
     current = _aimd(row)
     before = dict(row)
     before["ok_since_change"] -= counts.ok
@@ -354,11 +443,13 @@ async def _learn_rate(
         counts.ok,
         counts.throttled,
         row["now"],
-        aimd,
+        bounded,
         retry_after_s=counts.retry_after_s,
         sent_at=None if age is None else row["now"] - age,
     )
-    if not rate_decided(current, decided):
+    if announced and follows_header:
+        decided = on_announced_limit(decided, bounded.max_rps, row["now"], bounded)
+    if not (announced or rate_decided(current, decided)):
         return None
     written = await conn.execute(
         # A new window (changed_at) restarts the counts from the decision's (0 after
@@ -369,6 +460,7 @@ async def _learn_rate(
         " else $11 end, throttled_since_change = case when changed_at = $6"
         " then throttled_since_change else $12 end, changed_at = $6,"
         " last_decrease_at = $7, hold_until = $8, step = $9, slow_start = $10,"
+        " header_rate = $13, header_token_rate = $14,"
         " version = version + 1, updated_at = now()"
         " where task_queue = $1 and provider = $2 and version = $3",
         task_queue,
@@ -383,6 +475,8 @@ async def _learn_rate(
         decided.slow_start,
         decided.ok_since_change,
         decided.throttled_since_change,
+        header_rate,
+        header_token_rate,
     )
     if not written.endswith(" 1") or decided.rate == current.rate:
         return None
@@ -392,7 +486,11 @@ async def _learn_rate(
         provider,
         current.rate,
         decided.rate,
-        "a 429" if counts.throttled else "successes",
+        "the provider's announced limit"
+        if announced and follows_header
+        else "a 429"
+        if counts.throttled
+        else "successes",
         f"{decided.ceiling:.2f}" if decided.ceiling is not None else "unknown",
         current.ok_since_change,
         current.throttled_since_change,
