@@ -311,7 +311,7 @@ class ProviderBatchActivities:
                 completion = None
         latency_ms = (time.perf_counter() - sent) * 1000
         if completion is not None:
-            used = calls.tokens.used(provider, completion)
+            used = calls.tokens.used(provider, one.messages, completion)
             ledger.answered(used - booked if booked else 0.0, completion.limits)
             ledger.ok_answer()
             _calls.add(1, {"provider": provider, "outcome": "ok"})

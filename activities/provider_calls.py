@@ -95,25 +95,36 @@ _FIRST_COMPLETION_GUESS = 64
 class TokenEstimates:
     """A call's prompt + completion tokens guessed before it goes out, so a
     metered provider's token clock can book them: the prompt at four characters a
-    token, the completion at `max_tokens` or what this provider's answers used on
-    average. The answer's usage settles the difference, so a guess only shifts
-    when, never how many, tokens are spent."""
+    token, corrected by what this provider's answers reported for their prompts,
+    and the completion at `max_tokens` or what its answers used on average. The
+    answer's usage settles the difference; a guess close to it matters because
+    booked slots are spaced by the guess."""
 
     def __init__(self) -> None:
         self._completion: dict[str, float] = {}
+        self._prompt_ratio: dict[str, float] = {}
+
+    @staticmethod
+    def _characters(messages: list[dict[str, str]]) -> int:
+        return sum(len(m.get("content") or "") for m in messages) // 4 + 4 * len(messages)
 
     def estimate(
         self, provider: str, messages: list[dict[str, str]], max_tokens: int | None
     ) -> int:
-        prompt = sum(len(m.get("content") or "") for m in messages) // 4 + 4 * len(messages)
+        prompt = self._characters(messages) * self._prompt_ratio.get(provider, 1.0)
         guess = self._completion.get(provider, _FIRST_COMPLETION_GUESS)
-        return prompt + (max_tokens if max_tokens is not None else round(guess))
+        return round(prompt + (max_tokens if max_tokens is not None else guess))
 
-    def used(self, provider: str, completion: Completion) -> int:
-        """The tokens an answer used; teaches the completion guess."""
-        last = self._completion.get(provider)
-        tokens = float(completion.completion_tokens)
-        self._completion[provider] = tokens if last is None else 0.9 * last + 0.1 * tokens
+    def used(self, provider: str, messages: list[dict[str, str]], completion: Completion) -> int:
+        """The tokens an answer used; teaches the guesses (the first answer at once)."""
+
+        def learn(table: dict[str, float], value: float) -> None:
+            last = table.get(provider)
+            table[provider] = value if last is None else 0.9 * last + 0.1 * value
+
+        learn(self._completion, float(completion.completion_tokens))
+        if completion.prompt_tokens:
+            learn(self._prompt_ratio, completion.prompt_tokens / self._characters(messages))
         return completion.total_tokens or completion.prompt_tokens + completion.completion_tokens
 
 
@@ -364,7 +375,7 @@ class ProviderCallActivities:
         latency = (time.perf_counter() - started) * 1000
         _latency.record(latency, {"provider": provider})
         _calls.add(1, {"provider": provider, "outcome": "ok"})
-        used = self.tokens.used(provider, completion)
+        used = self.tokens.used(provider, messages, completion)
         await self._outcome(
             provider,
             "ok",
