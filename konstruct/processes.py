@@ -79,11 +79,15 @@ class ManagedProcess:
     cwd: Path | None = None
     name: str = ""
     process: subprocess.Popen[bytes] | None = None
+    _log_start: int = 0
 
     def __post_init__(self) -> None:
         self.name = self.name or self.log_path.stem
 
     def start(self) -> None:
+        self._log_start = (
+            len(self.log_path.read_text(errors="replace")) if self.log_path.exists() else 0
+        )
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command,
@@ -118,10 +122,13 @@ class ManagedProcess:
                 f"{self.name} did not come up on port {port}; log tail:\n{self.log_tail()}"
             )
 
-    def wait_for_log(self, marker: str, timeout: float) -> None:
+    def wait_for_log(self, marker: str, timeout: float, fresh: bool = False) -> None:
+        """Until the log shows `marker`; `fresh`: written since this start (a
+        restarted child appends to the log of its earlier runs)."""
+        skip = self._log_start if fresh else 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if marker in self.log_path.read_text(errors="replace"):
+            if marker in self.log_path.read_text(errors="replace")[skip:]:
                 return
             if self.exited:
                 break

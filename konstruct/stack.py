@@ -2,14 +2,22 @@
 
 Order of start: PostgreSQL (embedded unless a URL is configured) with
 migrations, the Temporal dev server (state in a file), the provider simulator,
-one worker. Stop runs in reverse. Children get a parent-death signal, so even a
-`kill -9` of this process leaves nothing behind.
+the workers (`--workers N`). Stop runs in reverse. Children get a parent-death
+signal, so even a `kill -9` of this process leaves nothing behind.
+
+The stack supervises its children as systemd's `Restart=on-failure` would: one
+that exits on its own is started again after 1 s, then 2, 4 … up to 30 s while
+it keeps failing (back to 1 s once it ran a minute), each restart logged; only
+Ctrl-C (SIGINT/SIGTERM, which `konstruct down` sends) stops the stack. What each
+child is doing, its restarts and its last exit code are in `stack.status.json`,
+which `konstruct status` prints.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -19,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from konstruct import db
 from konstruct.config import DEV_SQLITE_PRAGMAS, Settings
@@ -108,11 +116,53 @@ def simulator_command(port: int, config: Path, api_key_env: str) -> list[str]:
     ]
 
 
+# Restart backoff: the first restart after this, doubling up to the cap while the
+# child keeps failing; a child that ran `RESTART_RESET_S` starts over at the first.
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+RESTART_RESET_S = 60.0
+MAX_WORKERS = 32
+
+
+@dataclass
+class Supervised:
+    """One child of the stack as the supervisor sees it: how to (re)start it, its
+    process, and what happened to it."""
+
+    name: str
+    log_path: Path
+    start: Callable[[], None]
+    process: Callable[[], Any]
+    stop: Callable[[], None]
+    restarts: int = 0
+    last_exit: int | None = None
+    started_at: float = 0.0
+    backoff_s: float = RESTART_FIRST_S
+    restart_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        process = self.process()
+        return None if process is None else int(process.pid)
+
+    def exit_code(self) -> int | None:
+        """The exit code if the process has exited (None while it runs)."""
+        process = self.process()
+        return None if process is None else process.poll()
+
+    def state(self) -> str:
+        if self.restart_at is not None:
+            return "restarting"
+        return "up" if self.process() is not None and self.exit_code() is None else "down"
+
+
 @dataclass
 class Stack:
     settings: Settings
+    workers: int = 1
     children: list[ManagedProcess] = field(default_factory=list)
     postgres: EmbeddedPostgres | None = None
+    supervised: list[Supervised] = field(default_factory=list)
     _lock_file: IO[str] | None = None
 
     @property
@@ -131,6 +181,11 @@ class Stack:
     def children_file(self) -> Path:
         """Pids of every child, so `status` and the tests can tell that none is left."""
         return self.state_dir / "stack.children"
+
+    @property
+    def status_file(self) -> Path:
+        """Per child: state, pid, restarts, last exit code (`konstruct status`)."""
+        return self.state_dir / "stack.status.json"
 
     @property
     def simulator_url(self) -> str:
@@ -167,8 +222,13 @@ class Stack:
         self.ready_file.unlink(missing_ok=True)
 
     def _spawn(
-        self, name: str, command: list[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        ready: Callable[[ManagedProcess], None] | None = None,
     ) -> ManagedProcess:
+        """Start a child, wait until `ready` says it is, and supervise it."""
         child = ManagedProcess(
             command,
             self.state_dir / f"{name}.log",
@@ -176,16 +236,53 @@ class Stack:
             cwd=self.settings.base_dir,
             name=name,
         )
-        child.start()
+
+        def start() -> None:
+            child.start()
+            self._record_children()
+            if ready is not None:
+                ready(child)
+
         self.children.append(child)
-        self._record_children()
+        self._supervise(
+            Supervised(
+                name,
+                child.log_path,
+                start,
+                lambda: child.process,
+                lambda: child.stop(timeout=20),
+            )
+        )
         return child
+
+    def _supervise(self, entry: Supervised) -> None:
+        self.supervised.append(entry)
+        entry.start()
+        entry.started_at = time.monotonic()
+        self._record_children()
 
     def _record_children(self) -> None:
         pids = [c.process.pid for c in self.children if c.process is not None]
         if self.postgres is not None and self.postgres.process is not None:
             pids.append(self.postgres.process.pid)
         self.children_file.write_text("\n".join(str(p) for p in pids))
+        self._write_status()
+
+    def _write_status(self) -> None:
+        status = [
+            {
+                "name": c.name,
+                "state": c.state(),
+                "pid": c.pid,
+                "restarts": c.restarts,
+                "last_exit": c.last_exit,
+                "log": str(c.log_path),
+            }
+            for c in self.supervised
+        ]
+        temporary = self.status_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"pid": os.getpid(), "children": status}, indent=2))
+        temporary.replace(self.status_file)
 
     def start(self, say: Callable[[str], None] = print) -> None:
         s = self.settings
@@ -196,11 +293,18 @@ class Stack:
             env["KONSTRUCT_CONFIG"] = str(s.source)
         if s.postgres.url is None:
             say(f"starting PostgreSQL on 127.0.0.1:{s.postgres.port} ...")
-            self.postgres = EmbeddedPostgres(
+            postgres = self.postgres = EmbeddedPostgres(
                 self.state_dir / "pgdata", s.postgres.port, s.postgres.database
             )
-            self.postgres.start()
-            self._record_children()
+            self._supervise(
+                Supervised(
+                    "postgres",
+                    postgres.log_path,
+                    postgres.start,
+                    lambda: postgres.process,
+                    postgres.stop,
+                )
+            )
         owner = db.owner_url(s)
         applied = asyncio.run(
             db.migrate(owner, app_role=s.postgres.app_role, app_password=s.postgres.app_password)
@@ -209,7 +313,12 @@ class Stack:
         say(f"database ready ({len(applied)} migrations applied now)")
 
         say(f"starting Temporal dev server on {s.temporal.port} (UI {s.temporal.ui_port}) ...")
-        temporal = self._spawn(
+
+        def temporal_ready(child: ManagedProcess) -> None:
+            child.wait_for_port(s.temporal.port, 60)
+            child.wait_for_port(s.temporal.ui_port, 30)
+
+        self._spawn(
             "temporal",
             dev_server_command(
                 s.temporal.port,
@@ -218,23 +327,29 @@ class Stack:
                 self.state_dir / "temporal.db",
                 sqlite_pragmas=s.temporal.dev_sqlite_pragmas,
             ),
+            ready=temporal_ready,
         )
-        temporal.wait_for_port(s.temporal.port, 60)
-        temporal.wait_for_port(s.temporal.ui_port, 30)
 
         if s.simulator.enabled:
-            simulator = self._spawn(
+            self._spawn(
                 "simulator",
                 simulator_command(
                     s.simulator.port, s.path(s.simulator.config), s.simulator.api_key_env
                 ),
                 env,
+                ready=lambda child: child.wait_for_port(s.simulator.port, 30),
             )
-            simulator.wait_for_port(s.simulator.port, 30)
             env["SIMULATOR_API_BASE"] = self.simulator_url
 
-        worker = self._spawn("worker", [sys.executable, "-m", "workers.main"], env)
-        worker.wait_for_log("worker ready", 60)
+        say(f"starting {self.workers} worker{'s' if self.workers > 1 else ''} ...")
+        for name in worker_names(self.workers):
+            # A restarted worker's log holds its earlier "worker ready": wait for a new one.
+            self._spawn(
+                name,
+                [sys.executable, "-m", "workers.main"],
+                env,
+                ready=lambda child: child.wait_for_log("worker ready", 60, fresh=True),
+            )
         self.ready_file.write_text(str(os.getpid()))
 
     def banner(self) -> str:
@@ -270,8 +385,8 @@ class Stack:
         ]
         return "\n".join(lines)
 
-    def wait(self) -> str:
-        """Block until a signal arrives or a child dies; returns why."""
+    def wait(self, say: Callable[[str], None] = print) -> str:
+        """Supervise until SIGINT or SIGTERM arrives; returns which."""
         stop_reason: list[str] = []
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -280,27 +395,73 @@ class Stack:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         while not stop_reason:
-            for child in self.children:
-                if child.exited:
-                    code = child.process.returncode if child.process else None
-                    return f"{child.name} exited with code {code} (see {child.log_path})"
-            if self.postgres and self.postgres.process and self.postgres.process.poll() is not None:
-                return "PostgreSQL exited (see postgres.log)"
+            for child in self.supervised:
+                if stop_reason:
+                    break
+                self._tend(child, say)
             time.sleep(0.2)
         return stop_reason[0]
 
+    def _tend(self, child: Supervised, say: Callable[[str], None]) -> None:
+        """Notice a child that exited; restart it when its backoff is over."""
+        now = time.monotonic()
+        if child.restart_at is None:
+            code = child.exit_code()
+            if code is None:
+                return
+            child.last_exit = code
+            if now - child.started_at >= RESTART_RESET_S:
+                child.backoff_s = RESTART_FIRST_S
+            child.restart_at = now + child.backoff_s
+            say(
+                f"{child.name} exited with code {code}; restarting in {child.backoff_s:g} s"
+                f" (see {child.log_path})"
+            )
+            child.backoff_s = min(RESTART_MAX_S, child.backoff_s * 2)
+            self._write_status()
+            return
+        if now < child.restart_at:
+            return
+        child.restarts += 1
+        try:
+            child.stop()  # whatever is left of it (a half-started process)
+            child.start()
+        except (StackError, OSError) as exc:
+            child.restart_at = time.monotonic() + child.backoff_s
+            say(f"{child.name} did not come back ({exc}); next try in {child.backoff_s:g} s")
+            child.backoff_s = min(RESTART_MAX_S, child.backoff_s * 2)
+        else:
+            child.restart_at = None
+            child.started_at = time.monotonic()
+            say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
+        self._record_children()
+
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop(timeout=20)
+        for child in reversed(self.supervised):
+            child.stop()
+        self.supervised.clear()
         self.children.clear()
-        if self.postgres is not None:
-            self.postgres.stop()
-            self.postgres = None
+        self.postgres = None
+        self.status_file.unlink(missing_ok=True)
         self.ready_file.unlink(missing_ok=True)
         self.pid_file.unlink(missing_ok=True)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+def worker_names(count: int) -> list[str]:
+    """`worker` for the first (its log is worker.log, as with one), then worker-2 …"""
+    return ["worker"] + [f"worker-{i}" for i in range(2, count + 1)]
+
+
+def read_status(settings: Settings) -> dict[str, Any] | None:
+    """What the running stack last wrote about its children (None: not running)."""
+    path = settings.path(settings.state_dir) / "stack.status.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def running_pid(settings: Settings) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -141,3 +142,74 @@ def test_a_port_in_use_is_named(stack_config: Path) -> None:
         result = run(stack_config, "up", "--detach", timeout=60)
     assert result.returncode == 2
     assert f"port {port} (Temporal frontend) is already in use" in result.stderr
+
+
+def stack_status(config: Path) -> dict[str, dict]:
+    path = config.parent / "state" / "stack.status.json"
+    return {c["name"]: c for c in json.loads(path.read_text())["children"]}
+
+
+def test_every_child_that_dies_is_restarted_and_the_stack_keeps_working(
+    stack_config: Path,
+) -> None:
+    up = run(stack_config, "up", "--detach", "--workers", "2")
+    assert up.returncode == 0, up.stdout + up.stderr
+    before = stack_status(stack_config)
+    assert set(before) == {"postgres", "temporal", "simulator", "worker", "worker-2"}
+    assert all(c["state"] == "up" and c["restarts"] == 0 for c in before.values()), before
+    killed = ["worker", "simulator", "postgres", "temporal"]
+    for name in killed:
+        os.kill(before[name]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        now = stack_status(stack_config)
+        back = [
+            n
+            for n in killed
+            if now[n]["state"] == "up"
+            and now[n]["restarts"] == 1
+            and now[n]["pid"] != before[n]["pid"]
+        ]
+        if len(back) == len(killed):
+            break
+        assert time.monotonic() < deadline, f"not all restarted: {now}"
+        time.sleep(0.5)
+    assert now["worker-2"]["restarts"] == 0  # the one left alone kept running
+    assert all(now[n]["last_exit"] == -signal.SIGKILL for n in ("worker", "simulator")), now
+    # The healed stack answers (the workers reconnect to the restarted server and database).
+    reply = run(stack_config, "send", "demo", "assistant", "What are you?")
+    assert reply.returncode == 0, reply.stdout + reply.stderr
+    status = run(stack_config, "status")
+    assert status.returncode == 0
+    worker_line = next(line for line in status.stdout.splitlines() if line.startswith("worker "))
+    assert worker_line.split()[1:] == ["up", str(now["worker"]["pid"]), "1", "-9"], status.stdout
+    log = (stack_config.parent / "state" / "stack.log").read_text()
+    assert "worker exited with code -9; restarting in 1 s" in log, log[-2000:]
+    pids = children(stack_config)
+    assert run(stack_config, "down").returncode == 0
+    assert_all_gone(pids + [c["pid"] for c in before.values()])
+
+
+def test_a_child_that_keeps_failing_is_restarted_with_growing_backoff(tmp_path: Path) -> None:
+    from konstruct.config import load_settings
+    from konstruct.stack import RESTART_FIRST_S, Stack
+
+    settings = load_settings(environ={"KONSTRUCT_STATE_DIR": str(tmp_path)})
+    stack = Stack(settings)
+    stack.state_dir.mkdir(parents=True, exist_ok=True)
+    stack._spawn("flaky", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    said: list[str] = []
+    deadline = time.monotonic() + 30
+    child = stack.supervised[0]
+    try:
+        while child.restarts < 2:
+            assert time.monotonic() < deadline, said
+            stack._tend(child, said.append)
+            time.sleep(0.05)
+    finally:
+        stack.stop()
+    assert child.last_exit == 3
+    waits = [
+        line.split("restarting in ")[1].split(" s")[0] for line in said if "restarting" in line
+    ]
+    assert [float(w) for w in waits[:2]] == [RESTART_FIRST_S, RESTART_FIRST_S * 2], said

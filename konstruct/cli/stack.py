@@ -22,7 +22,7 @@ from konstruct.cli.common import (
 from konstruct.config import Settings
 from konstruct.errors import StackError
 from konstruct.processes import port_in_use
-from konstruct.stack import Stack, running_pid
+from konstruct.stack import MAX_WORKERS, Stack, read_status, running_pid
 
 _READY_TIMEOUT_S = 180
 _STOP_TIMEOUT_S = 60
@@ -30,17 +30,29 @@ _STOP_TIMEOUT_S = 60
 
 @click.command("up")
 @click.option("--detach", is_flag=True, help="start in the background and return")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, MAX_WORKERS),
+    default=1,
+    show_default=True,
+    help="worker processes to start",
+)
 @pass_state
-def up(state: CliState, detach: bool) -> int:
-    """Start the whole dev stack (foreground; Ctrl-C stops)."""
+def up(state: CliState, detach: bool, workers: int) -> int:
+    """Start the whole dev stack (foreground; Ctrl-C stops). A child that exits
+    on its own is restarted, with backoff."""
     settings = state.settings
     if detach:
-        return _up_detached(state.config, settings)
-    stack = Stack(settings)
+        return _up_detached(state.config, settings, workers)
+    stack = Stack(settings, workers=workers)
+
+    def say(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
     try:
         stack.start()
         print(stack.banner(), flush=True)
-        reason = stack.wait()
+        reason = stack.wait(say)
         print(f"\nstopping ({reason}) ...", flush=True)
     finally:
         stack.stop()
@@ -48,8 +60,8 @@ def up(state: CliState, detach: bool) -> int:
     return 0
 
 
-def _up_detached(config: str | None, settings: Settings) -> int:
-    stack = Stack(settings)
+def _up_detached(config: str | None, settings: Settings, workers: int) -> int:
+    stack = Stack(settings, workers=workers)
     pid = running_pid(settings)
     if pid is not None:
         raise StackError(f"Konstruct is already running (pid {pid}); `konstruct down` stops it")
@@ -60,7 +72,7 @@ def _up_detached(config: str | None, settings: Settings) -> int:
         command += ["--config", config]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            command + ["up"],
+            command + ["up", "--workers", str(workers)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -122,6 +134,15 @@ def status(state: CliState) -> int:
         checks["postgres"] = settings.postgres.port
     for name, port in checks.items():
         print(f"{name:<10} port {port}: {'up' if port_in_use(port) else 'down'}")
+    children = (read_status(settings) or {}).get("children", []) if pid else []
+    if children:
+        print(f"\n{'child':<12} {'state':<11} {'pid':>7} {'restarts':>8}  last exit")
+        for child in children:
+            last = child["last_exit"]
+            print(
+                f"{child['name']:<12} {child['state']:<11} {child['pid'] or '-':>7}"
+                f" {child['restarts']:>8}  {'-' if last is None else last}"
+            )
     return 0 if pid else 3
 
 
