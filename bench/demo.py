@@ -133,7 +133,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def run_bench(config: Path, runs: int) -> dict[str, Any]:
     settings = load_settings(config)
-    client = await connect(settings.temporal)
+    client = await connect(settings)
     task_queue = settings.temporal.task_queue
     await run_once(client, task_queue, "demo_minimal")  # warm up imports, pools, caches
     result: dict[str, Any] = {"cpus": os.cpu_count(), "scenarios": {}}

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 
 from konstruct import db  # noqa: E402
+from konstruct.codec import new_key_line  # noqa: E402
 from konstruct.embedded_pg import EmbeddedPostgres  # noqa: E402
 from konstruct.processes import ManagedProcess, free_port  # noqa: E402
 from konstruct.simulator_admin import SimulatorAdmin  # noqa: E402
@@ -146,6 +147,8 @@ class Bench:
             SIMULATOR_API_BASE=self.sim_url + "/v1",
             SIMULATOR_API_KEY=API_KEY,
             LITELLM_LOCAL_MODEL_COST_MAP="True",
+            # Payloads encrypted, as `konstruct up` runs them; a key for this run only.
+            KONSTRUCT_ENCRYPTION_KEYS=new_key_line("bench"),
         )
         self.add_worker()
 
@@ -172,7 +175,7 @@ class Bench:
         from konstruct.config import load_settings
 
         self.settings = load_settings(environ=self.env)
-        self.client = await connect(self.settings.temporal)
+        self.client = await connect(self.settings)
         self.pool = await asyncpg.create_pool(self.pg.owner_url, min_size=1, max_size=4)
         self.sim = SimulatorAdmin(self.sim_url)
 

@@ -71,7 +71,7 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
     from workflows.handle_message import HandleMessage
 
     settings = load_settings(config)
-    client = await connect(settings.temporal)
+    client = await connect(settings)
     api_key = os.environ[settings.simulator.api_key_env]
     system = "You are Kay, a helpful assistant. You are an AI."
 

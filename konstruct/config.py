@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from konstruct.errors import ConfigError, field_problems
 from konstruct.models.experiments import (
@@ -21,6 +21,9 @@ from konstruct.models.experiments import (
     ExperimentOptions,
 )
 from konstruct.provider_control import AimdConfig, BreakerConfig
+
+if TYPE_CHECKING:
+    from konstruct.codec import KeyRing
 
 CONFIG_FILE_ENV = "KONSTRUCT_CONFIG"
 DEFAULT_CONFIG_FILE = "temporal-dev.yaml"
@@ -48,6 +51,18 @@ class TemporalSettings(_Section):
     tls_key: Path | None = None
     api_key: str | None = None
     dev_sqlite_pragmas: list[str] = Field(default_factory=lambda: list(DEV_SQLITE_PRAGMAS))
+    # Payloads encrypted in workflow history (AES-256-GCM, konstruct/codec.py).
+    # Off stores inputs, results and failures in plain text, readable by anyone
+    # with Web UI or CLI access to the namespace.
+    encryption: bool = True
+    # Keys: `id:base64,...` (the last encrypts), else a file of `id:base64`
+    # lines; unset, `<state_dir>/encryption.keys`, which `konstruct up` creates.
+    encryption_keys: SecretStr | None = None
+    encryption_key_file: Path | None = None
+    # The codec server the Web UI and CLI decode with (`konstruct codec-server`),
+    # and the bearer token it asks for (none: loopback only, no token).
+    codec_port: int = Field(8234, ge=1, le=65535)
+    codec_token: SecretStr | None = None
 
     @property
     def target(self) -> str:
@@ -153,6 +168,31 @@ class Settings(_Section):
     def path(self, value: Path) -> Path:
         return value if value.is_absolute() else (self.base_dir / value).resolve()
 
+    @property
+    def key_file(self) -> Path:
+        """Where the encryption keys are read from when none is given inline."""
+        return self.path(self.temporal.encryption_key_file or self.state_dir / "encryption.keys")
+
+    def key_ring(self) -> KeyRing | None:
+        """The payload keys; None with encryption off. Raises naming where it looked."""
+        from konstruct.codec import KeyRing
+
+        temporal = self.temporal
+        if not temporal.encryption:
+            return None
+        if temporal.encryption_keys is not None:
+            return KeyRing.parse(
+                temporal.encryption_keys.get_secret_value(), "KONSTRUCT_ENCRYPTION_KEYS"
+            )
+        if self.key_file.is_file():
+            return KeyRing.parse(self.key_file.read_text(), str(self.key_file))
+        raise ConfigError(
+            f"payload encryption is on but there is no key: {self.key_file} does not exist"
+            " (`konstruct up` creates it; or set KONSTRUCT_ENCRYPTION_KEYS or"
+            " KONSTRUCT_ENCRYPTION_KEY_FILE, or turn encryption off with"
+            " KONSTRUCT_ENCRYPTION=false, leaving payloads in plain text)"
+        )
+
 
 # Environment variable → dotted key. The contract's names first.
 ENV_OVERRIDES: dict[str, str] = {
@@ -161,6 +201,11 @@ ENV_OVERRIDES: dict[str, str] = {
     "TEMPORAL_TLS_CERT": "temporal.tls_cert",
     "TEMPORAL_TLS_KEY": "temporal.tls_key",
     "TEMPORAL_API_KEY": "temporal.api_key",
+    "KONSTRUCT_ENCRYPTION": "temporal.encryption",
+    "KONSTRUCT_ENCRYPTION_KEYS": "temporal.encryption_keys",
+    "KONSTRUCT_ENCRYPTION_KEY_FILE": "temporal.encryption_key_file",
+    "KONSTRUCT_CODEC_PORT": "temporal.codec_port",
+    "KONSTRUCT_CODEC_TOKEN": "temporal.codec_token",
     "KONSTRUCT_TASK_QUEUE": "temporal.task_queue",
     "KONSTRUCT_DATABASE_URL": "postgres.url",
     "KONSTRUCT_APP_DATABASE_URL": "postgres.app_url",

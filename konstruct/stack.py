@@ -73,6 +73,7 @@ def dev_server_command(
     db_file: Path | None,
     log_level: str = "warn",
     sqlite_pragmas: Sequence[str] = DEV_SQLITE_PRAGMAS,
+    codec_endpoint: str | None = None,
 ) -> list[str]:
     command = [
         temporal_cli(),
@@ -97,6 +98,9 @@ def dev_server_command(
         command += ["--search-attribute", f"{name}={kind}"]
     for value in DEV_SERVER_DYNAMIC_CONFIG:
         command += ["--dynamic-config-value", value]
+    if codec_endpoint is not None:
+        # The Web UI decodes payloads through the codec server, in the browser.
+        command += ["--ui-codec-endpoint", codec_endpoint]
     return command
 
 
@@ -188,6 +192,11 @@ class Stack:
         return self.state_dir / "stack.status.json"
 
     @property
+    def codec_url(self) -> str | None:
+        t = self.settings.temporal
+        return f"http://127.0.0.1:{t.codec_port}" if t.encryption else None
+
+    @property
     def simulator_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.simulator.port}/v1"
 
@@ -198,6 +207,8 @@ class Stack:
             ports[s.postgres.port] = "embedded PostgreSQL"
         if s.simulator.enabled:
             ports[s.simulator.port] = "provider simulator"
+        if s.temporal.encryption:
+            ports[s.temporal.codec_port] = "codec server"
         return ports
 
     def acquire(self) -> None:
@@ -312,6 +323,20 @@ class Stack:
         asyncio.run(db.seed_demo(owner))
         say(f"database ready ({len(applied)} migrations applied now)")
 
+        cli = [sys.executable, "-m", "konstruct.cli"]
+        if s.temporal.encryption:
+            created = ensure_key_file(s)
+            if created is not None:
+                say(f"created a payload encryption key in {created} (keep it: history needs it)")
+            s.key_ring()  # a bad key file fails here, before anything else starts
+            say(f"starting the codec server on {self.codec_url} ...")
+            self._spawn(
+                "codec-server",
+                [*cli, "codec-server"],
+                env,
+                ready=lambda child: child.wait_for_port(s.temporal.codec_port, 30),
+            )
+
         say(f"starting Temporal dev server on {s.temporal.port} (UI {s.temporal.ui_port}) ...")
 
         def temporal_ready(child: ManagedProcess) -> None:
@@ -326,6 +351,7 @@ class Stack:
                 s.temporal.namespace,
                 self.state_dir / "temporal.db",
                 sqlite_pragmas=s.temporal.dev_sqlite_pragmas,
+                codec_endpoint=self.codec_url,
             ),
             ready=temporal_ready,
         )
@@ -371,6 +397,8 @@ class Stack:
             f" task queue {s.temporal.task_queue}",
             f"  PostgreSQL       {database}",
         ]
+        if self.codec_url is not None:
+            lines.append(f"  Codec server     {self.codec_url}  (the Web UI decodes through it)")
         if s.simulator.enabled:
             lines.append(f"  Simulator        {self.simulator_url}  (counters: /admin/stats)")
         lines += [
@@ -378,11 +406,20 @@ class Stack:
             "",
             "Try:",
             f"  temporal workflow execute --type HandleMessage --task-queue {s.temporal.task_queue}"
-            f" --input '{example}'",
+            + (f" --codec-endpoint {self.codec_url}" if self.codec_url else "")
+            + f" --input '{example}'",
             '  konstruct send demo assistant "What are you?"',
             "",
-            "Ctrl-C stops everything.",
         ]
+        if self.codec_url:
+            lines += [
+                "Payloads are encrypted in history: give `temporal` commands"
+                f" --codec-endpoint {self.codec_url}",
+                f"(or export TEMPORAL_CODEC_ENDPOINT={self.codec_url}) to send and read them"
+                " in plain text.",
+                "",
+            ]
+        lines += ["Ctrl-C stops everything."]
         return "\n".join(lines)
 
     def wait(self, say: Callable[[str], None] = print) -> str:
@@ -448,6 +485,22 @@ class Stack:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+def ensure_key_file(settings: Settings) -> Path | None:
+    """A payload key for a stack that has none configured; returns the file if it
+    was created now. Readable by its owner only; never in history."""
+    from konstruct.codec import new_key_line
+
+    if settings.temporal.encryption_keys is not None or settings.key_file.exists():
+        return None
+    path = settings.key_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write("# Konstruct payload encryption keys, id:base64; the last one encrypts.\n")
+        out.write(new_key_line(f"k{time.strftime('%Y%m%d')}") + "\n")
+    return path
 
 
 def worker_names(count: int) -> list[str]:

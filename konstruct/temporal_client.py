@@ -1,10 +1,11 @@
-"""One way to connect to Temporal: always with `KonstructPlugin` (converter, interceptors)."""
+"""One way to connect to Temporal: always with `KonstructPlugin` (converter, codec,
+interceptors), the codec's keys from the settings."""
 
 from __future__ import annotations
 
 from temporalio.client import Client, TLSConfig
 
-from konstruct.config import TemporalSettings
+from konstruct.config import Settings, TemporalSettings
 from konstruct.plugin import KonstructPlugin
 
 
@@ -18,11 +19,20 @@ def _tls(settings: TemporalSettings) -> TLSConfig | bool:
     return bool(settings.api_key)
 
 
-async def connect(settings: TemporalSettings) -> Client:
+def plugin(settings: Settings) -> KonstructPlugin:
+    """The plugin with this configuration's payload codec (none with encryption off)."""
+    from konstruct.codec import EncryptionCodec
+
+    ring = settings.key_ring()
+    return KonstructPlugin(EncryptionCodec(ring) if ring is not None else None)
+
+
+async def connect(settings: Settings, address: str | None = None) -> Client:
+    temporal = settings.temporal
     return await Client.connect(
-        settings.target,
-        namespace=settings.namespace,
-        api_key=settings.api_key,
-        tls=_tls(settings),
-        plugins=[KonstructPlugin()],
+        address or temporal.target,
+        namespace=temporal.namespace,
+        api_key=temporal.api_key,
+        tls=_tls(temporal),
+        plugins=[plugin(settings)],
     )

@@ -25,6 +25,7 @@ from konstruct.temporal_client import connect
 from tests.support import (
     ROOT,
     SIMULATOR_TEST_KEY,
+    TEST_KEYS,
     DevServer,
     SimulatorProcess,
     WorkerProcess,
@@ -81,6 +82,8 @@ def environ(
         "KONSTRUCT_DATABASE_URL": postgres.owner_url,
         "SIMULATOR_API_BASE": simulator.url + "/v1",
         "SIMULATOR_API_KEY": SIMULATOR_TEST_KEY,
+        # Payloads are encrypted in every history of the suite, as by default.
+        "KONSTRUCT_ENCRYPTION_KEYS": TEST_KEYS,
     }
     os.environ.update(values)
     return dict(os.environ)
@@ -93,7 +96,7 @@ def settings(environ: dict[str, str]) -> Settings:
 
 @pytest.fixture(scope="session")
 async def client(settings: Settings) -> Client:
-    return await connect(settings.temporal)
+    return await connect(settings)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from konstruct.codec import EncryptionCodec, KeyRing
 from konstruct.plugin import KonstructPlugin
 from konstruct.processes import ManagedProcess, free_port
 from konstruct.simulator_admin import SimulatorAdmin
@@ -165,9 +167,19 @@ async def call_in_flight(sim: SimulatorAdmin, model: str, polls: int) -> bool:
     return False
 
 
+# The suite's payload key: fixed and committed, so histories recorded encrypted
+# replay in later runs. A test key, never used outside the tests.
+TEST_KEYS = "test-1:" + base64.b64encode(bytes(range(32))).decode()
+
+
+def suite_codec() -> EncryptionCodec:
+    return EncryptionCodec(KeyRing.parse(TEST_KEYS, "TEST_KEYS"))
+
+
 def replayer(*workflows: type) -> Replayer:
-    """A replayer wired as every worker is, by KonstructPlugin."""
-    return Replayer(workflows=list(workflows), plugins=[KonstructPlugin()])
+    """A replayer wired as every worker is, by KonstructPlugin (with the suite's key:
+    encrypted histories decode, plain ones recorded before encryption pass as they are)."""
+    return Replayer(workflows=list(workflows), plugins=[KonstructPlugin(suite_codec())])
 
 
 def recorded_histories(*patterns: str) -> dict[str, WorkflowHistory]:

@@ -47,7 +47,7 @@ from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import temporal_test_server
 from konstruct.store import registry
-from tests.support import ROOT, WorkerRelay, call_in_flight
+from tests.support import ROOT, WorkerRelay, call_in_flight, suite_codec
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
@@ -539,7 +539,7 @@ async def test_no_answer_within_the_timeout_means_hold(
 ) -> None:
     """On the time-skipping server the 90 s wait passes at once."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin()]
+        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin(suite_codec())]
     )
     try:
         await env.client.operator_service.add_search_attributes(

@@ -52,7 +52,7 @@ async def test_dev_server_restart_mid_run(
     server = DevServer.create(tmp_path, db_file=tmp_path / "temporal.db")
     server.start()
     try:
-        client = await connect(settings.temporal.model_copy(update={"address": server.address}))
+        client = await connect(settings, address=server.address)
         await sim.set_profile(FAST, latency_ms=150)
         body = experiment(40, max_concurrency=3)
         task_queue = f"restart-{uuid.uuid4().hex[:8]}"
@@ -62,7 +62,7 @@ async def test_dev_server_restart_mid_run(
             server.stop()
             await asyncio.sleep(1.0)
             server.start()
-            client = await connect(settings.temporal.model_copy(update={"address": server.address}))
+            client = await connect(settings, address=server.address)
             result = await client.get_workflow_handle_for(
                 Experiment.run, body["experiment_id"]
             ).result()

@@ -82,7 +82,7 @@ def test_up_detach_send_status_down_leaves_nothing(stack_config: Path) -> None:
     assert up.returncode == 0, up.stdout + up.stderr
     assert "http://localhost:" in up.stdout
     pids = children(stack_config)
-    assert len(pids) == 4  # temporal, simulator, worker, postgres
+    assert len(pids) == 5  # codec server, temporal, simulator, worker, postgres
 
     again = run(stack_config, "up", "--detach")
     assert again.returncode == 2 and "already running" in again.stderr
@@ -155,7 +155,14 @@ def test_every_child_that_dies_is_restarted_and_the_stack_keeps_working(
     up = run(stack_config, "up", "--detach", "--workers", "2")
     assert up.returncode == 0, up.stdout + up.stderr
     before = stack_status(stack_config)
-    assert set(before) == {"postgres", "temporal", "simulator", "worker", "worker-2"}
+    assert set(before) == {
+        "postgres",
+        "codec-server",
+        "temporal",
+        "simulator",
+        "worker",
+        "worker-2",
+    }
     assert all(c["state"] == "up" and c["restarts"] == 0 for c in before.values()), before
     killed = ["worker", "simulator", "postgres", "temporal"]
     for name in killed:

@@ -96,7 +96,7 @@ async def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     setup_telemetry(settings.telemetry)
-    client = await connect(settings.temporal)
+    client = await connect(settings)
     async with build_worker(client, settings) as worker:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -69,7 +69,7 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
 async def temporal_client(settings: Settings) -> Client:
     target = settings.temporal.target
     try:
-        return await connect(settings.temporal)
+        return await connect(settings)
     except RuntimeError as exc:
         reason = "connection refused" if "Connection refused" in str(exc) else _first_line(exc)
         raise ServiceUnreachable(

@@ -1,4 +1,4 @@
-"""`konstruct up | down | status | worker | migrate`."""
+"""`konstruct up | down | status | worker | migrate | codec-server`."""
 
 from __future__ import annotations
 
@@ -130,6 +130,8 @@ def status(state: CliState) -> int:
         "web ui": settings.temporal.ui_port,
         "simulator": settings.simulator.port,
     }
+    if settings.temporal.encryption:
+        checks["codec"] = settings.temporal.codec_port
     if settings.postgres.url is None:
         checks["postgres"] = settings.postgres.port
     for name, port in checks.items():
@@ -187,4 +189,35 @@ def migrate(state: CliState) -> int:
     return 0
 
 
-COMMANDS = [up, down, status, worker, migrate]
+@click.command("codec-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(1, 65535), help="port (default temporal.codec_port)")
+@click.option(
+    "--ui-origin",
+    "origins",
+    multiple=True,
+    help="a Web UI origin allowed to call it (default: the dev server's UI)",
+)
+@pass_state
+def codec_server(state: CliState, host: str, port: int | None, origins: tuple[str, ...]) -> int:
+    """Decode (and encode) payloads for the Web UI and `temporal --codec-endpoint`."""
+    from konstruct.codec import EncryptionCodec
+    from konstruct.codec_server import serve
+
+    settings = state.settings
+    ring = settings.key_ring()
+    if ring is None:
+        raise StackError("payload encryption is off (temporal.encryption): nothing to decode")
+    ui = settings.temporal.ui_port
+    token = settings.temporal.codec_token
+    serve(
+        EncryptionCodec(ring),
+        host,
+        port or settings.temporal.codec_port,
+        list(origins) or [f"http://localhost:{ui}", f"http://127.0.0.1:{ui}"],
+        token.get_secret_value() if token is not None else None,
+    )
+    return 0
+
+
+COMMANDS = [up, down, status, worker, migrate, codec_server]

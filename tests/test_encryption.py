@@ -1,0 +1,278 @@
+"""Payloads encrypted in Temporal's history, read back through the codec server.
+
+The suite's workers and clients encrypt with the suite's key (`TEST_KEYS`, set
+in the session's environment); these tests read the same histories as someone
+with only Web UI or CLI access would — raw, without the key — and through the
+codec server (in-process, and the real `temporal` CLI's `--codec-endpoint`).
+Real dev server, PostgreSQL and simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from google.protobuf import json_format
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.client import Client
+
+from konstruct.codec import (
+    ENCODING,
+    KEY_ID,
+    CodecError,
+    EncryptionCodec,
+    KeyRing,
+    new_key_line,
+)
+from konstruct.codec_server import codec_app
+from konstruct.config import Settings
+from konstruct.errors import ConfigError
+from konstruct.plugin import KonstructPlugin
+from konstruct.processes import free_port
+from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.stack import temporal_cli
+from tests.support import TEST_KEYS, suite_codec
+from tests.test_experiments import FAST, experiment, start
+from tests.test_handle_message import message
+from workers.main import build_worker
+from workflows.experiment import Experiment
+from workflows.handle_message import HandleMessage
+
+SECRET_TEXT = "my passport number is X1234567, please keep it safe"
+
+
+def payload(text: str) -> Payload:
+    return Payload(metadata={"encoding": b"json/plain"}, data=json.dumps(text).encode())
+
+
+# --- the codec --------------------------------------------------------------------------
+
+
+async def test_payloads_round_trip_and_name_their_key() -> None:
+    codec = suite_codec()
+    [sealed] = await codec.encode([payload(SECRET_TEXT)])
+    assert sealed.metadata["encoding"] == ENCODING and sealed.metadata[KEY_ID] == b"test-1"
+    assert b"passport" not in sealed.data
+    [opened] = await codec.decode([sealed])
+    assert opened == payload(SECRET_TEXT)
+    # A payload written before encryption was on decodes as it is.
+    assert await codec.decode([payload("plain")]) == [payload("plain")]
+
+
+async def test_keys_rotate_new_payloads_use_the_newest_and_old_ones_still_decode() -> None:
+    first = KeyRing.parse(new_key_line("k1"), "first")
+    both = KeyRing.parse(new_key_line("k1").replace("k1:", "k0:") + "," + TEST_KEYS, "x")
+    old = EncryptionCodec(first)
+    [under_k1] = await old.encode([payload("a")])
+    rotated = EncryptionCodec(
+        KeyRing({"k1": first.keys["k1"], "k2": both.keys["test-1"]}, current="k2")
+    )
+    [under_k2] = await rotated.encode([payload("b")])
+    assert under_k2.metadata[KEY_ID] == b"k2"
+    assert await rotated.decode([under_k1, under_k2]) == [payload("a"), payload("b")]
+
+
+async def test_a_wrong_or_missing_key_fails_with_a_clear_error_not_garbage() -> None:
+    [sealed] = await suite_codec().encode([payload(SECRET_TEXT)])
+    impostor = EncryptionCodec(KeyRing.parse(new_key_line("test-1"), "impostor"))
+    with pytest.raises(CodecError, match="key 'test-1' does not decrypt"):
+        await impostor.decode([sealed])
+    stranger = EncryptionCodec(KeyRing.parse(new_key_line("other"), "stranger"))
+    with pytest.raises(CodecError, match="key 'test-1', which this process does not have"):
+        await stranger.decode([sealed])
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("k1", "entry 1 must be <id>:<base64 key>"),
+        ("k1:not base64!", "key 'k1' is not base64"),
+        ("k1:" + base64.b64encode(b"short").decode(), "is 5 bytes; AES-256 needs 32"),
+        ("# only a comment", "no key"),
+    ],
+)
+def test_a_bad_key_names_what_is_wrong(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        KeyRing.parse(text, "KONSTRUCT_ENCRYPTION_KEYS")
+
+
+def test_encryption_on_without_a_key_says_where_it_looked(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    with pytest.raises(ConfigError, match="encryption.keys does not exist"):
+        settings.key_ring()
+    off = settings.model_copy(
+        update={"temporal": settings.temporal.model_copy(update={"encryption": False})}
+    )
+    assert off.key_ring() is None
+
+
+# --- histories as the Web UI and the CLI see them ----------------------------------------
+
+
+@pytest.fixture
+async def codec_server() -> AsyncIterator[str]:
+    """The codec server with the suite's key, on a free port, token required."""
+    port = free_port()
+    runner = web.AppRunner(codec_app(suite_codec(), ["http://localhost:8233"], "s3cret"))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def raw_history(settings: Settings, workflow_id: str) -> str:
+    """The history as someone without the key reads it: no codec at all."""
+    reader = await Client.connect(
+        settings.temporal.target, namespace=settings.temporal.namespace, plugins=[KonstructPlugin()]
+    )
+    history = await reader.get_workflow_handle(workflow_id).fetch_history()
+    return history.to_json()
+
+
+def history_payloads(history_json: str) -> list[dict]:
+    """Every payload object in a history's JSON (`{"metadata": ..., "data": ...}`)."""
+    found: list[dict] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "metadata" in node and "encoding" in node.get("metadata", {}):
+                found.append(node)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(history_json))
+    return found
+
+
+async def decode_through(url: str, payloads: list[dict], token: str | None) -> list[str]:
+    headers = {"X-Namespace": "default", "Origin": "http://localhost:8233"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/decode", json={"payloads": payloads}, headers=headers) as response,
+    ):
+        body = await response.text()
+        assert response.status == 200, body
+        assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:8233"
+    decoded = json_format.Parse(body, Payloads())
+    return [p.data.decode(errors="replace") for p in decoded.payloads]
+
+
+async def test_a_message_and_its_reply_are_not_in_history_but_the_codec_server_shows_them(
+    client: Client, worker: str, settings: Settings, codec_server: str
+) -> None:
+    body = message(text=SECRET_TEXT)
+    workflow_id = f"msg-demo-{body['message_id']}"
+    result = await client.execute_workflow(
+        HandleMessage.run, body, id=workflow_id, task_queue=worker
+    )
+    raw = await raw_history(settings, workflow_id)
+    assert "passport" not in raw and result.response[:40] not in raw
+    payloads = history_payloads(raw)
+    # Plain are only what must be: the search attributes (filterable), and the SDK
+    # core's own bookkeeping of each local activity's marker (its type, attempt and
+    # times; the activity's result beside it is encrypted).
+    plain = [
+        json.loads(base64.b64decode(p["data"]))
+        for p in payloads
+        if base64.b64decode(p["metadata"]["encoding"]) != ENCODING
+    ]
+    assert plain, "the search attributes stay plain"
+    for value in plain:
+        marker = isinstance(value, dict) and {"seq", "activity_type"} <= set(value)
+        assert marker or value in ("message", "demo", "running", "completed"), value
+    # Without the token the codec server refuses; with it, the plaintext is there.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{codec_server}/decode", json={"payloads": payloads}) as refused:
+            assert refused.status == 401
+    decoded = " ".join(await decode_through(codec_server, payloads, "s3cret"))
+    assert "passport" in decoded and result.response[:40] in decoded
+    # The real CLI, pointed at the codec server, prints the workflow's input.
+    # (asynchronously: the codec server answers from this event loop)
+    shown = await asyncio.create_subprocess_exec(
+        temporal_cli(),
+        "workflow",
+        "show",
+        "--workflow-id",
+        workflow_id,
+        "--address",
+        settings.temporal.target,
+        "--codec-endpoint",
+        codec_server,
+        "--codec-auth",
+        "Bearer s3cret",
+        "--output",
+        "json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(shown.communicate(), 60)
+    assert shown.returncode == 0, err.decode()
+    shown_plain = [
+        base64.b64decode(p["data"]).decode(errors="replace") for p in history_payloads(out.decode())
+    ]
+    assert any("passport" in text for text in shown_plain), shown_plain[:5]
+
+
+async def test_an_experiment_keeps_its_prompt_inputs_and_outputs_out_of_history(
+    client: Client, worker: str, settings: Settings
+) -> None:
+    body = experiment(
+        4, task={"model_group": "fast", "prompt_template": "Confidential briefing: {input}"}
+    )
+    handle = await start(client, worker, body)
+    await handle.result()
+    raw = await raw_history(settings, body["experiment_id"])
+    assert "Confidential briefing" not in raw
+    assert not any(item["input"] in raw for item in body["dataset"]["items"])
+    # What must stay filterable stays plain: the search attributes.
+    assert "KonstructTenant" in raw
+
+
+async def connect_with(settings: Settings, keys: str) -> Client:
+    codec = EncryptionCodec(KeyRing.parse(keys, "test"))
+    return await Client.connect(
+        settings.temporal.target,
+        namespace=settings.temporal.namespace,
+        plugins=[KonstructPlugin(codec)],
+    )
+
+
+async def test_a_workflow_started_under_one_key_completes_after_the_worker_gains_another(
+    settings: Settings, sim: SimulatorAdmin
+) -> None:
+    await sim.set_profile(FAST, latency_ms=100)
+    task_queue = f"rotate-{uuid.uuid4().hex[:8]}"
+    old_client = await connect_with(settings, TEST_KEYS)
+    new_client = await connect_with(settings, TEST_KEYS + "," + new_key_line("test-2"))
+    body = experiment(30, max_concurrency=2)
+    async with build_worker(old_client, settings, task_queue) as w, w:
+        handle = await start(old_client, task_queue, body)
+        for _ in range(400):
+            if (await handle.query(Experiment.progress)).completed >= 3:
+                break
+            await asyncio.sleep(0.05)
+    async with build_worker(new_client, settings, task_queue) as w, w:
+        result = await new_client.get_workflow_handle_for(
+            Experiment.run, body["experiment_id"]
+        ).result()
+    assert result.summary.completed == 30 and result.summary.failed == 0
+    raw = await raw_history(settings, body["experiment_id"])
+    key_ids = {
+        base64.b64decode(p["metadata"][KEY_ID]).decode()
+        for p in history_payloads(raw)
+        if KEY_ID in p["metadata"]
+    }
+    assert key_ids == {"test-1", "test-2"}, key_ids
