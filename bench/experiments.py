@@ -149,6 +149,7 @@ class Bench:
             LITELLM_LOCAL_MODEL_COST_MAP="True",
             # Payloads encrypted, as `konstruct up` runs them; a key for this run only.
             KONSTRUCT_ENCRYPTION_KEYS=new_key_line("bench"),
+            KONSTRUCT_APP_DB_PASSWORD="konstruct-app",
         )
         self.add_worker()
 

@@ -76,7 +76,9 @@ class PostgresSettings(_Section):
     # derived from `url` with the app role's name and password.
     app_url: str | None = None
     app_role: str = "konstruct_app"
-    app_password: str = "konstruct-app"
+    # The app role's password. Unset: the one `konstruct migrate` (or `konstruct up`)
+    # generated into `<state_dir>/app-db-password`; there is no fixed default.
+    app_password: SecretStr | None = None
     port: int = Field(55432, ge=1, le=65535)
     database: str = "konstruct"
     pool_min: int = Field(1, ge=0)
@@ -167,6 +169,33 @@ class Settings(_Section):
 
     def path(self, value: Path) -> Path:
         return value if value.is_absolute() else (self.base_dir / value).resolve()
+
+    @property
+    def app_password_file(self) -> Path:
+        return self.path(self.state_dir / "app-db-password")
+
+    def app_db_password(self, create: bool = False) -> tuple[str, bool]:
+        """The app role's password and whether it was generated now (`create`: when
+        none is set or stored, generate one into `app_password_file`, mode 600)."""
+        if self.postgres.app_password is not None:
+            return self.postgres.app_password.get_secret_value(), False
+        path = self.app_password_file
+        if path.is_file():
+            return path.read_text().strip(), False
+        if not create:
+            raise ConfigError(
+                f"the app role has no password: set KONSTRUCT_APP_DB_PASSWORD (what"
+                f" `konstruct migrate` gave it), or run `konstruct migrate` to generate one"
+                f" into {path}"
+            )
+        import secrets
+
+        password = secrets.token_urlsafe(24)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(password + "\n")
+        return password, True
 
     @property
     def key_file(self) -> Path:

@@ -41,7 +41,8 @@ def app_url(settings: Settings) -> str:
         raise ConfigError("postgres.url (KONSTRUCT_DATABASE_URL) must name a host")
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     port = f":{parts.port}" if parts.port else ""
-    credentials = f"{quote(settings.postgres.app_role)}:{quote(settings.postgres.app_password)}"
+    password, _ = settings.app_db_password()
+    credentials = f"{quote(settings.postgres.app_role)}:{quote(password)}"
     return urlunsplit((parts.scheme, f"{credentials}@{host}{port}", parts.path, parts.query, ""))
 
 

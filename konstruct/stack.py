@@ -317,8 +317,10 @@ class Stack:
                 )
             )
         owner = db.owner_url(s)
+        # The app role's password: generated once into the state directory.
+        password, _ = s.app_db_password(create=True)
         applied = asyncio.run(
-            db.migrate(owner, app_role=s.postgres.app_role, app_password=s.postgres.app_password)
+            db.migrate(owner, app_role=s.postgres.app_role, app_password=password)
         )
         asyncio.run(db.seed_demo(owner))
         say(f"database ready ({len(applied)} migrations applied now)")

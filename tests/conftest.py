@@ -82,6 +82,8 @@ def environ(
         "KONSTRUCT_DATABASE_URL": postgres.owner_url,
         "SIMULATOR_API_BASE": simulator.url + "/v1",
         "SIMULATOR_API_KEY": SIMULATOR_TEST_KEY,
+        # The app role's password, as the session's migration set it.
+        "KONSTRUCT_APP_DB_PASSWORD": "konstruct-app",
         # Payloads are encrypted in every history of the suite, as by default.
         "KONSTRUCT_ENCRYPTION_KEYS": TEST_KEYS,
     }

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -81,6 +82,9 @@ def test_unreachable_postgres_is_one_line(environ: dict[str, str], command: list
         (["demo", "run", "--fail-at", "nowhere"], "'--fail-at'"),
         (["experiments", "watch", "x", "--interval", "0"], "'--interval'"),
         (["agents", "put", "demo", "a1", "--role", "r"], "'--name'"),
+        (["agents", "put", "demo", "a1", "--name", "", "--role", "r"], "name"),
+        (["agents", "put", "demo", "a1", "--name", "Kay", "--role", "  "], "role"),
+        (["agents", "put", "demo", "Not An Id", "--name", "Kay", "--role", "r"], "agent_id"),
         (["registry", "history"], "'ALIAS'"),
     ],
 )
@@ -160,3 +164,42 @@ def test_the_watch_view_shows_the_measured_rate() -> None:
     out.print(progress_view(progress, 4.0))
     text = out.export_text()
     assert "4.0 items/s" in text and "10/50" in text and "ETA    10s" in text
+
+
+def test_migrate_generates_the_app_role_password_and_says_where_it_is(
+    environ: dict[str, str], tmp_path: Path
+) -> None:
+    import asyncpg as pg
+
+    role = f"konstruct_app_{uuid.uuid4().hex[:6]}"
+    config = tmp_path / "konstruct.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\npostgres: {{app_role: {role}}}\n")
+    env = {
+        k: v
+        for k, v in environ.items()
+        if k not in ("KONSTRUCT_APP_DB_PASSWORD", "KONSTRUCT_APP_DATABASE_URL", "KONSTRUCT_CONFIG")
+    }
+    # A worker with neither a password nor a stored one is told what to do.
+    worker = konstruct(env, "--config", str(config), "agents", "list", "demo")
+    assert_one_line_error(worker, "the app role has no password", "KONSTRUCT_APP_DB_PASSWORD")
+    first = konstruct(env, "--config", str(config), "migrate")
+    assert first.returncode == 0, first.stderr
+    stored = tmp_path / "state" / "app-db-password"
+    assert f"stored in {stored} (mode 600)" in first.stdout
+    assert stored.stat().st_mode & 0o777 == 0o600
+    password = stored.read_text().strip()
+    assert len(password) >= 24 and password != "konstruct-app"
+    # The role logs in with it; a second migrate keeps it and says nothing of it.
+    owner = environ["KONSTRUCT_DATABASE_URL"]
+    host_port = owner.split("@", 1)[1].split("/", 1)[0]
+
+    async def login() -> None:
+        conn = await pg.connect(f"postgresql://{role}:{password}@{host_port}/konstruct")
+        await conn.close()
+
+    asyncio.run(login())
+    again = konstruct(env, "--config", str(config), "migrate")
+    assert again.returncode == 0 and "generated" not in again.stdout
+    assert stored.read_text().strip() == password
+    listed = konstruct(env, "--config", str(config), "agents", "list", "demo")
+    assert listed.returncode == 0, listed.stderr

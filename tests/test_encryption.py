@@ -276,3 +276,24 @@ async def test_a_workflow_started_under_one_key_completes_after_the_worker_gains
         if KEY_ID in p["metadata"]
     }
     assert key_ids == {"test-1", "test-2"}, key_ids
+
+
+async def test_a_demo_cascade_keeps_its_steps_and_decision_out_of_history(
+    client: Client, worker: str, settings: Settings
+) -> None:
+    from tests.test_demo import demo_input
+    from tests.test_demo import start as start_demo
+
+    handle = await start_demo(client, worker, demo_input())
+    result = await handle.result()
+    raw = await raw_history(settings, handle.id)
+    # The steps' details and the decision, written by the workflow's activities.
+    details = [step.detail for step in result.steps if len(step.detail or "") > 12]
+    assert details, result.steps
+    assert not any(detail in raw for detail in details)
+    if result.decision:
+        assert result.decision not in raw
+    # With the key, the same history holds them.
+    payloads = [json_format.ParseDict(p, Payload()) for p in history_payloads(raw)]
+    plain = " ".join(p.data.decode(errors="replace") for p in await suite_codec().decode(payloads))
+    assert all(json.dumps(detail)[1:-1] in plain for detail in details), details

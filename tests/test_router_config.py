@@ -55,6 +55,22 @@ def test_missing_router_file_is_named(tmp_path: Path) -> None:
 
 def test_app_url_swaps_in_the_app_role() -> None:
     settings = load_settings(
-        None, environ={"KONSTRUCT_DATABASE_URL": "postgresql://admin:secret@db.local:6543/k"}
+        None,
+        environ={
+            "KONSTRUCT_DATABASE_URL": "postgresql://admin:secret@db.local:6543/k",
+            "KONSTRUCT_APP_DB_PASSWORD": "p@ss word",
+        },
     )
-    assert app_url(settings) == "postgresql://konstruct_app:konstruct-app@db.local:6543/k"
+    assert app_url(settings) == "postgresql://konstruct_app:p%40ss%20word@db.local:6543/k"
+
+
+def test_without_an_app_password_the_app_url_says_how_to_get_one(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        environ={
+            "KONSTRUCT_DATABASE_URL": "postgresql://admin:secret@db.local:6543/k",
+            "KONSTRUCT_STATE_DIR": str(tmp_path),
+        },
+    )
+    with pytest.raises(ConfigError, match="the app role has no password"):
+        app_url(settings)

@@ -176,16 +176,19 @@ def migrate(state: CliState) -> int:
     """Apply database migrations and create the app role."""
     settings = state.settings
     owner = db.owner_url(settings)
+    password, generated = settings.app_db_password(create=True)
     with reaching_postgres(owner):
         applied = run_async(
-            db.migrate(
-                owner,
-                app_role=settings.postgres.app_role,
-                app_password=settings.postgres.app_password,
-            )
+            db.migrate(owner, app_role=settings.postgres.app_role, app_password=password)
         )
         run_async(db.seed_demo(owner))
     print(f"applied: {', '.join(applied) or 'nothing new'}")
+    if generated:
+        print(
+            f"generated a password for the app role {settings.postgres.app_role!r}, stored in"
+            f" {settings.app_password_file} (mode 600); workers on other machines need it as"
+            " KONSTRUCT_APP_DB_PASSWORD"
+        )
     return 0
 
 

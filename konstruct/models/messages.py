@@ -1,13 +1,15 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from konstruct.models.base import StrictModel
 from konstruct.models.llm import ChatTurn, TokenUsage
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# Text a person must give: not empty, not only spaces, not a novel.
+Named = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
 class HandleMessageInput(StrictModel):
@@ -42,13 +44,15 @@ class LoadAgentInput(StrictModel):
 
 
 class AgentProfile(StrictModel):
-    agent_id: str
-    name: str
-    role: str
-    persona: str = ""
-    system_prompt: str = ""
+    agent_id: str = Field(pattern=_ID)
+    name: Named
+    role: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+    persona: str = Field("", max_length=4000)
+    system_prompt: str = Field("", max_length=20_000)
     model_group: Literal["fast", "quality"] = "fast"
-    fallback_reply: str
+    fallback_reply: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)
+    ]
 
 
 class AgentContext(StrictModel):
