@@ -94,6 +94,22 @@ def test_a_bad_argument_is_named(command: list[str], named: str) -> None:
     assert_one_line_error(done, named)
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--model-group", "fastest"], "task.model_group: 'fastest' is not a model group"),
+        (["--judge", "nobody"], "evals.1.model_group: 'nobody' is not a model group"),
+        (["--dataset", "no/such/file.jsonl"], "dataset.path:"),
+    ],
+)
+def test_experiments_start_checks_groups_and_files_before_starting(
+    environ: dict[str, str], args: list[str], named: str
+) -> None:
+    done = konstruct(environ, "experiments", "start", *args)
+    assert done.returncode == 2
+    assert_one_line_error(done, named)
+
+
 def test_an_unknown_experiment_is_one_line(environ: dict[str, str]) -> None:
     done = konstruct(environ, "experiments", "watch", f"exp-none-{uuid.uuid4().hex[:6]}")
     assert done.returncode == 2

@@ -37,8 +37,10 @@ from konstruct.errors import InvalidInput, NotFound
 from konstruct.models.experiments import (
     ExperimentInput,
     ExperimentProgress,
+    LlmJudgeEval,
     ToggleInput,
 )
+from konstruct.router import load_router_config
 from konstruct.store.experiments import experiment_detail, find_workflow_id, list_experiments
 from workflows.experiment import Experiment
 
@@ -94,10 +96,37 @@ def build_input(
     body.setdefault("max_concurrency", max_concurrency or s.max_concurrency)
     body["options"] = {**s.workflow_options().model_dump(), **body.get("options", {})}
     try:
-        ExperimentInput.model_validate(body)
+        validated = ExperimentInput.model_validate(body)
     except ValidationError as exc:
         raise InvalidInput.from_validation_error("Experiment", exc) from None
+    _check_against_config(settings, body, validated)
     return body
+
+
+def _check_against_config(
+    settings: Settings, body: dict[str, Any], validated: ExperimentInput
+) -> None:
+    """What the input cannot say about itself: its model groups are in the router
+    config, its dataset file exists (the worker would fail on the first page)."""
+    config = load_router_config(settings.path(settings.llm.router_config))
+    groups = sorted({d.model_name for d in config.model_list})
+    named = [("task.model_group", validated.task.model_group)] + [
+        (f"evals.{i}.model_group", e.model_group)
+        for i, e in enumerate(validated.evals)
+        if isinstance(e, LlmJudgeEval)
+    ]
+    for field, group in named:
+        if group not in groups:
+            raise InvalidInput(
+                f"Experiment: {field}: {group!r} is not a model group of the router config"
+                f" ({', '.join(groups)})"
+            )
+    path = (body.get("dataset") or {}).get("path")
+    if path is not None and not settings.path(Path(path)).is_file():
+        raise InvalidInput(
+            f"Experiment: dataset.path: {settings.path(Path(path))} does not exist (relative"
+            " paths are read from the project directory, as the worker reads them)"
+        )
 
 
 @group.command("start")
