@@ -29,7 +29,7 @@ def write_stack_config(directory: Path, models: Sequence[str]) -> Path:
     config = directory / "bench.yaml"
     config.write_text(
         f"state_dir: {directory / 'state'}\n"
-        f"temporal: {{port: {free_port()}, ui_port: {free_port()}}}\n"
+        f"temporal: {{port: {free_port()}, ui_port: {free_port()}, codec_port: {free_port()}}}\n"
         f"postgres: {{port: {free_port()}}}\n"
         f"simulator: {{port: {free_port()}, config: {simulator}}}\n"
         f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"

@@ -27,10 +27,11 @@ KONSTRUCT = [sys.executable, "-m", "konstruct.cli"]
 @pytest.fixture
 def stack_config(tmp_path: Path) -> Iterator[Path]:
     config = tmp_path / "stack.yaml"
-    ports = {name: free_port() for name in ("temporal", "ui", "postgres", "simulator")}
+    ports = {name: free_port() for name in ("temporal", "ui", "codec", "postgres", "simulator")}
     config.write_text(
         f"state_dir: {tmp_path / 'state'}\n"
-        f"temporal: {{port: {ports['temporal']}, ui_port: {ports['ui']}}}\n"
+        f"temporal: {{port: {ports['temporal']}, ui_port: {ports['ui']},"
+        f" codec_port: {ports['codec']}}}\n"
         f"postgres: {{port: {ports['postgres']}}}\n"
         f"simulator: {{port: {ports['simulator']}, config: {ROOT / 'deploy' / 'simulator.yaml'}}}\n"
         f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"

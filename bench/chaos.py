@@ -1,0 +1,454 @@
+"""Chaos soak: a mixed workload on a self-healing stack while its processes are killed.
+
+Starts `konstruct up --detach --workers 2` in a temporary directory (exactly as a
+user does), then for `--seconds`:
+
+  messages     HandleMessage at `--rate` a second, spread over three tenants
+  experiments  three Experiments of `--items` items each, started at once
+  demo         DemoCascade runs one after another
+
+while it kills a random worker with `kill -9` every 20-60 s, and every third
+fault the dev server or PostgreSQL instead; the stack's supervisor restarts
+each. Then it lets the work finish and checks every invariant against
+PostgreSQL and Temporal:
+
+  - each message stored once (`message_turns`), with the reply its workflow returned;
+  - each experiment exactly one result per item, its summary equal to PostgreSQL's rows;
+  - after every demo run, `demo-production` on the champion it recorded (or where
+    it was before the run when none was recorded);
+  - no workflow left running.
+
+It prints faults injected, workflows run, lost and duplicated (both must be 0), and
+the longest time from a fault to the next completed piece of work.
+
+    .venv/bin/python bench/chaos.py                 # 10 minutes; bench/results/chaos.json
+    .venv/bin/python bench/chaos.py --seconds 120 --items 200 --fault-interval 8,15 --no-write
+                                                    # the suite's two-minute version
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import asyncpg  # noqa: E402
+from temporalio.client import Client, WorkflowHandle  # noqa: E402
+from temporalio.service import RPCError  # noqa: E402
+
+from bench.stack_bench import write_stack_config  # noqa: E402
+from konstruct import db  # noqa: E402
+from konstruct.config import Settings, load_settings  # noqa: E402
+from konstruct.models import AgentProfile  # noqa: E402
+from konstruct.stack import read_status  # noqa: E402
+from konstruct.store.agents import put_agent  # noqa: E402
+from konstruct.temporal_client import connect  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "chaos.json"
+TENANTS = ("demo", "chaos-a", "chaos-b")
+KONSTRUCT = [sys.executable, "-m", "konstruct.cli"]
+
+
+@dataclass
+class Soak:
+    settings: Settings
+    config: Path
+    started: float = field(default_factory=time.monotonic)
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    done_at: list[float] = field(default_factory=list)
+    messages: dict[str, tuple[str, str]] = field(default_factory=dict)  # wf id -> tenant, msg
+    replies: dict[str, str] = field(default_factory=dict)  # wf id -> reply returned
+    message_errors: list[str] = field(default_factory=list)
+    demos: list[dict[str, Any]] = field(default_factory=list)
+    experiments: dict[str, int] = field(default_factory=dict)  # id -> items
+    client: Client | None = None
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.started, 2)
+
+    def log(self, line: str) -> None:
+        print(f"[{self.now():7.1f}s] {line}", flush=True)
+
+    async def connect(self) -> Client:
+        while True:
+            try:
+                return await connect(self.settings)
+            except Exception as exc:  # the dev server may be restarting
+                self.log(f"connect: {exc}")
+                await asyncio.sleep(1)
+
+
+async def patiently(soak: Soak, what: str, call: Any, give_up_s: float = 300) -> Any:
+    """Retry a Temporal call through restarts of the dev server."""
+    deadline = time.monotonic() + give_up_s
+    while True:
+        try:
+            return await call()
+        except RPCError as exc:
+            if time.monotonic() > deadline:
+                raise
+            soak.log(f"{what}: {exc.status.name} ({exc.message[:80]}); again in 1 s")
+            await asyncio.sleep(1)
+
+
+# --- workload ------------------------------------------------------------------------
+
+
+async def send_messages(soak: Soak, client: Client, until: float, rate: float) -> None:
+    from workflows.handle_message import HandleMessage
+
+    async def one(tenant: str, message_id: str) -> None:
+        workflow_id = f"msg-{tenant}-{message_id}"
+        body = {
+            "message_id": message_id,
+            "tenant_id": tenant,
+            "agent_id": "assistant",
+            "thread_id": f"chaos-{tenant}",
+            "channel": "chaos",
+            "sender": "soak",
+            "text": f"Message {message_id}: what are you?",
+        }
+        soak.messages[workflow_id] = (tenant, message_id)
+
+        async def start() -> WorkflowHandle:
+            try:
+                return await client.start_workflow(
+                    HandleMessage.run,
+                    body,
+                    id=workflow_id,
+                    task_queue=soak.settings.temporal.task_queue,
+                )
+            except Exception as exc:
+                if "already started" in str(exc).lower():
+                    return client.get_workflow_handle_for(HandleMessage.run, workflow_id)
+                raise
+
+        handle = await patiently(soak, f"start {workflow_id}", start)
+        result = await patiently(soak, f"result {workflow_id}", handle.result, give_up_s=600)
+        soak.replies[workflow_id] = result.response
+        soak.done_at.append(time.monotonic())
+
+    tasks: list[asyncio.Task] = []
+    n = 0
+    while time.monotonic() < until:
+        tenant = TENANTS[n % len(TENANTS)]
+        tasks.append(asyncio.create_task(one(tenant, f"c{n:05d}-{uuid.uuid4().hex[:4]}")))
+        n += 1
+        await asyncio.sleep(1 / rate)
+    for task in asyncio.as_completed(tasks):
+        try:
+            await task
+        except Exception as exc:
+            soak.message_errors.append(str(exc)[:200])
+
+
+async def run_experiments(soak: Soak, client: Client, items: int) -> list[Any]:
+    from workflows.experiment import Experiment
+
+    handles = []
+    for k in range(3):
+        experiment_id = f"chaos-exp-{k}-{uuid.uuid4().hex[:6]}"
+        body = {
+            "experiment_id": experiment_id,
+            "tenant_id": "demo",
+            "dataset": {
+                "items": [
+                    {"id": f"i{i:05d}", "input": f"What is {i} + {k}?", "expected": str(i + k)}
+                    for i in range(items)
+                ]
+            },
+            "task": {"model_group": "fast", "prompt_template": "Answer with a number: {input}"},
+            "evals": [{"kind": "exact_match"}],
+            "max_concurrency": 20,
+        }
+        soak.experiments[experiment_id] = items
+        handles.append(
+            await patiently(
+                soak,
+                "start experiment",
+                lambda b=body: client.start_workflow(
+                    Experiment.run,
+                    b,
+                    id=b["experiment_id"],
+                    task_queue=soak.settings.temporal.task_queue,
+                ),
+            )
+        )
+    return [await patiently(soak, "experiment result", h.result, give_up_s=1200) for h in handles]
+
+
+async def alias_run(pool: asyncpg.Pool) -> str | None:
+    """Where `demo-production` points, read through restarts of PostgreSQL."""
+    for _ in range(120):
+        try:
+            async with db.tenant_transaction(pool, "demo") as conn:
+                value = await conn.fetchval(
+                    "select run_id from registry_aliases"
+                    " where tenant_id = 'demo' and alias = 'demo-production'"
+                )
+            return None if value is None else str(value)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await asyncio.sleep(1)
+    raise RuntimeError("PostgreSQL did not come back within two minutes")
+
+
+async def run_demos(soak: Soak, client: Client, pool: asyncpg.Pool, until: float) -> None:
+    from workflows.demo_cascade import DemoCascade
+
+    k = 0
+    while time.monotonic() < until:
+        workflow_id = f"demo-chaos-{k}-{uuid.uuid4().hex[:4]}"
+        body = {"scenario": "demo_minimal", "seed": k, "approval": "auto", "fail_at": None}
+        handle = await patiently(
+            soak,
+            "start demo",
+            lambda b=body, w=workflow_id: client.start_workflow(
+                DemoCascade.run, b, id=w, task_queue=soak.settings.temporal.task_queue
+            ),
+        )
+        try:
+            result = await patiently(soak, "demo result", handle.result, give_up_s=600)
+        except Exception as exc:
+            soak.demos.append({"id": workflow_id, "error": str(exc)[:200], "invariant": None})
+            k += 1
+            continue
+        expected = result.champion_run_id or result.pre_run_alias_run_id
+        actual = await alias_run(pool)
+        soak.demos.append(
+            {"id": workflow_id, "status": result.overall_status, "invariant": actual == expected}
+        )
+        soak.done_at.append(time.monotonic())
+        k += 1
+
+
+async def watch_results(soak: Soak, pool: asyncpg.Pool, until_done: asyncio.Event) -> None:
+    """Each second an experiment stored more results counts as completed work."""
+    last = 0
+    while not until_done.is_set():
+        try:
+            async with db.tenant_transaction(pool, "demo") as conn:
+                count = await conn.fetchval(
+                    "select count(*) from experiment_results where experiment_id like 'chaos-exp-%'"
+                )
+            if count > last:
+                soak.done_at.append(time.monotonic())
+                last = count
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # PostgreSQL is being restarted
+        await asyncio.sleep(1)
+
+
+# --- faults --------------------------------------------------------------------------
+
+
+async def inject_faults(
+    soak: Soak, until: float, rng: random.Random, interval: tuple[float, float]
+) -> None:
+    n = 0
+    while True:
+        await asyncio.sleep(rng.uniform(*interval))
+        if time.monotonic() >= until:
+            return
+        children = {c["name"]: c for c in (read_status(soak.settings) or {}).get("children", [])}
+        n += 1
+        if n % 3 == 0:
+            target = "temporal" if (n // 3) % 2 else "postgres"
+        else:
+            target = rng.choice([name for name in children if name.startswith("worker")])
+        child = children.get(target)
+        if child is None or child["pid"] is None or child["state"] != "up":
+            soak.log(f"fault {n}: {target} is not up, skipped")
+            continue
+        os.kill(child["pid"], signal.SIGKILL)
+        soak.faults.append({"at": time.monotonic(), "target": target, "pid": child["pid"]})
+        soak.log(f"fault {n}: kill -9 {target} (pid {child['pid']})")
+
+
+# --- checks --------------------------------------------------------------------------
+
+
+async def check(soak: Soak, pool: asyncpg.Pool, client: Client, summaries: list[Any]) -> dict:
+    lost: list[str] = []
+    duplicated: list[str] = []
+    async with db.tenant_transaction(pool, "demo") as conn:
+        for workflow_id, (tenant, message_id) in soak.messages.items():
+            async with db.tenant_transaction(pool, tenant) as tconn:
+                rows = await tconn.fetch(
+                    "select reply_text from message_turns where tenant_id = $1 and message_id = $2",
+                    tenant,
+                    message_id,
+                )
+            if len(rows) > 1:
+                duplicated.append(workflow_id)
+            if not rows or workflow_id not in soak.replies:
+                lost.append(workflow_id)
+            elif rows[0]["reply_text"] != soak.replies[workflow_id]:
+                lost.append(f"{workflow_id} (stored reply differs from the returned one)")
+        for (experiment_id, items), summary in zip(
+            soak.experiments.items(), summaries, strict=True
+        ):
+            counts = await conn.fetchrow(
+                "select count(*) as n, count(distinct item_id) as d from experiment_results"
+                " where experiment_id = $1",
+                experiment_id,
+            )
+            if counts["d"] < items:
+                lost.append(f"{experiment_id}: {items - counts['d']} items without a result")
+            if counts["n"] != counts["d"]:
+                duplicated.append(f"{experiment_id}: {counts['n'] - counts['d']} extra results")
+            stated = summary.summary.completed + summary.summary.failed
+            if stated != counts["n"]:
+                lost.append(
+                    f"{experiment_id}: summary says {stated}, PostgreSQL holds {counts['n']}"
+                )
+    running = [e.id async for e in client.list_workflows("ExecutionStatus = 'Running'")]
+    broken = [d for d in soak.demos if d["invariant"] is not True]
+    fault_times = [f["at"] for f in soak.faults]
+    gaps = []
+    for at in fault_times:
+        after = [t for t in soak.done_at if t > at]
+        if after:
+            gaps.append(min(after) - at)
+    return {
+        "faults": len(soak.faults),
+        "faults_by_target": {
+            t: sum(1 for f in soak.faults if f["target"] == t)
+            for t in sorted({f["target"] for f in soak.faults})
+        },
+        "workflows": {
+            "messages": len(soak.messages),
+            "experiments": len(soak.experiments),
+            "experiment_items": sum(soak.experiments.values()),
+            "demo_runs": len(soak.demos),
+        },
+        "lost": len(lost),
+        "lost_detail": lost[:20],
+        "duplicated": len(duplicated),
+        "duplicated_detail": duplicated[:20],
+        "message_errors": soak.message_errors[:10],
+        "demo_invariant_broken": broken,
+        "still_running": running,
+        "longest_fault_to_next_work_s": round(max(gaps), 1) if gaps else None,
+    }
+
+
+async def soak_run(args: argparse.Namespace, config: Path) -> dict[str, Any]:
+    settings = load_settings(config)
+    soak = Soak(settings, config)
+    client = await soak.connect()
+    pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=10)
+    try:
+        for tenant in TENANTS[1:]:
+            await put_agent(
+                pool,
+                tenant,
+                AgentProfile(
+                    agent_id="assistant",
+                    name="Kay",
+                    role="a helpful assistant",
+                    fallback_reply="Sorry, try again later.",
+                ),
+            )
+        until = time.monotonic() + args.seconds
+        rng = random.Random(args.seed)
+        finished = asyncio.Event()
+        watcher = asyncio.create_task(watch_results(soak, pool, finished))
+        faults = asyncio.create_task(inject_faults(soak, until, rng, args.fault_interval))
+        experiments = asyncio.create_task(run_experiments(soak, client, args.items))
+        await asyncio.gather(
+            send_messages(soak, client, until, args.rate), run_demos(soak, client, pool, until)
+        )
+        soak.log("workload over; waiting for the experiments")
+        faults.cancel()
+        summaries = await experiments
+        finished.set()
+        await watcher
+        soak.log("checking invariants")
+        report = await check(soak, pool, client, summaries)
+    finally:
+        await pool.close()
+    report["seconds"] = args.seconds
+    report["items_per_experiment"] = args.items
+    report["message_rate"] = args.rate
+    report["fault_interval_s"] = list(args.fault_interval)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--items", type=int, default=2000, help="items per experiment")
+    parser.add_argument("--rate", type=float, default=2.0, help="messages a second")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--fault-interval",
+        default="20,60",
+        help="seconds between faults, MIN,MAX (every third fault: the dev server or PostgreSQL)",
+    )
+    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
+    parser.add_argument("--json-out", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    if args.seconds <= 0 or args.items < 1 or args.rate <= 0:
+        parser.error("--seconds, --items and --rate must be positive")
+    try:
+        low, high = (float(v) for v in args.fault_interval.split(","))
+    except ValueError:
+        parser.error("--fault-interval: two numbers, MIN,MAX (e.g. 20,60)")
+    if not 0 < low <= high:
+        parser.error("--fault-interval: 0 < MIN <= MAX")
+    args.fault_interval = (low, high)
+    with tempfile.TemporaryDirectory(prefix="konstruct-chaos-") as tmp:
+        config = write_stack_config(
+            Path(tmp), ["sim-fast", "sim-quality", "sim-judge", "sim-arith", "sim-embed"]
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KONSTRUCT_", "TEMPORAL_"))}
+        up = subprocess.run(
+            [*KONSTRUCT, "--config", str(config), "up", "--detach", "--workers", "2"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        if up.returncode != 0:
+            print(up.stdout + up.stderr, file=sys.stderr)
+            return 1
+        try:
+            report = asyncio.run(soak_run(args, config))
+        finally:
+            log = (Path(tmp) / "state" / "stack.log").read_text(errors="replace")
+            subprocess.run([*KONSTRUCT, "--config", str(config), "down"], env=env, timeout=120)
+        report["restarts_logged"] = log.count(" restarted (restart ")
+    print(json.dumps(report, indent=2))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    if not args.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=2))
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+    ok = (
+        report["lost"] == 0
+        and report["duplicated"] == 0
+        and not report["still_running"]
+        and not report["demo_invariant_broken"]
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The chaos soak's two-minute version: a mixed workload on `konstruct up --workers 2`
+while workers, the dev server and PostgreSQL are killed with `kill -9`; nothing may
+be lost or duplicated. (`bench/chaos.py` runs it for ten minutes.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+
+def test_two_minutes_of_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    report_path = tmp_path / "chaos.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KONSTRUCT_", "TEMPORAL_"))}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "chaos.py"),
+            "--seconds",
+            "120",
+            "--items",
+            "200",
+            "--fault-interval",
+            "8,15",
+            "--no-write",
+            "--json-out",
+            str(report_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=900,
+    )
+    assert report_path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    # Faults of every kind were injected, and the stack healed from each.
+    assert report["faults"] >= 6, report
+    assert {"temporal", "postgres"} <= set(report["faults_by_target"]), report
+    assert report["restarts_logged"] >= report["faults"] - 1, report
+    # Work of every kind ran through them.
+    assert report["workflows"]["messages"] >= 100 and report["workflows"]["demo_runs"] >= 1
+    assert report["workflows"]["experiment_items"] == 600
+    assert report["lost"] == 0 and report["duplicated"] == 0, report
+    assert not report["still_running"] and not report["demo_invariant_broken"], report
+    assert done.returncode == 0, done.stderr[-3000:]
