@@ -297,3 +297,19 @@ async def test_a_demo_cascade_keeps_its_steps_and_decision_out_of_history(
     payloads = [json_format.ParseDict(p, Payload()) for p in history_payloads(raw)]
     plain = " ".join(p.data.decode(errors="replace") for p in await suite_codec().decode(payloads))
     assert all(json.dumps(detail)[1:-1] in plain for detail in details), details
+
+
+async def test_a_failure_message_and_stack_trace_are_encrypted_too(
+    client: Client, worker: str, settings: Settings
+) -> None:
+    from temporalio.client import WorkflowFailureError
+
+    body = message(tenant_id="Not A Tenant!")
+    workflow_id = f"msg-bad-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(WorkflowFailureError) as failed:
+        await client.execute_workflow(HandleMessage.run, body, id=workflow_id, task_queue=worker)
+    # With the key, the failure names the field, as always.
+    assert "tenant_id" in str(failed.value.cause)
+    raw = await raw_history(settings, workflow_id)
+    assert "Encoded failure" in raw
+    assert "Not A Tenant" not in raw and "tenant_id" not in raw and "Traceback" not in raw
