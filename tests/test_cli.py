@@ -85,6 +85,8 @@ def test_unreachable_postgres_is_one_line(environ: dict[str, str], command: list
         (["agents", "put", "demo", "a1", "--name", "", "--role", "r"], "name"),
         (["agents", "put", "demo", "a1", "--name", "Kay", "--role", "  "], "role"),
         (["agents", "put", "demo", "Not An Id", "--name", "Kay", "--role", "r"], "agent_id"),
+        (["send", "demo", "assistant", ""], "text"),
+        (["send", "Not A Tenant", "assistant", "hi"], "tenant_id"),
         (["registry", "history"], "'ALIAS'"),
     ],
 )

@@ -6,6 +6,7 @@ import sys
 import uuid
 
 import click
+from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError
 
 from konstruct.cli.common import (
@@ -17,6 +18,8 @@ from konstruct.cli.common import (
     tenant_argument,
 )
 from konstruct.cli.output import failure_message, print_json
+from konstruct.errors import InvalidInput
+from konstruct.models import HandleMessageInput
 from konstruct.naming import message_workflow_id
 from workflows.handle_message import HandleMessage
 
@@ -51,6 +54,11 @@ def send(
         "sender": sender,
         "text": text,
     }
+    try:
+        # Checked here as the workflow would check it, before anything is started.
+        HandleMessageInput.model_validate(message)
+    except ValidationError as exc:
+        raise InvalidInput.from_validation_error("send", exc) from None
 
     async def execute() -> int:
         client = await temporal_client(settings)
