@@ -86,7 +86,11 @@ def test_unreachable_postgres_is_one_line(environ: dict[str, str], command: list
         (["agents", "put", "demo", "a1", "--name", "Kay", "--role", "  "], "role"),
         (["agents", "put", "demo", "Not An Id", "--name", "Kay", "--role", "r"], "agent_id"),
         (["send", "demo", "assistant", ""], "text"),
-        (["send", "Not A Tenant", "assistant", "hi"], "tenant_id"),
+        (["send", "Not A Tenant", "assistant", "hi"], "'TENANT'"),
+        (["agents", "list", "Bad/Tenant"], "is not a tenant id"),
+        (["experiments", "start", "--tenant", ""], "'--tenant'"),
+        (["demo", "run", "--id", "two words"], "'--id'"),
+        (["experiments", "start", "--id", " "], "'--id'"),
         (["registry", "history"], "'ALIAS'"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -26,9 +27,36 @@ from konstruct.temporal_client import connect
 T = TypeVar("T")
 
 # The one --tenant option of every command that takes it.
-tenant_option = click.option("--tenant", default="demo", show_default=True, help="tenant id")
+_TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _tenant_id(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A tenant id as the workflows accept one (lowercase letters, digits, _ and -)."""
+    if not _TENANT.match(value):
+        raise click.BadParameter(
+            f"{value!r} is not a tenant id: 1-63 lowercase letters, digits, '_' or '-',"
+            " starting with a letter or digit",
+            param=param,
+        )
+    return value
+
+
+def workflow_id_value(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A workflow id given by hand: not blank, no whitespace, at most 200 characters."""
+    if value is not None and (
+        not value.strip() or len(value) > 200 or any(c.isspace() for c in value)
+    ):
+        raise click.BadParameter(
+            f"{value!r} is not a workflow id: 1-200 characters, no spaces", param=param
+        )
+    return value
+
+
+tenant_option = click.option(
+    "--tenant", default="demo", show_default=True, help="tenant id", callback=_tenant_id
+)
 # The tenant of commands that take it as their first argument (`agents`, `send`).
-tenant_argument = click.argument("tenant")
+tenant_argument = click.argument("tenant", callback=_tenant_id)
 
 
 def json_option(help: str = "print JSON") -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -17,7 +17,14 @@ from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.service import RPCError
 
-from konstruct.cli.common import CliState, json_option, pass_state, run_async, temporal_client
+from konstruct.cli.common import (
+    CliState,
+    json_option,
+    pass_state,
+    run_async,
+    temporal_client,
+    workflow_id_value,
+)
 from konstruct.cli.output import LiveView, build_table, failure_message, print_json, print_table
 from konstruct.errors import NotFound
 from konstruct.models.demo import STEP_NAMES, ApprovalSignal, DemoProgress, DemoStep
@@ -141,7 +148,12 @@ async def _stop(task: asyncio.Task[None]) -> None:
     "--approval", type=click.Choice(["auto", "manual"]), default="auto", show_default=True
 )
 @click.option("--fail-at", type=click.Choice(STEP_NAMES), help="inject a failure at this step")
-@click.option("--id", "workflow_id", help="workflow id (default: demo-SCENARIO-RANDOM)")
+@click.option(
+    "--id",
+    "workflow_id",
+    callback=workflow_id_value,
+    help="workflow id (default: demo-SCENARIO-RANDOM)",
+)
 @click.option("--detach", is_flag=True, help="start it and return")
 @json_option("print the whole result")
 @pass_state

@@ -30,6 +30,7 @@ from konstruct.cli.common import (
     temporal_client,
     tenant_option,
     with_pool,
+    workflow_id_value,
 )
 from konstruct.cli.output import LiveView, failure_message, print_json, print_table
 from konstruct.config import Settings
@@ -133,7 +134,9 @@ def _check_against_config(
 @click.argument(
     "file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option("--id", "experiment_id", help="experiment id (default: new)")
+@click.option(
+    "--id", "experiment_id", callback=workflow_id_value, help="experiment id (default: new)"
+)
 @tenant_option
 @click.option("--name")
 @click.option("--dataset", help=f"JSONL path (default: {DEFAULT_DATASET})")
