@@ -413,3 +413,26 @@ async def test_cli_start_watch_and_a_refused_stop(
     stop = ["experiments", "stop", experiment_id]
     assert await asyncio.to_thread(cli_main, stop) == 1
     assert "refused" in capsys.readouterr().out
+
+
+async def test_a_stop_that_arrives_while_the_run_loads_is_kept_not_dropped(
+    client: Client, worker: str, app_pool: asyncpg.Pool
+) -> None:
+    # Signal-with-start: the stop reaches the workflow before it has loaded its
+    # dataset (as one right after a continue-as-new does). It used to be refused,
+    # silently for a signal, and the experiment ran to the end.
+    body = experiment(20, options={"toggle_cooldown_s": 0.0})
+    handle = await client.start_workflow(
+        Experiment.run,
+        body,
+        id=body["experiment_id"],
+        task_queue=worker,
+        start_signal="stop",
+    )
+    stopped = await wait_for(handle, lambda p: p.status == "stopped")
+    assert stopped.completed < 20
+    assert [t.action for t in stopped.toggles if t.accepted] == ["stop"]
+    await handle.signal(Experiment.resume)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 20
+    assert len(await results(app_pool, body["experiment_id"])) == 20

@@ -97,6 +97,10 @@ SETTLE_PAUSES_S = (1.0, 2.0, 4.0)
 # rate is high (`ExperimentOptions.batch_*`), and count `continue_as_new_every`
 # in task activities (one item, or one batch) rather than items.
 BATCH_CALLS = "batch-task-calls-at-high-rates"
+# Patch marker: a stop or resume that arrives while a run is still loading (its
+# first moments, after every continue-as-new too) is kept and applied once the
+# run has loaded; before, it was refused, and a signal's refusal is silent.
+QUEUE_EARLY_TOGGLES = "queue-toggles-while-loading"
 # A batch waits for its slots on the provider's schedule; its heartbeat, not
 # this, is what notices a dead worker.
 BATCH_TIMEOUT = timedelta(minutes=30)
@@ -121,6 +125,7 @@ class Experiment:
         self._paused_reason: str | None = None
         self._error: str | None = None
         self._stop_requested = False
+        self._early_toggles: list[tuple[str, ToggleInput | None]] = []
         self._in_flight: dict[str, Any] = {}
         self._handles: dict[str, Any] = {}
         self._dispatched = 0
@@ -199,6 +204,14 @@ class Experiment:
         return self._toggle("resume", input)
 
     def _toggle(self, action: str, input: ToggleInput | None) -> ToggleResult:
+        loading = (self._carry is None or self._input is None) and not self._finishing
+        if loading and workflow.patched(QUEUE_EARLY_TOGGLES):
+            self._early_toggles.append((action, input))
+            return ToggleResult(
+                accepted=True,
+                status=self._status,
+                reason=f"{action} queued: applied as soon as the run has loaded",
+            )
         now = workflow.now()
         reason = self._refusal(action, now.timestamp())
         accepted = reason is None
@@ -276,6 +289,9 @@ class Experiment:
         else:
             self._carry = inp.carry
             self._stop_requested = inp.carry.stop_requested
+        early, self._early_toggles = self._early_toggles, []
+        for action, toggle in early:
+            self._toggle(action, toggle)
         monitor_task = asyncio.create_task(self._monitor_loop())
         outcome = "again"
         while outcome != "done":
