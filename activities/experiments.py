@@ -149,16 +149,8 @@ class ExperimentActivities:
         for d in deployments:
             providers.setdefault(d.provider, d)
         for provider, d in sorted(providers.items()):
-            limits = d.limits
             bounds = declared_bounds(
-                initial_rps=limits.initial_rps,
-                min_rps=limits.min_rps,
-                max_rps=limits.max_rps,
-                rpm=limits.rpm,
-                tpm=limits.tpm,
-                limit_window_s=limits.limit_window_s,
-                config=self.settings.aimd_config(),
-                default_initial_rps=self.settings.initial_rps,
+                d.limits, self.settings.aimd_config(), self.settings.initial_rps
             )
             rate = await ensure_provider(self.pool, base, provider, bounds)
             await push_rate(activity.client(), ProviderQueue(base, provider).name, rate, "prepare")

@@ -191,10 +191,7 @@ class Settings(_Section):
         import secrets
 
         password = secrets.token_urlsafe(24)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as out:
-            out.write(password + "\n")
+        write_private_file(path, password + "\n")
         return password, True
 
     @property
@@ -221,6 +218,15 @@ class Settings(_Section):
             " KONSTRUCT_ENCRYPTION_KEY_FILE, or turn encryption off with"
             " KONSTRUCT_ENCRYPTION=false, leaving payloads in plain text)"
         )
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """A new file readable by its owner only (mode 600, never an existing one
+    overwritten): a generated secret in the state directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
 
 
 # Environment variable → dotted key. The contract's names first.

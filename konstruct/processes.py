@@ -85,9 +85,7 @@ class ManagedProcess:
         self.name = self.name or self.log_path.stem
 
     def start(self) -> None:
-        self._log_start = (
-            len(self.log_path.read_text(errors="replace")) if self.log_path.exists() else 0
-        )
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command,
@@ -128,7 +126,7 @@ class ManagedProcess:
         skip = self._log_start if fresh else 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if marker in self.log_path.read_text(errors="replace")[skip:]:
+            if marker in self.log_path.read_bytes()[skip:].decode(errors="replace"):
                 return
             if self.exited:
                 break

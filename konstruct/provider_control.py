@@ -24,9 +24,12 @@ Times are seconds on the database's clock, so workers on different machines agre
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
+
+if TYPE_CHECKING:
+    from konstruct.router import RateLimits
 
 BreakerStatus = Literal["closed", "open", "half_open"]
 
@@ -380,29 +383,25 @@ class ProviderBounds:
 
 
 def declared_bounds(
-    *,
-    initial_rps: float | None,
-    min_rps: float | None,
-    max_rps: float | None,
-    rpm: float | None,
-    tpm: float | None,
-    limit_window_s: float,
-    config: AimdConfig,
-    default_initial_rps: float,
+    limits: RateLimits, config: AimdConfig, default_initial_rps: float
 ) -> ProviderBounds:
-    """`rpm` caps the rate and, with no `initial_rps`, starts it just under the
+    """A deployment's declared limits (`model_info`) as its provider's bounds.
+    `rpm` caps the rate and, with no `initial_rps`, starts it just under the
     limit (`headroom`): a declared limit needs no climb to find it."""
-    low = min_rps or config.min_rps
-    high = max_rps or config.max_rps
+    rpm, tpm = limits.rpm, limits.tpm
+    low = limits.min_rps or config.min_rps
+    high = limits.max_rps or config.max_rps
     if rpm is not None:
         high = min(high, rpm / 60)
-    start = initial_rps or (rpm / 60 * config.headroom if rpm is not None else default_initial_rps)
+    start = limits.initial_rps or (
+        rpm / 60 * config.headroom if rpm is not None else default_initial_rps
+    )
     return ProviderBounds(
         initial_rps=min(high, max(low, start)),
         min_rps=min(low, high),
         max_rps=high,
         token_rate=tpm / 60 if tpm is not None else None,
-        limit_window_s=limit_window_s,
+        limit_window_s=limits.limit_window_s,
         declared_rps=rpm / 60 if rpm is not None else None,
     )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from konstruct import db
-from konstruct.config import DEV_SQLITE_PRAGMAS, Settings
+from konstruct.config import DEV_SQLITE_PRAGMAS, Settings, write_private_file
 from konstruct.embedded_pg import EmbeddedPostgres
 from konstruct.errors import StackError
 from konstruct.processes import ManagedProcess, port_in_use
@@ -159,13 +159,18 @@ class Supervised:
             return "restarting"
         return "up" if self.process() is not None and self.exit_code() is None else "down"
 
+    def schedule_restart(self, now: float) -> float:
+        """Set the next restart after the current backoff, double it; returns the wait."""
+        wait = self.backoff_s
+        self.restart_at = now + wait
+        self.backoff_s = min(RESTART_MAX_S, wait * 2)
+        return wait
+
 
 @dataclass
 class Stack:
     settings: Settings
     workers: int = 1
-    children: list[ManagedProcess] = field(default_factory=list)
-    postgres: EmbeddedPostgres | None = None
     supervised: list[Supervised] = field(default_factory=list)
     _lock_file: IO[str] | None = None
 
@@ -254,7 +259,6 @@ class Stack:
             if ready is not None:
                 ready(child)
 
-        self.children.append(child)
         self._supervise(
             Supervised(
                 name,
@@ -273,9 +277,7 @@ class Stack:
         self._record_children()
 
     def _record_children(self) -> None:
-        pids = [c.process.pid for c in self.children if c.process is not None]
-        if self.postgres is not None and self.postgres.process is not None:
-            pids.append(self.postgres.process.pid)
+        pids = [c.pid for c in self.supervised if c.pid is not None]
         self.children_file.write_text("\n".join(str(p) for p in pids))
         self._write_status()
 
@@ -304,7 +306,7 @@ class Stack:
             env["KONSTRUCT_CONFIG"] = str(s.source)
         if s.postgres.url is None:
             say(f"starting PostgreSQL on 127.0.0.1:{s.postgres.port} ...")
-            postgres = self.postgres = EmbeddedPostgres(
+            postgres = EmbeddedPostgres(
                 self.state_dir / "pgdata", s.postgres.port, s.postgres.database
             )
             self._supervise(
@@ -451,12 +453,11 @@ class Stack:
             child.last_exit = code
             if now - child.started_at >= RESTART_RESET_S:
                 child.backoff_s = RESTART_FIRST_S
-            child.restart_at = now + child.backoff_s
+            wait = child.schedule_restart(now)
             say(
-                f"{child.name} exited with code {code}; restarting in {child.backoff_s:g} s"
+                f"{child.name} exited with code {code}; restarting in {wait:g} s"
                 f" (see {child.log_path})"
             )
-            child.backoff_s = min(RESTART_MAX_S, child.backoff_s * 2)
             self._write_status()
             return
         if now < child.restart_at:
@@ -466,9 +467,8 @@ class Stack:
             child.stop()  # whatever is left of it (a half-started process)
             child.start()
         except (StackError, OSError) as exc:
-            child.restart_at = time.monotonic() + child.backoff_s
-            say(f"{child.name} did not come back ({exc}); next try in {child.backoff_s:g} s")
-            child.backoff_s = min(RESTART_MAX_S, child.backoff_s * 2)
+            wait = child.schedule_restart(time.monotonic())
+            say(f"{child.name} did not come back ({exc}); next try in {wait:g} s")
         else:
             child.restart_at = None
             child.started_at = time.monotonic()
@@ -479,8 +479,6 @@ class Stack:
         for child in reversed(self.supervised):
             child.stop()
         self.supervised.clear()
-        self.children.clear()
-        self.postgres = None
         self.status_file.unlink(missing_ok=True)
         self.ready_file.unlink(missing_ok=True)
         self.pid_file.unlink(missing_ok=True)
@@ -496,13 +494,13 @@ def ensure_key_file(settings: Settings) -> Path | None:
 
     if settings.temporal.encryption_keys is not None or settings.key_file.exists():
         return None
-    path = settings.key_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write("# Konstruct payload encryption keys, id:base64; the last one encrypts.\n")
-        out.write(new_key_line(f"k{time.strftime('%Y%m%d')}") + "\n")
-    return path
+    write_private_file(
+        settings.key_file,
+        "# Konstruct payload encryption keys, id:base64; the last one encrypts.\n"
+        + new_key_line(f"k{time.strftime('%Y%m%d')}")
+        + "\n",
+    )
+    return settings.key_file
 
 
 def worker_names(count: int) -> list[str]:
