@@ -485,3 +485,198 @@ def test_cli_refuses_an_unset_key_variable(
     with pytest.raises(SystemExit) as exit_info:
         main(["--api-key-env", "SIM_UNSET_KEY"])
     assert exit_info.value.code == 2 and "SIM_UNSET_KEY" in capsys.readouterr().err
+
+
+def _tools(*names: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": f"the {name} tool",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+        for name in names
+    ]
+
+
+async def _tool_turn(
+    http: httpx.AsyncClient, messages: list[dict[str, Any]], tools: list[dict[str, Any]], **kw: Any
+) -> dict[str, Any]:
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": "sim-fast", "messages": messages, "tools": tools, **kw},
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _with_results(
+    messages: list[dict[str, Any]], body: dict[str, Any], results: list[str]
+) -> list[dict[str, Any]]:
+    """The conversation after `body`'s tool calls, answered by `results` in order."""
+    message = body["choices"][0]["message"]
+    calls = message["tool_calls"]
+    answered = [
+        {"role": "tool", "tool_call_id": call["id"], "content": result}
+        for call, result in zip(calls, results, strict=True)
+    ]
+    return [*messages, message, *answered]
+
+
+async def test_directives_call_the_offered_tools_with_stable_ids(http: httpx.AsyncClient) -> None:
+    text = (
+        "Look these up.\n"
+        '/tool lookup {"sku": "A-1", "store": 7}\n'
+        '/tool not_offered {"x": 1}\n'
+        '  /tool weather {"city":"Oslo","days":[1, 2]}  \n'
+        "/tool lookup {not json}"
+    )
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+    tools = _tools("lookup", "weather")
+    first = await _tool_turn(http, messages, tools)
+    choice = first["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["role"] == "assistant" and message["content"] is None
+    calls = message["tool_calls"]
+    assert [(c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("function", "lookup", '{"sku":"A-1","store":7}'),
+        ("function", "weather", '{"city":"Oslo","days":[1,2]}'),
+    ]
+    assert all(re.fullmatch(r"call_[0-9a-f]{20}", c["id"]) for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+    second = await _tool_turn(http, messages, tools)
+    assert second["choices"][0]["message"]["tool_calls"] == calls
+    usage = first["usage"]
+    assert usage["completion_tokens"] == 2  # the two compact argument strings
+    assert usage["prompt_tokens"] == 2 + len(text.split())
+
+    answered = _with_results(messages, first, ["  SKU A-1:\n 12 units ", "x" * 600])
+    final = await _tool_turn(http, answered, tools)
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": f"Tool lookup returned: SKU A-1: 12 units\nTool weather returned: {'x' * 500}",
+    }
+    # The null-content assistant message and the tool messages count as prompt.
+    assert final["usage"]["prompt_tokens"] == usage["prompt_tokens"] + 1 + 4 + 1
+
+
+async def test_tool_repeat_keeps_calling_with_new_ids(http: httpx.AsyncClient) -> None:
+    messages = [{"role": "user", "content": '/tool-repeat\n/tool ping {"n": 1}'}]
+    tools = _tools("ping")
+    body = await _tool_turn(http, messages, tools)
+    seen: list[str] = []
+    for _ in range(4):
+        calls = body["choices"][0]["message"]["tool_calls"]
+        assert body["choices"][0]["finish_reason"] == "tool_calls"
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+            ("ping", '{"n":1}')
+        ]
+        seen.append(calls[0]["id"])
+        messages = _with_results(messages, body, ["pong"])
+        body = await _tool_turn(http, messages, tools)
+    assert len(set(seen)) == 4
+
+
+async def test_tools_not_offered_or_refused_answer_as_usual(http: httpx.AsyncClient) -> None:
+    messages = [{"role": "user", "content": '/tool missing {"a": 1}'}]
+    plain = await _tool_turn(http, messages, _tools("other"))
+    assert plain["choices"][0]["finish_reason"] == "stop"
+    assert plain["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": '[sim-fast] /tool missing {"a": 1}',
+    }
+    refused = await _tool_turn(
+        http, [{"role": "user", "content": "/tool other {}"}], _tools("other"), tool_choice="none"
+    )
+    assert refused["choices"][0]["message"]["content"] == "[sim-fast] /tool other {}"
+    # Without `tools`, a directive is just text, and 2 + 3 is arithmetic as before.
+    assert await reply(http, "sim-fast", "/tool other {}") == "[sim-fast] /tool other {}"
+    no_calculator = await _tool_turn(http, [{"role": "user", "content": "2 + 3"}], _tools("x"))
+    assert no_calculator["choices"][0]["message"]["content"] == "5"
+
+
+async def test_knowledge_search_is_called_for_a_search_prefix(http: httpx.AsyncClient) -> None:
+    messages = [{"role": "user", "content": "Search:  sales in 2023 - 2024 "}]
+    tools = _tools("calculator", "knowledge_search")
+    body = await _tool_turn(http, messages, tools)
+    (call,) = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {
+        "name": "knowledge_search",
+        "arguments": '{"query":"sales in 2023 - 2024"}',
+    }
+    final = await _tool_turn(http, _with_results(messages, body, ["Q4 sales rose\n8%."]), tools)
+    assert final["choices"][0]["message"]["content"] == "From the knowledge base: Q4 sales rose 8%."
+
+
+async def test_calculator_tool_through_litellm(server: SimulatorHandle) -> None:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is 12 * 3 + 6?"}]
+    options: dict[str, Any] = {
+        "model": "openai/arith",
+        "api_base": server.api_base,
+        "api_key": KEY,
+        "tools": _tools("calculator"),
+        "num_retries": 0,
+        "max_retries": 0,
+    }
+    first = await litellm.acompletion(messages=messages, **options)
+    assert first.choices[0].finish_reason == "tool_calls"
+    message = first.choices[0].message
+    (call,) = message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "calculator",
+        {"expression": "12 * 3 + 6"},
+    )
+    # Completion tokens are the words of {"expression":"12 * 3 + 6"}.
+    assert call.id.startswith("call_") and first.usage.completion_tokens == 5
+    messages += [
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "42"},
+    ]
+    final = await litellm.acompletion(messages=messages, **options)
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content == "The answer is 42."
+
+
+async def test_streamed_tool_calls_parse_with_the_openai_client(
+    server: SimulatorHandle,
+) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.api_base, api_key=KEY, max_retries=0)
+    text = '/tool lookup {"sku": "A-1"}\n/tool weather {"city": "Oslo"}'
+    # The SDK's TypedDict parameters, as plain JSON.
+    request: Any = {
+        "model": "sim-fast",
+        "messages": [{"role": "user", "content": text}],
+        "tools": _tools("lookup", "weather"),
+    }
+    try:
+        stream = await client.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+        calls: dict[int, dict[str, str]] = {}
+        finish, usage = None, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                finish = choice.finish_reason or finish
+                for delta in choice.delta.tool_calls or []:
+                    call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                    call["id"] += delta.id or ""
+                    if delta.function is not None:
+                        call["name"] += delta.function.name or ""
+                        call["arguments"] += delta.function.arguments or ""
+        plain = await client.chat.completions.create(**request)
+    finally:
+        await client.close()
+    assert finish == "tool_calls" and usage is not None and usage.completion_tokens == 2
+    expected: list[Any] = plain.choices[0].message.tool_calls or []
+    assert [calls[i] for i in sorted(calls)] == [
+        {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in expected
+    ]
+    assert [c["arguments"] for c in calls.values()] == ['{"sku":"A-1"}', '{"city":"Oslo"}']

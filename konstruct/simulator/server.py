@@ -20,13 +20,15 @@ from pydantic import ValidationError
 
 from konstruct.simulator.profiles import TICK_S, ModelProfile, ModelState, SimulatorConfig
 from konstruct.simulator.responders import (
+    ToolReply,
+    assistant_reply,
     content_key,
     count_tokens,
     embed_text,
     last_user_text,
     message_text,
+    reply_tokens,
     seeded_rng,
-    simulated_reply,
 )
 
 # Hung requests would otherwise hold shutdown for aiohttp's default 60 s.
@@ -159,16 +161,21 @@ class Simulator:
         key = content_key(last_user_text(messages))
         prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
 
+        tools, tool_choice = body.get("tools"), body.get("tool_choice")
+
+        def build_reply() -> ToolReply:
+            return assistant_reply(name, state.profile, messages, tools, tool_choice)
+
         def request_tokens() -> int:
             # The usage this request will report, as a token limit counts it.
-            return prompt_tokens + count_tokens(simulated_reply(name, state.profile, messages))
+            return prompt_tokens + reply_tokens(build_reply())
 
         refused, limit_headers = await self._apply_faults(name, state, key, request_tokens)
         if refused is not None:
             return refused
-        reply = simulated_reply(name, state.profile, messages)
+        reply = build_reply()
         state.record_ok(key, self._since_start())
-        completion_tokens = count_tokens(reply)
+        completion_tokens = reply_tokens(reply)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -188,8 +195,8 @@ class Simulator:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": reply},
-                        "finish_reason": "stop",
+                        "message": {"role": "assistant", **reply_message(reply)},
+                        "finish_reason": finish_reason(reply),
                     }
                 ],
                 "usage": usage,
@@ -328,8 +335,19 @@ class Simulator:
         return app
 
 
+def reply_message(reply: ToolReply) -> dict[str, Any]:
+    """The assistant message's fields past `role`: content, or null content and tool_calls."""
+    if "tool_calls" in reply:
+        return {"content": None, "tool_calls": reply["tool_calls"]}
+    return {"content": reply["content"]}
+
+
+def finish_reason(reply: ToolReply) -> str:
+    return "tool_calls" if "tool_calls" in reply else "stop"
+
+
 def stream_chunks(
-    completion_id: str, model: str, reply: str, usage: dict[str, int] | None
+    completion_id: str, model: str, reply: ToolReply, usage: dict[str, int] | None
 ) -> list[dict[str, Any]]:
     """The chat.completion.chunk events of one streamed reply."""
     base = {
@@ -338,18 +356,17 @@ def stream_chunks(
         "created": int(time.time()),
         "model": model,
     }
+    delta = {"role": "assistant", **reply_message(reply)}
+    if "tool_calls" in reply:
+        delta["tool_calls"] = [
+            {"index": index, **call} for index, call in enumerate(reply["tool_calls"])
+        ]
     chunks = [
+        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
         {
             **base,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": reply},
-                    "finish_reason": None,
-                }
-            ],
+            "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(reply)}],
         },
-        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
     ]
     if usage is not None:
         chunks.append({**base, "choices": [], "usage": usage})
