@@ -1,0 +1,1 @@
+"""The runtime of an agent's tools: pure async code, no Temporal and no database."""
