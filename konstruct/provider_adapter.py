@@ -95,6 +95,9 @@ class Completion:
     completion_tokens: int = 0
     total_tokens: int = 0
     limits: AnnouncedLimits | None = None
+    # Function calls the model asked for, in the OpenAI format
+    # ({"id", "type": "function", "function": {"name", "arguments"}}).
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,11 +224,28 @@ def deployment_unavailable(deployment_id: str) -> ApplicationError:
     )
 
 
+def _tool_calls(message: Any) -> tuple[dict[str, Any], ...]:
+    calls = getattr(message, "tool_calls", None) or ()
+    return tuple(
+        {
+            "id": str(call.id),
+            "type": "function",
+            "function": {
+                "name": str(call.function.name),
+                "arguments": str(call.function.arguments or "{}"),
+            },
+        }
+        for call in calls
+    )
+
+
 def _completion(response: Any) -> Completion:
     usage = getattr(response, "usage", None)
     hidden = getattr(response, "_hidden_params", None) or {}
+    message = response.choices[0].message
     return Completion(
-        content=response.choices[0].message.content or "",
+        content=message.content or "",
+        tool_calls=_tool_calls(message),
         model=str(response.model),
         deployment_id=str(hidden.get("model_id") or ""),
         prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
@@ -247,16 +267,21 @@ def _sampling(temperature: float | None, max_tokens: int | None) -> dict[str, An
 async def complete(
     router: Any,
     model_group: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     *,
     temperature: float | None = None,
     max_tokens: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Completion:
-    """A completion from the Router's model group; a failure is `provider_error`'s."""
+    """A completion from the Router's model group; a failure is `provider_error`'s.
+
+    `tools` are OpenAI function specs; the model may answer with `tool_calls`.
+    """
+    params = _sampling(temperature, max_tokens)
+    if tools:
+        params["tools"] = tools
     try:
-        response = await router.acompletion(
-            model=model_group, messages=messages, **_sampling(temperature, max_tokens)
-        )
+        response = await router.acompletion(model=model_group, messages=messages, **params)
     except Exception as exc:
         raise provider_error(exc, f"LLM call to group {model_group!r}") from exc
     return _completion(response)

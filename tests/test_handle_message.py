@@ -68,8 +68,11 @@ async def test_reply_has_the_contract_shape_and_says_it_is_an_ai(
         "fallback_used",
         "degraded",
         "usage",
+        "steps",
+        "tool_calls",
     }
     assert result.degraded is False and result.fallback_used is False
+    assert (result.steps, result.tool_calls) == (1, 0)
     assert result.model_group == "fast" and "sim-fast" in result.model
     assert "AI" in result.response
     assert result.usage.total_tokens > 0
@@ -277,14 +280,13 @@ async def test_spans_link_workflow_activity_and_provider_call(
     # The interceptor parents workflow-side spans on the StartWorkflow context.
     assert chain == [
         "llm.completion",
-        "RunActivity:call_llm",
-        "StartActivity:call_llm",
+        "RunActivity:agent_step",
+        "StartActivity:agent_step",
         "StartWorkflow:HandleMessage",
     ]
     trace_id = provider.context.trace_id
     names_in_trace = {s.name for s in spans if s.context.trace_id == trace_id}
     assert {
         "RunWorkflow:HandleMessage",
-        "RunActivity:load_agent_context",
-        "RunActivity:store_turn",
+        "RunActivity:agent_step",
     } <= names_in_trace

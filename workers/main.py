@@ -18,6 +18,7 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.agent import AgentActivities
 from activities.demo import demo_activities
 from activities.experiments import ExperimentActivities
 from activities.llm import LlmActivities
@@ -50,6 +51,7 @@ def _activities(
         messages.load_agent_context,
         messages.store_turn,
         llm.call_llm,
+        *AgentActivities(pool, router, router_config).all(),
         *experiments.all(),
         *RegistryActivities(pool).all(),
         *demo_activities(pool, router, router_config),

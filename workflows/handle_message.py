@@ -1,7 +1,15 @@
-"""HandleMessage: answer one inbound message for a tenant's agent."""
+"""HandleMessage: answer one inbound message for a tenant's agent.
+
+The agent loop: each model step is a local activity that reads the message's
+transcript from PostgreSQL and writes the model's answer there; each tool call
+the model asks for is an activity of its own (several in one step run at once);
+a tool marked `requires_approval` waits for the update `approve_tool` or
+`reject_tool`. History holds ids and the final reply, never the transcript.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -9,18 +17,27 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.agent import TOOL_ATTEMPTS, AgentActivities
     from activities.llm import LlmActivities
     from activities.messages import MessageActivities
     from konstruct.activity_options import LocalActivityOptions, retries
-    from konstruct.errors import workflow_failure
+    from konstruct.errors import innermost_application_error, workflow_failure
     from konstruct.models import (
         AgentContext,
+        AgentStepInput,
+        AgentStepResult,
+        AnnounceInput,
         HandleMessageInput,
         HandleMessageResult,
         LlmCallInput,
         LlmCallResult,
         LoadAgentInput,
+        PlannedCall,
+        RunToolInput,
         StoreTurnInput,
+        SummarizeInput,
+        ToolDecision,
+        ToolDecisionInput,
     )
     from konstruct.prompts import build_messages
     from konstruct.search_attributes import KIND, STATUS, TENANT
@@ -45,6 +62,22 @@ LLM_CALL = LocalActivityOptions(
 )
 
 
+# One model step: load the transcript, call the model, store its answer. The
+# attempts are the model call's; a database outage is retried within them.
+STEP = LocalActivityOptions(
+    start_to_close=timedelta(seconds=120),
+    retry_policy=retries(timedelta(seconds=1), timedelta(seconds=8), attempts=3),
+)
+SUMMARY = LocalActivityOptions(
+    start_to_close=timedelta(seconds=60),
+    retry_policy=retries(timedelta(seconds=1), timedelta(seconds=8), attempts=3),
+)
+# A tool heartbeats every second: a worker killed mid-call is noticed in seconds.
+TOOL_HEARTBEAT = timedelta(seconds=5)
+# Failures that no retry and no fallback reply can fix: the workflow fails.
+INPUT_FAILURES = ("InvalidInput", "UnknownTenant", "UnknownAgent")
+AGENT_STEPS = "agent-steps"
+
 # A local activity's failure reaches the workflow as the activity's own
 # ApplicationError (not wrapped in ActivityError as a regular activity's is).
 LOCAL_ACTIVITY_FAILURES = (ActivityError, ApplicationError)
@@ -54,10 +87,66 @@ LOCAL_ACTIVITY_FAILURES = (ActivityError, ApplicationError)
 class HandleMessage:
     def __init__(self) -> None:
         self._stage = "validating input"
+        self._status = "running"
+        self._step = 0
+        self._tool_calls = 0
+        # Calls waiting for a person, and the decisions that arrived for them.
+        self._pending: dict[str, PlannedCall] = {}
+        self._decisions: dict[str, tuple[bool, ToolDecision]] = {}
 
     @workflow.query
     def stage(self) -> str:
         return self._stage
+
+    @workflow.query
+    def progress(self) -> dict[str, Any]:
+        return {
+            "status": self._status,
+            "stage": self._stage,
+            "step": self._step,
+            "tool_calls": self._tool_calls,
+            "pending": [
+                {
+                    "call_id": call.call_id,
+                    "tool": call.tool,
+                    "arguments": call.preview,
+                    "approval_timeout_s": call.approval_timeout_s,
+                }
+                for call in self._pending.values()
+            ],
+        }
+
+    @workflow.update
+    def approve_tool(self, decision: ToolDecision) -> str:
+        self._decisions[decision.call_id] = (True, decision)
+        return f"approved {decision.call_id}"
+
+    @workflow.update
+    def reject_tool(self, decision: ToolDecision) -> str:
+        self._decisions[decision.call_id] = (False, decision)
+        return f"rejected {decision.call_id}"
+
+    @approve_tool.validator
+    def _approve_pending(self, decision: ToolDecision) -> None:
+        self._check_pending(decision)
+
+    @reject_tool.validator
+    def _reject_pending(self, decision: ToolDecision) -> None:
+        self._check_pending(decision)
+
+    def _check_pending(self, decision: ToolDecision) -> None:
+        if decision.call_id not in self._pending or decision.call_id in self._decisions:
+            waiting = ", ".join(self._pending) or "none"
+            raise ApplicationError(
+                f"no tool call {decision.call_id!r} is waiting for approval (waiting: {waiting})",
+                type="NotPending",
+                non_retryable=True,
+            )
+
+    def _set_status(self, status: str) -> None:
+        if status != self._status:
+            self._status = status
+            workflow.upsert_search_attributes([STATUS.value_set(status)])
 
     def _set_stage(self, stage: str, details: str = "") -> None:
         self._stage = stage
@@ -75,6 +164,12 @@ class HandleMessage:
                 STATUS.value_set("running"),
             ]
         )
+        if workflow.patched(AGENT_STEPS):
+            return await self._agent_loop(message)
+        return await self._single_call(message)
+
+    async def _single_call(self, message: HandleMessageInput) -> HandleMessageResult:
+        """The first version: one model call, no tools (histories recorded before the loop)."""
         self._set_stage("loading agent", f"{message.tenant_id}/{message.agent_id}")
         try:
             context: AgentContext = await DB.run(
@@ -131,3 +226,178 @@ class HandleMessage:
             f"model `{stored.model}` ({stored.model_group}), {stored.usage.total_tokens} tokens",
         )
         return stored
+
+    # --- the agent loop --------------------------------------------------------
+
+    async def _agent_loop(self, message: HandleMessageInput) -> HandleMessageResult:
+        workflow_id = workflow.info().workflow_id
+        step = 0
+        summarize = False
+        while True:
+            self._step = step
+            self._set_stage("thinking", f"step {step + 1}")
+            try:
+                result: AgentStepResult = await STEP.run(
+                    AgentActivities.agent_step,
+                    AgentStepInput(
+                        tenant_id=message.tenant_id,
+                        message_id=message.message_id,
+                        step=step,
+                        workflow_id=workflow_id,
+                        message=message if step == 0 else None,
+                    ),
+                    summary=f"step {step + 1}",
+                )
+            except LOCAL_ACTIVITY_FAILURES as err:
+                cause = innermost_application_error(err)
+                if cause is not None and cause.type in INPUT_FAILURES:
+                    self._set_status("failed")
+                    raise workflow_failure(err) from None
+                workflow.logger.warning("every provider failed, answering the fallback: %s", err)
+                reply = await self._fallback(message, step, workflow_id)
+                break
+            if result.reply is not None:
+                reply, summarize = result.reply, result.summarize
+                break
+            await self._run_calls(message, result.calls)
+            step += 1
+        if summarize:
+            await self._summarize(message)
+        status = "degraded" if reply.degraded else "completed"
+        self._set_status(status)
+        self._set_stage(
+            status,
+            f"model `{reply.model}` ({reply.model_group}), {reply.steps} step(s), "
+            f"{reply.tool_calls} tool call(s), {reply.usage.total_tokens} tokens",
+        )
+        return reply
+
+    async def _run_calls(self, message: HandleMessageInput, calls: list[PlannedCall]) -> None:
+        """Run a step's tool calls at once; those needing a person wait for one first."""
+        self._tool_calls += len(calls)
+        waiting = [c for c in calls if c.requires_approval]
+        if waiting:
+            for call in waiting:
+                self._pending[call.call_id] = call
+            self._show_pending()
+            await DB.run(
+                AgentActivities.announce_approval,
+                AnnounceInput(tenant_id=message.tenant_id, workflow_id=workflow.info().workflow_id),
+            )
+        else:
+            self._set_stage("calling tools", ", ".join(f"`{c.tool}`" for c in calls))
+        await asyncio.gather(*(self._call(message, call) for call in calls))
+
+    def _show_pending(self) -> None:
+        if not self._pending:
+            self._set_status("running")
+            return
+        self._set_status("awaiting_approval")
+        lines = [
+            f"- `{c.tool}` call `{c.call_id}`: {c.preview}\n"
+            f"  `konstruct approvals approve {workflow.info().workflow_id} {c.call_id}`"
+            for c in self._pending.values()
+        ]
+        self._set_stage("awaiting approval", "\n".join(lines))
+
+    async def _call(self, message: HandleMessageInput, call: PlannedCall) -> None:
+        if call.requires_approval:
+            try:
+                await workflow.wait_condition(
+                    lambda: call.call_id in self._decisions,
+                    timeout=timedelta(seconds=call.approval_timeout_s),
+                )
+                approved, decision = self._decisions[call.call_id]
+            except TimeoutError:
+                approved, decision = False, None
+            del self._pending[call.call_id]
+            self._show_pending()
+            if not approved:
+                if decision is None:
+                    status, note, by = (
+                        "timed_out",
+                        f"No one approved this call within {call.approval_timeout_s:g} s; "
+                        "it was not run.",
+                        "",
+                    )
+                else:
+                    reason = f": {decision.reason}" if decision.reason else "."
+                    status, note, by = (
+                        "rejected",
+                        f"A person rejected this call{reason}",
+                        decision.by,
+                    )
+                await self._record(message, call, status, note, by)
+                return
+            if self._status == "running" and not self._pending:
+                self._set_stage("calling tools", f"`{call.tool}` (approved)")
+        try:
+            await workflow.execute_activity_method(
+                AgentActivities.run_tool,
+                RunToolInput(
+                    tenant_id=message.tenant_id,
+                    message_id=message.message_id,
+                    call_id=call.call_id,
+                ),
+                start_to_close_timeout=timedelta(seconds=call.timeout_s + 5),
+                heartbeat_timeout=TOOL_HEARTBEAT,
+                retry_policy=retries(
+                    timedelta(seconds=1), timedelta(seconds=10), attempts=TOOL_ATTEMPTS
+                ),
+                summary=f"{call.tool} {call.call_id}",
+            )
+        except ActivityError as err:
+            # Out of attempts without an answer (a timeout, a dead worker): the model is told.
+            cause = innermost_application_error(err)
+            note = cause.message if cause is not None else str(err.cause or err)
+            await self._record(message, call, "error", f"error: the tool failed: {note}", "")
+
+    async def _record(
+        self, message: HandleMessageInput, call: PlannedCall, status: str, note: str, by: str
+    ) -> None:
+        await DB.run(
+            AgentActivities.record_tool_decision,
+            ToolDecisionInput(
+                tenant_id=message.tenant_id,
+                message_id=message.message_id,
+                call_id=call.call_id,
+                status=status,  # type: ignore[arg-type]
+                note=note,
+                decided_by=by,
+            ),
+        )
+
+    async def _fallback(
+        self, message: HandleMessageInput, step: int, workflow_id: str
+    ) -> HandleMessageResult:
+        self._set_stage("storing turn", "every provider failed: the agent's fallback reply")
+        placeholder = HandleMessageResult(
+            **message.model_dump(include={"message_id", "tenant_id", "agent_id", "thread_id"}),
+            response="",
+            model_group="",
+            model="none",
+            fallback_used=False,
+            degraded=True,
+            steps=step + 1,
+            tool_calls=self._tool_calls,
+        )
+        return await DB.run(
+            AgentActivities.store_fallback,
+            StoreTurnInput(message=message, result=placeholder, workflow_id=workflow_id),
+        )
+
+    async def _summarize(self, message: HandleMessageInput) -> None:
+        """Fold the thread's older turns into its summary; the reply is stored already,
+        so a failure here only delays the summary to the next message."""
+        self._set_stage("summarising the thread", message.thread_id)
+        try:
+            await SUMMARY.run(
+                AgentActivities.summarize_thread,
+                SummarizeInput(
+                    tenant_id=message.tenant_id,
+                    thread_id=message.thread_id,
+                    agent_id=message.agent_id,
+                ),
+            )
+        except LOCAL_ACTIVITY_FAILURES as err:
+            workflow.logger.warning("thread summary failed, kept for the next message: %s", err)

@@ -9,8 +9,32 @@ from konstruct.models.messages import (
     LoadAgentInput,
     StoreTurnInput,
 )
+from konstruct.models.tools import (
+    BUILTIN_NAMES,
+    AgentStepInput,
+    AgentStepResult,
+    AnnounceInput,
+    PlannedCall,
+    RunToolInput,
+    SummarizeInput,
+    ToolDecision,
+    ToolDecisionInput,
+    ToolOutcome,
+    ToolSpec,
+)
 
 __all__ = [
+    "BUILTIN_NAMES",
+    "AgentStepInput",
+    "AgentStepResult",
+    "AnnounceInput",
+    "PlannedCall",
+    "RunToolInput",
+    "SummarizeInput",
+    "ToolDecision",
+    "ToolDecisionInput",
+    "ToolOutcome",
+    "ToolSpec",
     "AgentContext",
     "AgentProfile",
     "ChatTurn",

@@ -8,6 +8,7 @@ from konstruct.models.base import StrictModel
 from konstruct.models.llm import ChatTurn, TokenUsage
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 # Text a person must give: not empty, not only spaces, not a novel.
 Named = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
@@ -33,6 +34,9 @@ class HandleMessageResult(StrictModel):
     fallback_used: bool
     degraded: bool
     usage: TokenUsage = TokenUsage()
+    # Model steps taken and tool calls made for this reply.
+    steps: int = 1
+    tool_calls: int = 0
 
 
 class LoadAgentInput(StrictModel):
@@ -53,6 +57,16 @@ class AgentProfile(StrictModel):
     fallback_reply: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)
     ]
+    # Names of the tools the agent may call: built-in ones or the tenant's own.
+    tools: list[Annotated[str, StringConstraints(pattern=TOOL_NAME)]] = Field(
+        default_factory=list, max_length=32
+    )
+    # Model steps one message may take (each step may call several tools).
+    max_steps: int = Field(8, ge=1, le=32)
+    # The prompt gets the thread's last `history_turns` turns, newest first while
+    # they fit in `memory_tokens`, after a rolling summary of older turns.
+    history_turns: int = Field(10, ge=0, le=100)
+    memory_tokens: int = Field(2000, ge=200, le=100_000)
 
 
 class AgentContext(StrictModel):

@@ -1,0 +1,521 @@
+"""The agent loop's activities: one model step, one tool call, a decision, a summary.
+
+Every step reads the message's transcript back from PostgreSQL and writes what
+the model said there before it returns, so a step retried after a crash finds
+its row and does not call the model again; the workflow carries ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+import asyncpg
+from opentelemetry import trace
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from konstruct.db import tenant_transaction
+from konstruct.errors import InvalidInput
+from konstruct.models import (
+    AgentProfile,
+    AgentStepInput,
+    AgentStepResult,
+    AnnounceInput,
+    HandleMessageInput,
+    HandleMessageResult,
+    PlannedCall,
+    RunToolInput,
+    StoreTurnInput,
+    SummarizeInput,
+    TokenUsage,
+    ToolDecisionInput,
+    ToolOutcome,
+    ToolSpec,
+)
+from konstruct.prompts import build_agent_messages, summary_request
+from konstruct.provider_adapter import complete
+from konstruct.router import RouterConfig
+from konstruct.store import steps as store
+from konstruct.store.agents import _stored_turn, insert_turn, select_agent
+from konstruct.store.tools import select_hosts, select_tools
+from konstruct.tools.builtins import (
+    BUILTIN_TOOLS,
+    HttpLimits,
+    ToolError,
+    WebhookSpec,
+    calculate,
+    call_webhook,
+    http_request,
+    truncate_result,
+)
+
+_tracer = trace.get_tracer("konstruct.agent")
+
+# Temporal runs a tool call this many times at most (HandleMessage's policy);
+# the last attempt records a failure for the model instead of raising.
+TOOL_ATTEMPTS = 3
+# What the model gets back of one tool's answer, at most.
+RESULT_CHARS = 4000
+# The arguments shown to the person approving a call.
+PREVIEW_CHARS = 500
+AWAITING_CHANNEL = "konstruct_awaiting_approval"
+HEARTBEAT_S = 1.0
+
+
+def stop_reply(max_steps: int) -> str:
+    return (
+        f"I stopped after {max_steps} steps without a final answer. "
+        "Please try again with a narrower request."
+    )
+
+
+def tool_specs(agent: AgentProfile, tools: Mapping[str, ToolSpec]) -> dict[str, ToolSpec]:
+    """The agent's tools as the worker runs them: built-ins with the tenant's settings."""
+    specs: dict[str, ToolSpec] = {}
+    for name in agent.tools:
+        row = tools.get(name)
+        if name in BUILTIN_TOOLS:
+            builtin = BUILTIN_TOOLS[name]
+            specs[name] = ToolSpec(
+                name=name,
+                kind="builtin",
+                description=builtin["description"],
+                parameters=builtin["parameters"],
+                requires_approval=row.requires_approval if row else False,
+                timeout_s=row.timeout_s if row else 30.0,
+                approval_timeout_s=row.approval_timeout_s if row else 600.0,
+            )
+        elif row is not None and row.kind == "webhook":
+            specs[name] = row
+        else:
+            activity.logger.warning(
+                "agent %s lists tool %r, which is not defined", agent.agent_id, name
+            )
+    return specs
+
+
+def openai_tools(specs: Mapping[str, ToolSpec]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": spec.name,
+                "description": spec.description,
+                "parameters": spec.parameters,
+            },
+        }
+        for spec in specs.values()
+    ]
+
+
+def transcript(
+    stored_steps: list[store.StoredStep], calls: list[store.StoredCall]
+) -> list[dict[str, Any]]:
+    """This message's earlier steps as OpenAI messages: each assistant turn and its tool results."""
+    by_step: dict[int, list[store.StoredCall]] = {}
+    for call in calls:
+        by_step.setdefault(call.step, []).append(call)
+    messages: list[dict[str, Any]] = []
+    for step in stored_steps:
+        messages.append(step.assistant)
+        for call in by_step.get(step.step, []):
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call.call_id,
+                    "content": call.result if call.result is not None else "(no result)",
+                }
+            )
+    return messages
+
+
+def _new_calls(
+    tool_calls: tuple[dict[str, Any], ...],
+    specs: Mapping[str, ToolSpec],
+    taken: set[str],
+    step: int,
+) -> tuple[list[dict[str, Any]], list[store.NewCall]]:
+    """The assistant's tool calls as stored (unique ids) and the rows to insert."""
+    assistant_calls: list[dict[str, Any]] = []
+    rows: list[store.NewCall] = []
+    for position, raw in enumerate(tool_calls):
+        call_id = str(raw.get("id") or f"call-{step}-{position}")[:150]
+        if call_id in taken:
+            call_id = f"{call_id}~{step}.{position}"
+        taken.add(call_id)
+        name = str(raw["function"]["name"])
+        text = str(raw["function"].get("arguments") or "{}")
+        assistant_calls.append(
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
+        )
+        try:
+            arguments = json.loads(text)
+            problem = None if isinstance(arguments, dict) else "the arguments are not a JSON object"
+        except ValueError:
+            arguments, problem = {}, "the arguments are not valid JSON"
+        if not isinstance(arguments, dict):
+            arguments = {}
+        spec = specs.get(name)
+        if spec is None:
+            problem = f"there is no tool {name!r}; available: {', '.join(specs) or 'none'}"
+        if problem is not None:
+            rows.append(store.NewCall(call_id, name, arguments, "error", f"error: {problem}"))
+        else:
+            status = "awaiting_approval" if spec and spec.requires_approval else "pending"
+            rows.append(store.NewCall(call_id, name, arguments, status))
+    return assistant_calls, rows
+
+
+class AgentActivities:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        router: Any,
+        config: RouterConfig,
+        *,
+        environ: Mapping[str, str] = os.environ,
+        http_limits: HttpLimits | None = None,
+    ) -> None:
+        self.pool = pool
+        self.router = router
+        self.group_of = {d.deployment_id: d.model_name for d in config.model_list}
+        self.environ = environ
+        self.http_limits = http_limits or HttpLimits()
+
+    def all(self) -> list[Any]:
+        return [
+            self.agent_step,
+            self.run_tool,
+            self.record_tool_decision,
+            self.announce_approval,
+            self.store_fallback,
+            self.summarize_thread,
+        ]
+
+    # --- one model step ---------------------------------------------------------
+
+    @activity.defn(name="agent_step")
+    async def agent_step(self, input: AgentStepInput) -> AgentStepResult:
+        """Ask the model once; store what it said; plan its tool calls or store the turn."""
+        tenant = input.tenant_id
+        async with tenant_transaction(self.pool, tenant) as conn:
+            if input.message is not None:
+                existing = await _stored_turn(conn, tenant, input.message_id)
+                if existing is not None:
+                    return AgentStepResult(reply=existing)
+                await store.record_inbound(conn, input.message, input.workflow_id)
+            inbound = await store.inbound(conn, tenant, input.message_id)
+            if inbound is None:
+                raise InvalidInput(
+                    f"message {input.message_id!r} has no step 0 (no inbound record)",
+                    ["message_id"],
+                )
+            agent = await select_agent(conn, tenant, inbound.agent_id)
+            stored_steps = await store.steps(conn, tenant, input.message_id)
+            calls = await store.calls(conn, tenant, input.message_id)
+            specs = tool_specs(agent, await select_tools(conn, tenant)) if agent.tools else {}
+            current = next((s for s in stored_steps if s.step == input.step), None)
+            if current is None:
+                memory = await store.memory(
+                    conn,
+                    tenant,
+                    inbound.thread_id,
+                    input.message_id,
+                    agent.history_turns,
+                    agent.memory_tokens,
+                )
+        if current is None:
+            earlier = [s for s in stored_steps if s.step < input.step]
+            messages = build_agent_messages(
+                agent, memory.summary, memory.turns, inbound.text, transcript(earlier, calls)
+            )
+            # The last step may not call tools: the model must answer with what it has.
+            offered = openai_tools(specs) if input.step < agent.max_steps - 1 else []
+            current = await self._ask(
+                input, agent, messages, offered, specs, {c.call_id for c in calls}
+            )
+            async with tenant_transaction(self.pool, tenant) as conn:
+                calls = await store.calls(conn, tenant, input.message_id)
+        step_calls = [c for c in calls if c.step == input.step]
+        if step_calls and input.step < agent.max_steps - 1:
+            return AgentStepResult(calls=[self._planned(c, specs.get(c.tool)) for c in step_calls])
+        text = str(current.assistant.get("content") or "")
+        if step_calls or not text:
+            text = text or stop_reply(agent.max_steps)
+        return await self._final(input, inbound, agent, current, text, len(calls))
+
+    async def _ask(
+        self,
+        input: AgentStepInput,
+        agent: AgentProfile,
+        messages: list[dict[str, Any]],
+        offered: list[dict[str, Any]],
+        specs: Mapping[str, ToolSpec],
+        taken: set[str],
+    ) -> store.StoredStep:
+        with _tracer.start_as_current_span("llm.completion") as span:
+            span.set_attribute("llm.model_group", agent.model_group)
+            span.set_attribute("agent.step", input.step)
+            answer = await complete(self.router, agent.model_group, messages, tools=offered or None)
+            span.set_attribute("llm.deployment", answer.deployment_id)
+            span.set_attribute("llm.tool_calls", len(answer.tool_calls))
+        assistant_calls, rows = _new_calls(answer.tool_calls, specs, taken, input.step)
+        assistant: dict[str, Any] = {"role": "assistant", "content": answer.content or None}
+        if assistant_calls:
+            assistant["tool_calls"] = assistant_calls
+        step = store.StoredStep(
+            input.step,
+            assistant,
+            self.group_of.get(answer.deployment_id, agent.model_group),
+            answer.model,
+            {
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "total_tokens": answer.total_tokens,
+            },
+        )
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            if not await store.record_step(
+                conn, input.tenant_id, input.message_id, step, rows, input.workflow_id
+            ):
+                # Another attempt stored this step first: its answer is the one.
+                stored = await store.steps(conn, input.tenant_id, input.message_id)
+                return next(s for s in stored if s.step == input.step)
+        return step
+
+    @staticmethod
+    def _planned(call: store.StoredCall, spec: ToolSpec | None) -> PlannedCall:
+        approval = call.status == "awaiting_approval"
+        return PlannedCall(
+            call_id=call.call_id,
+            tool=call.tool,
+            requires_approval=approval,
+            timeout_s=spec.timeout_s if spec else 30.0,
+            approval_timeout_s=spec.approval_timeout_s if spec else 600.0,
+            preview=json.dumps(call.arguments)[:PREVIEW_CHARS] if approval else "",
+        )
+
+    async def _final(
+        self,
+        input: AgentStepInput,
+        inbound: store.Inbound,
+        agent: AgentProfile,
+        step: store.StoredStep,
+        text: str,
+        tool_calls: int,
+    ) -> AgentStepResult:
+        tenant = input.tenant_id
+        async with tenant_transaction(self.pool, tenant) as conn:
+            stored_steps = await store.steps(conn, tenant, input.message_id)
+            usage = TokenUsage(
+                prompt_tokens=sum(s.usage.get("prompt_tokens", 0) for s in stored_steps),
+                completion_tokens=sum(s.usage.get("completion_tokens", 0) for s in stored_steps),
+                total_tokens=sum(s.usage.get("total_tokens", 0) for s in stored_steps),
+            )
+            message = HandleMessageInput(
+                message_id=input.message_id,
+                tenant_id=tenant,
+                agent_id=inbound.agent_id,
+                thread_id=inbound.thread_id,
+                channel=inbound.channel,
+                sender=inbound.sender,
+                text=inbound.text,
+            )
+            result = HandleMessageResult(
+                message_id=message.message_id,
+                tenant_id=tenant,
+                agent_id=message.agent_id,
+                thread_id=message.thread_id,
+                response=text,
+                model_group=step.model_group,
+                model=step.model,
+                fallback_used=step.model_group != agent.model_group,
+                degraded=False,
+                usage=usage,
+                steps=input.step + 1,
+                tool_calls=tool_calls,
+            )
+            stored = await insert_turn(
+                conn, StoreTurnInput(message=message, result=result, workflow_id=input.workflow_id)
+            )
+            due = await store.summary_due(conn, tenant, inbound.thread_id, agent.memory_tokens)
+        return AgentStepResult(reply=stored, summarize=due)
+
+    # --- tools --------------------------------------------------------------------
+
+    @activity.defn(name="run_tool")
+    async def run_tool(self, input: RunToolInput) -> ToolOutcome:
+        """Run one tool call once per call id: a stored outcome is returned as it is."""
+        tenant = input.tenant_id
+        async with tenant_transaction(self.pool, tenant) as conn:
+            call = await store.call(conn, tenant, input.message_id, input.call_id)
+            if call is None:
+                raise InvalidInput(f"no tool call {input.call_id!r}", ["call_id"])
+            if call.status in store.TERMINAL:
+                return _outcome(call)
+            inbound = await store.inbound(conn, tenant, input.message_id)
+            assert inbound is not None
+            agent = await select_agent(conn, tenant, inbound.agent_id)
+            spec = tool_specs(agent, await select_tools(conn, tenant)).get(call.tool)
+            hosts = await select_hosts(conn, tenant) if call.tool == "http_request" else []
+            await store.start_attempt(conn, tenant, input.message_id, input.call_id)
+        with _tracer.start_as_current_span("tool.call") as span:
+            span.set_attribute("tool.name", call.tool)
+            span.set_attribute("tool.call_id", call.call_id)
+            try:
+                if spec is None:
+                    raise ToolError(
+                        f"the agent no longer has the tool {call.tool!r}", retryable=False
+                    )
+                result = await _heartbeating(
+                    self._execute(tenant, call, spec, hosts), spec.timeout_s
+                )
+                status, text = "ok", truncate_result(result, RESULT_CHARS)
+            except ToolError as exc:
+                span.set_attribute("tool.error", exc.message)
+                if exc.retryable and activity.info().attempt < TOOL_ATTEMPTS:
+                    raise ApplicationError(exc.message, type="ToolFailed") from None
+                status, text = "error", truncate_result(f"error: {exc.message}", RESULT_CHARS)
+            span.set_attribute("tool.status", status)
+        async with tenant_transaction(self.pool, tenant) as conn:
+            stored = await store.finish_call(
+                conn, tenant, input.message_id, input.call_id, status, text
+            )
+        return _outcome(stored)
+
+    async def _execute(
+        self, tenant: str, call: store.StoredCall, spec: ToolSpec, hosts: list[str]
+    ) -> str:
+        if spec.kind == "webhook":
+            assert spec.url is not None
+            webhook = WebhookSpec(
+                name=spec.name,
+                url=spec.url,
+                secret_header=spec.secret_header,
+                secret_env=spec.secret_env,
+                timeout_s=spec.timeout_s,
+            )
+            return await call_webhook(webhook, call.arguments, call.call_id, environ=self.environ)
+        if call.tool == "calculator":
+            expression = call.arguments.get("expression")
+            if not isinstance(expression, str):
+                raise ToolError("calculator needs a string argument `expression`", retryable=False)
+            return calculate(expression)
+        if call.tool == "http_request":
+            limits = HttpLimits(
+                timeout_s=min(spec.timeout_s, self.http_limits.timeout_s),
+                max_response_bytes=self.http_limits.max_response_bytes,
+                max_body_bytes=self.http_limits.max_body_bytes,
+            )
+            return await http_request(call.arguments, hosts, limits)
+        if call.tool == "knowledge_search":
+            return await self._knowledge_search(tenant, call.arguments)
+        raise ToolError(f"no runner for tool {call.tool!r}", retryable=False)
+
+    async def _knowledge_search(self, tenant: str, arguments: dict[str, Any]) -> str:
+        from konstruct.store import knowledge
+
+        query = arguments.get("query")
+        k = arguments.get("k", 5)
+        if not isinstance(query, str) or not query.strip():
+            raise ToolError("knowledge_search needs a non-empty string `query`", retryable=False)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 10:
+            raise ToolError(
+                "knowledge_search: `k` must be an integer from 1 to 10", retryable=False
+            )
+        try:
+            hits = await knowledge.search(self.pool, self.router, tenant, query, k)
+        except knowledge.KnowledgeUnavailable as exc:
+            raise ToolError(str(exc), retryable=False) from None
+        return knowledge.format_hits(hits)
+
+    @activity.defn(name="record_tool_decision")
+    async def record_tool_decision(self, input: ToolDecisionInput) -> ToolOutcome:
+        """A call that was not run (rejected, no answer in time) or failed for good."""
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            stored = await store.finish_call(
+                conn,
+                input.tenant_id,
+                input.message_id,
+                input.call_id,
+                input.status,
+                input.note,
+                input.decided_by,
+            )
+        return _outcome(stored)
+
+    @activity.defn(name="announce_approval")
+    async def announce_approval(self, input: AnnounceInput) -> None:
+        """Tell listeners (the gateway) that a message now waits for a person."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("select pg_notify($1, $2)", AWAITING_CHANNEL, input.workflow_id)
+
+    # --- when every provider failed, and the thread's memory -----------------------
+
+    @activity.defn(name="store_fallback")
+    async def store_fallback(self, input: StoreTurnInput) -> HandleMessageResult:
+        """Store the agent's polite fallback as the turn (`input.result.response` is replaced)."""
+        message = input.message
+        async with tenant_transaction(self.pool, message.tenant_id) as conn:
+            agent = await select_agent(conn, message.tenant_id, message.agent_id)
+            result = input.result.model_copy(
+                update={"response": agent.fallback_reply, "model_group": agent.model_group}
+            )
+            return await insert_turn(
+                conn, StoreTurnInput(message=message, result=result, workflow_id=input.workflow_id)
+            )
+
+    @activity.defn(name="summarize_thread")
+    async def summarize_thread(self, input: SummarizeInput) -> int:
+        """Fold the thread's older turns into its rolling summary; the turns folded."""
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            agent = await select_agent(conn, input.tenant_id, input.agent_id)
+            keep = max(1, agent.history_turns // 2)
+            summary, rows = await store.turns_to_fold(conn, input.tenant_id, input.thread_id, keep)
+        if not rows:
+            return 0
+        # The summary may take half the memory budget; its input twice the budget.
+        budget_chars = agent.memory_tokens * 4
+        answer = await complete(
+            self.router,
+            "fast",
+            summary_request(
+                summary, [(r["user_text"], r["reply_text"]) for r in rows], 2 * budget_chars
+            ),
+            max_tokens=agent.memory_tokens // 2,
+        )
+        text = answer.content.strip()[: budget_chars // 2]
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            await store.save_summary(
+                conn, input.tenant_id, input.thread_id, text, rows[-1]["seq"], len(rows)
+            )
+        return len(rows)
+
+
+def _outcome(call: store.StoredCall) -> ToolOutcome:
+    status = call.status if call.status in store.TERMINAL else "error"
+    return ToolOutcome(call_id=call.call_id, status=status, chars=len(call.result or ""))  # type: ignore[arg-type]
+
+
+async def _heartbeating(work: Awaitable[str], timeout_s: float) -> str:
+    """Await a tool, heartbeating every second (a dead worker is noticed in seconds),
+    and give up after the tool's own timeout."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ToolError(f"the tool did not answer within {timeout_s:g} s", retryable=True)
+            done, _ = await asyncio.wait({task}, timeout=min(HEARTBEAT_S, remaining))
+            if done:
+                return task.result()
+            activity.heartbeat()
+    finally:
+        if not task.done():
+            task.cancel()
