@@ -233,19 +233,19 @@ class AgentActivities:
             messages = build_agent_messages(
                 agent, memory.summary, memory.turns, inbound.text, transcript(earlier, calls)
             )
-            # The last step may not call tools: the model must answer with what it has.
-            offered = openai_tools(specs) if input.step < agent.max_steps - 1 else []
+            last = input.step >= agent.max_steps - 1
             current = await self._ask(
-                input, agent, messages, offered, specs, {c.call_id for c in calls}
+                input, agent, messages, specs, {c.call_id for c in calls}, last
             )
             async with tenant_transaction(self.pool, tenant) as conn:
                 calls = await store.calls(conn, tenant, input.message_id)
         step_calls = [c for c in calls if c.step == input.step]
-        if step_calls and input.step < agent.max_steps - 1:
+        if step_calls:
             return AgentStepResult(calls=[self._planned(c, specs.get(c.tool)) for c in step_calls])
         text = str(current.assistant.get("content") or "")
-        if step_calls or not text:
-            text = text or stop_reply(agent.max_steps)
+        if current.assistant.get("tool_calls") or not text:
+            # The last step still asked for tools (they are not run), or said nothing.
+            text = stop_reply(agent.max_steps)
         return await self._final(input, inbound, agent, current, text, len(calls))
 
     async def _ask(
@@ -253,17 +253,22 @@ class AgentActivities:
         input: AgentStepInput,
         agent: AgentProfile,
         messages: list[dict[str, Any]],
-        offered: list[dict[str, Any]],
         specs: Mapping[str, ToolSpec],
         taken: set[str],
+        last: bool,
     ) -> store.StoredStep:
+        """Call the model and store its answer; on the `last` step the tool calls it
+        asks for stay in its message but are not run."""
         with _tracer.start_as_current_span("llm.completion") as span:
             span.set_attribute("llm.model_group", agent.model_group)
             span.set_attribute("agent.step", input.step)
+            offered = openai_tools(specs)
             answer = await complete(self.router, agent.model_group, messages, tools=offered or None)
             span.set_attribute("llm.deployment", answer.deployment_id)
             span.set_attribute("llm.tool_calls", len(answer.tool_calls))
         assistant_calls, rows = _new_calls(answer.tool_calls, specs, taken, input.step)
+        if last:
+            rows = []
         assistant: dict[str, Any] = {"role": "assistant", "content": answer.content or None}
         if assistant_calls:
             assistant["tool_calls"] = assistant_calls
