@@ -7,6 +7,7 @@ simulator profile gets the baseline back afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from aiohttp import web
 from temporalio.client import Client
 
 from konstruct import db
@@ -27,6 +29,7 @@ from tests.support import (
     SIMULATOR_TEST_KEY,
     TEST_KEYS,
     DevServer,
+    Hooks,
     SimulatorProcess,
     WorkerProcess,
     WorkerRelay,
@@ -206,3 +209,48 @@ async def experiment_worker(
     """An in-process worker (with provider workers) using `experiment_settings`."""
     async with build_worker(client, experiment_settings, task_queue) as w, w:
         yield task_queue
+
+
+@pytest.fixture
+async def hooks() -> AsyncIterator[Hooks]:
+    state = Hooks()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        key = request.headers.get("Idempotency-Key", "")
+        state.requests.append(
+            {
+                "path": request.path,
+                "key": key,
+                "secret": request.headers.get("X-Hook-Secret"),
+                "body": body,
+            }
+        )
+        state.arrived.set()
+        if request.path == "/flaky":
+            return web.json_response({"error": "down for maintenance"}, status=503)
+        if key in state.answers:
+            # A webhook that honours the idempotency key answers a retry from its record.
+            return web.json_response({"result": state.answers[key]})
+        if request.path == "/slow" and state.hold_first and len(state.keys("/slow")) == 1:
+            await asyncio.sleep(3600)
+        state.executed[key] += 1
+        answer = f"hook {request.path} got {json.dumps(body['arguments'], sort_keys=True)}"
+        state.answers[key] = answer
+        return web.json_response({"result": answer})
+
+    app = web.Application()
+    app.router.add_post("/{name}", handle)
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text="the page says hello")
+
+    app.router.add_get("/page", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.url = f"http://127.0.0.1:{port}"
+    yield state
+    await runner.cleanup()

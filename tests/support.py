@@ -6,10 +6,11 @@ import asyncio
 import base64
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from temporalio.client import WorkflowHistory
@@ -203,3 +204,18 @@ async def replay_all(
         assert result.replay_failure is None, f"{name}: {result.replay_failure}"
         if record:
             (HISTORIES / f"{record_as}{name}.json").write_text(history.to_json())
+
+
+@dataclass
+class Hooks:
+    """Webhook tools served in the test: what each received, by Idempotency-Key."""
+
+    url: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    executed: Counter[str] = field(default_factory=Counter)
+    answers: dict[str, str] = field(default_factory=dict)
+    hold_first: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def keys(self, path: str) -> list[str]:
+        return [r["key"] for r in self.requests if r["path"] == path]

@@ -12,14 +12,12 @@ import asyncio
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
@@ -30,76 +28,19 @@ from konstruct.config import Settings
 from konstruct.db import tenant_transaction
 from konstruct.models import AgentProfile, HandleMessageResult, ToolDecision, ToolSpec
 from konstruct.plugin import KonstructPlugin
+from konstruct.router import build_router, load_router_config
 from konstruct.search_attributes import SEARCH_ATTRIBUTES
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.stack import temporal_test_server
 from konstruct.store.agents import put_agent
+from konstruct.store.knowledge import add_document
 from konstruct.store.tools import allow_hosts, put_tool
-from tests.support import WorkerProcess, suite_codec
+from tests.support import Hooks, WorkerProcess, suite_codec
 from workers.main import build_worker
 from workflows.handle_message import HandleMessage
 
 SECRET_ENV = "KONSTRUCT_TEST_HOOK_SECRET"
 SECRET = "s3cret-hook-value-" + uuid.uuid4().hex[:8]
-
-
-@dataclass
-class Hooks:
-    """Webhook tools served in the test: what each received, by Idempotency-Key."""
-
-    url: str = ""
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    executed: Counter[str] = field(default_factory=Counter)
-    answers: dict[str, str] = field(default_factory=dict)
-    hold_first: bool = False
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def keys(self, path: str) -> list[str]:
-        return [r["key"] for r in self.requests if r["path"] == path]
-
-
-@pytest.fixture
-async def hooks() -> AsyncIterator[Hooks]:
-    state = Hooks()
-
-    async def handle(request: web.Request) -> web.Response:
-        body = await request.json()
-        key = request.headers.get("Idempotency-Key", "")
-        state.requests.append(
-            {
-                "path": request.path,
-                "key": key,
-                "secret": request.headers.get("X-Hook-Secret"),
-                "body": body,
-            }
-        )
-        state.arrived.set()
-        if request.path == "/flaky":
-            return web.json_response({"error": "down for maintenance"}, status=503)
-        if key in state.answers:
-            # A webhook that honours the idempotency key answers a retry from its record.
-            return web.json_response({"result": state.answers[key]})
-        if request.path == "/slow" and state.hold_first and len(state.keys("/slow")) == 1:
-            await asyncio.sleep(3600)
-        state.executed[key] += 1
-        answer = f"hook {request.path} got {json.dumps(body['arguments'], sort_keys=True)}"
-        state.answers[key] = answer
-        return web.json_response({"result": answer})
-
-    app = web.Application()
-    app.router.add_post("/{name}", handle)
-    async def page(_request: web.Request) -> web.Response:
-        return web.Response(text="the page says hello")
-
-    app.router.add_get("/page", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
 
 
 def new_tenant() -> str:
@@ -475,3 +416,27 @@ async def test_a_500_turn_thread_stays_within_its_prompt_budget(
     for events, size in sizes.values():
         assert events <= first_events + 2, sizes
         assert size <= first_bytes + 1500, sizes
+
+
+# --- knowledge -------------------------------------------------------------------
+
+
+async def test_knowledge_search_answers_from_the_tenants_own_documents_only(
+    client: Client, worker: str, app_pool: asyncpg.Pool, settings: Settings
+) -> None:
+    router = build_router(load_router_config(settings.path(settings.llm.router_config)))
+    tenant_a, tenant_b = new_tenant(), new_tenant()
+    await make_agent(app_pool, tenant_a, ["knowledge_search"])
+    await make_agent(app_pool, tenant_b, ["knowledge_search"])
+    secret_plan = "Project falcon launches on the ninth of March with forty engineers."
+    await add_document(app_pool, router, tenant_a, "plans", "Plans", secret_plan, "a.md")
+    await add_document(
+        app_pool, router, tenant_b, "menu", "Menu", "The canteen serves soup on Fridays.", "b.md"
+    )
+    asked_a = await send(client, worker, body(tenant_a, "search: when does project falcon launch"))
+    assert asked_a.response.startswith("From the knowledge base: [1] Plans (plans#0)")
+    assert "ninth of March" in asked_a.response
+    # The same question from tenant B finds B's document only (RLS, not a WHERE clause).
+    asked_b = await send(client, worker, body(tenant_b, "search: when does project falcon launch"))
+    assert "falcon" not in asked_b.response.split("):", 1)[-1]
+    assert "canteen" in asked_b.response and "ninth of March" not in asked_b.response

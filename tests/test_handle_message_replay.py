@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import uuid
 
+import asyncpg
 from temporalio.client import Client, WorkflowHistory
 
 from konstruct.config import Settings
+from konstruct.models import ToolDecision
 from konstruct.simulator_admin import SimulatorAdmin
-from tests.support import recorded_histories, replay_all, replayer
+from konstruct.store.tools import put_tool
+from tests.support import Hooks, recorded_histories, replay_all, replayer
+from tests.test_agent_tools import (
+    body,
+    make_agent,
+    new_tenant,
+    start,
+    wait_for,
+    webhook,
+)
 from workers.main import build_worker
 from workflows.handle_message import HandleMessage
 
@@ -56,4 +67,41 @@ async def test_fresh_runs_replay_without_cache(
                 except Exception:
                     assert name == "unknown_agent"
                 histories[name] = await handle.fetch_history()
-    await replay_all(replayer(HandleMessage), histories, record_as="handle_message_")
+    await replay_all(replayer(HandleMessage), histories, record_as="handle_message_agent_")
+
+
+async def test_fresh_tool_and_approval_runs_replay_without_cache(
+    client: Client, settings: Settings, task_queue: str, app_pool: asyncpg.Pool, hooks: Hooks
+) -> None:
+    """The agent loop's paths: a tool call, two at once, approve, reject, the step limit."""
+    tenant = new_tenant()
+    await make_agent(app_pool, tenant, [])
+    await put_tool(
+        app_pool, tenant, webhook("refund", f"{hooks.url}/refund", requires_approval=True)
+    )
+    await put_tool(app_pool, tenant, webhook("flaky", f"{hooks.url}/flaky"))
+    await make_agent(app_pool, tenant, ["calculator", "refund", "flaky"], max_steps=3)
+    cases = {
+        "calculator": "What is 6 * 7?",
+        "two_calls": '/tool calculator {"expression": "1+2"}\n/tool flaky {"x": 1}',
+        "approved": '/tool refund {"x": 1}',
+        "rejected": '/tool refund {"x": 2}',
+        "step_limit": '/tool calculator {"expression": "1+1"}\n/tool-repeat',
+    }
+    histories: dict[str, WorkflowHistory] = {}
+    async with build_worker(client, settings, task_queue, max_cached_workflows=0) as worker:
+        async with worker:
+            for name, text in cases.items():
+                handle = await start(client, task_queue, body(tenant, text))
+                if name in ("approved", "rejected"):
+                    waiting = await wait_for(handle, lambda p: bool(p["pending"]), "approval")
+                    decision = ToolDecision(call_id=waiting["pending"][0]["call_id"], by="t")
+                    update = (
+                        HandleMessage.approve_tool
+                        if name == "approved"
+                        else (HandleMessage.reject_tool)
+                    )
+                    await handle.execute_update(update, decision)
+                await handle.result()
+                histories[name] = await handle.fetch_history()
+    await replay_all(replayer(HandleMessage), histories, record_as="handle_message_agent_")
