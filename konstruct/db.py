@@ -7,6 +7,7 @@ pooled connection never carries one tenant's scope into another's work.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,14 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "migrations
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Any constant works; it only has to be the same for every migrator.
 _MIGRATION_LOCK_KEY = 0x6B6F6E73
+# A header line of a migration that needs an extension the server may not have:
+# `-- requires-extension: NAME [(PACKAGE)] [for FEATURE]`.
+_REQUIRES_EXTENSION = re.compile(
+    r"^--\s*requires-extension:\s*(?P<name>[A-Za-z0-9_-]+)"
+    r"(?:\s*\((?P<package>[^)]*)\))?(?:\s+for\s+(?P<feature>.+?))?\s*$"
+)
+
+log = logging.getLogger("konstruct.db")
 
 
 def embedded_owner_url(settings: Settings) -> str:
@@ -70,10 +79,48 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return files
 
 
+def required_extensions(path: Path) -> list[tuple[str, str | None, str | None]]:
+    """(extension, package, feature) of each `-- requires-extension:` line of the
+    migration's header (its leading comment lines)."""
+    found = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("--"):
+            break
+        match = _REQUIRES_EXTENSION.match(line)
+        if match:
+            found.append((match["name"], match["package"], match["feature"]))
+    return found
+
+
+def skipped_migration_message(
+    migration: str, extension: str, package: str | None = None, feature: str | None = None
+) -> str:
+    known_as = f" ({package})" if package else ""
+    return (
+        f"migration {migration} skipped: this PostgreSQL server has no {extension!r}"
+        f" extension{known_as}; {feature or 'what it adds'} is unavailable until it is"
+        " installed and `konstruct migrate` runs again"
+    )
+
+
 async def migrate(
-    owner: str, *, app_role: str, app_password: str, directory: Path = MIGRATIONS_DIR
+    owner: str,
+    *,
+    app_role: str,
+    app_password: str,
+    directory: Path = MIGRATIONS_DIR,
+    skipped: list[str] | None = None,
 ) -> list[str]:
-    """Apply pending migrations in order, each in its own transaction; grant the app role."""
+    """Apply pending migrations in order, each in its own transaction; grant the app role.
+
+    A migration whose header requires an extension the server does not have is
+    not applied (nor recorded: the next run tries it again); the other ones
+    are. One sentence per such migration goes to `skipped` when given (the
+    caller reports it), else to the log as a warning. Returns the files applied.
+    """
     conn = await asyncpg.connect(owner)
     applied_now: list[str] = []
     try:
@@ -88,6 +135,14 @@ async def migrate(
             version = path.name[:3]
             if version in done:
                 continue
+            missing = await _missing_extension(conn, path)
+            if missing is not None:
+                if skipped is None:
+                    log.warning("%s", missing)
+                else:
+                    log.info("%s", missing)
+                    skipped.append(missing)
+                continue
             async with conn.transaction():
                 await conn.execute(path.read_text())
                 await conn.execute(
@@ -101,6 +156,17 @@ async def migrate(
         await conn.execute("select pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
         await conn.close()
     return applied_now
+
+
+async def _missing_extension(conn: asyncpg.Connection, path: Path) -> str | None:
+    """Why `path` cannot be applied on this server, or None when it can."""
+    for name, package, feature in required_extensions(path):
+        available = await conn.fetchval(
+            "select 1 from pg_available_extensions where name = $1", name
+        )
+        if not available:
+            return skipped_migration_message(path.name, name, package, feature)
+    return None
 
 
 async def _ensure_app_role(conn: asyncpg.Connection, role: str, password: str) -> None:
