@@ -33,6 +33,9 @@ def write_stack_config(directory: Path, models: Sequence[str]) -> Path:
         f"postgres: {{port: {free_port()}}}\n"
         f"simulator: {{port: {free_port()}, config: {simulator}}}\n"
         f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"
+        # No HTTP gateway: its fixed port could clash, and its in-process worker
+        # would be one more than the --workers N a benchmark measures.
+        "gateway: {enabled: false}\n"
     )
     return config
 

@@ -105,6 +105,14 @@ class LlmSettings(_Section):
     router_config: Path = Path("deploy/llm-router.yaml")
 
 
+class GatewaySettings(_Section):
+    """The OpenAI-compatible HTTP gateway (`konstruct gateway`, started by `konstruct up`)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8780, ge=1, le=65535)
+
+
 class TelemetrySettings(_Section):
     exporter: Literal["none", "console", "otlp"] = "none"
     service_name: str = "konstruct"
@@ -160,6 +168,7 @@ class Settings(_Section):
     worker: WorkerSettings = WorkerSettings()
     llm: LlmSettings = LlmSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    gateway: GatewaySettings = GatewaySettings()
     experiments: ExperimentSettings = ExperimentSettings()
 
     # Directory relative paths are resolved against (the config file's folder).
@@ -251,6 +260,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "KONSTRUCT_WORKER_MAX_ACTIVITIES": "worker.max_concurrent_activities",
     "KONSTRUCT_SIMULATOR_PORT": "simulator.port",
     "KONSTRUCT_POSTGRES_PORT": "postgres.port",
+    "KONSTRUCT_GATEWAY_PORT": "gateway.port",
+    "KONSTRUCT_GATEWAY_HOST": "gateway.host",
 }
 
 

@@ -2,7 +2,8 @@
 
 Order of start: PostgreSQL (embedded unless a URL is configured) with
 migrations, the Temporal dev server (state in a file), the provider simulator,
-the workers (`--workers N`). Stop runs in reverse. Children get a parent-death
+the workers (`--workers N`), the HTTP gateway (which hosts one more worker, for
+eager workflow start). Stop runs in reverse. Children get a parent-death
 signal, so even a `kill -9` of this process leaves nothing behind.
 
 The stack supervises its children as systemd's `Restart=on-failure` would: one
@@ -205,6 +206,11 @@ class Stack:
     def simulator_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.simulator.port}/v1"
 
+    @property
+    def gateway_url(self) -> str | None:
+        g = self.settings.gateway
+        return f"http://{g.host}:{g.port}/v1" if g.enabled else None
+
     def _ports(self) -> dict[int, str]:
         s = self.settings
         ports = {s.temporal.port: "Temporal frontend", s.temporal.ui_port: "Temporal Web UI"}
@@ -214,6 +220,8 @@ class Stack:
             ports[s.simulator.port] = "provider simulator"
         if s.temporal.encryption:
             ports[s.temporal.codec_port] = "codec server"
+        if s.gateway.enabled:
+            ports[s.gateway.port] = "HTTP gateway"
         return ports
 
     def acquire(self) -> None:
@@ -380,6 +388,15 @@ class Stack:
                 env,
                 ready=lambda child: child.wait_for_log("worker ready", 60, fresh=True),
             )
+        if s.gateway.enabled:
+            # It hosts a worker of its own (eager workflow start), beside the --workers N.
+            say(f"starting the HTTP gateway on {self.gateway_url} ...")
+            self._spawn(
+                "gateway",
+                [*cli, "gateway"],
+                env,
+                ready=lambda child: child.wait_for_port(s.gateway.port, 60),
+            )
         self.ready_file.write_text(str(os.getpid()))
 
     def banner(self) -> str:
@@ -405,6 +422,11 @@ class Stack:
             lines.append(f"  Codec server     {self.codec_url}  (the Web UI decodes through it)")
         if s.simulator.enabled:
             lines.append(f"  Simulator        {self.simulator_url}  (counters: /admin/stats)")
+        if self.gateway_url is not None:
+            lines.append(
+                f"  Gateway          {self.gateway_url}  (OpenAI-compatible; keys:"
+                " `konstruct keys create demo`)"
+            )
         lines += [
             f"  Logs             {self.state_dir}/*.log",
             "",

@@ -27,7 +27,8 @@ KONSTRUCT = [sys.executable, "-m", "konstruct.cli"]
 @pytest.fixture
 def stack_config(tmp_path: Path) -> Iterator[Path]:
     config = tmp_path / "stack.yaml"
-    ports = {name: free_port() for name in ("temporal", "ui", "codec", "postgres", "simulator")}
+    names = ("temporal", "ui", "codec", "postgres", "simulator", "gateway")
+    ports = {name: free_port() for name in names}
     config.write_text(
         f"state_dir: {tmp_path / 'state'}\n"
         f"temporal: {{port: {ports['temporal']}, ui_port: {ports['ui']},"
@@ -35,6 +36,7 @@ def stack_config(tmp_path: Path) -> Iterator[Path]:
         f"postgres: {{port: {ports['postgres']}}}\n"
         f"simulator: {{port: {ports['simulator']}, config: {ROOT / 'deploy' / 'simulator.yaml'}}}\n"
         f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"
+        f"gateway: {{port: {ports['gateway']}}}\n"
     )
     yield config
     subprocess.run([*KONSTRUCT, "--config", str(config), "down"], env=clean_env(), timeout=90)
@@ -84,7 +86,7 @@ def test_up_detach_send_status_down_leaves_nothing(stack_config: Path) -> None:
     assert up.returncode == 0, up.stdout + up.stderr
     assert "http://localhost:" in up.stdout
     pids = children(stack_config)
-    assert len(pids) == 5  # codec server, temporal, simulator, worker, postgres
+    assert len(pids) == 6  # codec server, temporal, simulator, worker, gateway, postgres
 
     again = run(stack_config, "up", "--detach")
     assert again.returncode == 2 and "already running" in again.stderr
@@ -164,6 +166,7 @@ def test_every_child_that_dies_is_restarted_and_the_stack_keeps_working(
         "simulator",
         "worker",
         "worker-2",
+        "gateway",
     }
     assert all(c["state"] == "up" and c["restarts"] == 0 for c in before.values()), before
     killed = ["worker", "simulator", "postgres", "temporal"]

@@ -134,8 +134,11 @@ def status(state: CliState) -> int:
         checks["codec"] = settings.temporal.codec_port
     if settings.postgres.url is None:
         checks["postgres"] = settings.postgres.port
+    if settings.gateway.enabled:
+        checks["gateway"] = settings.gateway.port
     for name, port in checks.items():
-        print(f"{name:<10} port {port}: {'up' if port_in_use(port) else 'down'}")
+        where = f"  {stack.gateway_url}" if name == "gateway" else ""
+        print(f"{name:<10} port {port}: {'up' if port_in_use(port) else 'down'}{where}")
     children = (read_status(settings) or {}).get("children", []) if pid else []
     if children:
         print(f"\n{'child':<12} {'state':<11} {'pid':>7} {'restarts':>8}  last exit")
@@ -177,12 +180,20 @@ def migrate(state: CliState) -> int:
     settings = state.settings
     owner = db.owner_url(settings)
     password, generated = settings.app_db_password(create=True)
+    skipped: list[str] = []
     with reaching_postgres(owner):
         applied = run_async(
-            db.migrate(owner, app_role=settings.postgres.app_role, app_password=password)
+            db.migrate(
+                owner,
+                app_role=settings.postgres.app_role,
+                app_password=password,
+                skipped=skipped,
+            )
         )
         run_async(db.seed_demo(owner))
     print(f"applied: {', '.join(applied) or 'nothing new'}")
+    for message in skipped:
+        print(f"warning: {message}", file=sys.stderr)
     if generated:
         print(
             f"generated a password for the app role {settings.postgres.app_role!r}, stored in"
@@ -223,4 +234,28 @@ def codec_server(state: CliState, host: str, port: int | None, origins: tuple[st
     return 0
 
 
-COMMANDS = [up, down, status, worker, migrate, codec_server]
+@click.command("gateway")
+@click.option("--host", help="address to listen on (default gateway.host, 127.0.0.1)")
+@click.option("--port", type=click.IntRange(1, 65535), help="port (default gateway.port, 8780)")
+@pass_state
+def gateway(state: CliState, host: str | None, port: int | None) -> int:
+    """Serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models); hosts a
+    worker for the task queue."""
+    import logging
+
+    from konstruct.gateway import serve
+
+    settings = state.settings
+
+    async def run() -> None:
+        await temporal_client(settings)
+        async with app_pool(settings):
+            pass
+        await serve(settings, host, port)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_async(run())
+    return 0
+
+
+COMMANDS = [up, down, status, worker, migrate, codec_server, gateway]

@@ -1,0 +1,451 @@
+"""The HTTP gateway as a client sees it: the official openai client (and raw httpx)
+against a gateway served in this process, on the suite's dev server and database."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import pytest
+import uvicorn
+from openai.types.chat import ChatCompletionMessageParam
+from temporalio.client import Client
+
+from konstruct.config import Settings
+from konstruct.gateway import (
+    STREAM_CHUNK_CHARS,
+    Gateway,
+    GatewayError,
+    completion_chunks,
+    create_app,
+    inbound_text,
+    parse_chat_request,
+    split_model,
+)
+from konstruct.models import AgentProfile, HandleMessageResult, ToolSpec
+from konstruct.store.agents import put_agent
+from konstruct.store.keys import create_key, list_keys, revoke_key, tenant_for_key
+from konstruct.store.tools import put_tool
+
+
+def user(text: str) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": text}]
+
+
+QUESTION = user("What are you?")
+AI_ANSWER = "I am an AI assistant"
+
+
+@dataclass
+class Served:
+    url: str  # .../v1
+    gateway: Gateway
+    demo_key: str
+    other_tenant: str
+    other_key: str
+
+    def openai(self, key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url, api_key=key or self.demo_key, max_retries=0)
+
+    async def post(
+        self, body: Any, key: str | None = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """A raw POST /chat/completions (a dict is sent as JSON, bytes as they are)."""
+        sent = {"Authorization": f"Bearer {key or self.demo_key}", **(headers or {})}
+        async with httpx.AsyncClient(timeout=60) as http:
+            if isinstance(body, bytes):
+                sent["Content-Type"] = "application/json"
+                return await http.post(f"{self.url}/chat/completions", content=body, headers=sent)
+            return await http.post(f"{self.url}/chat/completions", json=body, headers=sent)
+
+
+@pytest.fixture(scope="module")
+async def served(
+    client: Client, settings: Settings, app_pool: asyncpg.Pool
+) -> AsyncIterator[Served]:
+    """One gateway for the module, with its own task queue and in-process worker."""
+    other = f"gw-{uuid.uuid4().hex[:8]}"
+    await put_agent(
+        app_pool,
+        other,
+        AgentProfile(agent_id="helper", name="Hal", role="a helper", fallback_reply="Sorry."),
+    )
+    _, demo_key = await create_key(app_pool, "demo", label="gateway tests")
+    _, other_key = await create_key(app_pool, other)
+    app = create_app(client, settings, f"tq-gw-{uuid.uuid4().hex[:8]}")
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not serving.done(), "the gateway did not start"
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    gateway = app.state.gateway
+    for _ in range(100):  # the approval listener connects in the background
+        if gateway.notices.connected:
+            break
+        await asyncio.sleep(0.05)
+    yield Served(f"http://127.0.0.1:{port}/v1", gateway, demo_key, other, other_key)
+    server.should_exit = True
+    await serving
+
+
+async def test_a_plain_answer_in_the_chat_completion_shape(served: Served) -> None:
+    raw = await served.openai().chat.completions.with_raw_response.create(
+        model="demo/assistant",
+        messages=[{"role": "system", "content": "ignored"}, *QUESTION],
+        # OpenAI's usual knobs are accepted (and ignored: the agent decides).
+        temperature=0.2,
+        max_tokens=64,
+        seed=7,
+        n=1,
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.model == "demo/assistant"
+    [choice] = completion.choices
+    assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert choice.message.content is not None and choice.message.content.startswith(AI_ANSWER)
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+    message_id = completion.id.removeprefix("chatcmpl-")
+    assert raw.headers["X-Konstruct-Workflow-Id"] == f"msg-demo-{message_id}"
+    assert raw.headers["X-Konstruct-Degraded"] == "false"
+
+
+async def test_a_streamed_answer_adds_up_to_the_plain_one(served: Served) -> None:
+    oc = served.openai()
+    plain = await oc.chat.completions.create(model="demo/assistant", messages=QUESTION)
+    stream = await oc.chat.completions.create(
+        model="demo/assistant",
+        messages=QUESTION,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens > 0
+
+
+async def test_models_are_the_keys_tenants_agents_only(served: Served) -> None:
+    demo = [m.id async for m in served.openai().models.list()]
+    assert "demo/assistant" in demo and all(m.startswith("demo/") for m in demo)
+    other = [m async for m in served.openai(served.other_key).models.list()]
+    assert [m.id for m in other] == [f"{served.other_tenant}/helper"]
+    assert other[0].owned_by == served.other_tenant
+
+
+async def test_a_wrong_or_missing_key_is_401(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        await served.openai("ksk_not-a-key").chat.completions.create(
+            model="demo/assistant", messages=QUESTION
+        )
+    assert wrong.value.status_code == 401
+    async with httpx.AsyncClient() as http:
+        missing = await http.post(
+            f"{served.url}/chat/completions", json={"model": "demo/assistant", "messages": QUESTION}
+        )
+        models = await http.get(f"{served.url}/models")
+    assert missing.status_code == 401 == models.status_code
+    assert missing.json()["error"]["type"] == "authentication_error"
+    assert "konstruct keys create" in missing.json()["error"]["message"]
+
+
+async def test_unknown_paths_and_methods_answer_in_the_error_shape(served: Served) -> None:
+    async with httpx.AsyncClient() as http:
+        nowhere = await http.get(f"{served.url}/engines")
+        wrong_method = await http.delete(f"{served.url}/models")
+        health = await http.get(served.url.removesuffix("/v1") + "/health")
+    assert nowhere.status_code == 404 and "error" in nowhere.json()
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert health.status_code == 200 and health.json()["ok"] is True
+
+
+async def test_a_revoked_key_is_refused_from_the_next_request_on(
+    served: Served, app_pool: asyncpg.Pool
+) -> None:
+    key_id, key = await create_key(app_pool, served.other_tenant, label="short-lived")
+    assert [m.id async for m in served.openai(key).models.list()]
+    assert await tenant_for_key(app_pool, key) == (served.other_tenant, key_id)
+    listed = {k.key_id: k for k in await list_keys(app_pool, served.other_tenant)}
+    assert listed[key_id].label == "short-lived" and listed[key_id].last_used_at is not None
+    assert await revoke_key(app_pool, served.other_tenant, key_id) is True
+    assert await revoke_key(app_pool, served.other_tenant, key_id) is False
+    with pytest.raises(openai.AuthenticationError):
+        await served.openai(key).models.list()
+
+
+async def test_another_tenants_agent_and_a_missing_agent_are_the_same_404(
+    served: Served,
+) -> None:
+    errors = []
+    for model in (f"{served.other_tenant}/helper", "demo/nobody"):
+        with pytest.raises(openai.NotFoundError) as found:
+            await served.openai().chat.completions.create(model=model, messages=QUESTION)
+        assert found.value.code == "model_not_found"
+        errors.append(found.value.message.replace(model, "MODEL"))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"model": "demo/assistant"}, "messages", "messages: Field required"),
+        (
+            {"model": "demo/assistant", "messages": [{"role": "robot", "content": "hi"}]},
+            "messages.0.role",
+            "messages.0.role: Input should be",
+        ),
+        (
+            {"model": "demo/assistant", "messages": [{"role": "system", "content": "hi"}]},
+            "messages",
+            "role 'user'",
+        ),
+        ({"model": "assistant", "messages": QUESTION}, "model", "TENANT/AGENT"),
+        ({"model": "demo/assistant", "messages": QUESTION, "colour": "red"}, "colour", "unknown"),
+        ({"model": "demo/assistant", "messages": QUESTION, "n": 2}, "n", "n: Input should be 1"),
+        (
+            {
+                "model": "demo/assistant",
+                "messages": [{"role": "user", "content": [{"type": "image_url"}]}],
+            },
+            "messages.0.content",
+            "only text parts",
+        ),
+        (b"{not json", None, "not valid JSON"),
+    ],
+)
+async def test_a_malformed_body_is_400_naming_the_field(
+    served: Served, body: Any, param: str | None, says: str
+) -> None:
+    response = await served.post(body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and says in error["message"], error
+    assert error["code"] is None
+    assert "Traceback" not in response.text
+
+
+async def test_a_bad_idempotency_key_is_400_naming_the_header(served: Served) -> None:
+    response = await served.post(
+        {"model": "demo/assistant", "messages": QUESTION}, headers={"Idempotency-Key": "k" * 201}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "Idempotency-Key"
+
+
+async def message_turns(pool: asyncpg.Pool, tenant: str, where: str, value: str) -> list[Any]:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("select set_config('konstruct.tenant_id', $1, true)", tenant)
+        return list(
+            await conn.fetch(
+                f"select * from message_turns where tenant_id = $1 and {where} = $2",
+                tenant,
+                value,
+            )
+        )
+
+
+async def test_a_retry_with_the_same_idempotency_key_stores_one_turn(
+    served: Served, app_pool: asyncpg.Pool
+) -> None:
+    key = f"idem-{uuid.uuid4().hex[:8]}"
+    oc = served.openai()
+
+    async def ask() -> Any:
+        return await oc.chat.completions.create(
+            model="demo/assistant",
+            messages=user("Tell me about 2 + 3"),
+            extra_headers={"Idempotency-Key": key},
+        )
+
+    # Two at once (the second attaches to the running workflow), then one after it ended.
+    first, second = await asyncio.gather(ask(), ask())
+    third = await ask()
+    replies = {r.choices[0].message.content for r in (first, second, third)}
+    assert len(replies) == 1 and first.id == third.id == f"chatcmpl-{key}"
+    stored = await message_turns(app_pool, "demo", "message_id", key)
+    assert len(stored) == 1 and stored[0]["channel"] == "http" and stored[0]["sender"] == "api"
+
+
+async def test_messages_in_one_thread_header_share_the_thread(
+    served: Served, app_pool: asyncpg.Pool
+) -> None:
+    thread = f"gw-thread-{uuid.uuid4().hex[:8]}"
+    oc = served.openai()
+    for text in ("Hello there", "What are you?"):
+        await oc.chat.completions.create(
+            model="demo/assistant",
+            messages=user(text),
+            user="someone",
+            extra_headers={"X-Konstruct-Thread": thread},
+        )
+    async with app_pool.acquire() as conn, conn.transaction():
+        await conn.execute("select set_config('konstruct.tenant_id', 'demo', true)")
+        threads = await conn.fetch(
+            "select * from threads where tenant_id = 'demo' and thread_id = $1", thread
+        )
+    assert len(threads) == 1 and threads[0]["channel"] == "http"
+    turns = await message_turns(app_pool, "demo", "thread_id", thread)
+    assert sorted(t["user_text"] for t in turns) == ["Hello there", "What are you?"]
+    assert {t["sender"] for t in turns} == {"someone"}
+
+
+async def test_without_a_thread_the_user_field_names_it(
+    served: Served, app_pool: asyncpg.Pool
+) -> None:
+    user = f"gw-user-{uuid.uuid4().hex[:8]}"
+    await served.openai().chat.completions.create(
+        model="demo/assistant", messages=QUESTION, user=user
+    )
+    turns = await message_turns(app_pool, "demo", "thread_id", user)
+    assert len(turns) == 1 and turns[0]["sender"] == user
+
+
+async def test_one_span_per_request_parents_the_workflow_start(
+    served: Served, span_exporter: Any
+) -> None:
+    span_exporter.clear()
+    await served.openai().chat.completions.create(model="demo/assistant", messages=QUESTION)
+    spans = span_exporter.get_finished_spans()
+    [span] = [s for s in spans if s.name == "gateway.chat_completions"]
+    assert span.attributes["konstruct.tenant"] == "demo"
+    assert span.attributes["konstruct.agent"] == "assistant"
+    assert span.attributes["http.response.status_code"] == 200
+    start = next(s for s in spans if s.name == "StartWorkflow:HandleMessage")
+    assert start.parent is not None and start.parent.span_id == span.context.span_id
+
+
+async def test_the_answer_path_survives_the_listener_losing_its_connection(
+    served: Served, app_pool: asyncpg.Pool
+) -> None:
+    notices = served.gateway.notices
+    generation = notices.generation
+    killed = await app_pool.fetchval(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity"
+        " where query ilike 'listen %konstruct_awaiting_approval%' and pid <> pg_backend_pid()"
+    )
+    assert killed >= 1
+    reply = await served.openai().chat.completions.create(model="demo/assistant", messages=QUESTION)
+    assert (reply.choices[0].message.content or "").startswith(AI_ANSWER)
+    for _ in range(200):
+        if notices.connected and notices.generation > generation:
+            break
+        await asyncio.sleep(0.05)
+    assert notices.connected and notices.generation > generation, "the listener did not return"
+
+
+async def test_a_message_waiting_for_approval_answers_202(
+    served: Served, client: Client, app_pool: asyncpg.Pool
+) -> None:
+    tenant = f"gw-appr-{uuid.uuid4().hex[:6]}"
+    await put_agent(
+        app_pool,
+        tenant,
+        AgentProfile(
+            agent_id="calc",
+            name="Cal",
+            role="a calculator",
+            fallback_reply="Sorry.",
+            tools=["calculator"],
+        ),
+    )
+    await put_tool(
+        app_pool, tenant, ToolSpec(name="calculator", kind="builtin", requires_approval=True)
+    )
+    _, key = await create_key(app_pool, tenant)
+    idempotency = f"appr-{uuid.uuid4().hex[:8]}"
+    body = {"model": f"{tenant}/calc", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
+    headers = {"Idempotency-Key": idempotency}
+
+    first = await served.post(body, key=key, headers=headers)
+    assert first.status_code == 202, first.text
+    pending = first.json()
+    workflow_id = f"msg-{tenant}-{idempotency}"
+    assert pending["object"] == "konstruct.pending"
+    assert pending["status"] == "awaiting_approval"
+    assert pending["workflow_id"] == workflow_id == first.headers["X-Konstruct-Workflow-Id"]
+    assert pending["message_id"] == idempotency
+    [call] = pending["pending"]
+    assert call["tool"] == "calculator"
+
+    # A retry while it still waits attaches to the same run and gets the same 202.
+    again = await served.post(body, key=key, headers=headers)
+    assert again.status_code == 202, again.text
+    assert again.json()["pending"] == pending["pending"]
+
+    await client.get_workflow_handle(workflow_id).execute_update(
+        "approve_tool", {"call_id": call["call_id"], "by": "tester"}
+    )
+    done = await served.post(body, key=key, headers=headers)
+    assert done.status_code == 200, done.text
+    assert "42" in done.json()["choices"][0]["message"]["content"]
+
+
+# --- the pure parts -----------------------------------------------------------------
+
+
+def test_body_errors_name_every_field() -> None:
+    with pytest.raises(GatewayError) as caught:
+        parse_chat_request(b'{"model": "", "messages": [{"role": "user", "content": 3}]}')
+    error = caught.value
+    assert error.status == 400 and error.param == "model"
+    assert "model: String should have at least 1 character" in error.message
+    assert "messages.0.content: must be a string, a list of text parts or null" in error.message
+    with pytest.raises(GatewayError, match="must be a JSON object"):
+        parse_chat_request(b"[]")
+
+
+def test_the_last_user_message_is_the_inbound_text() -> None:
+    body = parse_chat_request(
+        b'{"model": "a/b", "messages": ['
+        b'{"role": "user", "content": "first"},'
+        b'{"role": "assistant", "content": null},'
+        b'{"role": "user", "content": [{"type": "text", "text": "one"},'
+        b' {"type": "text", "text": "two"}]},'
+        b'{"role": "tool", "content": "x", "tool_call_id": "c1"}]}'
+    )
+    assert inbound_text(body) == "one\ntwo"
+    assert split_model("demo/assistant") == ("demo", "assistant")
+    for bad in ("demo", "/assistant", "demo/", "a/b/c"):
+        with pytest.raises(GatewayError) as caught:
+            split_model(bad)
+        assert caught.value.param == "model"
+
+
+def test_a_stream_cuts_the_reply_into_pieces() -> None:
+    text = "x" * (STREAM_CHUNK_CHARS * 2 + 5)
+    result = HandleMessageResult(
+        message_id="m",
+        tenant_id="t",
+        agent_id="a",
+        thread_id="th",
+        response=text,
+        model_group="fast",
+        model="sim",
+        fallback_used=False,
+        degraded=False,
+    )
+    chunks = list(completion_chunks("chatcmpl-m", "t/a", 0, result, include_usage=False))
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant"},
+        {"content": "x" * STREAM_CHUNK_CHARS},
+        {"content": "x" * STREAM_CHUNK_CHARS},
+        {"content": "xxxxx"},
+        {},
+    ]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
