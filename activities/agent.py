@@ -25,7 +25,6 @@ from konstruct.models import (
     AgentStepInput,
     AgentStepResult,
     AnnounceInput,
-    HandleMessageInput,
     HandleMessageResult,
     PlannedCall,
     RunToolInput,
@@ -200,23 +199,35 @@ class AgentActivities:
 
     @activity.defn(name="agent_step")
     async def agent_step(self, input: AgentStepInput) -> AgentStepResult:
-        """Ask the model once; store what it said; plan its tool calls or store the turn."""
+        """Ask the model once; store what it said; plan its tool calls or store the turn.
+
+        Two transactions for a plain reply: one reads the agent and the thread's
+        memory (and records the message at step 0), one stores the step and the turn.
+        """
         tenant = input.tenant_id
         async with tenant_transaction(self.pool, tenant) as conn:
+            fresh = False
             if input.message is not None:
                 existing = await _stored_turn(conn, tenant, input.message_id)
                 if existing is not None:
                     return AgentStepResult(reply=existing)
-                await store.record_inbound(conn, input.message, input.workflow_id)
-            inbound = await store.inbound(conn, tenant, input.message_id)
-            if inbound is None:
-                raise InvalidInput(
-                    f"message {input.message_id!r} has no step 0 (no inbound record)",
-                    ["message_id"],
-                )
+                fresh = await store.record_inbound(conn, input.message, input.workflow_id)
+            inbound: store.Inbound | None
+            if fresh:
+                assert input.message is not None
+                inbound = store.Inbound.of(input.message)
+                stored_steps: list[store.StoredStep] = []
+                calls: list[store.StoredCall] = []
+            else:
+                inbound = await store.inbound(conn, tenant, input.message_id)
+                if inbound is None:
+                    raise InvalidInput(
+                        f"message {input.message_id!r} has no step 0 (no inbound record)",
+                        ["message_id"],
+                    )
+                stored_steps = await store.steps(conn, tenant, input.message_id)
+                calls = await store.calls(conn, tenant, input.message_id)
             agent = await select_agent(conn, tenant, inbound.agent_id)
-            stored_steps = await store.steps(conn, tenant, input.message_id)
-            calls = await store.calls(conn, tenant, input.message_id)
             specs = tool_specs(agent, await select_tools(conn, tenant)) if agent.tools else {}
             current = next((s for s in stored_steps if s.step == input.step), None)
             if current is None:
@@ -234,19 +245,29 @@ class AgentActivities:
                 agent, memory.summary, memory.turns, inbound.text, transcript(earlier, calls)
             )
             last = input.step >= agent.max_steps - 1
-            current = await self._ask(
+            step, rows = await self._ask(
                 input, agent, messages, specs, {c.call_id for c in calls}, last
             )
             async with tenant_transaction(self.pool, tenant) as conn:
-                calls = await store.calls(conn, tenant, input.message_id)
+                if await store.record_step(
+                    conn, tenant, input.message_id, step, rows, input.workflow_id
+                ):
+                    current = step
+                    stored_steps = [*earlier, step]
+                    calls = [*calls, *(row.stored(step.step) for row in rows)]
+                    if not rows:
+                        # The common case: the answer and its turn in one transaction.
+                        return await self._final(conn, input, inbound, agent, stored_steps, calls)
+                else:
+                    # Another attempt stored this step first: its answer is the one.
+                    stored_steps = await store.steps(conn, tenant, input.message_id)
+                    calls = await store.calls(conn, tenant, input.message_id)
+                    current = next(s for s in stored_steps if s.step == input.step)
         step_calls = [c for c in calls if c.step == input.step]
         if step_calls:
             return AgentStepResult(calls=[self._planned(c, specs.get(c.tool)) for c in step_calls])
-        text = str(current.assistant.get("content") or "")
-        if current.assistant.get("tool_calls") or not text:
-            # The last step still asked for tools (they are not run), or said nothing.
-            text = stop_reply(agent.max_steps)
-        return await self._final(input, inbound, agent, current, text, len(calls))
+        async with tenant_transaction(self.pool, tenant) as conn:
+            return await self._final(conn, input, inbound, agent, stored_steps, calls)
 
     async def _ask(
         self,
@@ -256,9 +277,9 @@ class AgentActivities:
         specs: Mapping[str, ToolSpec],
         taken: set[str],
         last: bool,
-    ) -> store.StoredStep:
-        """Call the model and store its answer; on the `last` step the tool calls it
-        asks for stay in its message but are not run."""
+    ) -> tuple[store.StoredStep, list[store.NewCall]]:
+        """Call the model: its answer as a step, and the tool calls to store (none on
+        the `last` step: those stay in its message but are not run)."""
         with _tracer.start_as_current_span("llm.completion") as span:
             span.set_attribute("llm.model_group", agent.model_group)
             span.set_attribute("agent.step", input.step)
@@ -267,8 +288,6 @@ class AgentActivities:
             span.set_attribute("llm.deployment", answer.deployment_id)
             span.set_attribute("llm.tool_calls", len(answer.tool_calls))
         assistant_calls, rows = _new_calls(answer.tool_calls, specs, taken, input.step)
-        if last:
-            rows = []
         assistant: dict[str, Any] = {"role": "assistant", "content": answer.content or None}
         if assistant_calls:
             assistant["tool_calls"] = assistant_calls
@@ -283,14 +302,7 @@ class AgentActivities:
                 "total_tokens": answer.total_tokens,
             },
         )
-        async with tenant_transaction(self.pool, input.tenant_id) as conn:
-            if not await store.record_step(
-                conn, input.tenant_id, input.message_id, step, rows, input.workflow_id
-            ):
-                # Another attempt stored this step first: its answer is the one.
-                stored = await store.steps(conn, input.tenant_id, input.message_id)
-                return next(s for s in stored if s.step == input.step)
-        return step
+        return step, ([] if last else rows)
 
     @staticmethod
     def _planned(call: store.StoredCall, spec: ToolSpec | None) -> PlannedCall:
@@ -304,50 +316,44 @@ class AgentActivities:
             preview=json.dumps(call.arguments)[:PREVIEW_CHARS] if approval else "",
         )
 
+    @staticmethod
     async def _final(
-        self,
+        conn: asyncpg.Connection,
         input: AgentStepInput,
         inbound: store.Inbound,
         agent: AgentProfile,
-        step: store.StoredStep,
-        text: str,
-        tool_calls: int,
+        stored_steps: list[store.StoredStep],
+        calls: list[store.StoredCall],
     ) -> AgentStepResult:
-        tenant = input.tenant_id
-        async with tenant_transaction(self.pool, tenant) as conn:
-            stored_steps = await store.steps(conn, tenant, input.message_id)
-            usage = TokenUsage(
+        """Store the turn: the last step's text, or the polite stop when the last step
+        still asked for tools (they are not run) or said nothing."""
+        step = stored_steps[-1]
+        text = str(step.assistant.get("content") or "")
+        if step.assistant.get("tool_calls") or not text:
+            text = stop_reply(agent.max_steps)
+        message = inbound.message(input.tenant_id)
+        result = HandleMessageResult(
+            message_id=message.message_id,
+            tenant_id=message.tenant_id,
+            agent_id=message.agent_id,
+            thread_id=message.thread_id,
+            response=text,
+            model_group=step.model_group,
+            model=step.model,
+            fallback_used=step.model_group != agent.model_group,
+            degraded=False,
+            usage=TokenUsage(
                 prompt_tokens=sum(s.usage.get("prompt_tokens", 0) for s in stored_steps),
                 completion_tokens=sum(s.usage.get("completion_tokens", 0) for s in stored_steps),
                 total_tokens=sum(s.usage.get("total_tokens", 0) for s in stored_steps),
-            )
-            message = HandleMessageInput(
-                message_id=input.message_id,
-                tenant_id=tenant,
-                agent_id=inbound.agent_id,
-                thread_id=inbound.thread_id,
-                channel=inbound.channel,
-                sender=inbound.sender,
-                text=inbound.text,
-            )
-            result = HandleMessageResult(
-                message_id=message.message_id,
-                tenant_id=tenant,
-                agent_id=message.agent_id,
-                thread_id=message.thread_id,
-                response=text,
-                model_group=step.model_group,
-                model=step.model,
-                fallback_used=step.model_group != agent.model_group,
-                degraded=False,
-                usage=usage,
-                steps=input.step + 1,
-                tool_calls=tool_calls,
-            )
-            stored = await insert_turn(
-                conn, StoreTurnInput(message=message, result=result, workflow_id=input.workflow_id)
-            )
-            due = await store.summary_due(conn, tenant, inbound.thread_id, agent.memory_tokens)
+            ),
+            steps=step.step + 1,
+            tool_calls=len(calls),
+        )
+        stored = await insert_turn(
+            conn, StoreTurnInput(message=message, result=result, workflow_id=input.workflow_id)
+        )
+        due = await store.summary_due(conn, input.tenant_id, inbound.thread_id, agent.memory_tokens)
         return AgentStepResult(reply=stored, summarize=due)
 
     # --- tools --------------------------------------------------------------------
@@ -367,7 +373,9 @@ class AgentActivities:
             agent = await select_agent(conn, tenant, inbound.agent_id)
             spec = tool_specs(agent, await select_tools(conn, tenant)).get(call.tool)
             hosts = await select_hosts(conn, tenant) if call.tool == "http_request" else []
-            await store.start_attempt(conn, tenant, input.message_id, input.call_id)
+            await store.start_attempt(
+                conn, tenant, input.message_id, input.call_id, input.approved_by
+            )
         with _tracer.start_as_current_span("tool.call") as span:
             span.set_attribute("tool.name", call.tool)
             span.set_attribute("tool.call_id", call.call_id)

@@ -23,7 +23,7 @@ from konstruct.stack import Stack
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_stack_config(directory: Path, models: Sequence[str]) -> Path:
+def write_stack_config(directory: Path, models: Sequence[str], gateway: bool = False) -> Path:
     simulator = directory / "simulator.yaml"
     simulator.write_text("models:\n" + "".join(f"  {m}: {{latency_ms: 0}}\n" for m in models))
     config = directory / "bench.yaml"
@@ -33,18 +33,20 @@ def write_stack_config(directory: Path, models: Sequence[str]) -> Path:
         f"postgres: {{port: {free_port()}}}\n"
         f"simulator: {{port: {free_port()}, config: {simulator}}}\n"
         f"llm: {{router_config: {ROOT / 'deploy' / 'llm-router.yaml'}}}\n"
-        # No HTTP gateway: its fixed port could clash, and its in-process worker
-        # would be one more than the --workers N a benchmark measures.
-        "gateway: {enabled: false}\n"
+        # No HTTP gateway unless asked for: its in-process worker would be one
+        # more than the --workers N a benchmark measures.
+        + (f"gateway: {{port: {free_port()}}}\n" if gateway else "gateway: {enabled: false}\n")
     )
     return config
 
 
 @contextmanager
-def running_stack(prefix: str, models: Sequence[str]) -> Iterator[tuple[Path, Stack]]:
+def running_stack(
+    prefix: str, models: Sequence[str], gateway: bool = False
+) -> Iterator[tuple[Path, Stack]]:
     """A started stack in a temporary directory: (its config file, the stack)."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        config = write_stack_config(Path(tmp), models)
+        config = write_stack_config(Path(tmp), models, gateway)
         stack = Stack(load_settings(config))
         os.environ.setdefault(stack.settings.simulator.api_key_env, "sim-bench-" + uuid.uuid4().hex)
         stack.start(say=lambda _line: None)

@@ -494,7 +494,7 @@ class Gateway:
         body = parse_chat_request(await request.body())
         wanted_tenant, agent = split_model(body.model)
         span.set_attribute("konstruct.agent", agent)
-        if wanted_tenant != tenant or agent not in await self._agents(tenant):
+        if wanted_tenant != tenant:
             raise _model_not_found(body.model)
         text = inbound_text(body)
         thread = header_id(request, "X-Konstruct-Thread") or body.user or f"http-{_new_id()}"
@@ -513,7 +513,15 @@ class Gateway:
             }
         )
         span.set_attribute("konstruct.workflow_id", workflow_id)
-        outcome = await self._answer(workflow_id, message, retry=idempotency_key is not None)
+        try:
+            outcome = await self._answer(workflow_id, message, retry=idempotency_key is not None)
+        except WorkflowFailureError as exc:
+            # An agent the tenant does not have: the workflow says so at once, and the
+            # answer is the same 404 as another tenant's model (no probing).
+            cause = innermost_application_error(exc)
+            if cause is not None and cause.type == "UnknownAgent":
+                raise _model_not_found(body.model) from None
+            raise
         if isinstance(outcome, Pending):
             return JSONResponse(
                 outcome.body(), status_code=202, headers={"X-Konstruct-Workflow-Id": workflow_id}

@@ -286,6 +286,8 @@ async def test_approve_runs_the_tool_and_progress_shows_the_pending_call(
     result = await handle.result()
     assert result.response == 'Tool refund returned: hook /refund got {"x": 30}'
     assert hooks.executed[pending["call_id"]] == 1
+    [call] = await tool_calls(app_pool, tenant, message["message_id"])
+    assert (call["status"], call["decided_by"], call["attempts"]) == ("ok", "ana", 1)
     final = await handle.query("progress")
     assert final["status"] == "completed" and final["pending"] == []
 

@@ -301,6 +301,7 @@ class HandleMessage:
         self._set_stage("awaiting approval", "\n".join(lines))
 
     async def _call(self, message: HandleMessageInput, call: PlannedCall) -> None:
+        approved_by = ""
         if call.requires_approval:
             try:
                 await workflow.wait_condition(
@@ -329,6 +330,7 @@ class HandleMessage:
                     )
                 await self._record(message, call, status, note, by)
                 return
+            approved_by = decision.by if decision is not None else ""
             if self._status == "running" and not self._pending:
                 self._set_stage("calling tools", f"`{call.tool}` (approved)")
         try:
@@ -338,6 +340,7 @@ class HandleMessage:
                     tenant_id=message.tenant_id,
                     message_id=message.message_id,
                     call_id=call.call_id,
+                    approved_by=approved_by,
                 ),
                 start_to_close_timeout=timedelta(seconds=call.timeout_s + 5),
                 heartbeat_timeout=TOOL_HEARTBEAT,

@@ -126,9 +126,17 @@ create table api_keys (
 
 create function konstruct_key_tenant(hash text)
     returns table (tenant_id text, key_id text)
-    language sql stable security definer set search_path = public
+    language plpgsql volatile security definer set search_path = public
 as $$
-    select k.tenant_id, k.key_id from api_keys k where k.key_hash = hash and k.revoked_at is null
+begin
+    -- A busy key costs no write: last_used_at moves at most once a minute.
+    update api_keys k set last_used_at = now()
+        where k.key_hash = hash and k.revoked_at is null
+        and (k.last_used_at is null or k.last_used_at < now() - interval '1 minute');
+    return query
+        select k.tenant_id, k.key_id from api_keys k
+        where k.key_hash = hash and k.revoked_at is null;
+end
 $$;
 
 do $$

@@ -14,7 +14,18 @@ import sys
 import click
 from temporalio.service import RPCError
 
-from konstruct.cli import agents, demo, experiments, messages, registry, stack
+from konstruct.cli import (
+    agents,
+    approvals,
+    demo,
+    experiments,
+    keys,
+    knowledge,
+    messages,
+    registry,
+    stack,
+    tools,
+)
 from konstruct.cli.common import CliState
 from konstruct.errors import KonstructError
 
@@ -36,6 +47,10 @@ for command in (
     experiments.group,
     demo.group,
     registry.group,
+    knowledge.group,
+    keys.group,
+    tools.group,
+    approvals.group,
 ):
     cli.add_command(command)
 

@@ -24,9 +24,7 @@ class ToolSpec(StrictModel):
     name: str = Field(pattern=TOOL_NAME)
     kind: Literal["builtin", "webhook"] = "webhook"
     description: str = Field("", max_length=2000)
-    parameters: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "object", "properties": {}}
-    )
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     url: str | None = Field(None, max_length=2000)
     secret_header: str | None = Field(None, pattern=_HEADER_NAME)
     secret_env: str | None = Field(None, pattern=_ENV_NAME)
@@ -53,7 +51,9 @@ class ToolSpec(StrictModel):
     def check_kind(self) -> ToolSpec:
         """Raise ValueError when the fields do not fit the kind."""
         if self.kind == "builtin" and self.name not in BUILTIN_NAMES:
-            raise ValueError(f"no built-in tool {self.name!r}; built in: {', '.join(BUILTIN_NAMES)}")
+            raise ValueError(
+                f"no built-in tool {self.name!r}; built in: {', '.join(BUILTIN_NAMES)}"
+            )
         if self.kind == "webhook":
             if self.name in BUILTIN_NAMES:
                 raise ValueError(f"{self.name!r} is a built-in tool's name")
@@ -101,6 +101,8 @@ class RunToolInput(StrictModel):
     tenant_id: str
     message_id: str
     call_id: str
+    # Who approved the call, for a tool that needs approval.
+    approved_by: str = ""
 
 
 class ToolOutcome(StrictModel):

@@ -71,18 +71,18 @@ async def select_agent(conn: asyncpg.Connection, tenant_id: str, agent_id: str) 
 
     Raises UnknownTenant or UnknownAgent, each saying which command fixes it.
     """
+    agents = await _select_agents(conn, tenant_id, agent_id)
+    if agents:
+        return agents[0]
     if not await conn.fetchval("select 1 from tenants where tenant_id = $1", tenant_id):
         raise UnknownTenant(
             f"tenant {tenant_id!r} does not exist; create it with "
             f"`konstruct agents put {tenant_id} AGENT ...`"
         )
-    agents = await _select_agents(conn, tenant_id, agent_id)
-    if not agents:
-        raise UnknownAgent(
-            f"agent {agent_id!r} does not exist in tenant {tenant_id!r}; "
-            f"see `konstruct agents list {tenant_id}`"
-        )
-    return agents[0]
+    raise UnknownAgent(
+        f"agent {agent_id!r} does not exist in tenant {tenant_id!r}; "
+        f"see `konstruct agents list {tenant_id}`"
+    )
 
 
 async def list_agents(pool: asyncpg.Pool, tenant_id: str) -> list[AgentProfile]:

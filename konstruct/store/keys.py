@@ -20,9 +20,6 @@ from konstruct.store._rows import from_row
 
 KEY_PREFIX = "ksk_"
 KEY_ID_PREFIX = "key_"
-# `last_used_at` is written at most this often per key: a busy key costs no write
-# per request, and "last used" stays true to the minute.
-LAST_USED_EVERY_S = 60
 
 
 class ApiKey(BaseModel):
@@ -64,18 +61,11 @@ async def tenant_for_key(pool: asyncpg.Pool, key: str) -> tuple[str, str] | None
     """(tenant_id, key_id) of a key that exists and is not revoked, else None."""
     if not key.startswith(KEY_PREFIX):
         return None
+    # One round trip: the function also stamps last_used_at (at most once a minute).
     row = await pool.fetchrow("select * from konstruct_key_tenant($1)", hash_key(key))
     if row is None:
         return None
     tenant_id, key_id = str(row["tenant_id"]), str(row["key_id"])
-    async with tenant_transaction(pool, tenant_id) as conn:
-        await conn.execute(
-            "update api_keys set last_used_at = now() where key_id = $1 and tenant_id = $2"
-            " and (last_used_at is null or last_used_at < now() - make_interval(secs => $3))",
-            key_id,
-            tenant_id,
-            float(LAST_USED_EVERY_S),
-        )
     return tenant_id, key_id
 
 

@@ -26,6 +26,28 @@ class Inbound:
     sender: str
     text: str
 
+    @classmethod
+    def of(cls, message: HandleMessageInput) -> Inbound:
+        return cls(
+            message.message_id,
+            message.thread_id,
+            message.agent_id,
+            message.channel,
+            message.sender,
+            message.text,
+        )
+
+    def message(self, tenant_id: str) -> HandleMessageInput:
+        return HandleMessageInput(
+            message_id=self.message_id,
+            tenant_id=tenant_id,
+            agent_id=self.agent_id,
+            thread_id=self.thread_id,
+            channel=self.channel,
+            sender=self.sender,
+            text=self.text,
+        )
+
 
 @dataclass(frozen=True)
 class StoredStep:
@@ -60,8 +82,9 @@ def estimate_tokens(text: str) -> int:
 
 async def record_inbound(
     conn: asyncpg.Connection, message: HandleMessageInput, workflow_id: str
-) -> None:
-    await conn.execute(
+) -> bool:
+    """Record the message once; True when this call recorded it (a new message)."""
+    status = await conn.execute(
         "insert into inbound_messages (tenant_id, message_id, thread_id, agent_id, channel,"
         " sender, user_text, workflow_id) values ($1, $2, $3, $4, $5, $6, $7, $8)"
         " on conflict do nothing",
@@ -74,6 +97,7 @@ async def record_inbound(
         message.text,
         workflow_id,
     )
+    return status.endswith(" 1")
 
 
 async def inbound(conn: asyncpg.Connection, tenant_id: str, message_id: str) -> Inbound | None:
@@ -157,6 +181,11 @@ class NewCall:
     status: str  # pending, awaiting_approval, or error (with `result` saying why)
     result: str | None = None
 
+    def stored(self, step: int) -> StoredCall:
+        return StoredCall(
+            self.call_id, step, self.tool, self.arguments, self.status, self.result, 0
+        )
+
 
 async def record_step(
     conn: asyncpg.Connection,
@@ -180,6 +209,8 @@ async def record_step(
     )
     if not status.endswith(" 1"):
         return False
+    if not new_calls:
+        return True
     await conn.executemany(
         "insert into tool_calls (tenant_id, message_id, call_id, step, position, tool, arguments,"
         " status, result, workflow_id, finished_at)"
@@ -205,14 +236,16 @@ async def record_step(
 
 
 async def start_attempt(
-    conn: asyncpg.Connection, tenant_id: str, message_id: str, call_id: str
+    conn: asyncpg.Connection, tenant_id: str, message_id: str, call_id: str, approved_by: str
 ) -> None:
     await conn.execute(
-        "update tool_calls set attempts = attempts + 1, status = 'pending'"
+        "update tool_calls set attempts = attempts + 1, status = 'pending',"
+        " decided_by = coalesce(nullif($4, ''), decided_by)"
         " where tenant_id = $1 and message_id = $2 and call_id = $3",
         tenant_id,
         message_id,
         call_id,
+        approved_by,
     )
 
 
@@ -227,7 +260,8 @@ async def finish_call(
 ) -> StoredCall:
     """Record a call's outcome once: the first outcome stored stays."""
     await conn.execute(
-        "update tool_calls set status = $4, result = $5, decided_by = nullif($6, ''),"
+        "update tool_calls set status = $4, result = $5,"
+        " decided_by = coalesce(nullif($6, ''), decided_by),"
         " finished_at = now()"
         " where tenant_id = $1 and message_id = $2 and call_id = $3"
         " and status not in ('ok', 'error', 'rejected', 'timed_out')",
@@ -275,17 +309,23 @@ async def memory(
     memory_tokens: int,
 ) -> Memory:
     """The rolling summary and the newest turns after it that fit in `memory_tokens`."""
-    summary, through = await _summary_row(conn, tenant_id, thread_id)
+    # One round trip: the summary, and the newest turns after it.
     rows = await conn.fetch(
-        "select user_text, reply_text from message_turns"
-        " where tenant_id = $1 and thread_id = $2 and seq > $3 and message_id <> $4"
-        " order by seq desc limit $5",
+        "with s as (select coalesce((select summary from thread_summaries"
+        "   where tenant_id = $1 and thread_id = $2), '') as summary,"
+        "  coalesce((select through_seq from thread_summaries"
+        "   where tenant_id = $1 and thread_id = $2), 0) as through)"
+        " select s.summary, t.user_text, t.reply_text from s left join lateral"
+        " (select user_text, reply_text, seq from message_turns"
+        "   where tenant_id = $1 and thread_id = $2 and seq > s.through and message_id <> $3"
+        "   order by seq desc limit $4) t on true order by t.seq desc",
         tenant_id,
         thread_id,
-        through,
         message_id,
         history_turns,
     )
+    summary = rows[0]["summary"] if rows else ""
+    rows = [row for row in rows if row["user_text"] is not None]
     kept: list[asyncpg.Record] = []
     used = 0
     for row in rows:
@@ -305,13 +345,12 @@ async def summary_due(
     conn: asyncpg.Connection, tenant_id: str, thread_id: str, memory_tokens: int
 ) -> bool:
     """The thread's turns after its summary are more than its memory budget."""
-    _, through = await _summary_row(conn, tenant_id, thread_id)
     chars = await conn.fetchval(
         "select coalesce(sum(length(user_text) + length(reply_text)), 0) from message_turns"
-        " where tenant_id = $1 and thread_id = $2 and seq > $3",
+        " where tenant_id = $1 and thread_id = $2 and seq > coalesce((select through_seq"
+        " from thread_summaries where tenant_id = $1 and thread_id = $2), 0)",
         tenant_id,
         thread_id,
-        through,
     )
     return int(chars) // 4 > memory_tokens
 
