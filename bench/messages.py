@@ -1,11 +1,17 @@
 """HandleMessage end-to-end latency and throughput against a direct litellm call.
 
 Starts its own dev stack exactly as `konstruct up` does (persistent dev-server
-state file, embedded PostgreSQL, simulator at 0 latency, one worker process) on
-free ports, then at each concurrency measures, in the same run:
+state file, embedded PostgreSQL, simulator at 0 latency, one worker process,
+the HTTP gateway) on free ports, then at each concurrency measures, in the same run:
   - direct: `litellm.acompletion` to the simulator (the floor: provider + client),
-  - workflow: `HandleMessage` through Temporal (load agent, LLM call, store turn).
-The orchestration overhead is the difference of the two, percentile by percentile.
+  - cli: `HandleMessage` started as `konstruct send` starts it (no eager start;
+    the stack's worker process runs it),
+  - gateway: the official `openai` client against `konstruct gateway` (eager
+    start in the gateway's own worker),
+  - gateway_tool: the same, a message that makes one `calculator` call,
+  - noop / noop_eager: the engine's floor, a workflow that does nothing, started
+    from this process (an in-process worker), without and with eager start.
+The orchestration overhead of a path is its percentile minus direct's.
 
     .venv/bin/python bench/messages.py            # writes bench/results/messages.json
 """
@@ -21,6 +27,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+from temporalio import workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -65,15 +74,45 @@ async def measure(
     }
 
 
+@workflow.defn(name="BenchNoOp", sandboxed=False)
+class NoOp:
+    @workflow.run
+    async def run(self, _value: int) -> int:
+        return 0
+
+
 async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -> dict:
     import litellm
+    import openai
+    from temporalio.worker import Worker
 
+    from konstruct import db
+    from konstruct.models import AgentProfile
+    from konstruct.search_attributes import message_search_attributes
+    from konstruct.store.agents import put_agent
+    from konstruct.store.keys import create_key
     from workflows.handle_message import HandleMessage
 
     settings = load_settings(config)
     client = await connect(settings)
     api_key = os.environ[settings.simulator.api_key_env]
     system = "You are Kay, a helpful assistant. You are an AI."
+    pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=2)
+    await put_agent(
+        pool,
+        "demo",
+        AgentProfile(
+            agent_id="calc",
+            name="Cal",
+            role="an assistant that uses a calculator",
+            fallback_reply="Sorry.",
+            tools=["calculator"],
+        ),
+    )
+    _, gateway_key = await create_key(pool, "demo", "bench")
+    await pool.close()
+    assert stack.gateway_url is not None
+    gateway = openai.AsyncOpenAI(base_url=stack.gateway_url, api_key=gateway_key, max_retries=0)
 
     async def direct(i: int) -> None:
         await litellm.acompletion(
@@ -89,7 +128,7 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
 
     run_id = uuid.uuid4().hex[:6]
 
-    async def workflow(i: int) -> None:
+    async def cli(i: int) -> None:
         message_id = f"bench-{run_id}-{i}-{uuid.uuid4().hex[:6]}"
         await client.execute_workflow(
             HandleMessage.run,
@@ -104,46 +143,93 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
             },
             id=f"msg-demo-{message_id}",
             task_queue=settings.temporal.task_queue,
+            search_attributes=message_search_attributes("demo"),
         )
 
-    # Warm both paths (imports, connection pools, workflow cache).
-    await measure(direct, 20, 4)
-    await measure(workflow, 20, 4)
-    rows = []
-    for concurrency, total in levels:
-        base = await measure(direct, total, concurrency)
-        flow = await measure(workflow, total, concurrency)
-        rows.append(
-            {
-                "concurrency": concurrency,
-                "direct": base,
-                "workflow": flow,
-                "overhead_p50_ms": flow["p50_ms"] - base["p50_ms"],
-                "overhead_p95_ms": flow["p95_ms"] - base["p95_ms"],
-                "overhead_p99_ms": flow["p99_ms"] - base["p99_ms"],
-                "throughput_ratio": flow["per_second"] / base["per_second"],
-            }
+    async def via_gateway(i: int) -> None:
+        answer = await gateway.chat.completions.create(
+            model="demo/assistant", messages=[{"role": "user", "content": f"hi {i}"}]
         )
+        assert answer.choices[0].message.content
+
+    async def via_gateway_tool(i: int) -> None:
+        answer = await gateway.chat.completions.create(
+            model="demo/calc", messages=[{"role": "user", "content": f"What is {i} * 7?"}]
+        )
+        assert answer.choices[0].message.content == f"The answer is {i * 7}."
+
+    noop_queue = f"bench-noop-{run_id}"
+
+    def noop(eager: bool) -> Callable[[int], Awaitable[None]]:
+        async def start(i: int) -> None:
+            handle = await client.start_workflow(
+                NoOp.run,
+                i,
+                id=f"bench-noop-{run_id}-{eager}-{i}-{uuid.uuid4().hex[:6]}",
+                task_queue=noop_queue,
+                request_eager_start=eager,
+            )
+            await handle.result()
+
+        return start
+
+    paths: dict[str, Callable[[int], Awaitable[None]]] = {
+        "direct": direct,
+        "cli": cli,
+        "gateway": via_gateway,
+        "gateway_tool": via_gateway_tool,
+        "noop": noop(False),
+        "noop_eager": noop(True),
+    }
+    rows = []
+    async with Worker(client, task_queue=noop_queue, workflows=[NoOp]):
+        # Warm every path (imports, connection pools, workflow caches).
+        for call in paths.values():
+            await measure(call, 20, 4)
+        for concurrency, total in levels:
+            row: dict[str, Any] = {"concurrency": concurrency}
+            for name, call in paths.items():
+                row[name] = await measure(call, total, concurrency)
+            base = row["direct"]
+            for name in paths:
+                if name != "direct":
+                    row[name]["overhead_p50_ms"] = row[name]["p50_ms"] - base["p50_ms"]
+                    row[name]["overhead_p99_ms"] = row[name]["p99_ms"] - base["p99_ms"]
+                    row[name]["ratio_to_direct"] = row[name]["per_second"] / base["per_second"]
+            row["gateway_vs_cli_per_second"] = (
+                row["gateway"]["per_second"] / row["cli"]["per_second"]
+            )
+            rows.append(row)
+    await gateway.close()
     return {
         "rows": rows,
         "dev_server_state": "file (--db-filename, sqlite journal_mode=wal, synchronous=normal)",
+        "workers": "one worker process (cli path) + the gateway's in-process worker",
         "cpus": os.cpu_count(),
     }
 
 
+PATHS = ("direct", "cli", "gateway", "gateway_tool", "noop", "noop_eager")
+
+
 def print_table(result: dict) -> None:
     print(
-        f"{'conc':>4} | {'direct p50/p95/p99 ms':>22} | {'workflow p50/p95/p99 ms':>24} | "
-        f"{'overhead p50/p99 ms':>19} | {'direct/s':>8} | {'workflow/s':>10} | ratio"
+        f"{'conc':>4} | {'path':<12} | {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} | "
+        f"{'overhead p50/p99 ms':>19} | {'per s':>7}"
     )
     for row in result["rows"]:
-        d, w = row["direct"], row["workflow"]
-        print(
-            f"{row['concurrency']:>4} | {d['p50_ms']:6.1f} {d['p95_ms']:6.1f} {d['p99_ms']:7.1f}  | "
-            f"{w['p50_ms']:7.1f} {w['p95_ms']:7.1f} {w['p99_ms']:7.1f} | "
-            f"{row['overhead_p50_ms']:8.1f} {row['overhead_p99_ms']:9.1f} | "
-            f"{d['per_second']:8.1f} | {w['per_second']:10.1f} | {row['throughput_ratio']:.3f}"
-        )
+        for name in PATHS:
+            m = row[name]
+            overhead = (
+                f"{m['overhead_p50_ms']:8.1f} {m['overhead_p99_ms']:9.1f}"
+                if "overhead_p50_ms" in m
+                else f"{'':>19}"
+            )
+            print(
+                f"{row['concurrency']:>4} | {name:<12} | {m['p50_ms']:7.1f} {m['p95_ms']:7.1f} "
+                f"{m['p99_ms']:7.1f} | {overhead} | {m['per_second']:7.1f}"
+            )
+        print(f"     gateway / cli messages per second: {row['gateway_vs_cli_per_second']:.2f}")
 
 
 def main() -> None:
@@ -151,7 +237,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer messages per level")
     args = parser.parse_args()
     levels = [(1, 100), (8, 300), (32, 600)] if not args.quick else [(1, 20), (8, 40), (32, 64)]
-    with running_stack("konstruct-bench-", MODELS) as (config, stack):
+    with running_stack("konstruct-bench-", MODELS, gateway=True) as (config, stack):
         result = asyncio.run(run_bench(config, levels, stack))
     print_table(result)
     write_results(RESULTS, result)

@@ -111,6 +111,11 @@ class GatewaySettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8780, ge=1, le=65535)
+    # Messages start eagerly (their first workflow task runs in the gateway's own
+    # worker, saving a round trip) while fewer than this many are in flight here;
+    # above it they go through the server to any worker, so a burst is shared by
+    # every worker process instead of queueing on this one. 0: never eager.
+    eager_max_in_flight: int = Field(4, ge=0, le=10_000)
 
 
 class TelemetrySettings(_Section):

@@ -50,6 +50,7 @@ from konstruct.config import Settings
 from konstruct.errors import field_problems, innermost_application_error
 from konstruct.models import HandleMessageInput, HandleMessageResult
 from konstruct.naming import message_workflow_id
+from konstruct.search_attributes import message_search_attributes
 from konstruct.store.agents import list_agents
 from konstruct.store.keys import tenant_for_key
 
@@ -453,6 +454,7 @@ class Gateway:
         self.settings = settings
         self.task_queue = task_queue
         self._pool: asyncpg.Pool | None = None
+        self._in_flight = 0
         self.notices = ApprovalNotices(db.app_url(settings))
 
     @property
@@ -549,6 +551,9 @@ class Gateway:
         it waits for an approval."""
         from workflows.handle_message import HandleMessage
 
+        # Eager while this process is not busy: see gateway.eager_max_in_flight.
+        eager = self._in_flight < self.settings.gateway.eager_max_in_flight
+        self._in_flight += 1
         notice = self.notices.register(workflow_id)
         generation = self.notices.generation
         result: asyncio.Task[HandleMessageResult] | None = None
@@ -558,7 +563,8 @@ class Gateway:
                 message.model_dump(),
                 id=workflow_id,
                 task_queue=self.task_queue,
-                request_eager_start=True,
+                request_eager_start=eager,
+                search_attributes=message_search_attributes(message.tenant_id),
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 static_summary=f"{message.tenant_id}/{message.agent_id} via http:"
                 f" {message.text[:60]}",
@@ -585,6 +591,7 @@ class Gateway:
                     if await self._awaiting_approval(workflow_id):
                         return await self._pending(workflow_id, message.message_id, settle=False)
         finally:
+            self._in_flight -= 1
             self.notices.unregister(workflow_id, notice)
             if result is not None and not result.done():
                 result.cancel()

@@ -12,6 +12,7 @@ from temporalio.client import Client, WorkflowHistory
 
 from konstruct.config import Settings
 from konstruct.models import ToolDecision
+from konstruct.search_attributes import message_search_attributes
 from konstruct.simulator_admin import SimulatorAdmin
 from konstruct.store.tools import put_tool
 from tests.support import Hooks, recorded_histories, replay_all, replayer
@@ -40,6 +41,8 @@ async def test_fresh_runs_replay_without_cache(
     cases = {
         "ok": {"agent_id": "assistant", "text": "What are you?"},
         "unknown_agent": {"agent_id": "ghost", "text": "hello"},
+        # As the gateway and `konstruct send` start it: search attributes set at start.
+        "started_with_attributes": {"agent_id": "assistant", "text": "What are you?"},
         "degraded": {"agent_id": "assistant", "text": "nobody answers"},
     }
     histories: dict[str, WorkflowHistory] = {}
@@ -61,6 +64,11 @@ async def test_fresh_runs_replay_without_cache(
                     body,
                     id=f"replay-{name}-{uuid.uuid4().hex[:6]}",
                     task_queue=task_queue,
+                    search_attributes=(
+                        message_search_attributes("demo")
+                        if name == "started_with_attributes"
+                        else None
+                    ),
                 )
                 try:
                     await handle.result()

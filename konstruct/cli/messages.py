@@ -21,6 +21,7 @@ from konstruct.cli.output import failure_message, print_json
 from konstruct.errors import InvalidInput
 from konstruct.models import HandleMessageInput
 from konstruct.naming import message_workflow_id
+from konstruct.search_attributes import message_search_attributes
 from workflows.handle_message import HandleMessage
 
 
@@ -69,6 +70,7 @@ def send(
                 id=message_workflow_id(tenant, message["message_id"]),
                 task_queue=settings.temporal.task_queue,
                 static_summary=f"{tenant}/{agent}: {text[:60]}",
+                search_attributes=message_search_attributes(tenant),
             )
         except WorkflowFailureError as exc:
             print(f"error: {failure_message(exc)}", file=sys.stderr)
