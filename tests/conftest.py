@@ -227,6 +227,8 @@ async def hooks() -> AsyncIterator[Hooks]:
             }
         )
         state.arrived.set()
+        if request.path == "/big":
+            return web.json_response({"result": "x" * 10_000})
         if request.path == "/flaky":
             return web.json_response({"error": "down for maintenance"}, status=503)
         if key in state.answers:

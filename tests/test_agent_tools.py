@@ -23,7 +23,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
-from activities.agent import TOOL_ATTEMPTS, stop_reply
+from activities.agent import RESULT_CHARS, TOOL_ATTEMPTS, stop_reply
 from konstruct.config import Settings
 from konstruct.db import tenant_transaction
 from konstruct.models import AgentProfile, HandleMessageResult, ToolDecision, ToolSpec
@@ -205,6 +205,20 @@ async def test_a_failing_tool_is_retried_then_the_model_is_told(
     assert "503" in call["result"]
     assert result.response.startswith("Tool flaky returned: error: webhook flaky")
     assert result.degraded is False
+
+
+async def test_a_long_tool_result_is_cut_before_it_goes_back_to_the_model(
+    client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
+) -> None:
+    tenant = new_tenant()
+    await make_agent(app_pool, tenant, [])
+    await put_tool(app_pool, tenant, webhook("big", f"{hooks.url}/big"))
+    await make_agent(app_pool, tenant, ["big"])
+    message = body(tenant, '/tool big {"x": 3}')
+    await send(client, worker, message)
+    [call] = await tool_calls(app_pool, tenant, message["message_id"])
+    assert len(call["result"]) == RESULT_CHARS
+    assert call["result"].startswith("xxx") and "[cut: " in call["result"]
 
 
 async def test_http_request_reaches_only_allowed_hosts(
