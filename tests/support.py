@@ -7,20 +7,25 @@ import base64
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import WorkflowHistory
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from konstruct.codec import EncryptionCodec, KeyRing
 from konstruct.plugin import KonstructPlugin
 from konstruct.processes import ManagedProcess, free_port
+from konstruct.search_attributes import SEARCH_ATTRIBUTES
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import dev_server_command, simulator_command
+from konstruct.stack import dev_server_command, simulator_command, temporal_test_server
 
 ROOT = Path(__file__).resolve().parent.parent
 HISTORIES = ROOT / "tests" / "histories"
@@ -219,3 +224,24 @@ class Hooks:
 
     def keys(self, path: str) -> list[str]:
         return [r["key"] for r in self.requests if r["path"] == path]
+
+
+@asynccontextmanager
+async def time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
+    """The time-skipping test server, wired as the suite's clients are, with the
+    Konstruct search attributes registered (the dev server registers them at start)."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin(suite_codec())]
+    )
+    try:
+        await env.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=env.client.namespace,
+                search_attributes={
+                    name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
+                },
+            )
+        )
+        yield env
+    finally:
+        await env.shutdown()

@@ -18,24 +18,18 @@ from typing import Any
 
 import asyncpg
 import pytest
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
-from temporalio.testing import WorkflowEnvironment
 
 from activities.agent import RESULT_CHARS, TOOL_ATTEMPTS, stop_reply
 from konstruct.config import Settings
 from konstruct.db import tenant_transaction
 from konstruct.models import AgentProfile, HandleMessageResult, ToolDecision, ToolSpec
-from konstruct.plugin import KonstructPlugin
 from konstruct.router import build_router, load_router_config
-from konstruct.search_attributes import SEARCH_ATTRIBUTES
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import temporal_test_server
 from konstruct.store.agents import put_agent
 from konstruct.store.knowledge import add_document
 from konstruct.store.tools import allow_hosts, put_tool
-from tests.support import Hooks, WorkerProcess, suite_codec
+from tests.support import Hooks, WorkerProcess, time_skipping_server
 from workers.main import build_worker
 from workflows.handle_message import HandleMessage
 
@@ -329,26 +323,13 @@ async def test_no_answer_within_the_approval_timeout_is_a_rejection(
 ) -> None:
     """On the time-skipping server the 10-minute wait passes at once."""
     tenant = await approval_agent(app_pool, hooks)
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin(suite_codec())]
-    )
-    try:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={
-                    name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
-                },
-            )
-        )
+    async with time_skipping_server() as env:
         task_queue = f"tq-{uuid.uuid4().hex[:8]}"
         async with build_worker(env.client, settings, task_queue) as worker, worker:
             message = body(tenant, '/tool refund {"x": 5}')
             handle = await start(env.client, task_queue, message)
             result = await handle.result()
             history = await handle.fetch_history()
-    finally:
-        await env.shutdown()
     assert result.response == (
         "Tool refund returned: No one approved this call within 600 s; it was not run."
     )

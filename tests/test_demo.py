@@ -21,12 +21,10 @@ from typing import Any
 import asyncpg
 import pytest
 import yaml
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
-from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment
 
 from activities.demo_registry import DemoRegistryActivities
 from konstruct.config import Settings
@@ -42,12 +40,10 @@ from konstruct.models.demo import (
     steps_of,
 )
 from konstruct.models.registry import MoveAliasInput, NewRun
-from konstruct.plugin import KonstructPlugin
-from konstruct.search_attributes import KIND, SEARCH_ATTRIBUTES, STATUS, TENANT
+from konstruct.search_attributes import KIND, STATUS, TENANT
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import temporal_test_server
 from konstruct.store import registry
-from tests.support import ROOT, WorkerRelay, call_in_flight, suite_codec
+from tests.support import ROOT, WorkerRelay, call_in_flight, time_skipping_server
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
@@ -538,18 +534,7 @@ async def test_no_answer_within_the_timeout_means_hold(
     settings: Settings, app_pool: asyncpg.Pool
 ) -> None:
     """On the time-skipping server the 90 s wait passes at once."""
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=temporal_test_server(), plugins=[KonstructPlugin(suite_codec())]
-    )
-    try:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={
-                    name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in SEARCH_ATTRIBUTES
-                },
-            )
-        )
+    async with time_skipping_server() as env:
         task_queue = f"tq-{uuid.uuid4().hex[:8]}"
         async with build_worker(env.client, settings, task_queue) as worker, worker:
             handle = await start(
@@ -574,8 +559,6 @@ async def test_no_answer_within_the_timeout_means_hold(
                 pass
             final = await progress_of(handle)
             history = await handle.fetch_history()
-    finally:
-        await env.shutdown()
     row = next(s for s in decided.steps if s.name == "agent_decision")
     assert row.status == "pass"
     assert f"no answer within {APPROVAL_TIMEOUT.total_seconds():.0f} s, hold" in row.detail
