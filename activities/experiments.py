@@ -24,6 +24,7 @@ from konstruct.models.registry import NewRun
 from konstruct.naming import ProviderQueue, registry_run_id
 from konstruct.provider_control import declared_bounds
 from konstruct.router import Deployment, RouterConfig
+from konstruct.store import budgets
 from konstruct.store import experiments as store
 from konstruct.store.providers import ensure_provider, provider_statuses
 from konstruct.store.registry import record_run
@@ -95,14 +96,17 @@ class ExperimentActivities:
                 judges = self._deployments(spec.model_group, f"evals.{index}.model_group")
                 judge_routes[models.eval_name(spec)] = _routes(judges)
                 deployments += judges
-        items = load_items(exp.dataset, self.base_dir)
-        spec_json = {
+        items = load_items(exp.dataset, self.base_dir, exp.task.prompt_template)
+        spec_json: dict[str, Any] = {
             "task": exp.task.model_dump(mode="json"),
             "evals": [e.model_dump(mode="json") for e in exp.evals],
             "dataset": {"path": exp.dataset.path}
             if exp.dataset.path is not None
             else {"inline": len(items)},
         }
+        if exp.epochs > 1:
+            # Only then: the digest of every single-epoch experiment stays as it was.
+            spec_json["epochs"] = exp.epochs
         digest = hashlib.sha256(
             (json.dumps(spec_json, sort_keys=True) + items_digest(items)).encode()
         ).hexdigest()
@@ -129,14 +133,29 @@ class ExperimentActivities:
                 digest=digest,
                 workflow_id=input.workflow_id,
                 items=items,
+                epochs=exp.epochs,
                 on_batch=activity.heartbeat,
             )
+            budget = exp.budget or models.BudgetSpec()
+            await budgets.configure(
+                conn,
+                exp.tenant_id,
+                exp.experiment_id,
+                cache=exp.cache,
+                max_usd=budget.max_usd,
+                max_tokens=budget.max_tokens,
+            )
+            spent = await store.spend_figures(conn, exp.tenant_id, exp.experiment_id)
         providers = await self._setup_providers(deployments)
         return models.PrepareResult(
-            total=len(items),
+            total=len(items) * exp.epochs,
             completed=counts.completed,
             failed=counts.failed,
             evaluated=counts.evaluated,
+            cost_usd=spent["cost_usd"],
+            cost_known=spent["cost_known"],
+            cache_hits=spent["cache_hits"],
+            cost_saved_usd=spent["cost_saved_usd"],
             task_routes=_routes(task_deployments),
             judge_routes=judge_routes,
             providers=providers,
@@ -197,6 +216,14 @@ class ExperimentActivities:
         """Raise or clear the stop flag; list the calls that still wait for capacity."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             await store.set_stop_flag(conn, input.tenant_id, input.experiment_id, input.stopped)
+            if input.stopped:
+                await budgets.mark_paused(conn, input.tenant_id, input.experiment_id)
+            else:
+                # It resumes only once nothing is in flight: what is still reserved was
+                # left by a dead worker's calls.
+                await budgets.release_all(
+                    conn, input.tenant_id, input.experiment_id, clear_pause=True
+                )
         if not (input.stopped and input.cancel_waiting):
             return models.StopFlagResult()
         # From here on a call that starts finds the flag and makes no request; one
@@ -215,9 +242,11 @@ class ExperimentActivities:
             self.pool, self._base_queue(), input.providers, self.settings.breaker_config()
         )
         latency = models.LatencyStats()
+        budget = None
         if input.with_latency:
             async with tenant_transaction(self.pool, input.tenant_id) as conn:
                 latency = await store.latency_stats(conn, input.tenant_id, input.experiment_id)
+                budget = await budgets.status(conn, input.tenant_id, input.experiment_id)
         return models.MonitorResult(
             providers=[
                 models.ProviderProgress(
@@ -237,6 +266,7 @@ class ExperimentActivities:
             ],
             latency=latency,
             at=statuses[0].now if statuses else 0.0,
+            budget=budget,
         )
 
     @activity.defn(name="experiment_finalize")
@@ -244,6 +274,8 @@ class ExperimentActivities:
         """The summary, stored on the experiment and recorded as a registry run (once)."""
         run_id = registry_run_id(input.tenant_id, input.experiment_id)
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            # Nothing is in flight any more: give back what dead workers' calls held.
+            await budgets.release_all(conn, input.tenant_id, input.experiment_id, clear_pause=True)
             summary = await store.summarise(conn, input.tenant_id, input.experiment_id)
             summary.status = input.status
             summary.name = input.name

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import asyncpg
@@ -42,16 +42,20 @@ from activities.provider_calls import (
     _throttled,
     missing_judges,
     new_result,
+    spent,
     task_messages,
 )
+from activities.spend import task_key
 from konstruct.db import tenant_transaction
+from konstruct.errors import BudgetExhausted
 from konstruct.models.experiments import (
     BatchItem,
     BatchItemResult,
     RunBatchInput,
     RunBatchResult,
 )
-from konstruct.provider_adapter import AnnouncedLimits, classify, complete_on
+from konstruct.provider_adapter import AnnouncedLimits, Completion, classify, complete_on
+from konstruct.store import cache
 from konstruct.store import experiments as store
 from konstruct.store.providers import OutcomeCounts, record_outcomes
 
@@ -165,6 +169,8 @@ class _Batch:
     writer: _ResultWriter
     throttled: int = 0
     failures: int = 0
+    # Item id -> the cache key its call's output is stored under (cache on).
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 class ProviderBatchActivities:
@@ -188,8 +194,10 @@ class ProviderBatchActivities:
                 calls.task_queue,
                 input.provider,
             )
+            keys, hits = await self._cached(conn, input, spec, found)
         out: dict[str, BatchItemResult] = {}
         todo: list[tuple[BatchItem, store.TaskCall]] = []
+        answered: list[tuple[BatchItem, store.NewResult]] = []
         for item in input.items:
             call = found.get(item.item_id)
             if call is None or item.deployment_id not in calls.deployments:
@@ -199,8 +207,23 @@ class ProviderBatchActivities:
                 out[item.item_id] = _stored(item.item_id, call.result, spec, fresh=False)
             elif call.stop_requested:
                 out[item.item_id] = BatchItemResult(item_id=item.item_id, status="stopped")
+            elif item.item_id in hits:
+                # Answered by the cache: no call, no slot, no reservation.
+                hit = Answer.from_cache(hits[item.item_id])
+                new = new_result(spec, call, hit, item.deployment_id, input.provider)
+                answered.append((item, new))
             else:
                 todo.append((item, call))
+        if answered:
+            stored = await store.store_results(
+                calls.pool,
+                input.tenant_id,
+                input.experiment_id,
+                [(item.item_id, new) for item, new in answered],
+            )
+            for item, new in answered:
+                row, fresh = stored[item.item_id]
+                out[item.item_id] = _stored(item.item_id, row, spec, fresh, new)
         breaker = todo[0][1].breaker if todo else None
         if breaker is not None and breaker.status != "closed":
             # The provider is failing: its single calls wait for the breaker's probe.
@@ -208,7 +231,10 @@ class ProviderBatchActivities:
                 out[item.item_id] = BatchItemResult(item_id=item.item_id, status="retry")
         elif todo:
             batch = _Batch(
-                input, spec, _ResultWriter(calls.pool, input.tenant_id, input.experiment_id)
+                input,
+                spec,
+                _ResultWriter(calls.pool, input.tenant_id, input.experiment_id),
+                keys=keys,
             )
             for result in await self._call_all(batch, todo):
                 out[result.item_id] = result
@@ -236,7 +262,7 @@ class ProviderBatchActivities:
             _Call(
                 item,
                 call,
-                messages := task_messages(batch.spec, item.item_id, call.input),
+                messages := task_messages(batch.spec, item.item_id, call.input, call.metadata),
                 self.calls.tokens.estimate(inp.provider, messages, max_tokens),
             )
             for item, call in todo
@@ -278,6 +304,27 @@ class ProviderBatchActivities:
                     task.cancel()
         return [task.result() for task in started] + results
 
+    async def _cached(
+        self,
+        conn: asyncpg.Connection,
+        input: RunBatchInput,
+        spec: store.StoredSpec,
+        found: dict[str, store.TaskCall],
+    ) -> tuple[dict[str, str], dict[str, cache.CacheEntry]]:
+        """With the experiment's cache on: each item's cache key, and the entries
+        found under them (one query for the batch)."""
+        keys: dict[str, str] = {}
+        for item in input.items:
+            call = found.get(item.item_id)
+            if call is None or not call.spend.cache or call.result is not None:
+                continue
+            messages = task_messages(spec, item.item_id, call.input, call.metadata)
+            keys[item.item_id] = task_key(item.deployment_id, spec.task, messages, call.epoch)
+        if not keys:
+            return keys, {}
+        entries = await cache.lookup(conn, input.tenant_id, keys.values())
+        return keys, {i: entries[k] for i, k in keys.items() if k in entries}
+
     async def _stop_requested(self, inp: RunBatchInput) -> bool:
         async with tenant_transaction(self.calls.pool, inp.tenant_id) as conn:
             return await store.stop_requested(conn, inp.tenant_id, inp.experiment_id)
@@ -292,23 +339,42 @@ class ProviderBatchActivities:
         provider = inp.provider
         deployment = calls.deployments[item.deployment_id]
         ledger = self._ledgers.setdefault(provider, _Ledger())
+        # Held against the budgets until answered (see `ProviderCallActivities._provider_call`).
+        prompt_guess, completion_guess = calls.tokens.split(
+            provider, one.messages, batch.spec.task.max_tokens
+        )
+        try:
+            held = await calls.spend.reserve(
+                (inp.tenant_id, inp.experiment_id),
+                call.spend,
+                item.deployment_id,
+                prompt_guess,
+                completion_guess,
+            )
+        except BudgetExhausted as exc:
+            ledger.answered(-booked, None)  # no request: its slot's tokens go back
+            return BatchItemResult(item_id=item.item_id, status="budget", message=str(exc))
         sent = time.perf_counter()
-        with calls.calling(provider, deployment) as span:
-            try:
-                completion = await complete_on(
-                    deployment.litellm_params,
-                    one.messages,
-                    timeout_s=calls.settings.call_timeout_s,
-                    temperature=batch.spec.task.temperature,
-                    max_tokens=batch.spec.task.max_tokens,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(trace.StatusCode.ERROR)
-                failure = classify(exc)
-                completion = None
+        completion: Completion | None = None
+        try:
+            with calls.calling(provider, deployment) as span:
+                try:
+                    completion = await complete_on(
+                        deployment.litellm_params,
+                        one.messages,
+                        timeout_s=calls.settings.call_timeout_s,
+                        temperature=batch.spec.task.temperature,
+                        max_tokens=batch.spec.task.max_tokens,
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    span.record_exception(exc)
+                    span.set_status(trace.StatusCode.ERROR)
+                    failure = classify(exc)
+                    completion = None
+        finally:
+            await calls.spend.settle(held, item.deployment_id, completion)
         latency_ms = (time.perf_counter() - sent) * 1000
         if completion is not None:
             used = calls.tokens.used(provider, one.messages, completion)
@@ -316,7 +382,12 @@ class ProviderBatchActivities:
             ledger.ok_answer()
             _calls.add(1, {"provider": provider, "outcome": "ok"})
             _latency.record(latency_ms, {"provider": provider})
-            answer = Answer(completion, latency_ms)
+            answer = Answer(
+                completion,
+                latency_ms,
+                cost_usd=calls.spend.cost_of(item.deployment_id, completion),
+                cache_key=batch.keys.get(item.item_id, ""),
+            )
         elif failure.posture == "rejected":
             ledger.answered(-booked, failure.limits)  # a refused call used no tokens
             _calls.add(1, {"provider": provider, "outcome": "rejected"})
@@ -344,15 +415,14 @@ class ProviderBatchActivities:
                 )
             return BatchItemResult(item_id=item.item_id, status="retry", retry_in_s=retry_in)
         await self._flush(provider)
+        new = new_result(batch.spec, call, answer, item.deployment_id, provider)
         try:
-            stored, fresh = await batch.writer.write(
-                item.item_id, new_result(batch.spec, call, answer, item.deployment_id, provider)
-            )
+            stored, fresh = await batch.writer.write(item.item_id, new)
         except (asyncpg.PostgresError, OSError) as exc:
             # Answered but not stored: the single-item path calls again and stores it.
             activity.logger.warning("result of %s not stored: %s", item.item_id, exc)
             return BatchItemResult(item_id=item.item_id, status="retry")
-        return _stored(item.item_id, stored, batch.spec, fresh)
+        return _stored(item.item_id, stored, batch.spec, fresh, new)
 
     async def _flush(self, provider: str, force: bool = False) -> None:
         """Count this worker's answers from the provider: when due, at once after a 429."""
@@ -385,8 +455,13 @@ class ProviderBatchActivities:
 
 
 def _stored(
-    item_id: str, stored: store.StoredResult, spec: store.StoredSpec, fresh: bool
+    item_id: str,
+    stored: store.StoredResult,
+    spec: store.StoredSpec,
+    fresh: bool,
+    new: store.NewResult | None = None,
 ) -> BatchItemResult:
+    """What the workflow counts; `new`: what this batch's call cost."""
     return BatchItemResult(
         item_id=item_id,
         status=stored.status,
@@ -394,4 +469,5 @@ def _stored(
         prompt_tokens=stored.prompt_tokens,
         completion_tokens=stored.completion_tokens,
         fresh=fresh,
+        **(spent(new) if new is not None else {}),
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,7 +32,9 @@ import asyncpg
 from opentelemetry import metrics, trace
 from temporalio import activity
 
+from activities.spend import CallSpend, cached_completion, judge_key, new_entry, task_key
 from konstruct.config import ExperimentSettings
+from konstruct.datasets import render_prompt
 from konstruct.db import tenant_transaction
 from konstruct.errors import ExperimentStopped, NotFound, QuotaExceeded
 from konstruct.evals import judge_messages, parse_judge, score_local
@@ -57,7 +60,10 @@ from konstruct.provider_adapter import (
 )
 from konstruct.provider_control import BreakerState, Grant
 from konstruct.router import Deployment, RouterConfig
+from konstruct.store import cache
 from konstruct.store import experiments as store
+from konstruct.store.budgets import SpendFlags
+from konstruct.store.cache import CacheEntry
 from konstruct.store.providers import (
     Outcome,
     OutcomeEffect,
@@ -86,6 +92,15 @@ class Answer:
     completion: Completion | None
     latency_ms: float
     rejected: ProviderFailure | None = None
+    # What the call cost (None: the deployment's price is unknown).
+    cost_usd: float | None = 0.0
+    # Answered from the cache (no call made); else the key a success is cached under.
+    hit: CacheEntry | None = None
+    cache_key: str = ""
+
+    @classmethod
+    def from_cache(cls, hit: CacheEntry) -> Answer:
+        return cls(cached_completion(hit), 0.0, cost_usd=0.0, hit=hit)
 
 
 # A completion's tokens guessed before any answer taught the worker better.
@@ -115,6 +130,14 @@ class TokenEstimates:
         guess = self._completion.get(provider, _FIRST_COMPLETION_GUESS)
         return round(prompt + (max_tokens if max_tokens is not None else guess))
 
+    def split(
+        self, provider: str, messages: list[dict[str, str]], max_tokens: int | None
+    ) -> tuple[int, int]:
+        """`estimate` as (prompt, completion) tokens, which are priced apart."""
+        prompt = round(self._characters(messages) * self._prompt_ratio.get(provider, 1.0))
+        guess = self._completion.get(provider, _FIRST_COMPLETION_GUESS)
+        return prompt, round(max_tokens if max_tokens is not None else guess)
+
     def used(self, provider: str, messages: list[dict[str, str]], completion: Completion) -> int:
         """The tokens an answer used; teaches the guesses (the first answer at once)."""
 
@@ -128,16 +151,16 @@ class TokenEstimates:
         return completion.total_tokens or completion.prompt_tokens + completion.completion_tokens
 
 
-def _render(template: str, item_id: str, text: str) -> str:
-    return template.replace("{input}", text).replace("{id}", item_id)
-
-
-def task_messages(spec: store.StoredSpec, item_id: str, text: str) -> list[dict[str, str]]:
-    """The task call's messages for one item."""
+def task_messages(
+    spec: store.StoredSpec, item_id: str, text: str, fields: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
+    """The task call's messages for one item: the template with its `{input}`, `{id}`
+    and extra fields (`{column}`: the item's other dataset columns) filled in."""
     messages = []
     if spec.task.system_prompt:
         messages.append({"role": "system", "content": spec.task.system_prompt})
-    messages.append({"role": "user", "content": _render(spec.task.prompt_template, item_id, text)})
+    prompt = render_prompt(spec.task.prompt_template, item_id, text, fields or {})
+    messages.append({"role": "user", "content": prompt})
     return messages
 
 
@@ -153,8 +176,9 @@ def new_result(
     deployment_id: str,
     provider: str,
 ) -> store.NewResult:
-    """The result row of an answered task call, with its deterministic scores."""
-    completion, rejected = answer.completion, answer.rejected
+    """The result row of an answered task call, with its deterministic scores, its
+    cost, and (a success, not from the cache) its output for the cache."""
+    completion, rejected, hit = answer.completion, answer.rejected, answer.hit
     scores: dict[str, Any] = {}
     if completion is not None:
         for spec_eval in spec.evals:
@@ -168,7 +192,7 @@ def new_result(
         output=completion.content if completion is not None else None,
         scores=scores,
         evaluated=completion is None or not spec.judges,
-        latency_ms=answer.latency_ms,
+        latency_ms=answer.latency_ms if hit is None else None,
         model=completion.model if completion is not None else None,
         deployment_id=deployment_id,
         provider=provider,
@@ -177,6 +201,37 @@ def new_result(
         error_kind=rejected.kind if rejected is not None else None,
         error=rejected.message if rejected is not None else None,
         attempt=activity.info().attempt,
+        cost_usd=answer.cost_usd if completion is not None else 0.0,
+        cached=hit is not None,
+        saved_usd=(hit.cost_usd or 0.0) if hit is not None else 0.0,
+        cache_entry=new_entry("task", answer.cache_key, deployment_id, completion, answer.cost_usd)
+        if completion is not None and hit is None and answer.cache_key
+        else None,
+    )
+
+
+def spent(new: store.NewResult) -> dict[str, Any]:
+    """A result's cost fields, as the workflow counts them (RunItemResult, BatchItemResult)."""
+    return {
+        "cost_usd": new.cost_usd or 0.0,
+        "cost_known": new.cost_usd is not None,
+        "cached": new.cached,
+        "saved_usd": new.saved_usd,
+    }
+
+
+def judge_cost(answer: Answer, deployment_id: str, key: str) -> store.JudgeCost:
+    """What a judge call cost, and (a success, not from the cache) its cache entry."""
+    completion, hit = answer.completion, answer.hit
+    if hit is not None:
+        return store.JudgeCost(cost_usd=0.0, cached=True, saved_usd=hit.cost_usd or 0.0)
+    if completion is None:
+        return store.JudgeCost(cost_usd=0.0)
+    return store.JudgeCost(
+        cost_usd=answer.cost_usd,
+        cache_entry=new_entry("judge", key, deployment_id, completion, answer.cost_usd)
+        if key
+        else None,
     )
 
 
@@ -207,6 +262,8 @@ class ProviderCallActivities:
         # Calls in progress per provider in this process (slot utilisation).
         self.in_progress: dict[str, int] = {}
         self.tokens = TokenEstimates()
+        # Prices, budget reservations (the cache is read with each item).
+        self.spend = CallSpend(pool, self.deployments)
 
     # --- shared plumbing -----------------------------------------------------------
 
@@ -346,17 +403,50 @@ class ProviderCallActivities:
         task: TaskSpec | None,
         experiment: tuple[str, str],
         breaker: BreakerState | None,
+        flags: SpendFlags | None = None,
     ) -> Answer:
-        """Admit, call, learn. Raises to retry; returns a completion or a rejection."""
+        """Admit, reserve, call, learn, settle. Raises to retry, or `BudgetExhausted`
+        (a budget is spent: no request made); returns a completion or a rejection."""
         # A closed breaker (read with the item) admits at once; otherwise ask under a lock.
         seen = breaker if breaker is not None and breaker.status == "closed" else None
         if seen is None:
             seen = await self._admit(provider)
+        max_tokens = task.max_tokens if task is not None else None
+        prompt_guess, completion_guess = self.tokens.split(provider, messages, max_tokens)
+        # Its estimated cost and tokens are held against the budgets before it books a
+        # slot, and released for what it really used once answered (or not).
+        held = await self.spend.reserve(
+            experiment, flags, deployment.deployment_id, prompt_guess, completion_guess
+        )
+        answer: Answer | None = None
+        try:
+            answer = await self._booked_call(
+                provider,
+                deployment,
+                messages,
+                task,
+                experiment,
+                seen,
+                prompt_guess + completion_guess,
+            )
+        finally:
+            completion = answer.completion if answer is not None else None
+            await self.spend.settle(held, deployment.deployment_id, completion)
+        return answer
+
+    async def _booked_call(
+        self,
+        provider: str,
+        deployment: Deployment,
+        messages: list[dict[str, str]],
+        task: TaskSpec | None,
+        experiment: tuple[str, str],
+        seen: BreakerState,
+        estimate: int,
+    ) -> Answer:
+        """Book a slot on the provider's schedule, call, learn."""
         # Every call takes a slot on the provider's schedule, batched or not, so
         # the rate holds whichever way calls reach it.
-        estimate = self.tokens.estimate(
-            provider, messages, task.max_tokens if task is not None else None
-        )
         grant = await self.book(provider, 1, estimate)
         booked = estimate if grant.metered else 0
         if grant.first_in_s > 0:
@@ -383,7 +473,9 @@ class ProviderCallActivities:
             token_excess=used - booked if booked else 0.0,
             limits=completion.limits,
         )
-        return Answer(completion, latency)
+        return Answer(
+            completion, latency, cost_usd=self.spend.cost_of(deployment.deployment_id, completion)
+        )
 
     async def _failed(
         self,
@@ -431,38 +523,52 @@ class ProviderCallActivities:
 
     @activity.defn(name="experiment_run_item")
     async def run_item(self, input: RunItemInput) -> RunItemResult:
-        """The task call of one item, its deterministic evals, and its result row, once."""
+        """The task call of one item, its deterministic evals, and its result row, once.
+        With the experiment's cache on, the same call made before answers it: no
+        request, no rate slot, no budget reservation."""
+        key, hit, messages = "", None, []
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             spec = await self._spec(conn, input.tenant_id, input.experiment_id)
             item = await store.task_call(conn, self._ref(input))
+            if item is not None and item.result is None and not item.stop_requested:
+                messages = task_messages(spec, input.item_id, item.input, item.metadata)
+                if item.spend.cache:
+                    key = task_key(input.deployment_id, spec.task, messages, item.epoch)
+                    hit = (await cache.lookup(conn, input.tenant_id, [key])).get(key)
         if item is None:
             raise NotFound(f"item {input.item_id!r} is not in experiment {input.experiment_id!r}")
         if item.result is not None:
             return self._result(input.item_id, item.result, spec, fresh=False)
         if item.stop_requested:
             raise _stopping()
-        deployment = self._deployment(input.deployment_id)
-        answer = await self._provider_call(
-            input.provider,
-            deployment,
-            task_messages(spec, input.item_id, item.input),
-            spec.task,
-            (input.tenant_id, input.experiment_id),
-            item.breaker,
-        )
+        if hit is not None:
+            answer = Answer.from_cache(hit)
+        else:
+            answer = await self._provider_call(
+                input.provider,
+                self._deployment(input.deployment_id),
+                messages,
+                spec.task,
+                (input.tenant_id, input.experiment_id),
+                item.breaker,
+                item.spend,
+            )
+            answer = dataclasses.replace(answer, cache_key=key)
+        new = new_result(spec, item, answer, input.deployment_id, input.provider)
         stored = await store.store_result(
-            self.pool,
-            input.tenant_id,
-            input.experiment_id,
-            input.item_id,
-            new_result(spec, item, answer, input.deployment_id, input.provider),
+            self.pool, input.tenant_id, input.experiment_id, input.item_id, new
         )
-        return self._result(input.item_id, stored, spec, fresh=True)
+        return self._result(input.item_id, stored, spec, fresh=True, new=new)
 
     @staticmethod
     def _result(
-        item_id: str, stored: store.StoredResult, spec: store.StoredSpec, fresh: bool
+        item_id: str,
+        stored: store.StoredResult,
+        spec: store.StoredSpec,
+        fresh: bool,
+        new: store.NewResult | None = None,
     ) -> RunItemResult:
+        """What the workflow counts; `new`: what this attempt's call cost."""
         return RunItemResult(
             item_id=item_id,
             status=stored.status,
@@ -472,15 +578,28 @@ class ProviderCallActivities:
             completion_tokens=stored.completion_tokens,
             error_kind=stored.error_kind,
             fresh=fresh,
+            **(spent(new) if new is not None else {}),
         )
 
     @activity.defn(name="experiment_judge_item")
     async def judge_item(self, input: JudgeItemInput) -> JudgeItemResult:
-        """One llm_judge eval of one item; its score is merged into the result row once."""
+        """One llm_judge eval of one item; its score is merged into the result row once.
+        Cached as task calls are, under its own key (judge deployment, judge prompt)."""
+        key, hit, messages = "", None, []
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             spec = await self._spec(conn, input.tenant_id, input.experiment_id)
             item = await store.judge_call(conn, self._ref(input))
-        judge = spec.judges.get(input.eval_name)
+            judge = spec.judges.get(input.eval_name)
+            if (
+                item is not None
+                and isinstance(judge, LlmJudgeEval)
+                and input.eval_name not in item.scores
+                and not item.stop_requested
+            ):
+                messages = judge_messages(judge, item.input, item.output, item.expected)
+                if item.spend.cache:
+                    key = judge_key(input.deployment_id, messages, item.epoch)
+                    hit = (await cache.lookup(conn, input.tenant_id, [key])).get(key)
         if item is None or judge is None:
             raise NotFound(
                 f"no task output or no eval {input.eval_name!r} for item {input.item_id!r}"
@@ -495,14 +614,18 @@ class ProviderCallActivities:
         if item.stop_requested:
             raise _stopping()
         assert isinstance(judge, LlmJudgeEval)
-        answer = await self._provider_call(
-            input.provider,
-            self._deployment(input.deployment_id),
-            judge_messages(judge, item.input, item.output, item.expected),
-            None,
-            (input.tenant_id, input.experiment_id),
-            item.breaker,
-        )
+        if hit is not None:
+            answer = Answer.from_cache(hit)
+        else:
+            answer = await self._provider_call(
+                input.provider,
+                self._deployment(input.deployment_id),
+                messages,
+                None,
+                (input.tenant_id, input.experiment_id),
+                item.breaker,
+                item.spend,
+            )
         entry: dict[str, Any]
         if answer.completion is None:
             error = answer.rejected.message if answer.rejected is not None else ""
@@ -515,7 +638,13 @@ class ProviderCallActivities:
                 if parsed is not None
                 else {"score": None, "passed": False, "detail": f"no score in: {reply[:200]}"}
             )
-        entry["latency_ms"] = answer.latency_ms
+        entry["latency_ms"] = answer.latency_ms if hit is None else None
+        cost = judge_cost(answer, input.deployment_id, key)
+        if answer.completion is not None:
+            entry["prompt_tokens"] = answer.completion.prompt_tokens
+            entry["completion_tokens"] = answer.completion.completion_tokens
+            entry["cost_usd"] = cost.cost_usd
+            entry["cached"] = cost.cached
         merged = await store.merge_judge_score(
             self.pool,
             input.tenant_id,
@@ -524,10 +653,15 @@ class ProviderCallActivities:
             input.eval_name,
             entry,
             list(spec.judges),
+            cost,
         )
         return JudgeItemResult(
             item_id=input.item_id,
             eval_name=input.eval_name,
             score=merged.scores[input.eval_name].get("score"),
             evaluated=merged.evaluated,
+            cost_usd=cost.cost_usd or 0.0,
+            cost_known=cost.cost_usd is not None,
+            cached=cost.cached,
+            saved_usd=cost.saved_usd,
         )

@@ -237,6 +237,8 @@ class Bench:
             "task": {"model_group": "fast", "prompt_template": "Answer with a number: {input}"},
             "evals": [{"kind": "exact_match"}],
             "max_concurrency": self.max_concurrency,
+            # Every scenario asks the same questions: measure calls, not the cache.
+            "cache": False,
             **extra,
         }
         return await self.client.start_workflow(
@@ -605,6 +607,7 @@ async def run_large(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "task": {"model_group": "fast", "prompt_template": "Answer with a number: {input}"},
         "evals": [{"kind": "exact_match"}],
         "max_concurrency": bench.max_concurrency,
+        "cache": False,
     }
     process = bench.workers[0].process
     assert process is not None, "the worker is started"

@@ -16,7 +16,8 @@
     ├── PrecheckFailed             the demo's environment is not ready
     ├── ServiceUnreachable         Temporal or PostgreSQL does not answer (retryable)
     ├── ExperimentStopped          an experiment call found the stop flag raised; it made no request
-    └── QuotaExceeded              a provider's quota is spent; the experiment pauses until resumed
+    ├── QuotaExceeded              a provider's quota is spent; the experiment pauses until resumed
+    └── BudgetExhausted            an experiment's or its tenant's budget is spent; it pauses until resumed
 
 An activity raises these; the worker's interceptor (`konstruct.interceptors`)
 turns each into an `ApplicationError` whose `type` is `error_type` and whose
@@ -152,6 +153,14 @@ class QuotaExceeded(KonstructError):
     helps until someone raises it, so the experiment pauses until resumed."""
 
     error_type = "QuotaExceeded"
+
+
+class BudgetExhausted(KonstructError):
+    """A call's reservation did not fit in the experiment's budget (`budget.max_usd`,
+    `budget.max_tokens`) or its tenant's monthly budget: no request made; the
+    experiment pauses until its budget is raised and it is resumed."""
+
+    error_type = "BudgetExhausted"
 
 
 def to_application_error(error: KonstructError) -> ApplicationError:

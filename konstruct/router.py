@@ -34,6 +34,16 @@ class RateLimits(BaseModel):
     limit_window_s: float = Field(60.0, gt=0)
 
 
+class DeclaredPrices(BaseModel):
+    """A deployment's declared prices, from its `model_info` (litellm's own names, US
+    dollars per token; see `konstruct.pricing`). Unset: litellm's price map decides."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_cost_per_token: float | None = Field(None, ge=0)
+    output_cost_per_token: float | None = Field(None, ge=0)
+
+
 class Deployment(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -45,6 +55,7 @@ class Deployment(BaseModel):
     @classmethod
     def _limits_valid(cls, info: dict[str, Any]) -> dict[str, Any]:
         RateLimits.model_validate(info)
+        DeclaredPrices.model_validate(info)
         return info
 
     @property
@@ -111,6 +122,15 @@ def load_router_config(path: Path) -> RouterConfig:
         raise ConfigError(f"router config {path} is invalid: {exc}") from exc
 
 
+def litellm_model_cost(model: str) -> dict[str, Any] | None:
+    """litellm's bundled price-map entry for a model name (the copy litellm ships:
+    `LITELLM_LOCAL_MODEL_COST_MAP` is set in `konstruct/__init__.py`); None: not listed."""
+    import litellm
+
+    entry = litellm.model_cost.get(model)
+    return dict(entry) if isinstance(entry, dict) else None
+
+
 def build_router(config: RouterConfig, environ: dict[str, str] | None = None) -> Any:
     """A litellm Router over the active deployments. Raises ConfigError if none is active."""
     import litellm
@@ -134,7 +154,10 @@ def build_router(config: RouterConfig, environ: dict[str, str] | None = None) ->
         params = dict(d.litellm_params)
         # The OpenAI client's own retries would multiply with Temporal's.
         params.setdefault("max_retries", 0)
+        # Prices are Konstruct's business (konstruct.pricing); given to litellm, it
+        # warns at every start about each model its own map does not list.
+        info = {k: v for k, v in d.model_info.items() if k not in DeclaredPrices.model_fields}
         model_list.append(
-            {"model_name": d.model_name, "litellm_params": params, "model_info": d.model_info}
+            {"model_name": d.model_name, "litellm_params": params, "model_info": info}
         )
     return litellm.Router(model_list=model_list, **settings)

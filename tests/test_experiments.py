@@ -47,6 +47,10 @@ def experiment(n: int = 20, **overrides: Any) -> dict[str, Any]:
         "task": {"model_group": "fast", "prompt_template": "Answer with a number only: {input}"},
         "evals": [{"kind": "exact_match"}, {"kind": "contains"}],
         "max_concurrency": 10,
+        # The output cache is on by default, and every test's items are alike: the
+        # first test's calls would answer the next ones'. tests/test_experiments_cost.py
+        # turns it on.
+        "cache": False,
         "options": {"retry_max_s": 2.0, "monitor_interval_s": 0.5},
     }
     for key, value in overrides.items():
@@ -105,6 +109,8 @@ async def test_contract_example_runs_and_show_lists_every_item(
         "task": {"model_group": "fast", "prompt_template": "Answer with a number only: {input}"},
         "evals": [{"kind": "exact_match"}],
         "max_concurrency": 20,
+        # Not answered by the cache from an earlier test's run of the same dataset.
+        "cache": False,
     }
     handle = await start(client, worker, body)
     result: ExperimentResult = await handle.result()

@@ -27,10 +27,16 @@ with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
     from activities.provider_batches import ProviderBatchActivities
     from activities.provider_calls import ProviderCallActivities
-    from konstruct.errors import ExperimentStopped, QuotaExceeded, workflow_failure
+    from konstruct.errors import (
+        BudgetExhausted,
+        ExperimentStopped,
+        QuotaExceeded,
+        workflow_failure,
+    )
     from konstruct.models.experiments import (
         BatchItem,
         BatchItemResult,
+        BudgetProgress,
         ExperimentCarry,
         ExperimentInput,
         ExperimentProgress,
@@ -39,9 +45,11 @@ with workflow.unsafe.imports_passed_through():
         ExperimentSummary,
         FinalizeInput,
         JudgeItemInput,
+        JudgeItemResult,
         LatencyStats,
         MonitorInput,
         MonitorResult,
+        PauseKind,
         PendingItem,
         PendingPage,
         PendingPageInput,
@@ -63,6 +71,7 @@ with workflow.unsafe.imports_passed_through():
         ToggleResult,
         WaitingCalls,
         WaitingCallsInput,
+        usd,
     )
     from konstruct.naming import ProviderQueue
     from konstruct.search_attributes import KIND, STATUS, TENANT
@@ -136,9 +145,12 @@ class Experiment:
         self._last_sample: tuple[float, int] | None = None
         self._finishing = False
         self._monitor_off = False
-        # Set when a provider said its quota is spent: the experiment pauses (a stop
-        # made by the workflow itself) until someone resumes it.
+        # Set when a provider said its quota is spent, or a budget is: the experiment
+        # pauses (a stop made by the workflow itself) until someone resumes it.
         self._quota_reason: str | None = None
+        self._pause_kind: PauseKind | None = None
+        # The experiment's and its tenant's budget at the last monitor sample.
+        self._budget: BudgetProgress | None = None
         # Items found without a result at the end, and the last reason one was left so.
         self._unfinished = 0
         self._unrecorded: str | None = None
@@ -165,6 +177,7 @@ class Experiment:
             name=inp.name or inp.experiment_id,
             status=self._status,
             paused_reason=self._paused_reason,
+            paused_kind=(self._pause_kind or "breaker") if self._status == "paused" else None,
             total=total,
             completed=carry.completed if carry else 0,
             failed=carry.failed if carry else 0,
@@ -178,6 +191,11 @@ class Experiment:
             latency=self._monitor.latency if self._monitor else LatencyStats(),
             prompt_tokens=carry.prompt_tokens if carry else 0,
             completion_tokens=carry.completion_tokens if carry else 0,
+            cost_usd=round(carry.cost_usd, 9) if carry else 0.0,
+            cost_known=carry.cost_known if carry else True,
+            cache_hits=carry.cache_hits if carry else 0,
+            cost_saved_usd=round(carry.cost_saved_usd, 9) if carry else 0.0,
+            budget=self._budget,
             run_index=carry.run_index if carry else 0,
             toggles=list(carry.toggles) if carry else [],
             last_refusal=refusals[-1] if refusals else None,
@@ -284,6 +302,10 @@ class Experiment:
                 completed=prepared.completed,
                 failed=prepared.failed,
                 evaluated=prepared.evaluated,
+                cost_usd=prepared.cost_usd,
+                cost_known=prepared.cost_known,
+                cache_hits=prepared.cache_hits,
+                cost_saved_usd=prepared.cost_saved_usd,
                 started_at=workflow.now().timestamp(),
             )
         else:
@@ -577,6 +599,7 @@ class Experiment:
                 if result.fresh:
                     carry.prompt_tokens += result.prompt_tokens
                     carry.completion_tokens += result.completion_tokens
+                    self._count_cost(result)
                 missing = result.missing_evals
             for name in missing:
                 route = pick_route(carry.prepared.judge_routes[name], item.item_id)
@@ -594,7 +617,8 @@ class Experiment:
                     f"judge:{name}:{item.item_id}",
                 )
                 keys.append(key)
-                await judge
+                judged: JudgeItemResult = await judge
+                self._count_cost(judged)
             carry.evaluated += 1
             self._done_this_run += 1
         except ActivityError as err:
@@ -606,6 +630,10 @@ class Experiment:
             if isinstance(cause, ApplicationError) and cause.type == QuotaExceeded.error_type:
                 self._quota_spent(cause.message)
                 return
+            if isinstance(cause, ApplicationError) and cause.type == BudgetExhausted.error_type:
+                # The quota's pause: the same commands (a stop, then a wait for a resume).
+                self._quota_spent(cause.message, "budget")
+                return  # no request made: still pending, a resume runs it
             kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
             try:
                 recorded: bool = await workflow.execute_activity_method(
@@ -639,12 +667,23 @@ class Experiment:
             for key in keys:
                 self._handles.pop(key, None)
 
-    def _quota_spent(self, message: str) -> None:
-        """No retry helps a spent quota: pause, and leave the item pending."""
+    def _quota_spent(self, message: str, kind: PauseKind = "quota") -> None:
+        """No retry helps a spent quota or budget: pause, and leave the item pending."""
         if self._quota_reason is None:
             self._quota_reason = message
+            self._pause_kind = kind
             self._stop_requested = True
-            self._publish(f"paused: {message}")
+            self._publish(f"paused: {kind}: {message}")
+
+    def _count_cost(self, r: RunItemResult | BatchItemResult | JudgeItemResult) -> None:
+        """What a call of this run cost, or saved by coming from the cache."""
+        assert self._carry is not None
+        carry = self._carry
+        carry.cost_usd += r.cost_usd
+        carry.cost_known = carry.cost_known and r.cost_known
+        if r.cached:
+            carry.cache_hits += 1
+            carry.cost_saved_usd += r.saved_usd
 
     async def _run_batch(self, provider: str, items: list[PendingItem]) -> None:
         """Task calls of several items in one activity. What the batch settled is
@@ -693,6 +732,8 @@ class Experiment:
                     asyncio.create_task(self._run_item(item, delay_s=r.retry_in_s))
                 elif r.status == "quota":
                     self._quota_spent(r.message or f"provider {provider!r} quota exceeded")
+                elif r.status == "budget":
+                    self._quota_spent(r.message or "a budget is spent", "budget")
                 elif r.status in ("ok", "failed"):
                     if self._count_batch_result(item, r):
                         handed_over.add(item.item_id)
@@ -714,6 +755,7 @@ class Experiment:
         if r.fresh:
             carry.prompt_tokens += r.prompt_tokens
             carry.completion_tokens += r.completion_tokens
+            self._count_cost(r)
         if r.missing_evals:
             judged = PendingItem(
                 seq=item.seq, item_id=item.item_id, needs_task=False, missing_evals=r.missing_evals
@@ -729,13 +771,17 @@ class Experiment:
         flagged = await self._set_stop_flag(stopped=True)
         self._cancel_calls(flagged.waiting_activity_ids)
         await workflow.wait_condition(lambda: not self._in_flight)
-        if self._quota_reason is not None:
+        if self._quota_reason is not None and self._pause_kind == "budget":
+            self._paused_reason = f"budget: {self._quota_reason}"
+            self._set_status("paused")
+        elif self._quota_reason is not None:
             self._paused_reason = f"quota: {self._quota_reason}; resume once it is raised"
             self._set_status("paused")
         else:
             self._set_status("stopped")
         await workflow.wait_condition(lambda: not self._stop_requested)
         self._quota_reason = None
+        self._pause_kind = None
         await self._set_stop_flag(stopped=False)
         self._set_status("running")
 
@@ -803,6 +849,7 @@ class Experiment:
             providers.append(p)
         self._providers = providers
         self._monitor = sample
+        self._budget = sample.budget
         done = self._carry.evaluated + self._carry.failed
         if self._last_sample is not None and sample.at > self._last_sample[0]:
             rate = (done - self._last_sample[1]) / (sample.at - self._last_sample[0])
@@ -844,6 +891,30 @@ class Experiment:
             lines.append(note)
         if progress.paused_reason:
             lines.append(f"paused: {progress.paused_reason}")
+        if progress.cost_usd or progress.cache_hits or not progress.cost_known:
+            lines.append(
+                f"cost {usd(progress.cost_usd)}"
+                + ("" if progress.cost_known else " (some calls of unknown price, counted 0)")
+                + (
+                    f", {progress.cache_hits} cache hits saved {usd(progress.cost_saved_usd)}"
+                    if progress.cache_hits
+                    else ""
+                )
+            )
+        b = progress.budget
+        if b is not None:
+            parts = []
+            if b.max_usd is not None:
+                parts.append(f"{usd(b.spent_usd)} of {usd(b.max_usd)}")
+            if b.max_tokens is not None:
+                parts.append(f"{b.spent_tokens} of {b.max_tokens} tokens")
+            if b.reserved_usd or b.reserved_tokens:
+                parts.append(f"{usd(b.reserved_usd)} / {b.reserved_tokens} tokens reserved")
+            if b.tenant_max_usd is not None:
+                parts.append(
+                    f"tenant {b.tenant_month}: {usd(b.tenant_spent_usd)} of {usd(b.tenant_max_usd)}"
+                )
+            lines.append("budget: " + ", ".join(parts))
         for p in progress.providers:
             lines.append(
                 f"- `{p.provider}`: rate {p.rate_rps:.1f}/s, ok {p.ok_per_s:.1f}/s,"

@@ -17,6 +17,7 @@ from temporalio.service import RPCError
 from konstruct.cli import (
     agents,
     approvals,
+    budgets,
     demo,
     experiments,
     keys,
@@ -51,6 +52,7 @@ for command in (
     keys.group,
     tools.group,
     approvals.group,
+    budgets.group,
 ):
     cli.add_command(command)
 

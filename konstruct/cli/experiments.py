@@ -1,4 +1,5 @@
-"""`konstruct experiments start | watch | show | list | stop | resume`."""
+"""`konstruct experiments start | watch | show | list | stop | resume | retry` (and, from
+`experiment_reports`, `compare | report`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Column, Table
 from rich.text import Text
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.cli.common import (
@@ -32,17 +33,28 @@ from konstruct.cli.common import (
     with_pool,
     workflow_id_value,
 )
+from konstruct.cli.experiment_reports import COMMANDS as REPORT_COMMANDS
 from konstruct.cli.output import LiveView, failure_message, print_json, print_table
 from konstruct.config import Settings
+from konstruct.datasets import load_items
 from konstruct.errors import InvalidInput, NotFound
 from konstruct.models.experiments import (
+    BudgetProgress,
     ExperimentInput,
     ExperimentProgress,
+    ExperimentSummary,
     LlmJudgeEval,
     ToggleInput,
+    usd,
 )
 from konstruct.router import load_router_config
-from konstruct.store.experiments import experiment_detail, find_workflow_id, list_experiments
+from konstruct.store.budgets import raise_budget as raise_experiment_budget
+from konstruct.store.experiments import (
+    experiment_detail,
+    find_workflow_id,
+    forget_failures,
+    list_experiments,
+)
 from workflows.experiment import Experiment
 
 DEFAULT_DATASET = "deploy/datasets/arithmetic.jsonl"
@@ -63,12 +75,19 @@ def build_input(
     tenant: str = "demo",
     name: str | None = None,
     dataset: str | None = None,
+    input_field: str | None = None,
+    expected_field: str | None = None,
+    id_field: str | None = None,
     model_group: str = "fast",
     template: str = "",
     evals: tuple[str, ...] = (),
     judge: str | None = None,
     rubric: str = "",
     max_concurrency: int | None = None,
+    epochs: int | None = None,
+    no_cache: bool = False,
+    budget_usd: float | None = None,
+    budget_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The workflow input, with the experiment settings as its `options` defaults."""
     if file is not None:
@@ -82,9 +101,17 @@ def build_input(
         kinds: list[dict[str, Any]] = [{"kind": k} for k in (evals or ("exact_match",))]
         if judge:
             kinds.append({"kind": "llm_judge", "model_group": judge, "rubric": rubric})
+        mapping = {
+            "input_field": input_field,
+            "expected_field": expected_field,
+            "id_field": id_field,
+        }
         body = {
             "tenant_id": tenant,
-            "dataset": {"path": dataset or DEFAULT_DATASET},
+            "dataset": {
+                "path": dataset or DEFAULT_DATASET,
+                **{key: value for key, value in mapping.items() if value is not None},
+            },
             "task": {"model_group": model_group, "prompt_template": template},
             "evals": kinds,
         }
@@ -93,6 +120,16 @@ def build_input(
     body.setdefault("experiment_id", f"exp-{time.strftime('%Y%m%d-%H%M%S')}")
     if name:
         body["name"] = name
+    if epochs is not None:
+        body["epochs"] = epochs
+    if no_cache:
+        body["cache"] = False
+    if budget_usd is not None or budget_tokens is not None:
+        body["budget"] = dict(body.get("budget") or {})
+        if budget_usd is not None:
+            body["budget"]["max_usd"] = budget_usd
+        if budget_tokens is not None:
+            body["budget"]["max_tokens"] = budget_tokens
     s = settings.experiments
     body.setdefault("max_concurrency", max_concurrency or s.max_concurrency)
     body["options"] = {**s.workflow_options().model_dump(), **body.get("options", {})}
@@ -108,7 +145,8 @@ def _check_against_config(
     settings: Settings, body: dict[str, Any], validated: ExperimentInput
 ) -> None:
     """What the input cannot say about itself: its model groups are in the router
-    config, its dataset file exists (the worker would fail on the first page)."""
+    config, its dataset reads (the file exists and every row maps to an item, as the
+    worker will read it) and the template names only fields the items have."""
     config = load_router_config(settings.path(settings.llm.router_config))
     groups = sorted({d.model_name for d in config.model_list})
     named = [("task.model_group", validated.task.model_group)] + [
@@ -122,12 +160,10 @@ def _check_against_config(
                 f"Experiment: {field}: {group!r} is not a model group of the router config"
                 f" ({', '.join(groups)})"
             )
-    path = (body.get("dataset") or {}).get("path")
-    if path is not None and not settings.path(Path(path)).is_file():
-        raise InvalidInput(
-            f"Experiment: dataset.path: {settings.path(Path(path))} does not exist (relative"
-            " paths are read from the project directory, as the worker reads them)"
-        )
+    try:
+        load_items(validated.dataset, settings.base_dir, validated.task.prompt_template)
+    except InvalidInput as exc:
+        raise InvalidInput(f"Experiment: {exc}", exc.fields) from None
 
 
 @group.command("start")
@@ -139,7 +175,12 @@ def _check_against_config(
 )
 @tenant_option
 @click.option("--name")
-@click.option("--dataset", help=f"JSONL path (default: {DEFAULT_DATASET})")
+@click.option("--dataset", help=f"a .jsonl, .csv or .parquet file (default: {DEFAULT_DATASET})")
+@click.option("--input-field", help="the dataset's column of the input (default: input)")
+@click.option(
+    "--expected-field", help="the dataset's column of the expected answer (default: expected)"
+)
+@click.option("--id-field", help="the dataset's column of the item id (default: id, else row-N)")
 @click.option("--model-group", default="fast", show_default=True)
 @click.option("--template", default="Answer with a number only: {input}", show_default=True)
 @click.option(
@@ -153,6 +194,22 @@ def _check_against_config(
     "--rubric", default="Is the answer correct? Score 1 if so, else 0.", show_default=True
 )
 @click.option("--max-concurrency", type=click.IntRange(min=1))
+@click.option("--epochs", type=click.IntRange(1, 100), help="run each item N times (default 1)")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="always call the provider (default: answer repeated calls from the cache)",
+)
+@click.option(
+    "--budget-usd",
+    type=click.FloatRange(min=0, min_open=True),
+    help="pause once the calls have cost this many US dollars",
+)
+@click.option(
+    "--budget-tokens",
+    type=click.IntRange(min=1),
+    help="pause once the calls have used this many tokens",
+)
 @click.option("--watch", is_flag=True, help="watch it until it ends")
 @pass_state
 def start(state: CliState, watch: bool, **fields: Any) -> int:
@@ -209,16 +266,40 @@ def _figures(p: ExperimentProgress, rate: float) -> str:
     throttled = sum(x.throttled_per_s for x in p.providers)
     breakers = ",".join(f"{x.provider}:{x.breaker}" for x in p.providers) or "-"
     rates = ",".join(f"{x.provider}:{x.rate_rps:.1f}/s" for x in p.providers) or "-"
+    cost = f" cost {usd(p.cost_usd)}{'' if p.cost_known else '+?'}"
+    if p.cache_hits:
+        cost += f" ({p.cache_hits} cached)"
     return (
         f"{done}/{p.total} failed {p.failed} in-flight {p.in_flight} {rate:6.1f} items/s {eta}"
-        f" 429/s {throttled:.1f} rate {rates} breaker {breakers}"
+        f" 429/s {throttled:.1f} rate {rates} breaker {breakers}{cost}"
     )
+
+
+def budget_line(b: BudgetProgress | None) -> str | None:
+    """The budgets of an experiment and its tenant, in one line (None: it has none)."""
+    if b is None:
+        return None
+    parts = []
+    if b.max_usd is not None:
+        parts.append(f"{usd(b.spent_usd)} of {usd(b.max_usd)}")
+    if b.max_tokens is not None:
+        parts.append(f"{b.spent_tokens} of {b.max_tokens} tokens")
+    if b.reserved_usd or b.reserved_tokens:
+        parts.append(f"{usd(b.reserved_usd)} ({b.reserved_tokens} tokens) reserved in flight")
+    if b.tenant_max_usd is not None:
+        parts.append(
+            f"tenant {b.tenant_month}: {usd(b.tenant_spent_usd)} of {usd(b.tenant_max_usd)}"
+        )
+    return "budget " + ", ".join(parts)
 
 
 def _notes(p: ExperimentProgress) -> list[str]:
     notes = []
     if p.paused_reason:
         notes.append(f"  paused: {p.paused_reason}")
+    budget = budget_line(p.budget)
+    if budget:
+        notes.append(f"  {budget}")
     if p.last_refusal is not None:
         notes.append(f"  last refused {p.last_refusal.action}: {p.last_refusal.reason}")
     if p.incomplete_reason:
@@ -287,8 +368,20 @@ async def _watch(client: Client, workflow_id: str, interval: float) -> int:
         )
         lat = result.summary.latency
         print(f"  latency p50/p95/p99 ms: {lat.p50_ms} / {lat.p95_ms} / {lat.p99_ms}")
+        print(f"  {cost_line(result.summary)}")
         print(f"  registry run {result.registry_run_id}")
     return 0 if p.status in ("completed", "stopped") else 1
+
+
+def cost_line(summary: ExperimentSummary) -> str:
+    """What an experiment's calls cost, and what the cache saved."""
+    line = f"cost {usd(summary.cost_usd)} (task {usd(summary.task_cost_usd)}"
+    line += f", judges {usd(summary.judge_cost_usd)})"
+    if not summary.cost_known:
+        line += ", some calls of unknown price counted 0"
+    if summary.cache_hits:
+        line += f"; {summary.cache_hits} calls from the cache saved {usd(summary.cost_saved_usd)}"
+    return line
 
 
 async def _workflow_id(settings: Settings, tenant: str, experiment: str) -> str:
@@ -332,6 +425,15 @@ def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
         print_json(data)
         return 0
     print(f"{data['experiment_id']}  {data['name']}  {data['status']}  {data['total']} items")
+    if data.get("paused_reason"):
+        print(f"  paused: {data['paused_reason']}")
+    spent = f"  cost {usd(data['cost_usd'])}" + ("" if data["cost_known"] else " (+ unknown)")
+    if data["cache_hits"]:
+        spent += f", {data['cache_hits']} calls from the cache saved {usd(data['cost_saved_usd'])}"
+    print(spent)
+    budget = budget_line(BudgetProgress.model_validate(data["budget"]) if data["budget"] else None)
+    if budget:
+        print(f"  {budget}")
     print_table(
         ["item", "status", "output", "scores"],
         [
@@ -371,10 +473,35 @@ def _toggle_command(action: str) -> click.Command:
     @experiment_argument
     @tenant_option
     @pass_state
-    def toggle(state: CliState, experiment: str, tenant: str) -> int:
+    def toggle(
+        state: CliState,
+        experiment: str,
+        tenant: str,
+        raise_budget: float | None = None,
+        raise_tokens: int | None = None,
+    ) -> int:
         settings = state.settings
 
         async def run() -> int:
+            if raise_budget is not None or raise_tokens is not None:
+                # In PostgreSQL first: the calls after the resume reserve against it.
+                async with app_pool(settings) as pool:
+                    now = await raise_experiment_budget(
+                        pool,
+                        tenant,
+                        experiment,
+                        usd_more=raise_budget or 0.0,
+                        tokens_more=raise_tokens or 0,
+                    )
+                print(
+                    f"budget of {experiment} raised: {usd(now['spent_usd'])} spent of"
+                    f" {usd(now['budget_max_usd'])}"
+                    + (
+                        f", {now['spent_tokens']} of {now['budget_max_tokens']} tokens"
+                        if now["budget_max_tokens"] is not None
+                        else ""
+                    )
+                )
             workflow_id = await _workflow_id(settings, tenant, experiment)
             client = await temporal_client(settings)
             handle = client.get_workflow_handle(workflow_id)
@@ -396,8 +523,74 @@ def _toggle_command(action: str) -> click.Command:
 
         return run_async(run())
 
+    if action == "resume":
+        toggle = click.option(
+            "--raise-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="USD",
+            help="first raise the experiment's budget.max_usd by USD (a budget pause)",
+        )(toggle)
+        toggle = click.option(
+            "--raise-tokens",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="first raise the experiment's budget.max_tokens by N",
+        )(toggle)
     return toggle
 
 
 group.add_command(_toggle_command("stop"))
 group.add_command(_toggle_command("resume"))
+
+
+@group.command("retry")
+@experiment_argument
+@tenant_option
+@pass_state
+def retry(state: CliState, experiment: str, tenant: str) -> int:
+    """Re-run only the items that ended failed, keeping every ok result."""
+    settings = state.settings
+
+    async def run() -> int:
+        workflow_id = await _workflow_id(settings, tenant, experiment)
+        client = await temporal_client(settings)
+        handle = client.get_workflow_handle(workflow_id)
+        try:
+            description = await handle.describe()
+            history = await handle.fetch_history()
+        except RPCError as exc:
+            raise NotFound(f"no experiment workflow {workflow_id!r}: {exc.message}") from None
+        if description.status == WorkflowExecutionStatus.RUNNING:
+            print(
+                f"retry refused: experiment {experiment} is still running (a stopped one"
+                " waits for `konstruct experiments resume`); retry it once it has ended",
+                file=sys.stderr,
+            )
+            return 1
+        # The input the experiment was started with (a continued run also carries
+        # its counters, which a new run must not inherit).
+        started = history.events[0].workflow_execution_started_event_attributes
+        [body] = await client.data_converter.decode(started.input.payloads, [dict])
+        body.pop("carry", None)
+        async with app_pool(settings) as pool:
+            rerun, kept = await forget_failures(pool, tenant, experiment)
+        if rerun == 0:
+            print(f"experiment {experiment} has no failed item: nothing to re-run")
+            return 0
+        await client.start_workflow(
+            Experiment.run,
+            body,
+            id=workflow_id,
+            task_queue=settings.temporal.task_queue,
+            static_summary=f"experiment {experiment}: retry of {rerun} failed item(s)",
+        )
+        print(f"re-running {rerun} failed item(s) of {experiment}; {kept} ok result(s) kept")
+        print(f"  watch: konstruct experiments watch {experiment}")
+        return 0
+
+    return run_async(run())
+
+
+# `compare` and `report` (konstruct/cli/experiment_reports.py).
+for _command in REPORT_COMMANDS:
+    group.add_command(_command)

@@ -33,6 +33,8 @@ class DatasetItem(StrictModel):
     id: str = Field(min_length=1, max_length=200)
     input: str = Field(min_length=1)
     expected: Any = None
+    # Extra fields: a dataset file's other columns (as text), or given inline; each
+    # is usable in the prompt template as `{name}`.
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("id", mode="before")
@@ -42,16 +44,47 @@ class DatasetItem(StrictModel):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+DatasetFormat = Literal["jsonl", "csv", "parquet"]
+# A template's placeholders: `{name}` (letters, digits, `_`, `-`, `.`; not starting
+# with a digit); `{{name}}` is the literal text `{name}`.
+PLACEHOLDER = re.compile(r"\{\{([^\W\d][\w.-]*)\}\}|\{([^\W\d][\w.-]*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """The names a prompt template's placeholders refer to, in order, once each."""
+    names = (m.group(2) for m in PLACEHOLDER.finditer(template) if m.group(2) is not None)
+    return list(dict.fromkeys(names))
+
+
 class DatasetSpec(StrictModel):
-    """Either a JSONL file (read by the worker) or the items inline."""
+    """Either a file read by the worker (JSONL, CSV or Parquet, mapped to items by
+    the `*_field` columns; every other column is an extra field of the item) or
+    the items inline."""
 
     path: str | None = None
     items: list[DatasetItem] | None = None
+    # The columns (JSONL keys) holding each item's input, expected answer and id.
+    # Without an id column an item's id is `row-<n>`, n its row (see datasets.md).
+    input_field: str = Field("input", min_length=1)
+    expected_field: str = Field("expected", min_length=1)
+    id_field: str = Field("id", min_length=1)
+    # Default: from the extension (.jsonl/.json/.ndjson, .csv, .parquet/.pq).
+    format: DatasetFormat | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
         if (self.path is None) == (self.items is None):
-            raise ValueError("give exactly one of `path` (a JSONL file) or `items` (inline)")
+            raise ValueError(
+                "give exactly one of `path` (a JSONL, CSV or Parquet file) or `items` (inline)"
+            )
+        if self.items is not None:
+            mapped = [
+                name
+                for name in ("input_field", "expected_field", "id_field")
+                if getattr(self, name) != type(self).model_fields[name].default
+            ] + (["format"] if self.format is not None else [])
+            if mapped:
+                raise ValueError(f"{', '.join(mapped)}: only for a dataset file (`path`)")
         return self
 
 
@@ -65,7 +98,7 @@ class TaskSpec(StrictModel):
     @field_validator("prompt_template")
     @classmethod
     def _uses_input(cls, value: str) -> str:
-        if "{input}" not in value:
+        if "input" not in template_fields(value):
             raise ValueError("must contain `{input}`, where each item's input goes")
         return value
 
@@ -130,6 +163,15 @@ def eval_name(spec: Any) -> str:
     return str(spec.name or spec.kind)
 
 
+def usd(amount: float | None) -> str:
+    """US dollars for people: cents above $100, else four or six decimals."""
+    if amount is None:
+        return "$?"
+    if abs(amount) >= 100:
+        return f"${amount:,.2f}"
+    return f"${amount:.4f}" if abs(amount) >= 0.01 or amount == 0 else f"${amount:.6f}"
+
+
 class ExperimentOptions(StrictModel):
     """Workflow-side settings. `ExperimentSettings` inherits them (flat keys under
     `experiments.`); `konstruct experiments start` copies them into the input."""
@@ -158,6 +200,20 @@ class ExperimentOptions(StrictModel):
     batch_max_items: int = Field(50, ge=2, le=500)
 
 
+class BudgetSpec(StrictModel):
+    """What an experiment may spend: US dollars and/or tokens (prompt + completion)
+    over all its calls, task and judges. Each call reserves its estimate first; a
+    reservation that does not fit pauses the experiment (`paused`, reason `budget`)."""
+
+    max_usd: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+
+
+# Why an experiment is `paused`: a spent budget or quota (until resumed), or an
+# open circuit breaker (resumes by itself).
+PauseKind = Literal["budget", "quota", "breaker"]
+
+
 class ToggleRecord(StrictModel):
     action: Literal["stop", "resume"]
     accepted: bool
@@ -175,6 +231,12 @@ class ExperimentCarry(StrictModel):
     evaluated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # What the calls cost (US dollars; a call of unknown price counts 0 and clears
+    # `cost_known`), calls answered from the cache and what they had cost.
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cache_hits: int = 0
+    cost_saved_usd: float = 0.0
     stop_requested: bool = False
     last_toggle_at: float | None = None
     toggles: list[ToggleRecord] = Field(default_factory=list)
@@ -191,6 +253,12 @@ class ExperimentInput(StrictModel):
     task: TaskSpec
     evals: list[EvalSpec] = Field(default_factory=list)
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1, le=MAX_CONCURRENCY_LIMIT)
+    # Each item runs this many times; a result per (item, epoch).
+    epochs: int = Field(1, ge=1, le=100)
+    # Answer a call from the tenant's output cache when the same call (deployment,
+    # messages, temperature, max_tokens, epoch) succeeded before; false: always call.
+    cache: bool = True
+    budget: BudgetSpec | None = None
     options: ExperimentOptions = ExperimentOptions()
     # Set by the workflow itself when it continues as new; never by a caller.
     carry: ExperimentCarry | None = None
@@ -239,6 +307,11 @@ class PrepareResult(StrictModel):
     completed: int = 0
     failed: int = 0
     evaluated: int = 0
+    # What the results already stored cost (a restart).
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cache_hits: int = 0
+    cost_saved_usd: float = 0.0
     task_routes: list[Route]
     # Eval name -> routes of its judge group (llm_judge evals only).
     judge_routes: dict[str, list[Route]] = Field(default_factory=dict)
@@ -283,6 +356,12 @@ class RunItemResult(StrictModel):
     error_kind: str | None = None
     # False when the result was stored by an earlier attempt or run.
     fresh: bool = True
+    # The call's cost (0 from the cache; 0 with cost_known false: no price known),
+    # whether the cache answered it, and what that answer had cost.
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cached: bool = False
+    saved_usd: float = 0.0
 
 
 class BatchItem(StrictModel):
@@ -302,8 +381,9 @@ class RunBatchInput(StrictModel):
 # What became of one item of a batch: a stored result (ok or failed), or, for the
 # workflow to act on: "stopped" (never called: still pending), "quota" (the
 # provider's quota is spent: pause), "retry" (not done here: the item goes on the
-# single-call path with its Temporal retries, after `retry_in_s`).
-BatchItemStatus = Literal["ok", "failed", "stopped", "quota", "retry"]
+# single-call path with its Temporal retries, after `retry_in_s`), "budget" (its
+# reservation did not fit in a budget: pause; still pending).
+BatchItemStatus = Literal["ok", "failed", "stopped", "quota", "retry", "budget"]
 
 
 class BatchItemResult(StrictModel):
@@ -315,6 +395,10 @@ class BatchItemResult(StrictModel):
     fresh: bool = True
     retry_in_s: float = 0.0
     message: str | None = None
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cached: bool = False
+    saved_usd: float = 0.0
 
 
 class RunBatchResult(StrictModel):
@@ -335,6 +419,11 @@ class JudgeItemResult(StrictModel):
     eval_name: str
     score: float | None
     evaluated: bool
+    # This call's cost, as in RunItemResult (0 when the score was stored before).
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cached: bool = False
+    saved_usd: float = 0.0
 
 
 class RecordFailureInput(StrictModel):
@@ -396,10 +485,28 @@ class LatencyStats(StrictModel):
     p99_ms: float | None = None
 
 
+class BudgetProgress(StrictModel):
+    """An experiment's budget and its tenant's for this month, as PostgreSQL holds them."""
+
+    max_usd: float | None = None
+    max_tokens: int | None = None
+    spent_usd: float = 0.0
+    spent_tokens: int = 0
+    # Held by calls in flight (their estimates).
+    reserved_usd: float = 0.0
+    reserved_tokens: int = 0
+    tenant_month: str | None = None
+    tenant_max_usd: float | None = None
+    tenant_spent_usd: float = 0.0
+    tenant_reserved_usd: float = 0.0
+
+
 class MonitorResult(StrictModel):
     providers: list[ProviderProgress]
     latency: LatencyStats = LatencyStats()
     at: float = 0.0
+    # None: neither the experiment nor its tenant has a budget.
+    budget: BudgetProgress | None = None
 
 
 class FinalizeInput(StrictModel):
@@ -433,6 +540,10 @@ class EvalSummary(StrictModel):
     scored: int
     mean: float | None
     pass_rate: float | None
+    # Over the dataset's items (each item's mean over its epochs): the standard
+    # error of `mean`, and with epochs > 1 the share of items passed at least once.
+    stderr: float | None = None
+    pass_at_k: float | None = None
 
 
 class ExperimentSummary(StrictModel):
@@ -451,6 +562,17 @@ class ExperimentSummary(StrictModel):
     # Per provider: 429s, 429 share, breaker trips, final rate.
     providers: dict[str, dict[str, float]] = Field(default_factory=dict)
     duration_s: float | None = None
+    epochs: int = 1
+    # US dollars: task calls plus judge calls (`cost_known` false: some call had no
+    # known price and counted 0); calls answered from the cache (task and judges)
+    # cost 0, and `cost_saved_usd` is what they had cost when they were made.
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    task_cost_usd: float = 0.0
+    judge_cost_usd: float = 0.0
+    cache_hits: int = 0
+    cost_saved_usd: float = 0.0
+    budget: BudgetProgress | None = None
     registry_run_id: str | None = None
     # Items with neither an ok nor a failed result (status `incomplete`), and why.
     unfinished: int = 0
@@ -466,6 +588,8 @@ class ExperimentProgress(StrictModel):
     name: str
     status: ExperimentStatus
     paused_reason: str | None = None
+    # With status `paused`: why, in one word (`paused_reason` says more).
+    paused_kind: PauseKind | None = None
     total: int = 0
     completed: int = 0
     failed: int = 0
@@ -480,6 +604,11 @@ class ExperimentProgress(StrictModel):
     latency: LatencyStats = LatencyStats()
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cache_hits: int = 0
+    cost_saved_usd: float = 0.0
+    budget: BudgetProgress | None = None
     run_index: int = 0
     toggles: list[ToggleRecord] = Field(default_factory=list)
     last_refusal: ToggleRecord | None = None

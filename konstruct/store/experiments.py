@@ -9,9 +9,11 @@ call with a closed breaker needs no second round trip.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
@@ -30,6 +32,10 @@ from konstruct.models.experiments import (
     eval_name,
 )
 from konstruct.provider_control import BreakerState
+from konstruct.store.budgets import SPEND_COLUMNS, SpendFlags
+from konstruct.store.budgets import status as budget_status
+from konstruct.store.cache import EPOCH_COLUMN, CacheEntry, item_epoch
+from konstruct.store.cache import store as store_cache_entries
 from konstruct.store.providers import breaker_from_row
 
 _EVALS = TypeAdapter(list[EvalSpec])
@@ -37,6 +43,9 @@ _INSERT_BATCH = 2000
 _BREAKER_COLUMNS = (
     "b.status as breaker_status, b.consecutive_failures, b.opened_at, b.probe_started_at, b.trips"
 )
+# What a provider call reads besides its item: the breaker, the experiment's cache
+# switch and budgets, the item's epoch (for the cache key).
+_CALL_COLUMNS = f"{_BREAKER_COLUMNS}, {SPEND_COLUMNS}, {EPOCH_COLUMN}"
 
 
 # The result row of item `i`, looked up by its key: with `offset 0` the planner keeps
@@ -85,7 +94,7 @@ async def _experiment_column(
     conn: asyncpg.Connection,
     tenant_id: str,
     experiment_id: str,
-    column: Literal["spec", "spec_digest", "workflow_id"],
+    column: Literal["spec", "spec_digest", "workflow_id", "status"],
 ) -> str | None:
     """One text column of an experiment (None: no such experiment)."""
     found = await conn.fetchval(
@@ -101,6 +110,11 @@ async def spec_digest(conn: asyncpg.Connection, tenant_id: str, experiment_id: s
     return await _experiment_column(conn, tenant_id, experiment_id, "spec_digest")
 
 
+def epoch_item_id(item_id: str, epoch: int, epochs: int) -> str:
+    """The experiment item of one epoch of a dataset item: the id itself with one epoch."""
+    return item_id if epochs == 1 else f"{item_id}@{epoch}"
+
+
 async def store_experiment(
     conn: asyncpg.Connection,
     tenant_id: str,
@@ -111,13 +125,15 @@ async def store_experiment(
     digest: str,
     workflow_id: str,
     items: list[DatasetItem],
+    epochs: int = 1,
     on_batch: Callable[[int], None] = lambda _start: None,
 ) -> ResultCounts:
-    """The experiment (running again if it existed) and its items, each stored once;
-    returns the results already stored. `on_batch` is told each batch's first index."""
+    """The experiment (running again if it existed) and its items, each stored once
+    per epoch; returns the results already stored. `on_batch` is told each batch's
+    first index."""
     await conn.execute(
         "insert into experiments (tenant_id, experiment_id, name, spec, spec_digest,"
-        " workflow_id, total) values ($1, $2, $3, $4, $5, $6, $7)"
+        " workflow_id, total, epochs) values ($1, $2, $3, $4, $5, $6, $7, $8)"
         " on conflict (tenant_id, experiment_id) do update set workflow_id = $6,"
         " status = 'running', stop_requested = false, updated_at = now()",
         tenant_id,
@@ -126,22 +142,30 @@ async def store_experiment(
         json.dumps(spec),
         digest,
         workflow_id,
-        len(items),
+        len(items) * epochs,
+        epochs,
     )
-    for start in range(0, len(items), _INSERT_BATCH):
+    # Epoch by epoch: every item once before any item twice.
+    runs = [
+        (epoch, index, item) for epoch in range(1, epochs + 1) for index, item in enumerate(items)
+    ]
+    for start in range(0, len(runs), _INSERT_BATCH):
         on_batch(start)
-        batch = items[start : start + _INSERT_BATCH]
+        batch = runs[start : start + _INSERT_BATCH]
         await conn.execute(
             "insert into experiment_items (tenant_id, experiment_id, item_id, seq, input,"
-            " expected, metadata) select $1, $2, * from unnest($3::text[], $4::int[],"
-            " $5::text[], $6::jsonb[], $7::jsonb[]) on conflict do nothing",
+            " expected, metadata, base_id, epoch) select $1, $2, * from unnest($3::text[],"
+            " $4::int[], $5::text[], $6::jsonb[], $7::jsonb[], $8::text[], $9::int[])"
+            " on conflict do nothing",
             tenant_id,
             experiment_id,
-            [i.id for i in batch],
+            [epoch_item_id(i.id, epoch, epochs) for epoch, _, i in batch],
             list(range(start, start + len(batch))),
-            [i.input for i in batch],
-            [None if i.expected is None else json.dumps(i.expected) for i in batch],
-            [json.dumps(i.metadata) for i in batch],
+            [i.input for _, _, i in batch],
+            [None if i.expected is None else json.dumps(i.expected) for _, _, i in batch],
+            [json.dumps(i.metadata) for _, _, i in batch],
+            [i.id for _, _, i in batch],
+            [epoch for epoch, _, _ in batch],
         )
     counts = await conn.fetchrow(
         "select count(*) filter (where status = 'ok') as completed,"
@@ -325,6 +349,11 @@ class TaskCall:
     result: StoredResult | None
     # The provider's breaker (None: no row yet).
     breaker: BreakerState | None
+    # The item's extra fields (its dataset file's other columns), for the template.
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # The experiment's cache switch and budgets; the item's epoch.
+    spend: SpendFlags = SpendFlags()
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -337,13 +366,15 @@ class JudgeCall:
     scores: dict[str, Any]
     stop_requested: bool
     breaker: BreakerState | None
+    spend: SpendFlags = SpendFlags()
+    epoch: int = 0
 
 
 async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
     row = await conn.fetchrow(
-        "select i.seq, i.input, i.expected, e.stop_requested, r.status, r.scores,"
+        "select i.seq, i.input, i.expected, i.metadata, e.stop_requested, r.status, r.scores,"
         " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
-        + _BREAKER_COLUMNS
+        + _CALL_COLUMNS
         + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
         " left join experiment_results r using (tenant_id, experiment_id, item_id)"
         " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
@@ -365,9 +396,10 @@ async def task_calls(
 ) -> dict[str, TaskCall]:
     """`task_call` of several items in one query (a batch's); absent ids are missing."""
     rows = await conn.fetch(
-        "select i.item_id, i.seq, i.input, i.expected, e.stop_requested, r.status, r.scores,"
+        "select i.item_id, i.seq, i.input, i.expected, i.metadata, e.stop_requested,"
+        " r.status, r.scores,"
         " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
-        + _BREAKER_COLUMNS
+        + _CALL_COLUMNS
         + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
         " left join lateral "
         + _RESULT_OF_ITEM.format(
@@ -393,13 +425,16 @@ def _task_call(row: Any) -> TaskCall:
         stop_requested=row["stop_requested"],
         result=None if row["status"] is None else StoredResult.from_row(row),
         breaker=_breaker_seen(row),
+        metadata=_scores(row["metadata"]),
+        spend=SpendFlags.from_row(row),
+        epoch=item_epoch(row),
     )
 
 
 async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None:
     row = await conn.fetchrow(
         "select i.input, i.expected, r.output, r.scores, e.stop_requested, "
-        + _BREAKER_COLUMNS
+        + _CALL_COLUMNS
         + " from experiment_results r join experiment_items i"
         " using (tenant_id, experiment_id, item_id)"
         " join experiments e using (tenant_id, experiment_id)"
@@ -416,6 +451,8 @@ async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None
         scores=_scores(row["scores"]),
         stop_requested=row["stop_requested"],
         breaker=_breaker_seen(row),
+        spend=SpendFlags.from_row(row),
+        epoch=item_epoch(row),
     )
 
 
@@ -428,7 +465,8 @@ class NewResult:
     output: str | None
     scores: dict[str, Any]
     evaluated: bool
-    latency_ms: float
+    # None: answered from the cache, no call made.
+    latency_ms: float | None
     model: str | None
     deployment_id: str
     provider: str
@@ -437,6 +475,13 @@ class NewResult:
     error_kind: str | None
     error: str | None
     attempt: int
+    # The call's cost (None: its price is unknown; 0: answered from the cache), and
+    # for a cache hit what the call had cost when it was made.
+    cost_usd: float | None = 0.0
+    cached: bool = False
+    saved_usd: float = 0.0
+    # A successful call's output, for the cache (stored with the result, once).
+    cache_entry: CacheEntry | None = None
 
 
 async def store_result(
@@ -448,9 +493,10 @@ async def store_result(
         row = await conn.fetchrow(
             "insert into experiment_results (tenant_id, experiment_id, item_id, seq, status,"
             " output, scores, evaluated, latency_ms, model, deployment_id, provider,"
-            " prompt_tokens, completion_tokens, error_kind, error, attempt)"
-            " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
-            " $17) on conflict (tenant_id, experiment_id, item_id) do nothing"
+            " prompt_tokens, completion_tokens, error_kind, error, attempt, cost_usd, cached,"
+            " cache_hits, saved_usd) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+            " $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+            " on conflict (tenant_id, experiment_id, item_id) do nothing"
             f" returning {returning}",
             tenant_id,
             experiment_id,
@@ -465,6 +511,8 @@ async def store_result(
                 experiment_id,
                 item_id,
             )
+        if new.cache_entry is not None:
+            await store_cache_entries(conn, tenant_id, [new.cache_entry])
     return StoredResult.from_row(row)
 
 
@@ -479,10 +527,12 @@ async def store_results(
         rows = await conn.fetch(
             "insert into experiment_results (tenant_id, experiment_id, item_id, seq, status,"
             " output, scores, evaluated, latency_ms, model, deployment_id, provider,"
-            " prompt_tokens, completion_tokens, error_kind, error, attempt)"
+            " prompt_tokens, completion_tokens, error_kind, error, attempt, cost_usd, cached,"
+            " cache_hits, saved_usd)"
             " select $1, $2, * from unnest($3::text[], $4::int[], $5::text[], $6::text[],"
             " $7::jsonb[], $8::bool[], $9::float8[], $10::text[], $11::text[], $12::text[],"
-            " $13::int[], $14::int[], $15::text[], $16::text[], $17::int[])"
+            " $13::int[], $14::int[], $15::text[], $16::text[], $17::int[], $18::float8[],"
+            " $19::bool[], $20::int[], $21::float8[])"
             " on conflict (tenant_id, experiment_id, item_id) do nothing"
             f" returning {returning}",
             tenant_id,
@@ -500,6 +550,8 @@ async def store_results(
                 earlier,
             ):
                 stored[r["item_id"]] = (StoredResult.from_row(r), False)
+        entries = [r.cache_entry for _, r in new if r.cache_entry is not None]
+        await store_cache_entries(conn, tenant_id, entries)
     return stored
 
 
@@ -519,7 +571,22 @@ def _result_values(new: NewResult) -> tuple[Any, ...]:
         new.error_kind,
         new.error,
         new.attempt,
+        new.cost_usd,
+        new.cached,
+        int(new.cached),
+        new.saved_usd,
     )
+
+
+@dataclass(frozen=True)
+class JudgeCost:
+    """What a judge call cost (None: price unknown), whether the cache answered it
+    and what that answer had cost, and a successful call's output for the cache."""
+
+    cost_usd: float | None = 0.0
+    cached: bool = False
+    saved_usd: float = 0.0
+    cache_entry: CacheEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -537,12 +604,19 @@ async def merge_judge_score(
     eval_name: str,
     entry: dict[str, Any],
     judges: list[str],
+    cost: JudgeCost | None = None,
 ) -> MergedScores:
-    """Add a judge's score to the result once (a score stored first stays)."""
+    """Add a judge's score to the result once (a score stored first stays), with
+    what its call cost, and its output to the cache."""
+    cost = cost or JudgeCost()
     async with tenant_transaction(pool, tenant_id) as conn:
         updated = await conn.fetchrow(
             "update experiment_results"
             " set scores = case when scores ? $4 then scores else scores || $5::jsonb end,"
+            " judge_cost_usd = judge_cost_usd + case when scores ? $4 then 0 else $6::float8 end,"
+            " judge_cost_known = judge_cost_known and (scores ? $4 or $7::bool),"
+            " cache_hits = cache_hits + case when scores ? $4 or not $8::bool then 0 else 1 end,"
+            " saved_usd = saved_usd + case when scores ? $4 then 0 else $9::float8 end,"
             " updated_at = now()"
             " where tenant_id = $1 and experiment_id = $2 and item_id = $3"
             " returning scores",
@@ -551,7 +625,13 @@ async def merge_judge_score(
             item_id,
             eval_name,
             json.dumps({eval_name: entry}),
+            cost.cost_usd or 0.0,
+            cost.cost_usd is not None,
+            cost.cached,
+            cost.saved_usd,
         )
+        if cost.cache_entry is not None:
+            await store_cache_entries(conn, tenant_id, [cost.cache_entry])
         merged = _scores(updated["scores"])
         evaluated = all(name in merged for name in judges)
         if evaluated:
@@ -638,12 +718,23 @@ async def latency_stats(
     return LatencyStats(p50_ms=round(p[0], 1), p95_ms=round(p[1], 1), p99_ms=round(p[2], 1))
 
 
+def item_spread(means: list[float], passed: list[bool]) -> tuple[float | None, float | None]:
+    """The standard error of the mean of per-item scores, and the share of items
+    that passed in at least one epoch (pass@k for k epochs)."""
+    if not means:
+        return None, None
+    share = round(sum(passed) / len(passed), 4)
+    if len(means) < 2:
+        return None, share
+    return round(statistics.stdev(means) / math.sqrt(len(means)), 4), share
+
+
 async def summarise(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str
 ) -> ExperimentSummary:
     """Per-eval mean and pass rate, latency percentiles, tokens and errors, from the rows."""
     exp = await conn.fetchrow(
-        "select name, spec, status, total, throttled, call_failures,"
+        "select name, spec, status, total, throttled, call_failures, epochs,"
         " extract(epoch from coalesce(completed_at, now()) - created_at) as duration"
         " from experiments where tenant_id = $1 and experiment_id = $2",
         tenant_id,
@@ -673,6 +764,20 @@ async def summarise(
             experiment_id,
             name,
         )
+        per_item = await conn.fetch(
+            "select avg((r.scores->$3->>'score')::float8) as mean,"
+            " bool_or(coalesce((r.scores->$3->>'passed')::boolean, false)) as passed"
+            " from experiment_results r join experiment_items i"
+            " using (tenant_id, experiment_id, item_id)"
+            " where r.tenant_id = $1 and r.experiment_id = $2 and r.status = 'ok'"
+            " and r.scores->$3->>'score' is not null group by i.base_id",
+            tenant_id,
+            experiment_id,
+            name,
+        )
+        stderr, pass_at_k = item_spread(
+            [float(r["mean"]) for r in per_item], [r["passed"] for r in per_item]
+        )
         summaries.append(
             EvalSummary(
                 name=name,
@@ -680,6 +785,8 @@ async def summarise(
                 scored=row["scored"],
                 mean=None if row["mean"] is None else round(float(row["mean"]), 4),
                 pass_rate=None if row["pass_rate"] is None else round(float(row["pass_rate"]), 4),
+                stderr=stderr,
+                pass_at_k=pass_at_k if exp["epochs"] > 1 else None,
             )
         )
     errors = await conn.fetch(
@@ -715,7 +822,34 @@ async def summarise(
             }
         },
         duration_s=round(float(exp["duration"]), 2),
+        epochs=exp["epochs"],
+        **(await spend_figures(conn, tenant_id, experiment_id)),
     )
+
+
+async def spend_figures(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str
+) -> dict[str, Any]:
+    """What the experiment's stored results cost (task calls, judges), the calls the
+    cache answered and what they had cost, and its budgets (ExperimentSummary fields)."""
+    row = await conn.fetchrow(
+        "select coalesce(sum(coalesce(cost_usd, 0)), 0) as task_cost,"
+        " coalesce(sum(judge_cost_usd), 0) as judge_cost,"
+        " coalesce(bool_and(cost_usd is not null and judge_cost_known), true) as known,"
+        " coalesce(sum(cache_hits), 0) as hits, coalesce(sum(saved_usd), 0) as saved"
+        " from experiment_results where tenant_id = $1 and experiment_id = $2",
+        tenant_id,
+        experiment_id,
+    )
+    return {
+        "cost_usd": round(row["task_cost"] + row["judge_cost"], 9),
+        "cost_known": row["known"],
+        "task_cost_usd": round(row["task_cost"], 9),
+        "judge_cost_usd": round(row["judge_cost"], 9),
+        "cache_hits": int(row["hits"]),
+        "cost_saved_usd": round(row["saved"], 9),
+        "budget": await budget_status(conn, tenant_id, experiment_id),
+    }
 
 
 def summary_metrics(summary: ExperimentSummary) -> dict[str, float]:
@@ -734,6 +868,10 @@ def summary_metrics(summary: ExperimentSummary) -> dict[str, float]:
             metrics[f"{e.name}.mean"] = e.mean
         if e.pass_rate is not None:
             metrics[f"{e.name}.pass_rate"] = e.pass_rate
+        if e.stderr is not None:
+            metrics[f"{e.name}.stderr"] = e.stderr
+        if e.pass_at_k is not None:
+            metrics[f"{e.name}.pass_at_{summary.epochs}"] = e.pass_at_k
     for key in ("p50_ms", "p95_ms", "p99_ms"):
         value = getattr(summary.latency, key)
         if value is not None:
@@ -741,14 +879,19 @@ def summary_metrics(summary: ExperimentSummary) -> dict[str, float]:
     calls = summary.providers.get("calls", {})
     metrics["throttled"] = calls.get("throttled", 0.0)
     metrics["throttled_share"] = calls.get("throttled_share", 0.0)
+    metrics["cost_usd"] = summary.cost_usd
+    metrics["cost_known"] = 1.0 if summary.cost_known else 0.0
+    metrics["cache_hits"] = float(summary.cache_hits)
+    metrics["cost_saved_usd"] = summary.cost_saved_usd
     if summary.duration_s is not None:
         metrics["duration_s"] = summary.duration_s
     return metrics
 
 
 _ROWS_QUERY = (
-    "select i.seq, i.item_id, i.input, i.expected, r.status, r.output, r.scores,"
-    " r.latency_ms, r.model, r.provider, r.prompt_tokens, r.completion_tokens,"
+    "select i.seq, i.item_id, i.base_id, i.epoch, i.input, i.expected, r.status, r.output,"
+    " r.scores, r.latency_ms, r.model, r.provider, r.prompt_tokens, r.completion_tokens,"
+    " r.cost_usd, r.judge_cost_usd, r.cached,"
     " r.error_kind, r.error from experiment_items i left join experiment_results r"
     " using (tenant_id, experiment_id, item_id)"
     " where i.tenant_id = $1 and i.experiment_id = $2 order by i.seq"
@@ -758,6 +901,8 @@ _ROWS_QUERY = (
 def _row_json(row: Any) -> dict[str, Any]:
     return {
         "item_id": row["item_id"],
+        "dataset_id": row["base_id"],
+        "epoch": row["epoch"],
         "status": row["status"] or "pending",
         "input": row["input"],
         "expected": None if row["expected"] is None else json.loads(row["expected"]),
@@ -768,9 +913,37 @@ def _row_json(row: Any) -> dict[str, Any]:
         "provider": row["provider"],
         "prompt_tokens": row["prompt_tokens"],
         "completion_tokens": row["completion_tokens"],
+        "cost_usd": row["cost_usd"],
+        "judge_cost_usd": row["judge_cost_usd"],
+        "cached": row["cached"],
         "error_kind": row["error_kind"],
         "error": row["error"],
     }
+
+
+async def forget_failures(pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> tuple[int, int]:
+    """Delete the experiment's failed results, so their items are pending again and
+    the next run makes them; (failed results deleted, ok results kept)."""
+    async with tenant_transaction(pool, tenant_id) as conn:
+        if await _experiment_column(conn, tenant_id, experiment_id, "status") is None:
+            raise NotFound(
+                f"experiment {experiment_id!r} of tenant {tenant_id!r} does not exist;"
+                " see `konstruct experiments list`"
+            )
+        deleted = await conn.fetchval(
+            "with gone as (delete from experiment_results where tenant_id = $1"
+            " and experiment_id = $2 and status = 'failed' returning 1)"
+            " select count(*) from gone",
+            tenant_id,
+            experiment_id,
+        )
+        kept = await conn.fetchval(
+            "select count(*) from experiment_results where tenant_id = $1"
+            " and experiment_id = $2 and status = 'ok'",
+            tenant_id,
+            experiment_id,
+        )
+    return int(deleted), int(kept)
 
 
 async def find_workflow_id(pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> str | None:
@@ -795,6 +968,8 @@ async def experiment_detail(
                 " see `konstruct experiments list`"
             )
         rows = await conn.fetch(_ROWS_QUERY, tenant_id, experiment_id)
+        spend = await spend_figures(conn, tenant_id, experiment_id)
+    items = [_row_json(r) for r in rows]
     return {
         "experiment_id": exp["experiment_id"],
         "tenant_id": exp["tenant_id"],
@@ -805,8 +980,35 @@ async def experiment_detail(
         "spec": json.loads(exp["spec"]),
         "summary": json.loads(exp["summary"]) if exp["summary"] else None,
         "registry_run_id": str(exp["registry_run_id"]) if exp["registry_run_id"] else None,
-        "items": [_row_json(r) for r in rows],
+        "epochs": exp["epochs"],
+        "paused_reason": exp["paused_reason"],
+        "cache": exp["cache"],
+        **{k: v.model_dump() if k == "budget" and v is not None else v for k, v in spend.items()},
+        "items": items,
+        **({"by_dataset_item": per_dataset_item(items)} if exp["epochs"] > 1 else {}),
     }
+
+
+def per_dataset_item(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each dataset item's scores over its epochs: per eval the mean and whether any
+    epoch passed (pass@k), with the number of epochs that have a result."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        grouped.setdefault(item["dataset_id"], []).append(item)
+    out: dict[str, Any] = {}
+    for dataset_id, runs in grouped.items():
+        done = [r for r in runs if r["status"] == "ok"]
+        names = sorted({name for r in done for name in r["scores"]})
+        scores: dict[str, Any] = {}
+        for name in names:
+            values = [r["scores"][name] for r in done if name in r["scores"]]
+            numbers = [v["score"] for v in values if v.get("score") is not None]
+            scores[name] = {
+                "mean": round(statistics.fmean(numbers), 4) if numbers else None,
+                "pass_at_k": any(bool(v.get("passed")) for v in values),
+            }
+        out[dataset_id] = {"epochs": len(runs), "with_result": len(done), "scores": scores}
+    return out
 
 
 async def list_experiments(pool: asyncpg.Pool, tenant_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,120 @@
+"""What the provider-call activities pay: prices, the output cache, budgets.
+
+Shared by the single-item path (`activities.provider_calls`) and the batched one
+(`activities.provider_batches`): a call's price (`konstruct.pricing`), its
+cache key, and its budget reservation (`konstruct.store.budgets`): reserved
+before the call, settled with the real usage after.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from temporalio import activity
+
+from konstruct.models.experiments import TaskSpec
+from konstruct.pricing import Price, cost_usd, price_of
+from konstruct.provider_adapter import Completion
+from konstruct.router import Deployment
+from konstruct.store import budgets
+from konstruct.store.budgets import Reservation, SpendFlags
+from konstruct.store.cache import CacheEntry, CallKind, cache_key
+
+
+def task_key(deployment_id: str, task: TaskSpec, messages: list[dict[str, str]], epoch: int) -> str:
+    return cache_key("task", deployment_id, messages, task.temperature, task.max_tokens, epoch)
+
+
+def judge_key(deployment_id: str, messages: list[dict[str, str]], epoch: int) -> str:
+    # Judge calls go out without temperature or max_tokens (`ProviderCallActivities._call`).
+    return cache_key("judge", deployment_id, messages, None, None, epoch)
+
+
+def cached_completion(hit: CacheEntry) -> Completion:
+    """A cache entry as the completion its call answered."""
+    return Completion(
+        content=hit.output,
+        model=hit.model or "",
+        deployment_id=hit.deployment_id,
+        prompt_tokens=hit.prompt_tokens,
+        completion_tokens=hit.completion_tokens,
+        total_tokens=hit.prompt_tokens + hit.completion_tokens,
+    )
+
+
+def new_entry(
+    kind: CallKind, key: str, deployment_id: str, completion: Completion, cost: float | None
+) -> CacheEntry:
+    """What a successful call leaves in the cache."""
+    return CacheEntry(
+        key=key,
+        kind=kind,
+        deployment_id=deployment_id,
+        output=completion.content,
+        model=completion.model or None,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        cost_usd=cost,
+    )
+
+
+class CallSpend:
+    """One worker's prices (per deployment, read once) and budget bookkeeping."""
+
+    def __init__(self, pool: asyncpg.Pool, deployments: dict[str, Deployment]) -> None:
+        self.pool = pool
+        self.prices: dict[str, Price | None] = {
+            deployment_id: price_of(d) for deployment_id, d in deployments.items()
+        }
+
+    def cost(
+        self, deployment_id: str, prompt_tokens: float, completion_tokens: float
+    ) -> float | None:
+        """What a call to the deployment costs (None: its price is unknown)."""
+        price = self.prices.get(deployment_id)
+        return None if price is None else cost_usd(price, prompt_tokens, completion_tokens)
+
+    def cost_of(self, deployment_id: str, completion: Completion) -> float | None:
+        return self.cost(deployment_id, completion.prompt_tokens, completion.completion_tokens)
+
+    async def reserve(
+        self,
+        experiment: tuple[str, str],
+        flags: SpendFlags | None,
+        deployment_id: str,
+        prompt_estimate: int,
+        completion_estimate: int,
+    ) -> Reservation | None:
+        """Hold the call's estimated cost and tokens against the budgets that apply
+        (None: no budget applies); raises `BudgetExhausted` when one is spent."""
+        if flags is None or not flags.reserves:
+            return None
+        tenant_id, experiment_id = experiment
+        estimate = self.cost(deployment_id, prompt_estimate, completion_estimate) or 0.0
+        return await budgets.reserve(
+            self.pool,
+            tenant_id,
+            experiment_id,
+            estimate,
+            prompt_estimate + completion_estimate,
+            flags.tenant_budget,
+        )
+
+    async def settle(
+        self, held: Reservation | None, deployment_id: str, completion: Completion | None
+    ) -> None:
+        """Release the reservation and add what the call used (nothing: no answer).
+
+        Never raises: a settle that fails leaves the reservation held (the budget
+        only gets tighter) until the experiment is resumed or finishes."""
+        if held is None:
+            return
+        used_usd, used_tokens = 0.0, 0
+        if completion is not None:
+            used_usd = self.cost_of(deployment_id, completion) or 0.0
+            used_tokens = completion.prompt_tokens + completion.completion_tokens
+        try:
+            await budgets.settle(self.pool, held, used_usd, used_tokens)
+        except (asyncpg.PostgresError, OSError) as exc:
+            activity.logger.warning(
+                "budget of %s not settled (held until resumed): %s", held.experiment_id, exc
+            )

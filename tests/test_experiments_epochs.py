@@ -1,0 +1,82 @@
+"""Epochs and `experiments retry`, end to end on the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from temporalio.client import Client
+
+from konstruct.cli import main as cli_main
+from konstruct.models.experiments import ExperimentResult
+from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.store.experiments import experiment_detail
+from tests.test_experiments import FAST, experiment, results, start
+
+
+async def test_epochs_give_n_results_per_item_and_aggregates_per_item(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    body = experiment(8, epochs=3, evals=[{"kind": "exact_match"}])
+    handle = await start(client, worker, body)
+    result = await handle.result()
+    rows = await results(app_pool, body["experiment_id"])
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"}
+    ids = {r["item_id"] for r in rows}
+    assert ids == {f"q{i:04d}@{e}" for i in range(8) for e in (1, 2, 3)}
+    summary = result.summary
+    assert (summary.total, summary.completed, summary.epochs) == (24, 24, 3)
+    [exact] = summary.evals
+    assert exact.scored == 24 and exact.mean == 1.0 and exact.pass_at_k == 1.0
+    assert exact.stderr == 0.0
+    detail = await experiment_detail(app_pool, "demo", body["experiment_id"])
+    per_item = detail["by_dataset_item"]
+    assert set(per_item) == {f"q{i:04d}" for i in range(8)}
+    assert per_item["q0003"] == {
+        "epochs": 3,
+        "with_result": 3,
+        "scores": {"exact_match": {"mean": 1.0, "pass_at_k": True}},
+    }
+    # The simulator was asked each item three times.
+    assert (await sim.model_stats(FAST))["ok"] == 24
+
+
+async def test_retry_reruns_exactly_the_failed_items_and_keeps_the_ok_ones(
+    client: Client,
+    worker: str,
+    sim: SimulatorAdmin,
+    app_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    await sim.set_profile(FAST, error_rate=0.5)
+    body = experiment(30, options={"max_attempts": 1})
+    first = await (await start(client, worker, body)).result()
+    assert 0 < first.summary.failed < 30
+    before = {r["item_id"]: r for r in await results(app_pool, body["experiment_id"])}
+    failed = {item for item, r in before.items() if r["status"] == "failed"}
+    await sim.set_profile(FAST, error_rate=0.0)
+    await sim.reset()
+    argv = ["experiments", "retry", body["experiment_id"]]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"re-running {len(failed)} failed item(s)" in out
+    assert f"{30 - len(failed)} ok result(s) kept" in out
+    second = await client.get_workflow_handle(
+        body["experiment_id"], result_type=ExperimentResult
+    ).result()
+    assert (second.summary.completed, second.summary.failed) == (30, 0)
+    after = {r["item_id"]: r for r in await results(app_pool, body["experiment_id"])}
+    # Every ok result of the first run is the same row; only the failed ones were made.
+    for item, row in before.items():
+        if item not in failed:
+            assert (after[item]["output"], after[item]["updated_at"]) == (
+                row["output"],
+                row["updated_at"],
+            )
+    assert (await sim.model_stats(FAST))["ok"] == len(failed)
+    # Nothing failed any more: a second retry has nothing to do.
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    assert "nothing to re-run" in capsys.readouterr().out
