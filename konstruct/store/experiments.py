@@ -921,7 +921,9 @@ def _row_json(row: Any) -> dict[str, Any]:
     }
 
 
-async def forget_failures(pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> tuple[int, int]:
+async def forget_failures(
+    pool: asyncpg.Pool, tenant_id: str, experiment_id: str
+) -> tuple[int, int]:
     """Delete the experiment's failed results, so their items are pending again and
     the next run makes them; (failed results deleted, ok results kept)."""
     async with tenant_transaction(pool, tenant_id) as conn:
