@@ -43,7 +43,7 @@ from tests.test_experiments import FAST, experiment, start
 from tests.test_handle_message import message
 from workers.main import build_worker
 from workflows.experiment import Experiment
-from workflows.handle_message import HandleMessage
+from workflows.handle_message import AGENT_STEPS, HandleMessage
 
 SECRET_TEXT = "my passport number is X1234567, please keep it safe"
 
@@ -183,7 +183,8 @@ async def test_a_message_and_its_reply_are_not_in_history_but_the_codec_server_s
     payloads = history_payloads(raw)
     # Plain are only what must be: the search attributes (filterable), and the SDK
     # core's own bookkeeping of each local activity's marker (its type, attempt and
-    # times; the activity's result beside it is encrypted).
+    # times; the activity's result beside it is encrypted) and of a patch marker
+    # (the patch's id, also the TemporalChangeVersion search attribute).
     plain = [
         json.loads(base64.b64decode(p["data"]))
         for p in payloads
@@ -192,7 +193,8 @@ async def test_a_message_and_its_reply_are_not_in_history_but_the_codec_server_s
     assert plain, "the search attributes stay plain"
     for value in plain:
         marker = isinstance(value, dict) and {"seq", "activity_type"} <= set(value)
-        assert marker or value in ("message", "demo", "running", "completed"), value
+        patch = value == {"id": AGENT_STEPS, "deprecated": False} or value == [AGENT_STEPS]
+        assert marker or patch or value in ("message", "demo", "running", "completed"), value
     # Without the token the codec server refuses; with it, the plaintext is there.
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{codec_server}/decode", json={"payloads": payloads}) as refused:
