@@ -86,6 +86,16 @@ class ItemResult:
 
 
 @dataclass(frozen=True)
+class RetrySecond:
+    """The 429s and failed provider calls counted in one second of the experiment."""
+
+    # Seconds after the experiment was created.
+    at_s: float
+    throttled: int = 0
+    call_failures: int = 0
+
+
+@dataclass(frozen=True)
 class ExperimentData:
     experiment_id: str
     tenant_id: str
@@ -103,6 +113,9 @@ class ExperimentData:
     call_failures: int = 0
     # The results carry a `cost_usd` column.
     has_cost: bool = False
+    # 429s and failed provider calls per second, as they happened (None: stored
+    # before migration 011, when only the totals were kept).
+    retry_seconds: list[RetrySecond] | None = None
 
     def eval_names(self) -> list[str]:
         """The spec's evals, then any other eval found in the stored scores."""
@@ -629,15 +642,29 @@ class Bucket:
     retried_items: int = 0
     retries: int = 0
     cost_usd: float = 0.0
+    # 429s and failed provider calls that happened in the bucket (when recorded).
+    throttled: int = 0
+    call_failures: int = 0
 
 
-def timeline(items: Iterable[ItemResult], width_s: float) -> list[Bucket]:
-    """Results by the time they were stored, in buckets of `width_s` from 0."""
+def timeline(
+    items: Iterable[ItemResult],
+    width_s: float,
+    retry_seconds: Sequence[RetrySecond] = (),
+) -> list[Bucket]:
+    """Results by the time they were stored, and 429s and call failures by the
+    time they happened, in buckets of `width_s` from 0."""
     timed = [i for i in items if i.finished_s is not None and i.status != "pending"]
-    if not timed:
+    if not timed and not retry_seconds:
         return []
-    last = max(max(i.finished_s or 0.0 for i in timed), 0.0)
+    last = max([0.0, *(i.finished_s or 0.0 for i in timed), *(r.at_s for r in retry_seconds)])
     count = int(last // width_s) + 1
+    throttled = [0] * count
+    call_failures = [0] * count
+    for r in retry_seconds:
+        index = min(max(int(r.at_s // width_s), 0), count - 1)
+        throttled[index] += r.throttled
+        call_failures[index] += r.call_failures
     ok = [0] * count
     failed = [0] * count
     retried = [0] * count
@@ -654,6 +681,15 @@ def timeline(items: Iterable[ItemResult], width_s: float) -> list[Bucket]:
         retries[index] += extra
         cost[index] += i.cost_usd or 0.0
     return [
-        Bucket(round(n * width_s, 6), ok[n], failed[n], retried[n], retries[n], cost[n])
+        Bucket(
+            round(n * width_s, 6),
+            ok[n],
+            failed[n],
+            retried[n],
+            retries[n],
+            cost[n],
+            throttled[n],
+            call_failures[n],
+        )
         for n in range(count)
     ]

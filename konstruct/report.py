@@ -153,10 +153,15 @@ def latency_plot(exp: ExperimentData) -> str | None:
     return _svg("latency", draw)
 
 
-def throughput_plot(buckets: Sequence[Bucket], width_s: float) -> str | None:
+def throughput_plot(
+    buckets: Sequence[Bucket], width_s: float, *, recorded: bool = False
+) -> str | None:
+    """Results per second above; below, the 429s and failed provider calls as
+    they happened (`recorded`), else the extra attempts of the stored results."""
     if not buckets:
         return None
     xs = [b.start_s + width_s / 2 for b in buckets]
+    starts = [b.start_s for b in buckets]
 
     def draw(figure: Any) -> None:
         top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 2])
@@ -166,16 +171,33 @@ def throughput_plot(buckets: Sequence[Bucket], width_s: float) -> str | None:
         top.set_ylabel("results / s")
         top.set_ylim(bottom=0)
         top.legend(loc="upper right", frameon=False)
-        bottom.bar(
-            [b.start_s for b in buckets],
-            [b.retries for b in buckets],
-            width=width_s,
-            align="edge",
-            color=_ORANGE,
-            label="extra attempts (429s and call failures, retried)",
-        )
-        bottom.set_ylabel("extra attempts")
-        bottom.set_ylim(0, max(1, max(b.retries for b in buckets)) * 1.15)
+        if recorded:
+            throttled = [b.throttled for b in buckets]
+            failures = [b.call_failures for b in buckets]
+            bottom.bar(starts, throttled, width=width_s, align="edge", color=_ORANGE, label="429s")
+            bottom.bar(
+                starts,
+                failures,
+                bottom=throttled,
+                width=width_s,
+                align="edge",
+                color=_RED,
+                label="call failures",
+            )
+            bottom.set_ylabel("retried calls")
+            top_value = max(t + f for t, f in zip(throttled, failures, strict=True))
+        else:
+            bottom.bar(
+                starts,
+                [b.retries for b in buckets],
+                width=width_s,
+                align="edge",
+                color=_ORANGE,
+                label="extra attempts (429s and call failures, retried)",
+            )
+            bottom.set_ylabel("extra attempts")
+            top_value = max(b.retries for b in buckets)
+        bottom.set_ylim(0, max(1, top_value) * 1.15)
         bottom.yaxis.get_major_locator().set_params(integer=True)
         bottom.set_xlabel(f"seconds since the experiment was created ({width_s:g} s buckets)")
         bottom.legend(loc="upper right", frameon=False)
@@ -472,19 +494,28 @@ def render_report(exp: ExperimentData, *, max_rows: int = DEFAULT_MAX_ROWS) -> s
     """The report page of one experiment."""
     names = exp.eval_names()
     spans = [i.finished_s for i in exp.items if i.finished_s is not None]
+    recorded = exp.retry_seconds is not None
+    spans += [r.at_s for r in exp.retry_seconds or ()]
     width = bucket_width(max(spans) if spans else 1.0)
-    buckets = timeline(exp.items, width)
+    buckets = timeline(exp.items, width, exp.retry_seconds or ())
     title = f"Experiment {exp.experiment_id}"
     when = f"created {exp.created_at}" + (
         f", completed {exp.completed_at}" if exp.completed_at else ", not completed"
     )
-    throughput_note = (
-        "Results per second by the time each was stored (ok and failed items). 429s are"
-        " counted per experiment, not per time (total above); what is stored per item is"
-        " the attempt of the call that stored its result, so the lower plot shows the extra"
-        " attempts (429s and call failures that Temporal retried) of the items stored in"
-        " each bucket, at the time the item finally completed."
-    )
+    if recorded:
+        throughput_note = (
+            "Results per second by the time each was stored (ok and failed items); below,"
+            " the 429s and failed provider calls (each retried) by the second they"
+            " happened. They add up to the totals above."
+        )
+    else:
+        throughput_note = (
+            "Results per second by the time each was stored (ok and failed items). This"
+            " experiment counted its 429s before they were recorded per second (total"
+            " above), so the lower plot shows the extra attempts (429s and call failures"
+            " that Temporal retried) of the items stored in each bucket, at the time the"
+            " item finally completed."
+        )
     cost_svg = cost_plot(buckets, width) if exp.has_cost else None
     if cost_svg is not None:
         cost = cost_svg + (
@@ -516,8 +547,10 @@ def render_report(exp: ExperimentData, *, max_rows: int = DEFAULT_MAX_ROWS) -> s
         '<section id="latency"><h2>Latency</h2>',
         _plot_or_note(latency_plot(exp), "No result has a latency yet."),
         "</section>",
-        '<section id="throughput"><h2>Throughput and retries over time</h2>',
-        _plot_or_note(throughput_plot(buckets, width), "No result has been stored yet."),
+        '<section id="throughput"><h2>Throughput and 429s over time</h2>',
+        _plot_or_note(
+            throughput_plot(buckets, width, recorded=recorded), "No result has been stored yet."
+        ),
         f'<p class="note">{_e(throughput_note)}</p></section>',
         f'<section id="cost"><h2>Cost</h2>{cost}</section>',
         _items_section(exp, names, max_rows),

@@ -235,7 +235,8 @@ async def hooks() -> AsyncIterator[Hooks]:
             # A webhook that honours the idempotency key answers a retry from its record.
             return web.json_response({"result": state.answers[key]})
         if request.path == "/slow" and state.hold_first and len(state.keys("/slow")) == 1:
-            await asyncio.sleep(3600)
+            # Held until the test ends (its caller is killed meanwhile).
+            await state.release.wait()
         state.executed[key] += 1
         answer = f"hook {request.path} got {json.dumps(body['arguments'], sort_keys=True)}"
         state.answers[key] = answer
@@ -255,4 +256,6 @@ async def hooks() -> AsyncIterator[Hooks]:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     state.url = f"http://127.0.0.1:{port}"
     yield state
+    # A held request would keep `cleanup` waiting out its 60 s shutdown timeout.
+    state.release.set()
     await runner.cleanup()

@@ -221,6 +221,8 @@ class Hooks:
     answers: dict[str, str] = field(default_factory=dict)
     hold_first: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set at teardown: ends the request `hold_first` holds.
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def keys(self, path: str) -> list[str]:
         return [r["key"] for r in self.requests if r["path"] == path]

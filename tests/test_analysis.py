@@ -23,6 +23,7 @@ from konstruct.analysis import (
     EvalInfo,
     ExperimentData,
     ItemResult,
+    RetrySecond,
     binomial,
     bootstrap_mean_ci,
     bucket_width,
@@ -278,6 +279,31 @@ def test_timeline_buckets_by_completion_time() -> None:
         (1.0, 0, 0, 0, 0),
         (2.0, 0, 1, 0, 0),
     ]
+    # 429s and call failures go by when they happened, and may extend the span.
+    seconds = [RetrySecond(0.0, 3, 0), RetrySecond(0.5, 1, 1), RetrySecond(3.2, 2, 0)]
+    buckets = timeline(items, 1.0, seconds)
+    assert [(b.start_s, b.ok, b.throttled, b.call_failures) for b in buckets] == [
+        (0.0, 2, 4, 1),
+        (1.0, 0, 0, 0),
+        (2.0, 0, 0, 0),
+        (3.0, 0, 2, 0),
+    ]
+    assert [b.start_s for b in timeline([], 1.0, seconds)] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_the_throughput_plot_shows_recorded_429s_else_extra_attempts() -> None:
+    items = [_item(i, f"i{i}", finished_s=i * 0.1, attempt=1 + i % 2) for i in range(20)]
+    recorded = _experiment(
+        "r", items, throttled=5, retry_seconds=[RetrySecond(0.2, 4, 0), RetrySecond(1.1, 1, 0)]
+    )
+    page = render_report(recorded)
+    assert "by the second they happened" in page
+    svg = re.search(r'<svg[^>]*data-plot="throughput".*?</svg>', page, re.S)
+    assert svg is not None and "429s" in svg.group(0) and "extra attempts" not in svg.group(0)
+    old = render_report(_experiment("o", items, throttled=5))
+    svg = re.search(r'<svg[^>]*data-plot="throughput".*?</svg>', old, re.S)
+    assert svg is not None and "extra attempts" in svg.group(0)
+    assert "before they were recorded per second" in old
 
 
 NASTY = 'What is 2 + 2? <b>bold</b> & "quotes" </td><script>alert(1)</script>'

@@ -24,6 +24,7 @@ from konstruct.models.experiments import ExperimentProgress, ExperimentResult, T
 from konstruct.naming import provider_queue
 from konstruct.provider_control import ProviderBounds
 from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.store.analysis import load_experiment
 from konstruct.store.providers import ensure_provider
 from konstruct.task_queue_limits import push_rate
 from tests.support import WorkerRelay, wait_for_calls
@@ -350,6 +351,11 @@ async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
     assert throttled(stats) > 0, stats
     assert stats["ok"] == 160
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
+    # The report's timeline: every 429 in the second it happened, within the run.
+    data = await load_experiment(app_pool, body["tenant_id"], body["experiment_id"])
+    assert data.throttled == throttled(stats) and data.retry_seconds is not None
+    assert sum(r.throttled for r in data.retry_seconds) == throttled(stats)
+    assert all(-1.0 <= r.at_s <= (data.duration_s or 0.0) for r in data.retry_seconds)
     # The rate went under the new limit (where it ends depends on how far the
     # last probe got, so the lowest sample is what is checked).
     assert min(rates) < 12 * 1.2, rates

@@ -32,6 +32,7 @@ from konstruct.pricing import Price, cost_usd, price_of
 from konstruct.router import Deployment, RouterConfig, load_router_config
 from konstruct.simulator.responders import count_tokens
 from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.store.budgets import _usd_refused
 from konstruct.store.cache import cache_key
 from tests.support import ROOT, replay_all, replayer
 from tests.test_experiment_replay import _runs
@@ -108,6 +109,19 @@ def test_a_negative_price_fails_the_router_config(tmp_path: Path) -> None:
     path.write_text(json.dumps({"model_list": [entry]}))
     with pytest.raises(ConfigError, match="model_list.0.model_info.output_cost_per_token"):
         load_router_config(path)
+
+
+def test_a_refusal_names_the_budget_the_experiment_has() -> None:
+    # Read after the refused update: settles in between may make the dollars pass again.
+    row = {"spent_usd": 0.0001, "reserved_usd": 0.0, "budget_max_usd": 0.0002}
+    usd_only = {**row, "budget_max_tokens": None, "spent_tokens": 40, "reserved_tokens": 0}
+    assert _usd_refused(usd_only, 0.00001, 20)
+    tokens_only = {**usd_only, "budget_max_usd": None, "budget_max_tokens": 50}
+    assert not _usd_refused(tokens_only, 0.00001, 20)
+    both = {**usd_only, "budget_max_tokens": 50}
+    assert not _usd_refused(both, 0.00001, 20)  # tokens 60/50 beyond dollars 0.55
+    # dollars (0.00019 + 0.00002) / 0.0002 = 1.05 beyond tokens (10 + 20) / 50 = 0.6
+    assert _usd_refused({**both, "spent_usd": 0.00019, "spent_tokens": 10}, 0.00002, 20)
 
 
 def test_the_cache_key_is_the_call() -> None:
@@ -385,12 +399,17 @@ async def test_the_documented_budget_commands(
     # docs/experiments.md, "Budgets", on this test's worker.
     monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     exp = f"exp-b-{uuid.uuid4().hex[:6]}"
-    assert (
-        await cli("experiments", "start", "--id", exp, "--budget-usd", "0.0002", "--no-cache") == 0
-    )
+    start = ["experiments", "start", "--id", exp, "--budget-usd", "0.0002", "--no-cache"]
+    # `--watch` returns (exit 3) once the spent budget has paused it: only a person moves it.
+    assert await cli(*start, "--watch") == 3
+    err = capsys.readouterr().err
+    assert "paused until you resume it" in err and f"experiment {exp!r} has spent" in err
+    assert f"`konstruct experiments resume {exp} --tenant demo --raise-budget USD`" in err
     handle = client.get_workflow_handle(exp)
     paused = await wait_for(handle, lambda p: p.status == "paused")
     assert f"experiment {exp!r} has spent" in (paused.paused_reason or "")
+    assert paused.in_flight == 0
+    assert await cli("experiments", "watch", exp) == 3
     capsys.readouterr()
     assert await cli("experiments", "resume", exp, "--raise-budget", "0.01") == 0
     out = capsys.readouterr().out

@@ -344,13 +344,33 @@ async def _follow(client: Client, workflow_id: str, interval: float) -> Experime
                 view.update(progress_view(p, shown))
             else:
                 view.say("\n".join([f"{p.status:<9} {_figures(p, shown)}", *_notes(p)]))
-            if p.status in FINISHED:
+            if p.status in FINISHED or waits_for_you(p):
                 return p
             await asyncio.sleep(interval)
 
 
+# Exit code of `watch` (and `start --watch`) for an experiment that paused itself
+# until a person acts: a spent budget or quota.
+EXIT_PAUSED = 3
+
+
+def waits_for_you(p: ExperimentProgress) -> bool:
+    """Paused on a spent budget or quota with nothing in flight: only a resume moves it
+    (a breaker's pause ends by itself, so `watch` goes on through it)."""
+    return p.status == "paused" and p.paused_kind in ("budget", "quota") and p.in_flight == 0
+
+
 async def _watch(client: Client, workflow_id: str, interval: float) -> int:
     p = await _follow(client, workflow_id, interval)
+    if waits_for_you(p):
+        reason = p.paused_reason or str(p.paused_kind)
+        if "konstruct experiments resume" not in reason:
+            raise_flag = " --raise-budget USD" if p.paused_kind == "budget" else ""
+            reason += (
+                f"; continue with `konstruct experiments resume {p.experiment_id}{raise_flag}`"
+            )
+        print(f"paused until you resume it: {reason}", file=sys.stderr)
+        return EXIT_PAUSED
     if p.status in ("completed", "incomplete"):
         try:
             result = await client.get_workflow_handle_for(Experiment.run, workflow_id).result()

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from konstruct.analysis import EvalInfo, ExperimentData, ItemResult
+from konstruct.analysis import EvalInfo, ExperimentData, ItemResult, RetrySecond
 from konstruct.db import tenant_transaction
 from konstruct.errors import NotFound
 from konstruct.models.experiments import eval_name
@@ -68,6 +68,14 @@ async def load_experiment(pool: asyncpg.Pool, tenant_id: str, experiment_id: str
             tenant_id,
             experiment_id,
         )
+        retries = await conn.fetch(
+            "select extract(epoch from at - $3::timestamptz)::float8 as at_s, throttled,"
+            " call_failures from experiment_retry_seconds"
+            " where tenant_id = $1 and experiment_id = $2 order by at",
+            tenant_id,
+            experiment_id,
+            exp["created_at"],
+        )
     created: datetime = exp["created_at"]
     has_cost = bool(results) and COST_COLUMN in results[0].keys()
     by_id = {r["item_id"]: r for r in results}
@@ -90,7 +98,17 @@ async def load_experiment(pool: asyncpg.Pool, tenant_id: str, experiment_id: str
         throttled=int(exp["throttled"]),
         call_failures=int(exp["call_failures"]),
         has_cost=has_cost,
+        retry_seconds=_retry_seconds(retries, exp["throttled"] + exp["call_failures"]),
     )
+
+
+def _retry_seconds(rows: Any, counted: int) -> list[RetrySecond] | None:
+    """The per-second record, or None when it cannot account for the totals (an
+    experiment that counted 429s before migration 011 kept only totals)."""
+    found = [RetrySecond(float(r["at_s"]), r["throttled"], r["call_failures"]) for r in rows]
+    if sum(r.throttled + r.call_failures for r in found) < counted:
+        return None
+    return found
 
 
 def _item(item: Any, result: Any, created: datetime, has_cost: bool) -> ItemResult:

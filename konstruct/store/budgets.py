@@ -166,6 +166,26 @@ async def _reserve_tenant(
     return month
 
 
+def _usd_refused(exp: Any, usd_estimate: float, token_estimate: int) -> bool:
+    """Which of the experiment's budgets refused a call: the dollars unless it has
+    none, the tokens unless it has none, else the one nearer its end.
+
+    Decided on a fresh read after the refused update, so it must not need the
+    refusal to still hold: calls settling in between may have lowered what is
+    reserved (the first version tested the dollar condition again and, when a
+    settle had made it pass, named a tokens budget the experiment did not have).
+    """
+    if exp["budget_max_tokens"] is None:
+        return True
+    if exp["budget_max_usd"] is None:
+        return False
+    usd_share = (exp["spent_usd"] + exp["reserved_usd"] + usd_estimate) / exp["budget_max_usd"]
+    token_share = (exp["spent_tokens"] + exp["reserved_tokens"] + token_estimate) / exp[
+        "budget_max_tokens"
+    ]
+    return bool(usd_share >= token_share)
+
+
 async def record_refusal(
     pool: asyncpg.Pool,
     tenant_id: str,
@@ -202,9 +222,7 @@ async def record_refusal(
                     f" `konstruct budgets set {tenant_id} --monthly-usd N`, then"
                     f" `konstruct experiments resume {experiment_id} --tenant {tenant_id}`"
                 )
-        elif exp["budget_max_usd"] is not None and (
-            exp["spent_usd"] + exp["reserved_usd"] + usd_estimate > exp["budget_max_usd"]
-        ):
+        elif _usd_refused(exp, usd_estimate, token_estimate):
             reason = (
                 f"experiment {experiment_id!r} has spent {usd(exp['spent_usd'])} of its"
                 f" {usd(exp['budget_max_usd'])} budget, with {usd(exp['reserved_usd'])} reserved"

@@ -48,14 +48,12 @@ def cache_key(
 
 
 def item_epoch(row: Any) -> int:
-    """The epoch of an item row read with `EPOCH_COLUMN` (0 before items had one)."""
-    value = row.get("epoch") if hasattr(row, "get") else None
-    return int(value) if value is not None else 0
+    """The epoch of an item row read with `EPOCH_COLUMN` (from 1, migration 010)."""
+    return int(row["epoch"])
 
 
-# The item's epoch, whether or not `experiment_items` has an `epoch` column yet
-# (read through the row as JSON: null without one).
-EPOCH_COLUMN = "(to_jsonb(i) ->> 'epoch')::int as epoch"
+# The item's epoch (`experiment_items.epoch`, migration 010).
+EPOCH_COLUMN = "i.epoch"
 
 
 @dataclass(frozen=True)

@@ -238,9 +238,22 @@ async def count_retried_call(
     what: Literal["throttled", "call_failures"],
     calls: int = 1,
 ) -> None:
-    """More calls of the experiment that a 429 or a provider failure sent back."""
+    """More calls of the experiment that a 429 or a provider failure sent back.
+
+    The total on the experiment and the same count in this second's row of
+    `experiment_retry_seconds` (the report's timeline), in one transaction.
+    """
     async with tenant_transaction(pool, tenant_id) as conn:
         await _update_experiment(conn, tenant_id, experiment_id, f"{what} = {what} + $3", calls)
+        await conn.execute(
+            f"insert into experiment_retry_seconds (tenant_id, experiment_id, at, {what})"
+            " values ($1, $2, date_trunc('second', clock_timestamp()), $3)"
+            f" on conflict (tenant_id, experiment_id, at) do update"
+            f" set {what} = experiment_retry_seconds.{what} + excluded.{what}",
+            tenant_id,
+            experiment_id,
+            calls,
+        )
 
 
 async def stop_requested(conn: asyncpg.Connection, tenant_id: str, experiment_id: str) -> bool:
