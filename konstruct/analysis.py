@@ -390,6 +390,9 @@ class Method(BaseModel):
     passed: str = (
         "the stored `passed` flag of the eval's score; an entry without one passes at score >= 0.5"
     )
+    # `item_id`, or `dataset_item` when either experiment ran epochs (each dataset
+    # item's mean over its epochs, passed when at least half of them passed).
+    paired_by: str = "item_id"
 
 
 class ItemCounts(BaseModel):
@@ -551,9 +554,12 @@ def compare(
 
     When either ran its items more than once (epochs), the pairs are dataset
     items, each scored by its mean over its epochs and passing when at least
-    half of its scored epochs passed.
+    half of its scored epochs passed. The sides' counts and the operations
+    still cover every result (each epoch's calls, latency and cost).
     """
-    if any(i.epoch > 1 for i in (*a.items, *b.items)):
+    whole_a, whole_b = a, b
+    epochs = any(i.epoch > 1 for i in (*a.items, *b.items))
+    if epochs:
         a = dataclasses.replace(a, items=by_dataset_item(a.items))
         b = dataclasses.replace(b, items=by_dataset_item(b.items))
     by_id_b = {i.item_id: i for i in b.items}
@@ -565,14 +571,19 @@ def compare(
     ]
     names_a, names_b = a.eval_names(), b.eval_names()
     return Comparison(
-        a=side(a),
-        b=side(b),
+        a=side(whole_a),
+        b=side(whole_b),
         items=ItemCounts(
             shared=len(shared),
             only_a=len(ids_a) - len(shared),
             only_b=len(by_id_b) - len(shared),
         ),
-        method=Method(resamples=resamples, seed=seed, confidence=confidence),
+        method=Method(
+            resamples=resamples,
+            seed=seed,
+            confidence=confidence,
+            paired_by="dataset_item" if epochs else "item_id",
+        ),
         evals=[
             compare_eval(
                 name,
@@ -587,7 +598,7 @@ def compare(
         ],
         evals_only_a=[n for n in names_a if n not in names_b],
         evals_only_b=[n for n in names_b if n not in names_a],
-        operations={"a": operations(a), "b": operations(b)},
+        operations={"a": operations(whole_a), "b": operations(whole_b)},
     )
 
 

@@ -535,6 +535,10 @@ def test_compare_pairs_dataset_items_when_an_experiment_ran_epochs() -> None:
     ]
     result = compare(a, _experiment("b", b_items), resamples=200)
     assert (result.items.shared, result.items.only_a, result.items.only_b) == (2, 0, 0)
+    assert result.method.paired_by == "dataset_item"
     [exact] = result.evals
     assert exact.mean_b == pytest.approx((1.0 + 1 / 3) / 2, abs=1e-5)
     assert exact.flips.pass_to_fail == ["q1"] and exact.flips.fail_to_pass == []
+    # B's side and operations count every result, all three epochs of each item.
+    assert (result.b.total, result.b.ok) == (6, 6)
+    assert result.operations["b"].total_tokens == 6 * result.operations["a"].total_tokens // 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 import pytest
@@ -16,7 +17,11 @@ from tests.test_experiments import FAST, experiment, results, start
 
 
 async def test_epochs_give_n_results_per_item_and_aggregates_per_item(
-    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+    client: Client,
+    worker: str,
+    sim: SimulatorAdmin,
+    app_pool: asyncpg.Pool,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     body = experiment(8, epochs=3, evals=[{"kind": "exact_match"}])
     handle = await start(client, worker, body)
@@ -40,6 +45,19 @@ async def test_epochs_give_n_results_per_item_and_aggregates_per_item(
     }
     # The simulator was asked each item three times.
     assert (await sim.model_stats(FAST))["ok"] == 24
+
+    # compare pairs a run without epochs with this one by dataset item.
+    once = experiment(8, evals=[{"kind": "exact_match"}])
+    await (await start(client, worker, once)).result()
+    argv = ["experiments", "compare", once["experiment_id"], body["experiment_id"], "--json"]
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["items"] == {"shared": 8, "only_a": 0, "only_b": 0}
+    assert doc["method"]["paired_by"] == "dataset_item"
+    assert (doc["b"]["total"], doc["b"]["ok"]) == (24, 24)
+    assert doc["evals"][0]["paired"] == 8 and doc["evals"][0]["diff"] == 0.0
+    assert doc["operations"]["b"]["prompt_tokens"] == 3 * doc["operations"]["a"]["prompt_tokens"]
 
 
 async def test_retry_reruns_exactly_the_failed_items_and_keeps_the_ok_ones(

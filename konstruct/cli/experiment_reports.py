@@ -48,7 +48,12 @@ def print_comparison(c: Comparison) -> None:
             f" ({s.ok} ok, {s.failed} failed, {s.pending} without a result)"
         )
     i = c.items
-    print(f"items: {i.shared} shared, {i.only_a} only in A, {i.only_b} only in B")
+    by = (
+        " (dataset items: each one's mean over its epochs)"
+        if c.method.paired_by == "dataset_item"
+        else ""
+    )
+    print(f"items: {i.shared} shared, {i.only_a} only in A, {i.only_b} only in B{by}")
     pct = f"{c.method.confidence:.0%}"
     print_table(
         [
@@ -163,13 +168,13 @@ def compare_command(
         return a, b
 
     a, b = with_pool(state.settings, load)
-    shared = {i.item_id for i in a.items} & {i.item_id for i in b.items}
-    if not shared:
+    # Paired by item id, or by dataset item when either ran epochs (`compare` decides).
+    result = compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
+    if not result.items.shared:
         raise click.ClickException(
             f"experiments {experiment_a!r} ({len(a.items)} items) and {experiment_b!r}"
             f" ({len(b.items)} items) share no item id: compare two runs of the same dataset"
         )
-    result = compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
     if as_json:
         print_json(result)
     else:

@@ -377,20 +377,45 @@ async def _watch(client: Client, workflow_id: str, interval: float) -> int:
         except WorkflowFailureError as exc:
             print(f"error: {failure_message(exc)}", file=sys.stderr)
             return 1
+        summary = result.summary
+        k = summary.epochs
         print_table(
             [
                 "eval",
                 Column("mean", justify="right"),
+                Column("± std. error", justify="right"),
                 Column("pass rate", justify="right"),
+                *([Column(f"pass@{k}", justify="right")] if k > 1 else []),
                 "scored",
             ],
-            [(e.name, e.mean, e.pass_rate, e.scored) for e in result.summary.evals],
+            [
+                (
+                    e.name,
+                    _shown(e.mean),
+                    _shown(e.stderr),
+                    _shown(e.pass_rate),
+                    *([_shown(e.pass_at_k)] if k > 1 else []),
+                    e.scored,
+                )
+                for e in summary.evals
+            ],
         )
-        lat = result.summary.latency
-        print(f"  latency p50/p95/p99 ms: {lat.p50_ms} / {lat.p95_ms} / {lat.p99_ms}")
+        lat = summary.latency
+        figures = " / ".join(_shown(v) for v in (lat.p50_ms, lat.p95_ms, lat.p99_ms))
+        note = (
+            " (every answer came from the cache)"
+            if lat.p50_ms is None and summary.cache_hits
+            else ""
+        )
+        print(f"  latency p50/p95/p99 ms: {figures}{note}")
         print(f"  {cost_line(result.summary)}")
         print(f"  registry run {result.registry_run_id}")
     return 0 if p.status in ("completed", "stopped") else 1
+
+
+def _shown(value: float | None) -> str:
+    """A summary figure for a table: 4 significant decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def cost_line(summary: ExperimentSummary) -> str:
