@@ -77,6 +77,14 @@ async def test_retry_reruns_exactly_the_failed_items_and_keeps_the_ok_ones(
     failed = {item for item, r in before.items() if r["status"] == "failed"}
     await sim.set_profile(FAST, error_rate=0.0)
     await sim.reset()
+    # Half the calls failing may have opened the provider's breaker (six failures in
+    # a row); the provider is back, so close it, as its cooldown and probe would.
+    async with app_pool.acquire() as conn:
+        await conn.execute(
+            "update provider_breakers set status = 'closed', consecutive_failures = 0,"
+            " opened_at = null, probe_started_at = null where task_queue = $1",
+            worker,
+        )
     argv = ["experiments", "retry", body["experiment_id"]]
     assert await asyncio.to_thread(cli_main, argv) == 0
     out = capsys.readouterr().out
