@@ -216,17 +216,26 @@ async def test_judge_evals_and_continue_as_new_twice(
     assert (await sim.model_stats("sim-judge"))["ok"] == 25
 
 
+async def start_provider_at(
+    client: Client, pool: asyncpg.Pool, task_queue: str, rate: float
+) -> None:
+    """The simulator provider of `task_queue` at `rate` req/s, in PostgreSQL and on the
+    server's task-queue limit, before an experiment starts (which keeps that rate)."""
+    await ensure_provider(pool, task_queue, "simulator", ProviderBounds(rate, 0.5, 1000.0))
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "update provider_limits set rate = $2 where task_queue = $1 and provider = 'simulator'",
+            task_queue,
+            rate,
+        )
+    await push_rate(client, provider_queue(task_queue, "simulator"), rate)
+
+
 async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_calling_twice(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
     # A slow provider rate keeps calls queued for capacity when a run ends.
-    await ensure_provider(app_pool, worker, "simulator", ProviderBounds(4.0, 0.5, 1000.0))
-    async with app_pool.acquire() as conn:
-        await conn.execute(
-            "update provider_limits set rate = 4 where task_queue = $1 and provider = 'simulator'",
-            worker,
-        )
-    await push_rate(client, provider_queue(worker, "simulator"), 4.0)
+    await start_provider_at(client, app_pool, worker, 4.0)
     body = experiment(40, max_concurrency=20, options={"continue_as_new_every": 10})
     handle = await start(client, worker, body)
     result: ExperimentResult = await handle.result()

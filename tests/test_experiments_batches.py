@@ -15,13 +15,17 @@ import asyncpg
 from temporalio.client import Client, WorkflowHandle
 
 from konstruct.models.experiments import ExperimentResult
-from konstruct.naming import provider_queue
-from konstruct.provider_control import ProviderBounds
 from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.providers import ensure_provider
-from konstruct.task_queue_limits import push_rate
 from tests.support import WorkerRelay, wait_for_calls
-from tests.test_experiments import FAST, experiment, results, start, throttled, wait_for
+from tests.test_experiments import (
+    FAST,
+    experiment,
+    results,
+    start,
+    start_provider_at,
+    throttled,
+    wait_for,
+)
 from workflows.experiment import Experiment
 
 # Batches from the first monitor sample on: the test provider starts at 50 req/s.
@@ -96,13 +100,7 @@ async def test_batching_follows_the_rate_up(
     # which the full suite's loaded dev server did not always give: no batch, in 2
     # full runs of 3. From 20 it needs 15/s.)
     await sim.set_profile(FAST, latency_ms=20)
-    await ensure_provider(app_pool, worker, "simulator", ProviderBounds(20.0, 0.5, 1000.0))
-    async with app_pool.acquire() as conn:
-        await conn.execute(
-            "update provider_limits set rate = 20 where task_queue = $1 and provider = 'simulator'",
-            worker,
-        )
-    await push_rate(client, provider_queue(worker, "simulator"), 20.0)
+    await start_provider_at(client, app_pool, worker, 20.0)
     body = experiment(400, max_concurrency=40, options={**BATCHED, "batch_above_rps": 30.0})
     handle = await start(client, worker, body)
     result: ExperimentResult = await handle.result()
