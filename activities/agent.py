@@ -18,9 +18,7 @@ from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from konstruct.db import tenant_transaction
-from konstruct.errors import InvalidInput
-from konstruct.models import (
+from konstruct.agents.models import (
     AgentProfile,
     AgentStepInput,
     AgentStepResult,
@@ -30,18 +28,15 @@ from konstruct.models import (
     RunToolInput,
     StoreTurnInput,
     SummarizeInput,
-    TokenUsage,
     ToolDecisionInput,
     ToolOutcome,
     ToolSpec,
 )
-from konstruct.prompts import build_agent_messages, summary_request
-from konstruct.provider_adapter import complete
-from konstruct.router import RouterConfig
-from konstruct.store import steps as store
-from konstruct.store.agents import _stored_turn, insert_turn, select_agent
-from konstruct.store.tools import select_hosts, select_tools
-from konstruct.tools.builtins import (
+from konstruct.agents.prompts import build_agent_messages, summary_request
+from konstruct.agents.store import steps as store
+from konstruct.agents.store.agents import _stored_turn, insert_turn, select_agent
+from konstruct.agents.store.tools import select_hosts, select_tools
+from konstruct.agents.tools import (
     BUILTIN_TOOLS,
     HttpLimits,
     ToolError,
@@ -51,6 +46,11 @@ from konstruct.tools.builtins import (
     http_request,
     truncate_result,
 )
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import InvalidInput
+from konstruct.providers.adapter import complete
+from konstruct.providers.models import TokenUsage
+from konstruct.providers.router import RouterConfig
 
 _tracer = trace.get_tracer("konstruct.agent")
 
@@ -430,7 +430,7 @@ class AgentActivities:
         raise ToolError(f"no runner for tool {call.tool!r}", retryable=False)
 
     async def _knowledge_search(self, tenant: str, arguments: dict[str, Any]) -> str:
-        from konstruct.store import knowledge
+        from konstruct.agents.store import knowledge
 
         query = arguments.get("query")
         k = arguments.get("k", 5)

@@ -19,7 +19,7 @@ from activities.demo_agent import DOCS_DIR, DemoAgentActivities
 from activities.demo_data import DemoDataActivities
 from activities.demo_registry import DemoRegistryActivities
 from activities.demo_session import DemoSessionActivities
-from konstruct.router import RouterConfig
+from konstruct.providers.router import RouterConfig
 
 
 def demo_activities(

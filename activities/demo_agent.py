@@ -16,8 +16,8 @@ import asyncpg
 from temporalio import activity
 
 from activities.demo_step import caller, demo_step, put_json
-from konstruct.db import tenant_transaction
-from konstruct.models.demo import (
+from konstruct.demo import store as sessions
+from konstruct.demo.models import (
     DecisionApplyInput,
     DecisionApplyResult,
     EvalRecordInput,
@@ -25,10 +25,10 @@ from konstruct.models.demo import (
     RagResult,
     StepOutput,
 )
-from konstruct.models.registry import MoveAliasInput
-from konstruct.provider_adapter import embed
-from konstruct.store import demo as sessions
-from konstruct.store import registry
+from konstruct.platform.db import tenant_transaction
+from konstruct.providers.adapter import embed
+from konstruct.registry import store as registry
+from konstruct.registry.models import MoveAliasInput
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "demo-docs"
 # The RAG step indexes this many documents of docs/demo-docs (sorted by name).

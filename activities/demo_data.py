@@ -1,6 +1,6 @@
 """DemoCascade's data and forecasting steps: sales, features, models, backtests, sweeps, plans.
 
-The forecasting itself is `konstruct.forecasting` (pure); these activities
+The forecasting itself is `konstruct.demo.forecasting` (pure); these activities
 load their inputs from the session's artifacts and store what they make.
 """
 
@@ -13,9 +13,8 @@ import asyncpg
 from temporalio import activity
 
 from activities.demo_step import compute, demo_step, get_json, put_json
-from konstruct import forecasting
-from konstruct.db import tenant_transaction
-from konstruct.models.demo import (
+from konstruct.demo import forecasting
+from konstruct.demo.models import (
     BackfillInput,
     BacktestInput,
     BacktestResult,
@@ -38,7 +37,8 @@ from konstruct.models.demo import (
     TrainInput,
     TrainResult,
 )
-from konstruct.store import registry
+from konstruct.platform.db import tenant_transaction
+from konstruct.registry import store as registry
 
 
 async def _backtest(

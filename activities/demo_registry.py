@@ -1,6 +1,6 @@
 """DemoCascade's registry steps: register runs, move the alias, check it, verify it.
 
-Alias moves go through `konstruct.store.registry.move_alias` with a move id the
+Alias moves go through `konstruct.registry.store.move_alias` with a move id the
 workflow chose, so a retried step finds its move already made.
 """
 
@@ -13,10 +13,9 @@ import asyncpg
 from temporalio import activity
 
 from activities.demo_step import caller, compute, demo_step
-from konstruct import forecasting
-from konstruct.db import tenant_transaction
-from konstruct.errors import InvariantViolated
-from konstruct.models.demo import (
+from konstruct.demo import forecasting
+from konstruct.demo import store as sessions
+from konstruct.demo.models import (
     CompatInput,
     CompatResult,
     MoveOutput,
@@ -31,9 +30,10 @@ from konstruct.models.demo import (
     StepOutput,
     VerifyInput,
 )
-from konstruct.models.registry import MoveAliasInput, NewRun
-from konstruct.store import demo as sessions
-from konstruct.store import registry
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import InvariantViolated
+from konstruct.registry import store as registry
+from konstruct.registry.models import MoveAliasInput, NewRun
 
 
 def _stale_reason(check: registry.AliasCheck, alias: str, champion_run_id: str) -> str | None:

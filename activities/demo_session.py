@@ -10,9 +10,8 @@ from temporalio import activity
 
 from activities.demo_agent import EMBED_GROUP
 from activities.demo_step import caller, demo_step
-from konstruct.db import tenant_transaction
-from konstruct.errors import PrecheckFailed
-from konstruct.models.demo import (
+from konstruct.demo import store as sessions
+from konstruct.demo.models import (
     DeletePrefixInput,
     FinishInput,
     OpenSessionInput,
@@ -22,8 +21,9 @@ from konstruct.models.demo import (
     StepInput,
     StepOutput,
 )
-from konstruct.store import demo as sessions
-from konstruct.store import registry
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import PrecheckFailed
+from konstruct.registry import store as registry
 
 REGISTRY_TABLES = ("registry_runs", "registry_aliases", "registry_artifacts")
 # The agent asks the first of these groups the router has.
@@ -51,6 +51,8 @@ class DemoSessionActivities:
         """Record where the alias is as this run begins; a re-run returns the first record."""
         workflow_id, workflow_run_id = caller()
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            await sessions.check_session_tables(conn, input.tenant_id)
+            state = await registry.alias_state(conn, input.tenant_id, input.alias)
             return await sessions.open_session(
                 conn,
                 input.tenant_id,
@@ -58,7 +60,7 @@ class DemoSessionActivities:
                 workflow_run_id,
                 input.scenario,
                 input.seed,
-                input.alias,
+                state,
             )
 
     @activity.defn(name="demo_precheck")

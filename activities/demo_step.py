@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import asyncpg
 from temporalio import activity
 
-from konstruct.db import tenant_transaction
-from konstruct.errors import ForecastingError, InjectedFailure, KonstructError
-from konstruct.models.demo import DataRef, StepInput, StepOutput
-from konstruct.store import registry
+from konstruct.demo.models import DataRef, StepInput, StepOutput
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import ForecastingError, InjectedFailure, KonstructError
+from konstruct.registry import store as registry
 
 T = TypeVar("T")
 Owner = TypeVar("Owner")

@@ -16,19 +16,19 @@ from temporalio import activity
 from temporalio.api.enums.v1 import PendingActivityState
 
 from konstruct.config import ExperimentSettings
-from konstruct.datasets import items_digest, load_items
-from konstruct.db import tenant_transaction
-from konstruct.errors import InvalidInput
-from konstruct.models import experiments as models
-from konstruct.models.registry import NewRun
-from konstruct.naming import ProviderQueue, registry_run_id
-from konstruct.provider_control import declared_bounds
-from konstruct.router import Deployment, RouterConfig
-from konstruct.store import budgets
-from konstruct.store import experiments as store
-from konstruct.store.providers import ensure_provider, provider_statuses
-from konstruct.store.registry import record_run
-from konstruct.task_queue_limits import push_rate
+from konstruct.experiments import models as models
+from konstruct.experiments.datasets import items_digest, load_items
+from konstruct.experiments.store import budgets
+from konstruct.experiments.store import experiments as store
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import InvalidInput
+from konstruct.platform.naming import ProviderQueue, registry_run_id
+from konstruct.providers.control import declared_bounds
+from konstruct.providers.queue_limits import push_rate
+from konstruct.providers.router import Deployment, RouterConfig
+from konstruct.providers.store import ensure_provider, provider_statuses
+from konstruct.registry.models import NewRun
+from konstruct.registry.store import record_run
 
 
 def _routes(deployments: list[Deployment]) -> list[models.Route]:

@@ -8,10 +8,10 @@ from typing import Any
 from opentelemetry import trace
 from temporalio import activity
 
-from konstruct.errors import InvalidInput
-from konstruct.models import LlmCallInput, LlmCallResult, TokenUsage
-from konstruct.provider_adapter import complete
-from konstruct.router import RouterConfig
+from konstruct.platform.errors import InvalidInput
+from konstruct.providers.adapter import complete
+from konstruct.providers.models import LlmCallInput, LlmCallResult, TokenUsage
+from konstruct.providers.router import RouterConfig
 
 _tracer = trace.get_tracer("konstruct.llm")
 

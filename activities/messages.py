@@ -1,4 +1,4 @@
-"""HandleMessage's database steps: thin wrappers over `konstruct.store.agents`.
+"""HandleMessage's database steps: thin wrappers over `konstruct.agents.store.agents`.
 
 UnknownTenant and UnknownAgent raised by the store become non-retryable
 ApplicationErrors in the worker's error interceptor.
@@ -9,8 +9,13 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from konstruct.models import AgentContext, HandleMessageResult, LoadAgentInput, StoreTurnInput
-from konstruct.store import agents
+from konstruct.agents.models import (
+    AgentContext,
+    HandleMessageResult,
+    LoadAgentInput,
+    StoreTurnInput,
+)
+from konstruct.agents.store import agents
 
 
 class MessageActivities:

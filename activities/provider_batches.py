@@ -6,7 +6,7 @@ database round trips). A batch pays those once for many items:
 
 - its items are read in one query;
 - its calls book their slots on the provider's shared schedule
-  (`konstruct.store.providers.reserve_calls`: one virtual clock per provider
+  (`konstruct.providers.store.reserve_calls`: one virtual clock per provider
   in PostgreSQL, shared by every worker and experiment, and by the single-item
   path too) and go out paced at the provider's rate, a few at a time, so a
   stop is seen before the next booking;
@@ -46,18 +46,13 @@ from activities.provider_calls import (
     task_messages,
 )
 from activities.spend import task_key
-from konstruct.db import tenant_transaction
-from konstruct.errors import BudgetExhausted
-from konstruct.models.experiments import (
-    BatchItem,
-    BatchItemResult,
-    RunBatchInput,
-    RunBatchResult,
-)
-from konstruct.provider_adapter import AnnouncedLimits, Completion, classify, complete_on
-from konstruct.store import cache
-from konstruct.store import experiments as store
-from konstruct.store.providers import OutcomeCounts, record_outcomes
+from konstruct.experiments.models import BatchItem, BatchItemResult, RunBatchInput, RunBatchResult
+from konstruct.experiments.store import cache
+from konstruct.experiments.store import experiments as store
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import BudgetExhausted
+from konstruct.providers.adapter import AnnouncedLimits, Completion, classify, complete_on
+from konstruct.providers.store import OutcomeCounts, record_outcomes
 
 
 class _Ledger:

@@ -6,7 +6,7 @@ waiting for capacity sits in the server's queue and holds no worker slot.
 
 One attempt is one request to one deployment (litellm with no retries of its
 own). Before it, the provider's circuit breaker is asked; after it, the rate
-and the breaker learn from the answer (`konstruct.provider_adapter` says what
+and the breaker learn from the answer (`konstruct.providers.adapter` says what
 the answer was):
 
 - success: the result row is written once (insert ... on conflict do nothing);
@@ -34,11 +34,9 @@ from temporalio import activity
 
 from activities.spend import CallSpend, cached_completion, judge_key, new_entry, task_key
 from konstruct.config import ExperimentSettings
-from konstruct.datasets import render_prompt
-from konstruct.db import tenant_transaction
-from konstruct.errors import ExperimentStopped, NotFound, QuotaExceeded
-from konstruct.evals import judge_messages, parse_judge, score_local
-from konstruct.models.experiments import (
+from konstruct.experiments.datasets import render_prompt
+from konstruct.experiments.evals import judge_messages, parse_judge, score_local
+from konstruct.experiments.models import (
     JudgeItemInput,
     JudgeItemResult,
     LlmJudgeEval,
@@ -47,8 +45,14 @@ from konstruct.models.experiments import (
     TaskSpec,
     eval_name,
 )
-from konstruct.naming import ProviderQueue
-from konstruct.provider_adapter import (
+from konstruct.experiments.store import cache
+from konstruct.experiments.store import experiments as store
+from konstruct.experiments.store.budgets import SpendFlags
+from konstruct.experiments.store.cache import CacheEntry
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import ExperimentStopped, NotFound, QuotaExceeded
+from konstruct.platform.naming import ProviderQueue
+from konstruct.providers.adapter import (
     AnnouncedLimits,
     Completion,
     ProviderFailure,
@@ -58,20 +62,16 @@ from konstruct.provider_adapter import (
     deployment_unavailable,
     provider_unavailable,
 )
-from konstruct.provider_control import BreakerState, Grant
-from konstruct.router import Deployment, RouterConfig
-from konstruct.store import cache
-from konstruct.store import experiments as store
-from konstruct.store.budgets import SpendFlags
-from konstruct.store.cache import CacheEntry
-from konstruct.store.providers import (
+from konstruct.providers.control import BreakerState, Grant
+from konstruct.providers.queue_limits import push_rate
+from konstruct.providers.router import Deployment, RouterConfig
+from konstruct.providers.store import (
     Outcome,
     OutcomeEffect,
     admit_call,
     record_outcome,
     reserve_calls,
 )
-from konstruct.task_queue_limits import push_rate
 
 _tracer = trace.get_tracer("konstruct.experiments")
 _meter = metrics.get_meter("konstruct.experiments")

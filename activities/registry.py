@@ -1,7 +1,7 @@
 """Registry activities: undo an alias move, settle an alias, discard runs.
 
 DemoCascade schedules them to roll back and compensate its changes; each is a
-thin wrapper over `konstruct.store.registry` that names the calling workflow
+thin wrapper over `konstruct.registry.store` that names the calling workflow
 run, so every alias move is traceable to the workflow that made it.
 """
 
@@ -13,15 +13,15 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 
-from konstruct.db import tenant_transaction
-from konstruct.models.registry import (
+from konstruct.platform.db import tenant_transaction
+from konstruct.registry import store as registry
+from konstruct.registry.models import (
     AliasMoveResult,
     DiscardRunsInput,
     DiscardRunsResult,
     SettleAliasInput,
     UndoAliasMoveInput,
 )
-from konstruct.store import registry
 
 
 def _caller() -> tuple[str | None, str | None]:

@@ -1,8 +1,8 @@
 """What the provider-call activities pay: prices, the output cache, budgets.
 
 Shared by the single-item path (`activities.provider_calls`) and the batched one
-(`activities.provider_batches`): a call's price (`konstruct.pricing`), its
-cache key, and its budget reservation (`konstruct.store.budgets`): reserved
+(`activities.provider_batches`): a call's price (`konstruct.providers.pricing`), its
+cache key, and its budget reservation (`konstruct.experiments.store.budgets`): reserved
 before the call, settled with the real usage after.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from konstruct.models.experiments import TaskSpec
-from konstruct.pricing import Price, cost_usd, price_of
-from konstruct.provider_adapter import Completion
-from konstruct.router import Deployment
-from konstruct.store import budgets
-from konstruct.store.budgets import Reservation, SpendFlags
-from konstruct.store.cache import CacheEntry, CallKind, cache_key
+from konstruct.experiments.models import TaskSpec
+from konstruct.experiments.store import budgets
+from konstruct.experiments.store.budgets import Reservation, SpendFlags
+from konstruct.experiments.store.cache import CacheEntry, CallKind, cache_key
+from konstruct.providers.adapter import Completion
+from konstruct.providers.pricing import Price, cost_usd, price_of
+from konstruct.providers.router import Deployment
 
 
 def task_key(deployment_id: str, task: TaskSpec, messages: list[dict[str, str]], epoch: int) -> str:

@@ -51,16 +51,16 @@ from temporalio.client import Client, WorkflowHandle  # noqa: E402
 from temporalio.service import RPCError  # noqa: E402
 
 from bench.stack_bench import write_stack_config  # noqa: E402
-from konstruct import db  # noqa: E402
+from konstruct.agents.models import AgentProfile  # noqa: E402
+from konstruct.agents.store.agents import put_agent  # noqa: E402
+from konstruct.app.stack import read_status  # noqa: E402
 from konstruct.config import Settings, load_settings  # noqa: E402
-from konstruct.models import AgentProfile  # noqa: E402
-from konstruct.stack import read_status  # noqa: E402
-from konstruct.store.agents import put_agent  # noqa: E402
-from konstruct.temporal_client import connect  # noqa: E402
+from konstruct.platform import db  # noqa: E402
+from konstruct.platform.temporal.client import connect  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "chaos.json"
 TENANTS = ("demo", "chaos-a", "chaos-b")
-KONSTRUCT = [sys.executable, "-m", "konstruct.cli"]
+KONSTRUCT = [sys.executable, "-m", "konstruct.app.cli"]
 
 
 @dataclass

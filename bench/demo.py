@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.stack_bench import running_stack, write_results  # noqa: E402
 from konstruct.config import load_settings  # noqa: E402
-from konstruct.temporal_client import connect  # noqa: E402
+from konstruct.platform.temporal.client import connect  # noqa: E402
 
 MODELS = ("sim-fast", "sim-quality", "sim-judge", "sim-arith", "sim-embed")
 RESULTS = ROOT / "bench" / "results" / "demo.json"

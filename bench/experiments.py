@@ -47,13 +47,13 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
-from konstruct import db  # noqa: E402
-from konstruct.codec import new_key_line  # noqa: E402
-from konstruct.embedded_pg import EmbeddedPostgres  # noqa: E402
-from konstruct.processes import ManagedProcess, free_port  # noqa: E402
-from konstruct.simulator_admin import SimulatorAdmin  # noqa: E402
-from konstruct.stack import simulator_command  # noqa: E402
-from konstruct.temporal_client import connect  # noqa: E402
+from konstruct.app.embedded_pg import EmbeddedPostgres  # noqa: E402
+from konstruct.app.processes import ManagedProcess, free_port  # noqa: E402
+from konstruct.app.stack import simulator_command  # noqa: E402
+from konstruct.platform import db  # noqa: E402
+from konstruct.platform.temporal.client import connect  # noqa: E402
+from konstruct.platform.temporal.codec import new_key_line  # noqa: E402
+from konstruct.providers.simulator.admin import SimulatorAdmin  # noqa: E402
 from tests.support import DevServer, WorkerProcess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "experiments.json"
@@ -186,9 +186,9 @@ class Bench:
         `shape` sets the simulated provider's limiter; every shape's limit is
         `ceiling` requests a second (the tokens shape: that many calls' tokens).
         """
-        from konstruct.naming import provider_queue
-        from konstruct.store.providers import reset_provider
-        from konstruct.task_queue_limits import push_rate
+        from konstruct.platform.naming import provider_queue
+        from konstruct.providers.queue_limits import push_rate
+        from konstruct.providers.store import reset_provider
 
         rate = ceiling or self.ceiling
         limits: dict[str, Any] = {"rate_limit_shape": shape, "rate_limit_rps": rate}
@@ -689,7 +689,7 @@ async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "simulator": "override: " + os.environ["BENCH_SIMULATOR_CMD"]
         if os.environ.get("BENCH_SIMULATOR_CMD")
-        else "konstruct.simulator",
+        else "konstruct.providers.simulator",
     }
     n = args.items
     scenarios = {

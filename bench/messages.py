@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.stack_bench import running_stack, write_results  # noqa: E402
+from konstruct.app.stack import Stack  # noqa: E402
 from konstruct.config import load_settings  # noqa: E402
-from konstruct.stack import Stack  # noqa: E402
-from konstruct.temporal_client import connect  # noqa: E402
+from konstruct.platform.temporal.client import connect  # noqa: E402
 
 MODELS = ("sim-fast", "sim-quality")
 RESULTS = ROOT / "bench" / "results" / "messages.json"
@@ -86,11 +86,11 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
     import openai
     from temporalio.worker import Worker
 
-    from konstruct import db
-    from konstruct.models import AgentProfile
-    from konstruct.search_attributes import message_search_attributes
-    from konstruct.store.agents import put_agent
-    from konstruct.store.keys import create_key
+    from konstruct.agents.models import AgentProfile
+    from konstruct.agents.store.agents import put_agent
+    from konstruct.agents.store.keys import create_key
+    from konstruct.platform import db
+    from konstruct.platform.temporal.search_attributes import message_search_attributes
     from workflows.handle_message import HandleMessage
 
     settings = load_settings(config)

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from konstruct.app.processes import free_port
+from konstruct.app.stack import Stack
 from konstruct.config import load_settings
-from konstruct.processes import free_port
-from konstruct.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,5 @@
 import sys
 
-from konstruct.cli import main
+from konstruct.app.cli import main
 
 sys.exit(main())

@@ -9,83 +9,34 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from konstruct.errors import ConfigError, field_problems
-from konstruct.models.experiments import (
+from konstruct.experiments.models import (
     DEFAULT_MAX_CONCURRENCY,
     MAX_CONCURRENCY_LIMIT,
     ExperimentOptions,
 )
-from konstruct.provider_control import AimdConfig, BreakerConfig
+from konstruct.platform.errors import ConfigError, field_problems
+from konstruct.platform.settings import (
+    PostgresSettings,
+    Section,
+    TelemetrySettings,
+    TemporalSettings,
+    write_private_file,
+)
+from konstruct.providers.control import AimdConfig, BreakerConfig
 
 if TYPE_CHECKING:
-    from konstruct.codec import KeyRing
+    from konstruct.platform.temporal.codec import KeyRing
 
 CONFIG_FILE_ENV = "KONSTRUCT_CONFIG"
 DEFAULT_CONFIG_FILE = "temporal-dev.yaml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# SQLite pragmas of the dev server's state file. WAL with synchronous=normal
-# survives a killed server (only an OS crash can lose the last commits) and cut
-# HandleMessage overhead p50 from 95 to 47 ms on 2 cores (bench/messages.py).
-DEV_SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
-
-
-class TemporalSettings(_Section):
-    # `address` unset means the local dev server on `port`.
-    address: str | None = None
-    namespace: str = "default"
-    port: int = Field(7233, ge=1, le=65535)
-    ui_port: int = Field(8233, ge=1, le=65535)
-    task_queue: str = "konstruct"
-    # Temporal Cloud / mTLS clusters; paths and key come from env, never history.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    api_key: str | None = None
-    dev_sqlite_pragmas: list[str] = Field(default_factory=lambda: list(DEV_SQLITE_PRAGMAS))
-    # Payloads encrypted in workflow history (AES-256-GCM, konstruct/codec.py).
-    # Off stores inputs, results and failures in plain text, readable by anyone
-    # with Web UI or CLI access to the namespace.
-    encryption: bool = True
-    # Keys: `id:base64,...` (the last encrypts), else a file of `id:base64`
-    # lines; unset, `<state_dir>/encryption.keys`, which `konstruct up` creates.
-    encryption_keys: SecretStr | None = None
-    encryption_key_file: Path | None = None
-    # The codec server the Web UI and CLI decode with (`konstruct codec-server`),
-    # and the bearer token it asks for (none: loopback only, no token).
-    codec_port: int = Field(8234, ge=1, le=65535)
-    codec_token: SecretStr | None = None
-
-    @property
-    def target(self) -> str:
-        return self.address or f"localhost:{self.port}"
-
-
-class PostgresSettings(_Section):
-    # Owner connection used for migrations; unset means the embedded server.
-    url: str | None = None
-    # Connection of the application role (non-superuser, under RLS). Unset:
-    # derived from `url` with the app role's name and password.
-    app_url: str | None = None
-    app_role: str = "konstruct_app"
-    # The app role's password. Unset: the one `konstruct migrate` (or `konstruct up`)
-    # generated into `<state_dir>/app-db-password`; there is no fixed default.
-    app_password: SecretStr | None = None
-    port: int = Field(55432, ge=1, le=65535)
-    database: str = "konstruct"
-    pool_min: int = Field(1, ge=0)
-    pool_max: int = Field(20, ge=1)
-
-
-class SimulatorSettings(_Section):
+class SimulatorSettings(Section):
     enabled: bool = True
     port: int = Field(8799, ge=1, le=65535)
     config: Path = Path("deploy/simulator.yaml")
@@ -94,18 +45,18 @@ class SimulatorSettings(_Section):
     api_key_env: str = "SIMULATOR_API_KEY"
 
 
-class WorkerSettings(_Section):
+class WorkerSettings(Section):
     max_concurrent_activities: int = Field(200, ge=1)
     max_concurrent_local_activities: int = Field(200, ge=1)
     max_concurrent_workflow_tasks: int = Field(100, ge=1)
     graceful_shutdown_seconds: float = Field(10.0, ge=0)
 
 
-class LlmSettings(_Section):
+class LlmSettings(Section):
     router_config: Path = Path("deploy/llm-router.yaml")
 
 
-class GatewaySettings(_Section):
+class GatewaySettings(Section):
     """The OpenAI-compatible HTTP gateway (`konstruct gateway`, started by `konstruct up`)."""
 
     enabled: bool = True
@@ -116,11 +67,6 @@ class GatewaySettings(_Section):
     # above it they go through the server to any worker, so a burst is shared by
     # every worker process instead of queueing on this one. 0: never eager.
     eager_max_in_flight: int = Field(4, ge=0, le=10_000)
-
-
-class TelemetrySettings(_Section):
-    exporter: Literal["none", "console", "otlp"] = "none"
-    service_name: str = "konstruct"
 
 
 class ExperimentSettings(ExperimentOptions, AimdConfig):
@@ -165,7 +111,7 @@ class ExperimentSettings(ExperimentOptions, AimdConfig):
         )
 
 
-class Settings(_Section):
+class Settings(Section):
     state_dir: Path = Path(".konstruct")
     temporal: TemporalSettings = TemporalSettings()
     postgres: PostgresSettings = PostgresSettings()
@@ -215,7 +161,7 @@ class Settings(_Section):
 
     def key_ring(self) -> KeyRing | None:
         """The payload keys; None with encryption off. Raises naming where it looked."""
-        from konstruct.codec import KeyRing
+        from konstruct.platform.temporal.codec import KeyRing
 
         temporal = self.temporal
         if not temporal.encryption:
@@ -232,15 +178,6 @@ class Settings(_Section):
             " KONSTRUCT_ENCRYPTION_KEY_FILE, or turn encryption off with"
             " KONSTRUCT_ENCRYPTION=false, leaving payloads in plain text)"
         )
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """A new file readable by its owner only (mode 600, never an existing one
-    overwritten): a generated secret in the state directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(text)
 
 
 # Environment variable → dotted key. The contract's names first.

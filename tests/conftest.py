@@ -18,12 +18,12 @@ import yaml
 from aiohttp import web
 from temporalio.client import Client
 
-from konstruct import db
+from konstruct.app.embedded_pg import EmbeddedPostgres
+from konstruct.app.processes import free_port
 from konstruct.config import Settings, load_settings
-from konstruct.embedded_pg import EmbeddedPostgres
-from konstruct.processes import free_port
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.temporal_client import connect
+from konstruct.platform import db
+from konstruct.platform.temporal.client import connect
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import (
     ROOT,
     SIMULATOR_TEST_KEY,

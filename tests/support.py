@@ -20,12 +20,12 @@ from temporalio.client import WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
-from konstruct.codec import EncryptionCodec, KeyRing
-from konstruct.plugin import KonstructPlugin
-from konstruct.processes import ManagedProcess, free_port
-from konstruct.search_attributes import SEARCH_ATTRIBUTES
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import dev_server_command, simulator_command, temporal_test_server
+from konstruct.app.processes import ManagedProcess, free_port
+from konstruct.app.stack import dev_server_command, simulator_command, temporal_test_server
+from konstruct.platform.temporal.codec import EncryptionCodec, KeyRing
+from konstruct.platform.temporal.plugin import KonstructPlugin
+from konstruct.platform.temporal.search_attributes import SEARCH_ATTRIBUTES
+from konstruct.providers.simulator.admin import SimulatorAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
 HISTORIES = ROOT / "tests" / "histories"

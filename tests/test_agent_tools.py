@@ -21,14 +21,14 @@ import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 
 from activities.agent import RESULT_CHARS, TOOL_ATTEMPTS, stop_reply
+from konstruct.agents.models import AgentProfile, HandleMessageResult, ToolDecision, ToolSpec
+from konstruct.agents.store.agents import put_agent
+from konstruct.agents.store.knowledge import add_document
+from konstruct.agents.store.tools import allow_hosts, put_tool
 from konstruct.config import Settings
-from konstruct.db import tenant_transaction
-from konstruct.models import AgentProfile, HandleMessageResult, ToolDecision, ToolSpec
-from konstruct.router import build_router, load_router_config
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.agents import put_agent
-from konstruct.store.knowledge import add_document
-from konstruct.store.tools import allow_hosts, put_tool
+from konstruct.platform.db import tenant_transaction
+from konstruct.providers.router import build_router, load_router_config
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import Hooks, WorkerProcess, time_skipping_server
 from workers.main import build_worker
 from workflows.handle_message import HandleMessage

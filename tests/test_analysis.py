@@ -16,10 +16,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+from konstruct.providers.simulator.profiles import ModelProfile
+from konstruct.providers.simulator.responders import simulated_reply
 from temporalio.client import Client
 
-from konstruct import analysis
-from konstruct.analysis import (
+from konstruct.app.cli import main as cli_main
+from konstruct.experiments import compare as analysis
+from konstruct.experiments.compare import (
     EvalInfo,
     ExperimentData,
     ItemResult,
@@ -33,12 +36,9 @@ from konstruct.analysis import (
     standard_error,
     timeline,
 )
-from konstruct.cli import main as cli_main
-from konstruct.models.experiments import ExperimentInput
-from konstruct.report import render_report
-from konstruct.simulator.profiles import ModelProfile
-from konstruct.simulator.responders import simulated_reply
-from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.experiments.models import ExperimentInput
+from konstruct.experiments.report import render_report
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from workflows.experiment import Experiment
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

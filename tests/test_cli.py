@@ -15,14 +15,14 @@ import asyncpg
 import pytest
 from rich.console import Console
 
-from konstruct.cli.experiments import ItemRate, progress_view
-from konstruct.db import tenant_transaction
-from konstruct.models import AgentProfile
-from konstruct.models.experiments import ExperimentProgress
-from konstruct.models.registry import MoveAliasInput, NewRun
-from konstruct.processes import free_port
-from konstruct.store.agents import put_agent
-from konstruct.store.registry import insert_runs, move_alias
+from konstruct.agents.models import AgentProfile
+from konstruct.agents.store.agents import put_agent
+from konstruct.app.cli.experiments import ItemRate, progress_view
+from konstruct.app.processes import free_port
+from konstruct.experiments.models import ExperimentProgress
+from konstruct.platform.db import tenant_transaction
+from konstruct.registry.models import MoveAliasInput, NewRun
+from konstruct.registry.store import insert_runs, move_alias
 from tests.support import ROOT
 
 KONSTRUCT = [sys.executable, "-m", "konstruct"]

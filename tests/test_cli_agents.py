@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from temporalio.client import Client, WorkflowHandle
 
-from konstruct.cli.tools import normalize_host
-from konstruct.codec_server import codec_app
-from konstruct.db import tenant_transaction
-from konstruct.stack import temporal_cli
+from konstruct.app.cli.tools import normalize_host
+from konstruct.app.stack import temporal_cli
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.temporal.codec_server import codec_app
 from tests.support import suite_codec
 from tests.test_cli import assert_one_line_error, konstruct
 from workflows.handle_message import HandleMessage

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from konstruct.config import ExperimentSettings, load_settings
-from konstruct.errors import ConfigError
-from konstruct.models.experiments import ExperimentOptions
+from konstruct.experiments.models import ExperimentOptions
+from konstruct.platform.errors import ConfigError
 
 
 def test_env_overrides_the_file(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_experiment_options_default_to_the_settings_defaults() -> None:
 def test_every_rate_constant_is_a_setting_with_the_same_default() -> None:
     import dataclasses
 
-    from konstruct.provider_control import AimdConfig
+    from konstruct.providers.control import AimdConfig
 
     assert ExperimentSettings().aimd_config() == AimdConfig()
     changed = ExperimentSettings.model_validate({"min_offered": 0.5, "ceiling_rise": 2.0})

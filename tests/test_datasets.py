@@ -26,10 +26,10 @@ from pydantic import ValidationError
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from konstruct.cli import main as cli_main
-from konstruct.datasets import as_text, items_digest, load_items, render_prompt
-from konstruct.errors import InvalidInput
-from konstruct.models.experiments import DatasetItem, DatasetSpec, ExperimentResult, TaskSpec
+from konstruct.app.cli import main as cli_main
+from konstruct.experiments.datasets import as_text, items_digest, load_items, render_prompt
+from konstruct.experiments.models import DatasetItem, DatasetSpec, ExperimentResult, TaskSpec
+from konstruct.platform.errors import InvalidInput
 from tests.support import ROOT
 from tests.test_experiments import experiment, results, start
 

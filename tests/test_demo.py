@@ -28,9 +28,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.demo_registry import DemoRegistryActivities
 from konstruct.config import Settings
-from konstruct.db import tenant_transaction
-from konstruct.errors import NotFound, to_application_error
-from konstruct.models.demo import (
+from konstruct.demo.models import (
     DEMO_ALIAS,
     STEP_NAMES,
     DemoCascadeResult,
@@ -39,10 +37,12 @@ from konstruct.models.demo import (
     RegressionCheckInput,
     steps_of,
 )
-from konstruct.models.registry import MoveAliasInput, NewRun
-from konstruct.search_attributes import KIND, STATUS, TENANT
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store import registry
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import NotFound, to_application_error
+from konstruct.platform.temporal.search_attributes import KIND, STATUS, TENANT
+from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.registry import store as registry
+from konstruct.registry.models import MoveAliasInput, NewRun
 from tests.support import ROOT, WorkerRelay, call_in_flight, time_skipping_server
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
@@ -671,7 +671,7 @@ async def test_registry_cli_shows_runs_aliases_and_history(
 
     def cli(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "konstruct.cli", *args],
+            [sys.executable, "-m", "konstruct.app.cli", *args],
             capture_output=True,
             text=True,
             env=environ,
@@ -698,7 +698,7 @@ async def test_demo_cli_runs_and_shows_progress(worker: str, environ: dict[str, 
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "konstruct.cli", "demo", *args],
+            [sys.executable, "-m", "konstruct.app.cli", "demo", *args],
             capture_output=True,
             text=True,
             env=env,

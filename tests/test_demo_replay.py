@@ -13,7 +13,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.worker import Worker
 
 from konstruct.config import Settings
-from konstruct.models.demo import DemoProgress
+from konstruct.demo.models import DemoProgress
 from tests.support import recorded_histories, replay_all, replayer
 from workers.main import build_worker
 from workflows.batch_sweep import BatchSweep

@@ -23,7 +23,11 @@ from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.client import Client
 
-from konstruct.codec import (
+from konstruct.app.processes import free_port
+from konstruct.app.stack import temporal_cli
+from konstruct.config import Settings
+from konstruct.platform.errors import ConfigError
+from konstruct.platform.temporal.codec import (
     ENCODING,
     KEY_ID,
     CodecError,
@@ -31,13 +35,9 @@ from konstruct.codec import (
     KeyRing,
     new_key_line,
 )
-from konstruct.codec_server import codec_app
-from konstruct.config import Settings
-from konstruct.errors import ConfigError
-from konstruct.plugin import KonstructPlugin
-from konstruct.processes import free_port
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import temporal_cli
+from konstruct.platform.temporal.codec_server import codec_app
+from konstruct.platform.temporal.plugin import KonstructPlugin
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import TEST_KEYS, suite_codec
 from tests.test_experiments import FAST, experiment, start
 from tests.test_handle_message import message

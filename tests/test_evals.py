@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from konstruct.datasets import load_items
-from konstruct.errors import InvalidInput
-from konstruct.evals import parse_judge, score_local
-from konstruct.models.experiments import (
+from konstruct.experiments.datasets import load_items
+from konstruct.experiments.evals import parse_judge, score_local
+from konstruct.experiments.models import (
     ContainsEval,
     DatasetSpec,
     ExactMatchEval,
@@ -21,6 +20,7 @@ from konstruct.models.experiments import (
     NumericCloseEval,
     RegexEval,
 )
+from konstruct.platform.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,10 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.worker import Worker
 
 from activities.experiments import ExperimentActivities
-from konstruct import db
 from konstruct.config import Settings
-from konstruct.router import load_router_config
-from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.platform import db
+from konstruct.providers.router import load_router_config
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import recorded_histories, replay_all, replayer
 from tests.test_experiments import experiment, wait_for
 from workers.providers import provider_workers

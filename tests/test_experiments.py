@@ -18,15 +18,15 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
-from konstruct.cli import main as cli_main
-from konstruct.db import tenant_transaction
-from konstruct.models.experiments import ExperimentProgress, ExperimentResult, ToggleInput
-from konstruct.naming import provider_queue
-from konstruct.provider_control import ProviderBounds
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.analysis import load_experiment
-from konstruct.store.providers import ensure_provider
-from konstruct.task_queue_limits import push_rate
+from konstruct.app.cli import main as cli_main
+from konstruct.experiments.models import ExperimentProgress, ExperimentResult, ToggleInput
+from konstruct.experiments.store.analysis import load_experiment
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.naming import provider_queue
+from konstruct.providers.control import ProviderBounds
+from konstruct.providers.queue_limits import push_rate
+from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.providers.store import ensure_provider
 from tests.support import WorkerRelay, wait_for_calls
 from workflows.experiment import Experiment
 

@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 from temporalio.client import Client, WorkflowHandle
 
-from konstruct.models.experiments import ExperimentResult
-from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.experiments.models import ExperimentResult
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import WorkerRelay, wait_for_calls
 from tests.test_experiments import (
     FAST,

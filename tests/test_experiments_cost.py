@@ -17,23 +17,23 @@ from typing import Any
 
 import asyncpg
 import pytest
+from konstruct.providers.simulator.responders import count_tokens
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Worker
 
 from activities.experiments import ExperimentActivities
-from konstruct import db
-from konstruct.cli import main as cli_main
+from konstruct.app.cli import main as cli_main
 from konstruct.config import Settings
-from konstruct.db import tenant_transaction
-from konstruct.errors import ConfigError
-from konstruct.models.experiments import ExperimentResult
-from konstruct.pricing import Price, cost_usd, price_of
-from konstruct.router import Deployment, RouterConfig, load_router_config
-from konstruct.simulator.responders import count_tokens
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.budgets import _usd_refused
-from konstruct.store.cache import cache_key
+from konstruct.experiments.models import ExperimentResult
+from konstruct.experiments.store.budgets import _usd_refused
+from konstruct.experiments.store.cache import cache_key
+from konstruct.platform import db
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import ConfigError
+from konstruct.providers.pricing import Price, cost_usd, price_of
+from konstruct.providers.router import Deployment, RouterConfig, load_router_config
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import ROOT, replay_all, replayer
 from tests.test_experiment_replay import _runs
 from tests.test_experiments import FAST, experiment, results, start, wait_for

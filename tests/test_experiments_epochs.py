@@ -9,10 +9,10 @@ import asyncpg
 import pytest
 from temporalio.client import Client
 
-from konstruct.cli import main as cli_main
-from konstruct.models.experiments import ExperimentResult
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.experiments import experiment_detail
+from konstruct.app.cli import main as cli_main
+from konstruct.experiments.models import ExperimentResult
+from konstruct.experiments.store.experiments import experiment_detail
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.test_experiments import FAST, experiment, results, start
 
 

@@ -21,10 +21,10 @@ import yaml
 from temporalio.client import Client
 
 from konstruct.config import Settings
-from konstruct.errors import ConfigError
-from konstruct.models.experiments import ExperimentResult
-from konstruct.provider_adapter import AnnouncedLimits, announced_limits
-from konstruct.provider_control import (
+from konstruct.experiments.models import ExperimentResult
+from konstruct.platform.errors import ConfigError
+from konstruct.providers.adapter import AnnouncedLimits, announced_limits
+from konstruct.providers.control import (
     AimdConfig,
     AimdState,
     BreakerConfig,
@@ -32,10 +32,10 @@ from konstruct.provider_control import (
     declared_bounds,
     on_announced_limit,
 )
-from konstruct.router import RateLimits, load_router_config
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.providers import OutcomeCounts, ensure_provider, record_outcomes
-from konstruct.store.providers import reserve_calls as book
+from konstruct.providers.router import RateLimits, load_router_config
+from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.providers.store import OutcomeCounts, ensure_provider, record_outcomes
+from konstruct.providers.store import reserve_calls as book
 from tests.test_experiments import FAST, experiment, start, throttled
 from tests.test_experiments_batches import BATCHED, assert_one_result_each
 from workers.main import build_worker

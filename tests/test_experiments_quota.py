@@ -12,8 +12,8 @@ import asyncio
 import asyncpg
 from temporalio.client import Client
 
-from konstruct.models.experiments import ExperimentResult
-from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.experiments.models import ExperimentResult
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.test_experiments import FAST, experiment, results, start, wait_for
 from workflows.experiment import Experiment
 

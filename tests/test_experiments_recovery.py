@@ -13,13 +13,13 @@ from pathlib import Path
 import asyncpg
 from temporalio.client import Client
 
-from konstruct import db
+from konstruct.app.embedded_pg import EmbeddedPostgres
+from konstruct.app.processes import free_port
 from konstruct.config import Settings
-from konstruct.embedded_pg import EmbeddedPostgres
-from konstruct.models.experiments import ExperimentResult
-from konstruct.processes import free_port
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.temporal_client import connect
+from konstruct.experiments.models import ExperimentResult
+from konstruct.platform import db
+from konstruct.platform.temporal.client import connect
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import DevServer
 from tests.test_experiments import FAST, experiment, start
 from workers.main import build_worker

@@ -14,9 +14,9 @@ import asyncpg
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
-from konstruct.embedded_pg import EmbeddedPostgres
-from konstruct.models.experiments import ExperimentResult
-from konstruct.simulator_admin import SimulatorAdmin
+from konstruct.app.embedded_pg import EmbeddedPostgres
+from konstruct.experiments.models import ExperimentResult
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.test_experiments import FAST, experiment, results, start, wait_for
 from workflows.experiment import Experiment
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from konstruct import forecasting as fc
+from konstruct.demo import forecasting as fc
 
 
 def test_data_is_deterministic_per_seed() -> None:

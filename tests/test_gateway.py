@@ -17,8 +17,11 @@ import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 from temporalio.client import Client
 
-from konstruct.config import Settings
-from konstruct.gateway import (
+from konstruct.agents.models import AgentProfile, HandleMessageResult, ToolSpec
+from konstruct.agents.store.agents import put_agent
+from konstruct.agents.store.keys import create_key, list_keys, revoke_key, tenant_for_key
+from konstruct.agents.store.tools import put_tool
+from konstruct.app.gateway import (
     STREAM_CHUNK_CHARS,
     Gateway,
     GatewayError,
@@ -28,10 +31,7 @@ from konstruct.gateway import (
     parse_chat_request,
     split_model,
 )
-from konstruct.models import AgentProfile, HandleMessageResult, ToolSpec
-from konstruct.store.agents import put_agent
-from konstruct.store.keys import create_key, list_keys, revoke_key, tenant_for_key
-from konstruct.store.tools import put_tool
+from konstruct.config import Settings
 
 
 def user(text: str) -> list[ChatCompletionMessageParam]:

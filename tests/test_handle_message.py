@@ -12,9 +12,9 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from konstruct.models import AgentProfile, HandleMessageResult
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.agents import put_agent
+from konstruct.agents.models import AgentProfile, HandleMessageResult
+from konstruct.agents.store.agents import put_agent
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import SIMULATOR_TEST_KEY, WorkerRelay, call_in_flight
 from workflows.handle_message import HandleMessage
 

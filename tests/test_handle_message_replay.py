@@ -10,11 +10,11 @@ import uuid
 import asyncpg
 from temporalio.client import Client, WorkflowHistory
 
+from konstruct.agents.models import ToolDecision
+from konstruct.agents.store.tools import put_tool
 from konstruct.config import Settings
-from konstruct.models import ToolDecision
-from konstruct.search_attributes import message_search_attributes
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.tools import put_tool
+from konstruct.platform.temporal.search_attributes import message_search_attributes
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import Hooks, recorded_histories, replay_all, replayer
 from tests.test_agent_tools import (
     body,

@@ -16,15 +16,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from konstruct import db
-from konstruct.cli import main
-from konstruct.config import Settings
-from konstruct.db import tenant_transaction
-from konstruct.embedded_pg import EmbeddedPostgres
-from konstruct.knowledge import chunk_text, first_heading
-from konstruct.router import build_router, load_router_config
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.store.knowledge import (
+from konstruct.agents.knowledge import chunk_text, first_heading
+from konstruct.agents.store.knowledge import (
     KnowledgeHit,
     KnowledgeUnavailable,
     add_document,
@@ -33,6 +26,13 @@ from konstruct.store.knowledge import (
     list_documents,
     search,
 )
+from konstruct.app.cli import main
+from konstruct.app.embedded_pg import EmbeddedPostgres
+from konstruct.config import Settings
+from konstruct.platform import db
+from konstruct.platform.db import tenant_transaction
+from konstruct.providers.router import build_router, load_router_config
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import ROOT
 
 KEYS = """# API keys

@@ -1,7 +1,7 @@
 """KonstructPlugin on a real worker: our errors reach workflows typed and not retried.
 
 The worker here is built like `workers.main.build_worker` builds its own: from
-a client connected by `konstruct.temporal_client.connect`, passing no
+a client connected by `konstruct.platform.temporal.client.connect`, passing no
 interceptors, so what it gets comes from the client's plugin.
 """
 
@@ -19,7 +19,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Worker
 
 with workflow.unsafe.imports_passed_through():
-    from konstruct.errors import UnknownAgent
+    from konstruct.platform.errors import UnknownAgent
 
 # Attempts per workflow id; the activities run in this process.
 attempts: Counter[str] = Counter()

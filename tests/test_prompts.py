@@ -1,7 +1,8 @@
 from typing import Any
 
-from konstruct.models import AgentProfile, ChatTurn
-from konstruct.prompts import AI_TRANSPARENCY_CLAUSE, build_messages, build_system_prompt
+from konstruct.agents.models import AgentProfile
+from konstruct.agents.prompts import AI_TRANSPARENCY_CLAUSE, build_messages, build_system_prompt
+from konstruct.providers.models import ChatTurn
 
 
 def agent(**overrides: str) -> AgentProfile:

@@ -6,7 +6,7 @@ import httpx
 import litellm
 import pytest
 
-from konstruct.provider_adapter import classify, provider_error
+from konstruct.providers.adapter import classify, provider_error
 
 QUOTA_BODY = (
     '{"error": {"message": "You exceeded your current quota, please check your plan",'

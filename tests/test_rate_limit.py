@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from konstruct.provider_control import (
+from konstruct.providers.control import (
     AimdConfig,
     AimdState,
     BreakerConfig,

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 
 from konstruct.config import load_settings
-from konstruct.db import app_url
-from konstruct.errors import ConfigError
-from konstruct.router import build_router, load_router_config
+from konstruct.platform.db import app_url
+from konstruct.platform.errors import ConfigError
+from konstruct.providers.router import build_router, load_router_config
 
 ROUTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "llm-router.yaml"
 

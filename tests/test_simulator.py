@@ -15,17 +15,17 @@ from typing import Any
 import httpx
 import litellm
 import pytest
+from konstruct.providers.simulator.limiters import openai_duration
 
-from konstruct.simulator import (
+from konstruct.app.stack import simulator_command
+from konstruct.providers.simulator import (
     ModelProfile,
     SimulatorConfig,
     SimulatorHandle,
     main,
     start_simulator,
 )
-from konstruct.simulator.limiters import openai_duration
-from konstruct.simulator_admin import SimulatorAdmin
-from konstruct.stack import simulator_command
+from konstruct.providers.simulator.admin import SimulatorAdmin
 
 KEY = "sk-sim-unit"
 ROOT = Path(__file__).resolve().parents[1]

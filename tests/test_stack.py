@@ -18,10 +18,10 @@ import psutil
 import pytest
 import yaml
 
-from konstruct.processes import free_port
+from konstruct.app.processes import free_port
 from tests.support import ROOT
 
-KONSTRUCT = [sys.executable, "-m", "konstruct.cli"]
+KONSTRUCT = [sys.executable, "-m", "konstruct.app.cli"]
 
 
 @pytest.fixture
@@ -203,8 +203,8 @@ def test_every_child_that_dies_is_restarted_and_the_stack_keeps_working(
 
 
 def test_a_child_that_keeps_failing_is_restarted_with_growing_backoff(tmp_path: Path) -> None:
+    from konstruct.app.stack import RESTART_FIRST_S, Stack
     from konstruct.config import load_settings
-    from konstruct.stack import RESTART_FIRST_S, Stack
 
     settings = load_settings(environ={"KONSTRUCT_STATE_DIR": str(tmp_path)})
     stack = Stack(settings)

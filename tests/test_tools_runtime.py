@@ -1,4 +1,4 @@
-"""The tools runtime (konstruct.tools.builtins) against real local HTTP servers.
+"""The tools runtime (konstruct.agents.tools) against real local HTTP servers.
 
 No Temporal, no database: each test that needs a server starts an aiohttp app
 on 127.0.0.1, port 0.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from konstruct.tools.builtins import (
+from konstruct.agents.tools import (
     BUILTIN_TOOLS,
     HttpLimits,
     ToolError,

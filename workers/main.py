@@ -27,11 +27,11 @@ from activities.experiments import ExperimentActivities
 from activities.llm import LlmActivities
 from activities.messages import MessageActivities
 from activities.registry import RegistryActivities
-from konstruct import db
 from konstruct.config import Settings, load_settings
-from konstruct.router import RouterConfig, build_router, load_router_config
-from konstruct.telemetry import setup_telemetry
-from konstruct.temporal_client import connect
+from konstruct.platform import db
+from konstruct.platform.telemetry import setup_telemetry
+from konstruct.platform.temporal.client import connect
+from konstruct.providers.router import RouterConfig, build_router, load_router_config
 from workers.providers import provider_workers
 from workflows.batch_sweep import BatchSweep
 from workflows.demo_cascade import DemoCascade

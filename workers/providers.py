@@ -25,10 +25,10 @@ from temporalio.worker import Worker
 from activities.provider_batches import ProviderBatchActivities
 from activities.provider_calls import ProviderCallActivities
 from konstruct.config import Settings
-from konstruct.naming import ProviderQueue
-from konstruct.router import RouterConfig
-from konstruct.store.providers import current_rates
-from konstruct.task_queue_limits import push_rate
+from konstruct.platform.naming import ProviderQueue
+from konstruct.providers.queue_limits import push_rate
+from konstruct.providers.router import RouterConfig
+from konstruct.providers.store import current_rates
 
 log = logging.getLogger("konstruct.worker.providers")
 _meter = metrics.get_meter("konstruct.experiments")

@@ -16,8 +16,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.demo_data import DemoDataActivities
-    from konstruct.activity_options import LocalActivityOptions, retries
-    from konstruct.models.demo import (
+    from konstruct.demo.models import (
         StepContext,
         SweepInput,
         SweepPlanInput,
@@ -26,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         SweepResult,
         TrainInput,
     )
+    from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
 
 T = TypeVar("T")
 SWEEP_STEP = "batch_sweep"

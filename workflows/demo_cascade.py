@@ -1,7 +1,7 @@
 """DemoCascade: the forecasting registry showcase as a saga.
 
 Every step is one or more activities; every registry change pushes its
-compensation on the saga (`konstruct.saga`) *before* it is made (so a change
+compensation on the saga (`konstruct.platform.temporal.saga`) *before* it is made (so a change
 whose activity committed but never reported back is still undone). However
 the run ends - a step failing, `fail_at`, a cancel from the CLI or the Web UI -
 the compensations run in reverse and `demo-production` is settled on the
@@ -21,7 +21,7 @@ run recorded (see docs/demo.md).
 The module is longer than most because its 21 steps are one saga: each step
 is a short method that pushes its undo and hands its result to the next ones
 through the run's state, and `_STEP_RUNS` (at the end) maps every step of
-`DEMO_STEPS` to its method. Prompts and texts are `konstruct.demo_content`.
+`DEMO_STEPS` to its method. Prompts and texts are `konstruct.demo.content`.
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.demo_session import DemoSessionActivities
     from activities.llm import LlmActivities
     from activities.registry import RegistryActivities
-    from konstruct import demo_content
-    from konstruct.activity_options import LocalActivityOptions, retries
-    from konstruct.errors import RegressionNotDetected, to_application_error
-    from konstruct.models import demo as dm
-    from konstruct.models.demo import (
+    from konstruct.demo import content as demo_content
+    from konstruct.demo import models as dm
+    from konstruct.demo.models import (
         DEMO_ALIAS,
         DEMO_TENANT,
         SCENARIO_SIZES,
@@ -71,19 +69,21 @@ with workflow.unsafe.imports_passed_through():
         TrainedModel,
         steps_of,
     )
-    from konstruct.models.experiments import ExperimentResult
-    from konstruct.models.llm import ChatTurn, LlmCallInput, LlmCallResult
-    from konstruct.models.registry import (
+    from konstruct.experiments.models import ExperimentResult
+    from konstruct.platform.errors import RegressionNotDetected, to_application_error
+    from konstruct.platform.naming import move_id, registry_run_id
+    from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
+    from konstruct.platform.temporal.saga import Saga, error_text, failure_of
+    from konstruct.platform.temporal.search_attributes import KIND, STATUS, TENANT
+    from konstruct.platform.temporal.validation import parse_input
+    from konstruct.providers.models import ChatTurn, LlmCallInput, LlmCallResult
+    from konstruct.registry.models import (
         AliasMoveResult,
         DiscardRunsInput,
         DiscardRunsResult,
         SettleAliasInput,
         UndoAliasMoveInput,
     )
-    from konstruct.naming import move_id, registry_run_id
-    from konstruct.saga import Saga, error_text, failure_of
-    from konstruct.search_attributes import KIND, STATUS, TENANT
-    from konstruct.validation import parse_input
     from workflows.batch_sweep import BatchSweep
     from workflows.experiment import Experiment
 

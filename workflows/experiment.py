@@ -27,13 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.experiments import ExperimentActivities
     from activities.provider_batches import ProviderBatchActivities
     from activities.provider_calls import ProviderCallActivities
-    from konstruct.errors import (
-        BudgetExhausted,
-        ExperimentStopped,
-        QuotaExceeded,
-        workflow_failure,
-    )
-    from konstruct.models.experiments import (
+    from konstruct.experiments.models import (
         BatchItem,
         BatchItemResult,
         BudgetProgress,
@@ -73,9 +67,15 @@ with workflow.unsafe.imports_passed_through():
         WaitingCallsInput,
         usd,
     )
-    from konstruct.naming import ProviderQueue
-    from konstruct.search_attributes import KIND, STATUS, TENANT
-    from konstruct.validation import parse_input
+    from konstruct.platform.errors import (
+        BudgetExhausted,
+        ExperimentStopped,
+        QuotaExceeded,
+        workflow_failure,
+    )
+    from konstruct.platform.naming import ProviderQueue
+    from konstruct.platform.temporal.search_attributes import KIND, STATUS, TENANT
+    from konstruct.platform.temporal.validation import parse_input
 
 
 # Loading a 20,000-line dataset takes seconds; a database restart is survived

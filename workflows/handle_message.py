@@ -20,17 +20,13 @@ with workflow.unsafe.imports_passed_through():
     from activities.agent import TOOL_ATTEMPTS, AgentActivities
     from activities.llm import LlmActivities
     from activities.messages import MessageActivities
-    from konstruct.activity_options import LocalActivityOptions, retries
-    from konstruct.errors import innermost_application_error, workflow_failure
-    from konstruct.models import (
+    from konstruct.agents.models import (
         AgentContext,
         AgentStepInput,
         AgentStepResult,
         AnnounceInput,
         HandleMessageInput,
         HandleMessageResult,
-        LlmCallInput,
-        LlmCallResult,
         LoadAgentInput,
         PlannedCall,
         RunToolInput,
@@ -39,9 +35,17 @@ with workflow.unsafe.imports_passed_through():
         ToolDecision,
         ToolDecisionInput,
     )
-    from konstruct.prompts import build_messages
-    from konstruct.search_attributes import KIND, STATUS, TENANT, start_search_attributes
-    from konstruct.validation import parse_input
+    from konstruct.agents.prompts import build_messages
+    from konstruct.platform.errors import innermost_application_error, workflow_failure
+    from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
+    from konstruct.platform.temporal.search_attributes import (
+        KIND,
+        STATUS,
+        TENANT,
+        start_search_attributes,
+    )
+    from konstruct.platform.temporal.validation import parse_input
+    from konstruct.providers.models import LlmCallInput, LlmCallResult
 
 
 # Local activities: a message is three short steps, and running them inside the

@@ -1,0 +1,1 @@
+"""Agents: prompts, the tools runtime, the knowledge base, API keys, their payload models and SQL."""

@@ -1,0 +1,1 @@
+"""The agents' SQL, one module per table family; tenant data only inside `db.tenant_transaction`."""

@@ -1,0 +1,5 @@
+import sys
+
+from konstruct.app.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""`konstruct agents put | list`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+import click
+from pydantic import ValidationError
+
+from konstruct.agents.models import BUILTIN_NAMES, TOOL_NAME, AgentProfile
+from konstruct.agents.store.agents import list_agents, put_agent
+from konstruct.agents.store.tools import list_tools
+from konstruct.app.cli.common import (
+    CliState,
+    Query,
+    listing,
+    pass_state,
+    tenant_argument,
+    with_pool,
+)
+from konstruct.platform.errors import InvalidInput
+
+DEFAULT_FALLBACK = "Sorry, I cannot answer right now. Please try again in a few minutes."
+
+
+def _default(field: str) -> Any:
+    return AgentProfile.model_fields[field].default
+
+
+def _limits(field: str) -> click.IntRange:
+    """The bounds AgentProfile puts on an int field, so click names the option."""
+    low = high = None
+    for rule in AgentProfile.model_fields[field].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    return click.IntRange(low, high)
+
+
+@click.group("agents")
+def group() -> None:
+    """Manage a tenant's agents."""
+
+
+def tool_names(tools: tuple[str, ...]) -> list[str]:
+    """The --tool names, each once, in order; InvalidInput naming --tool for a bad one."""
+    chosen = list(dict.fromkeys(tools))
+    for name in chosen:
+        if not re.match(TOOL_NAME, name):
+            raise InvalidInput(
+                f"agents put: --tool {name!r} is not a tool name"
+                " (1-64 letters, digits, '_' or '-')",
+                ["--tool"],
+            )
+    limit = AgentProfile.model_fields["tools"].metadata[0].max_length
+    if len(chosen) > limit:
+        raise InvalidInput(f"agents put: --tool: at most {limit} tools", ["--tool"])
+    return chosen
+
+
+async def check_tools(pool: asyncpg.Pool, tenant: str, tools: list[str]) -> None:
+    """Each name is a built-in tool or one of the tenant's; InvalidInput naming --tool otherwise."""
+    unknown = [name for name in tools if name not in BUILTIN_NAMES]
+    if not unknown:
+        return
+    own = [spec.name for spec in await list_tools(pool, tenant) if spec.kind == "webhook"]
+    missing = [name for name in unknown if name not in own]
+    if missing:
+        raise InvalidInput(
+            f"agents put: --tool {missing[0]!r}: no such tool; built in: {', '.join(BUILTIN_NAMES)};"
+            f" tenant {tenant!r} has: {', '.join(own) or 'none'}; define it first with"
+            f" `konstruct tools put {tenant} {missing[0]} --url URL`",
+            ["--tool"],
+        )
+
+
+@group.command("put")
+@tenant_argument
+@click.argument("agent")
+@click.option("--name", required=True)
+@click.option("--role", required=True)
+@click.option("--persona", default="")
+@click.option("--system-prompt", default="")
+@click.option("--model-group", type=click.Choice(["fast", "quality"]), default="fast")
+@click.option("--fallback-reply", default=DEFAULT_FALLBACK)
+@click.option(
+    "--tool",
+    "tools",
+    multiple=True,
+    metavar="NAME",
+    help=f"a tool the agent may call (repeatable): built in ({', '.join(BUILTIN_NAMES)})"
+    " or one the tenant defined with `konstruct tools put`",
+)
+@click.option(
+    "--max-steps",
+    type=_limits("max_steps"),
+    default=_default("max_steps"),
+    show_default=True,
+    help="model steps one message may take",
+)
+@click.option(
+    "--history-turns",
+    type=_limits("history_turns"),
+    default=_default("history_turns"),
+    show_default=True,
+    help="earlier turns of the thread the prompt may hold",
+)
+@click.option(
+    "--memory-tokens",
+    type=_limits("memory_tokens"),
+    default=_default("memory_tokens"),
+    show_default=True,
+    help="token budget of those turns; older turns are folded into a summary",
+)
+@pass_state
+def put(
+    state: CliState,
+    tenant: str,
+    agent: str,
+    name: str,
+    role: str,
+    persona: str,
+    system_prompt: str,
+    model_group: str,
+    fallback_reply: str,
+    tools: tuple[str, ...],
+    max_steps: int,
+    history_turns: int,
+    memory_tokens: int,
+) -> int:
+    """Create or update an agent (creates the tenant if new).
+
+    A put replaces the whole profile: an option left out takes its default, so
+    give every --tool the agent should keep (without --tool it has none).
+    """
+    chosen = tool_names(tools)
+    try:
+        profile = AgentProfile(
+            agent_id=agent,
+            name=name,
+            role=role,
+            persona=persona,
+            system_prompt=system_prompt,
+            model_group=model_group,  # type: ignore[arg-type]
+            fallback_reply=fallback_reply,
+            max_steps=max_steps,
+            history_turns=history_turns,
+            memory_tokens=memory_tokens,
+            tools=chosen,
+        )
+    except ValidationError as exc:
+        raise InvalidInput.from_validation_error("agents put", exc) from None
+
+    async def save(pool: asyncpg.Pool) -> None:
+        await check_tools(pool, tenant, chosen)
+        await put_agent(pool, tenant, profile)
+
+    with_pool(state.settings, save)
+    print(f"agent {tenant}/{agent} saved" + (f" (tools: {', '.join(chosen)})" if chosen else ""))
+    return 0
+
+
+@group.command("list")
+@tenant_argument
+@listing(
+    "tenant {tenant!r} has no agents",
+    ["agent", "name", "model group", "tools", "steps", "role"],
+    lambda a: (a.agent_id, a.name, a.model_group, ", ".join(a.tools) or None, a.max_steps, a.role),
+)
+def list_(tenant: str) -> Query:
+    """List a tenant's agents."""
+    return lambda pool: list_agents(pool, tenant)

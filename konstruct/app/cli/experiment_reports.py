@@ -1,0 +1,218 @@
+"""`konstruct experiments compare A B` and `konstruct experiments report EXP`.
+
+Both read PostgreSQL only (`konstruct.experiments.store.analysis`), so they work on any
+experiment with stored results, finished or not, with or without Temporal.
+Registered on the `experiments` group by `konstruct.app.cli.experiments`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import click
+from rich.table import Column
+
+from konstruct.app.cli.common import CliState, json_option, pass_state, tenant_option, with_pool
+from konstruct.app.cli.output import print_json, print_table
+from konstruct.experiments.compare import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    Comparison,
+    ExperimentData,
+    compare,
+)
+from konstruct.experiments.report import DEFAULT_MAX_ROWS, render_report
+from konstruct.experiments.store.analysis import load_experiment
+
+# Flipped item ids printed per eval and direction (--json lists every one).
+SHOWN_FLIPS = 20
+
+
+def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _ids(ids: list[str]) -> str:
+    shown = " ".join(ids[:SHOWN_FLIPS])
+    more = len(ids) - SHOWN_FLIPS
+    return shown + (f" … and {more} more (--json lists all)" if more > 0 else "")
+
+
+def print_comparison(c: Comparison) -> None:
+    for label, s in (("A", c.a), ("B", c.b)):
+        print(
+            f"{label}  {s.experiment_id}  {s.name}  {s.status}  {s.total} items"
+            f" ({s.ok} ok, {s.failed} failed, {s.pending} without a result)"
+        )
+    i = c.items
+    by = (
+        " (dataset items: each one's mean over its epochs)"
+        if c.method.paired_by == "dataset_item"
+        else ""
+    )
+    print(f"items: {i.shared} shared, {i.only_a} only in A, {i.only_b} only in B{by}")
+    pct = f"{c.method.confidence:.0%}"
+    print_table(
+        [
+            "eval",
+            Column("paired", justify="right"),
+            Column("mean A", justify="right"),
+            Column("mean B", justify="right"),
+            Column("B - A", justify="right"),
+            Column(f"{pct} CI", justify="right"),
+            Column("pass A", justify="right"),
+            Column("pass B", justify="right"),
+            Column("pass->fail", justify="right"),
+            Column("fail->pass", justify="right"),
+        ],
+        [
+            (
+                e.name,
+                e.paired,
+                _num(e.mean_a),
+                _num(e.mean_b),
+                _num(e.diff, signed=True) + (" *" if e.excludes_zero else ""),
+                (
+                    f"[{_num(e.ci_low, signed=True)}, {_num(e.ci_high, signed=True)}]"
+                    if e.ci_low is not None
+                    else "n/a"
+                ),
+                "n/a" if e.pass_rate_a is None else f"{e.pass_rate_a:.1%}",
+                "n/a" if e.pass_rate_b is None else f"{e.pass_rate_b:.1%}",
+                len(e.flips.pass_to_fail),
+                len(e.flips.fail_to_pass),
+            )
+            for e in c.evals
+        ],
+    )
+    print(
+        f"  * the {pct} interval excludes 0. Paired bootstrap over the items scored in both,"
+        f" {c.method.resamples} resamples, seed {c.method.seed}."
+    )
+    for e in c.evals:
+        if e.unscored_a or e.unscored_b:
+            print(
+                f"  {e.name}: {e.unscored_a} shared item(s) without a score in A,"
+                f" {e.unscored_b} in B (failed or pending): left out of the pairs"
+            )
+        for word, ids in (
+            ("pass->fail", e.flips.pass_to_fail),
+            ("fail->pass", e.flips.fail_to_pass),
+        ):
+            if ids:
+                print(f"  {e.name} {word} ({len(ids)}): {_ids(ids)}")
+    for label, names in (("A", c.evals_only_a), ("B", c.evals_only_b)):
+        if names:
+            print(f"  evals only in {label} (not compared): {', '.join(names)}")
+    a, b = c.operations["a"], c.operations["b"]
+
+    def money(v: float | None, unknown: int) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.6f}" + (f" ({unknown} unknown)" if unknown else "")
+
+    print_table(
+        ["all results", Column("A", justify="right"), Column("B", justify="right")],
+        [
+            ("latency p50 ms", _num(a.latency_p50_ms, 1), _num(b.latency_p50_ms, 1)),
+            ("latency p95 ms", _num(a.latency_p95_ms, 1), _num(b.latency_p95_ms, 1)),
+            ("prompt tokens", f"{a.prompt_tokens:,}", f"{b.prompt_tokens:,}"),
+            ("completion tokens", f"{a.completion_tokens:,}", f"{b.completion_tokens:,}"),
+            ("cost USD", money(a.cost_usd, a.cost_unknown), money(b.cost_usd, b.cost_unknown)),
+            ("duration s", _num(a.duration_s, 1), _num(b.duration_s, 1)),
+            ("429s (retried)", f"{a.throttled:,}", f"{b.throttled:,}"),
+            ("call failures (retried)", f"{a.call_failures:,}", f"{b.call_failures:,}"),
+        ],
+    )
+
+
+@click.command("compare")
+@click.argument("experiment_a")
+@click.argument("experiment_b")
+@tenant_option
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=1),
+    default=DEFAULT_RESAMPLES,
+    show_default=True,
+    help="bootstrap resamples",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
+@click.option(
+    "--confidence",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_CONFIDENCE,
+    show_default=True,
+)
+@json_option("print the comparison as JSON (shape: docs/reports.md)")
+@pass_state
+def compare_command(
+    state: CliState,
+    experiment_a: str,
+    experiment_b: str,
+    tenant: str,
+    resamples: int,
+    seed: int,
+    confidence: float,
+    as_json: bool,
+) -> int:
+    """Experiment B against A, item by item: score differences with a paired
+    bootstrap interval, flipped items, latency, tokens and cost."""
+
+    async def load(pool: asyncpg.Pool) -> tuple[ExperimentData, ExperimentData]:
+        a = await load_experiment(pool, tenant, experiment_a)
+        b = await load_experiment(pool, tenant, experiment_b)
+        return a, b
+
+    a, b = with_pool(state.settings, load)
+    # Paired by item id, or by dataset item when either ran epochs (`compare` decides).
+    result = compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
+    if not result.items.shared:
+        raise click.ClickException(
+            f"experiments {experiment_a!r} ({len(a.items)} items) and {experiment_b!r}"
+            f" ({len(b.items)} items) share no item id: compare two runs of the same dataset"
+        )
+    if as_json:
+        print_json(result)
+    else:
+        print_comparison(result)
+    return 0
+
+
+@click.command("report")
+@click.argument("experiment")
+@tenant_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="the HTML file to write (default: EXPERIMENT.html in the current directory)",
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(min=0),
+    default=DEFAULT_MAX_ROWS,
+    show_default=True,
+    help="items in the page's table (the plots and summary cover all)",
+)
+@pass_state
+def report_command(
+    state: CliState, experiment: str, tenant: str, out: Path | None, max_rows: int
+) -> int:
+    """One self-contained HTML page about an experiment: summary, plots, items."""
+    data = with_pool(state.settings, lambda pool: load_experiment(pool, tenant, experiment))
+    path = out if out is not None else Path(f"{experiment}.html")
+    page = render_report(data, max_rows=max_rows)
+    path.write_text(page, encoding="utf-8")
+    rows = min(len(data.items), max_rows)
+    print(
+        f"wrote {path} ({len(page.encode()) / 1024:,.0f} KiB: {len(data.items)} items,"
+        f" {rows} in its table)"
+    )
+    return 0
+
+
+# What `konstruct.app.cli.experiments` adds to its group.
+COMMANDS = (compare_command, report_command)

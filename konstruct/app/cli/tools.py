@@ -1,0 +1,410 @@
+"""`konstruct tools list | put | delete | allow | hosts`: a tenant's tools, and the hosts
+its built-in `http_request` tool may reach."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import click
+from pydantic import ValidationError
+
+from konstruct.agents.models import BUILTIN_NAMES, ToolSpec
+from konstruct.agents.store.agents import list_agents
+from konstruct.agents.store.tools import (
+    allow_hosts,
+    delete_tool,
+    list_tools,
+    put_tool,
+    select_hosts,
+)
+from konstruct.agents.tools import BUILTIN_TOOLS
+from konstruct.app.cli.common import (
+    CliState,
+    Query,
+    listing,
+    pass_state,
+    tenant_argument,
+    with_pool,
+)
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import InvalidInput, field_problems
+
+# The option (or argument) of `tools put` that sets each ToolSpec field.
+OPTION_OF = {
+    "name": "NAME",
+    "kind": "NAME",
+    "description": "--description",
+    "parameters": "--parameters",
+    "url": "--url",
+    "secret_header": "--secret-header",
+    "secret_env": "--secret-env",
+    "requires_approval": "--requires-approval",
+    "timeout_s": "--timeout",
+    "approval_timeout_s": "--approval-timeout",
+}
+# What only a webhook has: refused for a built-in tool's name.
+WEBHOOK_ONLY = ("description", "parameters", "url", "secret_header", "secret_env")
+
+
+def _default(field: str) -> Any:
+    return ToolSpec.model_fields[field].default
+
+
+def _seconds(field: str) -> click.FloatRange:
+    """The bounds ToolSpec puts on a duration, so click names the option."""
+    low = high = None
+    for rule in ToolSpec.model_fields[field].metadata:
+        low = getattr(rule, "gt", low)
+        high = getattr(rule, "le", high)
+    return click.FloatRange(low, high, min_open=True)
+
+
+@click.group("tools")
+def group() -> None:
+    """Manage a tenant's tools and the hosts `http_request` may reach."""
+
+
+# --- list ------------------------------------------------------------------------
+
+
+def _entry(spec: ToolSpec, configured: bool) -> dict[str, Any]:
+    return {
+        **spec.model_dump(mode="json"),
+        "builtin": spec.kind == "builtin",
+        "configured": configured,
+    }
+
+
+def tool_entries(specs: list[ToolSpec]) -> list[dict[str, Any]]:
+    """Every built-in tool (with the tenant's settings when it has them), then its webhooks."""
+    rows = {spec.name: spec for spec in specs}
+    entries = []
+    for name in BUILTIN_NAMES:
+        builtin = BUILTIN_TOOLS.get(name, {})
+        row = rows.get(name)
+        spec = ToolSpec(
+            name=name,
+            kind="builtin",
+            description=builtin.get("description", ""),
+            parameters=builtin.get("parameters", {"type": "object", "properties": {}}),
+            requires_approval=row.requires_approval if row else False,
+            timeout_s=row.timeout_s if row else _default("timeout_s"),
+            approval_timeout_s=row.approval_timeout_s if row else _default("approval_timeout_s"),
+        )
+        entries.append(_entry(spec, row is not None))
+    entries += [_entry(spec, True) for spec in specs if spec.kind == "webhook"]
+    return entries
+
+
+def _secret(entry: dict[str, Any]) -> str | None:
+    """The header a webhook's secret goes in and the variable it is read from (never the value)."""
+    if not entry["secret_header"]:
+        return None
+    return f"{entry['secret_header']} from ${entry['secret_env']}"
+
+
+@group.command("list")
+@tenant_argument
+@listing(
+    "tenant {tenant!r} has no tools",
+    ["name", "kind", "approval", "timeout", "approval timeout", "secret", "url"],
+    lambda t: (
+        t["name"],
+        "built-in" if t["builtin"] else "webhook",
+        "required" if t["requires_approval"] else "no",
+        f"{t['timeout_s']:g}s",
+        f"{t['approval_timeout_s']:g}s" if t["requires_approval"] else None,
+        _secret(t),
+        t["url"],
+    ),
+)
+def list_(tenant: str) -> Query:
+    """The built-in tools and the tenant's webhooks (secrets by variable name only)."""
+
+    async def query(pool: asyncpg.Pool) -> list[Any]:
+        return tool_entries(await list_tools(pool, tenant))
+
+    return query
+
+
+# --- put -------------------------------------------------------------------------
+
+
+def parse_parameters(value: str) -> dict[str, Any]:
+    """--parameters: a JSON schema given inline, or as @FILE."""
+    where = "--parameters"
+    text = value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        where = f"--parameters {path}"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InvalidInput(
+                f"tools put: {where}: cannot read it ({exc.strerror or exc})", ["--parameters"]
+            ) from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"tools put: {where}: not valid JSON: {exc.msg} at line {exc.lineno}"
+            f" column {exc.colno} (char {exc.pos})",
+            ["--parameters"],
+        ) from None
+    if not isinstance(schema, dict):
+        raise InvalidInput(
+            f'tools put: {where}: must be a JSON schema with "type": "object"', ["--parameters"]
+        )
+    return schema
+
+
+def _invalid(error: ValidationError) -> InvalidInput:
+    """A ToolSpec error as the options of `tools put` name it."""
+    problems = []
+    for field, text in field_problems(error):
+        top = field.split(".", 1)[0]
+        problems.append((OPTION_OF.get(top, field), text.removeprefix("Value error, ")))
+    return InvalidInput(
+        "tools put: " + "; ".join(f"{option}: {text}" for option, text in problems),
+        [option for option, _ in problems],
+    )
+
+
+def build_spec(name: str, **given: Any) -> ToolSpec:
+    """The ToolSpec `tools put` stores; InvalidInput naming the option otherwise."""
+    builtin = name in BUILTIN_NAMES
+    if builtin:
+        extra = [OPTION_OF[f] for f in WEBHOOK_ONLY if given.get(f) is not None]
+        if extra:
+            raise InvalidInput(
+                f"tools put: {name!r} is a built-in tool: only --requires-approval, --timeout"
+                f" and --approval-timeout apply to it (not {', '.join(extra)})",
+                extra,
+            )
+    else:
+        if not given.get("url"):
+            raise InvalidInput(
+                f"tools put: --url is required: {name!r} is not a built-in tool"
+                f" ({', '.join(BUILTIN_NAMES)}), so it is a webhook",
+                ["--url"],
+            )
+        if (given.get("secret_header") is None) != (given.get("secret_env") is None):
+            raise InvalidInput(
+                "tools put: --secret-header and --secret-env go together (the header the"
+                " secret is sent in, and the worker's environment variable holding it)",
+                ["--secret-header", "--secret-env"],
+            )
+    fields = {k: v for k, v in given.items() if v is not None}
+    if "parameters" in fields:
+        fields["parameters"] = parse_parameters(fields["parameters"])
+    try:
+        spec = ToolSpec(name=name, kind="builtin" if builtin else "webhook", **fields)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    try:
+        return spec.check_kind()
+    except ValueError as exc:
+        raise InvalidInput(f"tools put: {exc}") from None
+
+
+@group.command("put")
+@tenant_argument
+@click.argument("name")
+@click.option("--description", help="what the tool does, as the model reads it (webhook)")
+@click.option(
+    "--parameters",
+    metavar="JSON|@FILE",
+    help='the arguments\' JSON schema, "type": "object" (webhook; default: no arguments)',
+)
+@click.option("--url", help="the http:// or https:// URL the call is POSTed to (webhook)")
+@click.option("--secret-header", metavar="HEADER", help="header carrying the secret (webhook)")
+@click.option(
+    "--secret-env",
+    metavar="VAR",
+    help="the worker's environment variable holding the secret; the value is never stored",
+)
+@click.option(
+    "--requires-approval/--no-requires-approval",
+    default=False,
+    show_default=True,
+    help="each call waits for `konstruct approvals approve`",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=_seconds("timeout_s"),
+    default=_default("timeout_s"),
+    show_default=True,
+    help="seconds one call may take",
+)
+@click.option(
+    "--approval-timeout",
+    "approval_timeout_s",
+    type=_seconds("approval_timeout_s"),
+    default=_default("approval_timeout_s"),
+    show_default=True,
+    help="seconds a call waits for a person before it counts as rejected",
+)
+@pass_state
+def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
+    """Define a webhook tool, or set the tenant's settings for a built-in one.
+
+    NAME a built-in tool's name (calculator, http_request, knowledge_search) sets
+    only its approval and timeouts; any other NAME is a webhook and needs --url.
+    A put replaces the whole tool: an option left out takes its default.
+    """
+    spec = build_spec(name, **given)
+    with_pool(state.settings, lambda pool: put_tool(pool, tenant, spec))
+    what = "settings of built-in tool" if spec.kind == "builtin" else "webhook tool"
+    approval = ", requires approval" if spec.requires_approval else ""
+    print(f"{what} {tenant}/{name} saved{approval}")
+    return 0
+
+
+# --- delete ----------------------------------------------------------------------
+
+
+@group.command("delete")
+@tenant_argument
+@click.argument("name")
+@pass_state
+def delete(state: CliState, tenant: str, name: str) -> int:
+    """Delete a webhook tool, or a built-in tool's settings (back to the defaults)."""
+
+    async def work(pool: asyncpg.Pool) -> tuple[bool, list[str]]:
+        existed = await delete_tool(pool, tenant, name)
+        users = [a.agent_id for a in await list_agents(pool, tenant) if name in a.tools]
+        return existed, users
+
+    existed, users = with_pool(state.settings, work)
+    builtin = name in BUILTIN_NAMES
+    if not existed:
+        what = f"no settings for built-in tool {name!r}" if builtin else f"no tool {name!r}"
+        print(
+            f"error: tenant {tenant!r} has {what}; see `konstruct tools list {tenant}`",
+            file=sys.stderr,
+        )
+        return 1
+    if builtin:
+        print(f"settings of built-in tool {tenant}/{name} deleted (back to the defaults)")
+        return 0
+    print(f"tool {tenant}/{name} deleted")
+    if users:
+        print(
+            f"note: agent(s) {', '.join(users)} still list {name!r} and will not be offered it;"
+            f" `konstruct agents put {tenant} AGENT ... --tool ...` without it",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --- the http_request allow-list -------------------------------------------------
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def normalize_host(value: str) -> str:
+    """An allow-list entry: a hostname or IP address, with an optional :port; lowercase.
+
+    Raises ValueError saying what is wrong ("https://x" has a scheme, "x/y" a path).
+    """
+    entry = value.strip().lower()
+    if "://" in entry:
+        raise ValueError("give the host without a scheme (drop the '...://')")
+    if any(c in entry for c in "/?#"):
+        raise ValueError("give the host without a path")
+    if "*" in entry:
+        raise ValueError("no wildcards: list each host")
+    if not entry or any(c.isspace() or c == "@" for c in entry):
+        raise ValueError("not a hostname or IP address")
+    port: str | None = None
+    v6 = False
+    if entry.startswith("["):
+        host, closed, rest = entry[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError("an IPv6 address with a port is written [ADDRESS]:PORT")
+        port = rest[1:] if rest else None
+        v6 = True
+    elif entry.count(":") > 1:
+        host, v6 = entry, True
+    elif ":" in entry:
+        host, _, port = entry.partition(":")
+    else:
+        host = entry
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"the port must be a number from 1 to 65535, not {port!r}")
+    if v6:
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError("not an IPv6 address") from None
+        return f"[{host}]:{port}" if port else host
+    host = host.rstrip(".")
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError("not an IPv4 address") from None
+    elif len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError("not a hostname (letters, digits and '-' in dot-separated labels)")
+    return f"{host}:{port}" if port else host
+
+
+def _hosts(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    hosts = []
+    for value in values:
+        try:
+            hosts.append(normalize_host(value))
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"{value!r} is not a host: {exc} (e.g. api.example.com or 127.0.0.1:8080)",
+                param=param,
+            ) from None
+    return list(dict.fromkeys(hosts))
+
+
+@group.command("allow")
+@tenant_argument
+@click.argument("hosts", nargs=-1, required=True, metavar="HOST...", callback=_hosts)
+@click.option("--remove", is_flag=True, help="take the hosts off the list instead")
+@pass_state
+def allow(state: CliState, tenant: str, hosts: list[str], remove: bool) -> int:
+    """Let `http_request` reach HOST (any port) or HOST:PORT, or stop it with --remove."""
+
+    async def work(pool: asyncpg.Pool) -> tuple[list[str], list[str]]:
+        if not remove:
+            return await allow_hosts(pool, tenant, hosts, []), []
+        async with tenant_transaction(pool, tenant) as conn:
+            before = await select_hosts(conn, tenant)
+        return await allow_hosts(pool, tenant, [], hosts), [h for h in hosts if h not in before]
+
+    after, absent = with_pool(state.settings, work)
+    if absent:
+        print(f"note: not on the list: {', '.join(absent)}", file=sys.stderr)
+    print(f"tenant {tenant!r} allows http_request to: {', '.join(after) or 'no host'}")
+    return 0
+
+
+@group.command("hosts")
+@tenant_argument
+@listing(
+    "tenant {tenant!r} allows no hosts: http_request reaches nothing until"
+    " `konstruct tools allow {tenant} HOST`",
+    ["host"],
+    lambda host: (host,),
+)
+def hosts(tenant: str) -> Query:
+    """The hosts `http_request` may reach for the tenant."""
+
+    async def query(pool: asyncpg.Pool) -> list[Any]:
+        async with tenant_transaction(pool, tenant) as conn:
+            return await select_hosts(conn, tenant)
+
+    return query

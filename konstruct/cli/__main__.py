@@ -1,5 +1,0 @@
-import sys
-
-from konstruct.cli import main
-
-sys.exit(main())

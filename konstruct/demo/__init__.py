@@ -1,0 +1,1 @@
+"""DemoCascade's domain: forecasting, what the demo says, payload models and SQL."""

@@ -1,0 +1,1 @@
+"""Experiments: datasets, evals, statistics, comparison, the HTML report, payload models and SQL."""

@@ -1,0 +1,504 @@
+"""Decisions about a provider's rate and health, as pure functions of its state.
+
+Two pieces, both shared by every worker through PostgreSQL
+(`konstruct/providers/store.py` reads and writes them):
+
+- the adaptive rate (AIMD): a 429 cuts the rate (at most once per
+  `decrease_window_s`, so a burst of 429s counts once). When calls came at
+  about the rate since the last change, the provider's ceiling is what it
+  accepted and the rate goes just under it; when the window was too short or
+  far fewer calls came (a burst after a pause, a late retry), the rate goes
+  back under the known ceiling, which stays; with no ceiling known it is
+  halved (`decrease_factor`). Successes raise it additively, at most once per
+  `increase_interval_s`, first straight back to just under the learned
+  ceiling, then in growing steps that probe above it.
+  The rate is what the Temporal server dispatches from the provider's task
+  queue per second.
+- the circuit breaker: `closed` until `threshold` consecutive failures, then
+  `open` for `cooldown_s`, then `half_open`: one probe call is let through,
+  whose outcome closes or re-opens it.
+
+Times are seconds on the database's clock, so workers on different machines agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field
+
+if TYPE_CHECKING:
+    from konstruct.providers.router import RateLimits
+
+BreakerStatus = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True)
+class AimdConfig:
+    """The adaptive rate's knobs. `ExperimentSettings` inherits these fields, so each
+    is also a flat `experiments.<name>` setting; the bounds are checked there."""
+
+    # Used when the router config has no `model_info.min_rps` / `max_rps`.
+    min_rps: Annotated[float, Field(gt=0)] = 0.5
+    max_rps: Annotated[float, Field(gt=0)] = 1000.0
+    # Multiplicative decrease on a 429, at most once per `decrease_window_s`.
+    decrease_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    decrease_window_s: Annotated[float, Field(gt=0)] = 0.5
+    # After a 429 the rate is never set below the provider's measured accepted
+    # rate times `headroom` (set false for plain halving).
+    decrease_to_measured: bool = True
+    headroom: Annotated[float, Field(gt=0, le=1)] = 0.97
+    # Additive increase, at most once per `increase_interval_s`: the first step
+    # is `increase_step_fraction` of the rate (at least `increase_step_min_rps`),
+    # each further step without a 429 is `increase_step_growth` times the last.
+    increase_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    increase_step_fraction: Annotated[float, Field(gt=0)] = 0.05
+    increase_step_min_rps: Annotated[float, Field(gt=0)] = 0.5
+    increase_step_growth: Annotated[float, Field(ge=1)] = 2.0
+    # Seconds at the learned ceiling before probing above it again.
+    probe_after_s: Annotated[float, Field(ge=0)] = 2.0
+    # The accepted rate is only measured over at least this long, and a 429 only
+    # moves the ceiling when at least `min_measure_ok` successes were counted.
+    min_measure_s: Annotated[float, Field(gt=0)] = 0.5
+    min_measure_ok: Annotated[int, Field(ge=1)] = 10
+    # ... and only when calls were answered at this share of the rate or more
+    # (fewer, and the queue ran short: the provider was not what held them back).
+    min_offered: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # ... or when at least this share of the calls answered was refused: refused
+    # calls wait out their Retry-After, so the queue runs short because of the
+    # provider itself, and what it accepted is its limit.
+    min_refused_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # ... or when at least this many calls were refused since the last change: one
+    # burst at the edge refuses a few, a limit that fell keeps refusing (a loaded
+    # worker answers fewer calls, so the share alone can stay under its bound).
+    min_refused_calls: Annotated[int, Field(ge=1)] = 10
+    # Successes raise the rate only while they use at least this share of it,
+    # and a probing step goes at most this factor above the measured rate.
+    min_utilisation: Annotated[float, Field(gt=0, le=1)] = 0.75
+    probe_cap: Annotated[float, Field(ge=1)] = 1.5
+    # Above a learned ceiling a step goes at most this factor above the measured
+    # rate; successes beyond `ceiling_rise` x the ceiling mean the limit rose.
+    probe_cap_above_ceiling: Annotated[float, Field(ge=1)] = 1.2
+    ceiling_rise: Annotated[float, Field(gt=1)] = 1.3
+    # Slow start: until the first 429 (and again once the limit is seen to rise), the
+    # rate may grow `slow_start_factor` times what flows every `slow_start_interval_s`,
+    # as TCP's window doubles per round trip: from 10 req/s a provider's 200 is
+    # reached in about three seconds instead of ten.
+    slow_start_factor: Annotated[float, Field(ge=1)] = 2.0
+    slow_start_interval_s: Annotated[float, Field(gt=0)] = 0.5
+
+
+@dataclass(frozen=True)
+class AimdState:
+    rate: float
+    # The provider's accepted rate measured at the last 429 (None: never throttled).
+    ceiling: float | None = None
+    # When the rate last changed, and the successes counted since then.
+    changed_at: float = 0.0
+    ok_since_change: int = 0
+    throttled_since_change: int = 0
+    last_decrease_at: float | None = None
+    # No increase before this (the provider's Retry-After, or the probe pause).
+    hold_until: float = 0.0
+    # The next additive step; grows while increases meet no 429, reset by one.
+    step: float = 0.0
+    # Slow start: no 429 since the start (or since the limit was seen to rise).
+    # Ends at the first 429, learned or not, as TCP's does at the first loss:
+    # doubling again after every 429 would make a sawtooth of refusals.
+    slow_start: bool = True
+
+
+def _clamp(rate: float, config: AimdConfig) -> float:
+    return min(config.max_rps, max(config.min_rps, rate))
+
+
+def _first_step(rate: float, config: AimdConfig) -> float:
+    return max(config.increase_step_min_rps, rate * config.increase_step_fraction)
+
+
+def _new_window(
+    rate: float,
+    ceiling: float | None,
+    now: float,
+    *,
+    last_decrease_at: float | None,
+    hold_until: float,
+    step: float,
+    slow_start: bool,
+) -> AimdState:
+    """A changed rate: the counts start again from `now`."""
+    window = AimdState(rate, ceiling, changed_at=now)
+    return replace(
+        window,
+        last_decrease_at=last_decrease_at,
+        hold_until=hold_until,
+        step=step,
+        slow_start=slow_start,
+    )
+
+
+def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:
+    """Successes per second since the last change, if measured over long enough."""
+    elapsed = now - state.changed_at
+    if elapsed < config.min_measure_s or state.ok_since_change <= 0:
+        return None
+    return state.ok_since_change / elapsed
+
+
+def offered_rate(state: AimdState, now: float) -> float:
+    """Calls per second answered, accepted or refused, since the last change."""
+    elapsed = max(1e-9, now - state.changed_at)
+    return (state.ok_since_change + state.throttled_since_change) / elapsed
+
+
+def on_throttled(
+    state: AimdState,
+    now: float,
+    retry_after_s: float | None,
+    config: AimdConfig,
+    sent_at: float | None = None,
+) -> AimdState:
+    """A 429: count it, and decrease unless the last decrease already answered it.
+
+    `sent_at`: when the refused request was sent, if known. One sent before the
+    last decrease went out at the old rate, which that decrease already cut.
+    """
+    counted = replace(state, throttled_since_change=state.throttled_since_change + 1)
+    if state.last_decrease_at is not None and (
+        now - state.last_decrease_at < config.decrease_window_s
+        or (sent_at is not None and sent_at < state.last_decrease_at)
+    ):
+        return counted
+    measured = measured_rate(counted, now, config)
+    if state.ceiling is not None and counted.ok_since_change < config.min_measure_ok:
+        measured = None  # a handful of calls measures noise, not a move of the ceiling
+    answered = counted.ok_since_change + counted.throttled_since_change
+    saturated = measured is not None and (
+        offered_rate(counted, now) >= config.min_offered * state.rate
+        or counted.throttled_since_change >= config.min_refused_share * answered
+        or counted.throttled_since_change >= config.min_refused_calls
+    )
+    ceiling: float | None
+    if not config.decrease_to_measured:
+        ceiling = measured if measured is not None else state.rate
+        rate = state.rate * config.decrease_factor
+    elif saturated and measured is not None and measured < state.rate * config.headroom:
+        # Calls came at about the rate and the provider took only `measured` a
+        # second of them: that is its ceiling now. Straight under it stops the
+        # 429s at once, where halving would lose throughput or take steps.
+        ceiling = measured
+        rate = measured * config.headroom
+    elif state.ceiling is not None:
+        # No news about the limit: too soon after a change or too few calls to
+        # measure, the queue ran short, or the provider took about all that was
+        # sent (a burst at the edge). Back under the known ceiling, which stays.
+        ceiling = state.ceiling
+        rate = min(state.rate, state.ceiling * config.headroom)
+        if rate == state.rate:
+            # Already under it: keep measuring (a real drop shows once enough calls
+            # are counted); only hold increases for the provider's Retry-After.
+            return replace(
+                counted,
+                hold_until=max(state.hold_until, now + (retry_after_s or 0.0)),
+                slow_start=False,
+            )
+    elif saturated:
+        # The first climb met the limit right at the rate: that is the ceiling.
+        ceiling = state.rate
+        rate = state.rate * config.headroom
+    else:
+        # Nothing known yet: halve, but not below what the provider was seen to take.
+        ceiling = None
+        rate = max(state.rate * config.decrease_factor, (measured or 0.0) * config.headroom)
+    rate = _clamp(rate, config)
+    return _new_window(
+        rate,
+        ceiling,
+        now,
+        last_decrease_at=now,
+        hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
+        step=_first_step(rate, config),
+        slow_start=False,
+    )
+
+
+def _idle_window(state: AimdState, now: float, config: AimdConfig) -> bool:
+    return (
+        state.ok_since_change == 0
+        and state.throttled_since_change == 0
+        and now - state.changed_at > config.min_measure_s
+    )
+
+
+def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
+    """A success: count it, and raise the rate if an increase is due."""
+    if _idle_window(state, now, config):
+        # Nothing answered since the last change: the time before this answer says
+        # nothing about the provider (the queue was empty), so the window starts now.
+        return replace(state, changed_at=now, ok_since_change=1)
+    counted = replace(state, ok_since_change=state.ok_since_change + 1)
+    interval = config.slow_start_interval_s if state.slow_start else config.increase_interval_s
+    if now < state.hold_until or now - state.changed_at < interval:
+        return counted
+    step = state.step or _first_step(state.rate, config)
+    # Climbing with no ceiling known: as fast as the cap allows.
+    unknown_cap = config.slow_start_factor if state.slow_start else config.probe_cap
+    if state.ceiling is None:
+        step = max(step, state.rate * (unknown_cap - 1))
+    measured = measured_rate(counted, now, config)
+    if measured is None or measured < config.min_utilisation * state.rate:
+        # The rate is not what holds the calls back (too few of them): raising it
+        # would only let a later burst hit the provider unchecked.
+        return counted
+    ceiling = state.ceiling
+    slow_start = state.slow_start
+    target = ceiling * config.headroom if ceiling is not None else None
+    if target is not None and state.rate < target:
+        # Fast recovery to just under the learned ceiling, then a pause before probing.
+        rate = target
+        hold_until = now + config.probe_after_s
+        next_step = _first_step(target, config)
+    else:
+        since_decrease = now - (state.last_decrease_at or -1e18)
+        if since_decrease < config.probe_after_s + config.decrease_window_s:
+            # Just cut at the learned ceiling: stay there a while before probing again.
+            return counted
+        if (
+            ceiling is not None
+            and state.throttled_since_change == 0
+            and measured > ceiling * config.ceiling_rise
+        ):
+            # The provider took well above its learned ceiling without a 429: its
+            # limit rose. Forget the old one (a 429 now must not send the rate back
+            # under it) and climb as at the start.
+            ceiling = None
+            slow_start = True
+        # Never far above what actually flows: the excess would reach the provider
+        # as a burst the moment demand catches up.
+        cap = unknown_cap if ceiling is None else config.probe_cap_above_ceiling
+        rate = min(state.rate + step, max(state.rate, measured * cap))
+        hold_until = state.hold_until
+        next_step = step * config.increase_step_growth
+    rate = _clamp(rate, config)
+    if rate == state.rate:
+        return counted
+    return _new_window(
+        rate,
+        ceiling,
+        now,
+        last_decrease_at=state.last_decrease_at,
+        hold_until=hold_until,
+        step=next_step,
+        slow_start=slow_start,
+    )
+
+
+def decide_rate(
+    before: AimdState,
+    throttled: bool,
+    now: float,
+    config: AimdConfig,
+    retry_after_s: float | None = None,
+    sent_at: float | None = None,
+) -> AimdState:
+    """The rate after one answer (a success, or a 429 when `throttled`)."""
+    if throttled:
+        return on_throttled(before, now, retry_after_s, config, sent_at=sent_at)
+    return on_success(before, now, config)
+
+
+def decide_counts(
+    before: AimdState,
+    ok: int,
+    throttled: int,
+    now: float,
+    config: AimdConfig,
+    retry_after_s: float | None = None,
+    sent_at: float | None = None,
+) -> AimdState:
+    """The rate after several answers counted together (a batch's, or a second's):
+    one decision, as if the last of them were a 429 when any was, else a success."""
+    if throttled <= 0 and ok <= 0:
+        return before
+    if _idle_window(before, now, config):
+        before = replace(before, changed_at=now)  # as in `on_success`
+    counted = replace(
+        before,
+        ok_since_change=before.ok_since_change + ok - (0 if throttled > 0 else 1),
+        throttled_since_change=before.throttled_since_change + max(0, throttled - 1),
+    )
+    return decide_rate(counted, throttled > 0, now, config, retry_after_s, sent_at)
+
+
+def rate_decided(current: AimdState, decided: AimdState) -> bool:
+    """Whether `decided` changes more than the counters (which are bumped on their own)."""
+
+    def uncounted(state: AimdState) -> AimdState:
+        return replace(state, ok_since_change=0, throttled_since_change=0)
+
+    return uncounted(decided) != uncounted(current)
+
+
+def on_announced_limit(
+    state: AimdState, limit_rps: float, now: float, config: AimdConfig
+) -> AimdState:
+    """The provider announced its request limit (x-ratelimit-limit-requests): the
+    rate never goes above it (the caller clamps with `max_rps`), and while still in
+    slow start, no 429 seen, it goes straight to just under it instead of doubling
+    its way there."""
+    target = _clamp(limit_rps * config.headroom, config)
+    if state.rate > limit_rps:
+        rate = min(state.rate, target)
+    elif state.slow_start and state.rate < target:
+        rate = target
+    else:
+        return state
+    return _new_window(
+        rate,
+        state.ceiling if state.ceiling is None else min(state.ceiling, limit_rps),
+        now,
+        last_decrease_at=state.last_decrease_at,
+        hold_until=state.hold_until,
+        step=_first_step(rate, config),
+        slow_start=state.slow_start,
+    )
+
+
+@dataclass(frozen=True)
+class ProviderBounds:
+    """A provider's rate bounds and token rate, from its deployment's declared
+    limits (`model_info`) and the settings' defaults."""
+
+    initial_rps: float
+    min_rps: float
+    max_rps: float
+    # Tokens a second (`tpm` / 60); None: tokens are not metered unless the
+    # provider's headers announce a limit.
+    token_rate: float | None = None
+    limit_window_s: float = 60.0
+    # Requests a second declared (`rpm` / 60): the provider's headers then move
+    # nothing (a header's window is an assumption, the config is what is known).
+    declared_rps: float | None = None
+
+
+def declared_bounds(
+    limits: RateLimits, config: AimdConfig, default_initial_rps: float
+) -> ProviderBounds:
+    """A deployment's declared limits (`model_info`) as its provider's bounds.
+    `rpm` caps the rate and, with no `initial_rps`, starts it just under the
+    limit (`headroom`): a declared limit needs no climb to find it."""
+    rpm, tpm = limits.rpm, limits.tpm
+    low = limits.min_rps or config.min_rps
+    high = limits.max_rps or config.max_rps
+    if rpm is not None:
+        high = min(high, rpm / 60)
+    start = limits.initial_rps or (
+        rpm / 60 * config.headroom if rpm is not None else default_initial_rps
+    )
+    return ProviderBounds(
+        initial_rps=min(high, max(low, start)),
+        min_rps=min(low, high),
+        max_rps=high,
+        token_rate=tpm / 60 if tpm is not None else None,
+        limit_window_s=limits.limit_window_s,
+        declared_rps=rpm / 60 if rpm is not None else None,
+    )
+
+
+# --- the shared call schedule -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Call slots granted from a provider's schedule (`konstruct.providers.store.
+    reserve_calls`): `granted` calls, the first `first_in_s` from now and each next
+    `interval_s` later; none granted: ask again in `retry_in_s`."""
+
+    granted: int
+    first_in_s: float = 0.0
+    interval_s: float = 0.0
+    retry_in_s: float = 0.0
+    # Tokens are metered: each granted call booked the tokens asked for, and its
+    # answer settles the difference (`OutcomeCounts.token_excess`).
+    metered: bool = False
+
+
+# --- circuit breaker ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    threshold: int = 5
+    cooldown_s: float = 30.0
+    # A half-open probe that never reported back (its worker died) is given up
+    # after this long, and another call may probe.
+    probe_timeout_s: float = 130.0
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    status: BreakerStatus = "closed"
+    consecutive_failures: int = 0
+    opened_at: float | None = None
+    probe_started_at: float | None = None
+    trips: int = 0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a call may do now: go ahead, go ahead as the half-open probe, or wait."""
+
+    allowed: bool
+    probe: bool = False
+    retry_in_s: float = 0.0
+    reason: str = ""
+
+
+def admit(state: BreakerState, now: float, config: BreakerConfig) -> Admission:
+    if state.status == "closed":
+        return Admission(allowed=True)
+    opened_at = state.opened_at or now
+    if state.status == "open":
+        remaining = opened_at + config.cooldown_s - now
+        if remaining > 0:
+            return Admission(
+                allowed=False,
+                retry_in_s=remaining,
+                reason=f"circuit open after {state.consecutive_failures} consecutive failures",
+            )
+        return Admission(allowed=True, probe=True)
+    # half_open: one probe at a time.
+    started = state.probe_started_at
+    if started is None or now - started >= config.probe_timeout_s:
+        return Admission(allowed=True, probe=True)
+    return Admission(
+        allowed=False,
+        retry_in_s=min(config.cooldown_s, max(1.0, config.probe_timeout_s - (now - started))),
+        reason="circuit half-open: a probe call is testing the provider",
+    )
+
+
+def claim_probe(state: BreakerState, now: float) -> BreakerState:
+    return replace(state, status="half_open", probe_started_at=now)
+
+
+def record_success(state: BreakerState) -> BreakerState:
+    if state.status == "closed" and state.consecutive_failures == 0:
+        return state
+    return replace(
+        state, status="closed", consecutive_failures=0, opened_at=None, probe_started_at=None
+    )
+
+
+def record_failure(state: BreakerState, now: float, config: BreakerConfig) -> BreakerState:
+    failures = state.consecutive_failures + 1
+    if state.status == "half_open" or (state.status == "closed" and failures >= config.threshold):
+        return BreakerState(
+            status="open",
+            consecutive_failures=failures,
+            opened_at=now,
+            probe_started_at=None,
+            trips=state.trips + 1,
+        )
+    return replace(state, consecutive_failures=failures)

@@ -1,0 +1,1 @@
+"""The model registry: runs, aliases and their history; payload models and SQL."""

@@ -1,4 +1,0 @@
-from konstruct.simulator.server import main
-
-if __name__ == "__main__":
-    main()
