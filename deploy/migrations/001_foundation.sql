@@ -107,19 +107,7 @@ create table registry_artifacts (
     primary key (tenant_id, uri)
 );
 
-do $$
-declare
-    t text;
-begin
-    foreach t in array array['tenants', 'agents', 'threads', 'message_turns', 'registry_runs',
-                             'registry_aliases', 'registry_alias_history', 'registry_artifacts']
-    loop
-        execute format('alter table %I enable row level security', t);
-        execute format('alter table %I force row level security', t);
-        execute format(
-            'create policy tenant_isolation on %I
-                 using (tenant_id = current_setting(''konstruct.tenant_id'', true))
-                 with check (tenant_id = current_setting(''konstruct.tenant_id'', true))', t);
-    end loop;
-end
-$$;
+call konstruct_isolate_tenant(array[
+    'tenants', 'agents', 'threads', 'message_turns', 'registry_runs',
+    'registry_aliases', 'registry_alias_history', 'registry_artifacts'
+]);

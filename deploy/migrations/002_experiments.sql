@@ -72,21 +72,7 @@ create table experiment_results (
 );
 create index experiment_results_seq on experiment_results (tenant_id, experiment_id, seq);
 
-do $$
-declare
-    t text;
-begin
-    foreach t in array array['experiments', 'experiment_items', 'experiment_results']
-    loop
-        execute format('alter table %I enable row level security', t);
-        execute format('alter table %I force row level security', t);
-        execute format(
-            'create policy tenant_isolation on %I
-                 using (tenant_id = current_setting(''konstruct.tenant_id'', true))
-                 with check (tenant_id = current_setting(''konstruct.tenant_id'', true))', t);
-    end loop;
-end
-$$;
+call konstruct_isolate_tenant(array['experiments', 'experiment_items', 'experiment_results']);
 
 -- Provider state is not tenant data: one rate and one breaker per provider,
 -- shared by every experiment of every tenant on a task queue. Times are epoch

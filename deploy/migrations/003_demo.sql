@@ -28,8 +28,4 @@ create table demo_sessions (
 );
 create index demo_sessions_status on demo_sessions (tenant_id, status, started_at);
 
-alter table demo_sessions enable row level security;
-alter table demo_sessions force row level security;
-create policy tenant_isolation on demo_sessions
-    using (tenant_id = current_setting('konstruct.tenant_id', true))
-    with check (tenant_id = current_setting('konstruct.tenant_id', true));
+call konstruct_isolate_tenant(array['demo_sessions']);

@@ -139,24 +139,9 @@ begin
 end
 $$;
 
-do $$
-declare
-    t text;
-begin
-    foreach t in array array['tools', 'tenant_http_hosts', 'inbound_messages', 'agent_steps',
-                             'tool_calls', 'thread_summaries']
-    loop
-        execute format('alter table %I enable row level security', t);
-        execute format('alter table %I force row level security', t);
-        execute format(
-            'create policy tenant_isolation on %I
-                 using (tenant_id = current_setting(''konstruct.tenant_id'', true))
-                 with check (tenant_id = current_setting(''konstruct.tenant_id'', true))', t);
-    end loop;
-end
-$$;
+call konstruct_isolate_tenant(array[
+    'tools', 'tenant_http_hosts', 'inbound_messages', 'agent_steps', 'tool_calls', 'thread_summaries'
+]);
 
-alter table api_keys enable row level security;
-create policy tenant_isolation on api_keys
-    using (tenant_id = current_setting('konstruct.tenant_id', true))
-    with check (tenant_id = current_setting('konstruct.tenant_id', true));
+-- Not forced: `konstruct_key_tenant` (the owner) finds a key's tenant across tenants.
+call konstruct_isolate_tenant(array['api_keys'], force => false);

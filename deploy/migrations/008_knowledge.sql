@@ -37,18 +37,4 @@ create table knowledge_chunks (
     check (dims = vector_dims(embedding))
 );
 
-do $$
-declare
-    t text;
-begin
-    foreach t in array array['knowledge_documents', 'knowledge_chunks']
-    loop
-        execute format('alter table %I enable row level security', t);
-        execute format('alter table %I force row level security', t);
-        execute format(
-            'create policy tenant_isolation on %I
-                 using (tenant_id = current_setting(''konstruct.tenant_id'', true))
-                 with check (tenant_id = current_setting(''konstruct.tenant_id'', true))', t);
-    end loop;
-end
-$$;
+call konstruct_isolate_tenant(array['knowledge_documents', 'knowledge_chunks']);

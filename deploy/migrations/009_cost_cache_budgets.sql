@@ -71,18 +71,4 @@ create table tenant_budgets (
     primary key (tenant_id, month)
 );
 
-do $$
-declare
-    t text;
-begin
-    foreach t in array array['llm_cache', 'tenant_budgets']
-    loop
-        execute format('alter table %I enable row level security', t);
-        execute format('alter table %I force row level security', t);
-        execute format(
-            'create policy tenant_isolation on %I
-                 using (tenant_id = current_setting(''konstruct.tenant_id'', true))
-                 with check (tenant_id = current_setting(''konstruct.tenant_id'', true))', t);
-    end loop;
-end
-$$;
+call konstruct_isolate_tenant(array['llm_cache', 'tenant_budgets']);

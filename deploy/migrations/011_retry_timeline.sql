@@ -13,8 +13,4 @@ create table experiment_retry_seconds (
         references experiments (tenant_id, experiment_id) on delete cascade
 );
 
-alter table experiment_retry_seconds enable row level security;
-alter table experiment_retry_seconds force row level security;
-create policy tenant_isolation on experiment_retry_seconds
-    using (tenant_id = current_setting('konstruct.tenant_id', true))
-    with check (tenant_id = current_setting('konstruct.tenant_id', true));
+call konstruct_isolate_tenant(array['experiment_retry_seconds']);
