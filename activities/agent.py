@@ -7,10 +7,9 @@ its row and does not call the model again; the workflow carries ids only.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -18,6 +17,7 @@ from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.base import ActivityClass, heartbeating
 from konstruct.agents.models import (
     AgentProfile,
     AgentStepInput,
@@ -39,7 +39,6 @@ from konstruct.agents.store.tools import select_hosts, select_tools
 from konstruct.agents.tools import (
     BUILTIN_TOOLS,
     HttpLimits,
-    ToolError,
     WebhookSpec,
     calculate,
     call_webhook,
@@ -47,7 +46,7 @@ from konstruct.agents.tools import (
     truncate_result,
 )
 from konstruct.platform.db import tenant_transaction
-from konstruct.platform.errors import InvalidInput
+from konstruct.platform.errors import InvalidInput, KnowledgeUnavailable, ToolError
 from konstruct.providers.adapter import complete
 from konstruct.providers.models import TokenUsage
 from konstruct.providers.router import RouterConfig
@@ -169,7 +168,7 @@ def _new_calls(
     return assistant_calls, rows
 
 
-class AgentActivities:
+class AgentActivities(ActivityClass):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -184,16 +183,6 @@ class AgentActivities:
         self.group_of = {d.deployment_id: d.model_name for d in config.model_list}
         self.environ = environ
         self.http_limits = http_limits or HttpLimits()
-
-    def all(self) -> list[Any]:
-        return [
-            self.agent_step,
-            self.run_tool,
-            self.record_tool_decision,
-            self.announce_approval,
-            self.store_fallback,
-            self.summarize_thread,
-        ]
 
     # --- one model step ---------------------------------------------------------
 
@@ -332,11 +321,8 @@ class AgentActivities:
         if step.assistant.get("tool_calls") or not text:
             text = stop_reply(agent.max_steps)
         message = inbound.message(input.tenant_id)
-        result = HandleMessageResult(
-            message_id=message.message_id,
-            tenant_id=message.tenant_id,
-            agent_id=message.agent_id,
-            thread_id=message.thread_id,
+        result = HandleMessageResult.reply_to(
+            message,
             response=text,
             model_group=step.model_group,
             model=step.model,
@@ -384,8 +370,14 @@ class AgentActivities:
                     raise ToolError(
                         f"the agent no longer has the tool {call.tool!r}", retryable=False
                     )
-                result = await _heartbeating(
-                    self._execute(tenant, call, spec, hosts), spec.timeout_s
+                # Heartbeats every second: a dead worker is noticed in seconds.
+                result = await heartbeating(
+                    self._execute(tenant, call, spec, hosts),
+                    HEARTBEAT_S,
+                    spec.timeout_s,
+                    ToolError(
+                        f"the tool did not answer within {spec.timeout_s:g} s", retryable=True
+                    ),
                 )
                 status, text = "ok", truncate_result(result, RESULT_CHARS)
             except ToolError as exc:
@@ -442,7 +434,7 @@ class AgentActivities:
             )
         try:
             hits = await knowledge.search(self.pool, self.router, tenant, query, k)
-        except knowledge.KnowledgeUnavailable as exc:
+        except KnowledgeUnavailable as exc:
             raise ToolError(str(exc), retryable=False) from None
         return knowledge.format_hits(hits)
 
@@ -512,23 +504,3 @@ class AgentActivities:
 def _outcome(call: store.StoredCall) -> ToolOutcome:
     status = call.status if call.status in store.TERMINAL else "error"
     return ToolOutcome(call_id=call.call_id, status=status, chars=len(call.result or ""))  # type: ignore[arg-type]
-
-
-async def _heartbeating(work: Awaitable[str], timeout_s: float) -> str:
-    """Await a tool, heartbeating every second (a dead worker is noticed in seconds),
-    and give up after the tool's own timeout."""
-    task = asyncio.ensure_future(work)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    try:
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise ToolError(f"the tool did not answer within {timeout_s:g} s", retryable=True)
-            done, _ = await asyncio.wait({task}, timeout=min(HEARTBEAT_S, remaining))
-            if done:
-                return task.result()
-            activity.heartbeat()
-    finally:
-        if not task.done():
-            task.cancel()

@@ -8,13 +8,13 @@ changes in the registry.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from temporalio import activity
 
+from activities.base import ActivityClass
 from activities.demo_step import caller, demo_step, put_json
 from konstruct.demo import store as sessions
 from konstruct.demo.models import (
@@ -43,7 +43,7 @@ def _cosine(a: list[float], b: list[float]) -> float:
     return dot / norm if norm else 0.0
 
 
-class DemoAgentActivities:
+class DemoAgentActivities(ActivityClass):
     def __init__(
         self, pool: asyncpg.Pool, router: Any, groups: set[str], docs_dir: Path = DOCS_DIR
     ) -> None:
@@ -51,9 +51,6 @@ class DemoAgentActivities:
         self.router = router
         self.groups = groups
         self.docs_dir = docs_dir
-
-    def all(self) -> list[Callable[..., Awaitable[Any]]]:
-        return [self.rag_index, self.apply_decision, self.record_eval]
 
     # --- knowledge ------------------------------------------------------------------
 

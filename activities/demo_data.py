@@ -6,12 +6,13 @@ load their inputs from the session's artifacts and store what they make.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 from temporalio import activity
 
+from activities.base import ActivityClass
 from activities.demo_step import compute, demo_step, get_json, put_json
 from konstruct.demo import forecasting
 from konstruct.demo.models import (
@@ -47,22 +48,9 @@ async def _backtest(
     return await compute(forecasting.backtest_wape, model, table, params, size.horizon, size.folds)
 
 
-class DemoDataActivities:
+class DemoDataActivities(ActivityClass):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-
-    def all(self) -> list[Callable[..., Awaitable[Any]]]:
-        return [
-            self.seed_data,
-            self.backfill,
-            self.features,
-            self.train,
-            self.backtest,
-            self.sweep_plan,
-            self.sweep_point,
-            self.scenario_simulate_and_save,
-            self.plan_compare,
-        ]
 
     async def _put_table(self, input: StepInput, name: str, table: Any, detail: str) -> DataRef:
         """Store a data step's table in the session; `detail` may name its {rows} and {series}."""
@@ -70,6 +58,21 @@ class DemoDataActivities:
         rows, series = forecasting.count_points(table)
         detail = detail.format(rows=rows, series=series)
         return ref.model_copy(update={"rows": rows, "series": series, "detail": detail})
+
+    async def _derive_table(
+        self,
+        input: StepInput,
+        source: DataRef,
+        name: str,
+        detail: str,
+        derive: Callable[..., Any],
+        *args: Any,
+    ) -> DataRef:
+        """A data step that reads a table of the session, derives another from it
+        (`derive(table, *args)`, off the event loop) and stores that one."""
+        table = await get_json(self.pool, input.tenant_id, source)
+        derived = await compute(derive, table, *args)
+        return await self._put_table(input, name, derived, detail)
 
     # --- data -----------------------------------------------------------------------
 
@@ -86,20 +89,26 @@ class DemoDataActivities:
     @activity.defn(name="demo_backfill")
     @demo_step
     async def backfill(self, input: BackfillInput) -> DataRef:
-        sales = await get_json(self.pool, input.tenant_id, input.data)
-        filled = await compute(
-            forecasting.backfill_sales, sales, input.size.backfill_days, input.seed
+        return await self._derive_table(
+            input,
+            input.data,
+            "data/backfill/sales.json",
+            f"backfilled {input.size.backfill_days} days: {{rows}} points",
+            forecasting.backfill_sales,
+            input.size.backfill_days,
+            input.seed,
         )
-        detail = f"backfilled {input.size.backfill_days} days: {{rows}} points"
-        return await self._put_table(input, "data/backfill/sales.json", filled, detail)
 
     @activity.defn(name="demo_features")
     @demo_step
     async def features(self, input: FeaturesInput) -> DataRef:
-        sales = await get_json(self.pool, input.tenant_id, input.data)
-        table = await compute(forecasting.build_features, sales)
-        detail = "{rows} feature rows over {series} series"
-        return await self._put_table(input, "data/features.json", table, detail)
+        return await self._derive_table(
+            input,
+            input.data,
+            "data/features.json",
+            "{rows} feature rows over {series} series",
+            forecasting.build_features,
+        )
 
     # --- models ---------------------------------------------------------------------
 

@@ -6,12 +6,10 @@ workflow chose, so a retried step finds its move already made.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 import asyncpg
 from temporalio import activity
 
+from activities.base import ActivityClass
 from activities.demo_step import caller, compute, demo_step
 from konstruct.demo import forecasting
 from konstruct.demo import store as sessions
@@ -50,20 +48,9 @@ def _stale_reason(check: registry.AliasCheck, alias: str, champion_run_id: str) 
     return None
 
 
-class DemoRegistryActivities:
+class DemoRegistryActivities(ActivityClass):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-
-    def all(self) -> list[Callable[..., Awaitable[Any]]]:
-        return [
-            self.register,
-            self.compat_compare,
-            self.promote,
-            self.safer_promote_swap,
-            self.stale_alias_check,
-            self.check_regression,
-            self.verify,
-        ]
 
     @activity.defn(name="demo_register")
     @demo_step

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 import asyncpg
 from temporalio import activity
 
+from activities.base import ActivityClass
 from activities.demo_agent import EMBED_GROUP
 from activities.demo_step import caller, demo_step
 from konstruct.demo import store as sessions
@@ -31,20 +29,10 @@ AGENT_GROUPS = ("fast", "quality")
 JUDGE_GROUPS = ("judge", "fast")
 
 
-class DemoSessionActivities:
+class DemoSessionActivities(ActivityClass):
     def __init__(self, pool: asyncpg.Pool, groups: set[str]) -> None:
         self.pool = pool
         self.groups = groups
-
-    def all(self) -> list[Callable[..., Awaitable[Any]]]:
-        return [
-            self.open_session,
-            self.precheck,
-            self.reset,
-            self.cleanup,
-            self.finish,
-            self.delete_prefix,
-        ]
 
     @activity.defn(name="demo_open_session")
     async def open_session(self, input: OpenSessionInput) -> SessionStart:

@@ -15,10 +15,12 @@ import asyncpg
 from temporalio import activity
 from temporalio.api.enums.v1 import PendingActivityState
 
+from activities.base import ActivityClass
 from konstruct.config import ExperimentSettings
 from konstruct.experiments import models as models
+from konstruct.experiments import views
 from konstruct.experiments.datasets import items_digest, load_items
-from konstruct.experiments.store import budgets
+from konstruct.experiments.store import budgets, results, summaries
 from konstruct.experiments.store import experiments as store
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import InvalidInput
@@ -44,7 +46,46 @@ async def _waiting_calls(workflow_id: str) -> list[str]:
     ]
 
 
-class ExperimentActivities:
+def _spec_and_digest(
+    exp: models.ExperimentInput, items: list[models.DatasetItem]
+) -> tuple[dict[str, Any], str]:
+    """The stored spec, and the digest that tells a re-run of it from a new experiment."""
+    spec_json: dict[str, Any] = {
+        "task": exp.task.model_dump(mode="json"),
+        "evals": [e.model_dump(mode="json") for e in exp.evals],
+        "dataset": {"path": exp.dataset.path}
+        if exp.dataset.path is not None
+        else {"inline": len(items)},
+    }
+    if exp.epochs > 1:
+        # Only then: the digest of every single-epoch experiment stays as it was.
+        spec_json["epochs"] = exp.epochs
+    digest = hashlib.sha256(
+        (json.dumps(spec_json, sort_keys=True) + items_digest(items)).encode()
+    ).hexdigest()
+    return spec_json, digest
+
+
+async def _check_new_or_same(
+    conn: asyncpg.Connection, exp: models.ExperimentInput, digest: str
+) -> None:
+    """The tenant exists, and the experiment id is new or holds this same spec."""
+    if not await store.tenant_exists(conn, exp.tenant_id):
+        raise InvalidInput(
+            f"tenant_id: tenant {exp.tenant_id!r} does not exist; create it with "
+            f"`konstruct agents put {exp.tenant_id} AGENT ...`",
+            ["tenant_id"],
+        )
+    existing = await store.spec_digest(conn, exp.tenant_id, exp.experiment_id)
+    if existing is not None and existing != digest:
+        raise InvalidInput(
+            f"experiment_id: experiment {exp.experiment_id!r} already exists with a "
+            "different task, evals or dataset; choose a new experiment_id",
+            ["experiment_id"],
+        )
+
+
+class ExperimentActivities(ActivityClass):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -56,18 +97,6 @@ class ExperimentActivities:
         self.router_config = router_config
         self.settings = settings
         self.base_dir = base_dir
-
-    def all(self) -> list[Any]:
-        return [
-            self.prepare,
-            self.pending_page,
-            self.record_failure,
-            self.result_count,
-            self.set_stop_flag,
-            self.waiting_calls,
-            self.monitor,
-            self.finalize,
-        ]
 
     def _deployments(self, group: str, field: str) -> list[Deployment]:
         """The active deployments of a model group, in a stable order."""
@@ -89,41 +118,11 @@ class ExperimentActivities:
         """Validate groups and dataset, store the items once, set up each provider's rate."""
         exp = input.experiment
         task_deployments = self._deployments(exp.task.model_group, "task.model_group")
-        deployments = list(task_deployments)
-        judge_routes: dict[str, list[models.Route]] = {}
-        for index, spec in enumerate(exp.evals):
-            if spec.kind == "llm_judge":
-                judges = self._deployments(spec.model_group, f"evals.{index}.model_group")
-                judge_routes[models.eval_name(spec)] = _routes(judges)
-                deployments += judges
+        judge_deployments = self._judge_deployments(exp)
         items = load_items(exp.dataset, self.base_dir, exp.task.prompt_template)
-        spec_json: dict[str, Any] = {
-            "task": exp.task.model_dump(mode="json"),
-            "evals": [e.model_dump(mode="json") for e in exp.evals],
-            "dataset": {"path": exp.dataset.path}
-            if exp.dataset.path is not None
-            else {"inline": len(items)},
-        }
-        if exp.epochs > 1:
-            # Only then: the digest of every single-epoch experiment stays as it was.
-            spec_json["epochs"] = exp.epochs
-        digest = hashlib.sha256(
-            (json.dumps(spec_json, sort_keys=True) + items_digest(items)).encode()
-        ).hexdigest()
+        spec_json, digest = _spec_and_digest(exp, items)
         async with tenant_transaction(self.pool, exp.tenant_id) as conn:
-            if not await store.tenant_exists(conn, exp.tenant_id):
-                raise InvalidInput(
-                    f"tenant_id: tenant {exp.tenant_id!r} does not exist; create it with "
-                    f"`konstruct agents put {exp.tenant_id} AGENT ...`",
-                    ["tenant_id"],
-                )
-            existing = await store.spec_digest(conn, exp.tenant_id, exp.experiment_id)
-            if existing is not None and existing != digest:
-                raise InvalidInput(
-                    f"experiment_id: experiment {exp.experiment_id!r} already exists with a "
-                    "different task, evals or dataset; choose a new experiment_id",
-                    ["experiment_id"],
-                )
+            await _check_new_or_same(conn, exp, digest)
             counts = await store.store_experiment(
                 conn,
                 exp.tenant_id,
@@ -145,21 +144,30 @@ class ExperimentActivities:
                 max_usd=budget.max_usd,
                 max_tokens=budget.max_tokens,
             )
-            spent = await store.spend_figures(conn, exp.tenant_id, exp.experiment_id)
-        providers = await self._setup_providers(deployments)
+            spent = await summaries.spend_figures(conn, exp.tenant_id, exp.experiment_id)
+        providers = await self._setup_providers(
+            task_deployments + [d for judges in judge_deployments.values() for d in judges]
+        )
         return models.PrepareResult(
             total=len(items) * exp.epochs,
             completed=counts.completed,
             failed=counts.failed,
             evaluated=counts.evaluated,
-            cost_usd=spent["cost_usd"],
-            cost_known=spent["cost_known"],
-            cache_hits=spent["cache_hits"],
-            cost_saved_usd=spent["cost_saved_usd"],
+            **{name: spent[name] for name in models.SpendTotals.model_fields},
             task_routes=_routes(task_deployments),
-            judge_routes=judge_routes,
+            judge_routes={name: _routes(judges) for name, judges in judge_deployments.items()},
             providers=providers,
         )
+
+    def _judge_deployments(self, exp: models.ExperimentInput) -> dict[str, list[Deployment]]:
+        """Each llm_judge eval's deployments, by eval name."""
+        return {
+            models.eval_name(spec): self._deployments(
+                spec.model_group, f"evals.{index}.model_group"
+            )
+            for index, spec in enumerate(exp.evals)
+            if spec.kind == "llm_judge"
+        }
 
     async def _setup_providers(self, deployments: list[Deployment]) -> list[str]:
         """Each provider's row exists and the server dispatches its queue at its rate."""
@@ -171,7 +179,8 @@ class ExperimentActivities:
             bounds = declared_bounds(
                 d.limits, self.settings.aimd_config(), self.settings.initial_rps
             )
-            rate = await ensure_provider(self.pool, base, provider, bounds)
+            async with self.pool.acquire() as conn:
+                rate = await ensure_provider(conn, base, provider, bounds)
             await push_rate(activity.client(), ProviderQueue(base, provider).name, rate, "prepare")
         return sorted(providers)
 
@@ -193,7 +202,7 @@ class ExperimentActivities:
         """An item whose calls gave up: a failed result, unless one is stored already.
         False when it could not be recorded (the item is not in the experiment)."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
-            return await store.record_failure(
+            return await results.record_failure(
                 conn,
                 input.tenant_id,
                 input.experiment_id,
@@ -206,7 +215,7 @@ class ExperimentActivities:
     async def result_count(self, input: models.ResultCountInput) -> models.ResultCount:
         """How many of the experiment's items PostgreSQL holds a result for."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
-            total, with_result = await store.result_count(
+            total, with_result = await results.result_count(
                 conn, input.tenant_id, input.experiment_id
             )
         return models.ResultCount(total=total, with_result=with_result)
@@ -238,14 +247,15 @@ class ExperimentActivities:
     @activity.defn(name="experiment_monitor")
     async def monitor(self, input: models.MonitorInput) -> models.MonitorResult:
         """Rate and breaker of each provider used, and the latency percentiles so far."""
-        statuses = await provider_statuses(
-            self.pool, self._base_queue(), input.providers, self.settings.breaker_config()
-        )
+        async with self.pool.acquire() as conn:
+            statuses = await provider_statuses(
+                conn, self._base_queue(), input.providers, self.settings.breaker_config()
+            )
         latency = models.LatencyStats()
         budget = None
         if input.with_latency:
             async with tenant_transaction(self.pool, input.tenant_id) as conn:
-                latency = await store.latency_stats(conn, input.tenant_id, input.experiment_id)
+                latency = await summaries.latency_stats(conn, input.tenant_id, input.experiment_id)
                 budget = await budgets.status(conn, input.tenant_id, input.experiment_id)
         return models.MonitorResult(
             providers=[
@@ -276,7 +286,7 @@ class ExperimentActivities:
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             # Nothing is in flight any more: give back what dead workers' calls held.
             await budgets.release_all(conn, input.tenant_id, input.experiment_id, clear_pause=True)
-            summary = await store.summarise(conn, input.tenant_id, input.experiment_id)
+            summary = await summaries.summarise(conn, input.tenant_id, input.experiment_id)
             summary.status = input.status
             summary.name = input.name
             summary.registry_run_id = run_id
@@ -291,7 +301,7 @@ class ExperimentActivities:
                     name=input.name,
                     owner="user",
                     params={"experiment_id": input.experiment_id, **input.params},
-                    metrics=store.summary_metrics(summary),
+                    metrics=views.summary_metrics(summary),
                 ),
                 "success" if input.status == "completed" else input.status,
                 input.workflow_id,

@@ -16,6 +16,7 @@ from konstruct.agents.models import (
     StoreTurnInput,
 )
 from konstruct.agents.store import agents
+from konstruct.platform.db import tenant_transaction
 
 
 class MessageActivities:
@@ -24,9 +25,11 @@ class MessageActivities:
 
     @activity.defn(name="load_agent_context")
     async def load_agent_context(self, input: LoadAgentInput) -> AgentContext:
-        return await agents.load_agent_context(self.pool, input)
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            return await agents.load_agent_context(conn, input)
 
     @activity.defn(name="store_turn")
     async def store_turn(self, input: StoreTurnInput) -> HandleMessageResult:
         """Store the turn once; a redelivery gets the turn that was stored first."""
-        return await agents.store_turn(self.pool, input)
+        async with tenant_transaction(self.pool, input.message.tenant_id) as conn:
+            return await agents.store_turn(conn, input)

@@ -34,24 +34,27 @@ import asyncpg
 from opentelemetry import trace
 from temporalio import activity
 
+from activities.call_results import Answer, batch_result, new_result, task_messages
 from activities.provider_calls import (
-    Answer,
     ProviderCallActivities,
+    ProviderRequest,
     _calls,
     _latency,
     _throttled,
-    missing_judges,
-    new_result,
-    spent,
-    task_messages,
 )
 from activities.spend import task_key
 from konstruct.experiments.models import BatchItem, BatchItemResult, RunBatchInput, RunBatchResult
-from konstruct.experiments.store import cache
+from konstruct.experiments.store import cache, results
 from konstruct.experiments.store import experiments as store
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import BudgetExhausted
-from konstruct.providers.adapter import AnnouncedLimits, Completion, classify, complete_on
+from konstruct.providers.adapter import (
+    AnnouncedLimits,
+    Completion,
+    ProviderFailure,
+    classify,
+    complete_on,
+)
 from konstruct.providers.store import OutcomeCounts, record_outcomes
 
 
@@ -119,10 +122,12 @@ class _ResultWriter:
 
     def __init__(self, pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> None:
         self.pool, self.tenant_id, self.experiment_id = pool, tenant_id, experiment_id
-        self._queue: list[tuple[str, store.NewResult, asyncio.Future]] = []
+        self._queue: list[tuple[str, results.NewResult, asyncio.Future]] = []
         self._drain: asyncio.Task | None = None
 
-    async def write(self, item_id: str, new: store.NewResult) -> tuple[store.StoredResult, bool]:
+    async def write(
+        self, item_id: str, new: results.NewResult
+    ) -> tuple[results.StoredResult, bool]:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.append((item_id, new, future))
         if self._drain is None or self._drain.done():
@@ -133,12 +138,13 @@ class _ResultWriter:
         while self._queue:
             group, self._queue = self._queue, []
             try:
-                stored = await store.store_results(
-                    self.pool,
-                    self.tenant_id,
-                    self.experiment_id,
-                    [(item_id, new) for item_id, new, _ in group],
-                )
+                async with tenant_transaction(self.pool, self.tenant_id) as conn:
+                    stored = await results.store_results(
+                        conn,
+                        self.tenant_id,
+                        self.experiment_id,
+                        [(item_id, new) for item_id, new, _ in group],
+                    )
             except Exception as exc:
                 for _, _, future in group:
                     future.set_exception(exc)
@@ -152,7 +158,7 @@ class _Call:
     """One item's call in a batch: its messages, and the tokens they are guessed at."""
 
     item: BatchItem
-    call: store.TaskCall
+    call: results.TaskCall
     messages: list[dict[str, str]]
     estimate: int
 
@@ -181,7 +187,7 @@ class ProviderBatchActivities:
         calls = self.calls
         async with tenant_transaction(calls.pool, input.tenant_id) as conn:
             spec = await calls._spec(conn, input.tenant_id, input.experiment_id)
-            found = await store.task_calls(
+            found = await results.task_calls(
                 conn,
                 input.tenant_id,
                 input.experiment_id,
@@ -191,15 +197,15 @@ class ProviderBatchActivities:
             )
             keys, hits = await self._cached(conn, input, spec, found)
         out: dict[str, BatchItemResult] = {}
-        todo: list[tuple[BatchItem, store.TaskCall]] = []
-        answered: list[tuple[BatchItem, store.NewResult]] = []
+        todo: list[tuple[BatchItem, results.TaskCall]] = []
+        answered: list[tuple[BatchItem, results.NewResult]] = []
         for item in input.items:
             call = found.get(item.item_id)
             if call is None or item.deployment_id not in calls.deployments:
                 # The single-item path says what is wrong, non-retryably.
                 out[item.item_id] = BatchItemResult(item_id=item.item_id, status="retry")
             elif call.result is not None:
-                out[item.item_id] = _stored(item.item_id, call.result, spec, fresh=False)
+                out[item.item_id] = batch_result(item.item_id, call.result, spec, fresh=False)
             elif call.stop_requested:
                 out[item.item_id] = BatchItemResult(item_id=item.item_id, status="stopped")
             elif item.item_id in hits:
@@ -210,15 +216,16 @@ class ProviderBatchActivities:
             else:
                 todo.append((item, call))
         if answered:
-            stored = await store.store_results(
-                calls.pool,
-                input.tenant_id,
-                input.experiment_id,
-                [(item.item_id, new) for item, new in answered],
-            )
+            async with tenant_transaction(calls.pool, input.tenant_id) as conn:
+                stored = await results.store_results(
+                    conn,
+                    input.tenant_id,
+                    input.experiment_id,
+                    [(item.item_id, new) for item, new in answered],
+                )
             for item, new in answered:
                 row, fresh = stored[item.item_id]
-                out[item.item_id] = _stored(item.item_id, row, spec, fresh, new)
+                out[item.item_id] = batch_result(item.item_id, row, spec, fresh, new)
         breaker = todo[0][1].breaker if todo else None
         if breaker is not None and breaker.status != "closed":
             # The provider is failing: its single calls wait for the breaker's probe.
@@ -240,13 +247,14 @@ class ProviderBatchActivities:
             )
             for what, n in retried:
                 if n:
-                    await store.count_retried_call(
-                        calls.pool, input.tenant_id, input.experiment_id, what, n
-                    )
+                    async with tenant_transaction(calls.pool, input.tenant_id) as conn:
+                        await store.count_retried_call(
+                            conn, input.tenant_id, input.experiment_id, what, n
+                        )
         return RunBatchResult(items=[out[i.item_id] for i in input.items])
 
     async def _call_all(
-        self, batch: _Batch, todo: list[tuple[BatchItem, store.TaskCall]]
+        self, batch: _Batch, todo: list[tuple[BatchItem, results.TaskCall]]
     ) -> list[BatchItemResult]:
         """Book slots a few at a time and start each call at its slot; items left
         unbooked when a stop comes are `stopped`."""
@@ -304,7 +312,7 @@ class ProviderBatchActivities:
         conn: asyncpg.Connection,
         input: RunBatchInput,
         spec: store.StoredSpec,
-        found: dict[str, store.TaskCall],
+        found: dict[str, results.TaskCall],
     ) -> tuple[dict[str, str], dict[str, cache.CacheEntry]]:
         """With the experiment's cache on: each item's cache key, and the entries
         found under them (one query for the batch)."""
@@ -329,95 +337,124 @@ class ProviderBatchActivities:
         tokens its slot booked (0: not metered), settled with what it used."""
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, at - loop.time()))
-        item, call = one.item, one.call
-        inp, calls = batch.input, self.calls
-        provider = inp.provider
-        deployment = calls.deployments[item.deployment_id]
-        ledger = self._ledgers.setdefault(provider, _Ledger())
-        # Held against the budgets until answered (see `ProviderCallActivities._provider_call`).
-        prompt_guess, completion_guess = calls.tokens.split(
-            provider, one.messages, batch.spec.task.max_tokens
-        )
+        item, inp, calls = one.item, batch.input, self.calls
+        ledger = self._ledgers.setdefault(inp.provider, _Ledger())
         try:
-            held = await calls.spend.reserve(
-                (inp.tenant_id, inp.experiment_id),
-                call.spend,
-                item.deployment_id,
-                prompt_guess,
-                completion_guess,
-            )
+            # Held against the budgets until answered, as on the single-item path.
+            held, _ = await calls.hold(self._request(batch, one), one.call.spend)
         except BudgetExhausted as exc:
             ledger.answered(-booked, None)  # no request: its slot's tokens go back
             return BatchItemResult(item_id=item.item_id, status="budget", message=str(exc))
         sent = time.perf_counter()
         completion: Completion | None = None
         try:
-            with calls.calling(provider, deployment) as span:
-                try:
-                    completion = await complete_on(
-                        deployment.litellm_params,
-                        one.messages,
-                        timeout_s=calls.settings.call_timeout_s,
-                        temperature=batch.spec.task.temperature,
-                        max_tokens=batch.spec.task.max_tokens,
-                    )
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    span.record_exception(exc)
-                    span.set_status(trace.StatusCode.ERROR)
-                    failure = classify(exc)
-                    completion = None
+            completion, failure = await self._send(batch, one)
         finally:
             await calls.spend.settle(held, item.deployment_id, completion)
+        learned = self._learn(batch, one, ledger, booked, sent, completion, failure)
+        await self._flush(inp.provider)
+        if isinstance(learned, BatchItemResult):
+            return learned
+        return await self._store(batch, one, learned)
+
+    def _request(self, batch: _Batch, one: _Call) -> ProviderRequest:
+        inp = batch.input
+        deployment = self.calls.deployments[one.item.deployment_id]
+        experiment = (inp.tenant_id, inp.experiment_id)
+        return ProviderRequest(inp.provider, deployment, one.messages, batch.spec.task, experiment)
+
+    async def _send(
+        self, batch: _Batch, one: _Call
+    ) -> tuple[Completion | None, ProviderFailure | None]:
+        """The request, traced: its completion, or what its failure was."""
+        deployment = self.calls.deployments[one.item.deployment_id]
+        task = batch.spec.task
+        with self.calls.calling(batch.input.provider, deployment) as span:
+            try:
+                completion = await complete_on(
+                    deployment.litellm_params,
+                    one.messages,
+                    timeout_s=self.calls.settings.call_timeout_s,
+                    temperature=task.temperature,
+                    max_tokens=task.max_tokens,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR)
+                return None, classify(exc)
+        return completion, None
+
+    def _learn(
+        self,
+        batch: _Batch,
+        one: _Call,
+        ledger: _Ledger,
+        booked: float,
+        sent: float,
+        completion: Completion | None,
+        failure: ProviderFailure | None,
+    ) -> Answer | BatchItemResult:
+        """Count an answer in the ledger and the metrics: the answer to store, or (not
+        answered) what the workflow does with the item."""
+        provider, item = batch.input.provider, one.item
         latency_ms = (time.perf_counter() - sent) * 1000
         if completion is not None:
-            used = calls.tokens.used(provider, one.messages, completion)
+            used = self.calls.tokens.used(provider, one.messages, completion)
             ledger.answered(used - booked if booked else 0.0, completion.limits)
             ledger.ok_answer()
             _calls.add(1, {"provider": provider, "outcome": "ok"})
             _latency.record(latency_ms, {"provider": provider})
-            answer = Answer(
+            return Answer(
                 completion,
                 latency_ms,
-                cost_usd=calls.spend.cost_of(item.deployment_id, completion),
+                cost_usd=self.calls.spend.cost_of(item.deployment_id, completion),
                 cache_key=batch.keys.get(item.item_id, ""),
             )
-        elif failure.posture == "rejected":
-            ledger.answered(-booked, failure.limits)  # a refused call used no tokens
+        assert failure is not None
+        ledger.answered(-booked, failure.limits)  # a call with no answer used no tokens
+        if failure.posture == "rejected":
             _calls.add(1, {"provider": provider, "outcome": "rejected"})
-            answer = Answer(None, latency_ms, failure)
-        else:
-            ledger.answered(-booked, failure.limits)
-            retry_in = 0.0
-            if failure.posture == "throttled":
-                ledger.refused(failure.retry_after_s, sent)
-                batch.throttled += 1
-                _throttled.add(1, {"provider": provider})
-                retry_in = failure.retry_after_s or calls.settings.retry_initial_s
-            elif failure.posture == "failed":
-                ledger.failed(failure.message)
-                batch.failures += 1
-                retry_in = calls.settings.retry_initial_s
-            outcome = "failure" if failure.posture == "failed" else failure.posture
-            _calls.add(1, {"provider": provider, "outcome": outcome})
-            await self._flush(provider)
-            if failure.posture == "quota":
-                return BatchItemResult(
-                    item_id=item.item_id,
-                    status="quota",
-                    message=f"provider {provider!r} quota exceeded: {failure.message}",
-                )
-            return BatchItemResult(item_id=item.item_id, status="retry", retry_in_s=retry_in)
-        await self._flush(provider)
-        new = new_result(batch.spec, call, answer, item.deployment_id, provider)
+            return Answer(None, latency_ms, failure)
+        return self._unanswered(batch, item, ledger, failure, sent)
+
+    def _unanswered(
+        self, batch: _Batch, item: BatchItem, ledger: _Ledger, failure: ProviderFailure, sent: float
+    ) -> BatchItemResult:
+        """A 429, a failing provider or a spent quota: the item goes back to the workflow."""
+        provider, settings = batch.input.provider, self.calls.settings
+        retry_in = 0.0
+        if failure.posture == "throttled":
+            ledger.refused(failure.retry_after_s, sent)
+            batch.throttled += 1
+            _throttled.add(1, {"provider": provider})
+            retry_in = failure.retry_after_s or settings.retry_initial_s
+        elif failure.posture == "failed":
+            ledger.failed(failure.message)
+            batch.failures += 1
+            retry_in = settings.retry_initial_s
+        outcome = "failure" if failure.posture == "failed" else failure.posture
+        _calls.add(1, {"provider": provider, "outcome": outcome})
+        if failure.posture == "quota":
+            return BatchItemResult(
+                item_id=item.item_id,
+                status="quota",
+                message=f"provider {provider!r} quota exceeded: {failure.message}",
+            )
+        return BatchItemResult(item_id=item.item_id, status="retry", retry_in_s=retry_in)
+
+    async def _store(self, batch: _Batch, one: _Call, answer: Answer) -> BatchItemResult:
+        """The answered item's result row, written with the others that arrive meanwhile."""
+        item = one.item
+        new = new_result(batch.spec, one.call, answer, item.deployment_id, batch.input.provider)
         try:
             stored, fresh = await batch.writer.write(item.item_id, new)
         except (asyncpg.PostgresError, OSError) as exc:
             # Answered but not stored: the single-item path calls again and stores it.
             activity.logger.warning("result of %s not stored: %s", item.item_id, exc)
             return BatchItemResult(item_id=item.item_id, status="retry")
-        return _stored(item.item_id, stored, batch.spec, fresh, new)
+        return batch_result(item.item_id, stored, batch.spec, fresh, new)
 
     async def _flush(self, provider: str, force: bool = False) -> None:
         """Count this worker's answers from the provider: when due, at once after a 429."""
@@ -433,36 +470,18 @@ class ProviderBatchActivities:
             if counts is None:
                 return
             try:
-                effect = await record_outcomes(
-                    self.calls.pool,
-                    self.calls.task_queue,
-                    provider,
-                    counts,
-                    breaker_seen=None,
-                    aimd=self.calls.aimd,
-                    breaker=self.calls.breaker,
-                )
+                async with self.calls.pool.acquire() as conn:
+                    effect = await record_outcomes(
+                        conn,
+                        self.calls.task_queue,
+                        provider,
+                        counts,
+                        breaker_seen=None,
+                        aimd=self.calls.aimd,
+                        breaker=self.calls.breaker,
+                    )
             except (asyncpg.PostgresError, OSError) as exc:
                 # The rate learns from the next ones; the results matter more.
                 activity.logger.warning("answers of %s not counted: %s", provider, exc)
                 return
         await self.calls.apply_effect(provider, effect, "batch")
-
-
-def _stored(
-    item_id: str,
-    stored: store.StoredResult,
-    spec: store.StoredSpec,
-    fresh: bool,
-    new: store.NewResult | None = None,
-) -> BatchItemResult:
-    """What the workflow counts; `new`: what this batch's call cost."""
-    return BatchItemResult(
-        item_id=item_id,
-        status=stored.status,
-        missing_evals=missing_judges(stored, spec),
-        prompt_tokens=stored.prompt_tokens,
-        completion_tokens=stored.completion_tokens,
-        fresh=fresh,
-        **(spent(new) if new is not None else {}),
-    )

@@ -7,12 +7,10 @@ run, so every alias move is traceable to the workflow that made it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 import asyncpg
 from temporalio import activity
 
+from activities.base import ActivityClass
 from konstruct.platform.db import tenant_transaction
 from konstruct.registry import store as registry
 from konstruct.registry.models import (
@@ -29,12 +27,9 @@ def _caller() -> tuple[str | None, str | None]:
     return info.workflow_id, info.workflow_run_id
 
 
-class RegistryActivities:
+class RegistryActivities(ActivityClass):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-
-    def all(self) -> list[Callable[..., Awaitable[Any]]]:
-        return [self.undo_alias_move, self.settle_alias, self.discard_runs]
 
     @activity.defn(name="registry_undo_alias_move")
     async def undo_alias_move(self, input: UndoAliasMoveInput) -> AliasMoveResult:

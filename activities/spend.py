@@ -15,6 +15,7 @@ from konstruct.experiments.models import TaskSpec
 from konstruct.experiments.store import budgets
 from konstruct.experiments.store.budgets import Reservation, SpendFlags
 from konstruct.experiments.store.cache import CacheEntry, CallKind, cache_key
+from konstruct.platform.db import tenant_transaction
 from konstruct.providers.adapter import Completion
 from konstruct.providers.pricing import Price, cost_usd, price_of
 from konstruct.providers.router import Deployment
@@ -113,7 +114,8 @@ class CallSpend:
             used_usd = self.cost_of(deployment_id, completion) or 0.0
             used_tokens = completion.prompt_tokens + completion.completion_tokens
         try:
-            await budgets.settle(self.pool, held, used_usd, used_tokens)
+            async with tenant_transaction(self.pool, held.tenant_id) as conn:
+                await budgets.settle(conn, held, used_usd, used_tokens)
         except (asyncpg.PostgresError, OSError) as exc:
             activity.logger.warning(
                 "budget of %s not settled (held until resumed): %s", held.experiment_id, exc

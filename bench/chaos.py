@@ -365,16 +365,17 @@ async def soak_run(args: argparse.Namespace, config: Path) -> dict[str, Any]:
     pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=10)
     try:
         for tenant in TENANTS[1:]:
-            await put_agent(
-                pool,
-                tenant,
-                AgentProfile(
-                    agent_id="assistant",
-                    name="Kay",
-                    role="a helpful assistant",
-                    fallback_reply="Sorry, try again later.",
-                ),
-            )
+            async with db.tenant_transaction(pool, tenant) as conn:
+                await put_agent(
+                    conn,
+                    tenant,
+                    AgentProfile(
+                        agent_id="assistant",
+                        name="Kay",
+                        role="a helpful assistant",
+                        fallback_reply="Sorry, try again later.",
+                    ),
+                )
         until = time.monotonic() + args.seconds
         rng = random.Random(args.seed)
         finished = asyncio.Event()

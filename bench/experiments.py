@@ -205,7 +205,8 @@ class Bench:
             limits["rate_limit_requests"] = None
         await self.sim.set_profile(MODEL, latency_ms=self.latency_ms, **limits)
         await self.sim.reset()
-        await reset_provider(self.pool, TASK_QUEUE, PROVIDER)
+        async with self.pool.acquire() as conn:
+            await reset_provider(conn, TASK_QUEUE, PROVIDER)
         await push_rate(self.client, provider_queue(TASK_QUEUE, PROVIDER), self.initial_rps)
 
     async def tokens_per_call(self) -> int:

@@ -98,18 +98,19 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
     api_key = os.environ[settings.simulator.api_key_env]
     system = "You are Kay, a helpful assistant. You are an AI."
     pool = await db.create_pool(db.app_url(settings), min_size=1, max_size=2)
-    await put_agent(
-        pool,
-        "demo",
-        AgentProfile(
-            agent_id="calc",
-            name="Cal",
-            role="an assistant that uses a calculator",
-            fallback_reply="Sorry.",
-            tools=["calculator"],
-        ),
-    )
-    _, gateway_key = await create_key(pool, "demo", "bench")
+    async with db.tenant_transaction(pool, "demo") as conn:
+        await put_agent(
+            conn,
+            "demo",
+            AgentProfile(
+                agent_id="calc",
+                name="Cal",
+                role="an assistant that uses a calculator",
+                fallback_reply="Sorry.",
+                tools=["calculator"],
+            ),
+        )
+        _, gateway_key = await create_key(conn, "demo", "bench")
     await pool.close()
     assert stack.gateway_url is not None
     gateway = openai.AsyncOpenAI(base_url=stack.gateway_url, api_key=gateway_key, max_retries=0)

@@ -33,6 +33,7 @@ from tests.support import (
     SimulatorProcess,
     WorkerProcess,
     WorkerRelay,
+    serve_locally,
 )
 from workers.main import build_worker
 
@@ -249,13 +250,8 @@ async def hooks() -> AsyncIterator[Hooks]:
         return web.Response(text="the page says hello")
 
     app.router.add_get("/page", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    # A held request would keep `cleanup` waiting out its 60 s shutdown timeout.
-    state.release.set()
-    await runner.cleanup()
+    async with serve_locally(app) as url:
+        state.url = url
+        yield state
+        # A held request would keep `cleanup` waiting out its 60 s shutdown timeout.
+        state.release.set()

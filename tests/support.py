@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from aiohttp import web
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import WorkflowHistory
@@ -31,9 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 HISTORIES = ROOT / "tests" / "histories"
 # A secret-looking key: the history scan proves it never reaches Temporal.
 SIMULATOR_TEST_KEY = "sk-sim-TEST-SECRET-" + "7f3a9c1e5b2d4f60"
+# The CLI as a person starts it.
+KONSTRUCT = [sys.executable, "-m", "konstruct"]
 
 __all__ = [
     "HISTORIES",
+    "KONSTRUCT",
     "ROOT",
     "SIMULATOR_TEST_KEY",
     "DevServer",
@@ -42,10 +47,34 @@ __all__ = [
     "WorkerProcess",
     "WorkerRelay",
     "call_in_flight",
+    "konstruct",
     "recorded_histories",
     "replay_all",
     "replayer",
+    "serve_locally",
 ]
+
+
+def konstruct(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`konstruct ARGS...` in a subprocess with environment `env`, its output captured."""
+    return subprocess.run(
+        [*KONSTRUCT, *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout
+    )
+
+
+@asynccontextmanager
+async def serve_locally(app: web.Application, shutdown_timeout: float = 60.0) -> AsyncIterator[str]:
+    """`app` on a free port of 127.0.0.1 while the block runs; yields its base URL."""
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass

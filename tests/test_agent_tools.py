@@ -52,8 +52,16 @@ async def make_agent(
         tools=tools,
         **fields,
     )
-    await put_agent(pool, tenant, profile)
+    async with tenant_transaction(pool, tenant) as conn:
+        await put_agent(conn, tenant, profile)
     return profile
+
+
+async def new_agent(pool: asyncpg.Pool, tools: list[str], **fields: Any) -> str:
+    """A new tenant whose agent may use `tools`; returns the tenant."""
+    tenant = new_tenant()
+    await make_agent(pool, tenant, tools, **fields)
+    return tenant
 
 
 def body(tenant: str, text: str, thread: str | None = None) -> dict[str, Any]:
@@ -111,6 +119,16 @@ async def wait_for(
     raise AssertionError(f"{what} did not happen: {progress}")
 
 
+async def agent_with_webhook(
+    pool: asyncpg.Pool, tenant: str, tool: ToolSpec, *more_tools: str
+) -> None:
+    """The tenant's agent, allowed `tool` (stored once the agent, hence the tenant, exists)."""
+    await make_agent(pool, tenant, [])
+    async with tenant_transaction(pool, tenant) as conn:
+        await put_tool(conn, tenant, tool)
+    await make_agent(pool, tenant, [tool.name, *more_tools])
+
+
 def webhook(name: str, url: str, **fields: Any) -> ToolSpec:
     return ToolSpec(
         name=name,
@@ -128,8 +146,7 @@ def webhook(name: str, url: str, **fields: Any) -> ToolSpec:
 async def test_a_calculator_answer_with_the_exact_arguments(
     client: Client, worker: str, app_pool: asyncpg.Pool
 ) -> None:
-    tenant = new_tenant()
-    await make_agent(app_pool, tenant, ["calculator"])
+    tenant = await new_agent(app_pool, ["calculator"])
     message = body(tenant, "What is 12 * 7 + 3?")
     result = await send(client, worker, message)
     assert result.response == "The answer is 87."
@@ -153,15 +170,10 @@ async def test_two_calls_of_one_step_run_at_once_and_the_webhook_gets_its_key_an
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     tenant = new_tenant()
-    await make_agent(app_pool, tenant, [])
-    await put_tool(
-        app_pool,
-        tenant,
-        webhook(
-            "lookup", f"{hooks.url}/lookup", secret_header="X-Hook-Secret", secret_env=SECRET_ENV
-        ),
+    lookup = webhook(
+        "lookup", f"{hooks.url}/lookup", secret_header="X-Hook-Secret", secret_env=SECRET_ENV
     )
-    await make_agent(app_pool, tenant, ["lookup", "calculator"])
+    await agent_with_webhook(app_pool, tenant, lookup, "calculator")
     message = body(tenant, '/tool lookup {"x": 1}\n/tool calculator {"expression": "6*7"}')
     handle = await start(client, worker, message)
     result = await handle.result()
@@ -192,9 +204,7 @@ async def test_a_failing_tool_is_retried_then_the_model_is_told(
     client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
 ) -> None:
     tenant = new_tenant()
-    await make_agent(app_pool, tenant, [])
-    await put_tool(app_pool, tenant, webhook("flaky", f"{hooks.url}/flaky"))
-    await make_agent(app_pool, tenant, ["flaky"])
+    await agent_with_webhook(app_pool, tenant, webhook("flaky", f"{hooks.url}/flaky"))
     message = body(tenant, '/tool flaky {"x": 2}')
     result = await send(client, worker, message)
     [call] = await tool_calls(app_pool, tenant, message["message_id"])
@@ -210,9 +220,7 @@ async def test_a_long_tool_result_is_cut_before_it_goes_back_to_the_model(
     client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
 ) -> None:
     tenant = new_tenant()
-    await make_agent(app_pool, tenant, [])
-    await put_tool(app_pool, tenant, webhook("big", f"{hooks.url}/big"))
-    await make_agent(app_pool, tenant, ["big"])
+    await agent_with_webhook(app_pool, tenant, webhook("big", f"{hooks.url}/big"))
     message = body(tenant, '/tool big {"x": 3}')
     await send(client, worker, message)
     [call] = await tool_calls(app_pool, tenant, message["message_id"])
@@ -223,13 +231,13 @@ async def test_a_long_tool_result_is_cut_before_it_goes_back_to_the_model(
 async def test_http_request_reaches_only_allowed_hosts(
     client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
 ) -> None:
-    tenant = new_tenant()
-    await make_agent(app_pool, tenant, ["http_request"])
+    tenant = await new_agent(app_pool, ["http_request"])
     page = f"{hooks.url}/page"
     text = f'/tool http_request {{"method": "GET", "url": "{page}"}}'
     refused = await send(client, worker, body(tenant, text))
     assert "not on this tenant's allow-list" in refused.response
-    await allow_hosts(app_pool, tenant, ["127.0.0.1"], [])
+    async with tenant_transaction(app_pool, tenant) as conn:
+        await allow_hosts(conn, tenant, ["127.0.0.1"], [])
     allowed = await send(client, worker, body(tenant, text))
     assert allowed.response == "Tool http_request returned: HTTP 200 the page says hello"
 
@@ -237,8 +245,7 @@ async def test_http_request_reaches_only_allowed_hosts(
 async def test_an_unknown_tool_and_bad_arguments_are_told_to_the_model(
     client: Client, worker: str, app_pool: asyncpg.Pool
 ) -> None:
-    tenant = new_tenant()
-    await make_agent(app_pool, tenant, ["calculator"])
+    tenant = await new_agent(app_pool, ["calculator"])
     message = body(tenant, '/tool calculator {"expression": "__import__(\'os\')"}')
     result = await send(client, worker, message)
     assert result.response.startswith("Tool calculator returned: error: calculator refused")
@@ -247,8 +254,7 @@ async def test_an_unknown_tool_and_bad_arguments_are_told_to_the_model(
 async def test_the_loop_stops_politely_after_max_steps(
     client: Client, worker: str, app_pool: asyncpg.Pool
 ) -> None:
-    tenant = new_tenant()
-    await make_agent(app_pool, tenant, ["calculator"], max_steps=3)
+    tenant = await new_agent(app_pool, ["calculator"], max_steps=3)
     message = body(tenant, '/tool calculator {"expression": "1+1"}\n/tool-repeat')
     result = await send(client, worker, message)
     assert result.response == stop_reply(3)
@@ -263,21 +269,26 @@ async def test_the_loop_stops_politely_after_max_steps(
 
 async def approval_agent(pool: asyncpg.Pool, hooks: Hooks, **fields: Any) -> str:
     tenant = new_tenant()
-    await make_agent(pool, tenant, [])
-    await put_tool(
-        pool, tenant, webhook("refund", f"{hooks.url}/refund", requires_approval=True, **fields)
-    )
-    await make_agent(pool, tenant, ["refund"])
+    refund = webhook("refund", f"{hooks.url}/refund", requires_approval=True, **fields)
+    await agent_with_webhook(pool, tenant, refund)
     return tenant
+
+
+async def start_pending(
+    client: Client, task_queue: str, tenant: str, text: str
+) -> tuple[dict[str, Any], WorkflowHandle, dict[str, Any]]:
+    """Sends `text`; once a tool call awaits approval, the message, handle and progress."""
+    message = body(tenant, text)
+    handle = await start(client, task_queue, message)
+    waiting = await wait_for(handle, lambda p: bool(p["pending"]), "a pending call")
+    return message, handle, waiting
 
 
 async def test_approve_runs_the_tool_and_progress_shows_the_pending_call(
     client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
 ) -> None:
     tenant = await approval_agent(app_pool, hooks)
-    message = body(tenant, '/tool refund {"x": 30}')
-    handle = await start(client, worker, message)
-    waiting = await wait_for(handle, lambda p: bool(p["pending"]), "a pending call")
+    message, handle, waiting = await start_pending(client, worker, tenant, '/tool refund {"x": 30}')
     assert waiting["status"] == "awaiting_approval"
     [pending] = waiting["pending"]
     assert pending["tool"] == "refund" and json.loads(pending["arguments"]) == {"x": 30}
@@ -309,9 +320,9 @@ async def test_reject_tells_the_model_and_runs_nothing(
     client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
 ) -> None:
     tenant = await approval_agent(app_pool, hooks)
-    message = body(tenant, '/tool refund {"x": 999}')
-    handle = await start(client, worker, message)
-    waiting = await wait_for(handle, lambda p: bool(p["pending"]), "a pending call")
+    message, handle, waiting = await start_pending(
+        client, worker, tenant, '/tool refund {"x": 999}'
+    )
     call_id = waiting["pending"][0]["call_id"]
     await handle.execute_update(
         HandleMessage.reject_tool, ToolDecision(call_id=call_id, by="ana", reason="too much")
@@ -358,9 +369,7 @@ async def test_kill_9_mid_tool_call_gives_one_result_per_call_id_and_one_turn(
     worker_process: Callable[[str], WorkerProcess],
 ) -> None:
     tenant = new_tenant()
-    await make_agent(app_pool, tenant, [])
-    await put_tool(app_pool, tenant, webhook("slowhook", f"{hooks.url}/slow"))
-    await make_agent(app_pool, tenant, ["slowhook"])
+    await agent_with_webhook(app_pool, tenant, webhook("slowhook", f"{hooks.url}/slow"))
     hooks.hold_first = True
     first = worker_process("a")
     message = body(tenant, '/tool slowhook {"x": 7}')

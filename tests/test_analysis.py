@@ -16,29 +16,25 @@ from typing import Any
 
 import asyncpg
 import pytest
-from konstruct.providers.simulator.profiles import ModelProfile
-from konstruct.providers.simulator.responders import simulated_reply
 from temporalio.client import Client
 
 from konstruct.app.cli import main as cli_main
 from konstruct.experiments import compare as analysis
-from konstruct.experiments.compare import (
-    EvalInfo,
-    ExperimentData,
-    ItemResult,
-    RetrySecond,
+from konstruct.experiments import statistics
+from konstruct.experiments.compare import bucket_width, compare, timeline
+from konstruct.experiments.models import ExperimentInput
+from konstruct.experiments.records import EvalInfo, ExperimentData, ItemResult, RetrySecond
+from konstruct.experiments.report import render_report
+from konstruct.experiments.statistics import (
     binomial,
     bootstrap_mean_ci,
-    bucket_width,
-    compare,
     paired_bootstrap,
     percentile,
     standard_error,
-    timeline,
 )
-from konstruct.experiments.models import ExperimentInput
-from konstruct.experiments.report import render_report
 from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.providers.simulator.profiles import ModelProfile
+from konstruct.providers.simulator.responders import simulated_reply
 from workflows.experiment import Experiment
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -111,7 +107,7 @@ def test_a_known_difference_is_inside_its_interval() -> None:
 
 def test_identical_runs_give_zero_and_similar_runs_an_interval_around_zero() -> None:
     a = _bernoulli(200, 0.7, 5)
-    assert paired_bootstrap(a, a) == analysis.Interval(0.0, 0.0, 0.0)
+    assert paired_bootstrap(a, a) == statistics.Interval(0.0, 0.0, 0.0)
     # Two runs of one model: independent draws of the same distribution.
     ci = paired_bootstrap(_bernoulli(500, 0.7, 11), _bernoulli(500, 0.7, 12))
     assert ci.low < 0 < ci.high
@@ -122,7 +118,7 @@ def test_multinomial_resampling_matches_item_by_item_resampling(
 ) -> None:
     diffs = [-1.0] * 60 + [0.0] * 300 + [1.0] * 40
     fast = bootstrap_mean_ci(diffs, resamples=20_000, seed=0)
-    monkeypatch.setattr(analysis, "_MULTINOMIAL_FACTOR", 10**9)  # item by item
+    monkeypatch.setattr(statistics, "_MULTINOMIAL_FACTOR", 10**9)  # item by item
     slow = bootstrap_mean_ci(diffs, resamples=20_000, seed=0)
     assert fast.estimate == slow.estimate == pytest.approx(-0.05)
     assert fast.low == pytest.approx(slow.low, abs=0.006)
@@ -136,6 +132,27 @@ def test_bootstrap_refuses_bad_arguments() -> None:
         paired_bootstrap([1.0], [1.0, 0.0])
     with pytest.raises(ValueError):
         bootstrap_mean_ci([1.0], confidence=1.0)
+
+
+def test_the_two_epoch_rules_differ_on_one_passing_epoch_of_three() -> None:
+    flags = [True, False, False]
+    assert statistics.passed_any_epoch(flags)
+    assert not statistics.passed_at_least_half_of_epochs(flags)
+    assert statistics.passed_at_least_half_of_epochs([True, False])
+    # `experiments show` counts the dataset item passed (pass@k), compare does not.
+    entries = [{"score": float(f), "passed": f} for f in flags]
+    rows = [{"dataset_id": "q", "status": "ok", "scores": {"em": entry}} for entry in entries]
+    assert statistics.per_dataset_item(rows)["q"]["scores"]["em"]["pass_at_k"] is True
+    items = [
+        ItemResult(f"q@{n}", n, "ok", scores={"em": entry}, dataset_id="q", epoch=n + 1)
+        for n, entry in enumerate(entries)
+    ]
+    [merged] = statistics.by_dataset_item(items)
+    assert merged.scores["em"]["passed"] is False
+    summary = statistics.eval_figures(
+        [statistics.EvalEntry("q", float(f), f) for f in flags], epochs=3
+    )
+    assert (summary.pass_at_k, summary.pass_rate) == (1.0, 0.3333)
 
 
 # --- compare on built data ------------------------------------------------------------------

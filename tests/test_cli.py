@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,26 +16,13 @@ from rich.console import Console
 
 from konstruct.agents.models import AgentProfile
 from konstruct.agents.store.agents import put_agent
-from konstruct.app.cli.experiments import ItemRate, progress_view
+from konstruct.app.cli.experiment_watch import ItemRate, progress_view
 from konstruct.app.processes import free_port
 from konstruct.experiments.models import ExperimentProgress
 from konstruct.platform.db import tenant_transaction
 from konstruct.registry.models import MoveAliasInput, NewRun
 from konstruct.registry.store import insert_runs, move_alias
-from tests.support import ROOT
-
-KONSTRUCT = [sys.executable, "-m", "konstruct"]
-
-
-def konstruct(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*KONSTRUCT, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(ROOT),
-        timeout=120,
-    )
+from tests.support import KONSTRUCT, ROOT, konstruct
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -136,12 +122,12 @@ async def test_output_cut_short_by_head_ends_quietly(
     environ: dict[str, str], app_pool: asyncpg.Pool
 ) -> None:
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
-    await put_agent(
-        app_pool, tenant, AgentProfile(agent_id="a", name="A", role="r", fallback_reply="-")
-    )
     runs = [NewRun(run_id=str(uuid.uuid4()), name=f"run-{i}") for i in range(2)]
     # Far more history than a pipe holds, so the CLI is still writing when head leaves.
     async with tenant_transaction(app_pool, tenant) as conn:
+        await put_agent(
+            conn, tenant, AgentProfile(agent_id="a", name="A", role="r", fallback_reply="-")
+        )
         await insert_runs(conn, tenant, runs, None, None)
         for i in range(400):
             move = MoveAliasInput(

@@ -19,7 +19,7 @@ from konstruct.app.cli.tools import normalize_host
 from konstruct.app.stack import temporal_cli
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.temporal.codec_server import codec_app
-from tests.support import suite_codec
+from tests.support import serve_locally, suite_codec
 from tests.test_cli import assert_one_line_error, konstruct
 from workflows.handle_message import HandleMessage
 
@@ -303,13 +303,8 @@ async def hook_url() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/{name}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_locally(app) as url:
+        yield url
 
 
 async def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -407,13 +402,8 @@ async def test_a_call_rejected_through_the_cli(
 @pytest.fixture
 async def codec_endpoint() -> AsyncIterator[str]:
     """The codec server with the suite's key, as `konstruct up` runs it (no token)."""
-    runner = web.AppRunner(codec_app(suite_codec(), [], None))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_locally(codec_app(suite_codec(), [], None)) as url:
+        yield url
 
 
 async def test_the_documented_temporal_cli_update_approves(

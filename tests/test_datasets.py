@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,15 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
 from konstruct.app.cli import main as cli_main
 from konstruct.experiments.datasets import as_text, items_digest, load_items, render_prompt
 from konstruct.experiments.models import DatasetItem, DatasetSpec, ExperimentResult, TaskSpec
 from konstruct.platform.errors import InvalidInput
-from tests.support import ROOT
-from tests.test_experiments import experiment, results, start
+from tests.support import ROOT, konstruct
+from tests.test_experiments import experiment, invalid_input, results, start
 
 DATASETS = ROOT / "deploy" / "datasets"
 QA_MAPPING = {"input_field": "question", "expected_field": "answer"}
@@ -403,26 +400,10 @@ async def test_a_bad_dataset_fails_the_experiment_at_once_naming_row_and_column(
     client: Client, worker: str, tmp_path: Path
 ) -> None:
     for change, field, words in _bad_files(tmp_path):
-        handle = await start(client, worker, experiment(**change))
-        with pytest.raises(WorkflowFailureError) as info:
-            await handle.result()
-        cause = info.value.cause
-        assert isinstance(cause, ApplicationError), change
-        assert cause.type == "InvalidInput" and cause.non_retryable, cause
-        assert cause.message.startswith(field), cause.message
+        message = await invalid_input(client, worker, change)
+        assert message.startswith(field), message
         for word in words:
-            assert word in cause.message, cause.message
-
-
-def konstruct(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "konstruct", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        cwd=str(ROOT),
-        timeout=120,
-    )
+            assert word in message, message
 
 
 def test_experiments_start_refuses_a_bad_dataset_before_starting(

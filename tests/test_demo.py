@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -43,7 +42,7 @@ from konstruct.platform.temporal.search_attributes import KIND, STATUS, TENANT
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from konstruct.registry import store as registry
 from konstruct.registry.models import MoveAliasInput, NewRun
-from tests.support import ROOT, WorkerRelay, call_in_flight, time_skipping_server
+from tests.support import ROOT, WorkerRelay, call_in_flight, konstruct, time_skipping_server
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
@@ -129,11 +128,9 @@ async def alias_run_id(pool: asyncpg.Pool, alias: str = DEMO_ALIAS) -> str | Non
 
 
 async def moves_by(pool: asyncpg.Pool, workflow_id: str) -> list[Any]:
-    return [
-        m
-        for m in await registry.alias_history(pool, "demo", DEMO_ALIAS)
-        if m.workflow_id == workflow_id
-    ]
+    async with tenant_transaction(pool, "demo") as conn:
+        history = await registry.alias_history(conn, "demo", DEMO_ALIAS)
+    return [m for m in history if m.workflow_id == workflow_id]
 
 
 async def session_files(pool: asyncpg.Pool, run_id: str, under: str = "") -> list[str]:
@@ -199,7 +196,8 @@ async def test_showcase_rich_passes_every_step(
     # The alias ends on the recorded champion, whose artifact is real and hashed.
     assert result.champion_run_id is not None
     assert await alias_run_id(app_pool) == result.champion_run_id
-    runs = {r.run_id: r for r in await registry.list_runs(app_pool, "demo")}
+    async with tenant_transaction(app_pool, "demo") as conn:
+        runs = {r.run_id: r for r in await registry.list_runs(conn, "demo")}
     champion = runs[result.champion_run_id]
     assert champion.owner == "demo" and champion.workflow_id == handle.id
     mine = [r for r in runs.values() if r.workflow_run_id == result.workflow_run_id]
@@ -318,7 +316,8 @@ async def test_demo_twice_in_a_row_and_reset_keeps_other_rows(
     assert first.overall_status == second.overall_status == "pass"
     assert first.pre_run_alias_run_id == user_run
     assert await alias_run_id(app_pool) == second.champion_run_id
-    runs = {r.run_id: r for r in await registry.list_runs(app_pool, "demo")}
+    async with tenant_transaction(app_pool, "demo") as conn:
+        runs = {r.run_id: r for r in await registry.list_runs(conn, "demo")}
     assert user_run in runs and runs[user_run].owner == "user"
     assert await alias_run_id(app_pool, "user-staging") == user_run
     # The first run's rows went with the second run's reset, except its champion,
@@ -345,13 +344,15 @@ async def test_concurrent_demo_runs_are_safe(
     alias = await alias_run_id(app_pool)
     assert alias in champions
     # The alias's last move was made by one of these runs, and it is on that run's champion.
-    history = await registry.alias_history(app_pool, "demo", DEMO_ALIAS)
+    async with tenant_transaction(app_pool, "demo") as conn:
+        history = await registry.alias_history(conn, "demo", DEMO_ALIAS)
     last = history[-1]
     winner = next(r for r in results if r.workflow_run_id == last.workflow_run_id)
     assert alias == winner.champion_run_id
     # Every champion still exists: no run's reset deleted another's rows.
-    runs = {r.run_id for r in await registry.list_runs(app_pool, "demo")}
-    assert champions <= runs
+    async with tenant_transaction(app_pool, "demo") as conn:
+        run_ids = {r.run_id for r in await registry.list_runs(conn, "demo")}
+    assert champions <= run_ids
 
 
 # --- failure at every step ------------------------------------------------------------
@@ -670,14 +671,7 @@ async def test_registry_cli_shows_runs_aliases_and_history(
     result = await (await start(client, worker, demo_input())).result()
 
     def cli(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "konstruct.app.cli", *args],
-            capture_output=True,
-            text=True,
-            env=environ,
-            cwd=str(ROOT),
-            timeout=60,
-        )
+        done = konstruct(environ, *args, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -697,14 +691,7 @@ async def test_demo_cli_runs_and_shows_progress(worker: str, environ: dict[str, 
     workflow_id = f"demo-cli-{uuid.uuid4().hex[:8]}"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "konstruct.app.cli", "demo", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=str(ROOT),
-            timeout=120,
-        )
+        return konstruct(env, "demo", *args)
 
     ran = await asyncio.to_thread(
         cli, "run", "--scenario", "demo_minimal", "--id", workflow_id, "--json"

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.client import Client
 
-from konstruct.app.processes import free_port
 from konstruct.app.stack import temporal_cli
 from konstruct.config import Settings
 from konstruct.platform.errors import ConfigError
@@ -38,7 +36,7 @@ from konstruct.platform.temporal.codec import (
 from konstruct.platform.temporal.codec_server import codec_app
 from konstruct.platform.temporal.plugin import KonstructPlugin
 from konstruct.providers.simulator.admin import SimulatorAdmin
-from tests.support import TEST_KEYS, suite_codec
+from tests.support import TEST_KEYS, serve_locally, suite_codec
 from tests.test_experiments import FAST, experiment, start
 from tests.test_handle_message import message
 from workers.main import build_worker
@@ -119,12 +117,8 @@ def test_encryption_on_without_a_key_says_where_it_looked(tmp_path: Path) -> Non
 @pytest.fixture
 async def codec_server() -> AsyncIterator[str]:
     """The codec server with the suite's key, on a free port, token required."""
-    port = free_port()
-    runner = web.AppRunner(codec_app(suite_codec(), ["http://localhost:8233"], "s3cret"))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve_locally(codec_app(suite_codec(), ["http://localhost:8233"], "s3cret")) as url:
+        yield url
 
 
 async def raw_history(settings: Settings, workflow_id: str) -> str:

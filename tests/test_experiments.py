@@ -176,17 +176,24 @@ def _bad(tmp_path: Path) -> list[tuple[dict[str, Any], str, str]]:
     ]
 
 
+async def invalid_input(client: Client, task_queue: str, change: dict[str, Any]) -> str:
+    """The message of the failure an experiment changed by `change` ends in at once:
+    a non-retryable InvalidInput."""
+    handle = await start(client, task_queue, experiment(**change))
+    with pytest.raises(WorkflowFailureError) as info:
+        await handle.result()
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError), change
+    assert cause.type == "InvalidInput" and cause.non_retryable, cause
+    return cause.message
+
+
 async def test_bad_inputs_fail_at_once_naming_the_field(
     client: Client, worker: str, tmp_path: Path
 ) -> None:
     for change, field, words in _bad(tmp_path):
-        handle = await start(client, worker, experiment(**change))
-        with pytest.raises(WorkflowFailureError) as info:
-            await handle.result()
-        cause = info.value.cause
-        assert isinstance(cause, ApplicationError), change
-        assert cause.type == "InvalidInput" and cause.non_retryable, cause
-        assert field in cause.message and words in cause.message, cause.message
+        message = await invalid_input(client, worker, change)
+        assert field in message and words in message, message
 
 
 async def test_judge_evals_and_continue_as_new_twice(
@@ -221,8 +228,8 @@ async def start_provider_at(
 ) -> None:
     """The simulator provider of `task_queue` at `rate` req/s, in PostgreSQL and on the
     server's task-queue limit, before an experiment starts (which keeps that rate)."""
-    await ensure_provider(pool, task_queue, "simulator", ProviderBounds(rate, 0.5, 1000.0))
     async with pool.acquire() as conn:
+        await ensure_provider(conn, task_queue, "simulator", ProviderBounds(rate, 0.5, 1000.0))
         await conn.execute(
             "update provider_limits set rate = $2 where task_queue = $1 and provider = 'simulator'",
             task_queue,
@@ -361,7 +368,8 @@ async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
     assert stats["ok"] == 160
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
     # The report's timeline: every 429 in the second it happened, within the run.
-    data = await load_experiment(app_pool, body["tenant_id"], body["experiment_id"])
+    async with tenant_transaction(app_pool, body["tenant_id"]) as conn:
+        data = await load_experiment(conn, body["tenant_id"], body["experiment_id"])
     assert data.throttled == throttled(stats) and data.retry_seconds is not None
     assert sum(r.throttled for r in data.retry_seconds) == throttled(stats)
     assert all(-1.0 <= r.at_s <= (data.duration_s or 0.0) for r in data.retry_seconds)
@@ -390,22 +398,39 @@ async def test_outage_opens_the_breaker_pauses_and_recovers_by_itself(
     assert len(await results(app_pool, body["experiment_id"])) == 50
 
 
+async def start_and_kill_9(
+    client: Client,
+    relay: WorkerRelay,
+    task_queue: str,
+    pool: asyncpg.Pool,
+    body: dict[str, Any],
+    ok: int,
+) -> tuple[WorkflowHandle, int]:
+    """Starts `body` on the relay's first worker (slow answers), kills it with SIGKILL once
+    `ok` calls are answered and 4 are in flight, and hands the run to a second worker.
+
+    Returns the handle and how many calls the dead worker made whose result it had
+    not stored: in flight at the provider, or answered while the worker was still
+    writing the result (the simulator's in-flight count misses those). Nothing else
+    may be called twice.
+    """
+    await relay.start_slow(FAST, latency_ms=600)
+    handle = await start(client, task_queue, body)
+    await wait_for_calls(relay.sim, FAST, ok=ok, in_flight=4)
+    await relay.kill_first()
+    unstored = (await relay.sim.model_stats(FAST))["requests"] - len(
+        await results(pool, body["experiment_id"])
+    )
+    await relay.take_over(latency_ms=20)
+    return handle, unstored
+
+
 async def test_kill_9_of_a_worker_loses_and_duplicates_nothing(
     client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool
 ) -> None:
     sim = relay.sim
-    await relay.start_slow(FAST, latency_ms=600)
     body = experiment(40, max_concurrency=8, options={"heartbeat_timeout_s": 3})
-    handle = await start(client, task_queue, body)
-    await wait_for_calls(sim, FAST, ok=8, in_flight=4)
-    await relay.kill_first()
-    # Calls the dead worker made whose result it had not stored: in flight at the
-    # provider, or answered while the worker was still writing the result (the
-    # simulator's in-flight count misses those). Nothing else may be called twice.
-    unstored = (await sim.model_stats(FAST))["requests"] - len(
-        await results(app_pool, body["experiment_id"])
-    )
-    await relay.take_over(latency_ms=20)
+    handle, unstored = await start_and_kill_9(client, relay, task_queue, app_pool, body, ok=8)
     result: ExperimentResult = await handle.result()
     assert result.summary.completed == 40 and result.summary.failed == 0
     rows = await results(app_pool, body["experiment_id"])

@@ -16,12 +16,13 @@ from temporalio.client import Client, WorkflowHandle
 
 from konstruct.experiments.models import ExperimentResult
 from konstruct.providers.simulator.admin import SimulatorAdmin
-from tests.support import WorkerRelay, wait_for_calls
+from tests.support import WorkerRelay
 from tests.test_experiments import (
     FAST,
     experiment,
     results,
     start,
+    start_and_kill_9,
     start_provider_at,
     throttled,
     wait_for,
@@ -53,16 +54,25 @@ async def assert_one_result_each(pool: asyncpg.Pool, body: dict[str, Any]) -> No
     assert {r["status"] for r in rows} == {"ok"}
 
 
+async def finished_with_one_result_each(
+    handle: WorkflowHandle, pool: asyncpg.Pool, body: dict[str, Any]
+) -> ExperimentResult:
+    """The run's result, once every item completed (none failed) with one `ok` result."""
+    result: ExperimentResult = await handle.result()
+    items = len(body["dataset"]["items"])
+    assert result.summary.completed == items and result.summary.failed == 0
+    await assert_one_result_each(pool, body)
+    return result
+
+
 async def test_items_go_in_batches_at_a_high_rate_with_one_result_each(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
     await sim.set_profile(FAST, latency_ms=20)
     body = experiment(120, max_concurrency=20, options={**BATCHED, "continue_as_new_every": 10})
     handle = await start(client, worker, body)
-    result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 120 and result.summary.failed == 0
+    await finished_with_one_result_each(handle, app_pool, body)
     assert (await sim.model_stats(FAST))["ok"] == 120
-    await assert_one_result_each(app_pool, body)
     kinds = await task_activities(handle)
     # Most items went in batches; continue-as-new counted batches, not items.
     assert kinds["experiment_run_batch"] >= 5, kinds
@@ -80,12 +90,10 @@ async def test_a_limit_that_falls_mid_batch_hands_refused_items_to_single_calls(
     await wait_for(handle, lambda p: p.completed >= 30)
     # The limit drops far under the rate: batched calls get 429s.
     await sim.set_profile(FAST, rate_limit_rps=10)
-    result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 200 and result.summary.failed == 0
+    result = await finished_with_one_result_each(handle, app_pool, body)
     stats = await sim.model_stats(FAST)
     assert throttled(stats) > 0 and stats["ok"] == 200, stats
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
-    await assert_one_result_each(app_pool, body)
     kinds = await task_activities(handle)
     # Batches before the drop, and single calls for the refused items (and for
     # every item once the rate fell under `batch_above_rps`... it does not: 10 > 5).
@@ -103,9 +111,7 @@ async def test_batching_follows_the_rate_up(
     await start_provider_at(client, app_pool, worker, 20.0)
     body = experiment(400, max_concurrency=40, options={**BATCHED, "batch_above_rps": 30.0})
     handle = await start(client, worker, body)
-    result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 400 and result.summary.failed == 0
-    await assert_one_result_each(app_pool, body)
+    await finished_with_one_result_each(handle, app_pool, body)
     kinds = await task_activities(handle)
     assert kinds["experiment_run_item"] > 0 and kinds["experiment_run_batch"] > 0, kinds
 
@@ -127,36 +133,21 @@ async def test_stop_mid_batch_starts_no_new_call_and_resume_finishes(
     assert (await sim.model_stats(FAST))["requests"] == calls
     assert 0 < len(await results(app_pool, body["experiment_id"])) < 120
     await handle.signal(Experiment.resume)
-    result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 120 and result.summary.failed == 0
-    await assert_one_result_each(app_pool, body)
+    await finished_with_one_result_each(handle, app_pool, body)
     assert (await sim.model_stats(FAST))["ok"] == 120
 
 
 async def test_kill_9_mid_batch_loses_and_duplicates_nothing(
     client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool
 ) -> None:
-    sim = relay.sim
-    await relay.start_slow(FAST, latency_ms=600)
     body = experiment(
         60,
         max_concurrency=20,
         options={**BATCHED, "batch_window_s": 1.0, "heartbeat_timeout_s": 3},
     )
-    handle = await start(client, task_queue, body)
-    await wait_for_calls(sim, FAST, ok=10, in_flight=4)
-    await relay.kill_first()
-    # Calls made by the dead worker whose result it had not stored: the requests the
-    # provider saw (in flight, or answered while the result was being written)
-    # beyond the results in PostgreSQL. Nothing else may be called twice.
-    unstored = (await sim.model_stats(FAST))["requests"] - len(
-        await results(app_pool, body["experiment_id"])
-    )
-    await relay.take_over(latency_ms=20)
-    result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 60 and result.summary.failed == 0
-    await assert_one_result_each(app_pool, body)
-    duplicates = (await sim.model_stats(FAST))["requests"] - 60
+    handle, unstored = await start_and_kill_9(client, relay, task_queue, app_pool, body, ok=10)
+    await finished_with_one_result_each(handle, app_pool, body)
+    duplicates = (await relay.sim.model_stats(FAST))["requests"] - 60
     assert 0 <= duplicates <= unstored, (duplicates, unstored)
     assert (await task_activities(handle))["experiment_run_batch"] > 0
 
@@ -172,10 +163,8 @@ async def test_a_limit_with_no_hint_at_all_is_met_without_a_failed_or_repeated_i
     )
     body = experiment(150, max_concurrency=20, options=BATCHED)
     handle = await start(client, worker, body)
-    result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 150 and result.summary.failed == 0
+    result = await finished_with_one_result_each(handle, app_pool, body)
     stats = await sim.model_stats(FAST)
     # The limit was met (refusals), every refusal was counted, each item answered once.
     assert throttled(stats) > 0 and stats["ok"] == 150, stats
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
-    await assert_one_result_each(app_pool, body)

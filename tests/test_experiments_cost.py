@@ -17,28 +17,24 @@ from typing import Any
 
 import asyncpg
 import pytest
-from konstruct.providers.simulator.responders import count_tokens
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHistory
-from temporalio.worker import Worker
 
-from activities.experiments import ExperimentActivities
 from konstruct.app.cli import main as cli_main
 from konstruct.config import Settings
 from konstruct.experiments.models import ExperimentResult
 from konstruct.experiments.store.budgets import _usd_refused
 from konstruct.experiments.store.cache import cache_key
-from konstruct.platform import db
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import ConfigError
 from konstruct.providers.pricing import Price, cost_usd, price_of
 from konstruct.providers.router import Deployment, RouterConfig, load_router_config
 from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.providers.simulator.responders import count_tokens
 from tests.support import ROOT, replay_all, replayer
-from tests.test_experiment_replay import _runs
+from tests.test_experiment_replay import _runs, uncached_worker
 from tests.test_experiments import FAST, experiment, results, start, wait_for
 from tests.test_experiments_batches import BATCHED, task_activities
-from workers.providers import provider_workers
 from workflows.experiment import Experiment
 
 JUDGE = "sim-judge"
@@ -430,51 +426,39 @@ async def test_budget_pause_and_cached_runs_replay_without_cache(
     """Fresh histories of a budget pause + resume and of a run answered by the cache,
     every workflow task replayed from scratch; recorded with KONSTRUCT_RECORD_HISTORIES=1."""
     histories: dict[str, WorkflowHistory] = {}
-    router_config = load_router_config(settings.path(settings.llm.router_config))
-    pool = await db.create_pool(db.app_url(settings), max_size=10)
-    acts = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
-    no_cache = Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[Experiment],
-        activities=acts.all(),
-        max_cached_workflows=0,
-    )
-    async with provider_workers(client, settings, task_queue, pool, router_config):
-        async with no_cache:
-            await sim.set_profile(FAST, latency_ms=200)
-            task = {**own_prompt(), "max_tokens": 16}
-            budgeted = experiment(
-                12,
-                task=task,
-                max_concurrency=4,
-                budget={"max_usd": 5e-5},
-                evals=JUDGED,
-                cache=True,
-                options={"toggle_cooldown_s": 0.0},
+    async with uncached_worker(client, settings, task_queue) as pool:
+        await sim.set_profile(FAST, latency_ms=200)
+        task = {**own_prompt(), "max_tokens": 16}
+        budgeted = experiment(
+            12,
+            task=task,
+            max_concurrency=4,
+            budget={"max_usd": 5e-5},
+            evals=JUDGED,
+            cache=True,
+            options={"toggle_cooldown_s": 0.0},
+        )
+        handle = await start(client, task_queue, budgeted)
+        await wait_for(handle, lambda p: p.status == "paused")
+        await sim.set_profile(FAST, latency_ms=5)
+        async with tenant_transaction(pool, "demo") as conn:
+            await conn.execute(
+                "update experiments set budget_max_usd = budget_max_usd + 1"
+                " where tenant_id = 'demo' and experiment_id = $1",
+                budgeted["experiment_id"],
             )
-            handle = await start(client, task_queue, budgeted)
-            await wait_for(handle, lambda p: p.status == "paused")
-            await sim.set_profile(FAST, latency_ms=5)
-            async with tenant_transaction(pool, "demo") as conn:
-                await conn.execute(
-                    "update experiments set budget_max_usd = budget_max_usd + 1"
-                    " where tenant_id = 'demo' and experiment_id = $1",
-                    budgeted["experiment_id"],
-                )
-            await handle.signal(Experiment.resume)
-            await handle.result()
-            histories["budget_pause_resume"] = await handle.fetch_history()
-            # The same definition again: every call answered by the cache.
-            cached = rerun(
-                budgeted,
-                budget=None,
-                options={**budgeted["options"], "continue_as_new_every": 5},
-            )
-            run = await start(client, task_queue, cached)
-            result: ExperimentResult = await run.result()
-            assert result.summary.cache_hits == 24
-            for index, history in enumerate(await _runs(client, cached["experiment_id"])):
-                histories[f"cached_rerun_{index}"] = history
-    await pool.close()
+        await handle.signal(Experiment.resume)
+        await handle.result()
+        histories["budget_pause_resume"] = await handle.fetch_history()
+        # The same definition again: every call answered by the cache.
+        cached = rerun(
+            budgeted,
+            budget=None,
+            options={**budgeted["options"], "continue_as_new_every": 5},
+        )
+        run = await start(client, task_queue, cached)
+        result: ExperimentResult = await run.result()
+        assert result.summary.cache_hits == 24
+        for index, history in enumerate(await _runs(client, cached["experiment_id"])):
+            histories[f"cached_rerun_{index}"] = history
     await replay_all(replayer(Experiment), histories, record_as="experiment_")

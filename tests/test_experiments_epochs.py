@@ -11,7 +11,9 @@ from temporalio.client import Client
 
 from konstruct.app.cli import main as cli_main
 from konstruct.experiments.models import ExperimentResult
-from konstruct.experiments.store.experiments import experiment_detail
+from konstruct.experiments.store.summaries import experiment_rows
+from konstruct.experiments.views import experiment_detail
+from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.test_experiments import FAST, experiment, results, start
 
@@ -35,7 +37,9 @@ async def test_epochs_give_n_results_per_item_and_aggregates_per_item(
     [exact] = summary.evals
     assert exact.scored == 24 and exact.mean == 1.0 and exact.pass_at_k == 1.0
     assert exact.stderr == 0.0
-    detail = await experiment_detail(app_pool, "demo", body["experiment_id"])
+    async with tenant_transaction(app_pool, "demo") as conn:
+        stored = await experiment_rows(conn, "demo", body["experiment_id"])
+    detail = experiment_detail(stored)
     per_item = detail["by_dataset_item"]
     assert set(per_item) == {f"q{i:04d}" for i in range(8)}
     assert per_item["q0003"] == {

@@ -90,71 +90,72 @@ def test_a_bad_declared_limit_names_its_field(tmp_path: Path) -> None:
 async def test_metered_calls_are_spaced_by_their_tokens_and_settled_by_their_usage(
     app_pool: asyncpg.Pool,
 ) -> None:
-    queue = f"tokens-{uuid.uuid4().hex[:8]}"
-    # 1,000 requests a second allowed, but only 100 tokens a second.
-    await ensure_provider(app_pool, queue, "p", ProviderBounds(1000, 1, 1000, token_rate=100))
-    grant = await book(app_pool, queue, "p", 10, 1.0, tokens_each=25)
-    assert grant.metered and grant.interval_s == pytest.approx(0.25)
-    assert grant.granted == 4  # slots at 0, 0.25, 0.5, 0.75 s: the horizon's second
-    # The calls used 5 tokens each, not 25: 80 tokens (0.8 s) go back, so the next
-    # call goes right after the last one booked (0.75 s, the request clock) instead
-    # of when its 25 tokens would have been free (1 s).
-    await record_outcomes(
-        app_pool,
-        queue,
-        "p",
-        OutcomeCounts(ok=4, token_excess=4 * (5 - 25)),
-        breaker_seen=None,
-        aimd=CONFIG,
-        breaker=BreakerConfig(),
-    )
-    again = await book(app_pool, queue, "p", 1, 1.0, tokens_each=25)
-    assert again.first_in_s < 0.9, again
-    # Not metered: spaced by requests only, and nothing to settle.
-    other = f"plain-{uuid.uuid4().hex[:8]}"
-    await ensure_provider(app_pool, other, "p", ProviderBounds(100, 1, 1000))
-    plain = await book(app_pool, other, "p", 10, 0.05, tokens_each=25)
-    assert not plain.metered and plain.interval_s == pytest.approx(0.01)
+    async with app_pool.acquire() as conn:
+        queue = f"tokens-{uuid.uuid4().hex[:8]}"
+        # 1,000 requests a second allowed, but only 100 tokens a second.
+        await ensure_provider(conn, queue, "p", ProviderBounds(1000, 1, 1000, token_rate=100))
+        grant = await book(conn, queue, "p", 10, 1.0, tokens_each=25)
+        assert grant.metered and grant.interval_s == pytest.approx(0.25)
+        assert grant.granted == 4  # slots at 0, 0.25, 0.5, 0.75 s: the horizon's second
+        # The calls used 5 tokens each, not 25: 80 tokens (0.8 s) go back, so the next
+        # call goes right after the last one booked (0.75 s, the request clock) instead
+        # of when its 25 tokens would have been free (1 s).
+        await record_outcomes(
+            conn,
+            queue,
+            "p",
+            OutcomeCounts(ok=4, token_excess=4 * (5 - 25)),
+            breaker_seen=None,
+            aimd=CONFIG,
+            breaker=BreakerConfig(),
+        )
+        again = await book(conn, queue, "p", 1, 1.0, tokens_each=25)
+        assert again.first_in_s < 0.9, again
+        # Not metered: spaced by requests only, and nothing to settle.
+        other = f"plain-{uuid.uuid4().hex[:8]}"
+        await ensure_provider(conn, other, "p", ProviderBounds(100, 1, 1000))
+        plain = await book(conn, other, "p", 10, 0.05, tokens_each=25)
+        assert not plain.metered and plain.interval_s == pytest.approx(0.01)
 
 
 async def test_an_announced_limit_caps_the_shared_rate_unless_one_is_declared(
     app_pool: asyncpg.Pool,
 ) -> None:
-    queue = f"announced-{uuid.uuid4().hex[:8]}"
-    await ensure_provider(app_pool, queue, "p", ProviderBounds(10, 1, 1000))
-    effect = await record_outcomes(
-        app_pool,
-        queue,
-        "p",
-        OutcomeCounts(ok=1, limits=AnnouncedLimits(requests=3000, tokens=600_000)),
-        breaker_seen=None,
-        aimd=CONFIG,
-        breaker=BreakerConfig(),
-    )
-    # 3,000 a minute: straight to just under 50 a second, and tokens metered at 10,000/s.
-    assert effect.rate_changed_to == pytest.approx(48.5)
     async with app_pool.acquire() as conn:
+        queue = f"announced-{uuid.uuid4().hex[:8]}"
+        await ensure_provider(conn, queue, "p", ProviderBounds(10, 1, 1000))
+        effect = await record_outcomes(
+            conn,
+            queue,
+            "p",
+            OutcomeCounts(ok=1, limits=AnnouncedLimits(requests=3000, tokens=600_000)),
+            breaker_seen=None,
+            aimd=CONFIG,
+            breaker=BreakerConfig(),
+        )
+        # 3,000 a minute: straight to just under 50 a second, and tokens metered at 10,000/s.
+        assert effect.rate_changed_to == pytest.approx(48.5)
         row = await conn.fetchrow(
             "select header_rate, header_token_rate from provider_limits where task_queue = $1",
             queue,
         )
-    assert (row["header_rate"], row["header_token_rate"]) == (50, 10_000)
-    assert (await book(app_pool, queue, "p", 1, 0.1, tokens_each=1)).metered
-    # A declared rpm wins: the header moves nothing.
-    declared = f"declared-{uuid.uuid4().hex[:8]}"
-    await ensure_provider(
-        app_pool, declared, "p", ProviderBounds(9.7, 1, 10, declared_rps=10, token_rate=None)
-    )
-    effect = await record_outcomes(
-        app_pool,
-        declared,
-        "p",
-        OutcomeCounts(ok=1, limits=AnnouncedLimits(requests=3000)),
-        breaker_seen=None,
-        aimd=CONFIG,
-        breaker=BreakerConfig(),
-    )
-    assert effect.rate_changed_to is None
+        assert (row["header_rate"], row["header_token_rate"]) == (50, 10_000)
+        assert (await book(conn, queue, "p", 1, 0.1, tokens_each=1)).metered
+        # A declared rpm wins: the header moves nothing.
+        declared = f"declared-{uuid.uuid4().hex[:8]}"
+        await ensure_provider(
+            conn, declared, "p", ProviderBounds(9.7, 1, 10, declared_rps=10, token_rate=None)
+        )
+        effect = await record_outcomes(
+            conn,
+            declared,
+            "p",
+            OutcomeCounts(ok=1, limits=AnnouncedLimits(requests=3000)),
+            breaker_seen=None,
+            aimd=CONFIG,
+            breaker=BreakerConfig(),
+        )
+        assert effect.rate_changed_to is None
 
 
 # --- experiments against the simulator -------------------------------------------------

@@ -32,6 +32,7 @@ from konstruct.app.gateway import (
     split_model,
 )
 from konstruct.config import Settings
+from konstruct.platform.db import tenant_transaction
 
 
 def user(text: str) -> list[ChatCompletionMessageParam]:
@@ -71,13 +72,15 @@ async def served(
 ) -> AsyncIterator[Served]:
     """One gateway for the module, with its own task queue and in-process worker."""
     other = f"gw-{uuid.uuid4().hex[:8]}"
-    await put_agent(
-        app_pool,
-        other,
-        AgentProfile(agent_id="helper", name="Hal", role="a helper", fallback_reply="Sorry."),
-    )
-    _, demo_key = await create_key(app_pool, "demo", label="gateway tests")
-    _, other_key = await create_key(app_pool, other)
+    async with tenant_transaction(app_pool, other) as conn:
+        await put_agent(
+            conn,
+            other,
+            AgentProfile(agent_id="helper", name="Hal", role="a helper", fallback_reply="Sorry."),
+        )
+        _, other_key = await create_key(conn, other)
+    async with tenant_transaction(app_pool, "demo") as conn:
+        _, demo_key = await create_key(conn, "demo", label="gateway tests")
     app = create_app(client, settings, f"tq-gw-{uuid.uuid4().hex[:8]}")
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
@@ -177,13 +180,16 @@ async def test_unknown_paths_and_methods_answer_in_the_error_shape(served: Serve
 async def test_a_revoked_key_is_refused_from_the_next_request_on(
     served: Served, app_pool: asyncpg.Pool
 ) -> None:
-    key_id, key = await create_key(app_pool, served.other_tenant, label="short-lived")
+    async with tenant_transaction(app_pool, served.other_tenant) as conn:
+        key_id, key = await create_key(conn, served.other_tenant, label="short-lived")
     assert [m.id async for m in served.openai(key).models.list()]
-    assert await tenant_for_key(app_pool, key) == (served.other_tenant, key_id)
-    listed = {k.key_id: k for k in await list_keys(app_pool, served.other_tenant)}
-    assert listed[key_id].label == "short-lived" and listed[key_id].last_used_at is not None
-    assert await revoke_key(app_pool, served.other_tenant, key_id) is True
-    assert await revoke_key(app_pool, served.other_tenant, key_id) is False
+    async with app_pool.acquire() as conn:
+        assert await tenant_for_key(conn, key) == (served.other_tenant, key_id)
+    async with tenant_transaction(app_pool, served.other_tenant) as conn:
+        listed = {k.key_id: k for k in await list_keys(conn, served.other_tenant)}
+        assert listed[key_id].label == "short-lived" and listed[key_id].last_used_at is not None
+        assert await revoke_key(conn, served.other_tenant, key_id) is True
+        assert await revoke_key(conn, served.other_tenant, key_id) is False
     with pytest.raises(openai.AuthenticationError):
         await served.openai(key).models.list()
 
@@ -353,21 +359,22 @@ async def test_a_message_waiting_for_approval_answers_202(
     served: Served, client: Client, app_pool: asyncpg.Pool
 ) -> None:
     tenant = f"gw-appr-{uuid.uuid4().hex[:6]}"
-    await put_agent(
-        app_pool,
-        tenant,
-        AgentProfile(
-            agent_id="calc",
-            name="Cal",
-            role="a calculator",
-            fallback_reply="Sorry.",
-            tools=["calculator"],
-        ),
-    )
-    await put_tool(
-        app_pool, tenant, ToolSpec(name="calculator", kind="builtin", requires_approval=True)
-    )
-    _, key = await create_key(app_pool, tenant)
+    async with tenant_transaction(app_pool, tenant) as conn:
+        await put_agent(
+            conn,
+            tenant,
+            AgentProfile(
+                agent_id="calc",
+                name="Cal",
+                role="a calculator",
+                fallback_reply="Sorry.",
+                tools=["calculator"],
+            ),
+        )
+        await put_tool(
+            conn, tenant, ToolSpec(name="calculator", kind="builtin", requires_approval=True)
+        )
+        _, key = await create_key(conn, tenant)
     idempotency = f"appr-{uuid.uuid4().hex[:8]}"
     body = {"model": f"{tenant}/calc", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
     headers = {"Idempotency-Key": idempotency}

@@ -14,6 +14,7 @@ from temporalio.exceptions import ApplicationError
 
 from konstruct.agents.models import AgentProfile, HandleMessageResult
 from konstruct.agents.store.agents import put_agent
+from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import SIMULATOR_TEST_KEY, WorkerRelay, call_in_flight
 from workflows.handle_message import HandleMessage
@@ -83,17 +84,18 @@ async def test_reply_has_the_contract_shape_and_says_it_is_an_ai(
 
 async def put_expert(pool: asyncpg.Pool, fallback_reply: str) -> None:
     """Agent acme/expert, answering from the quality group."""
-    await put_agent(
-        pool,
-        "acme",
-        AgentProfile(
-            agent_id="expert",
-            name="Ada",
-            role="an expert",
-            model_group="quality",
-            fallback_reply=fallback_reply,
-        ),
-    )
+    async with tenant_transaction(pool, "acme") as conn:
+        await put_agent(
+            conn,
+            "acme",
+            AgentProfile(
+                agent_id="expert",
+                name="Ada",
+                role="an expert",
+                model_group="quality",
+                fallback_reply=fallback_reply,
+            ),
+        )
 
 
 async def test_quality_falls_back_to_fast_when_quality_providers_fail(
@@ -214,11 +216,12 @@ async def test_killed_worker_mid_message_is_finished_by_another(
 
 
 async def test_tenant_a_cannot_read_or_write_tenant_b(app_pool: asyncpg.Pool) -> None:
-    await put_agent(
-        app_pool,
-        "tenant-a",
-        AgentProfile(agent_id="secret", name="A", role="r", fallback_reply="x"),
-    )
+    async with tenant_transaction(app_pool, "tenant-a") as conn:
+        await put_agent(
+            conn,
+            "tenant-a",
+            AgentProfile(agent_id="secret", name="A", role="r", fallback_reply="x"),
+        )
     async with app_pool.acquire() as conn:
         role = await conn.fetchrow(
             "select rolsuper, rolbypassrls from pg_roles where rolname = current_user"

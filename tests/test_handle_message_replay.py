@@ -13,6 +13,7 @@ from temporalio.client import Client, WorkflowHistory
 from konstruct.agents.models import ToolDecision
 from konstruct.agents.store.tools import put_tool
 from konstruct.config import Settings
+from konstruct.platform.db import tenant_transaction
 from konstruct.platform.temporal.search_attributes import message_search_attributes
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import Hooks, recorded_histories, replay_all, replayer
@@ -84,10 +85,11 @@ async def test_fresh_tool_and_approval_runs_replay_without_cache(
     """The agent loop's paths: a tool call, two at once, approve, reject, the step limit."""
     tenant = new_tenant()
     await make_agent(app_pool, tenant, [])
-    await put_tool(
-        app_pool, tenant, webhook("refund", f"{hooks.url}/refund", requires_approval=True)
-    )
-    await put_tool(app_pool, tenant, webhook("flaky", f"{hooks.url}/flaky"))
+    async with tenant_transaction(app_pool, tenant) as conn:
+        await put_tool(
+            conn, tenant, webhook("refund", f"{hooks.url}/refund", requires_approval=True)
+        )
+        await put_tool(conn, tenant, webhook("flaky", f"{hooks.url}/flaky"))
     await make_agent(app_pool, tenant, ["calculator", "refund", "flaky"], max_steps=3)
     cases = {
         "calculator": "What is 6 * 7?",

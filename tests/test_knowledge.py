@@ -8,7 +8,6 @@ import functools
 import json
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import pytest
 from konstruct.agents.knowledge import chunk_text, first_heading
 from konstruct.agents.store.knowledge import (
     KnowledgeHit,
-    KnowledgeUnavailable,
     add_document,
     delete_document,
     format_hits,
@@ -31,9 +29,10 @@ from konstruct.app.embedded_pg import EmbeddedPostgres
 from konstruct.config import Settings
 from konstruct.platform import db
 from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import KnowledgeUnavailable
 from konstruct.providers.router import build_router, load_router_config
 from konstruct.providers.simulator.admin import SimulatorAdmin
-from tests.support import ROOT
+from tests.support import konstruct
 
 KEYS = """# API keys
 
@@ -151,7 +150,8 @@ async def test_search_finds_the_relevant_chunk_first(app_pool: asyncpg.Pool, rou
     assert hits[0].score > hits[1].score and -1 <= hits[1].score <= 1
     hits = await search(app_pool, router, tenant, "when are invoices payable", k=1)
     assert [(h.doc_id, h.chunk_no) for h in hits] == [("billing", 0)]
-    docs = await list_documents(app_pool, tenant)
+    async with tenant_transaction(app_pool, tenant) as conn:
+        docs = await list_documents(conn, tenant)
     assert [(d.doc_id, d.title, d.chunks, d.source) for d in docs] == [
         ("billing", "Billing", 1, "b.md"),
         ("keys", "API keys", 1, "keys.md"),
@@ -177,10 +177,11 @@ async def test_adding_a_document_again_replaces_its_chunks(
     assert await add_document(app_pool, router, tenant, "doc", "Doc v2", new, "v2") == 1
     hits = await search(app_pool, router, tenant, "zebras stripes", k=10)
     assert [(h.chunk_no, h.content) for h in hits] == [(0, new)]
-    [doc] = await list_documents(app_pool, tenant)
-    assert (doc.title, doc.chunks, doc.source) == ("Doc v2", 1, "v2")
-    assert await delete_document(app_pool, tenant, "doc") is True
-    assert await delete_document(app_pool, tenant, "doc") is False
+    async with tenant_transaction(app_pool, tenant) as conn:
+        [doc] = await list_documents(conn, tenant)
+        assert (doc.title, doc.chunks, doc.source) == ("Doc v2", 1, "v2")
+        assert await delete_document(conn, tenant, "doc") is True
+        assert await delete_document(conn, tenant, "doc") is False
     assert await search(app_pool, router, tenant, "giraffes", k=10) == []
 
 
@@ -289,7 +290,8 @@ async def test_a_migration_needing_a_missing_extension_is_skipped(
         pool = await db.create_pool(url, min_size=1, max_size=1)
         try:
             with pytest.raises(KnowledgeUnavailable, match="vector extension"):
-                await list_documents(pool, "demo")
+                async with db.tenant_transaction(pool, "demo") as conn:
+                    await list_documents(conn, "demo")
         finally:
             await pool.close()
     finally:
@@ -339,17 +341,6 @@ def test_cli_migrate_says_on_stderr_what_it_skipped(
 
 
 # --- the CLI ---
-def konstruct(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "konstruct", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(ROOT),
-        timeout=120,
-    )
-
-
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 2, done.stdout
     assert "Traceback" not in done.stderr, done.stderr

@@ -18,13 +18,14 @@ from aiohttp import web
 from konstruct.agents.tools import (
     BUILTIN_TOOLS,
     HttpLimits,
-    ToolError,
     WebhookSpec,
     calculate,
     call_webhook,
     http_request,
     truncate_result,
 )
+from konstruct.platform.errors import ToolError
+from tests.support import serve_locally
 
 SECRET = "s3cr3t-value-never-shown"
 SECRET_ENV = "KONSTRUCT_TEST_WEBHOOK_KEY"
@@ -248,16 +249,12 @@ def _app(server: Server) -> web.Application:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     state = Server(port=0)
-    runner = web.AppRunner(_app(state), shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = runner.addresses[0][1]
-    try:
-        yield state
-    finally:
-        state.release.set()
-        await runner.cleanup()
+    async with serve_locally(_app(state), shutdown_timeout=1.0) as url:
+        state.port = int(url.rsplit(":", 1)[1])
+        try:
+            yield state
+        finally:
+            state.release.set()
 
 
 def _closed_port() -> int:

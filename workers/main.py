@@ -62,7 +62,8 @@ def _activities(
 
 
 def precompile_workflows() -> None:
-    """Write the bytecode of the workflow modules, if it is missing or stale.
+    """Write the bytecode of the workflow modules, if it is missing or stale; every
+    level down, so the modules of a workflow package (`workflows/experiment/`) too.
 
     The sandbox imports a workflow's module afresh for every new workflow run;
     without a .pyc (PYTHONDONTWRITEBYTECODE, a fresh checkout) that is a compile

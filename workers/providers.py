@@ -109,7 +109,8 @@ async def _sync_rates(
     loop = asyncio.get_running_loop()
     while True:
         try:
-            current = await current_rates(pool, task_queue)
+            async with pool.acquire() as conn:
+                current = await current_rates(conn, task_queue)
             for provider in providers:
                 rate = current.get(provider)
                 if rate is None:

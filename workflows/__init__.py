@@ -1,1 +1,1 @@
-"""Workflows: deterministic code only, one module per workflow."""
+"""Workflows: deterministic code only, one module (or package, for the larger ones) per workflow."""

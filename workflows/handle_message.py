@@ -36,7 +36,12 @@ with workflow.unsafe.imports_passed_through():
         ToolDecisionInput,
     )
     from konstruct.agents.prompts import build_messages
-    from konstruct.platform.errors import innermost_application_error, workflow_failure
+    from konstruct.platform.errors import (
+        InputFailure,
+        innermost_application_error,
+        is_failure,
+        workflow_failure,
+    )
     from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
     from konstruct.platform.temporal.search_attributes import (
         KIND,
@@ -78,8 +83,6 @@ SUMMARY = LocalActivityOptions(
 )
 # A tool heartbeats every second: a worker killed mid-call is noticed in seconds.
 TOOL_HEARTBEAT = timedelta(seconds=5)
-# Failures that no retry and no fallback reply can fix: the workflow fails.
-INPUT_FAILURES = ("InvalidInput", "UnknownTenant", "UnknownAgent")
 AGENT_STEPS = "agent-steps"
 
 # A local activity's failure reaches the workflow as the activity's own
@@ -203,8 +206,8 @@ class HandleMessage:
                     messages=build_messages(agent, context.history, message.text),
                 ),
             )
-            result = HandleMessageResult(
-                **message.model_dump(include={"message_id", "tenant_id", "agent_id", "thread_id"}),
+            result = HandleMessageResult.reply_to(
+                message,
                 response=answer.content,
                 model_group=answer.model_group,
                 model=answer.model,
@@ -214,8 +217,8 @@ class HandleMessage:
             )
         except LOCAL_ACTIVITY_FAILURES as err:
             workflow.logger.warning("every provider failed, answering the fallback: %s", err)
-            result = HandleMessageResult(
-                **message.model_dump(include={"message_id", "tenant_id", "agent_id", "thread_id"}),
+            result = HandleMessageResult.reply_to(
+                message,
                 response=agent.fallback_reply,
                 model_group=agent.model_group,
                 model="none",
@@ -259,7 +262,8 @@ class HandleMessage:
                 )
             except LOCAL_ACTIVITY_FAILURES as err:
                 cause = innermost_application_error(err)
-                if cause is not None and cause.type in INPUT_FAILURES:
+                # No retry and no fallback reply can fix it: the workflow fails.
+                if is_failure(cause, InputFailure):
                     self._set_status("failed")
                     raise workflow_failure(err) from None
                 workflow.logger.warning("every provider failed, answering the fallback: %s", err)
@@ -383,8 +387,8 @@ class HandleMessage:
         self, message: HandleMessageInput, step: int, workflow_id: str
     ) -> HandleMessageResult:
         self._set_stage("storing turn", "every provider failed: the agent's fallback reply")
-        placeholder = HandleMessageResult(
-            **message.model_dump(include={"message_id", "tenant_id", "agent_id", "thread_id"}),
+        placeholder = HandleMessageResult.reply_to(
+            message,
             response="",
             model_group="",
             model="none",

@@ -43,6 +43,17 @@ class HandleMessageResult(StrictModel):
     steps: int = 1
     tool_calls: int = 0
 
+    @classmethod
+    def reply_to(cls, message: HandleMessageInput, **fields: Any) -> HandleMessageResult:
+        """The result answering `message`: its ids, and the reply's own fields."""
+        return cls(
+            message_id=message.message_id,
+            tenant_id=message.tenant_id,
+            agent_id=message.agent_id,
+            thread_id=message.thread_id,
+            **fields,
+        )
+
 
 class LoadAgentInput(StrictModel):
     tenant_id: str

@@ -171,6 +171,8 @@ class Supervised:
 
 @dataclass
 class Stack:
+    """The laptop stack: its settings, its supervised children and its state files."""
+
     settings: Settings
     workers: int = 1
     supervised: list[Supervised] = field(default_factory=list)
@@ -307,12 +309,33 @@ class Stack:
         temporary.replace(self.status_file)
 
     def start(self, say: Callable[[str], None] = print) -> None:
-        s = self.settings
+        """Start every child in order, each once the one before is ready; then mark ready."""
         self.acquire()
+        env = self._child_env()
+        self._start_database(say)
+        cli = [sys.executable, "-m", "konstruct.app.cli"]
+        if self.settings.temporal.encryption:
+            self._start_codec_server(cli, env, say)
+        self._start_temporal(say)
+        if self.settings.simulator.enabled:
+            self._start_simulator(env)
+        self._start_workers(env, say)
+        if self.settings.gateway.enabled:
+            self._start_gateway(cli, env, say)
+        self.ready_file.write_text(str(os.getpid()))
+
+    def _child_env(self) -> dict[str, str]:
+        """The children's environment: ours, the simulator's key, and our config file."""
+        s = self.settings
         env = dict(os.environ)
         env.setdefault(s.simulator.api_key_env, "sim-" + secrets.token_hex(16))
         if s.source is not None:
             env["KONSTRUCT_CONFIG"] = str(s.source)
+        return env
+
+    def _start_database(self, say: Callable[[str], None]) -> None:
+        """Embedded PostgreSQL unless an external one is configured; then migrate and seed."""
+        s = self.settings
         if s.postgres.url is None:
             say(f"starting PostgreSQL on 127.0.0.1:{s.postgres.port} ...")
             postgres = EmbeddedPostgres(
@@ -336,50 +359,57 @@ class Stack:
         asyncio.run(db.seed_demo(owner))
         say(f"database ready ({len(applied)} migrations applied now)")
 
-        cli = [sys.executable, "-m", "konstruct.app.cli"]
-        if s.temporal.encryption:
-            created = ensure_key_file(s)
-            if created is not None:
-                say(f"created a payload encryption key in {created} (keep it: history needs it)")
-            s.key_ring()  # a bad key file fails here, before anything else starts
-            say(f"starting the codec server on {self.codec_url} ...")
-            self._spawn(
-                "codec-server",
-                [*cli, "codec-server"],
-                env,
-                ready=lambda child: child.wait_for_port(s.temporal.codec_port, 30),
-            )
+    def _start_codec_server(
+        self, cli: list[str], env: dict[str, str], say: Callable[[str], None]
+    ) -> None:
+        s = self.settings
+        created = ensure_key_file(s)
+        if created is not None:
+            say(f"created a payload encryption key in {created} (keep it: history needs it)")
+        s.key_ring()  # a bad key file fails here, before anything else starts
+        say(f"starting the codec server on {self.codec_url} ...")
+        self._spawn(
+            "codec-server",
+            [*cli, "codec-server"],
+            env,
+            ready=lambda child: child.wait_for_port(s.temporal.codec_port, 30),
+        )
 
-        say(f"starting Temporal dev server on {s.temporal.port} (UI {s.temporal.ui_port}) ...")
+    def _start_temporal(self, say: Callable[[str], None]) -> None:
+        t = self.settings.temporal
+        say(f"starting Temporal dev server on {t.port} (UI {t.ui_port}) ...")
 
         def temporal_ready(child: ManagedProcess) -> None:
-            child.wait_for_port(s.temporal.port, 60)
-            child.wait_for_port(s.temporal.ui_port, 30)
+            child.wait_for_port(t.port, 60)
+            child.wait_for_port(t.ui_port, 30)
 
         self._spawn(
             "temporal",
             dev_server_command(
-                s.temporal.port,
-                s.temporal.ui_port,
-                s.temporal.namespace,
+                t.port,
+                t.ui_port,
+                t.namespace,
                 self.state_dir / "temporal.db",
-                sqlite_pragmas=s.temporal.dev_sqlite_pragmas,
+                sqlite_pragmas=t.dev_sqlite_pragmas,
                 codec_endpoint=self.codec_url,
             ),
             ready=temporal_ready,
         )
 
-        if s.simulator.enabled:
-            self._spawn(
-                "simulator",
-                simulator_command(
-                    s.simulator.port, s.path(s.simulator.config), s.simulator.api_key_env
-                ),
-                env,
-                ready=lambda child: child.wait_for_port(s.simulator.port, 30),
-            )
-            env["SIMULATOR_API_BASE"] = self.simulator_url
+    def _start_simulator(self, env: dict[str, str]) -> None:
+        """The provider simulator; the children that follow are told where it is."""
+        s = self.settings
+        self._spawn(
+            "simulator",
+            simulator_command(
+                s.simulator.port, s.path(s.simulator.config), s.simulator.api_key_env
+            ),
+            env,
+            ready=lambda child: child.wait_for_port(s.simulator.port, 30),
+        )
+        env["SIMULATOR_API_BASE"] = self.simulator_url
 
+    def _start_workers(self, env: dict[str, str], say: Callable[[str], None]) -> None:
         say(f"starting {self.workers} worker{'s' if self.workers > 1 else ''} ...")
         for name in worker_names(self.workers):
             # A restarted worker's log holds its earlier "worker ready": wait for a new one.
@@ -389,16 +419,19 @@ class Stack:
                 env,
                 ready=lambda child: child.wait_for_log("worker ready", 60, fresh=True),
             )
-        if s.gateway.enabled:
-            # It hosts a worker of its own (eager workflow start), beside the --workers N.
-            say(f"starting the HTTP gateway on {self.gateway_url} ...")
-            self._spawn(
-                "gateway",
-                [*cli, "gateway"],
-                env,
-                ready=lambda child: child.wait_for_port(s.gateway.port, 60),
-            )
-        self.ready_file.write_text(str(os.getpid()))
+
+    def _start_gateway(
+        self, cli: list[str], env: dict[str, str], say: Callable[[str], None]
+    ) -> None:
+        # It hosts a worker of its own (eager workflow start), beside the --workers N.
+        port = self.settings.gateway.port
+        say(f"starting the HTTP gateway on {self.gateway_url} ...")
+        self._spawn(
+            "gateway",
+            [*cli, "gateway"],
+            env,
+            ready=lambda child: child.wait_for_port(port, 60),
+        )
 
     def banner(self) -> str:
         s = self.settings

@@ -3,6 +3,7 @@
 A session records where `demo-production` pointed when the run began (so a
 re-executed step reads the same answer), the champion the run recorded and its
 decision. `reset` uses the rows to tell finished demo runs from live ones.
+Each function takes a connection in a transaction the caller scoped to the tenant.
 """
 
 from __future__ import annotations

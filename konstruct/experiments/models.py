@@ -1,5 +1,7 @@
 """Experiment: its input, progress and result, and the inputs of its activities.
 
+Over 600 lines for one reason: every payload the Experiment histories record has one home.
+
 Side-effect free: the workflow imports it. New fields get defaults, so
 recorded histories keep replaying.
 """
@@ -221,22 +223,43 @@ class ToggleRecord(StrictModel):
     at: str  # ISO time on the workflow clock
 
 
-class ExperimentCarry(StrictModel):
-    """What one workflow run hands the next at continue-as-new."""
+class SpendTotals(StrictModel):
+    """What an experiment's calls cost so far: US dollars (a call of unknown price
+    counts 0 and clears `cost_known`), the calls the output cache answered (they
+    cost 0) and what they had cost when they were made."""
 
-    run_index: int = 0
-    prepared: PrepareResult
-    completed: int = 0
-    failed: int = 0
-    evaluated: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # What the calls cost (US dollars; a call of unknown price counts 0 and clears
-    # `cost_known`), calls answered from the cache and what they had cost.
     cost_usd: float = 0.0
     cost_known: bool = True
     cache_hits: int = 0
     cost_saved_usd: float = 0.0
+
+
+class ResultTotals(SpendTotals):
+    """The results stored so far (ok, failed, with every eval scored) and their cost."""
+
+    completed: int = 0
+    failed: int = 0
+    evaluated: int = 0
+
+
+class CallCost(StrictModel):
+    """What one call cost, as the workflow counts it: US dollars (0 from the cache;
+    0 with `cost_known` false: no price known), whether the cache answered it, and
+    what that answer had cost."""
+
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    cached: bool = False
+    saved_usd: float = 0.0
+
+
+class ExperimentCarry(ResultTotals):
+    """What one workflow run hands the next at continue-as-new."""
+
+    run_index: int = 0
+    prepared: PrepareResult
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     stop_requested: bool = False
     last_toggle_at: float | None = None
     toggles: list[ToggleRecord] = Field(default_factory=list)
@@ -301,17 +324,11 @@ class PrepareInput(StrictModel):
     workflow_id: str
 
 
-class PrepareResult(StrictModel):
+class PrepareResult(ResultTotals):
+    """The experiment stored, with the results already stored and what they cost (a
+    restart or a resume after a crash), and where its calls go."""
+
     total: int
-    # Results already stored (a restart or a resume after a crash).
-    completed: int = 0
-    failed: int = 0
-    evaluated: int = 0
-    # What the results already stored cost (a restart).
-    cost_usd: float = 0.0
-    cost_known: bool = True
-    cache_hits: int = 0
-    cost_saved_usd: float = 0.0
     task_routes: list[Route]
     # Eval name -> routes of its judge group (llm_judge evals only).
     judge_routes: dict[str, list[Route]] = Field(default_factory=dict)
@@ -345,7 +362,7 @@ class RunItemInput(StrictModel):
     provider: str
 
 
-class RunItemResult(StrictModel):
+class RunItemResult(CallCost):
     item_id: str
     status: ItemStatus
     # Judge evals still to run for this item.
@@ -356,12 +373,6 @@ class RunItemResult(StrictModel):
     error_kind: str | None = None
     # False when the result was stored by an earlier attempt or run.
     fresh: bool = True
-    # The call's cost (0 from the cache; 0 with cost_known false: no price known),
-    # whether the cache answered it, and what that answer had cost.
-    cost_usd: float = 0.0
-    cost_known: bool = True
-    cached: bool = False
-    saved_usd: float = 0.0
 
 
 class BatchItem(StrictModel):
@@ -386,7 +397,7 @@ class RunBatchInput(StrictModel):
 BatchItemStatus = Literal["ok", "failed", "stopped", "quota", "retry", "budget"]
 
 
-class BatchItemResult(StrictModel):
+class BatchItemResult(CallCost):
     item_id: str
     status: BatchItemStatus
     missing_evals: list[str] = Field(default_factory=list)
@@ -395,10 +406,6 @@ class BatchItemResult(StrictModel):
     fresh: bool = True
     retry_in_s: float = 0.0
     message: str | None = None
-    cost_usd: float = 0.0
-    cost_known: bool = True
-    cached: bool = False
-    saved_usd: float = 0.0
 
 
 class RunBatchResult(StrictModel):
@@ -414,16 +421,13 @@ class JudgeItemInput(StrictModel):
     provider: str
 
 
-class JudgeItemResult(StrictModel):
+class JudgeItemResult(CallCost):
+    """A judge eval's score; its cost is 0 when the score was stored before."""
+
     item_id: str
     eval_name: str
     score: float | None
     evaluated: bool
-    # This call's cost, as in RunItemResult (0 when the score was stored before).
-    cost_usd: float = 0.0
-    cost_known: bool = True
-    cached: bool = False
-    saved_usd: float = 0.0
 
 
 class RecordFailureInput(StrictModel):
@@ -546,7 +550,7 @@ class EvalSummary(StrictModel):
     pass_at_k: float | None = None
 
 
-class ExperimentSummary(StrictModel):
+class ExperimentSummary(SpendTotals):
     experiment_id: str
     tenant_id: str
     name: str
@@ -563,15 +567,10 @@ class ExperimentSummary(StrictModel):
     providers: dict[str, dict[str, float]] = Field(default_factory=dict)
     duration_s: float | None = None
     epochs: int = 1
-    # US dollars: task calls plus judge calls (`cost_known` false: some call had no
-    # known price and counted 0); calls answered from the cache (task and judges)
-    # cost 0, and `cost_saved_usd` is what they had cost when they were made.
-    cost_usd: float = 0.0
-    cost_known: bool = True
+    # The spend totals count task calls and judge calls (the cache answers both);
+    # here apart.
     task_cost_usd: float = 0.0
     judge_cost_usd: float = 0.0
-    cache_hits: int = 0
-    cost_saved_usd: float = 0.0
     budget: BudgetProgress | None = None
     registry_run_id: str | None = None
     # Items with neither an ok nor a failed result (status `incomplete`), and why.
@@ -582,7 +581,7 @@ class ExperimentSummary(StrictModel):
 # --- the workflow's progress and result -----------------------------------------------
 
 
-class ExperimentProgress(StrictModel):
+class ExperimentProgress(SpendTotals):
     experiment_id: str
     tenant_id: str
     name: str
@@ -604,10 +603,6 @@ class ExperimentProgress(StrictModel):
     latency: LatencyStats = LatencyStats()
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
-    cost_known: bool = True
-    cache_hits: int = 0
-    cost_saved_usd: float = 0.0
     budget: BudgetProgress | None = None
     run_index: int = 0
     toggles: list[ToggleRecord] = Field(default_factory=list)

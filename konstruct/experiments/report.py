@@ -22,18 +22,14 @@ from typing import Any
 
 from konstruct.experiments.compare import (
     Bucket,
-    ExperimentData,
-    ItemResult,
     bucket_width,
     eval_stats,
-    histogram,
     operations,
-    passed,
-    percentile,
-    score_of,
     side,
     timeline,
 )
+from konstruct.experiments.records import ExperimentData, ItemResult
+from konstruct.experiments.statistics import histogram, passed, percentile, score_of
 
 DEFAULT_MAX_ROWS = 5000
 _INPUT_CHARS = 200

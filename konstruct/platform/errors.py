@@ -1,46 +1,82 @@
-"""One exception tree. Every error says what was wrong and what to do.
+"""The one exception tree: every error Konstruct raises on purpose, each saying what to do.
 
-    KonstructError                 base; `retryable` and `error_type` are class properties
-    ├── InvalidInput               a workflow, activity, CLI or HTTP input that does not validate
-    ├── NotFound                   a tenant, agent, experiment, run or file that does not exist
-    │   ├── UnknownTenant
-    │   ├── UnknownAgent
+    KonstructError              base; `error_type` (the class's name) and `retryable`
+    ├── InputFailure            family: what no retry and no fallback reply can fix
+    │   ├── InvalidInput        a workflow, activity, CLI or HTTP input that does not validate
+    │   ├── UnknownTenant       (also a NotFound)
+    │   └── UnknownAgent        (also a NotFound)
+    ├── NotFound                a tenant, agent, experiment, run or file that does not exist
     │   └── ArtifactMissing
-    ├── ConfigError                a configuration value that is missing or wrong
-    ├── StackError                 the local stack cannot start or stop
-    ├── ArtifactIntegrityError     stored bytes no longer match their sha256 (also a ValueError)
-    ├── ForecastingError           the forecasting domain refused its input (also a ValueError)
-    ├── InjectedFailure            a failure the demo was asked to inject (`fail_at`)
-    ├── InvariantViolated          a registry invariant does not hold
-    │   └── RegressionNotDetected  the demo's safer promote missed the regression it made
-    ├── PrecheckFailed             the demo's environment is not ready
-    ├── ServiceUnreachable         Temporal or PostgreSQL does not answer (retryable)
-    ├── ExperimentStopped          an experiment call found the stop flag raised; it made no request
-    ├── QuotaExceeded              a provider's quota is spent; the experiment pauses until resumed
-    └── BudgetExhausted            an experiment's or its tenant's budget is spent; it pauses until resumed
+    ├── ConfigError             a configuration value that is missing or wrong
+    │   └── KnowledgeUnavailable  no knowledge tables (no pgvector, or never migrated)
+    ├── StackError              the local stack cannot start or stop
+    ├── ArtifactIntegrityError  stored bytes no longer match their sha256 (also a ValueError)
+    ├── ForecastingError        the forecasting domain refused its input (also a ValueError)
+    ├── EmbeddingFailed         the router's `embed` group gave no usable vectors (retryable)
+    ├── ToolError               a tool failed; retryable or not, per failure
+    ├── ServiceUnreachable      Temporal or PostgreSQL does not answer (retryable)
+    ├── DemoFailure             family: the demo cascade's own failures
+    │   ├── InjectedFailure     a failure the demo was asked to inject (`fail_at`)
+    │   ├── PrecheckFailed      the demo's environment is not ready
+    │   └── InvariantViolated   a registry invariant does not hold
+    │       └── RegressionNotDetected  the safer promote missed the regression it made
+    ├── ExperimentStopped       an experiment call found the stop flag raised; no request made
+    └── ExperimentPaused        family: the experiment pauses until resumed (`pause_kind`)
+        ├── QuotaExceeded       a provider's quota is spent
+        └── BudgetExhausted     an experiment's or its tenant's budget is spent
 
 An activity raises these; the worker's interceptor (`konstruct.platform.temporal.interceptors`)
 turns each into an `ApplicationError` whose `type` is `error_type` and whose
 `non_retryable` is `not retryable`, so a workflow's retry policy needs no list
-of type names. Workflows and the CLI read a failure back through
-`innermost_application_error`.
+of type names. Workflows, the gateway and the CLI read a failure back through
+`innermost_application_error`, and ask `failure_of` / `is_failure` whether it is
+of a class or family, never comparing type strings themselves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
+
+# Every KonstructError class by its `error_type`, to read a recorded failure back.
+_BY_TYPE: dict[str, type[KonstructError]] = {}
+
+E = TypeVar("E", bound="KonstructError")
 
 
 class KonstructError(Exception):
     """Base of every error Konstruct raises on purpose."""
 
-    # The ApplicationError type a workflow failure carries for this error.
-    error_type = "KonstructError"
+    # The ApplicationError type a workflow failure carries for this error: the
+    # class's own name (recorded in histories, so a class is never renamed).
+    error_type: ClassVar[str] = "KonstructError"
     # Whether Temporal may retry the activity that raised it.
-    retryable = False
+    retryable: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.error_type = cls.__name__
+        _BY_TYPE[cls.error_type] = cls
+
+
+_BY_TYPE[KonstructError.error_type] = KonstructError
+
+
+def failure_of(cause: BaseException | None, family: type[E]) -> type[E] | None:
+    """The class of `family` (itself or a subclass) whose error a recorded failure
+    (an ApplicationError, as `innermost_application_error` finds it) carries, else None."""
+    if not isinstance(cause, ApplicationError) or not cause.type:
+        return None
+    found = _BY_TYPE.get(cause.type)
+    return found if found is not None and issubclass(found, family) else None
+
+
+def is_failure(cause: BaseException | None, *families: type[KonstructError]) -> bool:
+    """Whether a recorded failure is of one of `families` (a class and its subclasses)."""
+    return any(failure_of(cause, family) is not None for family in families)
 
 
 def field_problems(error: ValidationError, root: str = "(input)") -> list[tuple[str, str]]:
@@ -53,10 +89,13 @@ def field_problems(error: ValidationError, root: str = "(input)") -> list[tuple[
     return problems
 
 
-class InvalidInput(KonstructError):
-    """A workflow, activity or CLI input that does not validate."""
+class InputFailure(KonstructError):
+    """Family: the caller asked for something that does not validate or does not
+    exist; no retry and no fallback reply can fix it (a message fails at once)."""
 
-    error_type = "InvalidInput"
+
+class InvalidInput(InputFailure):
+    """A workflow, activity or CLI input that does not validate."""
 
     def __init__(self, message: str, fields: Iterable[str] = ()) -> None:
         super().__init__(message)
@@ -74,93 +113,106 @@ class InvalidInput(KonstructError):
 class NotFound(KonstructError):
     """A tenant, agent, experiment, run or file that does not exist."""
 
-    error_type = "NotFound"
+
+class UnknownTenant(NotFound, InputFailure):
+    """A tenant that does not exist; says which command creates it."""
 
 
-class UnknownTenant(NotFound):
-    error_type = "UnknownTenant"
-
-
-class UnknownAgent(NotFound):
-    error_type = "UnknownAgent"
+class UnknownAgent(NotFound, InputFailure):
+    """An agent the tenant does not have; says which command creates it."""
 
 
 class ArtifactMissing(NotFound):
     """An artifact the registry or a demo step expects is not stored."""
 
-    error_type = "ArtifactMissing"
-
 
 class ConfigError(KonstructError):
     """A configuration value that is missing or wrong; names the key."""
 
-    error_type = "ConfigError"
+
+class KnowledgeUnavailable(ConfigError):
+    """The knowledge tables do not exist: the server lacks pgvector, or never migrated."""
 
 
 class StackError(KonstructError):
     """The local stack cannot start or stop (port in use, already running...)."""
 
-    error_type = "StackError"
-
 
 class ArtifactIntegrityError(KonstructError, ValueError):
     """An artifact whose bytes no longer match the sha256 recorded for them."""
-
-    error_type = "ArtifactIntegrityError"
 
 
 class ForecastingError(KonstructError, ValueError):
     """The forecasting domain refused its input (unknown model, bad URI...)."""
 
-    error_type = "ForecastingError"
+
+class EmbeddingFailed(KonstructError):
+    """The router's `embed` group did not give one vector per text (the cause is chained)."""
+
+    retryable = True
 
 
-class InjectedFailure(KonstructError):
-    """A failure injected on purpose at a demo step (`fail_at`)."""
+class ToolError(KonstructError):
+    """A tool failed. retryable=False: the model is told at once (bad arguments, host not allowed, 4xx).
+    retryable=True: worth another attempt (timeout, connection error, 5xx, 429)."""
 
-    error_type = "InjectedFailure"
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
 
-
-class InvariantViolated(KonstructError):
-    error_type = "InvariantViolated"
-
-
-class PrecheckFailed(KonstructError):
-    error_type = "PrecheckFailed"
-
-
-class RegressionNotDetected(InvariantViolated):
-    """The demo's safer promote swapped to a worse run and its check saw no regression."""
-
-    error_type = "RegressionNotDetected"
+    def __repr__(self) -> str:
+        return f"ToolError({self.message!r}, retryable={self.retryable})"
 
 
 class ServiceUnreachable(KonstructError):
     """Temporal or PostgreSQL does not answer; says where it was looked for."""
 
-    error_type = "ServiceUnreachable"
     retryable = True
+
+
+class DemoFailure(KonstructError):
+    """Family: a failure of the demo cascade's own making or checking."""
+
+
+class InjectedFailure(DemoFailure):
+    """A failure injected on purpose at a demo step (`fail_at`)."""
+
+
+class PrecheckFailed(DemoFailure):
+    """The demo's environment is not ready; says what to run."""
+
+
+class InvariantViolated(DemoFailure):
+    """A registry invariant the demo checks does not hold."""
+
+
+class RegressionNotDetected(InvariantViolated):
+    """The demo's safer promote swapped to a worse run and its check saw no regression."""
 
 
 class ExperimentStopped(KonstructError):
     """A provider call of a stopping experiment: no request made, the item stays pending."""
 
-    error_type = "ExperimentStopped"
+
+class ExperimentPaused(KonstructError):
+    """Family: no retry helps until someone raises a limit, so the experiment
+    pauses until resumed and the item stays pending; `pause_kind` says why."""
+
+    pause_kind: ClassVar[Literal["quota", "budget"]]
 
 
-class QuotaExceeded(KonstructError):
-    """A provider answered that its quota is spent (429 `insufficient_quota`): no retry
-    helps until someone raises it, so the experiment pauses until resumed."""
+class QuotaExceeded(ExperimentPaused):
+    """A provider answered that its quota is spent (429 `insufficient_quota`)."""
 
-    error_type = "QuotaExceeded"
+    pause_kind = "quota"
 
 
-class BudgetExhausted(KonstructError):
+class BudgetExhausted(ExperimentPaused):
     """A call's reservation did not fit in the experiment's budget (`budget.max_usd`,
-    `budget.max_tokens`) or its tenant's monthly budget: no request made; the
-    experiment pauses until its budget is raised and it is resumed."""
+    `budget.max_tokens`) or its tenant's monthly budget: no request made."""
 
-    error_type = "BudgetExhausted"
+    pause_kind = "budget"
 
 
 def to_application_error(error: KonstructError) -> ApplicationError:

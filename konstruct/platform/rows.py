@@ -1,4 +1,5 @@
-"""Rows to typed values: one mapping for every store module."""
+"""Rows to typed values: one mapping for every store module, and the row count of a
+command's status."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import asyncpg
 from pydantic import BaseModel
 
 T = TypeVar("T")
@@ -41,3 +43,23 @@ def from_row(
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return cls.model_validate(values)  # type: ignore[return-value]
     return cls(**values)
+
+
+async def fetch_all(
+    conn: asyncpg.Connection, cls: type[T], query: str, *args: Any, **mapping: Any
+) -> list[T]:
+    """`from_row(cls, row, **mapping)` of each row `query` returns, in order."""
+    return [from_row(cls, row, **mapping) for row in await conn.fetch(query, *args)]
+
+
+async def fetch_one(
+    conn: asyncpg.Connection, cls: type[T], query: str, *args: Any, **mapping: Any
+) -> T | None:
+    """`from_row(cls, row, **mapping)` of the row `query` returns (None: no row)."""
+    row = await conn.fetchrow(query, *args)
+    return None if row is None else from_row(cls, row, **mapping)
+
+
+def row_count(status: str) -> int:
+    """How many rows a command touched, from its status (`DELETE 2`, `INSERT 0 1`)."""
+    return int(status.split()[-1])

@@ -366,6 +366,64 @@ def on_announced_limit(
 
 
 @dataclass(frozen=True)
+class LimitsSeen:
+    """A provider's bounds as its row holds them, and the request limit its
+    headers announce (per second; `announced`: the headers just moved it)."""
+
+    min_rps: float
+    max_rps: float
+    # A request limit declared in the config (`rpm`): the headers then move nothing.
+    declared: bool
+    header_rps: float | None
+    announced: bool
+
+
+@dataclass(frozen=True)
+class LearnedRate:
+    """A rate decision to write, and what made it (for the log)."""
+
+    decided: AimdState
+    why: str
+
+
+def learn_from_counts(
+    counted: AimdState,
+    ok: int,
+    throttled: int,
+    now: float,
+    config: AimdConfig,
+    limits: LimitsSeen,
+    retry_after_s: float | None = None,
+    newest_429_age_s: float | None = None,
+) -> LearnedRate | None:
+    """The decision of answers counted together (`counted`: the state with them
+    already added) within the provider's bounds, under its announced limit unless
+    the config declared one; None: it changes nothing but the counters."""
+    header = None if limits.declared else limits.header_rps
+    bounded = replace(
+        config,
+        min_rps=limits.min_rps,
+        max_rps=limits.max_rps if header is None else min(limits.max_rps, header),
+    )
+    before = replace(
+        counted,
+        ok_since_change=counted.ok_since_change - ok,
+        throttled_since_change=counted.throttled_since_change - throttled,
+    )
+    sent_at = None if newest_429_age_s is None else now - newest_429_age_s
+    decided = decide_counts(
+        before, ok, throttled, now, bounded, retry_after_s=retry_after_s, sent_at=sent_at
+    )
+    by_limit = limits.announced and header is not None
+    if by_limit:
+        decided = on_announced_limit(decided, bounded.max_rps, now, bounded)
+    if not (limits.announced or rate_decided(counted, decided)):
+        return None
+    why = "the provider's announced limit" if by_limit else "a 429" if throttled else "successes"
+    return LearnedRate(decided, why)
+
+
+@dataclass(frozen=True)
 class ProviderBounds:
     """A provider's rate bounds and token rate, from its deployment's declared
     limits (`model_info`) and the settings' defaults."""

@@ -3,6 +3,8 @@
 Provider rows are global, not tenant data: every experiment of every tenant on
 one task queue shares a provider's rate and breaker. They are keyed by the
 task queue (so two deployments, or two tests, never share state) and provider.
+Each function takes a connection (`pool.acquire()`, no tenant scope) and opens
+`conn.transaction()` itself where its statements must be atomic.
 
 Decisions come from `konstruct.providers.control`; this module only loads a
 state, asks the pure function, and writes the answer back. Counters are bumped
@@ -18,7 +20,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from konstruct.platform.rows import from_row
+from konstruct.platform.rows import from_row, row_count
 from konstruct.providers.adapter import AnnouncedLimits
 from konstruct.providers.control import (
     Admission,
@@ -27,12 +29,11 @@ from konstruct.providers.control import (
     BreakerConfig,
     BreakerState,
     Grant,
+    LimitsSeen,
     ProviderBounds,
     admit,
     claim_probe,
-    decide_counts,
-    on_announced_limit,
-    rate_decided,
+    learn_from_counts,
     record_failure,
     record_success,
 )
@@ -61,11 +62,11 @@ class ProviderStatus:
 
 
 async def ensure_provider(
-    pool: asyncpg.Pool, task_queue: str, provider: str, bounds: ProviderBounds
+    conn: asyncpg.Connection, task_queue: str, provider: str, bounds: ProviderBounds
 ) -> float:
     """Create the provider's rows if new, else take the config's bounds and token
     rate (a changed router config counts at the next experiment); returns its rate."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with conn.transaction():
         rate = await conn.fetchval(
             "insert into provider_limits as l (task_queue, provider, rate, initial_rate,"
             " min_rate, max_rate, token_rate, limit_window_s, declared_rate, changed_at)"
@@ -96,9 +97,9 @@ async def ensure_provider(
         return float(rate)
 
 
-async def reset_provider(pool: asyncpg.Pool, task_queue: str, provider: str) -> None:
+async def reset_provider(conn: asyncpg.Connection, task_queue: str, provider: str) -> None:
     """Forget what was learned: back to the initial rate, breaker closed (tests, bench)."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with conn.transaction():
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
             " throttled_since_change = 0, slow_start = true, header_rate = null,"
@@ -141,25 +142,24 @@ class Admitted:
 
 
 async def admit_call(
-    pool: asyncpg.Pool, task_queue: str, provider: str, config: BreakerConfig
+    conn: asyncpg.Connection, task_queue: str, provider: str, config: BreakerConfig
 ) -> Admitted:
     """May a call go to the provider now? A half-open probe is claimed atomically."""
-    async with pool.acquire() as conn:
-        row = await _breaker_row(conn, task_queue, provider)
-        if row is None:
-            return Admitted(Admission(allowed=True), BreakerState())
+    row = await _breaker_row(conn, task_queue, provider)
+    if row is None:
+        return Admitted(Admission(allowed=True), BreakerState())
+    state = breaker_from_row(row)
+    if state.status == "closed":
+        return Admitted(Admission(allowed=True), state)
+    async with conn.transaction():
+        row = await _breaker_row(conn, task_queue, provider, lock=True)
         state = breaker_from_row(row)
-        if state.status == "closed":
-            return Admitted(Admission(allowed=True), state)
-        async with conn.transaction():
-            row = await _breaker_row(conn, task_queue, provider, lock=True)
-            state = breaker_from_row(row)
-            admission = admit(state, row["now"], config)
-            if admission.probe:
-                claimed = claim_probe(state, row["now"])
-                await _write_breaker(conn, task_queue, provider, claimed)
-                state = claimed
-            return Admitted(admission, state)
+        admission = admit(state, row["now"], config)
+        if admission.probe:
+            claimed = claim_probe(state, row["now"])
+            await _write_breaker(conn, task_queue, provider, claimed)
+            state = claimed
+        return Admitted(admission, state)
 
 
 async def _breaker_row(
@@ -237,7 +237,7 @@ returning c.granted, c.start - c.now as first_in_s, c.interval_s,
 
 
 async def reserve_calls(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     task_queue: str,
     provider: str,
     wanted: int,
@@ -248,8 +248,7 @@ async def reserve_calls(
     booked at an old rate are spent soon after it changes; `tokens_each`: each
     call's estimated tokens, booked when tokens are metered. A provider without a
     row yet is not limited here (its queue's server-side limit still is)."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(_BOOK, task_queue, provider, wanted, horizon_s, tokens_each)
+    row = await conn.fetchrow(_BOOK, task_queue, provider, wanted, horizon_s, tokens_each)
     if row is None:
         return Grant(wanted)
     if not row["granted"]:
@@ -305,7 +304,7 @@ def _one(
 
 
 async def record_outcome(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     task_queue: str,
     provider: str,
     outcome: Outcome,
@@ -325,7 +324,7 @@ async def record_outcome(
     worker's clock need not agree with the database's).
     """
     return await record_outcomes(
-        pool,
+        conn,
         task_queue,
         provider,
         _one(outcome, retry_after_s, error, age_s, token_excess, limits),
@@ -336,7 +335,7 @@ async def record_outcome(
 
 
 async def record_outcomes(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     task_queue: str,
     provider: str,
     counts: OutcomeCounts,
@@ -347,11 +346,10 @@ async def record_outcomes(
 ) -> OutcomeEffect:
     """Count several answers at once: one row update and at most one decision.
     `breaker_seen` None: the breaker is read under its lock if anything changes it."""
-    async with pool.acquire() as conn:
-        if counts.token_excess:
-            await _settle_tokens(conn, task_queue, provider, counts.token_excess)
-        rate_changed = await _learn_rate(conn, task_queue, provider, counts, aimd)
-        tripped = await _learn_breaker(conn, task_queue, provider, counts, breaker_seen, breaker)
+    if counts.token_excess:
+        await _settle_tokens(conn, task_queue, provider, counts.token_excess)
+    rate_changed = await _learn_rate(conn, task_queue, provider, counts, aimd)
+    tripped = await _learn_breaker(conn, task_queue, provider, counts, breaker_seen, breaker)
     return OutcomeEffect(rate_changed_to=rate_changed, breaker_tripped=tripped)
 
 
@@ -388,16 +386,11 @@ def _announced(row: Any, limits: AnnouncedLimits | None) -> tuple[float | None, 
     return request_rate, token_rate, changed
 
 
-async def _learn_rate(
-    conn: asyncpg.Connection,
-    task_queue: str,
-    provider: str,
-    counts: OutcomeCounts,
-    aimd: AimdConfig,
-) -> float | None:
-    """Count the outcomes; after successes or 429s, write the rate decided (if
-    nobody decided since), within the provider's bounds and announced limits.
-    Returns the new rate if this changed it."""
+async def _count_outcomes(
+    conn: asyncpg.Connection, task_queue: str, provider: str, counts: OutcomeCounts
+) -> Any:
+    """Add the answers to the provider's counters; the row with the database's clock
+    (`now`) when successes or 429s may move the rate, else None."""
     if counts.failures and not (counts.ok or counts.throttled):
         await conn.execute(
             "update provider_limits set failure_total = failure_total + $3"
@@ -409,7 +402,7 @@ async def _learn_rate(
         return None
     if not (counts.ok or counts.throttled):
         return None
-    row = await conn.fetchrow(
+    return await conn.fetchrow(
         "update provider_limits set ok_total = ok_total + $3,"
         " ok_since_change = ok_since_change + $3, throttled_total = throttled_total + $4,"
         " throttled_since_change = throttled_since_change + $4,"
@@ -422,35 +415,18 @@ async def _learn_rate(
         counts.throttled,
         counts.failures,
     )
-    if row is None:
-        return None
-    header_rate, header_token_rate, announced = _announced(row, counts.limits)
-    # The row's bounds (the deployment's `model_info`), under the announced limit
-    # unless the config declared one (`rpm`, already in `max_rate`).
-    follows_header = header_rate is not None and row["declared_rate"] is None
-    bounded = replace(
-        aimd,
-        min_rps=row["min_rate"],
-        max_rps=min(row["max_rate"], header_rate) if follows_header else row["max_rate"],
-    )
-    current = _aimd(row)
-    before = dict(row)
-    before["ok_since_change"] -= counts.ok
-    before["throttled_since_change"] -= counts.throttled
-    age = counts.newest_429_age_s
-    decided = decide_counts(
-        _aimd(before),
-        counts.ok,
-        counts.throttled,
-        row["now"],
-        bounded,
-        retry_after_s=counts.retry_after_s,
-        sent_at=None if age is None else row["now"] - age,
-    )
-    if announced and follows_header:
-        decided = on_announced_limit(decided, bounded.max_rps, row["now"], bounded)
-    if not (announced or rate_decided(current, decided)):
-        return None
+
+
+async def _write_rate(
+    conn: asyncpg.Connection,
+    task_queue: str,
+    provider: str,
+    version: int,
+    decided: AimdState,
+    header_rate: float | None,
+    header_token_rate: float | None,
+) -> bool:
+    """Write a rate decision unless someone decided since (`version`); whether it was."""
     written = await conn.execute(
         # A new window (changed_at) restarts the counts from the decision's (0 after
         # a change of rate, this answer's when an idle window restarts); a decision
@@ -465,7 +441,7 @@ async def _learn_rate(
         " where task_queue = $1 and provider = $2 and version = $3",
         task_queue,
         provider,
-        row["version"],
+        version,
         decided.rate,
         decided.ceiling,
         decided.changed_at,
@@ -478,7 +454,47 @@ async def _learn_rate(
         header_rate,
         header_token_rate,
     )
-    if not written.endswith(" 1") or decided.rate == current.rate:
+    return row_count(written) == 1
+
+
+async def _learn_rate(
+    conn: asyncpg.Connection,
+    task_queue: str,
+    provider: str,
+    counts: OutcomeCounts,
+    aimd: AimdConfig,
+) -> float | None:
+    """Count the outcomes; after successes or 429s, write the rate decided (if
+    nobody decided since), within the provider's bounds and announced limits.
+    Returns the new rate if this changed it."""
+    row = await _count_outcomes(conn, task_queue, provider, counts)
+    if row is None:
+        return None
+    header_rate, header_token_rate, announced = _announced(row, counts.limits)
+    current = _aimd(row)
+    learned = learn_from_counts(
+        current,
+        counts.ok,
+        counts.throttled,
+        row["now"],
+        aimd,
+        LimitsSeen(
+            row["min_rate"],
+            row["max_rate"],
+            row["declared_rate"] is not None,
+            header_rate,
+            announced,
+        ),
+        retry_after_s=counts.retry_after_s,
+        newest_429_age_s=counts.newest_429_age_s,
+    )
+    if learned is None:
+        return None
+    decided = learned.decided
+    written = await _write_rate(
+        conn, task_queue, provider, row["version"], decided, header_rate, header_token_rate
+    )
+    if not written or decided.rate == current.rate:
         return None
     log.info(
         "%s %s: rate %.2f -> %.2f after %s (ceiling %s; %d ok, %d 429 in %.2f s)",
@@ -486,11 +502,7 @@ async def _learn_rate(
         provider,
         current.rate,
         decided.rate,
-        "the provider's announced limit"
-        if announced and follows_header
-        else "a 429"
-        if counts.throttled
-        else "successes",
+        learned.why,
         f"{decided.ceiling:.2f}" if decided.ceiling is not None else "unknown",
         current.ok_since_change,
         current.throttled_since_change,
@@ -535,18 +547,17 @@ async def _learn_breaker(
 
 
 async def provider_statuses(
-    pool: asyncpg.Pool, task_queue: str, providers: list[str], config: BreakerConfig
+    conn: asyncpg.Connection, task_queue: str, providers: list[str], config: BreakerConfig
 ) -> list[ProviderStatus]:
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "select l.provider, l.rate, l.initial_rate, l.ceiling, l.ok_total,"
-            " l.throttled_total, l.failure_total, b.status, b.consecutive_failures, b.trips,"
-            f" b.opened_at, {_NOW} as now"
-            " from provider_limits l join provider_breakers b using (task_queue, provider)"
-            " where l.task_queue = $1 and l.provider = any($2::text[]) order by l.provider",
-            task_queue,
-            providers,
-        )
+    rows = await conn.fetch(
+        "select l.provider, l.rate, l.initial_rate, l.ceiling, l.ok_total,"
+        " l.throttled_total, l.failure_total, b.status, b.consecutive_failures, b.trips,"
+        f" b.opened_at, {_NOW} as now"
+        " from provider_limits l join provider_breakers b using (task_queue, provider)"
+        " where l.task_queue = $1 and l.provider = any($2::text[]) order by l.provider",
+        task_queue,
+        providers,
+    )
     statuses = []
     for r in rows:
         left = 0.0
@@ -558,9 +569,8 @@ async def provider_statuses(
     return statuses
 
 
-async def current_rates(pool: asyncpg.Pool, task_queue: str) -> dict[str, float]:
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "select provider, rate from provider_limits where task_queue = $1", task_queue
-        )
+async def current_rates(conn: asyncpg.Connection, task_queue: str) -> dict[str, float]:
+    rows = await conn.fetch(
+        "select provider, rate from provider_limits where task_queue = $1", task_queue
+    )
     return {r["provider"]: float(r["rate"]) for r in rows}

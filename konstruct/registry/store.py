@@ -1,5 +1,8 @@
 """The model registry's SQL: runs, aliases and their history, and the artifact store.
 
+Over 600 lines for one reason: the alias moves, their undo and their history are one
+locking protocol, read best in one file.
+
 Alias moves are serialised by a row lock on the alias (`select ... for update`),
 so two workflows moving the same alias queue up instead of interleaving. Every
 move writes a history row naming the workflow run that made it and the
@@ -7,7 +10,8 @@ move writes a history row naming the workflow run that made it and the
 already made, and an undo can name exactly the move it reverses.
 
 Artifacts are content-hashed: the sha256 is stored next to the bytes and
-checked again on every load.
+checked again on every load. Each function takes a connection in a transaction
+the caller scoped to the tenant (`db.tenant_transaction`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ from typing import Any
 
 import asyncpg
 
-from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import ArtifactIntegrityError, ArtifactMissing, NotFound
-from konstruct.platform.rows import from_row
+from konstruct.platform.rows import fetch_all, fetch_one, from_row, row_count
 from konstruct.registry.models import (
     AliasMove,
     AliasMoveResult,
@@ -109,7 +112,7 @@ async def delete_artifacts(conn: asyncpg.Connection, tenant_id: str, prefix: str
         tenant_id,
         prefix,
     )
-    return int(result.split()[-1])
+    return row_count(result)
 
 
 # --- runs ---------------------------------------------------------------------
@@ -203,42 +206,46 @@ async def get_run(conn: asyncpg.Connection, tenant_id: str, run_id: str) -> Regi
     return _run(row)
 
 
-async def list_runs(pool: asyncpg.Pool, tenant_id: str, limit: int = 200) -> list[RegistryRun]:
-    async with tenant_transaction(pool, tenant_id) as conn:
-        rows = await conn.fetch(
-            "select * from registry_runs where tenant_id = $1 order by created_at desc limit $2",
-            tenant_id,
-            limit,
-        )
+async def list_runs(
+    conn: asyncpg.Connection, tenant_id: str, limit: int = 200
+) -> list[RegistryRun]:
+    rows = await conn.fetch(
+        "select * from registry_runs where tenant_id = $1 order by created_at desc limit $2",
+        tenant_id,
+        limit,
+    )
     return [_run(r) for r in rows]
 
 
-async def list_aliases(pool: asyncpg.Pool, tenant_id: str) -> list[RegistryAlias]:
-    async with tenant_transaction(pool, tenant_id) as conn:
-        rows = await conn.fetch(
-            "select a.*, r.name as run_name, r.owner as run_owner from registry_aliases a"
-            " left join registry_runs r on r.run_id = a.run_id"
-            " where a.tenant_id = $1 order by a.alias",
-            tenant_id,
-        )
-    return [from_row(RegistryAlias, r, ids=("run_id",)) for r in rows]
+async def list_aliases(conn: asyncpg.Connection, tenant_id: str) -> list[RegistryAlias]:
+    return await fetch_all(
+        conn,
+        RegistryAlias,
+        "select a.*, r.name as run_name, r.owner as run_owner from registry_aliases a"
+        " left join registry_runs r on r.run_id = a.run_id"
+        " where a.tenant_id = $1 order by a.alias",
+        tenant_id,
+        ids=("run_id",),
+    )
+
+
+_MOVE_IDS = ("from_run_id", "to_run_id")
 
 
 def _move(row: asyncpg.Record) -> AliasMove:
-    return from_row(AliasMove, row, ids=("from_run_id", "to_run_id"))
+    return from_row(AliasMove, row, ids=_MOVE_IDS)
 
 
 async def alias_history(
-    pool: asyncpg.Pool, tenant_id: str, alias: str, limit: int = 500
+    conn: asyncpg.Connection, tenant_id: str, alias: str, limit: int = 500
 ) -> list[AliasMove]:
-    async with tenant_transaction(pool, tenant_id) as conn:
-        rows = await conn.fetch(
-            "select * from registry_alias_history where tenant_id = $1 and alias = $2"
-            " order by id desc limit $3",
-            tenant_id,
-            alias,
-            limit,
-        )
+    rows = await conn.fetch(
+        "select * from registry_alias_history where tenant_id = $1 and alias = $2"
+        " order by id desc limit $3",
+        tenant_id,
+        alias,
+        limit,
+    )
     return [_move(r) for r in reversed(rows)]
 
 
@@ -280,8 +287,8 @@ async def delete_demo_rows(
     )
     return {
         "runs": len(deleted_runs),
-        "model_artifacts": int(model_artifacts.split()[-1]),
-        "session_artifacts": int(session_artifacts.split()[-1]),
+        "model_artifacts": row_count(model_artifacts),
+        "session_artifacts": row_count(session_artifacts),
     }
 
 
@@ -300,19 +307,21 @@ async def adopt_demo_run(
         uuid.UUID(run_id),
         demo_workflow_run_id,
     )
-    return result.endswith(" 1")
+    return row_count(result) == 1
 
 
 # --- aliases --------------------------------------------------------------------
 
 
 async def find_move(conn: asyncpg.Connection, tenant_id: str, move_id: str) -> AliasMove | None:
-    row = await conn.fetchrow(
+    return await fetch_one(
+        conn,
+        AliasMove,
         "select * from registry_alias_history where tenant_id = $1 and move_id = $2",
         tenant_id,
         move_id,
+        ids=_MOVE_IDS,
     )
-    return None if row is None else _move(row)
 
 
 @dataclass(frozen=True)
@@ -349,13 +358,15 @@ async def run_exists(conn: asyncpg.Connection, tenant_id: str, run_id: str | Non
 
 
 async def latest_move(conn: asyncpg.Connection, tenant_id: str, alias: str) -> AliasMove | None:
-    row = await conn.fetchrow(
+    return await fetch_one(
+        conn,
+        AliasMove,
         "select * from registry_alias_history where tenant_id = $1 and alias = $2"
         " order by id desc limit 1",
         tenant_id,
         alias,
+        ids=_MOVE_IDS,
     )
-    return None if row is None else _move(row)
 
 
 # What a move names: the alias, why, and the id its caller chose for it.
@@ -594,13 +605,12 @@ async def check_aliases(conn: asyncpg.Connection, tenant_id: str) -> list[AliasC
         tenant_id,
     )
     return [
-        AliasCheck(
-            alias=r["alias"],
-            run_id=_str(r["run_id"]),
+        from_row(
+            AliasCheck,
+            r,
+            ids=("run_id",),
+            columns={"stored_sha256": "stored_sha"},
             run_found=r["found"] is not None,
-            artifact_uri=r["artifact_uri"],
-            artifact_sha256=r["artifact_sha256"],
-            stored_sha256=r["stored_sha"],
         )
         for r in rows
     ]

@@ -1,4 +1,7 @@
-"""Tenants, agents, threads and message turns: the SQL of that table family."""
+"""Tenants, agents, threads and message turns: the SQL of that table family.
+
+Each function takes a connection in a transaction the caller scoped to the tenant.
+"""
 
 from __future__ import annotations
 
@@ -13,42 +16,41 @@ from konstruct.agents.models import (
     LoadAgentInput,
     StoreTurnInput,
 )
-from konstruct.platform.db import tenant_transaction
+from konstruct.agents.store.steps import Inbound
 from konstruct.platform.errors import UnknownAgent, UnknownTenant
 from konstruct.platform.rows import from_row
 from konstruct.providers.models import ChatTurn, TokenUsage
 
 
-async def put_agent(pool: asyncpg.Pool, tenant_id: str, agent: AgentProfile) -> None:
+async def put_agent(conn: asyncpg.Connection, tenant_id: str, agent: AgentProfile) -> None:
     """Create or update an agent, creating its tenant on first use."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        await conn.execute(
-            "insert into tenants (tenant_id, name) values ($1, $1) on conflict do nothing",
-            tenant_id,
-        )
-        await conn.execute(
-            "insert into agents (tenant_id, agent_id, name, role, persona, system_prompt,"
-            " model_group, fallback_reply, tools, max_steps, history_turns, memory_tokens)"
-            " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-            " on conflict (tenant_id, agent_id) do update set name = excluded.name,"
-            " role = excluded.role, persona = excluded.persona,"
-            " system_prompt = excluded.system_prompt, model_group = excluded.model_group,"
-            " fallback_reply = excluded.fallback_reply, tools = excluded.tools,"
-            " max_steps = excluded.max_steps, history_turns = excluded.history_turns,"
-            " memory_tokens = excluded.memory_tokens, updated_at = now()",
-            tenant_id,
-            agent.agent_id,
-            agent.name,
-            agent.role,
-            agent.persona,
-            agent.system_prompt,
-            agent.model_group,
-            agent.fallback_reply,
-            agent.tools,
-            agent.max_steps,
-            agent.history_turns,
-            agent.memory_tokens,
-        )
+    await conn.execute(
+        "insert into tenants (tenant_id, name) values ($1, $1) on conflict do nothing",
+        tenant_id,
+    )
+    await conn.execute(
+        "insert into agents (tenant_id, agent_id, name, role, persona, system_prompt,"
+        " model_group, fallback_reply, tools, max_steps, history_turns, memory_tokens)"
+        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        " on conflict (tenant_id, agent_id) do update set name = excluded.name,"
+        " role = excluded.role, persona = excluded.persona,"
+        " system_prompt = excluded.system_prompt, model_group = excluded.model_group,"
+        " fallback_reply = excluded.fallback_reply, tools = excluded.tools,"
+        " max_steps = excluded.max_steps, history_turns = excluded.history_turns,"
+        " memory_tokens = excluded.memory_tokens, updated_at = now()",
+        tenant_id,
+        agent.agent_id,
+        agent.name,
+        agent.role,
+        agent.persona,
+        agent.system_prompt,
+        agent.model_group,
+        agent.fallback_reply,
+        agent.tools,
+        agent.max_steps,
+        agent.history_turns,
+        agent.memory_tokens,
+    )
 
 
 async def _select_agents(
@@ -84,9 +86,8 @@ async def select_agent(conn: asyncpg.Connection, tenant_id: str, agent_id: str) 
     )
 
 
-async def list_agents(pool: asyncpg.Pool, tenant_id: str) -> list[AgentProfile]:
-    async with tenant_transaction(pool, tenant_id) as conn:
-        return await _select_agents(conn, tenant_id)
+async def list_agents(conn: asyncpg.Connection, tenant_id: str) -> list[AgentProfile]:
+    return await _select_agents(conn, tenant_id)
 
 
 def _turn_result(row: asyncpg.Record) -> HandleMessageResult:
@@ -105,23 +106,22 @@ async def _stored_turn(
     return _turn_result(row) if row is not None else None
 
 
-async def load_agent_context(pool: asyncpg.Pool, input: LoadAgentInput) -> AgentContext:
+async def load_agent_context(conn: asyncpg.Connection, input: LoadAgentInput) -> AgentContext:
     """The agent, the thread's last turns, and the stored reply if this message has one.
 
     Raises UnknownTenant or UnknownAgent, each saying which command fixes it.
     """
-    async with tenant_transaction(pool, input.tenant_id) as conn:
-        agent = await select_agent(conn, input.tenant_id, input.agent_id)
-        existing = await _stored_turn(conn, input.tenant_id, input.message_id)
-        rows = await conn.fetch(
-            "select user_text, reply_text from message_turns"
-            " where tenant_id = $1 and thread_id = $2 and message_id <> $3"
-            " order by created_at desc limit $4",
-            input.tenant_id,
-            input.thread_id,
-            input.message_id,
-            input.history_turns,
-        )
+    agent = await select_agent(conn, input.tenant_id, input.agent_id)
+    existing = await _stored_turn(conn, input.tenant_id, input.message_id)
+    rows = await conn.fetch(
+        "select user_text, reply_text from message_turns"
+        " where tenant_id = $1 and thread_id = $2 and message_id <> $3"
+        " order by created_at desc limit $4",
+        input.tenant_id,
+        input.thread_id,
+        input.message_id,
+        input.history_turns,
+    )
     history: list[ChatTurn] = []
     for row in reversed(rows):
         history.append(ChatTurn(role="user", content=row["user_text"]))
@@ -129,10 +129,9 @@ async def load_agent_context(pool: asyncpg.Pool, input: LoadAgentInput) -> Agent
     return AgentContext(agent=agent, history=history, existing=existing)
 
 
-async def store_turn(pool: asyncpg.Pool, input: StoreTurnInput) -> HandleMessageResult:
+async def store_turn(conn: asyncpg.Connection, input: StoreTurnInput) -> HandleMessageResult:
     """Store the turn once; a redelivery gets the turn that was stored first."""
-    async with tenant_transaction(pool, input.message.tenant_id) as conn:
-        return await insert_turn(conn, input)
+    return await insert_turn(conn, input)
 
 
 async def insert_turn(conn: asyncpg.Connection, input: StoreTurnInput) -> HandleMessageResult:
@@ -153,12 +152,7 @@ async def insert_turn(conn: asyncpg.Connection, input: StoreTurnInput) -> Handle
         " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         " on conflict (tenant_id, message_id) do nothing",
         message.tenant_id,
-        message.message_id,
-        message.thread_id,
-        message.agent_id,
-        message.channel,
-        message.sender,
-        message.text,
+        *Inbound.of(message).values(),
         result.response,
         result.model_group,
         result.model,

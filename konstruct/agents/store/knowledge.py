@@ -1,7 +1,10 @@
 """A tenant's knowledge base: documents, their chunks and embeddings (pgvector).
 
 Chunks are embedded through the router group `embed`, before the transaction
-that stores them (no transaction waits on a provider). Vectors go to
+that stores them (no transaction waits on a provider): so `add_document` and
+`search` take the pool and open their own transactions, the named exceptions to
+the store's rule; the other functions take a connection in a transaction the
+caller scoped to the tenant. Vectors go to
 PostgreSQL as pgvector's text form `'[x,y,...]'::vector`, so no Python
 package of pgvector is needed.
 
@@ -14,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -24,26 +27,18 @@ from pydantic import BaseModel
 
 from konstruct.agents.knowledge import chunk_text
 from konstruct.platform.db import tenant_transaction
-from konstruct.platform.errors import ConfigError, InvalidInput, KonstructError, UnknownTenant
-from konstruct.platform.rows import from_row
+from konstruct.platform.errors import (
+    EmbeddingFailed,
+    InvalidInput,
+    KnowledgeUnavailable,
+    UnknownTenant,
+)
+from konstruct.platform.rows import fetch_all, from_row, row_count
 
 EMBED_GROUP = "embed"
 # The most texts one embedding request carries.
 EMBED_BATCH = 64
 _DOC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,199}$")
-
-
-class KnowledgeUnavailable(ConfigError):
-    """The knowledge tables do not exist: the server lacks pgvector, or never migrated."""
-
-    error_type = "KnowledgeUnavailable"
-
-
-class EmbeddingFailed(KonstructError):
-    """The router's `embed` group did not give one vector per text (the cause is chained)."""
-
-    error_type = "EmbeddingFailed"
-    retryable = True
 
 
 class KnowledgeHit(BaseModel):
@@ -64,14 +59,11 @@ class KnowledgeDocument(BaseModel):
     created_at: datetime
 
 
-@asynccontextmanager
-async def _knowledge_transaction(
-    pool: asyncpg.Pool, tenant_id: str
-) -> AsyncIterator[asyncpg.Connection]:
-    """`tenant_transaction`, with a missing knowledge table said in one sentence."""
+@contextmanager
+def _knowledge_tables() -> Iterator[None]:
+    """A missing knowledge table said in one sentence (`KnowledgeUnavailable`)."""
     try:
-        async with tenant_transaction(pool, tenant_id) as conn:
-            yield conn
+        yield
     except asyncpg.UndefinedTableError as exc:
         if "knowledge_" not in str(exc):
             raise
@@ -80,6 +72,16 @@ async def _knowledge_transaction(
             " on the database server, then run `konstruct migrate` (its output says whether"
             " migration 008_knowledge.sql was applied)"
         ) from None
+
+
+@asynccontextmanager
+async def _knowledge_transaction(
+    pool: asyncpg.Pool, tenant_id: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """`tenant_transaction`, with a missing knowledge table said in one sentence."""
+    with _knowledge_tables():
+        async with tenant_transaction(pool, tenant_id) as conn:
+            yield conn
 
 
 def vector_literal(vector: Sequence[float]) -> str:
@@ -126,6 +128,8 @@ def _check_doc_id(doc_id: str) -> None:
         )
 
 
+# Takes the pool, as a named exception: its chunks are embedded between two transactions
+# (no transaction waits on a provider).
 async def add_document(
     pool: asyncpg.Pool,
     router: Any,
@@ -183,6 +187,7 @@ async def add_document(
     return len(chunks)
 
 
+# Takes the pool, as a named exception: the query is embedded before its transaction.
 async def search(
     pool: asyncpg.Pool, router: Any, tenant_id: str, query: str, k: int = 5
 ) -> list[KnowledgeHit]:
@@ -215,25 +220,26 @@ async def search(
     return [from_row(KnowledgeHit, row) for row in rows if not math.isnan(row["score"])]
 
 
-async def list_documents(pool: asyncpg.Pool, tenant_id: str) -> list[KnowledgeDocument]:
-    async with _knowledge_transaction(pool, tenant_id) as conn:
-        rows = await conn.fetch(
+async def list_documents(conn: asyncpg.Connection, tenant_id: str) -> list[KnowledgeDocument]:
+    with _knowledge_tables():
+        return await fetch_all(
+            conn,
+            KnowledgeDocument,
             "select doc_id, title, source, sha256, chunks, created_at from knowledge_documents"
             " where tenant_id = $1 order by doc_id",
             tenant_id,
         )
-    return [from_row(KnowledgeDocument, row) for row in rows]
 
 
-async def delete_document(pool: asyncpg.Pool, tenant_id: str, doc_id: str) -> bool:
+async def delete_document(conn: asyncpg.Connection, tenant_id: str, doc_id: str) -> bool:
     """Delete a document and its chunks; False if the tenant has no such document."""
-    async with _knowledge_transaction(pool, tenant_id) as conn:
+    with _knowledge_tables():
         status = await conn.execute(
             "delete from knowledge_documents where tenant_id = $1 and doc_id = $2",
             tenant_id,
             doc_id,
         )
-    return bool(status != "DELETE 0")
+    return row_count(status) > 0
 
 
 def format_hits(hits: Sequence[KnowledgeHit]) -> str:

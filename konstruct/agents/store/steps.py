@@ -1,18 +1,20 @@
 """The agent loop's state in PostgreSQL: the inbound message, each model step, each
 tool call and its result, and a thread's rolling summary.
 
-The workflow keeps only ids; every step reads the transcript back from here.
+The workflow keeps only ids; every step reads the transcript back from here. Each
+function takes a connection in a transaction the caller scoped to the tenant.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import asyncpg
 
 from konstruct.agents.models import HandleMessageInput
+from konstruct.platform.rows import fetch_all, fetch_one, row_count
 from konstruct.providers.models import ChatTurn
 
 TERMINAL = ("ok", "error", "rejected", "timed_out")
@@ -37,6 +39,10 @@ class Inbound:
             message.sender,
             message.text,
         )
+
+    def values(self) -> tuple[str, ...]:
+        """The fields in the order of the message tables' columns (`message_id` ... `user_text`)."""
+        return astuple(self)
 
     def message(self, tenant_id: str) -> HandleMessageInput:
         return HandleMessageInput(
@@ -90,88 +96,62 @@ async def record_inbound(
         " sender, user_text, workflow_id) values ($1, $2, $3, $4, $5, $6, $7, $8)"
         " on conflict do nothing",
         message.tenant_id,
-        message.message_id,
-        message.thread_id,
-        message.agent_id,
-        message.channel,
-        message.sender,
-        message.text,
+        *Inbound.of(message).values(),
         workflow_id,
     )
-    return status.endswith(" 1")
+    return row_count(status) == 1
 
 
 async def inbound(conn: asyncpg.Connection, tenant_id: str, message_id: str) -> Inbound | None:
-    row = await conn.fetchrow(
+    return await fetch_one(
+        conn,
+        Inbound,
         "select message_id, thread_id, agent_id, channel, sender, user_text"
         " from inbound_messages where tenant_id = $1 and message_id = $2",
         tenant_id,
         message_id,
-    )
-    if row is None:
-        return None
-    return Inbound(
-        row["message_id"],
-        row["thread_id"],
-        row["agent_id"],
-        row["channel"],
-        row["sender"],
-        row["user_text"],
+        columns={"text": "user_text"},
     )
 
 
 async def steps(conn: asyncpg.Connection, tenant_id: str, message_id: str) -> list[StoredStep]:
-    rows = await conn.fetch(
+    return await fetch_all(
+        conn,
+        StoredStep,
         "select step, assistant, model_group, model, usage from agent_steps"
         " where tenant_id = $1 and message_id = $2 order by step",
         tenant_id,
         message_id,
+        docs=("assistant", "usage"),
     )
-    return [
-        StoredStep(
-            r["step"],
-            json.loads(r["assistant"]),
-            r["model_group"],
-            r["model"],
-            json.loads(r["usage"]),
-        )
-        for r in rows
-    ]
+
+
+_CALL = "select call_id, step, tool, arguments, status, result, attempts from tool_calls"
 
 
 async def calls(conn: asyncpg.Connection, tenant_id: str, message_id: str) -> list[StoredCall]:
-    rows = await conn.fetch(
-        "select call_id, step, tool, arguments, status, result, attempts from tool_calls"
-        " where tenant_id = $1 and message_id = $2 order by step, position",
+    return await fetch_all(
+        conn,
+        StoredCall,
+        _CALL + " where tenant_id = $1 and message_id = $2 order by step, position",
         tenant_id,
         message_id,
-    )
-    return [_call(r) for r in rows]
-
-
-def _call(row: asyncpg.Record) -> StoredCall:
-    return StoredCall(
-        row["call_id"],
-        row["step"],
-        row["tool"],
-        json.loads(row["arguments"]),
-        row["status"],
-        row["result"],
-        row["attempts"],
+        docs=("arguments",),
     )
 
 
 async def call(
     conn: asyncpg.Connection, tenant_id: str, message_id: str, call_id: str
 ) -> StoredCall | None:
-    row = await conn.fetchrow(
-        "select call_id, step, tool, arguments, status, result, attempts from tool_calls"
-        " where tenant_id = $1 and message_id = $2 and call_id = $3",
+    return await fetch_one(
+        conn,
+        StoredCall,
+        _CALL + " where tenant_id = $1 and message_id = $2 and call_id = $3",
         tenant_id,
         message_id,
         call_id,
+        docs=("arguments",),
     )
-    return _call(row) if row is not None else None
 
 
 @dataclass(frozen=True)
@@ -208,7 +188,7 @@ async def record_step(
         step.model,
         json.dumps(step.usage),
     )
-    if not status.endswith(" 1"):
+    if row_count(status) != 1:
         return False
     if not new_calls:
         return True

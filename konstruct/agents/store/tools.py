@@ -1,4 +1,7 @@
-"""A tenant's tools and the hosts its `http_request` tool may reach."""
+"""A tenant's tools and the hosts its `http_request` tool may reach.
+
+Each function takes a connection in a transaction the caller scoped to the tenant.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,8 @@ import json
 import asyncpg
 
 from konstruct.agents.models import ToolSpec
-from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import UnknownTenant
-from konstruct.platform.rows import from_row
+from konstruct.platform.rows import from_row, row_count
 
 _COLUMNS = (
     "name, kind, description, parameters, url, secret_header, secret_env, requires_approval,"
@@ -25,31 +27,30 @@ async def _require_tenant(conn: asyncpg.Connection, tenant_id: str) -> None:
         )
 
 
-async def put_tool(pool: asyncpg.Pool, tenant_id: str, spec: ToolSpec) -> None:
+async def put_tool(conn: asyncpg.Connection, tenant_id: str, spec: ToolSpec) -> None:
     """Create or replace a tool (a webhook, or the tenant's settings for a built-in one)."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        await _require_tenant(conn, tenant_id)
-        await conn.execute(
-            f"insert into tools (tenant_id, {_COLUMNS})"
-            " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-            " on conflict (tenant_id, name) do update set kind = excluded.kind,"
-            " description = excluded.description, parameters = excluded.parameters,"
-            " url = excluded.url, secret_header = excluded.secret_header,"
-            " secret_env = excluded.secret_env, requires_approval = excluded.requires_approval,"
-            " timeout_s = excluded.timeout_s, approval_timeout_s = excluded.approval_timeout_s,"
-            " updated_at = now()",
-            tenant_id,
-            spec.name,
-            spec.kind,
-            spec.description,
-            json.dumps(spec.parameters),
-            spec.url,
-            spec.secret_header,
-            spec.secret_env,
-            spec.requires_approval,
-            spec.timeout_s,
-            spec.approval_timeout_s,
-        )
+    await _require_tenant(conn, tenant_id)
+    await conn.execute(
+        f"insert into tools (tenant_id, {_COLUMNS})"
+        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        " on conflict (tenant_id, name) do update set kind = excluded.kind,"
+        " description = excluded.description, parameters = excluded.parameters,"
+        " url = excluded.url, secret_header = excluded.secret_header,"
+        " secret_env = excluded.secret_env, requires_approval = excluded.requires_approval,"
+        " timeout_s = excluded.timeout_s, approval_timeout_s = excluded.approval_timeout_s,"
+        " updated_at = now()",
+        tenant_id,
+        spec.name,
+        spec.kind,
+        spec.description,
+        json.dumps(spec.parameters),
+        spec.url,
+        spec.secret_header,
+        spec.secret_env,
+        spec.requires_approval,
+        spec.timeout_s,
+        spec.approval_timeout_s,
+    )
 
 
 async def select_tools(conn: asyncpg.Connection, tenant_id: str) -> dict[str, ToolSpec]:
@@ -60,39 +61,36 @@ async def select_tools(conn: asyncpg.Connection, tenant_id: str) -> dict[str, To
     return {row["name"]: from_row(ToolSpec, row, docs=("parameters",)) for row in rows}
 
 
-async def list_tools(pool: asyncpg.Pool, tenant_id: str) -> list[ToolSpec]:
-    async with tenant_transaction(pool, tenant_id) as conn:
-        return list((await select_tools(conn, tenant_id)).values())
+async def list_tools(conn: asyncpg.Connection, tenant_id: str) -> list[ToolSpec]:
+    return list((await select_tools(conn, tenant_id)).values())
 
 
-async def delete_tool(pool: asyncpg.Pool, tenant_id: str, name: str) -> bool:
-    async with tenant_transaction(pool, tenant_id) as conn:
-        status = await conn.execute(
-            "delete from tools where tenant_id = $1 and name = $2", tenant_id, name
-        )
-    return status.endswith(" 1")
+async def delete_tool(conn: asyncpg.Connection, tenant_id: str, name: str) -> bool:
+    status = await conn.execute(
+        "delete from tools where tenant_id = $1 and name = $2", tenant_id, name
+    )
+    return row_count(status) == 1
 
 
 async def allow_hosts(
-    pool: asyncpg.Pool, tenant_id: str, add: list[str], remove: list[str]
+    conn: asyncpg.Connection, tenant_id: str, add: list[str], remove: list[str]
 ) -> list[str]:
     """Change the tenant's allow-list of `http_request` hosts; the list after it."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        await _require_tenant(conn, tenant_id)
-        for host in add:
-            await conn.execute(
-                "insert into tenant_http_hosts (tenant_id, host) values ($1, $2)"
-                " on conflict do nothing",
-                tenant_id,
-                host.lower(),
-            )
-        if remove:
-            await conn.execute(
-                "delete from tenant_http_hosts where tenant_id = $1 and host = any($2::text[])",
-                tenant_id,
-                [h.lower() for h in remove],
-            )
-        return await select_hosts(conn, tenant_id)
+    await _require_tenant(conn, tenant_id)
+    for host in add:
+        await conn.execute(
+            "insert into tenant_http_hosts (tenant_id, host) values ($1, $2)"
+            " on conflict do nothing",
+            tenant_id,
+            host.lower(),
+        )
+    if remove:
+        await conn.execute(
+            "delete from tenant_http_hosts where tenant_id = $1 and host = any($2::text[])",
+            tenant_id,
+            [h.lower() for h in remove],
+        )
+    return await select_hosts(conn, tenant_id)
 
 
 async def select_hosts(conn: asyncpg.Connection, tenant_id: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import asyncpg
 import click
@@ -15,27 +14,15 @@ from konstruct.agents.store.tools import list_tools
 from konstruct.app.cli.common import (
     CliState,
     Query,
+    field_option,
+    in_tenant,
     listing,
     pass_state,
     tenant_argument,
-    with_pool,
 )
 from konstruct.platform.errors import InvalidInput
 
 DEFAULT_FALLBACK = "Sorry, I cannot answer right now. Please try again in a few minutes."
-
-
-def _default(field: str) -> Any:
-    return AgentProfile.model_fields[field].default
-
-
-def _limits(field: str) -> click.IntRange:
-    """The bounds AgentProfile puts on an int field, so click names the option."""
-    low = high = None
-    for rule in AgentProfile.model_fields[field].metadata:
-        low = getattr(rule, "ge", low)
-        high = getattr(rule, "le", high)
-    return click.IntRange(low, high)
 
 
 @click.group("agents")
@@ -59,12 +46,12 @@ def tool_names(tools: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-async def check_tools(pool: asyncpg.Pool, tenant: str, tools: list[str]) -> None:
+async def check_tools(conn: asyncpg.Connection, tenant: str, tools: list[str]) -> None:
     """Each name is a built-in tool or one of the tenant's; InvalidInput naming --tool otherwise."""
     unknown = [name for name in tools if name not in BUILTIN_NAMES]
     if not unknown:
         return
-    own = [spec.name for spec in await list_tools(pool, tenant) if spec.kind == "webhook"]
+    own = [spec.name for spec in await list_tools(conn, tenant) if spec.kind == "webhook"]
     missing = [name for name in unknown if name not in own]
     if missing:
         raise InvalidInput(
@@ -92,25 +79,17 @@ async def check_tools(pool: asyncpg.Pool, tenant: str, tools: list[str]) -> None
     help=f"a tool the agent may call (repeatable): built in ({', '.join(BUILTIN_NAMES)})"
     " or one the tenant defined with `konstruct tools put`",
 )
-@click.option(
-    "--max-steps",
-    type=_limits("max_steps"),
-    default=_default("max_steps"),
-    show_default=True,
-    help="model steps one message may take",
-)
-@click.option(
+@field_option(AgentProfile, "max_steps", "--max-steps", help="model steps one message may take")
+@field_option(
+    AgentProfile,
+    "history_turns",
     "--history-turns",
-    type=_limits("history_turns"),
-    default=_default("history_turns"),
-    show_default=True,
     help="earlier turns of the thread the prompt may hold",
 )
-@click.option(
+@field_option(
+    AgentProfile,
+    "memory_tokens",
     "--memory-tokens",
-    type=_limits("memory_tokens"),
-    default=_default("memory_tokens"),
-    show_default=True,
     help="token budget of those turns; older turns are folded into a summary",
 )
 @pass_state
@@ -152,11 +131,11 @@ def put(
     except ValidationError as exc:
         raise InvalidInput.from_validation_error("agents put", exc) from None
 
-    async def save(pool: asyncpg.Pool) -> None:
-        await check_tools(pool, tenant, chosen)
-        await put_agent(pool, tenant, profile)
+    async def save(conn: asyncpg.Connection) -> None:
+        await check_tools(conn, tenant, chosen)
+        await put_agent(conn, tenant, profile)
 
-    with_pool(state.settings, save)
+    in_tenant(state.settings, tenant, save)
     print(f"agent {tenant}/{agent} saved" + (f" (tools: {', '.join(chosen)})" if chosen else ""))
     return 0
 
@@ -170,4 +149,4 @@ def put(
 )
 def list_(tenant: str) -> Query:
     """List a tenant's agents."""
-    return lambda pool: list_agents(pool, tenant)
+    return lambda conn: list_agents(conn, tenant)

@@ -29,7 +29,6 @@ from konstruct.app.cli.common import (
     workflow_id_value,
 )
 from konstruct.config import Settings
-from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import InvalidInput
 from workflows.handle_message import HandleMessage
 
@@ -89,9 +88,8 @@ def _waiting(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
 def list_(tenant: str) -> Query:
     """The tenant's tool calls waiting for approval, oldest first."""
 
-    async def query(pool: asyncpg.Pool) -> list[Any]:
-        async with tenant_transaction(pool, tenant) as conn:
-            rows = await awaiting(conn, tenant)
+    async def query(conn: asyncpg.Connection) -> list[Any]:
+        rows = await awaiting(conn, tenant)
         now = datetime.now(UTC)
         return [_waiting(row, now) for row in rows]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from konstruct.app.cli.common import CliState, json_option, pass_state, tenant_argument, with_pool
+from konstruct.app.cli.common import CliState, in_tenant, json_option, pass_state, tenant_argument
 from konstruct.app.cli.output import print_json, print_table
 from konstruct.experiments.models import usd
 from konstruct.experiments.store.budgets import set_monthly, tenant_budget
@@ -39,8 +39,8 @@ def _paused(data: dict[str, Any], tenant: str) -> None:
 @pass_state
 def set_(state: CliState, tenant: str, monthly_usd: float, as_json: bool) -> int:
     """Set the tenant's monthly budget: a call that would go over it pauses its experiment."""
-    month = with_pool(state.settings, lambda pool: set_monthly(pool, tenant, monthly_usd))
-    data = with_pool(state.settings, lambda pool: tenant_budget(pool, tenant))
+    month = in_tenant(state.settings, tenant, lambda conn: set_monthly(conn, tenant, monthly_usd))
+    data = in_tenant(state.settings, tenant, lambda conn: tenant_budget(conn, tenant))
     if as_json:
         print_json(data)
         return 0
@@ -58,7 +58,7 @@ def set_(state: CliState, tenant: str, monthly_usd: float, as_json: bool) -> int
 @pass_state
 def show(state: CliState, tenant: str, as_json: bool) -> int:
     """The tenant's monthly budget: this month, the months before, paused experiments."""
-    data = with_pool(state.settings, lambda pool: tenant_budget(pool, tenant))
+    data = in_tenant(state.settings, tenant, lambda conn: tenant_budget(conn, tenant))
     if as_json:
         print_json(data)
         return 0

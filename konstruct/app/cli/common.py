@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -23,6 +23,9 @@ from konstruct.config import Settings, load_settings
 from konstruct.platform import db
 from konstruct.platform.errors import ServiceUnreachable
 from konstruct.platform.temporal.client import connect
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 T = TypeVar("T")
 
@@ -62,6 +65,27 @@ tenant_argument = click.argument("tenant", callback=_tenant_id)
 def json_option(help: str = "print JSON") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`--json`, passed to the command as `as_json`."""
     return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def field_option(
+    model: type[BaseModel], field: str, *decls: str, help: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option with the default and bounds a model puts on `field`, so that click
+    names the option when a value is out of bounds and `--help` shows the default."""
+    info = model.model_fields[field]
+    bounds: dict[str, Any] = {}
+    for rule in info.metadata:
+        bounds.update(
+            {key: getattr(rule, key) for key in ("ge", "gt", "le", "lt") if hasattr(rule, key)}
+        )
+    kind = click.IntRange if info.annotation is int else click.FloatRange
+    bounded = kind(
+        bounds.get("ge", bounds.get("gt")),
+        bounds.get("le", bounds.get("lt")),
+        min_open="gt" in bounds,
+        max_open="lt" in bounds,
+    )
+    return click.option(*decls, type=bounded, default=info.default, show_default=True, help=help)
 
 
 @dataclass
@@ -165,8 +189,22 @@ def with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[T]]) 
     return run_async(run())
 
 
-# What a list command's function returns: the store call that fetches its rows.
-Query = Callable[[asyncpg.Pool], Awaitable[list[Any]]]
+def in_tenant(
+    settings: Settings, tenant: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
+) -> T:
+    """Run `work` in one transaction scoped to `tenant` (row-level security), on an
+    `app_pool`, from synchronous command code."""
+
+    async def run(pool: asyncpg.Pool) -> T:
+        async with db.tenant_transaction(pool, tenant) as conn:
+            return await work(conn)
+
+    return with_pool(settings, run)
+
+
+# What a list command's function returns: the store call that fetches its rows, run
+# in a transaction scoped to the command's `tenant`.
+Query = Callable[[asyncpg.Connection], Awaitable[list[Any]]]
 
 
 def listing(
@@ -183,7 +221,7 @@ def listing(
         @pass_state
         @functools.wraps(query_of)
         def command(state: CliState, as_json: bool, **params: Any) -> int:
-            items = with_pool(state.settings, query_of(**params))
+            items = in_tenant(state.settings, params["tenant"], query_of(**params))
             if as_json:
                 print_json(items)
             elif not items:

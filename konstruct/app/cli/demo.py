@@ -25,7 +25,8 @@ from konstruct.app.cli.common import (
     temporal_client,
     workflow_id_value,
 )
-from konstruct.app.cli.output import LiveView, build_table, failure_message, print_json, print_table
+from konstruct.app.cli.output import LiveView, build_table, print_json, print_table
+from konstruct.app.failures import failure_message
 from konstruct.demo.models import STEP_NAMES, ApprovalSignal, DemoProgress, DemoStep
 from konstruct.platform.errors import NotFound
 from workflows.demo_cascade import DemoCascade

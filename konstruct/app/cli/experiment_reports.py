@@ -13,16 +13,12 @@ import asyncpg
 import click
 from rich.table import Column
 
-from konstruct.app.cli.common import CliState, json_option, pass_state, tenant_option, with_pool
+from konstruct.app.cli.common import CliState, in_tenant, json_option, pass_state, tenant_option
 from konstruct.app.cli.output import print_json, print_table
-from konstruct.experiments.compare import (
-    DEFAULT_CONFIDENCE,
-    DEFAULT_RESAMPLES,
-    Comparison,
-    ExperimentData,
-    compare,
-)
+from konstruct.experiments.compare import Comparison, compare
+from konstruct.experiments.records import ExperimentData
 from konstruct.experiments.report import DEFAULT_MAX_ROWS, render_report
+from konstruct.experiments.statistics import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
 from konstruct.experiments.store.analysis import load_experiment
 
 # Flipped item ids printed per eval and direction (--json lists every one).
@@ -42,6 +38,14 @@ def _ids(ids: list[str]) -> str:
 
 
 def print_comparison(c: Comparison) -> None:
+    """The comparison for people: the two runs, the eval table, its notes, the costs."""
+    _print_runs(c)
+    _print_evals(c)
+    _print_eval_notes(c)
+    _print_operations(c)
+
+
+def _print_runs(c: Comparison) -> None:
     for label, s in (("A", c.a), ("B", c.b)):
         print(
             f"{label}  {s.experiment_id}  {s.name}  {s.status}  {s.total} items"
@@ -54,6 +58,10 @@ def print_comparison(c: Comparison) -> None:
         else ""
     )
     print(f"items: {i.shared} shared, {i.only_a} only in A, {i.only_b} only in B{by}")
+
+
+def _print_evals(c: Comparison) -> None:
+    """One row per eval: means, the difference and its interval, pass rates, flips."""
     pct = f"{c.method.confidence:.0%}"
     print_table(
         [
@@ -92,6 +100,10 @@ def print_comparison(c: Comparison) -> None:
         f"  * the {pct} interval excludes 0. Paired bootstrap over the items scored in both,"
         f" {c.method.resamples} resamples, seed {c.method.seed}."
     )
+
+
+def _print_eval_notes(c: Comparison) -> None:
+    """Per eval, what was left out of the pairs and which items flipped."""
     for e in c.evals:
         if e.unscored_a or e.unscored_b:
             print(
@@ -107,13 +119,17 @@ def print_comparison(c: Comparison) -> None:
     for label, names in (("A", c.evals_only_a), ("B", c.evals_only_b)):
         if names:
             print(f"  evals only in {label} (not compared): {', '.join(names)}")
+
+
+def _money(v: float | None, unknown: int) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.6f}" + (f" ({unknown} unknown)" if unknown else "")
+
+
+def _print_operations(c: Comparison) -> None:
+    """What all results of each run took: latency, tokens, cost, time, retries."""
     a, b = c.operations["a"], c.operations["b"]
-
-    def money(v: float | None, unknown: int) -> str:
-        if v is None:
-            return "n/a"
-        return f"{v:.6f}" + (f" ({unknown} unknown)" if unknown else "")
-
     print_table(
         ["all results", Column("A", justify="right"), Column("B", justify="right")],
         [
@@ -121,7 +137,7 @@ def print_comparison(c: Comparison) -> None:
             ("latency p95 ms", _num(a.latency_p95_ms, 1), _num(b.latency_p95_ms, 1)),
             ("prompt tokens", f"{a.prompt_tokens:,}", f"{b.prompt_tokens:,}"),
             ("completion tokens", f"{a.completion_tokens:,}", f"{b.completion_tokens:,}"),
-            ("cost USD", money(a.cost_usd, a.cost_unknown), money(b.cost_usd, b.cost_unknown)),
+            ("cost USD", _money(a.cost_usd, a.cost_unknown), _money(b.cost_usd, b.cost_unknown)),
             ("duration s", _num(a.duration_s, 1), _num(b.duration_s, 1)),
             ("429s (retried)", f"{a.throttled:,}", f"{b.throttled:,}"),
             ("call failures (retried)", f"{a.call_failures:,}", f"{b.call_failures:,}"),
@@ -162,12 +178,12 @@ def compare_command(
     """Experiment B against A, item by item: score differences with a paired
     bootstrap interval, flipped items, latency, tokens and cost."""
 
-    async def load(pool: asyncpg.Pool) -> tuple[ExperimentData, ExperimentData]:
-        a = await load_experiment(pool, tenant, experiment_a)
-        b = await load_experiment(pool, tenant, experiment_b)
+    async def load(conn: asyncpg.Connection) -> tuple[ExperimentData, ExperimentData]:
+        a = await load_experiment(conn, tenant, experiment_a)
+        b = await load_experiment(conn, tenant, experiment_b)
         return a, b
 
-    a, b = with_pool(state.settings, load)
+    a, b = in_tenant(state.settings, tenant, load)
     # Paired by item id, or by dataset item when either ran epochs (`compare` decides).
     result = compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
     if not result.items.shared:
@@ -202,7 +218,7 @@ def report_command(
     state: CliState, experiment: str, tenant: str, out: Path | None, max_rows: int
 ) -> int:
     """One self-contained HTML page about an experiment: summary, plots, items."""
-    data = with_pool(state.settings, lambda pool: load_experiment(pool, tenant, experiment))
+    data = in_tenant(state.settings, tenant, lambda conn: load_experiment(conn, tenant, experiment))
     path = out if out is not None else Path(f"{experiment}.html")
     page = render_report(data, max_rows=max_rows)
     path.write_text(page, encoding="utf-8")

@@ -11,11 +11,11 @@ from konstruct.agents.store.keys import create_key, list_keys, revoke_key
 from konstruct.app.cli.common import (
     CliState,
     Query,
+    in_tenant,
     json_option,
     listing,
     pass_state,
     tenant_argument,
-    with_pool,
 )
 from konstruct.app.cli.output import print_json
 
@@ -32,7 +32,7 @@ def group() -> None:
 @pass_state
 def create(state: CliState, tenant: str, label: str, as_json: bool) -> int:
     """Make a key for the tenant and print it (once: only its hash is stored)."""
-    key_id, key = with_pool(state.settings, lambda pool: create_key(pool, tenant, label))
+    key_id, key = in_tenant(state.settings, tenant, lambda conn: create_key(conn, tenant, label))
     if as_json:
         print_json({"key_id": key_id, "tenant_id": tenant, "key": key, "label": label})
     else:
@@ -58,7 +58,7 @@ def _when(value: datetime | None) -> str | None:
 )
 def list_(tenant: str) -> Query:
     """List a tenant's keys (never the keys themselves)."""
-    return lambda pool: list_keys(pool, tenant)
+    return lambda conn: list_keys(conn, tenant)
 
 
 @group.command("revoke")
@@ -67,7 +67,7 @@ def list_(tenant: str) -> Query:
 @pass_state
 def revoke(state: CliState, tenant: str, key_id: str) -> int:
     """Revoke a key: the gateway refuses it from the next request on."""
-    if with_pool(state.settings, lambda pool: revoke_key(pool, tenant, key_id)):
+    if in_tenant(state.settings, tenant, lambda conn: revoke_key(conn, tenant, key_id)):
         print(f"key {key_id} of tenant {tenant!r} revoked")
         return 0
     print(f"error: tenant {tenant!r} has no key {key_id!r} that is not revoked", file=sys.stderr)

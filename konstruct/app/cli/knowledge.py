@@ -21,6 +21,7 @@ from konstruct.agents.store.knowledge import (
 from konstruct.app.cli.common import (
     CliState,
     Query,
+    in_tenant,
     json_option,
     listing,
     pass_state,
@@ -141,7 +142,7 @@ def add(state: CliState, tenant: str, files: tuple[Path, ...], doc_id: str | Non
 )
 def list_(tenant: str) -> Query:
     """List a tenant's documents."""
-    return lambda pool: list_documents(pool, tenant)
+    return lambda conn: list_documents(conn, tenant)
 
 
 def _excerpt(text: str) -> str:
@@ -180,7 +181,7 @@ def search_(state: CliState, tenant: str, query: str, k: int, as_json: bool) -> 
 @pass_state
 def delete(state: CliState, tenant: str, doc_id: str) -> int:
     """Delete a document and its chunks."""
-    if not with_pool(state.settings, lambda pool: delete_document(pool, tenant, doc_id)):
+    if not in_tenant(state.settings, tenant, lambda conn: delete_document(conn, tenant, doc_id)):
         raise NotFound(
             f"tenant {tenant!r} has no document {doc_id!r}; see `konstruct knowledge list {tenant}`"
         )

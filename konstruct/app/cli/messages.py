@@ -18,7 +18,8 @@ from konstruct.app.cli.common import (
     temporal_client,
     tenant_argument,
 )
-from konstruct.app.cli.output import failure_message, print_json
+from konstruct.app.cli.output import print_json
+from konstruct.app.failures import failure_message
 from konstruct.platform.errors import InvalidInput
 from konstruct.platform.naming import message_workflow_id
 from konstruct.platform.temporal.search_attributes import message_search_attributes

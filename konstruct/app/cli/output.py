@@ -1,4 +1,4 @@
-"""What the CLI prints: rich tables, live views, JSON, and workflow failures in one line."""
+"""What the CLI prints: rich tables, live views and JSON."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Column, Table
 from rich.text import Text
-from temporalio.client import WorkflowFailureError
-
-from konstruct.platform.errors import innermost_application_error
 
 # Piped output is not wrapped at 80 columns: one table row stays one line.
 _PIPE_WIDTH = 250
@@ -91,14 +88,3 @@ class LiveView:
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.stop()
-
-
-def failure_message(error: WorkflowFailureError) -> str:
-    """The error an activity or workflow raised, with its type."""
-    cause = innermost_application_error(error)
-    if cause is not None and cause.type:
-        return f"{cause.type}: {cause.message}"
-    deepest: BaseException | None = error.cause
-    while getattr(deepest, "cause", None) is not None:
-        deepest = deepest.cause  # type: ignore[union-attr]
-    return str(deepest or error)

@@ -59,7 +59,7 @@ def _move_row(m: AliasMove) -> tuple[Any, ...]:
 )
 def runs(limit: int, tenant: str) -> Query:
     """Registered runs, newest first."""
-    return lambda pool: list_runs(pool, tenant, limit)
+    return lambda conn: list_runs(conn, tenant, limit)
 
 
 @group.command("aliases")
@@ -71,7 +71,7 @@ def runs(limit: int, tenant: str) -> Query:
 )
 def aliases(tenant: str) -> Query:
     """Aliases and the run each points at."""
-    return lambda pool: list_aliases(pool, tenant)
+    return lambda conn: list_aliases(conn, tenant)
 
 
 @group.command("history")
@@ -84,4 +84,4 @@ def aliases(tenant: str) -> Query:
 )
 def history(alias: str, tenant: str) -> Query:
     """Every move of one alias, oldest first."""
-    return lambda pool: alias_history(pool, tenant, alias)
+    return lambda conn: alias_history(conn, tenant, alias)

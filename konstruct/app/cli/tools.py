@@ -27,12 +27,12 @@ from konstruct.agents.tools import BUILTIN_TOOLS
 from konstruct.app.cli.common import (
     CliState,
     Query,
+    field_option,
+    in_tenant,
     listing,
     pass_state,
     tenant_argument,
-    with_pool,
 )
-from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import InvalidInput, field_problems
 
 # The option (or argument) of `tools put` that sets each ToolSpec field.
@@ -54,15 +54,6 @@ WEBHOOK_ONLY = ("description", "parameters", "url", "secret_header", "secret_env
 
 def _default(field: str) -> Any:
     return ToolSpec.model_fields[field].default
-
-
-def _seconds(field: str) -> click.FloatRange:
-    """The bounds ToolSpec puts on a duration, so click names the option."""
-    low = high = None
-    for rule in ToolSpec.model_fields[field].metadata:
-        low = getattr(rule, "gt", low)
-        high = getattr(rule, "le", high)
-    return click.FloatRange(low, high, min_open=True)
 
 
 @click.group("tools")
@@ -127,8 +118,8 @@ def _secret(entry: dict[str, Any]) -> str | None:
 def list_(tenant: str) -> Query:
     """The built-in tools and the tenant's webhooks (secrets by variable name only)."""
 
-    async def query(pool: asyncpg.Pool) -> list[Any]:
-        return tool_entries(await list_tools(pool, tenant))
+    async def query(conn: asyncpg.Connection) -> list[Any]:
+        return tool_entries(await list_tools(conn, tenant))
 
     return query
 
@@ -235,20 +226,12 @@ def build_spec(name: str, **given: Any) -> ToolSpec:
     show_default=True,
     help="each call waits for `konstruct approvals approve`",
 )
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=_seconds("timeout_s"),
-    default=_default("timeout_s"),
-    show_default=True,
-    help="seconds one call may take",
-)
-@click.option(
+@field_option(ToolSpec, "timeout_s", "--timeout", "timeout_s", help="seconds one call may take")
+@field_option(
+    ToolSpec,
+    "approval_timeout_s",
     "--approval-timeout",
     "approval_timeout_s",
-    type=_seconds("approval_timeout_s"),
-    default=_default("approval_timeout_s"),
-    show_default=True,
     help="seconds a call waits for a person before it counts as rejected",
 )
 @pass_state
@@ -260,7 +243,7 @@ def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
     A put replaces the whole tool: an option left out takes its default.
     """
     spec = build_spec(name, **given)
-    with_pool(state.settings, lambda pool: put_tool(pool, tenant, spec))
+    in_tenant(state.settings, tenant, lambda conn: put_tool(conn, tenant, spec))
     what = "settings of built-in tool" if spec.kind == "builtin" else "webhook tool"
     approval = ", requires approval" if spec.requires_approval else ""
     print(f"{what} {tenant}/{name} saved{approval}")
@@ -277,12 +260,12 @@ def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
 def delete(state: CliState, tenant: str, name: str) -> int:
     """Delete a webhook tool, or a built-in tool's settings (back to the defaults)."""
 
-    async def work(pool: asyncpg.Pool) -> tuple[bool, list[str]]:
-        existed = await delete_tool(pool, tenant, name)
-        users = [a.agent_id for a in await list_agents(pool, tenant) if name in a.tools]
+    async def work(conn: asyncpg.Connection) -> tuple[bool, list[str]]:
+        existed = await delete_tool(conn, tenant, name)
+        users = [a.agent_id for a in await list_agents(conn, tenant) if name in a.tools]
         return existed, users
 
-    existed, users = with_pool(state.settings, work)
+    existed, users = in_tenant(state.settings, tenant, work)
     builtin = name in BUILTIN_NAMES
     if not existed:
         what = f"no settings for built-in tool {name!r}" if builtin else f"no tool {name!r}"
@@ -378,14 +361,13 @@ def _hosts(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 def allow(state: CliState, tenant: str, hosts: list[str], remove: bool) -> int:
     """Let `http_request` reach HOST (any port) or HOST:PORT, or stop it with --remove."""
 
-    async def work(pool: asyncpg.Pool) -> tuple[list[str], list[str]]:
+    async def work(conn: asyncpg.Connection) -> tuple[list[str], list[str]]:
         if not remove:
-            return await allow_hosts(pool, tenant, hosts, []), []
-        async with tenant_transaction(pool, tenant) as conn:
-            before = await select_hosts(conn, tenant)
-        return await allow_hosts(pool, tenant, [], hosts), [h for h in hosts if h not in before]
+            return await allow_hosts(conn, tenant, hosts, []), []
+        before = await select_hosts(conn, tenant)
+        return await allow_hosts(conn, tenant, [], hosts), [h for h in hosts if h not in before]
 
-    after, absent = with_pool(state.settings, work)
+    after, absent = in_tenant(state.settings, tenant, work)
     if absent:
         print(f"note: not on the list: {', '.join(absent)}", file=sys.stderr)
     print(f"tenant {tenant!r} allows http_request to: {', '.join(after) or 'no host'}")
@@ -403,8 +385,4 @@ def allow(state: CliState, tenant: str, hosts: list[str], remove: bool) -> int:
 def hosts(tenant: str) -> Query:
     """The hosts `http_request` may reach for the tenant."""
 
-    async def query(pool: asyncpg.Pool) -> list[Any]:
-        async with tenant_transaction(pool, tenant) as conn:
-            return await select_hosts(conn, tenant)
-
-    return query
+    return lambda conn: select_hosts(conn, tenant)

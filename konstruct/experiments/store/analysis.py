@@ -1,5 +1,5 @@
 """What `experiments compare` and `experiments report` read: an experiment, every item
-and its result, as `konstruct.experiments.compare.ExperimentData`.
+and its result, as `konstruct.experiments.records.ExperimentData`.
 
 Results are read with `select *`, so the columns of a later migration are seen
 when present and not needed when absent: `cost_usd` (the task call's cost; null
@@ -15,11 +15,10 @@ from typing import Any
 
 import asyncpg
 
-from konstruct.experiments.compare import EvalInfo, ExperimentData, ItemResult, RetrySecond
 from konstruct.experiments.models import eval_name
+from konstruct.experiments.records import EvalInfo, ExperimentData, ItemResult, RetrySecond
 from konstruct.experiments.store.experiments import StoredSpec
-from konstruct.platform.db import tenant_transaction
-from konstruct.platform.errors import NotFound
+from konstruct.experiments.store.lookup import experiment_row
 
 COST_COLUMN = "cost_usd"
 JUDGE_COST_COLUMN = "judge_cost_usd"
@@ -42,40 +41,36 @@ def _evals(spec_json: str) -> list[EvalInfo]:
     return [EvalInfo(eval_name(s), s.kind, getattr(s, "pass_threshold", None)) for s in specs]
 
 
-async def load_experiment(pool: asyncpg.Pool, tenant_id: str, experiment_id: str) -> ExperimentData:
+async def load_experiment(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str
+) -> ExperimentData:
     """The experiment with one `ItemResult` per dataset item, in dataset order."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        exp = await conn.fetchrow(
-            "select experiment_id, tenant_id, name, status, total, spec, throttled,"
-            " call_failures, created_at, completed_at from experiments"
-            " where tenant_id = $1 and experiment_id = $2",
-            tenant_id,
-            experiment_id,
-        )
-        if exp is None:
-            raise NotFound(
-                f"experiment {experiment_id!r} of tenant {tenant_id!r} does not exist;"
-                " see `konstruct experiments list`"
-            )
-        items = await conn.fetch(
-            "select seq, item_id, base_id, epoch, input, expected from experiment_items"
-            " where tenant_id = $1 and experiment_id = $2 order by seq",
-            tenant_id,
-            experiment_id,
-        )
-        results = await conn.fetch(
-            "select * from experiment_results where tenant_id = $1 and experiment_id = $2",
-            tenant_id,
-            experiment_id,
-        )
-        retries = await conn.fetch(
-            "select extract(epoch from at - $3::timestamptz)::float8 as at_s, throttled,"
-            " call_failures from experiment_retry_seconds"
-            " where tenant_id = $1 and experiment_id = $2 order by at",
-            tenant_id,
-            experiment_id,
-            exp["created_at"],
-        )
+    exp = await experiment_row(
+        conn,
+        tenant_id,
+        experiment_id,
+        "experiment_id, tenant_id, name, status, total, spec, throttled, call_failures,"
+        " created_at, completed_at",
+    )
+    items = await conn.fetch(
+        "select seq, item_id, base_id, epoch, input, expected from experiment_items"
+        " where tenant_id = $1 and experiment_id = $2 order by seq",
+        tenant_id,
+        experiment_id,
+    )
+    results = await conn.fetch(
+        "select * from experiment_results where tenant_id = $1 and experiment_id = $2",
+        tenant_id,
+        experiment_id,
+    )
+    retries = await conn.fetch(
+        "select extract(epoch from at - $3::timestamptz)::float8 as at_s, throttled,"
+        " call_failures from experiment_retry_seconds"
+        " where tenant_id = $1 and experiment_id = $2 order by at",
+        tenant_id,
+        experiment_id,
+        exp["created_at"],
+    )
     created: datetime = exp["created_at"]
     has_cost = bool(results) and COST_COLUMN in results[0].keys()
     by_id = {r["item_id"]: r for r in results}

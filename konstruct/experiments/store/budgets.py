@@ -13,7 +13,9 @@ overshoot it by at most what they use beyond their estimates; what they had
 reserved at the refusal is kept (`reserved_at_pause_*`) as that bound.
 
 Locks are taken experiment row first, then the tenant's month row, in every
-transaction here, so two of them never wait on each other in a cycle.
+transaction here, so two of them never wait on each other in a cycle. Functions
+take a connection in the caller's `db.tenant_transaction`, except `reserve`, which
+owns its two transactions (the refused one rolls back, the refusal is kept).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Literal
 import asyncpg
 
 from konstruct.experiments.models import BudgetProgress, usd
+from konstruct.experiments.store.lookup import experiment_row
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import BudgetExhausted, InvalidInput, NotFound
 
@@ -104,6 +107,8 @@ async def configure(
     )
 
 
+# Takes the pool, as a named exception: the refused reservation rolls back, then the
+# refusal is kept by a second transaction that commits although BudgetExhausted is raised.
 async def reserve(
     pool: asyncpg.Pool,
     tenant_id: str,
@@ -137,9 +142,10 @@ async def reserve(
                 if month is None:
                     raise _Refused("tenant")  # the experiment's reservation rolls back too
     except _Refused as refused:
-        message = await record_refusal(
-            pool, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
-        )
+        async with tenant_transaction(pool, tenant_id) as conn:
+            message = await record_refusal(
+                conn, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
+            )
         raise BudgetExhausted(message) from None
     return Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, month)
 
@@ -187,7 +193,7 @@ def _usd_refused(exp: Any, usd_estimate: float, token_estimate: int) -> bool:
 
 
 async def record_refusal(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     tenant_id: str,
     experiment_id: str,
     which: Literal["experiment", "tenant"],
@@ -196,84 +202,82 @@ async def record_refusal(
 ) -> str:
     """Why the reservation was refused, in words, kept on the experiment as its
     `paused_reason` with what the calls in flight hold (the overshoot bound)."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        exp = await conn.fetchrow(
-            "select budget_max_usd, budget_max_tokens, spent_usd, spent_tokens, reserved_usd,"
-            " reserved_tokens from experiments where tenant_id = $1 and experiment_id = $2"
-            " for update",
+    exp = await experiment_row(
+        conn,
+        tenant_id,
+        experiment_id,
+        "budget_max_usd, budget_max_tokens, spent_usd, spent_tokens, reserved_usd, reserved_tokens",
+        for_update=True,
+    )
+    if which == "tenant":
+        month = await conn.fetchrow(
+            "select month, max_usd, spent_usd, reserved_usd from tenant_budgets"
+            f" where tenant_id = $1 and month = {MONTH}",
             tenant_id,
-            experiment_id,
         )
-        if exp is None:
-            raise NotFound(f"experiment {experiment_id!r} of tenant {tenant_id!r} does not exist")
-        if which == "tenant":
-            month = await conn.fetchrow(
-                "select month, max_usd, spent_usd, reserved_usd from tenant_budgets"
-                f" where tenant_id = $1 and month = {MONTH}",
-                tenant_id,
-            )
-            if month is None:
-                reason = f"tenant {tenant_id!r} has no monthly budget for this month"
-            else:
-                reason = (
-                    f"tenant {tenant_id!r}'s monthly budget for {month['month']:%Y-%m} is spent:"
-                    f" {usd(month['spent_usd'])} of {usd(month['max_usd'])}, with"
-                    f" {usd(month['reserved_usd'])} reserved by calls in flight; raise it with"
-                    f" `konstruct budgets set {tenant_id} --monthly-usd N`, then"
-                    f" `konstruct experiments resume {experiment_id} --tenant {tenant_id}`"
-                )
-        elif _usd_refused(exp, usd_estimate, token_estimate):
-            reason = (
-                f"experiment {experiment_id!r} has spent {usd(exp['spent_usd'])} of its"
-                f" {usd(exp['budget_max_usd'])} budget, with {usd(exp['reserved_usd'])} reserved"
-                f" by calls in flight; raise it with `konstruct experiments resume"
-                f" {experiment_id} --tenant {tenant_id} --raise-budget USD`"
-            )
+        if month is None:
+            reason = f"tenant {tenant_id!r} has no monthly budget for this month"
         else:
             reason = (
-                f"experiment {experiment_id!r} has used {exp['spent_tokens']} of its"
-                f" {exp['budget_max_tokens']} tokens budget, with {exp['reserved_tokens']}"
-                " reserved by calls in flight; raise it with `konstruct experiments resume"
-                f" {experiment_id} --tenant {tenant_id} --raise-tokens N`"
+                f"tenant {tenant_id!r}'s monthly budget for {month['month']:%Y-%m} is spent:"
+                f" {usd(month['spent_usd'])} of {usd(month['max_usd'])}, with"
+                f" {usd(month['reserved_usd'])} reserved by calls in flight; raise it with"
+                f" `konstruct budgets set {tenant_id} --monthly-usd N`, then"
+                f" `konstruct experiments resume {experiment_id} --tenant {tenant_id}`"
             )
-        await conn.execute(
-            "update experiments set paused_reason = coalesce(paused_reason, $3),"
-            " reserved_at_pause_usd = greatest(coalesce(reserved_at_pause_usd, 0), reserved_usd),"
-            " reserved_at_pause_tokens ="
-            " greatest(coalesce(reserved_at_pause_tokens, 0), reserved_tokens),"
-            " updated_at = now() where tenant_id = $1 and experiment_id = $2",
-            tenant_id,
-            experiment_id,
-            f"budget: {reason}",
+    elif _usd_refused(exp, usd_estimate, token_estimate):
+        reason = (
+            f"experiment {experiment_id!r} has spent {usd(exp['spent_usd'])} of its"
+            f" {usd(exp['budget_max_usd'])} budget, with {usd(exp['reserved_usd'])} reserved"
+            f" by calls in flight; raise it with `konstruct experiments resume"
+            f" {experiment_id} --tenant {tenant_id} --raise-budget USD`"
         )
+    else:
+        reason = (
+            f"experiment {experiment_id!r} has used {exp['spent_tokens']} of its"
+            f" {exp['budget_max_tokens']} tokens budget, with {exp['reserved_tokens']}"
+            " reserved by calls in flight; raise it with `konstruct experiments resume"
+            f" {experiment_id} --tenant {tenant_id} --raise-tokens N`"
+        )
+    await conn.execute(
+        "update experiments set paused_reason = coalesce(paused_reason, $3),"
+        " reserved_at_pause_usd = greatest(coalesce(reserved_at_pause_usd, 0), reserved_usd),"
+        " reserved_at_pause_tokens ="
+        " greatest(coalesce(reserved_at_pause_tokens, 0), reserved_tokens),"
+        " updated_at = now() where tenant_id = $1 and experiment_id = $2",
+        tenant_id,
+        experiment_id,
+        f"budget: {reason}",
+    )
     return reason
 
 
-async def settle(pool: asyncpg.Pool, held: Reservation, used_usd: float, used_tokens: int) -> None:
+async def settle(
+    conn: asyncpg.Connection, held: Reservation, used_usd: float, used_tokens: int
+) -> None:
     """Release a call's reservation and add what it used (0, 0: it made no answer)."""
-    async with tenant_transaction(pool, held.tenant_id) as conn:
+    await conn.execute(
+        "update experiments set reserved_usd = greatest(0, reserved_usd - $3),"
+        " reserved_tokens = greatest(0, reserved_tokens - $4),"
+        " spent_usd = spent_usd + $5, spent_tokens = spent_tokens + $6"
+        " where tenant_id = $1 and experiment_id = $2",
+        held.tenant_id,
+        held.experiment_id,
+        held.usd,
+        held.tokens,
+        used_usd,
+        used_tokens,
+    )
+    if held.month is not None:
         await conn.execute(
-            "update experiments set reserved_usd = greatest(0, reserved_usd - $3),"
-            " reserved_tokens = greatest(0, reserved_tokens - $4),"
-            " spent_usd = spent_usd + $5, spent_tokens = spent_tokens + $6"
-            " where tenant_id = $1 and experiment_id = $2",
+            "update tenant_budgets set reserved_usd = greatest(0, reserved_usd - $3),"
+            " spent_usd = spent_usd + $4, updated_at = now()"
+            " where tenant_id = $1 and month = $2",
             held.tenant_id,
-            held.experiment_id,
+            held.month,
             held.usd,
-            held.tokens,
             used_usd,
-            used_tokens,
         )
-        if held.month is not None:
-            await conn.execute(
-                "update tenant_budgets set reserved_usd = greatest(0, reserved_usd - $3),"
-                " spent_usd = spent_usd + $4, updated_at = now()"
-                " where tenant_id = $1 and month = $2",
-                held.tenant_id,
-                held.month,
-                held.usd,
-                used_usd,
-            )
 
 
 async def release_all(
@@ -352,7 +356,7 @@ async def status(
 
 
 async def raise_budget(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     tenant_id: str,
     experiment_id: str,
     *,
@@ -361,62 +365,52 @@ async def raise_budget(
 ) -> dict[str, Any]:
     """Raise the experiment's budget (kept apart too, so a restart keeps the raise);
     returns its budget now."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        row = await conn.fetchrow(
-            "select budget_max_usd, budget_max_tokens from experiments"
-            " where tenant_id = $1 and experiment_id = $2 for update",
-            tenant_id,
-            experiment_id,
-        )
-        if row is None:
-            raise NotFound(
-                f"experiment {experiment_id!r} of tenant {tenant_id!r} does not exist;"
-                " see `konstruct experiments list`"
+    row = await experiment_row(
+        conn, tenant_id, experiment_id, "budget_max_usd, budget_max_tokens", for_update=True
+    )
+    for more, column, what in (
+        (usd_more, "budget_max_usd", "--raise-budget: budget.max_usd"),
+        (tokens_more, "budget_max_tokens", "--raise-tokens: budget.max_tokens"),
+    ):
+        if more and row[column] is None:
+            raise InvalidInput(
+                f"{what}: experiment {experiment_id!r} has no such budget of its own; a"
+                f" tenant's monthly budget is raised with `konstruct budgets set {tenant_id}"
+                " --monthly-usd N`"
             )
-        for more, column, what in (
-            (usd_more, "budget_max_usd", "--raise-budget: budget.max_usd"),
-            (tokens_more, "budget_max_tokens", "--raise-tokens: budget.max_tokens"),
-        ):
-            if more and row[column] is None:
-                raise InvalidInput(
-                    f"{what}: experiment {experiment_id!r} has no such budget of its own; a"
-                    f" tenant's monthly budget is raised with `konstruct budgets set {tenant_id}"
-                    " --monthly-usd N`"
-                )
-        raised = await conn.fetchrow(
-            "update experiments set budget_max_usd = budget_max_usd + $3,"
-            " budget_raised_usd = budget_raised_usd + $3,"
-            " budget_max_tokens = budget_max_tokens + $4,"
-            " budget_raised_tokens = budget_raised_tokens + $4, updated_at = now()"
-            " where tenant_id = $1 and experiment_id = $2"
-            " returning budget_max_usd, budget_max_tokens, spent_usd, spent_tokens",
-            tenant_id,
-            experiment_id,
-            usd_more,
-            tokens_more,
-        )
+    raised = await conn.fetchrow(
+        "update experiments set budget_max_usd = budget_max_usd + $3,"
+        " budget_raised_usd = budget_raised_usd + $3,"
+        " budget_max_tokens = budget_max_tokens + $4,"
+        " budget_raised_tokens = budget_raised_tokens + $4, updated_at = now()"
+        " where tenant_id = $1 and experiment_id = $2"
+        " returning budget_max_usd, budget_max_tokens, spent_usd, spent_tokens",
+        tenant_id,
+        experiment_id,
+        usd_more,
+        tokens_more,
+    )
     return dict(raised)
 
 
-async def set_monthly(pool: asyncpg.Pool, tenant_id: str, max_usd: float) -> dict[str, Any]:
+async def set_monthly(conn: asyncpg.Connection, tenant_id: str, max_usd: float) -> dict[str, Any]:
     """Set the tenant's monthly budget from this month on. A month's first budget
     counts what the tenant's experiment calls already cost that month."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        if not await conn.fetchval("select 1 from tenants where tenant_id = $1", tenant_id):
-            raise NotFound(
-                f"tenant {tenant_id!r} does not exist; create it with"
-                f" `konstruct agents put {tenant_id} AGENT ...`"
-            )
-        row = await conn.fetchrow(
-            "insert into tenant_budgets (tenant_id, month, max_usd, spent_usd)"
-            f" values ($1, {MONTH}, $2, (select coalesce(sum(coalesce(r.cost_usd, 0)"
-            " + r.judge_cost_usd), 0) from experiment_results r where r.tenant_id = $1"
-            f" and r.created_at >= {MONTH}::timestamp at time zone 'utc'))"
-            " on conflict (tenant_id, month) do update set max_usd = excluded.max_usd,"
-            " updated_at = now() returning month, max_usd, spent_usd, reserved_usd",
-            tenant_id,
-            max_usd,
+    if not await conn.fetchval("select 1 from tenants where tenant_id = $1", tenant_id):
+        raise NotFound(
+            f"tenant {tenant_id!r} does not exist; create it with"
+            f" `konstruct agents put {tenant_id} AGENT ...`"
         )
+    row = await conn.fetchrow(
+        "insert into tenant_budgets (tenant_id, month, max_usd, spent_usd)"
+        f" values ($1, {MONTH}, $2, (select coalesce(sum(coalesce(r.cost_usd, 0)"
+        " + r.judge_cost_usd), 0) from experiment_results r where r.tenant_id = $1"
+        f" and r.created_at >= {MONTH}::timestamp at time zone 'utc'))"
+        " on conflict (tenant_id, month) do update set max_usd = excluded.max_usd,"
+        " updated_at = now() returning month, max_usd, spent_usd, reserved_usd",
+        tenant_id,
+        max_usd,
+    )
     return _month_json(row)
 
 
@@ -430,23 +424,22 @@ def _month_json(row: Any) -> dict[str, Any]:
     }
 
 
-async def tenant_budget(pool: asyncpg.Pool, tenant_id: str) -> dict[str, Any]:
+async def tenant_budget(conn: asyncpg.Connection, tenant_id: str) -> dict[str, Any]:
     """The tenant's monthly budget: this month's figures, the months before, and
     the experiments paused for a spent budget."""
-    async with tenant_transaction(pool, tenant_id) as conn:
-        if not await conn.fetchval("select 1 from tenants where tenant_id = $1", tenant_id):
-            raise NotFound(f"tenant {tenant_id!r} does not exist")
-        rows = await conn.fetch(
-            "select month, max_usd, spent_usd, reserved_usd from tenant_budgets"
-            " where tenant_id = $1 order by month desc limit 12",
-            tenant_id,
-        )
-        this_month = await conn.fetchval(f"select {MONTH}")
-        paused = await conn.fetch(
-            "select experiment_id, paused_reason from experiments"
-            " where tenant_id = $1 and paused_reason is not null order by experiment_id",
-            tenant_id,
-        )
+    if not await conn.fetchval("select 1 from tenants where tenant_id = $1", tenant_id):
+        raise NotFound(f"tenant {tenant_id!r} does not exist")
+    rows = await conn.fetch(
+        "select month, max_usd, spent_usd, reserved_usd from tenant_budgets"
+        " where tenant_id = $1 order by month desc limit 12",
+        tenant_id,
+    )
+    this_month = await conn.fetchval(f"select {MONTH}")
+    paused = await conn.fetch(
+        "select experiment_id, paused_reason from experiments"
+        " where tenant_id = $1 and paused_reason is not null order by experiment_id",
+        tenant_id,
+    )
     months = [_month_json(r) for r in rows]
     current: dict[str, Any] | None = None
     if rows:

@@ -1,0 +1,110 @@
+"""`konstruct experiments stop | resume`: the workflow's update, answered accepted or refused."""
+
+from __future__ import annotations
+
+import click
+from temporalio.service import RPCError
+
+from konstruct.app.cli.common import (
+    CliState,
+    app_pool,
+    pass_state,
+    run_async,
+    temporal_client,
+    tenant_option,
+)
+from konstruct.app.cli.experiment_ids import experiment_argument, experiment_workflow_id
+from konstruct.config import Settings
+from konstruct.experiments.models import ToggleInput, usd
+from konstruct.experiments.store.budgets import raise_budget as raise_experiment_budget
+from konstruct.platform.db import tenant_transaction
+from konstruct.platform.errors import NotFound
+from workflows.experiment import Experiment
+
+
+async def _raise_budget(
+    settings: Settings, tenant: str, experiment: str, usd_more: float, tokens_more: int
+) -> None:
+    # In PostgreSQL first: the calls after the resume reserve against it.
+    async with app_pool(settings) as pool, tenant_transaction(pool, tenant) as conn:
+        now = await raise_experiment_budget(
+            conn, tenant, experiment, usd_more=usd_more, tokens_more=tokens_more
+        )
+    print(
+        f"budget of {experiment} raised: {usd(now['spent_usd'])} spent of"
+        f" {usd(now['budget_max_usd'])}"
+        + (
+            f", {now['spent_tokens']} of {now['budget_max_tokens']} tokens"
+            if now["budget_max_tokens"] is not None
+            else ""
+        )
+    )
+
+
+async def _toggle(settings: Settings, tenant: str, experiment: str, action: str) -> int:
+    """Send the `stop` or `resume` update; print its answer; 0 if it was accepted."""
+    update = Experiment.request_stop if action == "stop" else Experiment.request_resume
+    workflow_id = await experiment_workflow_id(settings, tenant, experiment)
+    client = await temporal_client(settings)
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        result = await handle.execute_update(update, ToggleInput(by="cli"))
+    except RPCError as exc:
+        try:
+            status = (await handle.describe()).status
+        except RPCError:
+            raise NotFound(f"no experiment workflow {workflow_id!r}: {exc.message}") from None
+        word = status.name.lower() if status is not None else "closed"
+        print(f"{action} refused: the experiment's workflow is {word}")
+        return 1
+    word = "accepted" if result.accepted else "refused"
+    print(f"{action} {word}: {result.reason} (status {result.status})")
+    return 0 if result.accepted else 1
+
+
+def _with_raise_options(command: click.Command) -> click.Command:
+    """`resume --raise-budget USD --raise-tokens N`: raise the budget before resuming."""
+    command = click.option(
+        "--raise-budget",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="USD",
+        help="first raise the experiment's budget.max_usd by USD (a budget pause)",
+    )(command)
+    return click.option(
+        "--raise-tokens",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="first raise the experiment's budget.max_tokens by N",
+    )(command)
+
+
+def _toggle_command(action: str) -> click.Command:
+    """`stop` or `resume`: the update's answer, accepted or refused with its reason."""
+
+    @click.command(action, help=f"{action.capitalize()} an experiment (answers accepted/refused).")
+    @experiment_argument
+    @tenant_option
+    @pass_state
+    def toggle(
+        state: CliState,
+        experiment: str,
+        tenant: str,
+        raise_budget: float | None = None,
+        raise_tokens: int | None = None,
+    ) -> int:
+        settings = state.settings
+
+        async def run() -> int:
+            if raise_budget is not None or raise_tokens is not None:
+                await _raise_budget(
+                    settings, tenant, experiment, raise_budget or 0.0, raise_tokens or 0
+                )
+            return await _toggle(settings, tenant, experiment, action)
+
+        return run_async(run())
+
+    return _with_raise_options(toggle) if action == "resume" else toggle
+
+
+# What `konstruct.app.cli.experiments` adds to its group.
+COMMANDS = (_toggle_command("stop"), _toggle_command("resume"))

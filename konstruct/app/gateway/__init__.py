@@ -1,0 +1,58 @@
+"""`konstruct gateway`: an OpenAI-compatible HTTP front door to `HandleMessage`.
+
+    GET  /v1/models            the agents of the key's tenant, as `TENANT/AGENT` models
+    POST /v1/chat/completions  one message to an agent; the reply as a `chat.completion`
+                               (or `chat.completion.chunk` events with `stream: true`)
+    GET  /health               200 once the gateway serves (no key needed)
+
+A request carries a tenant's key (`Authorization: Bearer ksk_...`, made with
+`konstruct keys create TENANT`); the tenant comes from the key only. The last
+`user` message is the inbound message; header `X-Konstruct-Thread` (else the
+`user` field, else a new thread per request) names the thread, header
+`Idempotency-Key` the message id, so a retry gets the same reply and stores one
+turn. Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+
+The process hosts a worker for its task queue, so it starts each workflow with
+eager workflow start: the first workflow task runs here without a round trip
+through the task queue. A message that pauses for a person's approval of a tool
+call is answered with HTTP 202 and `"status": "awaiting_approval"` as soon as
+the workflow announces it (PostgreSQL `NOTIFY konstruct_awaiting_approval`).
+
+    errors     GatewayError: the non-2xx answers
+    wire       the request body, the completion and its chunks, the 202
+    notices    the LISTEN connection for approval notices
+    handlers   Gateway: the handlers, the workflow run, the wait for an approval
+    app        the Starlette app and `serve`
+"""
+
+from konstruct.app.gateway.app import create_app, serve
+from konstruct.app.gateway.errors import GatewayError
+from konstruct.app.gateway.handlers import Gateway
+from konstruct.app.gateway.notices import AWAITING_APPROVAL_CHANNEL, ApprovalNotices
+from konstruct.app.gateway.wire import (
+    STREAM_CHUNK_CHARS,
+    ChatCompletionRequest,
+    Pending,
+    completion_body,
+    completion_chunks,
+    inbound_text,
+    parse_chat_request,
+    split_model,
+)
+
+__all__ = [
+    "AWAITING_APPROVAL_CHANNEL",
+    "STREAM_CHUNK_CHARS",
+    "ApprovalNotices",
+    "ChatCompletionRequest",
+    "Gateway",
+    "GatewayError",
+    "Pending",
+    "completion_body",
+    "completion_chunks",
+    "create_app",
+    "inbound_text",
+    "parse_chat_request",
+    "serve",
+    "split_model",
+]

@@ -1,0 +1,248 @@
+"""The gateway's request handlers: a key's tenant, its models, and one message run to its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+from opentelemetry.trace import Span
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.common import WorkflowIDConflictPolicy
+
+from konstruct.agents.models import HandleMessageInput, HandleMessageResult
+from konstruct.agents.store.agents import list_agents
+from konstruct.agents.store.keys import tenant_for_key
+from konstruct.app.gateway.errors import model_not_found, unauthorized
+from konstruct.app.gateway.notices import ApprovalNotices
+from konstruct.app.gateway.wire import (
+    Pending,
+    completion_body,
+    completion_chunks,
+    header_id,
+    inbound_text,
+    message_input,
+    parse_chat_request,
+    split_model,
+    sse,
+)
+from konstruct.config import Settings
+from konstruct.platform import db
+from konstruct.platform.errors import UnknownAgent, innermost_application_error, is_failure
+from konstruct.platform.naming import message_workflow_id
+from konstruct.platform.temporal.search_attributes import message_search_attributes
+
+log = logging.getLogger("konstruct.app.gateway")
+
+# How often a waiting request asks the workflow itself whether it waits for an
+# approval, while the notification listener is down (or was, since the request began).
+PROGRESS_POLL_S = 2.0
+PROGRESS_QUERY_TIMEOUT = timedelta(seconds=2)
+# After a notice, how long to let the workflow's `progress` catch up with it (the
+# activity's NOTIFY commits before the workflow has recorded its pending calls).
+PENDING_SETTLE_S = 1.0
+
+
+class Gateway:
+    """The request handlers, with their Temporal client, pool and listener."""
+
+    def __init__(self, client: Client, settings: Settings, task_queue: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.task_queue = task_queue
+        self._pool: asyncpg.Pool | None = None
+        self._in_flight = 0
+        self.notices = ApprovalNotices(db.app_url(settings))
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "the gateway has not started"
+        return self._pool
+
+    # -- requests
+
+    async def _tenant(self, request: Request) -> str:
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not header:
+            raise unauthorized(
+                "You didn't provide an API key: send `Authorization: Bearer KEY`"
+                " (make one with `konstruct keys create TENANT`)"
+            )
+        if scheme.lower() != "bearer" or not key.strip():
+            raise unauthorized("The Authorization header must be `Bearer KEY`")
+        async with self.pool.acquire() as conn:
+            found = await tenant_for_key(conn, key.strip())
+        if found is None:
+            raise unauthorized("Incorrect API key provided (unknown or revoked)")
+        return found[0]
+
+    async def _agents(self, tenant: str) -> list[str]:
+        async with db.tenant_transaction(self.pool, tenant) as conn:
+            return [a.agent_id for a in await list_agents(conn, tenant)]
+
+    async def models(self, request: Request) -> Response:
+        tenant = await self._tenant(request)
+        data = [
+            {"id": f"{tenant}/{agent}", "object": "model", "created": 0, "owned_by": tenant}
+            for agent in await self._agents(tenant)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request, span: Span) -> Response:
+        tenant = await self._tenant(request)
+        span.set_attribute("konstruct.tenant", tenant)
+        body = parse_chat_request(await request.body())
+        wanted_tenant, agent = split_model(body.model)
+        span.set_attribute("konstruct.agent", agent)
+        if wanted_tenant != tenant:
+            raise model_not_found(body.model)
+        text = inbound_text(body)
+        thread = header_id(request, "X-Konstruct-Thread") or body.user or f"http-{_new_id()}"
+        idempotency_key = header_id(request, "Idempotency-Key")
+        message_id = idempotency_key or _new_id()
+        workflow_id = message_workflow_id(tenant, message_id)
+        message = message_input(
+            {
+                "message_id": message_id,
+                "tenant_id": tenant,
+                "agent_id": agent,
+                "thread_id": thread,
+                "channel": "http",
+                "sender": body.user or "api",
+                "text": text,
+            }
+        )
+        span.set_attribute("konstruct.workflow_id", workflow_id)
+        try:
+            outcome = await self._answer(workflow_id, message, retry=idempotency_key is not None)
+        except WorkflowFailureError as exc:
+            # An agent the tenant does not have: the workflow says so at once, and the
+            # answer is the same 404 as another tenant's model (no probing).
+            if is_failure(innermost_application_error(exc), UnknownAgent):
+                raise model_not_found(body.model) from None
+            raise
+        if isinstance(outcome, Pending):
+            return JSONResponse(
+                outcome.body(), status_code=202, headers={"X-Konstruct-Workflow-Id": workflow_id}
+            )
+        headers = {
+            "X-Konstruct-Workflow-Id": workflow_id,
+            "X-Konstruct-Degraded": "true" if outcome.degraded else "false",
+        }
+        completion_id = f"chatcmpl-{message_id}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = completion_chunks(completion_id, body.model, created, outcome, include_usage)
+            return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=headers)
+        return JSONResponse(
+            completion_body(completion_id, body.model, created, outcome), headers=headers
+        )
+
+    # -- running the workflow
+
+    async def _answer(
+        self, workflow_id: str, message: HandleMessageInput, retry: bool
+    ) -> HandleMessageResult | Pending:
+        """Start (or attach to) the message's workflow; its result, or Pending as soon as
+        it waits for an approval."""
+        from workflows.handle_message import HandleMessage
+
+        # Eager while this process is not busy: see gateway.eager_max_in_flight.
+        eager = self._in_flight < self.settings.gateway.eager_max_in_flight
+        self._in_flight += 1
+        notice = self.notices.register(workflow_id)
+        generation = self.notices.generation
+        result: asyncio.Task[HandleMessageResult] | None = None
+        try:
+            handle = await self.client.start_workflow(
+                HandleMessage.run,
+                message.model_dump(),
+                id=workflow_id,
+                task_queue=self.task_queue,
+                request_eager_start=eager,
+                search_attributes=message_search_attributes(message.tenant_id),
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"{message.tenant_id}/{message.agent_id} via http:"
+                f" {message.text[:60]}",
+            )
+            result = asyncio.ensure_future(handle.result())
+            either: set[asyncio.Future[Any]] = {result, notice}
+            # A client retry (its own Idempotency-Key) may attach to a run that announced
+            # its approval wait before we listened, so ask it. A random id is a new run,
+            # which cannot have: our future was registered before it existed.
+            if retry and await self._awaiting_approval(workflow_id):
+                return await self._pending(workflow_id, message.message_id, settle=False)
+            while True:
+                await asyncio.wait(
+                    either, timeout=PROGRESS_POLL_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if result.done():
+                    return result.result()
+                if notice.done():
+                    return await self._pending(workflow_id, message.message_id, settle=True)
+                # No notice can be missed while one connection listens the whole time;
+                # otherwise ask the workflow itself, every PROGRESS_POLL_S.
+                if not self.notices.connected or self.notices.generation != generation:
+                    generation = self.notices.generation
+                    if await self._awaiting_approval(workflow_id):
+                        return await self._pending(workflow_id, message.message_id, settle=False)
+        finally:
+            self._in_flight -= 1
+            self.notices.unregister(workflow_id, notice)
+            if result is not None and not result.done():
+                result.cancel()
+
+    async def _progress(self, workflow_id: str) -> dict[str, Any] | None:
+        try:
+            progress = await self.client.get_workflow_handle(workflow_id).query(
+                "progress", rpc_timeout=PROGRESS_QUERY_TIMEOUT
+            )
+        except Exception as exc:  # no such query yet, a run without a worker, a timeout
+            log.debug("progress query of %s failed: %s", workflow_id, exc)
+            return None
+        return progress if isinstance(progress, dict) else None
+
+    async def _awaiting_approval(self, workflow_id: str) -> bool:
+        progress = await self._progress(workflow_id)
+        return progress is not None and progress.get("status") == "awaiting_approval"
+
+    async def _pending(self, workflow_id: str, message_id: str, settle: bool) -> Pending:
+        """The 202 answer with the workflow's pending calls ([] if it does not say).
+
+        A query is answered from the workflow's last completed task, which may not
+        show the wait yet when its notice arrives; so after a notice ask again, for up
+        to PENDING_SETTLE_S, until `progress` shows it.
+        """
+        deadline = time.monotonic() + (PENDING_SETTLE_S if settle else 0)
+        while True:
+            progress = await self._progress(workflow_id)
+            if progress is not None and progress.get("status") == "awaiting_approval":
+                return Pending(workflow_id, message_id, list(progress.get("pending") or []))
+            if time.monotonic() >= deadline:
+                pending = (progress or {}).get("pending") or []
+                return Pending(workflow_id, message_id, list(pending))
+            await asyncio.sleep(0.05)
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        self._pool = await db.create_pool(db.app_url(self.settings), min_size=1, max_size=10)
+        self.notices.start()
+
+    async def close(self) -> None:
+        await self.notices.stop()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:16]

@@ -1,0 +1,245 @@
+"""The gateway's wire format: the chat request body, and the completion, chunks and 202 it answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+
+from konstruct.agents.models import HandleMessageInput, HandleMessageResult
+from konstruct.app.gateway.errors import invalid
+from konstruct.platform.errors import field_problems
+
+# A streamed reply is cut into pieces of about this many characters.
+STREAM_CHUNK_CHARS = 40
+MAX_HEADER_ID = 200
+
+
+# --- the request body ---------------------------------------------------------------
+
+
+def _content_text(value: Any) -> Any:
+    """Message content as one string: a string, null, or text parts joined by newlines."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("must be a string, a list of text parts or null")
+    texts = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"part {i} is {kind!r}: only text parts are supported")
+        text = part.get("text")
+        if not isinstance(text, str) or set(part) - {"type", "text"}:
+            raise ValueError(f'part {i} must be {{"type": "text", "text": "..."}}')
+        texts.append(text)
+    return "\n".join(texts)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Annotated[str | None, BeforeValidator(_content_text)] = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    # What the openai client puts in an assistant message handed back to it.
+    refusal: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of `POST /v1/chat/completions`: the fields used, and OpenAI's usual
+    fields accepted and ignored. Any other field is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, min_length=1, max_length=MAX_HEADER_ID)
+    n: Literal[1] | None = None
+    # Accepted and ignored: the agent's own settings decide.
+    temperature: Any = None
+    top_p: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    stop: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    metadata: Any = None
+    seed: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    logprobs: Any = None
+
+
+def _problem_text(text: str) -> str:
+    return text.removeprefix("Value error, ")
+
+
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    """The body, or a 400 whose message names each offending field (`messages.0.role: ...`)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"the body is not valid JSON: {exc}", None) from None
+    if not isinstance(data, dict):
+        raise invalid("the body must be a JSON object", None)
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = field_problems(exc, root="(body)")
+        message = "; ".join(f"{name}: {_problem_text(text)}" for name, text in problems)
+        raise invalid(message, problems[0][0]) from None
+
+
+def split_model(model: str) -> tuple[str, str]:
+    """`TENANT/AGENT` → (tenant, agent); a 400 naming `model` otherwise."""
+    tenant, slash, agent = model.partition("/")
+    if not slash or not tenant or not agent or "/" in agent:
+        raise invalid(
+            f"model must be TENANT/AGENT (for example demo/assistant), not {model!r}", "model"
+        )
+    return tenant, agent
+
+
+def inbound_text(body: ChatCompletionRequest) -> str:
+    """The last `user` message's text: what the agent answers."""
+    for message in reversed(body.messages):
+        if message.role == "user":
+            return message.content or ""
+    raise invalid("messages must contain a message with role 'user'", "messages")
+
+
+def header_id(request: Request, name: str) -> str | None:
+    """An id given in a header: 1-200 characters, else a 400 naming the header."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not value.strip() or len(value) > MAX_HEADER_ID:
+        raise invalid(f"header {name} must be 1-{MAX_HEADER_ID} characters", name)
+    return value
+
+
+# Where a HandleMessage field came from, for a 400 that names what the client sent.
+_INPUT_ORIGIN = {
+    "text": "messages",
+    "thread_id": "X-Konstruct-Thread",
+    "message_id": "Idempotency-Key",
+    "sender": "user",
+    "agent_id": "model",
+    "tenant_id": "model",
+}
+
+
+def message_input(message: dict[str, Any]) -> HandleMessageInput:
+    try:
+        return HandleMessageInput.model_validate(message)
+    except ValidationError as exc:
+        problems = [(_INPUT_ORIGIN.get(name, name), text) for name, text in field_problems(exc)]
+        raise invalid(
+            "; ".join(f"{name}: {_problem_text(text)}" for name, text in problems),
+            problems[0][0],
+        ) from None
+
+
+# --- answers ------------------------------------------------------------------------
+
+
+def _usage(result: HandleMessageResult) -> dict[str, int]:
+    return result.usage.model_dump()
+
+
+def completion_body(
+    completion_id: str, model: str, created: int, result: HandleMessageResult
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.response},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _usage(result),
+    }
+
+
+def completion_chunks(
+    completion_id: str,
+    model: str,
+    created: int,
+    result: HandleMessageResult,
+    include_usage: bool,
+) -> Iterator[dict[str, Any]]:
+    """The reply as `chat.completion.chunk` objects: role, content pieces, stop, usage."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    yield chunk({"role": "assistant"})
+    text = result.response
+    for start in range(0, len(text), STREAM_CHUNK_CHARS):
+        yield chunk({"content": text[start : start + STREAM_CHUNK_CHARS]})
+    yield chunk({}, "stop")
+    if include_usage:
+        yield {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage(result),
+        }
+
+
+async def sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Chunks as server-sent events, ended by `data: [DONE]`."""
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+@dataclass
+class Pending:
+    """A message waiting for a person to approve a tool call (answered with 202)."""
+
+    workflow_id: str
+    message_id: str
+    pending: list[Any]
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "object": "konstruct.pending",
+            "status": "awaiting_approval",
+            "workflow_id": self.workflow_id,
+            "message_id": self.message_id,
+            "pending": self.pending,
+        }

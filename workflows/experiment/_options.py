@@ -1,0 +1,71 @@
+"""The Experiment workflow's timeouts, retry policies, patch markers and item routing."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from konstruct.experiments.models import Route
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+# Loading a 20,000-line dataset takes seconds; a database restart is survived
+# by retrying.
+PREPARE_TIMEOUT = timedelta(minutes=5)
+PREPARE_HEARTBEAT = timedelta(seconds=10)
+# Short, so a call lost with a killed worker is retried within seconds.
+DB_TIMEOUT = timedelta(seconds=10)
+MONITOR_TIMEOUT = timedelta(seconds=5)
+FINALIZE_TIMEOUT = timedelta(minutes=2)
+# Our errors (InvalidInput, NotFound, ExperimentStopped) arrive marked
+# non-retryable by the worker's interceptor: no list of type names here.
+DB_RETRY_POLICY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    maximum_interval=timedelta(seconds=5),
+)
+# Toggle records kept in `progress`.
+TOGGLE_HISTORY = 20
+# Patch marker: runs recorded before it drained every queued call before
+# continue-as-new; runs after it cancel the ones not started yet.
+CANCEL_WAITING_BEFORE_NEW_RUN = "cancel-waiting-calls-before-continue-as-new"
+# Patch marker: runs recorded before it reported `completed` from the workflow's
+# own counters; runs after it count results in PostgreSQL first, dispatch the
+# items left without one again (after these pauses), and else end `incomplete`.
+SETTLE_UNFINISHED = "settle-items-without-a-result"
+SETTLE_PAUSES_S = (1.0, 2.0, 4.0)
+# Patch marker: runs after it send task calls in batches while the provider's
+# rate is high (`ExperimentOptions.batch_*`), and count `continue_as_new_every`
+# in task activities (one item, or one batch) rather than items.
+BATCH_CALLS = "batch-task-calls-at-high-rates"
+# Patch marker: a stop or resume that arrives while a run is still loading (its
+# first moments, after every continue-as-new too) is kept and applied once the
+# run has loaded; before, it was refused, and a signal's refusal is silent.
+QUEUE_EARLY_TOGGLES = "queue-toggles-while-loading"
+# A batch waits for its slots on the provider's schedule; its heartbeat, not
+# this, is what notices a dead worker.
+BATCH_TIMEOUT = timedelta(minutes=30)
+BATCHES_IN_FLIGHT = 8
+# No local activities here: the monitor, the dispatch loop and failing items run
+# concurrently, and concurrent local activities resolve in completion order when
+# first run but in sequence order on replay (a behaviour of the Python SDK), which
+# broke replay of this workflow without a cache.
+
+
+def pick_route(routes: list[Route], item_id: str) -> Route:
+    """The same deployment for an item on every attempt, run and restart."""
+    return routes[zlib.crc32(item_id.encode()) % len(routes)]
+
+
+async def db_call(method: Callable[[Any, A], Awaitable[R]], arg: A) -> R:
+    """One short database activity of `ExperimentActivities`, retried through a
+    database restart."""
+    return await workflow.execute_activity_method(
+        method, arg, start_to_close_timeout=DB_TIMEOUT, retry_policy=DB_RETRY_POLICY
+    )
