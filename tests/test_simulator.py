@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import litellm
 import pytest
-from konstruct.providers.simulator.limiters import openai_duration
 
 from konstruct.app.stack import simulator_command
 from konstruct.providers.simulator import (
@@ -26,6 +25,7 @@ from konstruct.providers.simulator import (
     start_simulator,
 )
 from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.providers.simulator.limiters import openai_duration
 
 KEY = "sk-sim-unit"
 ROOT = Path(__file__).resolve().parents[1]
