@@ -380,11 +380,6 @@ def read_file(spec: DatasetSpec, path: Path) -> list[DatasetItem]:
     return _READERS[dataset_format(spec, path)](spec, path)
 
 
-def read_jsonl(path: Path) -> list[DatasetItem]:
-    """A JSONL file of `{"id", "input", "expected"}` lines (the default mapping)."""
-    return read_file(DatasetSpec(path=str(path), format="jsonl"), path)
-
-
 def load_items(spec: DatasetSpec, base_dir: Path, template: str | None = None) -> list[DatasetItem]:
     """The dataset's items; with `template`, also checked to name only fields they have."""
     if spec.path is not None:

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,7 +43,6 @@ KEY_ID = "encryption-key-id"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 KEYS_ENV = "KONSTRUCT_ENCRYPTION_KEYS"
-KEY_FILE_ENV = "KONSTRUCT_ENCRYPTION_KEY_FILE"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -92,19 +89,6 @@ def new_key_line(key_id: str) -> str:
     return f"{key_id}:{base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()}"
 
 
-def load_keys(environ: Mapping[str, str] | None = None) -> KeyRing | None:
-    """The key ring from the environment or its key file; None when neither is set."""
-    env = os.environ if environ is None else environ
-    if env.get(KEYS_ENV):
-        return KeyRing.parse(env[KEYS_ENV], KEYS_ENV)
-    if env.get(KEY_FILE_ENV):
-        path = Path(env[KEY_FILE_ENV])
-        if not path.is_file():
-            raise ConfigError(f"{KEY_FILE_ENV}: {path} does not exist")
-        return KeyRing.parse(path.read_text(), str(path))
-    return None
-
-
 class EncryptionCodec(PayloadCodec):
     def __init__(self, ring: KeyRing) -> None:
         self.ring = ring
@@ -146,8 +130,3 @@ class EncryptionCodec(PayloadCodec):
         decoded = Payload()
         decoded.ParseFromString(plain)
         return decoded
-
-
-def encrypted_payloads(payloads: Iterable[Payload]) -> bool:
-    """Whether every payload is encrypted (tests read raw histories with it)."""
-    return all(p.metadata.get("encoding") == ENCODING for p in payloads)
