@@ -117,6 +117,7 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
     admin = SimulatorAdmin(simulator.url)
     await admin.reset()
     yield admin
+    await admin.real_clock()  # a test may have frozen the limiters' clock
     baseline = yaml.safe_load(SIMULATOR_CONFIG.read_text())["models"]
     for model, profile in baseline.items():
         await admin.set_profile(

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -122,13 +123,15 @@ async def test_responders_are_deterministic(http: httpx.AsyncClient) -> None:
 async def test_rate_limit_answers_429_with_retry_after(
     http: httpx.AsyncClient, admin: SimulatorAdmin
 ) -> None:
+    # Frozen clock: requests slower than the refill on a loaded machine no longer pass.
+    await admin.freeze_clock()
     await admin.set_profile("sim-fast", rate_limit_rps=1)
     statuses = [await chat(http, "sim-fast", f"q{i}") for i in range(3)]
     assert [r.status_code for r in statuses] == [200, 429, 429]
     limited = statuses[1]
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
     assert limited.headers["Retry-After"] == "1"
-    assert 0 < int(limited.headers["retry-after-ms"]) <= 1000
+    assert limited.headers["retry-after-ms"] == "1000"
     assert (await admin.model_stats("sim-fast"))["rate_limited"] == 2
     timeline = await admin.timeline("sim-fast", bucket_s=60)
     assert (timeline["ok"], timeline["rate_limited"]) == ([1], [2])
@@ -137,9 +140,63 @@ async def test_rate_limit_answers_429_with_retry_after(
     burst = [await chat(http, "sim-fast", f"b{i}") for i in range(3)]
     assert [r.status_code for r in burst] == [200, 200, 429]
     wait_ms = int(burst[2].headers["retry-after-ms"])
-    assert 0 < wait_ms <= 500
-    await asyncio.sleep(wait_ms / 1000)
+    assert wait_ms == 500
+    await admin.advance_clock(wait_ms / 1000)  # exactly the announced wait is enough
     assert (await chat(http, "sim-fast", "after the wait")).status_code == 200
+
+
+async def test_the_admin_clock_freezes_and_advances_the_limiters(
+    http: httpx.AsyncClient, admin: SimulatorAdmin
+) -> None:
+    assert (await admin.clock())["frozen"] is False
+    frozen = await admin.freeze_clock()
+    assert frozen["frozen"] is True
+    await admin.set_profile("sim-fast", rate_limit_rps=2)  # burst 2, a token every 500 ms
+    assert [(await chat(http, "sim-fast", f"c{i}")).status_code for i in range(2)] == [200, 200]
+    # Frozen: wall time past the refill gives no token (the answer holds for any sleep).
+    await asyncio.sleep(0.6)
+    refused = await chat(http, "sim-fast", "frozen")
+    assert refused.status_code == 429 and refused.headers["retry-after-ms"] == "500"
+    assert await admin.clock() == frozen
+    await admin.reset()  # a reset leaves the clock as it is
+    assert await admin.clock() == frozen
+
+    # Advance: the refill is exactly the time advanced.
+    assert (await admin.advance_clock(0.25))["now_s"] == frozen["now_s"] + 0.25
+    half = await chat(http, "sim-fast", "half a token")
+    assert half.status_code == 429 and half.headers["retry-after-ms"] == "250"
+    await admin.advance_clock(0.25)
+    assert (await chat(http, "sim-fast", "a whole token")).status_code == 200
+
+    # Real time again, from the frozen reading: the clock neither jumps nor goes back.
+    before = (await admin.clock())["now_s"]
+    started = time.monotonic()
+    resumed = await admin.real_clock()
+    assert resumed["frozen"] is False
+    assert before <= resumed["now_s"] <= before + (time.monotonic() - started)
+
+    # Advancing a running clock: an idle gap of 1000 s made short.
+    await admin.set_profile("sim-fast", rate_limit_rps=0.001)
+    assert (await chat(http, "sim-fast", "the only token")).status_code == 200
+    limited = await chat(http, "sim-fast", "a thousand seconds early")
+    assert limited.status_code == 429
+    await admin.advance_clock(int(limited.headers["retry-after-ms"]) / 1000)
+    assert (await chat(http, "sim-fast", "after the idle gap")).status_code == 200
+    # The timeline saw the gap too: the last ok is ~1000 s (17 minute buckets) later.
+    ok = (await admin.timeline("sim-fast", bucket_s=60))["ok"]
+    assert (ok[0], ok[-1], sum(ok), len(ok) >= 17) == (2, 1, 3, True)
+
+    for body, field in [
+        ({"advance_s": -1}, "advance_s"),
+        ({"advance_s": "soon"}, "advance_s"),
+        ({"frozen": "yes"}, "frozen"),
+        ({"speed": 2}, "speed"),
+        ([], "JSON object"),
+    ]:
+        response = await http.post("/admin/clock", json=body)
+        assert response.status_code == 400 and field in response.text, (body, response.text)
+    infinite = await http.post("/admin/clock", content=b'{"advance_s": 1e999}')
+    assert infinite.status_code == 400 and "advance_s" in infinite.text
 
 
 def seconds(duration: str) -> float:
@@ -160,6 +217,8 @@ def test_reset_durations_are_in_openai_format() -> None:
 async def test_sliding_window_reports_openai_request_headers(
     http: httpx.AsyncClient, admin: SimulatorAdmin
 ) -> None:
+    # Frozen clock: the window no longer moves between the requests on a loaded machine.
+    await admin.freeze_clock()
     await admin.set_profile(
         "sim-fast", rate_limit_shape="sliding_window", rate_limit_requests=3, rate_limit_window_s=1
     )
@@ -173,13 +232,14 @@ async def test_sliding_window_reports_openai_request_headers(
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
     assert "Limit 3, Used 3, Requested 1" in error["message"]
     wait_s = seconds(limited.headers["x-ratelimit-reset-requests"])
-    assert 0 < wait_s <= 1
-    await asyncio.sleep(wait_s)  # the oldest request leaves the window
+    assert wait_s == 1
+    await admin.advance_clock(wait_s)  # the oldest request leaves the window
     after = await chat(http, "sim-fast", "after the window moved")
-    # The first three came within milliseconds, so one to all of them have left.
+    # The first three came at the same (frozen) instant, so all of them have left.
     assert after.status_code == 200
-    assert 0 <= int(after.headers["x-ratelimit-remaining-requests"]) <= 2
-    await asyncio.sleep(seconds(after.headers["x-ratelimit-reset-requests"]))
+    assert after.headers["x-ratelimit-remaining-requests"] == "2"
+    assert seconds(after.headers["x-ratelimit-reset-requests"]) == 1
+    await admin.advance_clock(seconds(after.headers["x-ratelimit-reset-requests"]))
     streamed = await http.post(
         "/v1/chat/completions",
         json={"model": "sim-fast", "messages": [{"role": "user", "content": "s"}], "stream": True},
@@ -194,19 +254,21 @@ async def test_sliding_window_reports_openai_request_headers(
 async def test_leaky_bucket_refuses_without_retry_after(
     http: httpx.AsyncClient, admin: SimulatorAdmin
 ) -> None:
+    # Frozen clock: a request slower than the leak on a loaded machine no longer passes.
+    await admin.freeze_clock()
     await admin.set_profile("sim-fast", rate_limit_shape="leaky_bucket", rate_limit_rps=2)
     first, second = [await chat(http, "sim-fast", f"l{i}") for i in range(2)]
     assert (first.status_code, second.status_code) == (200, 429)
     assert not {"retry-after", "retry-after-ms"} & {h.lower() for h in second.headers}
     assert not any(h.lower().startswith("x-ratelimit") for h in second.headers)
     assert second.json()["error"]["code"] == "rate_limit_exceeded"
-    await asyncio.sleep(0.5)  # one request leaks out at 2 a second
+    await admin.advance_clock(0.5)  # one request leaks out at 2 a second
     assert (await chat(http, "sim-fast", "leaked")).status_code == 200
 
     await admin.set_profile("sim-fast", rate_limit_burst=3, rate_limit_rps=1)
     burst = [(await chat(http, "sim-fast", f"b{i}")).status_code for i in range(5)]
     assert burst == [200, 200, 200, 429, 429]
-    await asyncio.sleep(1)
+    await admin.advance_clock(1)
     assert (await chat(http, "sim-fast", "after a second")).status_code == 200
     timeline = await admin.timeline("sim-fast", bucket_s=60)
     assert (sum(timeline["ok"]), sum(timeline["rate_limited"])) == (6, 3)
@@ -219,6 +281,8 @@ async def test_tokens_per_minute_counts_prompt_and_completion_tokens(
     text = "how many tokens is this"
     tokens = (await chat(http, "sim-fast", text)).json()["usage"]["total_tokens"]
     await admin.reset()
+    # Frozen clock: the window no longer moves between the requests on a loaded machine.
+    await admin.freeze_clock()
     limit = 2 * tokens + 1
     await admin.set_profile(
         "sim-fast",
@@ -236,8 +300,8 @@ async def test_tokens_per_minute_counts_prompt_and_completion_tokens(
     assert f"Limit {limit}, Used {2 * tokens}, Requested {tokens}" in error["message"]
     assert "Retry-After" not in answers[2].headers
     wait_s = seconds(answers[2].headers["x-ratelimit-reset-tokens"])
-    assert 0 < wait_s <= 1
-    await asyncio.sleep(wait_s)
+    assert wait_s == 1
+    await admin.advance_clock(wait_s)
     assert (await chat(http, "sim-fast", text)).status_code == 200
     timeline = await admin.timeline("sim-fast", bucket_s=60)
     assert (timeline["ok"], timeline["rate_limited"]) == ([3], [1])
@@ -413,6 +477,8 @@ async def test_streaming_through_litellm(server: SimulatorHandle) -> None:
 async def test_a_429_reaches_litellm_callers_with_its_retry_after(
     server: SimulatorHandle, http: httpx.AsyncClient, admin: SimulatorAdmin
 ) -> None:
+    # Frozen clock: the announced wait no longer shrinks by however long the calls took.
+    await admin.freeze_clock()
     await admin.set_profile("sim-fast", rate_limit_rps=0.25)
     await chat(http, "sim-fast", "take the only token")
     with pytest.raises(litellm.RateLimitError) as info:
@@ -421,8 +487,7 @@ async def test_a_429_reaches_litellm_callers_with_its_retry_after(
     # (an httpx.Headers); `error.response` is a placeholder without them.
     headers = getattr(info.value, "litellm_response_headers", None) or {}
     assert info.value.status_code == 429
-    assert 1 <= int(headers["retry-after"]) <= 4
-    assert 0 < int(headers["retry-after-ms"]) <= 4000
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("4", "4000")
 
 
 async def test_litellm_surfaces_quota_and_window_refusals(
@@ -439,6 +504,8 @@ async def test_litellm_surfaces_quota_and_window_refusals(
     assert info.value.body is None and info.value.type == "throttling_error"
     assert "retry-after" not in headers and "retry-after-ms" not in headers
 
+    # Frozen clock: the announced reset no longer shrinks by however long the calls took.
+    await admin.freeze_clock()
     await admin.set_profile(
         "sim-fast", rate_limit_shape="sliding_window", rate_limit_requests=1, rate_limit_window_s=5
     )
@@ -449,7 +516,7 @@ async def test_litellm_surfaces_quota_and_window_refusals(
         await _through_litellm(server, "sim-fast", "one too many")
     headers = getattr(info.value, "litellm_response_headers", None) or {}
     assert headers["x-ratelimit-limit-requests"] == "1"
-    assert 0 < seconds(headers["x-ratelimit-reset-requests"]) <= 5
+    assert headers["x-ratelimit-reset-requests"] == "5s"
     # Again only the message survives litellm, not the body's code.
     assert "Rate limit reached for sim-fast on requests" in str(info.value)
 

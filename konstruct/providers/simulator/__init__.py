@@ -7,7 +7,8 @@ sliding_window with OpenAI's x-ratelimit headers, leaky_bucket without
 Retry-After, tokens_per_minute, daily_quota answering insufficient_quota; see
 `limiters`), injected 500s, hangs and outages,
 deterministic answers (including arithmetic at a chosen accuracy), usage
-tokens, and an admin API to read counters and change profiles at run time.
+tokens, and an admin API to read counters, change profiles at run time and
+freeze or advance the clock the limits read (`clock`).
 
     python -m konstruct.providers.simulator --port 8799 --config deploy/simulator.yaml
 

@@ -46,5 +46,28 @@ class SimulatorAdmin:
     async def reset(self) -> None:
         (await self._http.post("/admin/reset")).raise_for_status()
 
+    async def clock(self) -> dict[str, Any]:
+        """The rate-limit clock: {now_s, frozen}."""
+        response = await self._http.get("/admin/clock")
+        response.raise_for_status()
+        return dict(response.json())
+
+    async def _set_clock(self, **change: Any) -> dict[str, Any]:
+        response = await self._http.post("/admin/clock", json=change)
+        response.raise_for_status()
+        return dict(response.json())
+
+    async def freeze_clock(self) -> dict[str, Any]:
+        """Stop the clock limiters, windows and the timeline read (no refill meanwhile)."""
+        return await self._set_clock(frozen=True)
+
+    async def advance_clock(self, seconds: float) -> dict[str, Any]:
+        """Move that clock `seconds` forward, frozen or not: as if that long passed idle."""
+        return await self._set_clock(advance_s=seconds)
+
+    async def real_clock(self) -> dict[str, Any]:
+        """Run that clock at real speed again, from where it is (it never goes back)."""
+        return await self._set_clock(frozen=False)
+
     async def close(self) -> None:
         await self._http.aclose()

@@ -2,9 +2,9 @@
 
 Every limiter answers `admit(now, model, tokens)` with a `Verdict`: whether the
 request may pass, the headers to put on the answer (200 or 429), and for a
-refusal the OpenAI-style error body. `now` is from a monotonic clock; `tokens`
-is the request's prompt + completion tokens, which only `tokens_per_minute`
-reads. `reset` puts a limiter back in its initial state (the admin reset).
+refusal the OpenAI-style error body. `now` is the simulator's clock (`clock`:
+monotonic, frozen or advanced by tests); `tokens` is the request's prompt +
+completion tokens, which only `tokens_per_minute` reads. `reset` puts a limiter back in its initial state (the admin reset).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ REQUIRED_FIELD: dict[str, str] = {
     "tokens_per_minute": "rate_limit_tokens",
     "daily_quota": "quota_requests",
 }
+# A client that waits exactly the announced time is let in, whatever the
+# floating-point rounding of `now` (the leaky bucket uses the same tolerance).
+_EPSILON = 1e-9
 QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
 
 
@@ -94,7 +97,7 @@ class TokenBucket:
         burst = max(1.0, self.rate)
         self.tokens = min(burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
+        if self.tokens >= 1 - _EPSILON:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
@@ -123,7 +126,7 @@ class _Window:
     used: int = 0
 
     def expire(self, now: float) -> None:
-        while self.entries and self.entries[0][0] <= now - self.window_s:
+        while self.entries and self.entries[0][0] <= now - self.window_s + _EPSILON:
             self.used -= self.entries.popleft()[1]
 
     def add(self, now: float, amount: int) -> None:
@@ -235,7 +238,7 @@ class LeakyBucket:
         self.level = max(0.0, self.level - (now - self.stamp) * self.rate)
         self.stamp = now
         # The tolerance keeps a request exactly 1/rate after the last one in.
-        if self.level + 1 <= self.burst + 1e-9:
+        if self.level + 1 <= self.burst + _EPSILON:
             self.level += 1
             return ALLOW
         message = f"rate limit of {self.rate} requests/s exceeded for {model}"

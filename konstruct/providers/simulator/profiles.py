@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,12 +81,13 @@ class ModelState:
     ok_per_tick: Counter[int] = field(default_factory=Counter)
     rate_limited_per_tick: Counter[int] = field(default_factory=Counter)
 
-    def set_profile(self, profile: ModelProfile) -> None:
+    def set_profile(self, profile: ModelProfile, now: float) -> None:
         # Keep a draining limiter when only other fields change, so a PUT of
         # error_rate cannot hand out a fresh burst (or window, or quota).
+        # `now` is the simulator's clock (see `clock`), as for the limiters.
         key = limiter_key(profile)
         if key != self.limiter_key:
-            self.limiter = build_limiter(profile, time.monotonic())
+            self.limiter = build_limiter(profile, now)
             self.limiter_key = key
         self.profile = profile
 
@@ -100,7 +100,7 @@ class ModelState:
         self.counters["rate_limited"] += 1
         self.rate_limited_per_tick[int(since_start_s / TICK_S)] += 1
 
-    def reset_counters(self) -> None:
+    def reset_counters(self, now: float) -> None:
         # Requests still sleeping will decrement in_flight when they finish.
         in_flight = self.counters["in_flight"]
         self.counters.clear()
@@ -110,7 +110,7 @@ class ModelState:
         self.ok_per_tick.clear()
         self.rate_limited_per_tick.clear()
         if self.limiter is not None:
-            self.limiter.reset(time.monotonic())
+            self.limiter.reset(now)
 
     def stats(self) -> dict[str, int]:
         return {key: self.counters[key] for key in STATS_KEYS}

@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
+from konstruct.providers.simulator.clock import Clock, ClockChange
 from konstruct.providers.simulator.profiles import TICK_S, ModelProfile, ModelState, SimulatorConfig
 from konstruct.providers.simulator.responders import (
     ToolReply,
@@ -72,14 +73,17 @@ class Simulator:
         self.api_key = api_key
         self.models: dict[str, ModelState] = {}
         self.attempts: Counter[tuple[str, str]] = Counter()
+        # Rate limits, windows, quotas and the timeline read this clock; tests
+        # freeze and advance it through /admin/clock (latency sleeps do not).
+        self.clock = Clock()
         self.started_at = time.time()
-        self._started_mono = time.monotonic()
+        self._started_mono = self.clock.now()
         for name, profile in config.models.items():
             self._create_model(name, profile)
 
     def _create_model(self, name: str, profile: ModelProfile) -> ModelState:
         state = ModelState(profile)
-        state.set_profile(profile)
+        state.set_profile(profile, self.clock.now())
         self.models[name] = state
         return state
 
@@ -90,7 +94,7 @@ class Simulator:
         return state
 
     def _since_start(self) -> float:
-        return time.monotonic() - self._started_mono
+        return self.clock.now() - self._started_mono
 
     def _authorised(self, request: web.Request) -> bool:
         if self.api_key is None:
@@ -122,7 +126,7 @@ class Simulator:
             return refusal, {}
         headers: dict[str, str] = {}
         if state.limiter is not None:
-            verdict = state.limiter.admit(time.monotonic(), name, tokens())
+            verdict = state.limiter.admit(self.clock.now(), name, tokens())
             headers = verdict.headers
             if not verdict.allowed:
                 state.record_rate_limited(self._since_start())
@@ -305,16 +309,37 @@ class Simulator:
         if state is None:
             self._create_model(name, merged)
         else:
-            state.set_profile(merged)
+            state.set_profile(merged, self.clock.now())
         return web.json_response(merged.model_dump())
 
     async def reset(self, _request: web.Request) -> web.Response:
+        # The clock is left as it is: a test may reset (a new day for a quota)
+        # while it holds the clock frozen.
         self.started_at = time.time()
-        self._started_mono = time.monotonic()
+        self._started_mono = self.clock.now()
         self.attempts.clear()
         for state in self.models.values():
-            state.reset_counters()
+            state.reset_counters(self._started_mono)
         return web.json_response({"reset": True})
+
+    def _clock_reading(self) -> web.Response:
+        return web.json_response({"now_s": self.clock.now(), "frozen": self.clock.frozen})
+
+    async def get_clock(self, _request: web.Request) -> web.Response:
+        return self._clock_reading()
+
+    async def set_clock(self, request: web.Request) -> web.Response:
+        """`{"frozen": true|false, "advance_s": N}`, either or both: freeze (or resume
+        real time from the current reading), then move forward N seconds."""
+        fields = await json_object(request)
+        if fields is None:
+            return bad_request('the body must be a JSON object: {"frozen": bool, "advance_s": N}')
+        try:
+            change = ClockChange.model_validate(fields)
+        except ValidationError as exc:
+            return bad_request(str(exc))
+        change.apply(self.clock)
+        return self._clock_reading()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -329,6 +354,8 @@ class Simulator:
             ("GET", "/admin/models", self.list_profiles),
             ("PUT", "/admin/models/{model}", self.put_profile),
             ("POST", "/admin/reset", self.reset),
+            ("GET", "/admin/clock", self.get_clock),
+            ("POST", "/admin/clock", self.set_clock),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
