@@ -53,6 +53,7 @@ from konstruct.app.stack import simulator_command  # noqa: E402
 from konstruct.platform import db  # noqa: E402
 from konstruct.platform.temporal.client import connect  # noqa: E402
 from konstruct.platform.temporal.codec import new_key_line  # noqa: E402
+from konstruct.providers.adapter import load_litellm  # noqa: E402
 from konstruct.providers.simulator.admin import SimulatorAdmin  # noqa: E402
 from tests.support import DevServer, WorkerProcess  # noqa: E402
 
@@ -211,7 +212,7 @@ class Bench:
 
     async def tokens_per_call(self) -> int:
         """Prompt + completion tokens of one bench call, as the simulator counts them."""
-        import litellm
+        litellm = load_litellm()
 
         await self.sim.set_profile(MODEL, rate_limit_shape="token_bucket", rate_limit_rps=1000)
         used = []
@@ -329,7 +330,7 @@ class Bench:
         shape: str = "token_bucket",
     ) -> dict[str, Any]:
         """A runner that calls the provider itself, in this process (the baselines)."""
-        import litellm
+        litellm = load_litellm()
 
         await self.fresh(ceiling, shape)
         ceiling = ceiling or self.ceiling

@@ -38,6 +38,7 @@ from bench.stack_bench import running_stack, write_results  # noqa: E402
 from konstruct.app.stack import Stack  # noqa: E402
 from konstruct.config import load_settings  # noqa: E402
 from konstruct.platform.temporal.client import connect  # noqa: E402
+from konstruct.providers.adapter import load_litellm  # noqa: E402
 
 MODELS = ("sim-fast", "sim-quality")
 RESULTS = ROOT / "bench" / "results" / "messages.json"
@@ -82,7 +83,7 @@ class NoOp:
 
 
 async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -> dict:
-    import litellm
+    litellm = load_litellm()
     import openai
     from temporalio.worker import Worker
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 import litellm
 import pytest
 
 from konstruct.providers.adapter import classify, provider_error
+from tests.support import ROOT, SimulatorProcess
 
 QUOTA_BODY = (
     '{"error": {"message": "You exceeded your current quota, please check your plan",'
@@ -87,3 +91,27 @@ def test_a_spent_quota_is_never_retried_but_a_429_is() -> None:
     limited = litellm.RateLimitError("slow down", "openai", "m", response=_response(429))
     assert provider_error(quota, "call").non_retryable is True
     assert provider_error(limited, "call").non_retryable is False
+
+
+def test_a_mapped_error_prints_no_litellm_banner(simulator: SimulatorProcess) -> None:
+    """litellm prints "Give Feedback / Get Help" before every exception it maps unless
+    told not to; worker logs and bench output carry each error once, in our words.
+    A fresh interpreter: a Router built earlier in this session turns it off globally."""
+    base = simulator.url + "/v1"
+    script = "\n".join(
+        [
+            "import asyncio",
+            "from konstruct.providers.adapter import complete_on",
+            f"params = {{'model': 'openai/sim-fast', 'api_base': {base!r}, 'api_key': 'sk-no'}}",
+            "turns = [{'role': 'user', 'content': 'hi'}]",
+            "try:",
+            "    asyncio.run(complete_on(params, turns, timeout_s=30))",
+            "except Exception as exc:",
+            "    print('raised', type(exc).__name__)",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert "raised AuthenticationError" in done.stdout, done.stdout + done.stderr
+    assert "Give Feedback" not in done.stdout + done.stderr

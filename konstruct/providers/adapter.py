@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from types import ModuleType
 from typing import Any, Literal
 
 from temporalio.exceptions import ApplicationError
@@ -297,6 +298,16 @@ async def embed(router: Any, model_group: str, texts: list[str]) -> list[list[fl
     return [list(d["embedding"] if isinstance(d, dict) else d.embedding) for d in data]
 
 
+def load_litellm() -> ModuleType:
+    """litellm, imported on first use (it costs ~1 s), without the "Give Feedback /
+    Get Help" banner it prints before every exception it maps: the caller logs the
+    error once, with its own words."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
 async def complete_on(
     litellm_params: dict[str, Any],
     messages: list[dict[str, str]],
@@ -307,7 +318,7 @@ async def complete_on(
 ) -> Completion:
     """One request to one deployment, no retries; raises litellm's exception as is
     (`classify` reads it), so the caller can learn from each 429."""
-    import litellm
+    litellm = load_litellm()
 
     params = dict(litellm_params)
     params["max_retries"] = 0

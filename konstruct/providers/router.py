@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from konstruct.platform.errors import ConfigError
+from konstruct.providers.adapter import load_litellm
 
 ENV_PREFIX = "os.environ/"
 
@@ -125,7 +126,7 @@ def load_router_config(path: Path) -> RouterConfig:
 def litellm_model_cost(model: str) -> dict[str, Any] | None:
     """litellm's bundled price-map entry for a model name (the copy litellm ships:
     `LITELLM_LOCAL_MODEL_COST_MAP` is set in `konstruct/__init__.py`); None: not listed."""
-    import litellm
+    litellm = load_litellm()
 
     entry = litellm.model_cost.get(model)
     return dict(entry) if isinstance(entry, dict) else None
@@ -133,7 +134,7 @@ def litellm_model_cost(model: str) -> dict[str, Any] | None:
 
 def build_router(config: RouterConfig, environ: dict[str, str] | None = None) -> Any:
     """A litellm Router over the active deployments. Raises ConfigError if none is active."""
-    import litellm
+    litellm = load_litellm()
 
     deployments = config.active(environ)
     if not deployments:
