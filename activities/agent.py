@@ -2,7 +2,9 @@
 
 Every step reads the message's transcript back from PostgreSQL and writes what
 the model said there before it returns, so a step retried after a crash finds
-its row and does not call the model again; the workflow carries ids only.
+its row and does not call the model again; the workflow carries ids only. Each
+activity outlasts an outage of PostgreSQL (HandleMessage's options give it
+minutes) and gives up on any other failure after its attempts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from opentelemetry import trace
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.base import ActivityClass, heartbeating
+from activities.base import ActivityClass, heartbeating, outlasting_outages
 from konstruct.agents.models import (
     AgentProfile,
     AgentStepInput,
@@ -53,9 +55,12 @@ from konstruct.providers.router import RouterConfig
 
 _tracer = trace.get_tracer("konstruct.agent")
 
-# Temporal runs a tool call this many times at most (HandleMessage's policy);
-# the last attempt records a failure for the model instead of raising.
+# A tool call that fails (not an outage) this many times is told to the model:
+# the last attempt records the failure instead of raising.
 TOOL_ATTEMPTS = 3
+# A model step or summary whose model call fails this many times gives up:
+# HandleMessage answers the agent's fallback reply.
+MODEL_ATTEMPTS = 3
 # What the model gets back of one tool's answer, at most.
 RESULT_CHARS = 4000
 # The arguments shown to the person approving a call.
@@ -187,6 +192,7 @@ class AgentActivities(ActivityClass):
     # --- one model step ---------------------------------------------------------
 
     @activity.defn(name="agent_step")
+    @outlasting_outages(MODEL_ATTEMPTS)
     async def agent_step(self, input: AgentStepInput) -> AgentStepResult:
         """Ask the model once; store what it said; plan its tool calls or store the turn.
 
@@ -345,6 +351,7 @@ class AgentActivities(ActivityClass):
     # --- tools --------------------------------------------------------------------
 
     @activity.defn(name="run_tool")
+    @outlasting_outages(TOOL_ATTEMPTS)
     async def run_tool(self, input: RunToolInput) -> ToolOutcome:
         """Run one tool call once per call id: a stored outcome is returned as it is."""
         tenant = input.tenant_id
@@ -475,6 +482,7 @@ class AgentActivities(ActivityClass):
             )
 
     @activity.defn(name="summarize_thread")
+    @outlasting_outages(MODEL_ATTEMPTS)
     async def summarize_thread(self, input: SummarizeInput) -> int:
         """Fold the thread's older turns into its rolling summary; the turns folded."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:

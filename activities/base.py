@@ -1,14 +1,23 @@
-"""What every class of activities shares: the list a worker registers, and heartbeats while a call runs."""
+"""What every class of activities shares: the list a worker registers, heartbeats while
+a call runs, and how an activity outlasts an outage of PostgreSQL or the network."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
+import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import asyncpg
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from konstruct.platform.errors import KonstructError, ServiceUnreachable
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # What `@activity.defn` sets on the function it registers (temporalio's own marker).
 _DEFINITION = "__temporal_activity_definition"
@@ -56,3 +65,95 @@ async def heartbeating(
     finally:
         if not task.done():
             task.cancel()
+
+
+# What asyncpg and the socket layer raise while PostgreSQL restarts or the network
+# is away: a refused or reset connection, a server starting up or shutting down,
+# a connection lost in the middle of a query, too many connections for now.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08, ConnectionDoesNotExistError too
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,  # refused, reset, aborted, broken pipe
+    TimeoutError,  # a connect or acquire that got no answer
+    socket.gaierror,  # a host name that does not resolve for now
+)
+_NETWORK_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+}
+# asyncpg's InterfaceError says this of a connection or pool that went away.
+_CLOSED = ("connection is closed", "pool is closed", "pool is closing")
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error`, or the error it was raised from, says PostgreSQL or the network
+    is away for now (see `_OUTAGES`; a closed connection or pool too). An error that
+    already says whether to retry it (ours, an ApplicationError) is taken at its word."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (ApplicationError, KonstructError)):
+            return False
+        if isinstance(cause, _OUTAGES):
+            return True
+        if isinstance(cause, asyncpg.InterfaceError) and any(s in str(cause) for s in _CLOSED):
+            return True
+        # asyncio's connect raises a bare OSError when every address refused.
+        if type(cause) is OSError and (cause.errno is None or cause.errno in _NETWORK_ERRNOS):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def outlasting_outages(attempts: int) -> Callable[[F], F]:
+    """For an activity whose retry policy limits time, not attempts (the workflow's
+    schedule-to-close): an outage (`is_outage`) is raised as a retryable
+    ServiceUnreachable, retried for as long as that time allows; any other failure
+    Temporal would retry is raised non-retryable from attempt `attempts` on, so it
+    ends after as many attempts as an attempt limit gave it. (Attempts spent in an
+    outage count too: a failure of another kind right after one is not retried.)
+
+    Goes under `@activity.defn`. Our non-retryable errors pass as they are."""
+
+    def decorate(run: F) -> F:
+        @functools.wraps(run)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await run(*args, **kwargs)
+            except Exception as error:
+                if is_outage(error):
+                    raise ServiceUnreachable(
+                        f"PostgreSQL or the network did not answer "
+                        f"({type(error).__name__}: {error}); retried until it does"
+                    ).with_traceback(error.__traceback__) from error
+                if activity.info().attempt >= attempts and _retryable(error):
+                    raise _given_up(error).with_traceback(error.__traceback__) from error
+                raise
+
+        return cast(F, guarded)
+
+    return decorate
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, ApplicationError):
+        return not error.non_retryable
+    if isinstance(error, KonstructError):
+        return error.retryable
+    return True
+
+
+def _given_up(error: Exception) -> ApplicationError:
+    """The same failure (type, message, details), not retried again."""
+    if isinstance(error, ApplicationError):
+        return ApplicationError(error.message, *error.details, type=error.type, non_retryable=True)
+    kind = error.error_type if isinstance(error, KonstructError) else type(error).__name__
+    return ApplicationError(str(error), type=kind, non_retryable=True)

@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 
-from activities.base import ActivityClass
-from activities.demo_step import compute, demo_step, get_json, put_json
+from activities.base import ActivityClass, outlasting_outages
+from activities.demo_step import STEP_ATTEMPTS, compute, demo_step, get_json, put_json
 from konstruct.demo import forecasting
 from konstruct.demo.models import (
     BackfillInput,
@@ -151,6 +151,7 @@ class DemoDataActivities(ActivityClass):
         )
 
     @activity.defn(name="demo_sweep_plan")
+    @outlasting_outages(STEP_ATTEMPTS)
     async def sweep_plan(self, input: SweepPlanInput) -> SweepPlan:
         configs = await compute(forecasting.sweep_configs, input.preset)
         return SweepPlan.model_validate({"preset": input.preset, "configs": configs})

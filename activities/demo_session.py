@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncpg
 from temporalio import activity
 
-from activities.base import ActivityClass
+from activities.base import ActivityClass, outlasting_outages
 from activities.demo_agent import EMBED_GROUP
-from activities.demo_step import caller, demo_step
+from activities.demo_step import COMPENSATION_ATTEMPTS, STEP_ATTEMPTS, caller, demo_step
 from konstruct.demo import store as sessions
 from konstruct.demo.models import (
     DeletePrefixInput,
@@ -35,6 +35,7 @@ class DemoSessionActivities(ActivityClass):
         self.groups = groups
 
     @activity.defn(name="demo_open_session")
+    @outlasting_outages(STEP_ATTEMPTS)
     async def open_session(self, input: OpenSessionInput) -> SessionStart:
         """Record where the alias is as this run begins; a re-run returns the first record."""
         workflow_id, workflow_run_id = caller()
@@ -109,6 +110,7 @@ class DemoSessionActivities(ActivityClass):
         return StepOutput(detail=f"deleted {data} data files and {models} scratch model files")
 
     @activity.defn(name="demo_finish")
+    @outlasting_outages(STEP_ATTEMPTS)
     async def finish(self, input: FinishInput) -> StepOutput:
         _, workflow_run_id = caller()
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
@@ -123,6 +125,7 @@ class DemoSessionActivities(ActivityClass):
         return StepOutput(detail=f"session {input.status}")
 
     @activity.defn(name="demo_delete_prefix")
+    @outlasting_outages(COMPENSATION_ATTEMPTS)
     async def delete_prefix(self, input: DeletePrefixInput) -> StepOutput:
         """A compensation: delete what a step wrote under its prefix."""
         async with tenant_transaction(self.pool, input.tenant_id) as conn:

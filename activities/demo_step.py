@@ -2,9 +2,10 @@
 
 `demo_step` times a step's work into `work_ms` and, when the run's `fail_at`
 names the step, fails it with `InjectedFailure` after its side effects, so the
-workflow's compensations have something real to undo. Data between steps
-travels as JSON artifacts in the store, referenced by URI and sha256, so
-workflow history stays small.
+workflow's compensations have something real to undo; a step outlasts an outage
+of PostgreSQL, and gives up on any other failure after `STEP_ATTEMPTS`. Data
+between steps travels as JSON artifacts in the store, referenced by URI and
+sha256, so workflow history stays small.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 from temporalio import activity
 
+from activities.base import outlasting_outages
 from konstruct.demo.models import DataRef, StepInput, StepOutput
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import ForecastingError, InjectedFailure, KonstructError
@@ -29,12 +31,20 @@ Owner = TypeVar("Owner")
 In = TypeVar("In", bound=StepInput)
 Out = TypeVar("Out", bound=StepOutput)
 
+# A failure that is not an outage ends a step after this many attempts, and a
+# compensation (which is then reported) after that many; DemoCascade's options
+# retry an outage of PostgreSQL for minutes.
+STEP_ATTEMPTS = 5
+COMPENSATION_ATTEMPTS = 3
+
 
 def demo_step(
     run: Callable[[Owner, In], Awaitable[Out]],
 ) -> Callable[[Owner, In], Awaitable[Out]]:
-    """Time the step's work into `work_ms`; fail it after its side effects when injected."""
+    """Time the step's work into `work_ms`; fail it after its side effects when injected;
+    outlast an outage, give up on other failures after `STEP_ATTEMPTS`."""
 
+    @outlasting_outages(STEP_ATTEMPTS)
     @functools.wraps(run)
     async def step(owner: Owner, input: In) -> Out:
         started = time.perf_counter()

@@ -16,10 +16,14 @@ PostgreSQL and Temporal:
   - each experiment exactly one result per item, its summary equal to PostgreSQL's rows;
   - after every demo run, `demo-production` on the champion it recorded (or where
     it was before the run when none was recorded);
-  - no workflow left running.
+  - no workflow left running;
+  - no workflow ended failed, timed out, terminated or cancelled, none answered in a
+    degraded way (a message's fallback reply, an experiment item failed or left
+    without a result, a demo step that did not pass): an outage is outlasted, never
+    reported.
 
-It prints faults injected, workflows run, lost and duplicated (both must be 0), and
-the longest time from a fault to the next completed piece of work.
+It prints faults injected, workflows run, lost, duplicated and failed (all must be 0),
+and the longest time from a fault to the next completed piece of work.
 
     .venv/bin/python bench/chaos.py                 # 10 minutes; bench/results/chaos.json
     .venv/bin/python bench/chaos.py --seconds 120 --items 200 --fault-interval 8,15 --no-write
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
-from temporalio.client import Client, WorkflowHandle  # noqa: E402
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle  # noqa: E402
 from temporalio.service import RPCError  # noqa: E402
 
 from bench.stack_bench import write_stack_config  # noqa: E402
@@ -74,6 +78,7 @@ class Soak:
     messages_done_at: list[float] = field(default_factory=list)
     messages: dict[str, tuple[str, str]] = field(default_factory=dict)  # wf id -> tenant, msg
     replies: dict[str, str] = field(default_factory=dict)  # wf id -> reply returned
+    degraded: list[str] = field(default_factory=list)  # wf ids answered with the fallback
     message_errors: list[str] = field(default_factory=list)
     demos: list[dict[str, Any]] = field(default_factory=list)
     experiments: dict[str, int] = field(default_factory=dict)  # id -> items
@@ -142,6 +147,8 @@ async def send_messages(soak: Soak, client: Client, until: float, rate: float) -
         handle = await patiently(soak, f"start {workflow_id}", start)
         result = await patiently(soak, f"result {workflow_id}", handle.result, give_up_s=600)
         soak.replies[workflow_id] = result.response
+        if result.degraded:
+            soak.degraded.append(workflow_id)
         soak.done_at.append(time.monotonic())
         soak.messages_done_at.append(time.monotonic())
 
@@ -320,6 +327,7 @@ async def check(soak: Soak, pool: asyncpg.Pool, client: Client, summaries: list[
                 )
     running = [e.id async for e in client.list_workflows("ExecutionStatus = 'Running'")]
     broken = [d for d in soak.demos if d["invariant"] is not True]
+    failed = await failed_workflows(soak, client, summaries)
 
     def gap(at: float, done: list[float]) -> float | None:
         after = [t for t in done if t > at]
@@ -350,12 +358,42 @@ async def check(soak: Soak, pool: asyncpg.Pool, client: Client, summaries: list[
         "duplicated_detail": duplicated[:20],
         "message_errors": soak.message_errors[:10],
         "demo_invariant_broken": broken,
+        "failed": len(failed),
+        "failed_detail": failed[:20],
         "still_running": running,
         "longest_fault_to_next_work_s": round(max(gaps), 1) if gaps else None,
         # The next message answered end to end after each kind of fault (its workflow
         # started before or after the fault): the stack's recovery, not other work.
         "longest_fault_to_next_message_s": to_message,
     }
+
+
+# How a workflow may end; any other end (failed, timed out, terminated, cancelled)
+# is a broken invariant.
+_ENDED_WELL = (WorkflowExecutionStatus.COMPLETED, WorkflowExecutionStatus.CONTINUED_AS_NEW)
+
+
+async def failed_workflows(soak: Soak, client: Client, summaries: list[Any]) -> list[str]:
+    """Every workflow of the soak (children too) that did not end well, and every answer
+    that came back degraded: a fault must delay work, never fail it."""
+    failed = [
+        f"{e.workflow_type} {e.id}: {e.status.name.lower() if e.status else 'unknown'}"
+        async for e in client.list_workflows("ExecutionStatus != 'Running'")
+        if e.status not in _ENDED_WELL
+    ]
+    failed += [f"HandleMessage {w}: answered the fallback reply" for w in soak.degraded]
+    failed += [
+        f"Experiment {s.summary.experiment_id}: {s.summary.status},"
+        f" {s.summary.failed} items failed, {s.summary.unfinished} without a result"
+        for s in summaries
+        if s.summary.status != "completed" or s.summary.failed or s.summary.unfinished
+    ]
+    failed += [
+        f"DemoCascade {d['id']}: overall {d['status']}"
+        for d in soak.demos
+        if d.get("status") not in (None, "pass")
+    ]
+    return failed
 
 
 async def soak_run(args: argparse.Namespace, config: Path) -> dict[str, Any]:
@@ -457,6 +495,7 @@ def main() -> int:
     ok = (
         report["lost"] == 0
         and report["duplicated"] == 0
+        and report["failed"] == 0
         and not report["still_running"]
         and not report["demo_invariant_broken"]
     )

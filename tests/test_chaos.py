@@ -1,6 +1,6 @@
 """The chaos soak's two-minute version: a mixed workload on `konstruct up --workers 2`
 while workers, the dev server and PostgreSQL are killed with `kill -9`; nothing may
-be lost or duplicated. (`bench/chaos.py` runs it for ten minutes.)"""
+be lost, duplicated, failed or degraded. (`bench/chaos.py` runs it for ten minutes.)"""
 
 from __future__ import annotations
 
@@ -46,5 +46,7 @@ def test_two_minutes_of_faults_lose_and_duplicate_nothing(tmp_path: Path) -> Non
     assert report["workflows"]["messages"] >= 100 and report["workflows"]["demo_runs"] >= 1
     assert report["workflows"]["experiment_items"] == 600
     assert report["lost"] == 0 and report["duplicated"] == 0, report
+    # Every fault was outlasted: no workflow ended failed, none answered degraded.
+    assert report["failed"] == 0, report["failed_detail"]
     assert not report["still_running"] and not report["demo_invariant_broken"], report
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,14 +25,21 @@ with workflow.unsafe.imports_passed_through():
         SweepResult,
         TrainInput,
     )
-    from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
+    from konstruct.platform.temporal.activity_options import (
+        OUTAGE,
+        LocalActivityOptions,
+        retries,
+    )
 
 T = TypeVar("T")
 SWEEP_STEP = "batch_sweep"
-# Errors no retry fixes (an injected failure, a missing file) carry non_retryable themselves.
+# Errors no retry fixes (an injected failure, a missing file) carry non_retryable themselves;
+# an outage of PostgreSQL is outlasted, other failures end after the activity's attempts
+# (activities.demo_step.STEP_ATTEMPTS).
 SWEEP = LocalActivityOptions(
     start_to_close=timedelta(seconds=60),
-    retry_policy=retries(timedelta(milliseconds=200), timedelta(seconds=5), attempts=5),
+    retry_policy=retries(timedelta(milliseconds=200), timedelta(seconds=5)),
+    schedule_to_close=timedelta(seconds=60) + OUTAGE,
 )
 
 

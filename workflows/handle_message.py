@@ -17,7 +17,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.agent import TOOL_ATTEMPTS, AgentActivities
+    from activities.agent import MODEL_ATTEMPTS, TOOL_ATTEMPTS, AgentActivities
     from activities.llm import LlmActivities
     from activities.messages import MessageActivities
     from konstruct.agents.models import (
@@ -42,7 +42,11 @@ with workflow.unsafe.imports_passed_through():
         is_failure,
         workflow_failure,
     )
-    from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
+    from konstruct.platform.temporal.activity_options import (
+        OUTAGE,
+        LocalActivityOptions,
+        retries,
+    )
     from konstruct.platform.temporal.search_attributes import (
         KIND,
         STATUS,
@@ -61,7 +65,7 @@ with workflow.unsafe.imports_passed_through():
 DB = LocalActivityOptions(
     start_to_close=timedelta(seconds=10),
     retry_policy=retries(timedelta(milliseconds=200), timedelta(seconds=5)),
-    schedule_to_close=timedelta(minutes=2),
+    schedule_to_close=OUTAGE,
 )
 # litellm itself does not retry (num_retries 0) and falls back quality -> fast
 # inside one attempt; Temporal retries the whole routed call this many times.
@@ -72,14 +76,19 @@ LLM_CALL = LocalActivityOptions(
 
 
 # One model step: load the transcript, call the model, store its answer. The
-# attempts are the model call's; a database outage is retried within them.
+# step gives up after MODEL_ATTEMPTS failed model calls (the fallback reply is
+# stored then); a database outage is retried for OUTAGE beyond those calls.
+MODEL_CALL_TIMEOUT = timedelta(seconds=120)
 STEP = LocalActivityOptions(
-    start_to_close=timedelta(seconds=120),
-    retry_policy=retries(timedelta(seconds=1), timedelta(seconds=8), attempts=3),
+    start_to_close=MODEL_CALL_TIMEOUT,
+    retry_policy=retries(timedelta(seconds=1), timedelta(seconds=8)),
+    schedule_to_close=MODEL_ATTEMPTS * MODEL_CALL_TIMEOUT + OUTAGE,
 )
+SUMMARY_TIMEOUT = timedelta(seconds=60)
 SUMMARY = LocalActivityOptions(
-    start_to_close=timedelta(seconds=60),
-    retry_policy=retries(timedelta(seconds=1), timedelta(seconds=8), attempts=3),
+    start_to_close=SUMMARY_TIMEOUT,
+    retry_policy=retries(timedelta(seconds=1), timedelta(seconds=8)),
+    schedule_to_close=MODEL_ATTEMPTS * SUMMARY_TIMEOUT + OUTAGE,
 )
 # A tool heartbeats every second: a worker killed mid-call is noticed in seconds.
 TOOL_HEARTBEAT = timedelta(seconds=5)
@@ -346,6 +355,9 @@ class HandleMessage:
             approved_by = decision.by if decision is not None else ""
             if self._status == "running" and not self._pending:
                 self._set_stage("calling tools", f"`{call.tool}` (approved)")
+        # The tool's own failures end after TOOL_ATTEMPTS (the activity counts them);
+        # a database outage is retried for OUTAGE beyond those attempts.
+        attempt_timeout = timedelta(seconds=call.timeout_s + 5)
         try:
             await workflow.execute_activity_method(
                 AgentActivities.run_tool,
@@ -355,11 +367,10 @@ class HandleMessage:
                     call_id=call.call_id,
                     approved_by=approved_by,
                 ),
-                start_to_close_timeout=timedelta(seconds=call.timeout_s + 5),
+                start_to_close_timeout=attempt_timeout,
+                schedule_to_close_timeout=TOOL_ATTEMPTS * attempt_timeout + OUTAGE,
                 heartbeat_timeout=TOOL_HEARTBEAT,
-                retry_policy=retries(
-                    timedelta(seconds=1), timedelta(seconds=10), attempts=TOOL_ATTEMPTS
-                ),
+                retry_policy=retries(timedelta(seconds=1), timedelta(seconds=10)),
                 summary=f"{call.tool} {call.call_id}",
             )
         except ActivityError as err:

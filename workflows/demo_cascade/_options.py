@@ -19,14 +19,22 @@ with workflow.unsafe.imports_passed_through():
         SavedPlan,
         TrainedModel,
     )
-    from konstruct.platform.temporal.activity_options import LocalActivityOptions, retries
+    from konstruct.platform.temporal.activity_options import (
+        OUTAGE,
+        LocalActivityOptions,
+        retries,
+    )
 
 _SECOND = timedelta(seconds=1)
 # Errors no retry can fix (ours carry non_retryable) fail the step at once.
-# Steps are short: local activities, retried inside the workflow task for at most 3 minutes.
-STEP = LocalActivityOptions(60 * _SECOND, retries(_SECOND / 5, 5 * _SECOND, 5), 180 * _SECOND)
-# A compensation gets a few tries; after that it is reported, not retried forever.
-COMPENSATION = dataclasses.replace(STEP, retry_policy=retries(_SECOND / 2, 2 * _SECOND, 3))
+# Steps are short: local activities, retried inside the workflow task with no
+# attempt limit, so that an outage of PostgreSQL is outlasted; a step gives up
+# on any other failure after its attempts (activities.demo_step.STEP_ATTEMPTS).
+STEP = LocalActivityOptions(60 * _SECOND, retries(_SECOND / 5, 5 * _SECOND), 60 * _SECOND + OUTAGE)
+# A compensation gives up on a failure that is not an outage after a few tries
+# (COMPENSATION_ATTEMPTS); it is reported then, not retried forever.
+COMPENSATION = dataclasses.replace(STEP, retry_policy=retries(_SECOND / 2, 2 * _SECOND))
+# call_llm touches no database: its attempts are the model's.
 LLM_CALL = dataclasses.replace(
     STEP, start_to_close=120 * _SECOND, retry_policy=retries(_SECOND, 8 * _SECOND, 3)
 )

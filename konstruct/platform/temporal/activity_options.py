@@ -1,6 +1,12 @@
 """How a workflow times out and retries a local activity: one typed value per kind
 of call, named by the workflow (`DB`, `LLM_CALL`, `STEP`), instead of the same
-keyword arguments repeated at every call. Deterministic: workflows import it."""
+keyword arguments repeated at every call. Deterministic: workflows import it.
+
+An outage of PostgreSQL or the network is outlasted, not reported: a call that
+touches PostgreSQL retries with no attempt limit, for `OUTAGE` beyond the time
+its own work may take (its schedule-to-close). The activity gives up on other
+failures itself after a few attempts (`activities.base.outlasting_outages`), and
+our errors that no retry fixes are never retried."""
 
 from __future__ import annotations
 
@@ -13,6 +19,10 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 T = TypeVar("T")
+
+# How long a call outlasts PostgreSQL or the network being away: a restart of
+# PostgreSQL or of the Temporal dev server takes up to a minute.
+OUTAGE = timedelta(minutes=2)
 
 
 def retries(first: timedelta, longest: timedelta, attempts: int = 0) -> RetryPolicy:
