@@ -4,7 +4,9 @@ The suite's workers and clients encrypt with the suite's key (`TEST_KEYS`, set
 in the session's environment); these tests read the same histories as someone
 with only Web UI or CLI access would — raw, without the key — and through the
 codec server (in-process, and the real `temporal` CLI's `--codec-endpoint`).
-Real dev server, PostgreSQL and simulator.
+A failure reads as its type and fields without the key, whole with it; a
+client and a worker whose keys differ fail on the client at once, naming the
+key ids. Real dev server, PostgreSQL and simulator.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import aiohttp
 import pytest
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 
 from konstruct.app.stack import temporal_cli
 from konstruct.config import Settings
-from konstruct.platform.errors import ConfigError
+from konstruct.platform.errors import ConfigError, innermost_application_error
+from konstruct.platform.naming import message_workflow_id
 from konstruct.platform.temporal.codec import (
     ENCODING,
     KEY_ID,
@@ -34,9 +37,11 @@ from konstruct.platform.temporal.codec import (
     new_key_line,
 )
 from konstruct.platform.temporal.codec_server import codec_app
+from konstruct.platform.temporal.failures import HINT
 from konstruct.platform.temporal.plugin import KonstructPlugin
+from konstruct.platform.temporal.results import workflow_result
 from konstruct.providers.simulator.admin import SimulatorAdmin
-from tests.support import TEST_KEYS, serve_locally, suite_codec
+from tests.support import KONSTRUCT, ROOT, TEST_KEYS, serve_locally, suite_codec
 from tests.test_experiments import FAST, experiment, start
 from tests.test_handle_message import message
 from workers.main import build_worker
@@ -298,14 +303,146 @@ async def test_a_demo_cascade_keeps_its_steps_and_decision_out_of_history(
 async def test_a_failure_message_and_stack_trace_are_encrypted_too(
     client: Client, worker: str, settings: Settings
 ) -> None:
-    from temporalio.client import WorkflowFailureError
-
     body = message(tenant_id="Not A Tenant!")
     workflow_id = f"msg-bad-{uuid.uuid4().hex[:8]}"
     with pytest.raises(WorkflowFailureError) as failed:
         await client.execute_workflow(HandleMessage.run, body, id=workflow_id, task_queue=worker)
-    # With the key, the failure names the field, as always.
+    # With the key, the failure names the field and the problem, as always.
     assert "tenant_id" in str(failed.value.cause)
     raw = await raw_history(settings, workflow_id)
-    assert "Encoded failure" in raw
-    assert "Not A Tenant" not in raw and "tenant_id" not in raw and "Traceback" not in raw
+    # Without it: the type and the field (no user data), never the value or the trace.
+    assert f"InvalidInput at tenant_id ({HINT})" in raw
+    assert "Not A Tenant" not in raw and "Traceback" not in raw
+
+
+async def temporal(settings: Settings, *args: str) -> tuple[int, str]:
+    """The real `temporal` CLI against the suite's dev server: exit code, stdout + stderr.
+    (asynchronously: a codec server it calls answers from this event loop)"""
+    process = await asyncio.create_subprocess_exec(
+        temporal_cli(),
+        *args,
+        "--address",
+        settings.temporal.target,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+def encoded_messages(node: object) -> list[str]:
+    """The `message` of every failure's decoded `encodedAttributes` in the CLI's JSON."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        attributes = node.get("encodedAttributes")
+        if isinstance(attributes, dict) and isinstance(attributes.get("message"), str):
+            found.append(attributes["message"])
+        for value in node.values():
+            found += encoded_messages(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += encoded_messages(value)
+    return found
+
+
+async def test_a_failed_workflow_reads_clearly_in_the_temporal_cli_its_values_still_encrypted(
+    client: Client, worker: str, settings: Settings, codec_server: str
+) -> None:
+    codec = ["--codec-endpoint", codec_server, "--codec-auth", "Bearer s3cret"]
+    body = experiment(evals=[{"kind": "bogus_eval"}])
+    workflow_id = body["experiment_id"]
+    # Started by the CLI itself (its input encrypted through the codec server's /encode).
+    code, executed = await temporal(
+        settings,
+        "workflow",
+        "execute",
+        "--type",
+        "Experiment",
+        "--task-queue",
+        worker,
+        "--workflow-id",
+        workflow_id,
+        "--input",
+        json.dumps(body),
+        *codec,
+    )
+    assert code != 0, executed
+    readable = f"InvalidInput at evals ({HINT})"
+    assert readable in executed, executed
+    # What a client with the key reads: the whole message, the user's value in it.
+    with pytest.raises(WorkflowFailureError) as failed:
+        await client.get_workflow_handle(workflow_id).result()
+    cause = innermost_application_error(failed.value)
+    assert cause is not None and "unknown eval kind 'bogus_eval'" in cause.message
+    # `describe` and `show` say the type, the field and where the rest is.
+    for command in ("describe", "show"):
+        code, shown = await temporal(settings, "workflow", command, "-w", workflow_id, *codec)
+        assert code == 0 and f"Message: {readable}" in shown, shown
+    # Their JSON, through the codec server, holds the whole message.
+    code, described = await temporal(
+        settings, "workflow", "describe", "-w", workflow_id, "-o", "json", *codec
+    )
+    assert code == 0, described
+    assert cause.message in encoded_messages(json.loads(described)), described
+    # The history, read without the key: neither the value nor the message.
+    raw = await raw_history(settings, workflow_id)
+    assert "bogus_eval" not in raw and "unknown eval kind" not in raw and readable in raw
+    code, plain = await temporal(settings, "workflow", "describe", "-w", workflow_id, "-o", "json")
+    assert code == 0 and "bogus_eval" not in plain and readable in plain, plain
+
+
+async def test_a_client_whose_key_the_workers_lack_fails_at_once_naming_the_key(
+    client: Client, worker: str, environ: dict[str, str]
+) -> None:
+    """`konstruct send` with a key the worker lacks: before, it waited as long as the
+    workflow may run (the worker failing its task over and over)."""
+    message_id = f"m-{uuid.uuid4().hex[:8]}"
+    env = dict(
+        environ,
+        KONSTRUCT_ENCRYPTION_KEYS=new_key_line("stranger"),
+        KONSTRUCT_TASK_QUEUE=worker,
+    )
+    process = await asyncio.create_subprocess_exec(
+        *KONSTRUCT,
+        "send",
+        "demo",
+        "assistant",
+        SECRET_TEXT,
+        "--message-id",
+        message_id,
+        env=env,
+        cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    # Generous for a CLI's start on a busy machine; it used to wait for ever.
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 90)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    said = err.decode()
+    assert process.returncode == 2, (out, said)
+    assert "key 'stranger'" in said and "it has test-1" in said, said
+    assert "Traceback" not in said, said
+    # The workflow stays open (a worker given the key would run it): end it here.
+    await client.get_workflow_handle(message_workflow_id("demo", message_id)).terminate()
+
+
+async def test_a_client_lacking_the_workers_newer_key_is_told_which(
+    settings: Settings, task_queue: str
+) -> None:
+    old_client = await connect_with(settings, TEST_KEYS)
+    new_client = await connect_with(settings, TEST_KEYS + "," + new_key_line("test-2"))
+    async with build_worker(new_client, settings, task_queue) as w, w:
+        body = message()
+        handle = await old_client.start_workflow(
+            HandleMessage.run, body, id=f"msg-keys-{body['message_id']}", task_queue=task_queue
+        )
+        with pytest.raises(ConfigError, match="encrypted with key 'test-2'.*it has test-1"):
+            await asyncio.wait_for(workflow_result(handle), 90)

@@ -37,6 +37,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.converter import PayloadCodec
 
 from konstruct.platform.errors import ConfigError
+from konstruct.platform.temporal.failures import PlainMessage
 
 ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
@@ -46,8 +47,10 @@ KEYS_ENV = "KONSTRUCT_ENCRYPTION_KEYS"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class CodecError(ValueError):
-    """A payload this process cannot decrypt: a key it lacks, or one that does not fit."""
+class CodecError(PlainMessage, ValueError):
+    """A payload this process cannot decrypt: a key it lacks, or one that does not fit.
+    Its message names key ids only, so a failure it causes stays readable in history
+    (a worker's failed workflow task says which key it lacks)."""
 
 
 @dataclass(frozen=True)

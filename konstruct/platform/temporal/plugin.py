@@ -7,8 +7,9 @@ it as `plugins=[KonstructPlugin(codec)]`. So none of them wires these by hand.
 
 With a codec (`konstruct.platform.temporal.codec.EncryptionCodec`), every payload is encrypted
 before it leaves the process, and failures carry their message and stack trace
-as an encoded payload too (`encode_common_attributes`), so neither lands in
-workflow history in plain text.
+as an encoded payload too, so neither lands in workflow history in plain text;
+in their place a failure says its type and the fields at fault, which is no
+user data (`konstruct.platform.temporal.failures.ReadableFailureConverter`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import dataclasses
 
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import (
-    DataConverter,
-    DefaultFailureConverterWithEncodedAttributes,
-    PayloadCodec,
-)
+from temporalio.converter import DataConverter, PayloadCodec
 from temporalio.plugin import SimplePlugin
 
+from konstruct.platform.temporal.failures import ReadableFailureConverter
 from konstruct.platform.temporal.interceptors import KonstructErrorInterceptor
 
 
@@ -34,7 +32,7 @@ def data_converter(codec: PayloadCodec | None = None) -> DataConverter:
     return dataclasses.replace(
         pydantic_data_converter,
         payload_codec=codec,
-        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+        failure_converter_class=ReadableFailureConverter,
     )
 
 
