@@ -1,4 +1,5 @@
-"""The one home of configuration: `temporal-dev.yaml`, overridden by environment variables.
+"""The one home of configuration: `temporal-dev.yaml`, overridden by environment variables,
+and where the stack's state directory is (`load_settings` says in which order it looks).
 
 A wrong value fails at start with a message naming the key (`postgres.port`,
 or the environment variable that set it).
@@ -6,8 +7,10 @@ or the environment variable that set it).
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ from konstruct.platform.settings import (
     Section,
     TelemetrySettings,
     TemporalSettings,
+    resolve_path,
     write_private_file,
 )
 from konstruct.providers.control import AimdConfig, BreakerConfig
@@ -34,6 +38,15 @@ if TYPE_CHECKING:
 
 CONFIG_FILE_ENV = "KONSTRUCT_CONFIG"
 DEFAULT_CONFIG_FILE = "temporal-dev.yaml"
+# The state directory's variable; KONSTRUCT_STATE_DIR is its older name, still read.
+STATE_DIR_ENV = "KONSTRUCT_HOME"
+STATE_DIR_ENV_ALIAS = "KONSTRUCT_STATE_DIR"
+# A running `konstruct up` holds this lock in its state directory and describes itself in
+# STACK_RECORD there; the per-user state directory's RUNNING_STACK_RECORD points at the
+# last one started, so that commands run outside any project find it.
+STACK_LOCK = "stack.lock"
+STACK_RECORD = "stack.json"
+RUNNING_STACK_RECORD = "running-stack.json"
 
 
 class SimulatorSettings(Section):
@@ -126,13 +139,22 @@ class Settings(Section):
     base_dir: Path = Path(".")
     # The file these settings came from; the stack hands it to its children.
     source: Path | None = None
+    # How `load_settings` found the state directory (said by `konstruct status`).
+    state_dir_origin: str = "the default"
 
     def path(self, value: Path) -> Path:
-        return value if value.is_absolute() else (self.base_dir / value).resolve()
+        """A configured path, absolute (`resolve_path`: beside the config file, or the
+        `deploy/` file Konstruct ships)."""
+        return resolve_path(self.base_dir, value)
+
+    @property
+    def state_path(self) -> Path:
+        """The state directory, absolute."""
+        return self.path(self.state_dir)
 
     @property
     def app_password_file(self) -> Path:
-        return self.path(self.state_dir / "app-db-password")
+        return self.state_path / "app-db-password"
 
     def app_db_password(self, create: bool = False) -> tuple[str, bool]:
         """The app role's password and whether it was generated now (`create`: when
@@ -144,7 +166,9 @@ class Settings(Section):
             return path.read_text().strip(), False
         if not create:
             raise ConfigError(
-                f"the app role has no password: set KONSTRUCT_APP_DB_PASSWORD (what"
+                f"the app role has no password: {path} does not exist (state directory from"
+                f" {self.state_dir_origin}); point at the stack's state directory"
+                f" (--state-dir or KONSTRUCT_HOME), set KONSTRUCT_APP_DB_PASSWORD (what"
                 f" `konstruct migrate` gave it), or run `konstruct migrate` to generate one"
                 f" into {path}"
             )
@@ -197,7 +221,6 @@ ENV_OVERRIDES: dict[str, str] = {
     "KONSTRUCT_APP_DATABASE_URL": "postgres.app_url",
     "KONSTRUCT_APP_DB_PASSWORD": "postgres.app_password",
     "KONSTRUCT_ROUTER_CONFIG": "llm.router_config",
-    "KONSTRUCT_STATE_DIR": "state_dir",
     "KONSTRUCT_OTEL_EXPORTER": "telemetry.exporter",
     "KONSTRUCT_WORKER_MAX_ACTIVITIES": "worker.max_concurrent_activities",
     "KONSTRUCT_SIMULATOR_PORT": "simulator.port",
@@ -217,26 +240,149 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _find_config_file(explicit: str | os.PathLike[str] | None) -> Path | None:
+def user_state_dir(environ: dict[str, str] | None = None) -> Path:
+    """The per-user state directory: `$XDG_STATE_HOME/konstruct`, else
+    `~/.local/state/konstruct` (a relative XDG_STATE_HOME is ignored, as the spec says)."""
+    environ = dict(os.environ if environ is None else environ)
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "konstruct"
+    home = environ.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "konstruct"
+
+
+def stack_running(state_dir: Path) -> bool:
+    """Whether a `konstruct up` runs from `state_dir`: it holds `stack.lock` there while it
+    runs, and the kernel lets go of it when the process ends, however it ends."""
+    try:
+        descriptor = os.open(state_dir / STACK_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)  # and with it the probe's own lock
+    return False
+
+
+@dataclass(frozen=True)
+class StackRecord:
+    """What a running `konstruct up` writes down about itself: where its state is, the
+    config file it read (None: defaults) and its pid."""
+
+    state_dir: Path
+    config: Path | None
+    pid: int
+
+    def to_json(self) -> str:
+        config = str(self.config) if self.config is not None else None
+        return json.dumps({"state_dir": str(self.state_dir), "config": config, "pid": self.pid})
+
+    @classmethod
+    def read(cls, path: Path) -> StackRecord | None:
+        """The record in `path`; None when there is none or it cannot be read."""
+        try:
+            data = json.loads(path.read_text())
+            config = data["config"]
+            return cls(Path(data["state_dir"]), Path(config) if config else None, int(data["pid"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+
+def running_stack(state_dir: Path) -> StackRecord | None:
+    """The stack running from `state_dir`, as it recorded itself; None when none runs."""
+    if not stack_running(state_dir):
+        return None
+    return StackRecord.read(state_dir / STACK_RECORD)
+
+
+def recorded_stack(environ: dict[str, str] | None = None) -> StackRecord | None:
+    """The stack this user's last `konstruct up` recorded, if it still runs."""
+    record = StackRecord.read(user_state_dir(environ) / RUNNING_STACK_RECORD)
+    return None if record is None else running_stack(record.state_dir)
+
+
+def _find_config_file(
+    explicit: str | os.PathLike[str] | None, environ: dict[str, str], cwd: Path
+) -> Path | None:
+    """`--config`, else KONSTRUCT_CONFIG, else the nearest temporal-dev.yaml in the
+    working directory or a folder above it (as git finds its repository)."""
     if explicit is not None:
-        path = Path(explicit)
+        path = cwd / Path(explicit).expanduser()
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist ({CONFIG_FILE_ENV} or --config)")
         return path
-    from_env = os.environ.get(CONFIG_FILE_ENV)
+    from_env = environ.get(CONFIG_FILE_ENV)
     if from_env:
-        return _find_config_file(from_env)
-    candidate = Path.cwd() / DEFAULT_CONFIG_FILE
-    return candidate if candidate.is_file() else None
+        return _find_config_file(from_env, environ, cwd)
+    for folder in (cwd, *cwd.parents):
+        candidate = folder / DEFAULT_CONFIG_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _state_dir_given(
+    explicit: str | os.PathLike[str] | None, environ: dict[str, str], cwd: Path
+) -> tuple[Path, str] | None:
+    """The state directory named outright (`--state-dir`, KONSTRUCT_HOME or its older
+    name KONSTRUCT_STATE_DIR), relative to the working directory, and by what."""
+
+    def absolute(value: str | os.PathLike[str]) -> Path:
+        return (cwd / Path(value).expanduser()).resolve()
+
+    if explicit is not None:
+        return absolute(explicit), "--state-dir"
+    home, alias = environ.get(STATE_DIR_ENV), environ.get(STATE_DIR_ENV_ALIAS)
+    if home and alias and absolute(home) != absolute(alias):
+        raise ConfigError(
+            f"{STATE_DIR_ENV} ({home}) and {STATE_DIR_ENV_ALIAS} ({alias}) name different state"
+            f" directories: set only {STATE_DIR_ENV} ({STATE_DIR_ENV_ALIAS} is its older name)"
+        )
+    if home:
+        return absolute(home), STATE_DIR_ENV
+    if alias:
+        return absolute(alias), STATE_DIR_ENV_ALIAS
+    return None
 
 
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     environ: dict[str, str] | None = None,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Settings:
-    """Read the YAML file, apply env overrides, validate; errors name the key."""
+    """Read the YAML file, apply env overrides, validate; errors name the key.
+
+    The config file: `config_file` (`--config`), else KONSTRUCT_CONFIG, else the nearest
+    `temporal-dev.yaml` in `cwd` or above. The state directory, first that applies:
+    `state_dir` (`--state-dir`); KONSTRUCT_HOME (or KONSTRUCT_STATE_DIR); the config
+    file's `state_dir` (default `.konstruct` beside it); with no config file, the stack
+    this user's last `konstruct up` recorded, while it runs (its config file is read too);
+    else the per-user `$XDG_STATE_HOME/konstruct` (`~/.local/state/konstruct`). A state
+    directory named outright that a stack runs from also gives that stack's config file
+    when none is found.
+    """
     environ = dict(os.environ if environ is None else environ)
-    path = _find_config_file(config_file)
+    here = Path.cwd() if cwd is None else Path(cwd)
+    path = _find_config_file(config_file, environ, here)
+    state = _state_dir_given(state_dir, environ, here)
+    if path is None:
+        running = running_stack(state[0]) if state is not None else recorded_stack(environ)
+        if running is not None:
+            if running.config is not None and running.config.is_file():
+                path = running.config
+            if state is None:
+                record = user_state_dir(environ) / RUNNING_STACK_RECORD
+                state = running.state_dir, f"the running stack recorded in {record}"
+        elif state is None:
+            state = (
+                user_state_dir(environ),
+                f"the per-user default, no {DEFAULT_CONFIG_FILE} here or above",
+            )
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -251,7 +397,11 @@ def load_settings(
         if environ.get(env_name):
             _set_dotted(data, dotted, environ[env_name])
             origin[dotted] = env_name
-    data["base_dir"] = str((path.parent if path else Path.cwd()).resolve())
+    if state is not None:
+        data["state_dir"], data["state_dir_origin"] = str(state[0]), state[1]
+    elif path is not None:
+        data["state_dir_origin"] = f"the config file {path.resolve()}"
+    data["base_dir"] = str((path.parent if path else here).resolve())
     data["source"] = str(path.resolve()) if path else None
     try:
         return Settings.model_validate(data)

@@ -223,7 +223,7 @@ async def test_tenants_are_isolated_by_row_level_security(
 
 # --- migration 008 on a server with or without the extension ---
 def test_the_knowledge_migration_declares_pgvector() -> None:
-    path = db.MIGRATIONS_DIR / "008_knowledge.sql"
+    path = db.migrations_dir() / "008_knowledge.sql"
     [(name, package, feature)] = db.required_extensions(path)
     assert (name, package, feature) == ("vector", "pgvector", "knowledge_search")
     assert db.skipped_migration_message(path.name, name, package, feature) == (

@@ -24,6 +24,14 @@ from tests.support import ROOT
 KONSTRUCT = [sys.executable, "-m", "konstruct.app.cli"]
 
 
+@pytest.fixture(autouse=True)
+def user_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's per-user state directory: the stacks it starts record themselves
+    there, not in the real one (`clean_env` passes it on)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "user-state"))
+    return tmp_path / "user-state" / "konstruct"
+
+
 @pytest.fixture
 def stack_config(tmp_path: Path) -> Iterator[Path]:
     config = tmp_path / "stack.yaml"
@@ -136,6 +144,45 @@ def test_foreground_up_stops_every_child_on_ctrl_c(stack_config: Path) -> None:
     assert process.returncode == 0, output
     assert "Konstruct is up." in output and "stopped." in output
     assert_all_gone(pids)
+
+
+def test_down_run_anywhere_stops_a_foreground_up(stack_config: Path, tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [*KONSTRUCT, "--config", str(stack_config), "up"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=clean_env(),
+        cwd=str(ROOT),
+    )
+    ready = stack_config.parent / "state" / "stack.ready"
+    deadline = time.monotonic() + 180
+    while not ready.exists():
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        assert time.monotonic() < deadline, "stack never became ready"
+        time.sleep(0.2)
+    pids = children(stack_config)
+    # From a folder with no project above it, the commands find the running stack.
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    assert not [d for d in (nowhere, *nowhere.parents) if (d / "temporal-dev.yaml").exists()]
+
+    def anywhere(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*KONSTRUCT, *args], capture_output=True, text=True, env=clean_env(), cwd=nowhere
+        )
+
+    status = anywhere("status")
+    assert status.returncode == 0 and f"running, pid {process.pid}" in status.stdout, status
+    down = anywhere("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"pid {process.pid}" in down.stdout and "stopped." in down.stdout
+    # `down` returned once the foreground process had ended.
+    assert process.poll() is not None
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0 and "stopping (SIGTERM)" in output and "stopped." in output
+    assert_all_gone(pids)
+    assert anywhere("status").returncode == 3
 
 
 def test_a_port_in_use_is_named(stack_config: Path) -> None:

@@ -9,14 +9,18 @@ signal, so even a `kill -9` of this process leaves nothing behind.
 The stack supervises its children as systemd's `Restart=on-failure` would: one
 that exits on its own is started again after 1 s, then 2, 4 … up to 30 s while
 it keeps failing (back to 1 s once it ran a minute), each restart logged; only
-Ctrl-C (SIGINT/SIGTERM, which `konstruct down` sends) stops the stack. What each
-child is doing, its restarts and its last exit code are in `stack.status.json`,
-which `konstruct status` prints.
+Ctrl-C (SIGINT) or SIGTERM (what `konstruct down` sends) stops the stack, both the
+same way, whether it is still starting or running. What each child is doing, its
+restarts and its last exit code are in `stack.status.json`, which `konstruct
+status` prints.
+
+While it runs, the stack holds `stack.lock` in its state directory, describes itself
+in `stack.json` there and points the per-user `running-stack.json` at it, so that a
+command run outside any project finds it (`konstruct.config.load_settings`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import os
@@ -24,6 +28,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +37,19 @@ from typing import IO, Any
 
 from konstruct.app.embedded_pg import EmbeddedPostgres
 from konstruct.app.processes import ManagedProcess, port_in_use
-from konstruct.config import Settings
-from konstruct.platform import db
+from konstruct.config import (
+    RUNNING_STACK_RECORD,
+    STACK_LOCK,
+    STACK_RECORD,
+    STATE_DIR_ENV,
+    STATE_DIR_ENV_ALIAS,
+    Settings,
+    StackRecord,
+    running_stack,
+    user_state_dir,
+)
 from konstruct.platform.errors import StackError
 from konstruct.platform.settings import DEV_SQLITE_PRAGMAS, write_private_file
-from konstruct.platform.temporal.search_attributes import SEARCH_ATTRIBUTES
 
 # Fairness keys spread a provider's capacity across the experiments that share it.
 DEV_SERVER_DYNAMIC_CONFIG = [
@@ -77,6 +90,8 @@ def dev_server_command(
     sqlite_pragmas: Sequence[str] = DEV_SQLITE_PRAGMAS,
     codec_endpoint: str | None = None,
 ) -> list[str]:
+    from konstruct.platform.temporal.search_attributes import SEARCH_ATTRIBUTES
+
     command = [
         temporal_cli(),
         "server",
@@ -169,6 +184,11 @@ class Supervised:
         return wait
 
 
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM arrived while the stack was starting (a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""
+
+
 @dataclass
 class Stack:
     """The laptop stack: its settings, its supervised children and its state files."""
@@ -176,15 +196,28 @@ class Stack:
     settings: Settings
     workers: int = 1
     supervised: list[Supervised] = field(default_factory=list)
+    # The signal that asked the stack to stop (SIGINT or SIGTERM), once one did.
+    stop_reason: str | None = None
     _lock_file: IO[str] | None = None
+    _starting: bool = False
 
     @property
     def state_dir(self) -> Path:
-        return self.settings.path(self.settings.state_dir)
+        return self.settings.state_path
 
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "stack.pid"
+
+    @property
+    def record_file(self) -> Path:
+        """Where this stack is and which config file it read (`konstruct.config.StackRecord`)."""
+        return self.state_dir / STACK_RECORD
+
+    @property
+    def user_record_file(self) -> Path:
+        """The per-user pointer at the stack started last."""
+        return user_state_dir() / RUNNING_STACK_RECORD
 
     @property
     def ready_file(self) -> Path:
@@ -230,15 +263,17 @@ class Stack:
     def acquire(self) -> None:
         """One stack per state directory; and every port free before anything starts."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.state_dir / "stack.lock", "w")  # noqa: SIM115 - held while up
+        lock_file = open(self.state_dir / STACK_LOCK, "w")  # noqa: SIM115 - held while up
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock_file.close()
             pid = self.pid_file.read_text().strip() if self.pid_file.exists() else "?"
             raise StackError(
                 f"Konstruct is already running from {self.state_dir} (pid {pid}); "
                 "see `konstruct status`, or stop it with `konstruct down`"
             ) from None
+        self._lock_file = lock_file
         for port, what in self._ports().items():
             if port_in_use(port):
                 raise StackError(
@@ -247,6 +282,21 @@ class Stack:
                 )
         self.pid_file.write_text(str(os.getpid()))
         self.ready_file.unlink(missing_ok=True)
+        record = StackRecord(self.state_dir, self.settings.source, os.getpid()).to_json()
+        self.record_file.write_text(record)
+        try:
+            self.user_record_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.user_record_file.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(record)
+            temporary.replace(self.user_record_file)
+        except OSError:
+            pass  # only commands run outside a project miss it; the stack runs all the same
+
+    def _forget_user_record(self) -> None:
+        """Remove the per-user pointer if it still points at this stack."""
+        recorded = StackRecord.read(self.user_record_file)
+        if recorded is not None and recorded.state_dir == self.state_dir:
+            self.user_record_file.unlink(missing_ok=True)
 
     def _spawn(
         self,
@@ -308,8 +358,28 @@ class Stack:
         temporary.write_text(json.dumps({"pid": os.getpid(), "children": status}, indent=2))
         temporary.replace(self.status_file)
 
+    def _catch_stop_signals(self) -> None:
+        """SIGINT (Ctrl-C) and SIGTERM (`konstruct down`) stop the stack alike: while it
+        starts they raise StopRequested (the caller stops what started), later `wait`
+        returns. Only the main thread may set handlers; elsewhere nothing changes."""
+
+        def on_signal(signum: int, _frame: object) -> None:
+            if self.stop_reason is None:
+                self.stop_reason = signal.Signals(signum).name
+            if self._starting:
+                self._starting = False
+                raise StopRequested(self.stop_reason)
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+
     def start(self, say: Callable[[str], None] = print) -> None:
-        """Start every child in order, each once the one before is ready; then mark ready."""
+        """Start every child in order, each once the one before is ready; then mark ready.
+
+        SIGINT or SIGTERM meanwhile raises StopRequested; the caller then calls `stop`."""
+        self._starting = True
+        self._catch_stop_signals()
         self.acquire()
         env = self._child_env()
         self._start_database(say)
@@ -323,18 +393,24 @@ class Stack:
         if self.settings.gateway.enabled:
             self._start_gateway(cli, env, say)
         self.ready_file.write_text(str(os.getpid()))
+        self._starting = False
 
     def _child_env(self) -> dict[str, str]:
-        """The children's environment: ours, the simulator's key, and our config file."""
+        """The children's environment: ours, the simulator's key, our config file and our
+        state directory (however this process found them)."""
         s = self.settings
         env = dict(os.environ)
-        env.setdefault(s.simulator.api_key_env, "sim-" + secrets.token_hex(16))
+        env.update(simulator_environ(s, create=True))
         if s.source is not None:
             env["KONSTRUCT_CONFIG"] = str(s.source)
+        env.pop(STATE_DIR_ENV_ALIAS, None)
+        env[STATE_DIR_ENV] = str(self.state_dir)
         return env
 
     def _start_database(self, say: Callable[[str], None]) -> None:
         """Embedded PostgreSQL unless an external one is configured; then migrate and seed."""
+        import asyncio
+
         s = self.settings
         if s.postgres.url is None:
             say(f"starting PostgreSQL on 127.0.0.1:{s.postgres.port} ...")
@@ -350,14 +426,11 @@ class Stack:
                     postgres.stop,
                 )
             )
-        owner = db.owner_url(s)
-        # The app role's password: generated once into the state directory.
-        password, _ = s.app_db_password(create=True)
-        applied = asyncio.run(
-            db.migrate(owner, app_role=s.postgres.app_role, app_password=password)
-        )
-        asyncio.run(db.seed_demo(owner))
-        say(f"database ready ({len(applied)} migrations applied now)")
+        ready = asyncio.run(prepare_database(s))
+        note = ready.password_note(s)
+        if note is not None:
+            say(note)
+        say(f"database ready ({len(ready.applied)} migrations applied now)")
 
     def _start_codec_server(
         self, cli: list[str], env: dict[str, str], say: Callable[[str], None]
@@ -484,20 +557,15 @@ class Stack:
 
     def wait(self, say: Callable[[str], None] = print) -> str:
         """Supervise until SIGINT or SIGTERM arrives; returns which."""
-        stop_reason: list[str] = []
-
-        def on_signal(signum: int, _frame: object) -> None:
-            stop_reason.append(signal.Signals(signum).name)
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        while not stop_reason:
+        self._starting = False
+        self._catch_stop_signals()
+        while self.stop_reason is None:
             for child in self.supervised:
-                if stop_reason:
+                if self.stop_reason is not None:
                     break
                 self._tend(child, say)
             time.sleep(0.2)
-        return stop_reason[0]
+        return self.stop_reason
 
     def _tend(self, child: Supervised, say: Callable[[str], None]) -> None:
         """Notice a child that exited; restart it when its backoff is over."""
@@ -532,15 +600,20 @@ class Stack:
         self._record_children()
 
     def stop(self) -> None:
+        """Stop every child, last started first; then, if this process held the stack's
+        lock, remove its state files and let go of the lock (the sign `konstruct down`
+        waits for). A stack that never got the lock leaves the files of the one that has it."""
+        self._starting = False  # a signal now only records itself
         for child in reversed(self.supervised):
             child.stop()
         self.supervised.clear()
-        self.status_file.unlink(missing_ok=True)
-        self.ready_file.unlink(missing_ok=True)
-        self.pid_file.unlink(missing_ok=True)
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        if self._lock_file is None:
+            return
+        self._forget_user_record()
+        for path in (self.status_file, self.ready_file, self.record_file, self.pid_file):
+            path.unlink(missing_ok=True)
+        self._lock_file.close()
+        self._lock_file = None
 
 
 def ensure_key_file(settings: Settings) -> Path | None:
@@ -559,6 +632,28 @@ def ensure_key_file(settings: Settings) -> Path | None:
     return settings.key_file
 
 
+def simulator_environ(settings: Settings, create: bool = False) -> dict[str, str]:
+    """Where the stack's simulator answers and the key it demands, for what the
+    environment does not set: a command from a second terminal reaches the same
+    simulator as the workers. The key lives in the state directory (mode 600),
+    made by `konstruct up` (`create`); {} with the simulator off."""
+    sim = settings.simulator
+    if not sim.enabled:
+        return {}
+    found: dict[str, str] = {}
+    if not os.environ.get("SIMULATOR_API_BASE"):
+        found["SIMULATOR_API_BASE"] = f"http://127.0.0.1:{sim.port}/v1"
+    if not os.environ.get(sim.api_key_env):
+        key_file = settings.state_path / "simulator.key"
+        if key_file.is_file():
+            found[sim.api_key_env] = key_file.read_text().strip()
+        elif create:
+            key = "sim-" + secrets.token_hex(16)
+            write_private_file(key_file, key + "\n")
+            found[sim.api_key_env] = key
+    return found
+
+
 def worker_names(count: int) -> list[str]:
     """`worker` for the first (its log is worker.log, as with one), then worker-2 …"""
     return ["worker"] + [f"worker-{i}" for i in range(2, count + 1)]
@@ -566,7 +661,7 @@ def worker_names(count: int) -> list[str]:
 
 def read_status(settings: Settings) -> dict[str, Any] | None:
     """What the running stack last wrote about its children (None: not running)."""
-    path = settings.path(settings.state_dir) / "stack.status.json"
+    path = settings.state_path / "stack.status.json"
     try:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -574,12 +669,71 @@ def read_status(settings: Settings) -> dict[str, Any] | None:
 
 
 def running_pid(settings: Settings) -> int | None:
-    pid_file = settings.path(settings.state_dir) / "stack.pid"
-    if not pid_file.exists():
-        return None
+    """The pid of the `konstruct up` running from the settings' state directory (it holds
+    the directory's lock), foreground or detached; None when none does."""
+    record = running_stack(settings.state_path)
+    return None if record is None else record.pid
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has ended (a zombie, ended but not yet reaped by its parent, has)."""
     try:
-        pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return None
-    return pid
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class DatabaseReady:
+    """What `prepare_database` did."""
+
+    applied: list[str]
+    # A password for the app role was generated into the state directory just now ...
+    password_generated: bool = False
+    # ... for a role the server already had (its old password no longer works).
+    role_existed: bool = False
+
+    def password_note(self, settings: Settings) -> str | None:
+        """What to say about the app role's password; None when nothing changed it."""
+        if not self.password_generated:
+            return None
+        role = settings.postgres.app_role
+        where = f"{settings.app_password_file} (mode 600)"
+        if not self.role_existed:
+            return (
+                f"generated a password for the app role {role!r}, stored in {where};"
+                " workers on other machines need it as KONSTRUCT_APP_DB_PASSWORD"
+            )
+        return (
+            f"warning: the app role {role!r} already existed and this state directory"
+            f" ({settings.state_path}, from {settings.state_dir_origin}) held no password"
+            f" for it: it now has a NEW password, generated into {where}. Whatever used"
+            " the old one (a stack running from another state directory,"
+            " KONSTRUCT_APP_DB_PASSWORD elsewhere) cannot connect any more: give it this"
+            " file's password, or run against that stack's state directory"
+            " (--state-dir or KONSTRUCT_HOME)"
+        )
+
+
+async def prepare_database(settings: Settings, skipped: list[str] | None = None) -> DatabaseReady:
+    """Apply the migrations, create or update the app role, seed tenant `demo`.
+
+    The app role's password is the configured one, else the state directory's, else
+    one generated into it now (`DatabaseReady.password_note` says which and where).
+    """
+    from konstruct.platform import db  # asyncpg: not for `konstruct status`
+
+    owner = db.owner_url(settings)
+    role = settings.postgres.app_role
+    existed = await db.role_exists(owner, role)
+    password, generated = settings.app_db_password(create=True)
+    applied = await db.migrate(owner, app_role=role, app_password=password, skipped=skipped)
+    await db.seed_demo(owner)
+    return DatabaseReady(applied, generated, existed)

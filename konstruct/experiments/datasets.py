@@ -40,6 +40,7 @@ from konstruct.experiments.models import (
     template_fields,
 )
 from konstruct.platform.errors import InvalidInput, field_problems
+from konstruct.platform.settings import resolve_path
 
 # The extension of a dataset file tells its format, unless the spec's `format` does.
 EXTENSIONS: dict[str, DatasetFormat] = {
@@ -381,10 +382,11 @@ def read_file(spec: DatasetSpec, path: Path) -> list[DatasetItem]:
 
 
 def load_items(spec: DatasetSpec, base_dir: Path, template: str | None = None) -> list[DatasetItem]:
-    """The dataset's items; with `template`, also checked to name only fields they have."""
+    """The dataset's items; with `template`, also checked to name only fields they have.
+    A relative path is read beside the config file (`base_dir`), or, for a `deploy/...`
+    sample not there, from the copy Konstruct ships."""
     if spec.path is not None:
-        path = Path(spec.path)
-        items = read_file(spec, path if path.is_absolute() else base_dir / path)
+        items = read_file(spec, resolve_path(base_dir, Path(spec.path)))
     else:
         items = spec.items or []
         if not items:

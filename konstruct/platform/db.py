@@ -18,8 +18,8 @@ import asyncpg
 
 from konstruct.platform.errors import ConfigError
 from konstruct.platform.settings import DatabaseSettings as Settings
+from konstruct.platform.settings import deploy_dir
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 # Any constant works; it only has to be the same for every migrator.
 _MIGRATION_LOCK_KEY = 0x6B6F6E73
@@ -71,8 +71,22 @@ async def tenant_transaction(
         yield conn
 
 
-def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
+def migrations_dir() -> Path:
+    """The migrations this install ships (`deploy/migrations`)."""
+    return deploy_dir() / "migrations"
+
+
+def migration_files(directory: Path | None = None) -> list[Path]:
+    """The migrations in `directory` (default `migrations_dir()`), in order. A folder that
+    is missing or holds none is an error naming it: migrating nothing is never silent."""
+    directory = migrations_dir() if directory is None else directory
+    if not directory.is_dir():
+        raise ConfigError(f"the migrations folder {directory} does not exist")
     files = sorted(p for p in directory.glob("*.sql") if _MIGRATION_NAME.match(p.name))
+    if not files:
+        raise ConfigError(
+            f"the migrations folder {directory} holds no migration (NNN_name.sql files)"
+        )
     versions = [p.name[:3] for p in files]
     if len(set(versions)) != len(versions):
         raise ConfigError(f"two migrations share a number in {directory}: {versions}")
@@ -111,7 +125,7 @@ async def migrate(
     *,
     app_role: str,
     app_password: str,
-    directory: Path = MIGRATIONS_DIR,
+    directory: Path | None = None,
     skipped: list[str] | None = None,
 ) -> list[str]:
     """Apply pending migrations in order, each in its own transaction; grant the app role.
@@ -121,6 +135,7 @@ async def migrate(
     are. One sentence per such migration goes to `skipped` when given (the
     caller reports it), else to the log as a warning. Returns the files applied.
     """
+    files = migration_files(directory)  # before connecting: a missing folder is named first
     conn = await asyncpg.connect(owner)
     applied_now: list[str] = []
     try:
@@ -131,7 +146,7 @@ async def migrate(
             " applied_at timestamptz not null default now())"
         )
         done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
-        for path in migration_files(directory):
+        for path in files:
             version = path.name[:3]
             if version in done:
                 continue
@@ -167,6 +182,15 @@ async def _missing_extension(conn: asyncpg.Connection, path: Path) -> str | None
         if not available:
             return skipped_migration_message(path.name, name, package, feature)
     return None
+
+
+async def role_exists(owner: str, role: str) -> bool:
+    """Whether the server already has `role` (before `migrate` creates or updates it)."""
+    conn = await asyncpg.connect(owner)
+    try:
+        return bool(await conn.fetchval("select 1 from pg_roles where rolname = $1", role))
+    finally:
+        await conn.close()
 
 
 async def _ensure_app_role(conn: asyncpg.Connection, role: str, password: str) -> None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from konstruct.platform.errors import ConfigError
+
 if TYPE_CHECKING:
     from konstruct.platform.temporal.codec import KeyRing
 
@@ -74,6 +76,39 @@ class PostgresSettings(Section):
 class TelemetrySettings(Section):
     exporter: Literal["none", "console", "otlp"] = "none"
     service_name: str = "konstruct"
+
+
+def deploy_dir() -> Path:
+    """The `deploy/` folder of this install (migrations, default router and simulator
+    configs, sample datasets): the `deploy` package's files, found with importlib.resources.
+    In a checkout or an editable install that is the checkout's own `deploy/`; in a wheel,
+    the copy it ships."""
+    from importlib import resources
+
+    try:
+        found = resources.files("deploy")
+    except ModuleNotFoundError:
+        found = None
+    if not isinstance(found, Path) or not (found / "__init__.py").is_file():
+        raise ConfigError(
+            "Konstruct's `deploy` package (migrations, default configs, sample datasets) is"
+            " not installed: reinstall Konstruct (`pip install .`, or `pip install -e .` in a"
+            " checkout)"
+        )
+    return found
+
+
+def resolve_path(base_dir: Path, value: Path) -> Path:
+    """A configured path: absolute as it is; relative, against `base_dir` (the config
+    file's folder). A relative `deploy/...` that is not there is the file Konstruct ships
+    (`deploy_dir()`), so the defaults and the documented sample paths work from anywhere."""
+    if value.is_absolute():
+        return value
+    local = (base_dir / value).resolve()
+    if local.exists() or value.parts[:1] != ("deploy",) or len(value.parts) < 2:
+        return local
+    shipped = deploy_dir().joinpath(*value.parts[1:])
+    return shipped if shipped.exists() else local
 
 
 def write_private_file(path: Path, text: str) -> None:
