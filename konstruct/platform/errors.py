@@ -36,10 +36,13 @@ of a class or family, never comparing type strings themselves.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import ValidationError
-from temporalio.exceptions import ApplicationError
+if TYPE_CHECKING:
+    # Imported where used otherwise: the CLI's start-up loads neither (temporalio
+    # alone takes a tenth of a second).
+    from pydantic import ValidationError
+    from temporalio.exceptions import ApplicationError
 
 # Every KonstructError class by its `error_type`, to read a recorded failure back.
 _BY_TYPE: dict[str, type[KonstructError]] = {}
@@ -68,6 +71,8 @@ _BY_TYPE[KonstructError.error_type] = KonstructError
 def failure_of(cause: BaseException | None, family: type[E]) -> type[E] | None:
     """The class of `family` (itself or a subclass) whose error a recorded failure
     (an ApplicationError, as `innermost_application_error` finds it) carries, else None."""
+    from temporalio.exceptions import ApplicationError
+
     if not isinstance(cause, ApplicationError) or not cause.type:
         return None
     found = _BY_TYPE.get(cause.type)
@@ -217,6 +222,8 @@ class BudgetExhausted(ExperimentPaused):
 
 def to_application_error(error: KonstructError) -> ApplicationError:
     """The one mapping from our errors to what Temporal records and retries (or not)."""
+    from temporalio.exceptions import ApplicationError
+
     details = [error.fields] if isinstance(error, InvalidInput) else []
     return ApplicationError(
         str(error), *details, type=error.error_type, non_retryable=not error.retryable
@@ -225,6 +232,8 @@ def to_application_error(error: KonstructError) -> ApplicationError:
 
 def innermost_application_error(error: BaseException | None) -> ApplicationError | None:
     """The deepest ApplicationError in a failure's cause chain (the one an activity raised)."""
+    from temporalio.exceptions import ApplicationError
+
     found = None
     cause = error
     while cause is not None:
@@ -237,6 +246,8 @@ def innermost_application_error(error: BaseException | None) -> ApplicationError
 def workflow_failure(error: BaseException) -> ApplicationError:
     """An activity's own error as the workflow's failure: type, message and details
     kept, never retried (a workflow task retry could not fix it)."""
+    from temporalio.exceptions import ApplicationError
+
     cause = innermost_application_error(error)
     if cause is not None:
         return ApplicationError(cause.message, *cause.details, type=cause.type, non_retryable=True)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import asyncpg
 import click
 from pydantic import ValidationError
 
 from konstruct.agents.models import BUILTIN_NAMES, TOOL_NAME, AgentProfile
-from konstruct.agents.store.agents import list_agents, put_agent
-from konstruct.agents.store.tools import list_tools
 from konstruct.app.cli.common import (
     CliState,
     Query,
@@ -21,6 +19,9 @@ from konstruct.app.cli.common import (
     tenant_argument,
 )
 from konstruct.platform.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import asyncpg
 
 DEFAULT_FALLBACK = "Sorry, I cannot answer right now. Please try again in a few minutes."
 
@@ -48,6 +49,8 @@ def tool_names(tools: tuple[str, ...]) -> list[str]:
 
 async def check_tools(conn: asyncpg.Connection, tenant: str, tools: list[str]) -> None:
     """Each name is a built-in tool or one of the tenant's; InvalidInput naming --tool otherwise."""
+    from konstruct.agents.store.tools import list_tools
+
     unknown = [name for name in tools if name not in BUILTIN_NAMES]
     if not unknown:
         return
@@ -113,6 +116,8 @@ def put(
     A put replaces the whole profile: an option left out takes its default, so
     give every --tool the agent should keep (without --tool it has none).
     """
+    from konstruct.agents.store.agents import put_agent
+
     chosen = tool_names(tools)
     try:
         profile = AgentProfile(
@@ -149,4 +154,6 @@ def put(
 )
 def list_(tenant: str) -> Query:
     """List a tenant's agents."""
+    from konstruct.agents.store.agents import list_agents
+
     return lambda conn: list_agents(conn, tenant)

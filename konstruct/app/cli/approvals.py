@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import click
 from pydantic import ValidationError
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.agents.models import ToolDecision
-from konstruct.agents.store.steps import awaiting
 from konstruct.app.cli.common import (
     CliState,
     Query,
@@ -28,9 +22,13 @@ from konstruct.app.cli.common import (
     tenant_argument,
     workflow_id_value,
 )
-from konstruct.config import Settings
 from konstruct.platform.errors import InvalidInput
-from workflows.handle_message import HandleMessage
+
+if TYPE_CHECKING:
+    import asyncpg
+    from temporalio.service import RPCError
+
+    from konstruct.config import Settings
 
 # The arguments shown in the table, at most (`--json` has them whole).
 ARGUMENTS_CHARS = 80
@@ -87,6 +85,7 @@ def _waiting(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
 )
 def list_(tenant: str) -> Query:
     """The tenant's tool calls waiting for approval, oldest first."""
+    from konstruct.agents.store.steps import awaiting
 
     async def query(conn: asyncpg.Connection) -> list[Any]:
         rows = await awaiting(conn, tenant)
@@ -110,6 +109,8 @@ def _error(text: str) -> int:
 
 async def _not_found(settings: Settings, workflow_id: str, exc: RPCError) -> str:
     """Why an update found no workflow to take it: none by that id, or it has ended."""
+    from temporalio.service import RPCError
+
     client = await temporal_client(settings)
     try:
         status = (await client.get_workflow_handle(workflow_id).describe()).status
@@ -124,6 +125,14 @@ async def _not_found(settings: Settings, workflow_id: str, exc: RPCError) -> str
 
 def decide(settings: Settings, workflow_id: str, approve: bool, decision: ToolDecision) -> int:
     """Send the update; print `approved CALL_ID` / `rejected CALL_ID` or one line of error."""
+    import asyncio
+
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.exceptions import ApplicationError
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from workflows.handle_message import HandleMessage
+
     update = HandleMessage.approve_tool if approve else HandleMessage.reject_tool
 
     async def run() -> int:

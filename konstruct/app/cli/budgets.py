@@ -7,9 +7,6 @@ from typing import Any
 import click
 
 from konstruct.app.cli.common import CliState, in_tenant, json_option, pass_state, tenant_argument
-from konstruct.app.cli.output import print_json, print_table
-from konstruct.experiments.models import usd
-from konstruct.experiments.store.budgets import set_monthly, tenant_budget
 
 
 @click.group("budgets")
@@ -39,6 +36,10 @@ def _paused(data: dict[str, Any], tenant: str) -> None:
 @pass_state
 def set_(state: CliState, tenant: str, monthly_usd: float, as_json: bool) -> int:
     """Set the tenant's monthly budget: a call that would go over it pauses its experiment."""
+    from konstruct.app.cli.output import print_json
+    from konstruct.experiments.models import usd
+    from konstruct.experiments.store.budgets import set_monthly, tenant_budget
+
     month = in_tenant(state.settings, tenant, lambda conn: set_monthly(conn, tenant, monthly_usd))
     data = in_tenant(state.settings, tenant, lambda conn: tenant_budget(conn, tenant))
     if as_json:
@@ -58,6 +59,10 @@ def set_(state: CliState, tenant: str, monthly_usd: float, as_json: bool) -> int
 @pass_state
 def show(state: CliState, tenant: str, as_json: bool) -> int:
     """The tenant's monthly budget: this month, the months before, paused experiments."""
+    from konstruct.app.cli.output import print_json, print_table
+    from konstruct.experiments.models import usd
+    from konstruct.experiments.store.budgets import tenant_budget
+
     data = in_tenant(state.settings, tenant, lambda conn: tenant_budget(conn, tenant))
     if as_json:
         print_json(data)

@@ -1,8 +1,11 @@
-"""Shared plumbing of the CLI: options, settings and connections (output is in `output`)."""
+"""Shared plumbing of the CLI: options, settings and connections (output is in `output`).
+
+Loaded by every command, so it imports no client library at module level: asyncpg,
+temporalio, the settings and rich are imported by the functions that use them.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import gc
 import re
@@ -13,19 +16,17 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import asyncpg
 import click
-from rich.table import Column
-from temporalio.client import Client
 
-from konstruct.app.cli.output import print_json, print_table
-from konstruct.config import Settings, load_settings
-from konstruct.platform import db
 from konstruct.platform.errors import ServiceUnreachable
-from konstruct.platform.temporal.client import connect
 
 if TYPE_CHECKING:
+    import asyncpg
     from pydantic import BaseModel
+    from rich.table import Column
+    from temporalio.client import Client
+
+    from konstruct.config import Settings
 
 T = TypeVar("T")
 
@@ -93,10 +94,13 @@ class CliState:
     """What the root command's options give every subcommand."""
 
     config: str | None = None
+    state_dir: str | None = None
 
     @cached_property
     def settings(self) -> Settings:
-        return load_settings(self.config)
+        from konstruct.config import load_settings
+
+        return load_settings(self.config, state_dir=self.state_dir)
 
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)
@@ -108,6 +112,7 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     A Temporal client left for interpreter shutdown sometimes aborts the
     process (exit 134, PyGILState_Release); collecting it first avoids that.
     """
+    import asyncio  # here, not at the top: `konstruct status` and `--help` never need it
 
     async def run() -> T:
         try:
@@ -119,6 +124,8 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def temporal_client(settings: Settings) -> Client:
+    from konstruct.platform.temporal.client import connect
+
     target = settings.temporal.target
     try:
         return await connect(settings)
@@ -139,18 +146,22 @@ def _postgres_at(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
 
 
-# Raised while connecting: the server is down, or refuses this role or database.
-_CONNECT_REFUSALS = (
-    asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InvalidCatalogNameError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)
+def _connect_refusals() -> tuple[type[Exception], ...]:
+    """Raised while connecting: the server is down, or refuses this role or database."""
+    import asyncpg
+
+    return (
+        asyncpg.InvalidAuthorizationSpecificationError,
+        asyncpg.InvalidCatalogNameError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+    )
 
 
 @contextmanager
 def reaching_postgres(url: str) -> Iterator[None]:
     """Turns a failure to connect to `url` into one line saying what to do."""
+    refusals = _connect_refusals()
     try:
         yield
     except (OSError, TimeoutError) as exc:
@@ -159,7 +170,7 @@ def reaching_postgres(url: str) -> Iterator[None]:
             f"cannot reach PostgreSQL at {_postgres_at(url)} ({reason}): start the stack with"
             " `konstruct up` or set KONSTRUCT_DATABASE_URL"
         ) from None
-    except _CONNECT_REFUSALS as exc:
+    except refusals as exc:
         raise ServiceUnreachable(
             f"PostgreSQL at {_postgres_at(url)} refused the connection ({_first_line(exc)}):"
             " run `konstruct migrate`, or check KONSTRUCT_DATABASE_URL and"
@@ -170,6 +181,8 @@ def reaching_postgres(url: str) -> Iterator[None]:
 @asynccontextmanager
 async def app_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A small pool of the application role, closed on exit."""
+    from konstruct.platform import db
+
     url = db.app_url(settings)
     with reaching_postgres(url):
         pool = await db.create_pool(url, min_size=1, max_size=2)
@@ -194,6 +207,7 @@ def in_tenant(
 ) -> T:
     """Run `work` in one transaction scoped to `tenant` (row-level security), on an
     `app_pool`, from synchronous command code."""
+    from konstruct.platform import db
 
     async def run(pool: asyncpg.Pool) -> T:
         async with db.tenant_transaction(pool, tenant) as conn:
@@ -204,7 +218,7 @@ def in_tenant(
 
 # What a list command's function returns: the store call that fetches its rows, run
 # in a transaction scoped to the command's `tenant`.
-Query = Callable[[asyncpg.Connection], Awaitable[list[Any]]]
+Query = Callable[["asyncpg.Connection"], Awaitable[list[Any]]]
 
 
 def listing(
@@ -221,6 +235,8 @@ def listing(
         @pass_state
         @functools.wraps(query_of)
         def command(state: CliState, as_json: bool, **params: Any) -> int:
+            from konstruct.app.cli.output import print_json, print_table
+
             items = in_tenant(state.settings, params["tenant"], query_of(**params))
             if as_json:
                 print_json(items)

@@ -7,15 +7,9 @@ import contextlib
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Group, RenderableType
-from rich.progress_bar import ProgressBar
-from rich.table import Column
-from rich.text import Text
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.service import RPCError
 
 from konstruct.app.cli.common import (
     CliState,
@@ -25,21 +19,33 @@ from konstruct.app.cli.common import (
     temporal_client,
     workflow_id_value,
 )
-from konstruct.app.cli.output import LiveView, build_table, print_json, print_table
-from konstruct.app.failures import failure_message
 from konstruct.demo.models import STEP_NAMES, ApprovalSignal, DemoProgress, DemoStep
 from konstruct.platform.errors import NotFound
-from workflows.demo_cascade import DemoCascade
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Column
+    from temporalio.client import Client, WorkflowHandle
+
+    from konstruct.app.cli.output import LiveView
+    from workflows.demo_cascade import DemoCascade
 
 _POLL_SECONDS = 0.5
 _FINISHED = ("completed", "failed", "cancelled")
-_STEP_COLUMNS: list[str | Column] = [
-    "step",
-    "phase",
-    "status",
-    Column("ms", justify="right"),
-    "detail",
-]
+
+
+def _step_columns() -> list[str | Column]:
+    from rich.table import Column
+
+    return ["step", "phase", "status", Column("ms", justify="right"), "detail"]
+
+
+def _cascade() -> type[DemoCascade]:
+    """The workflow, imported by the commands that talk to it (it loads temporalio)."""
+    from workflows.demo_cascade import DemoCascade
+
+    return DemoCascade
+
 
 workflow_id_argument = click.argument("workflow_id", required=False)
 
@@ -69,11 +75,13 @@ def _step_rows(steps: list[DemoStep]) -> list[tuple[str, str, str, str, str]]:
 
 
 def print_progress(progress: DemoProgress) -> None:
+    from konstruct.app.cli.output import print_table
+
     print(
         f"{progress.workflow_id}: {progress.status}  scenario {progress.scenario}"
         f"  champion {progress.champion_run_id or '-'}  alias {progress.alias_run_id or '-'}"
     )
-    print_table(_STEP_COLUMNS, _step_rows(progress.steps))
+    print_table(_step_columns(), _step_rows(progress.steps))
     if progress.pending_approval is not None:
         p = progress.pending_approval
         print(
@@ -90,18 +98,28 @@ def print_progress(progress: DemoProgress) -> None:
 
 def progress_view(progress: DemoProgress) -> RenderableType:
     """A running demo on a terminal: a bar of finished steps over the step table."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.text import Text
+
+    from konstruct.app.cli.output import build_table
+
     finished = sum(s.status not in ("pending", "running") for s in progress.steps)
     total = len(progress.steps)
     head = Text(
         f"{progress.workflow_id}: {progress.status}  step {finished}/{total}"
         f"  {progress.current_step or ''}"
     )
-    table = build_table(_STEP_COLUMNS, _step_rows(progress.steps))
+    table = build_table(_step_columns(), _step_rows(progress.steps))
     return Group(head, ProgressBar(total=max(total, 1), completed=finished, width=40), table)
 
 
 async def _follow(handle: WorkflowHandle, view: LiveView) -> None:
     """Show each poll: the live table on a terminal, a line per finished step otherwise."""
+    from temporalio.service import RPCError
+
+    from workflows.demo_cascade import DemoCascade
+
     shown: set[str] = set()
     prompted = False
     while True:
@@ -169,10 +187,18 @@ def run(
     as_json: bool,
 ) -> int:
     """Run the showcase and print one row per step."""
+    from temporalio.client import WorkflowFailureError
+
+    from konstruct.app.cli.output import LiveView, print_json, print_table
+    from konstruct.app.failures import failure_message
+    from workflows.demo_cascade import DemoCascade
+
     settings = state.settings
     workflow_id = workflow_id or f"demo-{scenario}-{uuid.uuid4().hex[:8]}"
 
     async def execute() -> int:
+        from konstruct.platform.temporal.results import workflow_result
+
         client = await temporal_client(settings)
         handle = await client.start_workflow(
             DemoCascade.run,
@@ -189,7 +215,8 @@ def run(
         with LiveView(transient=True) as view:
             following = asyncio.create_task(_follow(handle, view))
             try:
-                result = await handle.result()
+                # A worker without this client's key fails at once, naming the key.
+                result = await workflow_result(handle)
             except WorkflowFailureError as exc:
                 failure = exc
             finally:
@@ -206,7 +233,7 @@ def run(
             f" in {result.total_ms / 1000:.1f} s; champion {result.champion_run_id};"
             f" decision {result.decision or '-'}"
         )
-        print_table(_STEP_COLUMNS, _step_rows(result.steps))
+        print_table(_step_columns(), _step_rows(result.steps))
         return 0 if result.overall_status == "pass" else 1
 
     return run_async(execute())
@@ -242,25 +269,25 @@ for _command in (
     _steering_command(
         "approve",
         "Approve the agent's pending decision",
-        lambda h, by: h.signal(DemoCascade.approve, ApprovalSignal(by=by)),
+        lambda h, by: h.signal(_cascade().approve, ApprovalSignal(by=by)),
         decides=True,
     ),
     _steering_command(
         "reject",
         "Reject the agent's pending decision: hold",
-        lambda h, by: h.signal(DemoCascade.reject, ApprovalSignal(by=by)),
+        lambda h, by: h.signal(_cascade().reject, ApprovalSignal(by=by)),
         decides=True,
     ),
     _steering_command(
         "stop",
         "Pause a demo run before its next step",
-        lambda h, _: h.signal(DemoCascade.stop),
+        lambda h, _: h.signal(_cascade().stop),
         decides=False,
     ),
     _steering_command(
         "resume",
         "Resume a paused demo run",
-        lambda h, _: h.signal(DemoCascade.resume),
+        lambda h, _: h.signal(_cascade().resume),
         decides=False,
     ),
     _steering_command(
@@ -279,6 +306,8 @@ for _command in (
 @pass_state
 def progress(state: CliState, workflow_id: str | None, as_json: bool) -> int:
     """Show a demo run's steps (default: the latest run)."""
+    from konstruct.app.cli.output import print_json
+    from workflows.demo_cascade import DemoCascade
 
     async def execute() -> int:
         client = await temporal_client(state.settings)

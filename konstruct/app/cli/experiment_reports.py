@@ -8,18 +8,21 @@ Registered on the `experiments` group by `konstruct.app.cli.experiments`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import asyncpg
 import click
 from rich.table import Column
 
 from konstruct.app.cli.common import CliState, in_tenant, json_option, pass_state, tenant_option
 from konstruct.app.cli.output import print_json, print_table
 from konstruct.experiments.compare import Comparison, compare
-from konstruct.experiments.records import ExperimentData
 from konstruct.experiments.report import DEFAULT_MAX_ROWS, render_report
 from konstruct.experiments.statistics import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES
-from konstruct.experiments.store.analysis import load_experiment
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from konstruct.experiments.records import ExperimentData
 
 # Flipped item ids printed per eval and direction (--json lists every one).
 SHOWN_FLIPS = 20
@@ -177,6 +180,7 @@ def compare_command(
 ) -> int:
     """Experiment B against A, item by item: score differences with a paired
     bootstrap interval, flipped items, latency, tokens and cost."""
+    from konstruct.experiments.store.analysis import load_experiment
 
     async def load(conn: asyncpg.Connection) -> tuple[ExperimentData, ExperimentData]:
         a = await load_experiment(conn, tenant, experiment_a)
@@ -218,6 +222,8 @@ def report_command(
     state: CliState, experiment: str, tenant: str, out: Path | None, max_rows: int
 ) -> int:
     """One self-contained HTML page about an experiment: summary, plots, items."""
+    from konstruct.experiments.store.analysis import load_experiment
+
     data = in_tenant(state.settings, tenant, lambda conn: load_experiment(conn, tenant, experiment))
     path = out if out is not None else Path(f"{experiment}.html")
     page = render_report(data, max_rows=max_rows)
@@ -228,7 +234,3 @@ def report_command(
         f" {rows} in its table)"
     )
     return 0
-
-
-# What `konstruct.app.cli.experiments` adds to its group.
-COMMANDS = (compare_command, report_command)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import ValidationError
-from temporalio.client import Client
 
 from konstruct.app.cli.common import (
     CliState,
@@ -19,13 +17,13 @@ from konstruct.app.cli.common import (
     tenant_option,
     workflow_id_value,
 )
-from konstruct.app.cli.experiment_watch import watch_experiment
-from konstruct.config import Settings
-from konstruct.experiments.datasets import load_items
-from konstruct.experiments.models import ExperimentInput, LlmJudgeEval
 from konstruct.platform.errors import InvalidInput
-from konstruct.providers.router import load_router_config
-from workflows.experiment import Experiment
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
+    from konstruct.config import Settings
+    from konstruct.experiments.models import ExperimentInput
 
 DEFAULT_DATASET = "deploy/datasets/arithmetic.jsonl"
 
@@ -114,6 +112,10 @@ def build_input(
     budget_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The workflow input, with the experiment settings as its `options` defaults."""
+    from pydantic import ValidationError
+
+    from konstruct.experiments.models import ExperimentInput
+
     if file is not None:
         body = _read_input_file(file)
     else:
@@ -143,6 +145,10 @@ def _check_against_config(
     """What the input cannot say about itself: its model groups are in the router
     config, its dataset reads (the file exists and every row maps to an item, as the
     worker will read it) and the template names only fields the items have."""
+    from konstruct.experiments.datasets import load_items
+    from konstruct.experiments.models import LlmJudgeEval
+    from konstruct.providers.router import load_router_config
+
     config = load_router_config(settings.path(settings.llm.router_config))
     groups = sorted({d.model_name for d in config.model_list})
     named = [("task.model_group", validated.task.model_group)] + [
@@ -173,6 +179,8 @@ async def launch(
     experiment: str,
 ) -> None:
     """Start the Experiment workflow on `body`; say so, and how to watch it."""
+    from workflows.experiment import Experiment
+
     await client.start_workflow(
         Experiment.run,
         body,
@@ -248,6 +256,8 @@ def start(state: CliState, watch: bool, **fields: Any) -> int:
             experiment=workflow_id,
         )
         if watch:
+            from konstruct.app.cli.experiment_watch import watch_experiment
+
             return await watch_experiment(client, workflow_id, 1.0)
         return 0
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
-from temporalio.service import RPCError
 
 from konstruct.app.cli.common import (
     CliState,
@@ -14,17 +15,19 @@ from konstruct.app.cli.common import (
     tenant_option,
 )
 from konstruct.app.cli.experiment_ids import experiment_argument, experiment_workflow_id
-from konstruct.config import Settings
-from konstruct.experiments.models import ToggleInput, usd
-from konstruct.experiments.store.budgets import raise_budget as raise_experiment_budget
-from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import NotFound
-from workflows.experiment import Experiment
+
+if TYPE_CHECKING:
+    from konstruct.config import Settings
 
 
 async def _raise_budget(
     settings: Settings, tenant: str, experiment: str, usd_more: float, tokens_more: int
 ) -> None:
+    from konstruct.experiments.models import usd
+    from konstruct.experiments.store.budgets import raise_budget as raise_experiment_budget
+    from konstruct.platform.db import tenant_transaction
+
     # In PostgreSQL first: the calls after the resume reserve against it.
     async with app_pool(settings) as pool, tenant_transaction(pool, tenant) as conn:
         now = await raise_experiment_budget(
@@ -43,6 +46,11 @@ async def _raise_budget(
 
 async def _toggle(settings: Settings, tenant: str, experiment: str, action: str) -> int:
     """Send the `stop` or `resume` update; print its answer; 0 if it was accepted."""
+    from temporalio.service import RPCError
+
+    from konstruct.experiments.models import ToggleInput
+    from workflows.experiment import Experiment
+
     update = Experiment.request_stop if action == "stop" else Experiment.request_resume
     workflow_id = await experiment_workflow_id(settings, tenant, experiment)
     client = await temporal_client(settings)
@@ -57,9 +65,18 @@ async def _toggle(settings: Settings, tenant: str, experiment: str, action: str)
         word = status.name.lower() if status is not None else "closed"
         print(f"{action} refused: the experiment's workflow is {word}")
         return 1
-    word = "accepted" if result.accepted else "refused"
-    print(f"{action} {word}: {result.reason} (status {result.status})")
-    return 0 if result.accepted else 1
+    if not result.accepted:
+        print(f"{action} refused: {result.reason}")
+        return 1
+    # The workflow answers before the stop or resume takes effect: say what follows.
+    follows = (
+        "the experiment stops once its calls in flight have finished"
+        if action == "stop"
+        else "the experiment runs again"
+    )
+    queued = f" ({result.reason})" if result.reason != "accepted" else ""
+    print(f"{action} accepted{queued}: {follows}")
+    return 0
 
 
 def _with_raise_options(command: click.Command) -> click.Command:
@@ -106,5 +123,6 @@ def _toggle_command(action: str) -> click.Command:
     return _with_raise_options(toggle) if action == "resume" else toggle
 
 
-# What `konstruct.app.cli.experiments` adds to its group.
-COMMANDS = (_toggle_command("stop"), _toggle_command("resume"))
+# The commands `konstruct.app.cli.experiments` loads when they are called.
+stop = _toggle_command("stop")
+resume = _toggle_command("resume")

@@ -6,19 +6,17 @@ import asyncio
 import sys
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Column, Table
 from rich.text import Text
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.app.cli.common import CliState, pass_state, run_async, temporal_client, tenant_option
 from konstruct.app.cli.experiment_ids import experiment_argument, experiment_workflow_id
 from konstruct.app.cli.output import LiveView, print_table
-from konstruct.app.failures import failure_message
 from konstruct.experiments.models import (
     ExperimentProgress,
     ExperimentResult,
@@ -27,7 +25,9 @@ from konstruct.experiments.models import (
 )
 from konstruct.experiments.progress_text import budget_line
 from konstruct.platform.errors import NotFound
-from workflows.experiment import Experiment
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
 FINISHED = ("completed", "incomplete", "failed", "stopped")
 
@@ -58,7 +58,8 @@ class ItemRate:
 def _figures(p: ExperimentProgress, rate: float) -> str:
     done = p.evaluated + p.failed
     eta_s = (p.total - done) / rate if rate > 0 else p.eta_s
-    eta = f"ETA {eta_s:5.0f}s" if eta_s is not None and p.status not in FINISHED else "ETA     -"
+    # Only a running experiment gets closer to its end: no ETA while paused or stopped.
+    eta = f"ETA {eta_s:5.0f}s" if eta_s is not None and p.status == "running" else "ETA     -"
     throttled = sum(x.throttled_per_s for x in p.providers)
     breakers = ",".join(f"{x.provider}:{x.breaker}" for x in p.providers) or "-"
     rates = ",".join(f"{x.provider}:{x.rate_rps:.1f}/s" for x in p.providers) or "-"
@@ -99,6 +100,10 @@ def progress_view(p: ExperimentProgress, rate: float) -> RenderableType:
 
 
 async def _progress(client: Client, workflow_id: str) -> ExperimentProgress:
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from workflows.experiment import Experiment
+
     try:
         return await client.get_workflow_handle(workflow_id).query(Experiment.progress)
     except RPCError as exc:
@@ -140,13 +145,23 @@ def waits_for_you(p: ExperimentProgress) -> bool:
 
 async def watch_experiment(client: Client, workflow_id: str, interval: float) -> int:
     """Follow the experiment until it ends or waits for a person; its exit code."""
-    p = await _follow(client, workflow_id, interval)
+    from temporalio.client import WorkflowFailureError
+
+    from konstruct.app.failures import failure_message
+    from konstruct.platform.temporal.results import guarded
+    from workflows.experiment import Experiment
+
+    # A worker without this client's key fails at once, naming the key.
+    p = await guarded(
+        client.get_workflow_handle(workflow_id), _follow(client, workflow_id, interval)
+    )
     if waits_for_you(p):
         _say_paused(p)
         return EXIT_PAUSED
     if p.status in ("completed", "incomplete"):
         try:
-            result = await client.get_workflow_handle_for(Experiment.run, workflow_id).result()
+            handle = client.get_workflow_handle_for(Experiment.run, workflow_id)
+            result = await guarded(handle, handle.result())
         except WorkflowFailureError as exc:
             print(f"error: {failure_message(exc)}", file=sys.stderr)
             return 1

@@ -11,10 +11,7 @@ import sys
 
 import click
 from rich.table import Column
-from temporalio.client import WorkflowExecutionStatus
-from temporalio.service import RPCError
 
-from konstruct.app.cli import experiment_reports, experiment_toggles
 from konstruct.app.cli.common import (
     CliState,
     Query,
@@ -28,20 +25,36 @@ from konstruct.app.cli.common import (
     tenant_option,
 )
 from konstruct.app.cli.experiment_ids import experiment_argument, experiment_workflow_id
-from konstruct.app.cli.experiment_start import launch, start
-from konstruct.app.cli.experiment_watch import watch
-from konstruct.app.cli.output import print_json, print_table
-from konstruct.experiments.models import BudgetProgress, usd
-from konstruct.experiments.progress_text import budget_line
-from konstruct.experiments.store.experiments import list_experiments
-from konstruct.experiments.store.results import forget_failures
-from konstruct.experiments.store.summaries import experiment_rows
-from konstruct.experiments.views import experiment_detail
-from konstruct.platform.db import tenant_transaction
+from konstruct.app.cli.lazy import LazyGroup
 from konstruct.platform.errors import NotFound
 
+_CLI = "konstruct.app.cli"
+# The commands of their own modules, loaded when called: name -> ("module:command",
+# its one-line help for `konstruct experiments --help`; tests/test_cli_startup.py checks it).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "start": (f"{_CLI}.experiment_start:start", "Start an Experiment (from a JSON file or flags)."),
+    "watch": (
+        f"{_CLI}.experiment_watch:watch",
+        "Live progress: done/total, rate, ETA, 429s, breakers.",
+    ),
+    "stop": (f"{_CLI}.experiment_toggles:stop", "Stop an experiment (answers accepted/refused)."),
+    "resume": (
+        f"{_CLI}.experiment_toggles:resume",
+        "Resume an experiment (answers accepted/refused).",
+    ),
+    "compare": (
+        f"{_CLI}.experiment_reports:compare_command",
+        "Experiment B against A, item by item: score differences with a paired bootstrap"
+        " interval, flipped items, latency, tokens and cost.",
+    ),
+    "report": (
+        f"{_CLI}.experiment_reports:report_command",
+        "One self-contained HTML page about an experiment: summary, plots, items.",
+    ),
+}
 
-@click.group("experiments")
+
+@click.group("experiments", cls=LazyGroup, lazy=COMMANDS)
 def group() -> None:
     """Run and inspect experiments."""
 
@@ -53,6 +66,12 @@ def group() -> None:
 @pass_state
 def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
     """The experiment with one row per item."""
+    from konstruct.app.cli.output import print_json, print_table
+    from konstruct.experiments.models import BudgetProgress, usd
+    from konstruct.experiments.progress_text import budget_line
+    from konstruct.experiments.store.summaries import experiment_rows
+    from konstruct.experiments.views import experiment_detail
+
     data = experiment_detail(
         in_tenant(state.settings, tenant, lambda conn: experiment_rows(conn, tenant, experiment))
     )
@@ -97,6 +116,8 @@ def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
 )
 def list_(tenant: str) -> Query:
     """A tenant's experiments."""
+    from konstruct.experiments.store.experiments import list_experiments
+
     return lambda conn: list_experiments(conn, tenant)
 
 
@@ -106,6 +127,13 @@ def list_(tenant: str) -> Query:
 @pass_state
 def retry(state: CliState, experiment: str, tenant: str) -> int:
     """Re-run only the items that ended failed, keeping every ok result."""
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError
+
+    from konstruct.app.cli.experiment_start import launch
+    from konstruct.experiments.store.results import forget_failures
+    from konstruct.platform.db import tenant_transaction
+
     settings = state.settings
 
     async def run() -> int:
@@ -146,12 +174,3 @@ def retry(state: CliState, experiment: str, tenant: str) -> int:
         return 0
 
     return run_async(run())
-
-
-for _command in (
-    start,
-    watch,
-    *experiment_toggles.COMMANDS,
-    *experiment_reports.COMMANDS,
-):
-    group.add_command(_command)

@@ -7,7 +7,6 @@ from datetime import datetime
 
 import click
 
-from konstruct.agents.store.keys import create_key, list_keys, revoke_key
 from konstruct.app.cli.common import (
     CliState,
     Query,
@@ -17,7 +16,6 @@ from konstruct.app.cli.common import (
     pass_state,
     tenant_argument,
 )
-from konstruct.app.cli.output import print_json
 
 
 @click.group("keys")
@@ -32,6 +30,9 @@ def group() -> None:
 @pass_state
 def create(state: CliState, tenant: str, label: str, as_json: bool) -> int:
     """Make a key for the tenant and print it (once: only its hash is stored)."""
+    from konstruct.agents.store.keys import create_key
+    from konstruct.app.cli.output import print_json
+
     key_id, key = in_tenant(state.settings, tenant, lambda conn: create_key(conn, tenant, label))
     if as_json:
         print_json({"key_id": key_id, "tenant_id": tenant, "key": key, "label": label})
@@ -58,6 +59,8 @@ def _when(value: datetime | None) -> str | None:
 )
 def list_(tenant: str) -> Query:
     """List a tenant's keys (never the keys themselves)."""
+    from konstruct.agents.store.keys import list_keys
+
     return lambda conn: list_keys(conn, tenant)
 
 
@@ -67,6 +70,8 @@ def list_(tenant: str) -> Query:
 @pass_state
 def revoke(state: CliState, tenant: str, key_id: str) -> int:
     """Revoke a key: the gateway refuses it from the next request on."""
+    from konstruct.agents.store.keys import revoke_key
+
     if in_tenant(state.settings, tenant, lambda conn: revoke_key(conn, tenant, key_id)):
         print(f"key {key_id} of tenant {tenant!r} revoked")
         return 0

@@ -5,19 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import click
 
 from konstruct.agents.knowledge import first_heading
-from konstruct.agents.store.knowledge import (
-    EMBED_GROUP,
-    add_document,
-    delete_document,
-    list_documents,
-    search,
-)
 from konstruct.app.cli.common import (
     CliState,
     Query,
@@ -28,10 +20,12 @@ from konstruct.app.cli.common import (
     tenant_argument,
     with_pool,
 )
-from konstruct.app.cli.output import print_json, print_table
-from konstruct.config import Settings
 from konstruct.platform.errors import ConfigError, InvalidInput, NotFound
-from konstruct.providers.router import build_router, load_router_config
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from konstruct.config import Settings
 
 SUFFIXES = (".md", ".markdown", ".txt")
 _EXCERPT = 200
@@ -75,18 +69,26 @@ def read_document(path: Path, doc_id: str | None = None) -> _File:
 
 
 def _router(settings: Settings) -> Any:
-    """The LLM router as the workers build it; its `embed` group must be active."""
+    """The LLM router as the workers build it (reaching the stack's simulator as they
+    do); its `embed` group must be active."""
+    import os
+
+    from konstruct.agents.store.knowledge import EMBED_GROUP
+    from konstruct.app.stack import simulator_environ
+    from konstruct.providers.router import build_router, load_router_config
+
+    environ = {**os.environ, **simulator_environ(settings)}
     config = load_router_config(settings.path(settings.llm.router_config))
-    if EMBED_GROUP not in config.groups():
+    if EMBED_GROUP not in config.groups(environ):
         wanted = sorted(
             {n for d in config.model_list if d.model_name == EMBED_GROUP for n in d.required_env()}
         )
         raise ConfigError(
             f"no deployment of the router group {EMBED_GROUP!r} is active: set "
             + (", ".join(wanted) or f"an {EMBED_GROUP!r} entry in the router config")
-            + " (the stack sets SIMULATOR_API_BASE)"
+            + " (with the simulator on, `konstruct up` sets them)"
         )
-    return build_router(config)
+    return build_router(config, environ)
 
 
 @click.group("knowledge")
@@ -103,6 +105,8 @@ def group() -> None:
 @pass_state
 def add(state: CliState, tenant: str, files: tuple[Path, ...], doc_id: str | None) -> int:
     """Add .md or .txt files (a document again replaces its earlier version)."""
+    from konstruct.agents.store.knowledge import add_document
+
     if doc_id is not None and len(files) > 1:
         raise click.UsageError("--doc-id names one document: give one FILE with it")
     documents = [read_document(path, doc_id) for path in files]
@@ -142,6 +146,8 @@ def add(state: CliState, tenant: str, files: tuple[Path, ...], doc_id: str | Non
 )
 def list_(tenant: str) -> Query:
     """List a tenant's documents."""
+    from konstruct.agents.store.knowledge import list_documents
+
     return lambda conn: list_documents(conn, tenant)
 
 
@@ -158,6 +164,9 @@ def _excerpt(text: str) -> str:
 @pass_state
 def search_(state: CliState, tenant: str, query: str, k: int, as_json: bool) -> int:
     """Search a tenant's documents."""
+    from konstruct.agents.store.knowledge import search
+    from konstruct.app.cli.output import print_json, print_table
+
     router = _router(state.settings)
     hits = with_pool(state.settings, lambda pool: search(pool, router, tenant, query, k))
     if as_json:
@@ -181,6 +190,8 @@ def search_(state: CliState, tenant: str, query: str, k: int, as_json: bool) -> 
 @pass_state
 def delete(state: CliState, tenant: str, doc_id: str) -> int:
     """Delete a document and its chunks."""
+    from konstruct.agents.store.knowledge import delete_document
+
     if not in_tenant(state.settings, tenant, lambda conn: delete_document(conn, tenant, doc_id)):
         raise NotFound(
             f"tenant {tenant!r} has no document {doc_id!r}; see `konstruct knowledge list {tenant}`"

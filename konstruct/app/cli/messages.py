@@ -7,7 +7,6 @@ import uuid
 
 import click
 from pydantic import ValidationError
-from temporalio.client import WorkflowFailureError
 
 from konstruct.agents.models import HandleMessageInput
 from konstruct.app.cli.common import (
@@ -18,12 +17,8 @@ from konstruct.app.cli.common import (
     temporal_client,
     tenant_argument,
 )
-from konstruct.app.cli.output import print_json
-from konstruct.app.failures import failure_message
 from konstruct.platform.errors import InvalidInput
 from konstruct.platform.naming import message_workflow_id
-from konstruct.platform.temporal.search_attributes import message_search_attributes
-from workflows.handle_message import HandleMessage
 
 
 @click.command("send")
@@ -63,9 +58,17 @@ def send(
         raise InvalidInput.from_validation_error("send", exc) from None
 
     async def execute() -> int:
+        from temporalio.client import WorkflowFailureError
+
+        from konstruct.app.cli.output import print_json
+        from konstruct.app.failures import failure_message
+        from konstruct.platform.temporal.results import workflow_result
+        from konstruct.platform.temporal.search_attributes import message_search_attributes
+        from workflows.handle_message import HandleMessage
+
         client = await temporal_client(settings)
         try:
-            result = await client.execute_workflow(
+            handle = await client.start_workflow(
                 HandleMessage.run,
                 message,
                 id=message_workflow_id(tenant, message["message_id"]),
@@ -73,6 +76,8 @@ def send(
                 static_summary=f"{tenant}/{agent}: {text[:60]}",
                 search_attributes=message_search_attributes(tenant),
             )
+            # A worker without this client's key fails at once, naming the key.
+            result = await workflow_result(handle)
         except WorkflowFailureError as exc:
             print(f"error: {failure_message(exc)}", file=sys.stderr)
             return 1

@@ -6,14 +6,16 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from rich import box
-from rich.console import Console, RenderableType
-from rich.live import Live
+from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 # Piped output is not wrapped at 80 columns: one table row stays one line.
 _PIPE_WIDTH = 250
@@ -62,6 +64,8 @@ class LiveView:
     """
 
     def __init__(self, transient: bool = False) -> None:
+        from rich.live import Live  # only the commands that follow a workflow load it
+
         self.console = console()
         self._live = (
             Live(console=self.console, auto_refresh=False, transient=transient)

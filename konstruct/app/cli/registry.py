@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from konstruct.app.cli.common import Query, listing, tenant_option
-from konstruct.registry.models import AliasMove, RegistryAlias, RegistryRun
-from konstruct.registry.store import alias_history, list_aliases, list_runs
+
+if TYPE_CHECKING:
+    from konstruct.registry.models import AliasMove, RegistryAlias, RegistryRun
 
 
 @click.group("registry")
@@ -59,6 +60,8 @@ def _move_row(m: AliasMove) -> tuple[Any, ...]:
 )
 def runs(limit: int, tenant: str) -> Query:
     """Registered runs, newest first."""
+    from konstruct.registry.store import list_runs
+
     return lambda conn: list_runs(conn, tenant, limit)
 
 
@@ -71,6 +74,8 @@ def runs(limit: int, tenant: str) -> Query:
 )
 def aliases(tenant: str) -> Query:
     """Aliases and the run each points at."""
+    from konstruct.registry.store import list_aliases
+
     return lambda conn: list_aliases(conn, tenant)
 
 
@@ -84,4 +89,6 @@ def aliases(tenant: str) -> Query:
 )
 def history(alias: str, tenant: str) -> Query:
     """Every move of one alias, oldest first."""
+    from konstruct.registry.store import alias_history
+
     return lambda conn: alias_history(conn, tenant, alias)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,10 +20,19 @@ from konstruct.app.cli.common import (
     temporal_client,
 )
 from konstruct.app.processes import port_in_use
-from konstruct.app.stack import MAX_WORKERS, Stack, read_status, running_pid
-from konstruct.config import Settings
-from konstruct.platform import db
+from konstruct.app.stack import (
+    MAX_WORKERS,
+    Stack,
+    StopRequested,
+    prepare_database,
+    process_gone,
+    read_status,
+    running_pid,
+)
 from konstruct.platform.errors import StackError
+
+if TYPE_CHECKING:
+    from konstruct.config import Settings
 
 _READY_TIMEOUT_S = 180
 _STOP_TIMEOUT_S = 60
@@ -39,20 +49,23 @@ _STOP_TIMEOUT_S = 60
 )
 @pass_state
 def up(state: CliState, detach: bool, workers: int) -> int:
-    """Start the whole dev stack (foreground; Ctrl-C stops). A child that exits
-    on its own is restarted, with backoff."""
+    """Start the whole dev stack (foreground; Ctrl-C or `konstruct down` stops). A child
+    that exits on its own is restarted, with backoff."""
     settings = state.settings
     if detach:
-        return _up_detached(state.config, settings, workers)
+        return _up_detached(settings, workers)
     stack = Stack(settings, workers=workers)
 
     def say(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
     try:
-        stack.start()
-        print(stack.banner(), flush=True)
-        reason = stack.wait(say)
+        try:
+            stack.start()
+            print(stack.banner(), flush=True)
+            reason = stack.wait(say)
+        except StopRequested as stopped:  # SIGINT or SIGTERM while starting
+            reason = str(stopped)
         print(f"\nstopping ({reason}) ...", flush=True)
     finally:
         stack.stop()
@@ -60,16 +73,20 @@ def up(state: CliState, detach: bool, workers: int) -> int:
     return 0
 
 
-def _up_detached(config: str | None, settings: Settings, workers: int) -> int:
+def _up_detached(settings: Settings, workers: int) -> int:
     stack = Stack(settings, workers=workers)
     pid = running_pid(settings)
     if pid is not None:
-        raise StackError(f"Konstruct is already running (pid {pid}); `konstruct down` stops it")
+        raise StackError(
+            f"Konstruct is already running from {stack.state_dir} (pid {pid});"
+            " `konstruct down` stops it"
+        )
     stack.state_dir.mkdir(parents=True, exist_ok=True)
     log_path = stack.state_dir / "stack.log"
-    command = [sys.executable, "-m", "konstruct.app.cli"]
-    if config:
-        command += ["--config", config]
+    # The child finds what this process found, wherever that came from.
+    command = [sys.executable, "-m", "konstruct.app.cli", "--state-dir", str(stack.state_dir)]
+    if settings.source is not None:
+        command += ["--config", str(settings.source)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command + ["up", "--workers", str(workers)],
@@ -92,20 +109,28 @@ def _up_detached(config: str | None, settings: Settings, workers: int) -> int:
 @click.command("down")
 @pass_state
 def down(state: CliState) -> int:
-    """Stop a detached stack."""
+    """Stop the running stack, detached or in the foreground."""
     settings = state.settings
+    where = f"state directory {settings.state_path}, from {settings.state_dir_origin}"
     pid = running_pid(settings)
     if pid is None:
-        print("Konstruct is not running.")
+        print(f"Konstruct is not running ({where}).")
         return 0
+    print(f"stopping Konstruct (pid {pid}, {where}) ...", flush=True)
+    # SIGTERM takes Ctrl-C's path in `konstruct up`, whether it is starting or running.
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + _STOP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if running_pid(settings) is None:
+        # Gone: it let go of the state directory's lock (after stopping every child)
+        # and the process has ended.
+        if running_pid(settings) is None and process_gone(pid):
             print("stopped.")
             return 0
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     print(
         f"stack did not stop in {_STOP_TIMEOUT_S} s; killed it"
         " (children follow via parent-death signal)."
@@ -121,6 +146,7 @@ def status(state: CliState) -> int:
     stack = Stack(settings)
     pid = running_pid(settings)
     ready = stack.ready_file.exists()
+    print(f"state dir  {stack.state_dir} (from {settings.state_dir_origin})")
     print(
         f"stack      {'running, pid ' + str(pid) if pid else 'not running'}"
         f"{' (ready)' if pid and ready else ''}"
@@ -139,6 +165,12 @@ def status(state: CliState) -> int:
     for name, port in checks.items():
         where = f"  {stack.gateway_url}" if name == "gateway" else ""
         print(f"{name:<10} port {port}: {'up' if port_in_use(port) else 'down'}{where}")
+    if not pid and any(port_in_use(port) for port in checks.values()):
+        print(
+            "\nSome of these ports are in use, but no stack runs from this state directory:"
+            " another stack or program holds them (name another stack's state directory"
+            " with --state-dir or KONSTRUCT_HOME)."
+        )
     children = (read_status(settings) or {}).get("children", []) if pid else []
     if children:
         print(f"\n{'child':<12} {'state':<11} {'pid':>7} {'restarts':>8}  last exit")
@@ -177,29 +209,19 @@ def worker(state: CliState) -> int:
 @pass_state
 def migrate(state: CliState) -> int:
     """Apply database migrations and create the app role."""
+    from konstruct.platform import db
+
     settings = state.settings
-    owner = db.owner_url(settings)
-    password, generated = settings.app_db_password(create=True)
     skipped: list[str] = []
-    with reaching_postgres(owner):
-        applied = run_async(
-            db.migrate(
-                owner,
-                app_role=settings.postgres.app_role,
-                app_password=password,
-                skipped=skipped,
-            )
-        )
-        run_async(db.seed_demo(owner))
-    print(f"applied: {', '.join(applied) or 'nothing new'}")
+    with reaching_postgres(db.owner_url(settings)):
+        ready = run_async(prepare_database(settings, skipped))
+    print(f"applied: {', '.join(ready.applied) or 'nothing new'}")
     for message in skipped:
         print(f"warning: {message}", file=sys.stderr)
-    if generated:
-        print(
-            f"generated a password for the app role {settings.postgres.app_role!r}, stored in"
-            f" {settings.app_password_file} (mode 600); workers on other machines need it as"
-            " KONSTRUCT_APP_DB_PASSWORD"
-        )
+    note = ready.password_note(settings)
+    if note is not None:
+        # A new password for a role that had one is news its old users must hear.
+        print(note, file=sys.stderr if ready.role_existed else sys.stdout)
     return 0
 
 

@@ -8,22 +8,12 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import click
 from pydantic import ValidationError
 
 from konstruct.agents.models import BUILTIN_NAMES, ToolSpec
-from konstruct.agents.store.agents import list_agents
-from konstruct.agents.store.tools import (
-    allow_hosts,
-    delete_tool,
-    list_tools,
-    put_tool,
-    select_hosts,
-)
-from konstruct.agents.tools import BUILTIN_TOOLS
 from konstruct.app.cli.common import (
     CliState,
     Query,
@@ -34,6 +24,9 @@ from konstruct.app.cli.common import (
     tenant_argument,
 )
 from konstruct.platform.errors import InvalidInput, field_problems
+
+if TYPE_CHECKING:
+    import asyncpg
 
 # The option (or argument) of `tools put` that sets each ToolSpec field.
 OPTION_OF = {
@@ -74,6 +67,8 @@ def _entry(spec: ToolSpec, configured: bool) -> dict[str, Any]:
 
 def tool_entries(specs: list[ToolSpec]) -> list[dict[str, Any]]:
     """Every built-in tool (with the tenant's settings when it has them), then its webhooks."""
+    from konstruct.agents.tools import BUILTIN_TOOLS
+
     rows = {spec.name: spec for spec in specs}
     entries = []
     for name in BUILTIN_NAMES:
@@ -117,6 +112,7 @@ def _secret(entry: dict[str, Any]) -> str | None:
 )
 def list_(tenant: str) -> Query:
     """The built-in tools and the tenant's webhooks (secrets by variable name only)."""
+    from konstruct.agents.store.tools import list_tools
 
     async def query(conn: asyncpg.Connection) -> list[Any]:
         return tool_entries(await list_tools(conn, tenant))
@@ -242,6 +238,8 @@ def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
     only its approval and timeouts; any other NAME is a webhook and needs --url.
     A put replaces the whole tool: an option left out takes its default.
     """
+    from konstruct.agents.store.tools import put_tool
+
     spec = build_spec(name, **given)
     in_tenant(state.settings, tenant, lambda conn: put_tool(conn, tenant, spec))
     what = "settings of built-in tool" if spec.kind == "builtin" else "webhook tool"
@@ -259,6 +257,8 @@ def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
 @pass_state
 def delete(state: CliState, tenant: str, name: str) -> int:
     """Delete a webhook tool, or a built-in tool's settings (back to the defaults)."""
+    from konstruct.agents.store.agents import list_agents
+    from konstruct.agents.store.tools import delete_tool
 
     async def work(conn: asyncpg.Connection) -> tuple[bool, list[str]]:
         existed = await delete_tool(conn, tenant, name)
@@ -360,6 +360,7 @@ def _hosts(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 @pass_state
 def allow(state: CliState, tenant: str, hosts: list[str], remove: bool) -> int:
     """Let `http_request` reach HOST (any port) or HOST:PORT, or stop it with --remove."""
+    from konstruct.agents.store.tools import allow_hosts, select_hosts
 
     async def work(conn: asyncpg.Connection) -> tuple[list[str], list[str]]:
         if not remove:
@@ -384,5 +385,6 @@ def allow(state: CliState, tenant: str, hosts: list[str], remove: bool) -> int:
 )
 def hosts(tenant: str) -> Query:
     """The hosts `http_request` may reach for the tenant."""
+    from konstruct.agents.store.tools import select_hosts
 
     return lambda conn: select_hosts(conn, tenant)
