@@ -278,6 +278,8 @@ async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_comple
     progress = await wait_for(handle, lambda p: p.status == "stopped")
     assert progress.last_refusal is not None and progress.last_refusal.action == "resume"
     assert progress.in_flight == 0
+    # A stopped experiment gets no closer to its end: no ETA.
+    assert progress.eta_s is None
     stats = await sim.model_stats(FAST)
     done = await results(app_pool, body["experiment_id"])
     # Calls in flight at the stop completed and were stored; nothing else was sent.

@@ -283,7 +283,7 @@ async def test_a_budget_pauses_with_calls_in_flight_and_a_raise_resumes_it(
     body = experiment(40, task=task, max_concurrency=8, budget={"max_usd": 1.2e-4})
     handle = await start(client, worker, body)
     paused = await wait_for(handle, lambda p: p.status == "paused")
-    assert paused.paused_kind == "budget" and paused.in_flight == 0
+    assert paused.paused_kind == "budget" and paused.in_flight == 0 and paused.eta_s is None
     assert paused.paused_reason is not None and paused.paused_reason.startswith("budget: ")
     assert "--raise-budget" in paused.paused_reason
     assert 0 < paused.completed < 40 and paused.failed == 0

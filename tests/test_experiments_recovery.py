@@ -46,26 +46,13 @@ async def _wait_results(url: str, experiment_id: str, at_least: int) -> None:
     raise AssertionError(f"fewer than {at_least} results appeared")
 
 
-async def _connect_when_healthy(settings: Settings, address: str) -> Client:
-    """A dev server's port can accept before its frontend is healthy (seen in CI:
-    "Frontend is not healthy yet"): connect again until it is, for up to 60 s."""
-    for _ in range(120):
-        try:
-            return await connect(settings, address=address)
-        except RuntimeError as exc:
-            if "not healthy" not in str(exc):
-                raise
-            await asyncio.sleep(0.5)
-    return await connect(settings, address=address)
-
-
 async def test_dev_server_restart_mid_run(
     tmp_path: Path, settings: Settings, sim: SimulatorAdmin, postgres: EmbeddedPostgres
 ) -> None:
     server = DevServer.create(tmp_path, db_file=tmp_path / "temporal.db")
     server.start()
     try:
-        client = await _connect_when_healthy(settings, server.address)
+        client = await connect(settings, address=server.address)
         await sim.set_profile(FAST, latency_ms=150)
         body = experiment(40, max_concurrency=3)
         task_queue = f"restart-{uuid.uuid4().hex[:8]}"
@@ -75,7 +62,7 @@ async def test_dev_server_restart_mid_run(
             server.stop()
             await asyncio.sleep(1.0)
             server.start()
-            client = await _connect_when_healthy(settings, server.address)
+            client = await connect(settings, address=server.address)
             result = await client.get_workflow_handle_for(
                 Experiment.run, body["experiment_id"]
             ).result()

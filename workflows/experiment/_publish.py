@@ -55,7 +55,9 @@ def current_details(progress: ExperimentProgress, note: str = "") -> str:
     if progress.last_refusal is not None:
         r = progress.last_refusal
         lines.append(f"last refused {r.action}: {r.reason}")
-    return "\n\n".join(lines)
+    # The Web UI renders details as Markdown with math: `$0.01 … $0.02` would read as a
+    # formula. A backslash-escaped dollar is a plain dollar in every CommonMark renderer.
+    return "\n\n".join(lines).replace("$", "\\$")
 
 
 class Publishing(ExperimentState):
@@ -67,7 +69,8 @@ class Publishing(ExperimentState):
         done = (carry.evaluated + carry.failed) if carry else 0
         refusals = [t for t in (carry.toggles if carry else []) if not t.accepted]
         eta = None
-        if self._items_per_s > 0 and total:
+        # Only a running experiment gets closer to its end: no ETA while paused or stopped.
+        if self._status == "running" and self._items_per_s > 0 and total:
             eta = round((total - done) / self._items_per_s, 1)
         return ExperimentProgress(
             experiment_id=inp.experiment_id,

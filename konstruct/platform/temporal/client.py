@@ -3,6 +3,9 @@ interceptors), the codec's keys from the settings."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from temporalio.client import Client, TLSConfig
 
 from konstruct.platform.settings import ClientSettings as Settings
@@ -28,12 +31,32 @@ def plugin(settings: Settings) -> KonstructPlugin:
     return KonstructPlugin(EncryptionCodec(ring) if ring is not None else None)
 
 
-async def connect(settings: Settings, address: str | None = None) -> Client:
+# A dev server accepts connections a moment before its frontend is healthy; a
+# client connecting then is told so and waits, up to this long, instead of failing.
+STARTING_SERVER_WAIT_S = 60.0
+
+
+def _starting_up(exc: RuntimeError) -> bool:
+    return "not healthy yet" in str(exc)
+
+
+async def connect(
+    settings: Settings, address: str | None = None, *, wait_s: float = STARTING_SERVER_WAIT_S
+) -> Client:
+    """A client of the configured server. A server still starting up ("Frontend is
+    not healthy yet") is waited for, up to `wait_s`; any other failure raises at once."""
     temporal = settings.temporal
-    return await Client.connect(
-        address or temporal.target,
-        namespace=temporal.namespace,
-        api_key=temporal.api_key,
-        tls=_tls(temporal),
-        plugins=[plugin(settings)],
-    )
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await Client.connect(
+                address or temporal.target,
+                namespace=temporal.namespace,
+                api_key=temporal.api_key,
+                tls=_tls(temporal),
+                plugins=[plugin(settings)],
+            )
+        except RuntimeError as exc:
+            if not _starting_up(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
