@@ -1,4 +1,4 @@
-"""The chaos soak's two-minute version: a mixed workload on `konstruct up --workers 2`
+"""The chaos soak's 45-second version: a mixed workload on `konstruct up --workers 2`
 while workers, the dev server and PostgreSQL are killed with `kill -9`; nothing may
 be lost, duplicated, failed or degraded. (`bench/chaos.py` runs it for ten minutes.)"""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.support import ROOT
 
 
-def test_two_minutes_of_faults_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) -> None:
     report_path = tmp_path / "chaos.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KONSTRUCT_", "TEMPORAL_"))}
     done = subprocess.run(
@@ -21,11 +21,11 @@ def test_two_minutes_of_faults_lose_and_duplicate_nothing(tmp_path: Path) -> Non
             sys.executable,
             str(ROOT / "bench" / "chaos.py"),
             "--seconds",
-            "120",
+            "45",
             "--items",
-            "200",
+            "100",
             "--fault-interval",
-            "8,15",
+            "3,6",
             "--no-write",
             "--json-out",
             str(report_path),
@@ -43,8 +43,9 @@ def test_two_minutes_of_faults_lose_and_duplicate_nothing(tmp_path: Path) -> Non
     assert {"temporal", "postgres"} <= set(report["faults_by_target"]), report
     assert report["restarts_logged"] >= report["faults"] - 1, report
     # Work of every kind ran through them.
-    assert report["workflows"]["messages"] >= 100 and report["workflows"]["demo_runs"] >= 1
-    assert report["workflows"]["experiment_items"] == 600
+    # (Messages are sent at 2 a second; sends wait while the dev server restarts.)
+    assert report["workflows"]["messages"] >= 40 and report["workflows"]["demo_runs"] >= 1
+    assert report["workflows"]["experiment_items"] == 300
     assert report["lost"] == 0 and report["duplicated"] == 0, report
     # Every fault was outlasted: no workflow ended failed, none answered degraded.
     assert report["failed"] == 0, report["failed_detail"]
