@@ -409,7 +409,7 @@ async def test_the_documented_budget_commands(
     capsys.readouterr()
     assert await cli("experiments", "resume", exp, "--raise-budget", "0.01") == 0
     out = capsys.readouterr().out
-    assert "raised" in out and "resume accepted" in out
+    assert "raised" in out and "resume accepted: the experiment runs again" in out
     assert await cli("experiments", "watch", exp) == 0
     out = capsys.readouterr().out
     assert "completed" in out and "cost $0.0004" in out
