@@ -63,6 +63,11 @@ class WorkerSettings(Section):
     max_concurrent_local_activities: int = Field(200, ge=1)
     max_concurrent_workflow_tasks: int = Field(100, ge=1)
     graceful_shutdown_seconds: float = Field(10.0, ge=0)
+    # A workflow's next task waits this long on the queue of the worker that ran its
+    # last one (its cached state) before any worker may take it: after a crash, how
+    # long that worker's workflows stall (the SDK's default is 10 s). Shorter costs
+    # a replay when a live worker is merely busy for longer.
+    sticky_timeout_seconds: float = Field(3.0, gt=0)
 
 
 class LlmSettings(Section):
@@ -223,6 +228,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "KONSTRUCT_ROUTER_CONFIG": "llm.router_config",
     "KONSTRUCT_OTEL_EXPORTER": "telemetry.exporter",
     "KONSTRUCT_WORKER_MAX_ACTIVITIES": "worker.max_concurrent_activities",
+    "KONSTRUCT_WORKER_STICKY_TIMEOUT": "worker.sticky_timeout_seconds",
     "KONSTRUCT_SIMULATOR_PORT": "simulator.port",
     "KONSTRUCT_POSTGRES_PORT": "postgres.port",
     "KONSTRUCT_GATEWAY_PORT": "gateway.port",

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,7 @@ __all__ = [
     "KONSTRUCT",
     "ROOT",
     "SIMULATOR_TEST_KEY",
+    "TAKEOVER_TASK_TIMEOUT",
     "DevServer",
     "ManagedProcess",
     "SimulatorProcess",
@@ -99,6 +101,11 @@ class DevServer(_Server):
     def create(cls, tmp: Path, db_file: Path | None = None) -> DevServer:
         port, ui_port = free_port(), free_port()
         command = dev_server_command(port, ui_port, "default", db_file)
+        # The server delays the first task of a run that continues as new less than
+        # this long (1 s by default) after its previous run started: the tests' small
+        # `continue_as_new_every` made most of their runs wait it out. No test relies
+        # on it; a workflow id's reuse after a terminate is also at once.
+        command += ["--dynamic-config-value", "history.workflowIdReuseMinimalInterval=0"]
         return cls(
             command=command, log_path=tmp / f"temporal-{port}.log", port=port, ui_port=ui_port
         )
@@ -139,6 +146,13 @@ class WorkerProcess(ManagedProcess):
     def start(self) -> None:
         super().start()
         self.wait_for_log("worker ready", 60)
+
+
+# The workflow task timeout of a workflow whose worker a kill -9 test kills mid local
+# activity: the server hands the task to another worker only once it times out (10 s by
+# default). 3 s is under the take-over worker's start-up, so it costs that wait nothing;
+# a slower workflow task than that on a busy machine is retried, as after the kill.
+TAKEOVER_TASK_TIMEOUT = timedelta(seconds=3)
 
 
 @dataclass

@@ -42,7 +42,14 @@ from konstruct.platform.temporal.search_attributes import KIND, STATUS, TENANT
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from konstruct.registry import store as registry
 from konstruct.registry.models import MoveAliasInput, NewRun
-from tests.support import ROOT, WorkerRelay, call_in_flight, konstruct, time_skipping_server
+from tests.support import (
+    ROOT,
+    TAKEOVER_TASK_TIMEOUT,
+    WorkerRelay,
+    call_in_flight,
+    konstruct,
+    time_skipping_server,
+)
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
@@ -488,7 +495,9 @@ async def test_killed_worker_mid_step_is_finished_by_another(
     client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool
 ) -> None:
     await relay.start_slow("sim-embed", latency_ms=4000)
-    handle = await start(client, task_queue, demo_input(scenario="showcase_rich"))
+    handle = await start(
+        client, task_queue, demo_input(scenario="showcase_rich"), task_timeout=TAKEOVER_TASK_TIMEOUT
+    )
     if not await call_in_flight(relay.sim, "sim-embed", polls=600):
         pytest.fail("the embedding call never started")
     await relay.hand_over(latency_ms=1)

@@ -16,7 +16,7 @@ from konstruct.agents.models import AgentProfile, HandleMessageResult
 from konstruct.agents.store.agents import put_agent
 from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
-from tests.support import SIMULATOR_TEST_KEY, WorkerRelay, call_in_flight
+from tests.support import SIMULATOR_TEST_KEY, TAKEOVER_TASK_TIMEOUT, WorkerRelay, call_in_flight
 from workflows.handle_message import HandleMessage
 
 
@@ -204,7 +204,11 @@ async def test_killed_worker_mid_message_is_finished_by_another(
     await relay.start_slow("sim-fast", latency_ms=3000)
     body = message(text="Slow question for a doomed worker")
     handle = await client.start_workflow(
-        HandleMessage.run, body, id=f"msg-demo-{body['message_id']}", task_queue=task_queue
+        HandleMessage.run,
+        body,
+        id=f"msg-demo-{body['message_id']}",
+        task_queue=task_queue,
+        task_timeout=TAKEOVER_TASK_TIMEOUT,
     )
     if not await call_in_flight(relay.sim, "sim-fast", polls=200):
         pytest.fail("the provider call never started")

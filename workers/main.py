@@ -110,6 +110,9 @@ async def build_worker(
                 graceful_shutdown_timeout=timedelta(
                     seconds=settings.worker.graceful_shutdown_seconds
                 ),
+                sticky_queue_schedule_to_start_timeout=timedelta(
+                    seconds=settings.worker.sticky_timeout_seconds
+                ),
                 **worker_options,
             )
     finally:
