@@ -106,10 +106,11 @@ async def test_fresh_runs_replay_without_cache(
         # Batched task calls, a limit that falls mid-run (429s handed to single
         # calls), and a stop and resume between batches.
         await sim.set_profile("sim-fast", latency_ms=50, rate_limit_rps=1000)
-        # Enough items that the stop lands mid-run (60 could all finish, at 50/s,
-        # between the progress that showed 15 done and the signal).
+        # Enough items that the stop lands mid-run: 65 left when 15 are done, more
+        # than 4 s at the 15/s limit set before the stop (60 in all could finish, at
+        # 50/s, between the progress that showed 15 done and the signal).
         batched = experiment(
-            150,
+            80,
             max_concurrency=12,
             options={
                 "batch_above_rps": 5.0,

@@ -242,12 +242,14 @@ async def start_provider_at(
 async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_calling_twice(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    # A slow provider rate keeps calls queued for capacity when a run ends.
+    # A slow provider rate keeps calls queued for capacity when a run ends: all 18
+    # are scheduled at once, 6 end the first run, most others still wait for the 4/s
+    # rate (at 8/s the server's burst and the climb had started them all).
     await start_provider_at(client, app_pool, worker, 4.0)
-    body = experiment(40, max_concurrency=20, options={"continue_as_new_every": 10})
+    body = experiment(18, max_concurrency=20, options={"continue_as_new_every": 6})
     handle = await start(client, worker, body)
     result: ExperimentResult = await handle.result()
-    assert result.summary.completed == 40 and result.summary.failed == 0
+    assert result.summary.completed == 18 and result.summary.failed == 0
     first_run = [
         e
         async for e in client.get_workflow_handle(
@@ -256,24 +258,28 @@ async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_callin
     ]
     cancelled = [e for e in first_run if e.HasField("activity_task_canceled_event_attributes")]
     assert cancelled, "the first run should have ended with calls still queued"
-    assert len(await results(app_pool, body["experiment_id"])) == 40
+    assert len(await results(app_pool, body["experiment_id"])) == 18
     # Cancelled before they started, the queued calls made no request: one per item.
     stats = await sim.model_stats(FAST)
-    assert stats["requests"] == stats["ok"] == 40
+    assert stats["requests"] == stats["ok"] == 18
 
 
 async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_completes(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
     await sim.set_profile(FAST, latency_ms=400)
-    body = experiment(30, max_concurrency=4)
+    # A 3 s cooldown (5 s by default): the refused resume below is sent as soon as the
+    # stop's update returns, so both updates' workflow tasks start well within 3 s of
+    # each other even on a loaded machine; the accepted resume waits it out.
+    cooldown_s = 3.0
+    body = experiment(30, max_concurrency=4, options={"toggle_cooldown_s": cooldown_s})
     handle = await start(client, worker, body)
     await wait_for(handle, lambda p: p.completed >= 4 and p.in_flight > 0)
     stopped = await handle.execute_update(Experiment.request_stop, ToggleInput(by="test"))
     loop = asyncio.get_running_loop()
     stopped_at = loop.time()
     assert stopped.accepted
-    # A toggle within the cooldown (5 s by default) is refused, visibly.
+    # A toggle within the cooldown is refused, visibly.
     too_soon = await handle.execute_update(Experiment.request_resume, ToggleInput())
     assert not too_soon.accepted and "too soon" in too_soon.reason
     progress = await wait_for(handle, lambda p: p.status == "stopped")
@@ -286,13 +292,20 @@ async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_comple
     # Calls in flight at the stop completed and were stored; nothing else was sent.
     assert stats.get("in_flight", 0) == 0
     assert stats["requests"] == len(done) < 30
-    await asyncio.sleep(1.0)
-    assert (await sim.model_stats(FAST))["requests"] == stats["requests"]
-    assert (await handle.query(Experiment.progress)).status == "stopped"
 
     await sim.set_profile(FAST, latency_ms=5)
     # After the cooldown, resume by signal; the items without a result run, once.
-    await asyncio.sleep(max(0.0, 5.5 - (loop.time() - stopped_at)))
+    await asyncio.sleep(max(0.0, cooldown_s + 0.5 - (loop.time() - stopped_at)))
+    # Nothing went out while stopped: checked over the whole cooldown the test must
+    # wait anyway, not over a fixed sleep of its own (a window a slow dispatch could
+    # miss), and the workflow and PostgreSQL still hold the stop that forbids it.
+    assert (await sim.model_stats(FAST))["requests"] == stats["requests"]
+    assert (await handle.query(Experiment.progress)).status == "stopped"
+    async with tenant_transaction(app_pool, "demo") as conn:
+        assert await conn.fetchval(
+            "select stop_requested from experiments where experiment_id = $1",
+            body["experiment_id"],
+        )
     await handle.signal(Experiment.resume)
     resumed = await wait_for(handle, lambda p: p.status != "stopped")
     assert resumed.toggles[-1].action == "resume" and resumed.toggles[-1].accepted
@@ -301,6 +314,8 @@ async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_comple
     rows = await results(app_pool, body["experiment_id"])
     assert len(rows) == 30
     assert (await sim.model_stats(FAST))["requests"] == 30
+    # One request per item: none was sent again after the resume.
+    assert set((await calls_by_item(sim, body)).values()) == {1}
 
 
 async def test_restarting_a_finished_experiment_gives_the_same_results(
@@ -345,7 +360,8 @@ async def start_at_20ms(
 async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    body, handle = await start_at_20ms(client, worker, sim, 160, 20, running_at=20)
+    # 80 items after the drop: enough calls at the new limit for the rate to go under it.
+    body, handle = await start_at_20ms(client, worker, sim, 100, 20, running_at=20)
     # The provider's limit drops far below the configured rate (50/s) mid-run.
     await sim.set_profile(FAST, rate_limit_rps=12)
     rates: list[float] = []
@@ -365,10 +381,10 @@ async def test_a_429_storm_lowers_the_rate_and_no_item_fails(
     sampler = asyncio.create_task(sample_rate())
     result: ExperimentResult = await handle.result()
     sampler.cancel()
-    assert result.summary.completed == 160 and result.summary.failed == 0
+    assert result.summary.completed == 100 and result.summary.failed == 0
     stats = await sim.model_stats(FAST)
     assert throttled(stats) > 0, stats
-    assert stats["ok"] == 160
+    assert stats["ok"] == 100
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
     # The report's timeline: every 429 in the second it happened, within the run.
     async with tenant_transaction(app_pool, body["tenant_id"]) as conn:

@@ -7,7 +7,6 @@ path. Real dev server, PostgreSQL and simulator; nothing asserts a duration.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Any
 
@@ -15,6 +14,7 @@ import asyncpg
 from temporalio.client import Client, WorkflowHandle
 
 from konstruct.experiments.models import ExperimentResult
+from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import WorkerRelay
 from tests.test_experiments import (
@@ -87,14 +87,15 @@ async def test_a_limit_that_falls_mid_batch_hands_refused_items_to_single_calls(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
     await sim.set_profile(FAST, latency_ms=20)
-    body = experiment(200, max_concurrency=20, options=BATCHED)
+    # 50 items left at the drop: batches of 10 at 50/s meet a bucket of 10 at once.
+    body = experiment(80, max_concurrency=20, options=BATCHED)
     handle = await start(client, worker, body)
     await wait_for(handle, lambda p: p.completed >= 30)
     # The limit drops far under the rate: batched calls get 429s.
     await sim.set_profile(FAST, rate_limit_rps=10)
     result = await finished_with_one_result_each(handle, app_pool, body)
     stats = await sim.model_stats(FAST)
-    assert throttled(stats) > 0 and stats["ok"] == 200, stats
+    assert throttled(stats) > 0 and stats["ok"] == 80, stats
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
     kinds = await task_activities(handle)
     # Batches before the drop, and single calls for the refused items (and for
@@ -122,21 +123,33 @@ async def test_stop_mid_batch_starts_no_new_call_and_resume_finishes(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
     await sim.set_profile(FAST, latency_ms=150, rate_limit_rps=20)
+    # 80 items: at most 40 are dispatched (two batches) when 10 are done, and the
+    # other 40 need 2 s at the 20/s limit, so the stop lands mid-run.
     body = experiment(
-        120, max_concurrency=40, options={**BATCHED, "batch_window_s": 1.0, "batch_max_items": 20}
+        80, max_concurrency=40, options={**BATCHED, "batch_window_s": 1.0, "batch_max_items": 20}
     )
     handle = await start(client, worker, body)
     await wait_for(handle, lambda p: p.completed >= 10)
     await handle.signal(Experiment.stop)
     stopped = await wait_for(handle, lambda p: p.status == "stopped")
     assert stopped.in_flight == 0
-    calls = (await sim.model_stats(FAST))["requests"]
-    await asyncio.sleep(1.0)
-    assert (await sim.model_stats(FAST))["requests"] == calls
-    assert 0 < len(await results(app_pool, body["experiment_id"])) < 120
+    # No new call while stopped: read from the workflow's and PostgreSQL's own state
+    # (nothing in flight, the stop flag that makes a starting call send nothing)
+    # rather than from request counts over a fixed sleep, a window that a slow
+    # dispatch could fall outside of.
+    async with tenant_transaction(app_pool, "demo") as conn:
+        assert await conn.fetchval(
+            "select stop_requested from experiments where experiment_id = $1",
+            body["experiment_id"],
+        )
+    assert (await sim.model_stats(FAST)).get("in_flight", 0) == 0
+    assert 0 < len(await results(app_pool, body["experiment_id"])) < 80
     await handle.signal(Experiment.resume)
     await finished_with_one_result_each(handle, app_pool, body)
-    assert (await sim.model_stats(FAST))["ok"] == 120
+    assert (await sim.model_stats(FAST))["ok"] == 80
+    # Each item answered once, by the call before the stop or the one after the resume.
+    answered = (await sim.requests_by_content(FAST))["ok_by_content"]
+    assert len(answered) == 80 and set(answered.values()) == {1}, answered
 
 
 async def test_kill_9_mid_batch_loses_and_duplicates_nothing(
@@ -163,10 +176,11 @@ async def test_a_limit_with_no_hint_at_all_is_met_without_a_failed_or_repeated_i
     await sim.set_profile(
         FAST, latency_ms=20, rate_limit_shape="leaky_bucket", rate_limit_rps=30, rate_limit_burst=2
     )
-    body = experiment(150, max_concurrency=20, options=BATCHED)
+    # 60 items: the refusals come from the first calls; more items only wait at 30/s.
+    body = experiment(60, max_concurrency=20, options=BATCHED)
     handle = await start(client, worker, body)
     result = await finished_with_one_result_each(handle, app_pool, body)
     stats = await sim.model_stats(FAST)
     # The limit was met (refusals), every refusal was counted, each item answered once.
-    assert throttled(stats) > 0 and stats["ok"] == 150, stats
+    assert throttled(stats) > 0 and stats["ok"] == 60, stats
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
