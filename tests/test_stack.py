@@ -129,7 +129,8 @@ def test_up_detach_send_status_down_leaves_nothing(stack_config: Path, tmp_path:
         pytest.skip("the stack passed; its Web UI part needs Chromium (apt-get install chromium)")
 
 
-def test_foreground_up_stops_every_child_on_ctrl_c(stack_config: Path) -> None:
+def start_foreground(stack_config: Path) -> subprocess.Popen[str]:
+    """`konstruct up` in the foreground, once it has written that the stack is ready."""
     process = subprocess.Popen(
         [*KONSTRUCT, "--config", str(stack_config), "up"],
         stdout=subprocess.PIPE,
@@ -144,6 +145,11 @@ def test_foreground_up_stops_every_child_on_ctrl_c(stack_config: Path) -> None:
         assert process.poll() is None, process.stdout.read() if process.stdout else ""
         assert time.monotonic() < deadline, "stack never became ready"
         time.sleep(0.2)
+    return process
+
+
+def test_foreground_up_stops_every_child_on_ctrl_c(stack_config: Path) -> None:
+    process = start_foreground(stack_config)
     pids = children(stack_config)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=90)
@@ -153,20 +159,7 @@ def test_foreground_up_stops_every_child_on_ctrl_c(stack_config: Path) -> None:
 
 
 def test_down_run_anywhere_stops_a_foreground_up(stack_config: Path, tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [*KONSTRUCT, "--config", str(stack_config), "up"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=clean_env(),
-        cwd=str(ROOT),
-    )
-    ready = stack_config.parent / "state" / "stack.ready"
-    deadline = time.monotonic() + 180
-    while not ready.exists():
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        assert time.monotonic() < deadline, "stack never became ready"
-        time.sleep(0.2)
+    process = start_foreground(stack_config)
     pids = children(stack_config)
     # From a folder with no project above it, the commands find the running stack.
     nowhere = tmp_path / "nowhere"
