@@ -197,7 +197,7 @@ def run(
     workflow_id = workflow_id or f"demo-{scenario}-{uuid.uuid4().hex[:8]}"
 
     async def execute() -> int:
-        from konstruct.platform.temporal.results import workflow_result
+        from konstruct.platform.temporal.results import query_workflow, workflow_result
 
         client = await temporal_client(settings)
         handle = await client.start_workflow(
@@ -223,7 +223,7 @@ def run(
                 await _stop(following)
         if failure is not None:
             print(f"\n{workflow_id} failed: {failure_message(failure)}", file=sys.stderr)
-            print_progress(await handle.query(DemoCascade.progress))
+            print_progress(await query_workflow(handle, DemoCascade.progress))
             return 1
         if as_json:
             print_json(result)
@@ -307,12 +307,14 @@ for _command in (
 def progress(state: CliState, workflow_id: str | None, as_json: bool) -> int:
     """Show a demo run's steps (default: the latest run)."""
     from konstruct.app.cli.output import print_json
+    from konstruct.platform.temporal.results import query_workflow
     from workflows.demo_cascade import DemoCascade
 
     async def execute() -> int:
         client = await temporal_client(state.settings)
         target = workflow_id or await _latest(client, running_only=False)
-        shown: DemoProgress = await client.get_workflow_handle(target).query(DemoCascade.progress)
+        handle = client.get_workflow_handle(target)
+        shown: DemoProgress = await query_workflow(handle, DemoCascade.progress)
         if as_json:
             print_json(shown)
         else:

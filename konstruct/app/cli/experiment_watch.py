@@ -102,10 +102,11 @@ def progress_view(p: ExperimentProgress, rate: float) -> RenderableType:
 async def _progress(client: Client, workflow_id: str) -> ExperimentProgress:
     from temporalio.service import RPCError, RPCStatusCode
 
+    from konstruct.platform.temporal.results import query_workflow
     from workflows.experiment import Experiment
 
     try:
-        return await client.get_workflow_handle(workflow_id).query(Experiment.progress)
+        return await query_workflow(client.get_workflow_handle(workflow_id), Experiment.progress)
     except RPCError as exc:
         if exc.status != RPCStatusCode.NOT_FOUND:
             raise

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.platform.errors import ConfigError
 from konstruct.platform.temporal.codec import KEYS_ENV, CodecError
@@ -96,6 +97,27 @@ async def guarded(handle: WorkflowHandle[Any, Any], work: Awaitable[T]) -> T:
     finally:
         await _stop(watcher)
         await _stop(task)
+
+
+# What a query that Temporal gave up on raises: a query of a closed workflow replays
+# its history on a worker, and a busy worker may take it after the server stopped
+# waiting ("CANCELLED: Timeout expired", or DEADLINE_EXCEEDED).
+_QUERY_TIMED_OUT = (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
+
+
+async def query_workflow(
+    handle: WorkflowHandle[Any, Any], query: Callable[..., Any], *, bound_s: float = 120.0
+) -> Any:
+    """`handle.query(query)`, asked again while Temporal times it out, for up to
+    `bound_s`: a query changes nothing, so asking again is safe, and a slow answer
+    is no reason to fail a command whose workflow ran."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        try:
+            return await handle.query(query)
+        except RPCError as exc:
+            if exc.status not in _QUERY_TIMED_OUT or time.monotonic() > deadline:
+                raise
 
 
 async def workflow_result(handle: WorkflowHandle[Any, T]) -> T:
