@@ -239,6 +239,13 @@ class ExperimentActivities(ActivityClass):
         # not started yet can be cancelled outright, one started is left to finish.
         return models.StopFlagResult(waiting_activity_ids=await _waiting_calls(input.workflow_id))
 
+    @activity.defn(name="experiment_record_status")
+    async def record_status(self, input: models.StatusInput) -> None:
+        """The workflow's status on the experiment's row, so `list` and `show` say
+        what `watch`, the search attribute and the Web UI say."""
+        async with tenant_transaction(self.pool, input.tenant_id) as conn:
+            await store.record_status(conn, input.tenant_id, input.experiment_id, input.status)
+
     @activity.defn(name="experiment_waiting_calls")
     async def waiting_calls(self, input: models.WaitingCallsInput) -> models.WaitingCalls:
         """The calls of a run still waiting for capacity (scheduled, not started)."""

@@ -127,6 +127,8 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
                 "latency_jitter_ms": 0,
                 "rate_limit_shape": "token_bucket",
                 "rate_limit_rps": None,
+                "rate_limit_burst": 1,
+                "rate_limit_window_s": 60.0,
                 "rate_limit_requests": None,
                 "rate_limit_tokens": None,
                 "quota_requests": None,

@@ -23,6 +23,7 @@ from konstruct.experiments.models import ExperimentProgress, ExperimentResult, T
 from konstruct.experiments.store.analysis import load_experiment
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.naming import provider_queue
+from konstruct.platform.temporal.search_attributes import STATUS
 from konstruct.providers.control import ProviderBounds
 from konstruct.providers.queue_limits import push_rate
 from konstruct.providers.simulator.admin import SimulatorAdmin
@@ -264,6 +265,21 @@ async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_callin
     assert stats["requests"] == stats["ok"] == 18
 
 
+async def row_says(pool: asyncpg.Pool, experiment_id: str, status: str) -> None:
+    """Wait (60 s at most) until the experiment's row holds `status`: the workflow
+    writes it just after the status changes."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        async with tenant_transaction(pool, "demo") as conn:
+            said = await conn.fetchval(
+                "select status from experiments where experiment_id = $1", experiment_id
+            )
+        if said == status:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"the row says {said!r}"
+        await asyncio.sleep(0.1)
+
+
 async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_completes(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
@@ -306,6 +322,12 @@ async def test_stop_lets_in_flight_finish_refuses_fast_toggles_and_resume_comple
             "select stop_requested from experiments where experiment_id = $1",
             body["experiment_id"],
         )
+    # One status everywhere: the row that `experiments list` and `show` read says
+    # what the query says (it said `stopping` for good before), and so does the
+    # search attribute the Web UI lists.
+    await row_says(app_pool, body["experiment_id"], "stopped")
+    described = await handle.describe()
+    assert described.typed_search_attributes.get(STATUS) == "stopped"
     await handle.signal(Experiment.resume)
     resumed = await wait_for(handle, lambda p: p.status != "stopped")
     assert resumed.toggles[-1].action == "resume" and resumed.toggles[-1].accepted

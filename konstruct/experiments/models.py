@@ -447,6 +447,14 @@ class StopFlagInput(StrictModel):
     cancel_waiting: bool = True
 
 
+class StatusInput(StrictModel):
+    """The status the workflow has now, for the experiment's row (list, show, report)."""
+
+    tenant_id: str
+    experiment_id: str
+    status: ExperimentStatus
+
+
 class StopFlagResult(StrictModel):
     waiting_activity_ids: list[str] = Field(default_factory=list)
 

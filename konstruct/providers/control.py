@@ -87,6 +87,15 @@ class AimdConfig:
     # reached in about three seconds instead of ten.
     slow_start_factor: Annotated[float, Field(ge=1)] = 2.0
     slow_start_interval_s: Annotated[float, Field(gt=0)] = 0.5
+    # What was learned ages: once no answer came for `idle_reset_s` (and at least
+    # `idle_reset_intervals` intervals of the rate), whatever kept the calls away (an
+    # empty queue, a pause, a stop, a restart, an open breaker), the provider's limit
+    # may have moved (a tier upgrade, a key shared with others). The next answer
+    # starts a new window and the rate climbs from where it was as at the start (slow
+    # start, learned ceiling forgotten): a raised limit is found in a few doublings,
+    # a lowered one is cut at its first 429s as a first climb's is.
+    idle_reset_s: Annotated[float, Field(gt=0)] = 2.0
+    idle_reset_intervals: Annotated[float, Field(gt=0)] = 4.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,8 @@ class AimdState:
     # Ends at the first 429, learned or not, as TCP's does at the first loss:
     # doubling again after every 429 would make a sawtooth of refusals.
     slow_start: bool = True
+    # When the provider last answered (a success or a 429); None: not known.
+    last_answer_at: float | None = None
 
 
 def _clamp(rate: float, config: AimdConfig) -> float:
@@ -294,6 +305,26 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     )
 
 
+def idle_gap_s(state: AimdState, config: AimdConfig) -> float:
+    """How long without an answer ages what was learned, at this rate."""
+    return max(config.idle_reset_s, config.idle_reset_intervals / state.rate)
+
+
+def aged(state: AimdState, now: float, config: AimdConfig) -> AimdState | None:
+    """The state an answer after an idle gap starts from (see `idle_reset_s`): the
+    rate where it was, a new window, slow start, no ceiling, no hold; None when the
+    provider answered recently (or when is not known)."""
+    last = state.last_answer_at
+    if last is None or now - last < idle_gap_s(state, config):
+        return None
+    return AimdState(
+        state.rate,
+        None,
+        changed_at=now,
+        last_answer_at=last,
+    )
+
+
 def decide_rate(
     before: AimdState,
     throttled: bool,
@@ -321,7 +352,10 @@ def decide_counts(
     one decision, as if the last of them were a 429 when any was, else a success."""
     if throttled <= 0 and ok <= 0:
         return before
-    if _idle_window(before, now, config):
+    fresh = aged(before, now, config)
+    if fresh is not None:
+        before = fresh
+    elif _idle_window(before, now, config):
         before = replace(before, changed_at=now)  # as in `on_success`
     counted = replace(
         before,
@@ -332,10 +366,11 @@ def decide_counts(
 
 
 def rate_decided(current: AimdState, decided: AimdState) -> bool:
-    """Whether `decided` changes more than the counters (which are bumped on their own)."""
+    """Whether `decided` changes more than the counters and the time of the last
+    answer (which are bumped on their own)."""
 
     def uncounted(state: AimdState) -> AimdState:
-        return replace(state, ok_since_change=0, throttled_since_change=0)
+        return replace(state, ok_since_change=0, throttled_since_change=0, last_answer_at=None)
 
     return uncounted(decided) != uncounted(current)
 

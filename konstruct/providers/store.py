@@ -103,7 +103,7 @@ async def reset_provider(conn: asyncpg.Connection, task_queue: str, provider: st
         await conn.execute(
             "update provider_limits set rate = initial_rate, ceiling = null, ok_since_change = 0,"
             " throttled_since_change = 0, slow_start = true, header_rate = null,"
-            " header_token_rate = null,"
+            " header_token_rate = null, last_answer_at = null,"
             f" changed_at = {_NOW}, last_decrease_at = null, hold_until = 0, step = 0,"
             " version = version + 1 where task_queue = $1 and provider = $2",
             task_queue,
@@ -402,13 +402,17 @@ async def _count_outcomes(
         return None
     if not (counts.ok or counts.throttled):
         return None
+    # `previous_answer_at`: the answer before these (the decision ages what was
+    # learned after an idle gap); the row's `last_answer_at` becomes now.
     return await conn.fetchrow(
-        "update provider_limits set ok_total = ok_total + $3,"
+        "with prev as (select last_answer_at from provider_limits"
+        " where task_queue = $1 and provider = $2 for update)"
+        " update provider_limits l set ok_total = ok_total + $3,"
         " ok_since_change = ok_since_change + $3, throttled_total = throttled_total + $4,"
         " throttled_since_change = throttled_since_change + $4,"
-        " failure_total = failure_total + $5"
-        " where task_queue = $1 and provider = $2"
-        f" returning *, {_NOW} as now",
+        f" failure_total = failure_total + $5, last_answer_at = {_NOW}"
+        " from prev where l.task_queue = $1 and l.provider = $2"
+        f" returning l.*, prev.last_answer_at as previous_answer_at, {_NOW} as now",
         task_queue,
         provider,
         counts.ok,
@@ -471,7 +475,7 @@ async def _learn_rate(
     if row is None:
         return None
     header_rate, header_token_rate, announced = _announced(row, counts.limits)
-    current = _aimd(row)
+    current = replace(_aimd(row), last_answer_at=row["previous_answer_at"])
     learned = learn_from_counts(
         current,
         counts.ok,

@@ -42,6 +42,9 @@ class Monitoring(Publishing):
                 sample = None  # the database is away: keep the last known state
             if sample is not None:
                 self._absorb(sample)
+                # A breaker's pause, and the run again once it closes.
+                if self._status in ("running", "paused") and not self._stop_requested:
+                    await self._record_status()
             self._publish()
             try:
                 await workflow.wait_condition(

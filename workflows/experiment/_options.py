@@ -48,6 +48,11 @@ BATCH_CALLS = "batch-task-calls-at-high-rates"
 # first moments, after every continue-as-new too) is kept and applied once the
 # run has loaded; before, it was refused, and a signal's refusal is silent.
 QUEUE_EARLY_TOGGLES = "queue-toggles-while-loading"
+# Patch marker: runs after it write every status they reach (stopped, paused by
+# a budget, a quota or a breaker, running again) to the experiment's row, so
+# `experiments list` and `show` say what the query, the search attribute and the
+# Web UI say; before, the row said `stopping` for a stopped experiment.
+STATUS_ON_ROW = "status-on-the-experiment-row"
 # A batch waits for its slots on the provider's schedule; its heartbeat, not
 # this, is what notices a dead worker.
 BATCH_TIMEOUT = timedelta(minutes=30)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from temporalio import workflow
 
+from workflows.experiment._options import STATUS_ON_ROW, db_call
 from workflows.experiment._state import ExperimentState
 
 with workflow.unsafe.imports_passed_through():
+    from activities.experiments import ExperimentActivities
     from konstruct.experiments.models import (
         ExperimentProgress,
         ExperimentStatus,
         LatencyStats,
+        StatusInput,
         usd,
     )
     from konstruct.experiments.progress_text import budget_line
@@ -112,6 +115,31 @@ class Publishing(ExperimentState):
         if status != "paused":
             self._paused_reason = None
         self._publish()
+
+    async def _record_status(self) -> None:
+        """Give the experiment's row the status every other surface shows (once it
+        differs from what the row was given)."""
+        inp = self._input
+        if inp is None or self._status == self._status_on_row:
+            return
+        if not workflow.patched(STATUS_ON_ROW):
+            return
+        # One write at a time, the last one of the status as it is then: two writes
+        # in flight together could land in either order.
+        await workflow.wait_condition(lambda: not self._writing_status)
+        self._writing_status = True
+        try:
+            while self._status != self._status_on_row:
+                status = self._status
+                await db_call(
+                    ExperimentActivities.record_status,
+                    StatusInput(
+                        tenant_id=inp.tenant_id, experiment_id=inp.experiment_id, status=status
+                    ),
+                )
+                self._status_on_row = status
+        finally:
+            self._writing_status = False
 
     def _publish(self, note: str = "") -> None:
         workflow.set_current_details(current_details(self._progress(), note))

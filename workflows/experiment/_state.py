@@ -29,6 +29,11 @@ class ExperimentState:
         self._input: ExperimentInput | None = None
         self._carry: ExperimentCarry | None = None
         self._status: ExperimentStatus = "running"
+        # The status the experiment's row was last given by this run (a first run
+        # starts `running`; a run after continue-as-new does not know: None), and the
+        # stop flag's writes set `stopping` and `running`.
+        self._status_on_row: ExperimentStatus | None = "running"
+        self._writing_status = False
         self._paused_reason: str | None = None
         self._error: str | None = None
         self._stop_requested = False

@@ -85,6 +85,7 @@ class Toggles(Calls, Publishing):
     async def _stop_and_wait(self) -> None:
         self._set_status("stopping")
         flagged = await self._set_stop_flag(stopped=True)
+        self._status_on_row = "stopping"  # the flag's write said so
         self._cancel_calls(flagged.waiting_activity_ids)
         await workflow.wait_condition(lambda: not self._in_flight)
         if self._quota_reason is not None and self._pause_kind == "budget":
@@ -95,11 +96,13 @@ class Toggles(Calls, Publishing):
             self._set_status("paused")
         else:
             self._set_status("stopped")
+        await self._record_status()
         await workflow.wait_condition(lambda: not self._stop_requested)
         self._quota_reason = None
         self._pause_kind = None
         await self._set_stop_flag(stopped=False)
         self._set_status("running")
+        self._status_on_row = "running"  # the flag's write said so
 
     async def _set_stop_flag(self, stopped: bool) -> StopFlagResult:
         assert self._input is not None

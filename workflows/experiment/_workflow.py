@@ -90,6 +90,7 @@ class Experiment(Dispatching, Monitoring):
         else:
             self._carry = inp.carry
             self._stop_requested = inp.carry.stop_requested
+            self._status_on_row = None  # the last run may have left it paused
         early, self._early_toggles = self._early_toggles, []
         for action, toggle in early:
             self._toggle(action, toggle)

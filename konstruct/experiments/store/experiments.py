@@ -218,6 +218,21 @@ async def set_stop_flag(
     )
 
 
+async def record_status(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str, status: str
+) -> None:
+    """The workflow's status on the row, unless the row already holds an end status
+    (a late write of a run that ended must not reopen it)."""
+    await conn.execute(
+        "update experiments set status = $3, updated_at = now()"
+        " where tenant_id = $1 and experiment_id = $2"
+        " and status not in ('completed', 'incomplete', 'failed')",
+        tenant_id,
+        experiment_id,
+        status,
+    )
+
+
 async def count_retried_call(
     conn: asyncpg.Connection,
     tenant_id: str,

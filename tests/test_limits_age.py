@@ -1,0 +1,224 @@
+"""What the limiter learned ages: after an idle gap, the flow follows the provider's
+*current* limit, whatever it learned before.
+
+Real PostgreSQL, dev server and simulator over HTTP through litellm. The idle gap
+is a setting (`experiments.idle_reset_s`), 1 s here so the tests stay short; a
+test waits for the gap on the database's clock (the clock the limiter reads), not
+for a fixed time. Rates are read from the simulator's own counters per second and
+from the provider's row; the bounds asked of them are far below what this machine
+delivers (the benches measure the real figures: `bench/experiments.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio.client import Client
+
+from konstruct.config import Settings
+from konstruct.experiments.models import ExperimentResult
+from konstruct.providers.control import AimdConfig, BreakerConfig, ProviderBounds
+from konstruct.providers.simulator.admin import SimulatorAdmin
+from konstruct.providers.store import OutcomeCounts, ensure_provider, record_outcomes
+from tests.test_experiments import FAST, experiment, start, throttled, wait_for
+from tests.test_experiments_batches import BATCHED, assert_one_result_each
+from workers.main import build_worker
+from workflows.experiment import Experiment
+
+IDLE_S = 1.0
+# The idle gap between the runs: long enough that a window spanning it, as before
+# aging, holds the rate at what it learned (the bench runs gaps of minutes).
+GAP_S = 5.0
+OLD = 20.0  # req/s: the limit the first experiment learns
+
+
+async def idle_for(pool: asyncpg.Pool, queue: str, seconds: float) -> None:
+    """Wait until the provider has not answered for `seconds` on the database's clock."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        async with pool.acquire() as conn:
+            quiet = await conn.fetchval(
+                "select extract(epoch from clock_timestamp())::float8 - last_answer_at"
+                " from provider_limits where task_queue = $1 and provider = 'simulator'",
+                queue,
+            )
+        if quiet is not None and quiet > seconds:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"never idle: {quiet}"
+        await asyncio.sleep(0.1)
+
+
+async def provider_row(pool: asyncpg.Pool, queue: str) -> dict[str, Any]:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "select rate, ceiling, slow_start from provider_limits"
+            " where task_queue = $1 and provider = 'simulator'",
+            queue,
+        )
+    return dict(row)
+
+
+async def best_second(sim: SimulatorAdmin, since_bucket: int) -> int:
+    """The most calls the provider accepted in one second since bucket `since_bucket`."""
+    ok = (await sim.timeline(FAST))["ok"]
+    return max(ok[since_bucket:], default=0)
+
+
+async def bucket_now(sim: SimulatorAdmin) -> int:
+    return len((await sim.timeline(FAST))["ok"]) - 1
+
+
+def aging(settings: Settings) -> Settings:
+    """The session's settings with an idle gap of IDLE_S aging what was learned."""
+    experiments = settings.experiments.model_copy(update={"idle_reset_s": IDLE_S})
+    return settings.model_copy(update={"experiments": experiments})
+
+
+@pytest.fixture
+async def aging_worker(client: Client, settings: Settings, task_queue: str) -> AsyncIterator[str]:
+    async with build_worker(client, aging(settings), task_queue) as w, w:
+        yield task_queue
+
+
+async def limit(sim: SimulatorAdmin, rps: float, shape: str = "token_bucket") -> None:
+    """The provider's limit: `rps` requests a second in the limiter's `shape`."""
+    if shape == "sliding_window":
+        await sim.set_profile(
+            FAST,
+            latency_ms=20,
+            rate_limit_shape=shape,
+            rate_limit_requests=int(rps),
+            rate_limit_window_s=1.0,
+        )
+    else:
+        await sim.set_profile(
+            FAST, latency_ms=20, rate_limit_shape=shape, rate_limit_rps=rps, rate_limit_burst=1
+        )
+
+
+async def learn(
+    client: Client, queue: str, sim: SimulatorAdmin, pool: asyncpg.Pool, shape: str = "token_bucket"
+) -> None:
+    """A first experiment against a provider limited to OLD req/s: it learns a ceiling."""
+    await limit(sim, OLD, shape)
+    body = experiment(120, max_concurrency=20, options=BATCHED)
+    result: ExperimentResult = await (await start(client, queue, body)).result()
+    assert result.summary.completed == 120
+    learned = await provider_row(pool, queue)
+    assert learned["ceiling"] is not None and learned["ceiling"] < 1.5 * OLD, learned
+
+
+async def run_after_a_raise(
+    client: Client, queue: str, sim: SimulatorAdmin, pool: asyncpg.Pool, since: int
+) -> None:
+    """A second experiment after the limit rose to 5 x OLD: the flow leaves OLD behind.
+    Without aging the rate stayed at the old ceiling for the whole run (issue 22:
+    0.19 of a raised limit, the row unchanged in 2,212 calls)."""
+    body = experiment(400, max_concurrency=40, options=BATCHED)
+    result: ExperimentResult = await (await start(client, queue, body)).result()
+    assert result.summary.completed == 400 and result.summary.failed == 0
+    after = await provider_row(pool, queue)
+    assert after["rate"] > 1.5 * OLD, after
+    assert await best_second(sim, since) > 1.5 * OLD
+    await assert_one_result_each(pool, body)
+
+
+@pytest.mark.parametrize("shape", ["token_bucket"])
+async def test_a_limit_raised_while_idle_is_followed(
+    client: Client, sim: SimulatorAdmin, app_pool: asyncpg.Pool, aging_worker: str, shape: str
+) -> None:
+    await learn(client, aging_worker, sim, app_pool, shape)
+    await limit(sim, 5 * OLD, shape)
+    await idle_for(app_pool, aging_worker, GAP_S)
+    await run_after_a_raise(client, aging_worker, sim, app_pool, await bucket_now(sim))
+
+
+async def test_a_limit_raised_while_the_workers_were_down_is_followed(
+    client: Client, sim: SimulatorAdmin, app_pool: asyncpg.Pool, settings: Settings, task_queue: str
+) -> None:
+    """What was learned lives in PostgreSQL: a new worker starts from it, and ages it."""
+    async with build_worker(client, aging(settings), task_queue) as w, w:
+        await learn(client, task_queue, sim, app_pool)
+    await limit(sim, 5 * OLD)
+    await idle_for(app_pool, task_queue, GAP_S)
+    async with build_worker(client, aging(settings), task_queue) as w, w:
+        await run_after_a_raise(client, task_queue, sim, app_pool, await bucket_now(sim))
+
+
+async def test_a_limit_lowered_while_idle_is_met_with_few_refusals(
+    client: Client, sim: SimulatorAdmin, app_pool: asyncpg.Pool, aging_worker: str
+) -> None:
+    await learn(client, aging_worker, sim, app_pool)
+    low = OLD / 4
+    await limit(sim, low)
+    await idle_for(app_pool, aging_worker, IDLE_S)
+    before = throttled(await sim.model_stats(FAST))
+    body = experiment(60, max_concurrency=20, options=BATCHED)
+    result: ExperimentResult = await (await start(client, aging_worker, body)).result()
+    assert result.summary.completed == 60 and result.summary.failed == 0
+    # What it learned is the new limit (the rate itself probes above a ceiling).
+    after = await provider_row(app_pool, aging_worker)
+    assert after["ceiling"] is not None and after["ceiling"] <= 1.25 * low, after
+    # The way down: a few refusals at the old rate, then under the new limit.
+    refused = throttled(await sim.model_stats(FAST)) - before
+    assert refused <= 20, refused
+    await assert_one_result_each(app_pool, body)
+
+
+async def test_a_limit_raised_during_a_pause_is_followed_after_the_resume(
+    client: Client, sim: SimulatorAdmin, app_pool: asyncpg.Pool, aging_worker: str
+) -> None:
+    await limit(sim, OLD)
+    body = experiment(500, max_concurrency=40, options=BATCHED)
+    handle = await start(client, aging_worker, body)
+    await wait_for(handle, lambda p: p.completed >= 100)
+    await handle.signal(Experiment.stop)
+    await wait_for(handle, lambda p: p.status == "stopped")
+    learned = await provider_row(app_pool, aging_worker)
+    assert learned["ceiling"] is not None and learned["ceiling"] < 1.5 * OLD, learned
+    await limit(sim, 5 * OLD)
+    await idle_for(app_pool, aging_worker, GAP_S)
+    since = await bucket_now(sim)
+    await handle.signal(Experiment.resume)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 500 and result.summary.failed == 0
+    assert (await provider_row(app_pool, aging_worker))["rate"] > 1.5 * OLD
+    assert await best_second(sim, since) > 1.5 * OLD
+    await assert_one_result_each(app_pool, body)
+
+
+async def test_the_store_ages_a_provider_after_an_idle_gap(app_pool: asyncpg.Pool) -> None:
+    """The row keeps when the provider last answered; an answer after the gap starts
+    from the learned rate with slow start on and no ceiling."""
+    config = AimdConfig(idle_reset_s=0.3)
+    queue = f"age-{asyncio.get_running_loop().time():.0f}"
+    async with app_pool.acquire() as conn:
+        await ensure_provider(conn, queue, "simulator", ProviderBounds(10, 1, 1000))
+        await conn.execute(
+            "update provider_limits set ceiling = 10, slow_start = false where task_queue = $1",
+            queue,
+        )
+
+        async def answer(ok: int) -> None:
+            await record_outcomes(
+                conn,
+                queue,
+                "simulator",
+                OutcomeCounts(ok=ok),
+                breaker_seen=None,
+                aimd=config,
+                breaker=BreakerConfig(),
+            )
+
+        await answer(1)
+        recent = await provider_row(app_pool, queue)
+        assert (recent["ceiling"], recent["slow_start"]) == (10, False), recent
+        # The gap that ages a rate of 10/s: max(0.3 s, 4 intervals of 0.1 s).
+        await idle_for(app_pool, queue, 0.45)
+        await answer(1)
+        aged = await provider_row(app_pool, queue)
+        assert aged == {"rate": 10, "ceiling": None, "slow_start": True}, aged
