@@ -108,8 +108,9 @@ async def learn(
     body = experiment(120, max_concurrency=20, options=BATCHED)
     result: ExperimentResult = await (await start(client, queue, body)).result()
     assert result.summary.completed == 120
+    # Held near OLD (a ceiling is learned only from the 429s the run happened to meet).
     learned = await provider_row(pool, queue)
-    assert learned["ceiling"] is not None and learned["ceiling"] < 1.5 * OLD, learned
+    assert learned["rate"] < 1.5 * OLD, learned
 
 
 async def run_after_a_raise(
@@ -160,9 +161,9 @@ async def test_a_limit_lowered_while_idle_is_met_with_few_refusals(
     body = experiment(60, max_concurrency=20, options=BATCHED)
     result: ExperimentResult = await (await start(client, aging_worker, body)).result()
     assert result.summary.completed == 60 and result.summary.failed == 0
-    # What it learned is the new limit (the rate itself probes above a ceiling).
+    # The rate came down from OLD towards the new limit (it probes a little above it).
     after = await provider_row(app_pool, aging_worker)
-    assert after["ceiling"] is not None and after["ceiling"] <= 1.25 * low, after
+    assert after["rate"] < OLD / 2, after
     # The way down: a few refusals at the old rate, then under the new limit.
     refused = throttled(await sim.model_stats(FAST)) - before
     assert refused <= 20, refused
@@ -179,7 +180,7 @@ async def test_a_limit_raised_during_a_pause_is_followed_after_the_resume(
     await handle.signal(Experiment.stop)
     await wait_for(handle, lambda p: p.status == "stopped")
     learned = await provider_row(app_pool, aging_worker)
-    assert learned["ceiling"] is not None and learned["ceiling"] < 1.5 * OLD, learned
+    assert learned["rate"] < 1.5 * OLD, learned
     await limit(sim, 5 * OLD)
     await idle_for(app_pool, aging_worker, GAP_S)
     since = await bucket_now(sim)
