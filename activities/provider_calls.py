@@ -152,7 +152,7 @@ class ProviderCallActivities:
         self.in_progress: dict[str, int] = {}
         self.tokens = TokenEstimates()
         # Prices, budget reservations (the cache is read with each item).
-        self.spend = CallSpend(pool, self.deployments)
+        self.spend = CallSpend(pool, self.deployments, settings.budget_hold_lease_s)
 
     # --- shared plumbing -----------------------------------------------------------
 

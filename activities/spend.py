@@ -8,6 +8,10 @@ before the call, settled with the real usage after.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import defaultdict
+
 import asyncpg
 from temporalio import activity
 
@@ -58,14 +62,25 @@ def new_entry(
     )
 
 
+_log = logging.getLogger(__name__)
+# A call whose budget's rest is held by calls in flight asks again this often.
+_BUSY_RETRY_S = 0.1
+
+
 class CallSpend:
     """One worker's prices (per deployment, read once) and budget bookkeeping."""
 
-    def __init__(self, pool: asyncpg.Pool, deployments: dict[str, Deployment]) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, deployments: dict[str, Deployment], lease_s: float = 10.0
+    ) -> None:
         self.pool = pool
         self.prices: dict[str, Price | None] = {
             deployment_id: price_of(d) for deployment_id, d in deployments.items()
         }
+        self.lease_s = lease_s
+        # The holds of this worker's calls in flight, renewed while any is.
+        self._held: dict[int, Reservation] = {}
+        self._renewing: asyncio.Task[None] | None = None
 
     def cost(
         self, deployment_id: str, prompt_tokens: float, completion_tokens: float
@@ -91,32 +106,64 @@ class CallSpend:
             return None
         tenant_id, experiment_id = experiment
         estimate = self.cost(deployment_id, prompt_estimate, completion_estimate) or 0.0
-        return await budgets.reserve(
-            self.pool,
-            tenant_id,
-            experiment_id,
-            estimate,
-            prompt_estimate + completion_estimate,
-            flags.tenant_budget,
-        )
+        while True:
+            held = await budgets.reserve(
+                self.pool,
+                tenant_id,
+                experiment_id,
+                estimate,
+                prompt_estimate + completion_estimate,
+                flags.tenant_budget,
+                self.lease_s,
+            )
+            if held is not None:
+                self._keep(held)
+                return held
+            # The calls in flight hold what is left: wait for them to settle.
+            activity.heartbeat()
+            await asyncio.sleep(_BUSY_RETRY_S)
+
+    def _keep(self, held: Reservation) -> None:
+        self._held[held.hold_id] = held
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """Extend the leases of this worker's holds until none is left."""
+        while self._held:
+            await asyncio.sleep(self.lease_s / 3)
+            by_tenant: defaultdict[str, list[int]] = defaultdict(list)
+            for hold_id, held in list(self._held.items()):
+                by_tenant[held.tenant_id].append(hold_id)
+            for tenant_id, hold_ids in by_tenant.items():
+                try:
+                    async with tenant_transaction(self.pool, tenant_id) as conn:
+                        await budgets.renew(conn, hold_ids, self.lease_s)
+                except (asyncpg.PostgresError, OSError) as exc:
+                    _log.warning("budget holds of %s not renewed: %s", tenant_id, exc)
 
     async def settle(
         self, held: Reservation | None, deployment_id: str, completion: Completion | None
     ) -> None:
-        """Release the reservation and add what the call used (nothing: no answer).
+        """Release the reservation and add what the call used (nothing: no answer),
+        shielded: a call cancelled while it settles still settles.
 
-        Never raises: a settle that fails leaves the reservation held (the budget
-        only gets tighter) until the experiment is resumed or finishes."""
+        Never raises: a settle that fails leaves the reservation held until its
+        lease runs out (it is no longer renewed), the budget only tighter meanwhile."""
         if held is None:
             return
+        self._held.pop(held.hold_id, None)
         used_usd, used_tokens = 0.0, 0
         if completion is not None:
             used_usd = self.cost_of(deployment_id, completion) or 0.0
             used_tokens = completion.prompt_tokens + completion.completion_tokens
+        await asyncio.shield(self._settle(held, used_usd, used_tokens))
+
+    async def _settle(self, held: Reservation, used_usd: float, used_tokens: int) -> None:
         try:
             async with tenant_transaction(self.pool, held.tenant_id) as conn:
                 await budgets.settle(conn, held, used_usd, used_tokens)
         except (asyncpg.PostgresError, OSError) as exc:
-            activity.logger.warning(
-                "budget of %s not settled (held until resumed): %s", held.experiment_id, exc
+            _log.warning(
+                "budget of %s not settled (held until its lease ends): %s", held.experiment_id, exc
             )

@@ -110,6 +110,10 @@ class ExperimentSettings(ExperimentOptions, AimdConfig):
     schedule_horizon_s: float = Field(0.25, gt=0)
     # Batched calls' answers are counted in PostgreSQL this often (a 429 at once).
     outcome_flush_s: float = Field(0.25, gt=0)
+    # A call's budget reservation lasts this long unless its worker renews it (a
+    # third of it apart) while the call runs: a worker that dies gives back what its
+    # calls held this soon after (the activities' heartbeat timeout by default).
+    budget_hold_lease_s: float = Field(10.0, gt=0)
 
     def workflow_options(self) -> ExperimentOptions:
         """The workflow-side values, as the workflow input's `options`."""
@@ -233,6 +237,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "KONSTRUCT_POSTGRES_PORT": "postgres.port",
     "KONSTRUCT_GATEWAY_PORT": "gateway.port",
     "KONSTRUCT_GATEWAY_HOST": "gateway.host",
+    "KONSTRUCT_BUDGET_HOLD_LEASE_S": "experiments.budget_hold_lease_s",
 }
 
 

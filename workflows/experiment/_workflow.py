@@ -108,6 +108,9 @@ class Experiment(Dispatching, Monitoring):
         self._finishing = self._monitor_off = True
         await monitor_task
         summary = await self._finalize(inp)
+        # The budget as the summary read it, after the calls' holds were given back:
+        # not the last monitor sample's, taken while calls were in flight.
+        self._budget = summary.budget
         self._publish()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return ExperimentResult(summary=summary, registry_run_id=summary.registry_run_id)

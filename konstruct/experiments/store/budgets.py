@@ -5,17 +5,26 @@ Before a call goes out it **reserves** its estimated cost and tokens: one
 `update ... set reserved = reserved + estimate where spent + reserved + estimate
 <= max` per budget, the experiment's and (when the tenant has one) the tenant's
 for the current month, in one transaction, so the check and the reservation are
-one atomic step however many workers call at once. No row updated: the budget
-is spent and the call is refused (`BudgetExhausted`), with no request made.
-After the call it **settles**: the reservation released, what the call really
-used added to `spent`. So the calls in flight when a budget runs out can
-overshoot it by at most what they use beyond their estimates; what they had
-reserved at the refusal is kept (`reserved_at_pause_*`) as that bound.
+one atomic step however many workers call at once. The call's share is also a
+row of `budget_holds` with a lease its worker renews while the call runs.
+After the call it **settles**: its row deleted and its share taken off the
+sums, what the call really used added to `spent`, whether it succeeded, failed,
+was refused or cancelled. A worker that dies stops renewing: the next
+reservation of the experiment deletes the rows whose lease ran out and gives
+their share back, so nothing stays held longer than a lease.
+
+A refused reservation pauses the experiment (`BudgetExhausted`) only when what
+is spent leaves no room for the call; when it is the calls in flight that hold
+the rest, the call waits for them to settle (`reserve` returns None) instead of
+pausing the experiment at a fraction of its budget on their estimates. So a
+budget pauses within one call's estimate of itself, and the calls in flight at
+the pause can overshoot it by at most what they use beyond their estimates;
+what they had reserved is kept (`reserved_at_pause_*`) as that bound.
 
 Locks are taken experiment row first, then the tenant's month row, in every
 transaction here, so two of them never wait on each other in a cycle. Functions
 take a connection in the caller's `db.tenant_transaction`, except `reserve`, which
-owns its two transactions (the refused one rolls back, the refusal is kept).
+owns its transaction (the refusal is kept although `BudgetExhausted` is raised).
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ class Reservation:
     tokens: int
     # The tenant budget's month it is held in (None: the tenant has no budget).
     month: dt.date | None
+    # Its row in `budget_holds` (0: none, as in a settle of an older reservation).
+    hold_id: int = 0
 
 
 class _Refused(Exception):
@@ -107,8 +118,8 @@ async def configure(
     )
 
 
-# Takes the pool, as a named exception: the refused reservation rolls back, then the
-# refusal is kept by a second transaction that commits although BudgetExhausted is raised.
+# Takes the pool, as a named exception: the refusal is kept on the experiment
+# although BudgetExhausted is raised, so the reservation is tried in a savepoint.
 async def reserve(
     pool: asyncpg.Pool,
     tenant_id: str,
@@ -116,38 +127,166 @@ async def reserve(
     usd_estimate: float,
     token_estimate: int,
     tenant_budget: bool,
-) -> Reservation:
-    """Hold a call's estimate against every budget that applies, or raise
-    `BudgetExhausted` (the reason recorded on the experiment) and hold nothing."""
-    try:
-        async with tenant_transaction(pool, tenant_id) as conn:
-            held = await conn.fetchval(
-                "update experiments set reserved_usd = reserved_usd + $3,"
-                " reserved_tokens = reserved_tokens + $4"
-                " where tenant_id = $1 and experiment_id = $2"
-                " and (budget_max_usd is null or spent_usd + reserved_usd + $3 <= budget_max_usd)"
-                " and (budget_max_tokens is null"
-                " or spent_tokens + reserved_tokens + $4 <= budget_max_tokens)"
-                " returning true",
-                tenant_id,
-                experiment_id,
-                usd_estimate,
-                token_estimate,
-            )
-            if not held:
-                raise _Refused("experiment")
-            month = None
-            if tenant_budget:
-                month = await _reserve_tenant(conn, tenant_id, usd_estimate)
-                if month is None:
-                    raise _Refused("tenant")  # the experiment's reservation rolls back too
-    except _Refused as refused:
-        async with tenant_transaction(pool, tenant_id) as conn:
+    lease_s: float,
+) -> Reservation | None:
+    """Hold a call's estimate against every budget that applies for `lease_s`
+    (renewed with `renew`); None: the calls in flight hold what is left, so try
+    again once they settle. Raises `BudgetExhausted` (the reason recorded on the
+    experiment) when what is spent leaves no room for the call."""
+    async with tenant_transaction(pool, tenant_id) as conn:
+        await _release_expired(conn, tenant_id, experiment_id)
+        try:
+            async with conn.transaction():  # a savepoint: a refusal undoes only this
+                return await _hold(
+                    conn,
+                    tenant_id,
+                    experiment_id,
+                    usd_estimate,
+                    token_estimate,
+                    tenant_budget,
+                    lease_s,
+                )
+        except _Refused as refused:
+            if await _room_once_settled(
+                conn, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
+            ):
+                return None
             message = await record_refusal(
                 conn, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
             )
-        raise BudgetExhausted(message) from None
-    return Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, month)
+    raise BudgetExhausted(message)
+
+
+async def _hold(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    experiment_id: str,
+    usd_estimate: float,
+    token_estimate: int,
+    tenant_budget: bool,
+    lease_s: float,
+) -> Reservation:
+    held = await conn.fetchval(
+        "update experiments set reserved_usd = reserved_usd + $3,"
+        " reserved_tokens = reserved_tokens + $4"
+        " where tenant_id = $1 and experiment_id = $2"
+        " and (budget_max_usd is null or spent_usd + reserved_usd + $3 <= budget_max_usd)"
+        " and (budget_max_tokens is null"
+        " or spent_tokens + reserved_tokens + $4 <= budget_max_tokens)"
+        " returning true",
+        tenant_id,
+        experiment_id,
+        usd_estimate,
+        token_estimate,
+    )
+    if not held:
+        raise _Refused("experiment")
+    month = None
+    if tenant_budget:
+        month = await _reserve_tenant(conn, tenant_id, usd_estimate)
+        if month is None:
+            raise _Refused("tenant")  # the experiment's reservation rolls back too
+    hold_id: int = await conn.fetchval(
+        "insert into budget_holds (tenant_id, experiment_id, usd, tokens, month, expires_at)"
+        " values ($1, $2, $3, $4, $5, now() + make_interval(secs => $6)) returning hold_id",
+        tenant_id,
+        experiment_id,
+        usd_estimate,
+        token_estimate,
+        month,
+        lease_s,
+    )
+    return Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, month, hold_id)
+
+
+async def _room_once_settled(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    experiment_id: str,
+    which: Literal["experiment", "tenant"],
+    usd_estimate: float,
+    token_estimate: int,
+) -> bool:
+    """Whether a refused call would fit once the calls in flight settle: some hold
+    a share, and what is spent leaves room for its estimate."""
+    if which == "tenant":
+        row = await conn.fetchrow(
+            "select spent_usd + $2 <= max_usd and reserved_usd > 0 as room from tenant_budgets"
+            f" where tenant_id = $1 and month = {MONTH}",
+            tenant_id,
+            usd_estimate,
+        )
+    else:
+        row = await conn.fetchrow(
+            "select (reserved_usd > 0 or reserved_tokens > 0)"
+            " and (budget_max_usd is null or spent_usd + $3 <= budget_max_usd)"
+            " and (budget_max_tokens is null or spent_tokens + $4 <= budget_max_tokens) as room"
+            " from experiments where tenant_id = $1 and experiment_id = $2",
+            tenant_id,
+            experiment_id,
+            usd_estimate,
+            token_estimate,
+        )
+    return row is not None and bool(row["room"])
+
+
+async def _release_expired(conn: asyncpg.Connection, tenant_id: str, experiment_id: str) -> None:
+    """Give back the shares of the experiment's calls whose lease ran out (their
+    worker died mid-call), experiment row locked first."""
+    if not await conn.fetchval(
+        "select exists (select 1 from budget_holds where tenant_id = $1"
+        " and experiment_id = $2 and expires_at < now())",
+        tenant_id,
+        experiment_id,
+    ):
+        return
+    await experiment_row(conn, tenant_id, experiment_id, "1", for_update=True)
+    gone = await conn.fetch(
+        "delete from budget_holds where tenant_id = $1 and experiment_id = $2"
+        " and expires_at < now() returning usd, tokens, month",
+        tenant_id,
+        experiment_id,
+    )
+    await _give_back(conn, tenant_id, experiment_id, gone)
+
+
+async def _give_back(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str, holds: list[Any]
+) -> None:
+    """Take deleted holds' shares off the sums they were added to."""
+    if not holds:
+        return
+    await conn.execute(
+        "update experiments set reserved_usd = greatest(0, reserved_usd - $3),"
+        " reserved_tokens = greatest(0, reserved_tokens - $4)"
+        " where tenant_id = $1 and experiment_id = $2",
+        tenant_id,
+        experiment_id,
+        sum(h["usd"] for h in holds),
+        sum(h["tokens"] for h in holds),
+    )
+    by_month: dict[dt.date, float] = {}
+    for h in holds:
+        if h["month"] is not None:
+            by_month[h["month"]] = by_month.get(h["month"], 0.0) + h["usd"]
+    for month, held_usd in sorted(by_month.items()):
+        await conn.execute(
+            "update tenant_budgets set reserved_usd = greatest(0, reserved_usd - $3),"
+            " updated_at = now() where tenant_id = $1 and month = $2",
+            tenant_id,
+            month,
+            held_usd,
+        )
+
+
+async def renew(conn: asyncpg.Connection, hold_ids: list[int], lease_s: float) -> None:
+    """Extend the leases of a worker's calls still in flight (of one tenant)."""
+    await conn.execute(
+        "update budget_holds set expires_at = now() + make_interval(secs => $2)"
+        " where hold_id = any($1::bigint[])",
+        hold_ids,
+        lease_s,
+    )
 
 
 async def _reserve_tenant(
@@ -255,16 +394,20 @@ async def record_refusal(
 async def settle(
     conn: asyncpg.Connection, held: Reservation, used_usd: float, used_tokens: int
 ) -> None:
-    """Release a call's reservation and add what it used (0, 0: it made no answer)."""
-    await conn.execute(
-        "update experiments set reserved_usd = greatest(0, reserved_usd - $3),"
-        " reserved_tokens = greatest(0, reserved_tokens - $4),"
-        " spent_usd = spent_usd + $5, spent_tokens = spent_tokens + $6"
-        " where tenant_id = $1 and experiment_id = $2",
+    """Release a call's reservation and add what it used (0, 0: it made no answer).
+    A hold already given back (its lease ran out) is not taken off twice."""
+    await experiment_row(conn, held.tenant_id, held.experiment_id, "1", for_update=True)
+    gone = await conn.fetchrow(
+        "with gone as (delete from budget_holds where hold_id = $3 returning usd, tokens, month)"
+        " update experiments set"
+        " reserved_usd = greatest(0, reserved_usd - coalesce((select usd from gone), 0)),"
+        " reserved_tokens = greatest(0, reserved_tokens - coalesce((select tokens from gone), 0)),"
+        " spent_usd = spent_usd + $4, spent_tokens = spent_tokens + $5"
+        " where tenant_id = $1 and experiment_id = $2"
+        " returning (select usd from gone) as usd, (select month from gone) as month",
         held.tenant_id,
         held.experiment_id,
-        held.usd,
-        held.tokens,
+        held.hold_id,
         used_usd,
         used_tokens,
     )
@@ -275,7 +418,7 @@ async def settle(
             " where tenant_id = $1 and month = $2",
             held.tenant_id,
             held.month,
-            held.usd,
+            gone["usd"] if gone is not None and gone["month"] is not None else 0.0,
             used_usd,
         )
 
@@ -284,20 +427,28 @@ async def release_all(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str, *, clear_pause: bool
 ) -> None:
     """No call of the experiment is in flight (it resumes, or it has finished): what
-    is still reserved was left by calls whose worker died; give it back, and with
+    is still held was left by calls whose worker died; give it back, and with
     `clear_pause` forget the budget pause."""
-    held = await conn.fetchval(
-        "select reserved_usd from experiments where tenant_id = $1 and experiment_id = $2"
-        " for update",
+    await experiment_row(conn, tenant_id, experiment_id, "1", for_update=True)
+    gone = await conn.fetch(
+        "delete from budget_holds where tenant_id = $1 and experiment_id = $2"
+        " returning usd, tokens, month",
         tenant_id,
         experiment_id,
     )
-    if held:
+    await _give_back(conn, tenant_id, experiment_id, gone)
+    # Held before holds had rows (a database migrated mid-run): this month's share.
+    left = await conn.fetchval(
+        "select reserved_usd from experiments where tenant_id = $1 and experiment_id = $2",
+        tenant_id,
+        experiment_id,
+    )
+    if left:
         await conn.execute(
             "update tenant_budgets set reserved_usd = greatest(0, reserved_usd - $2)"
             f" where tenant_id = $1 and month = {MONTH}",
             tenant_id,
-            held,
+            left,
         )
     pause = (
         ", paused_reason = null, reserved_at_pause_usd = null, reserved_at_pause_tokens = null"
