@@ -41,8 +41,18 @@ class RaiseInActivity:
         retry = RetryPolicy(initial_interval=timedelta(milliseconds=10), maximum_attempts=3)
         timeout = timedelta(seconds=10)
         if local:
+            # Each retry after a workflow timer, not in place in the SDK core: an
+            # in-place retry leaves the earlier attempt's start-to-close timer running
+            # (temporalio/sdk-rust#1454, in temporalio 1.35.0), and when it fires after
+            # the worker has shut down the core panics ("receive half not dropped"),
+            # printed to this process's stderr in the middle of the suite. (A zero
+            # threshold is taken as unset: 1 ms, under the 10 ms backoff.)
             await workflow.execute_local_activity(
-                raise_for, kind, start_to_close_timeout=timeout, retry_policy=retry
+                raise_for,
+                kind,
+                start_to_close_timeout=timeout,
+                retry_policy=retry,
+                local_retry_threshold=timedelta(milliseconds=1),
             )
         else:
             await workflow.execute_activity(
