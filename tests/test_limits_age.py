@@ -103,14 +103,28 @@ async def limit(sim: SimulatorAdmin, rps: float, shape: str = "token_bucket") ->
 async def learn(
     client: Client, queue: str, sim: SimulatorAdmin, pool: asyncpg.Pool, shape: str = "token_bucket"
 ) -> None:
-    """A first experiment against a provider limited to OLD req/s: it learns a ceiling."""
+    """A first experiment against a provider limited to OLD req/s, and what it learns.
+
+    Where one run's AIMD ends is not fixed: most runs end with a ceiling near OLD,
+    but one ended at 30 req/s with none (the ceiling forgotten after a burst the
+    provider let through) and another at 34.7, and from there even a limiter that
+    never ages climbs past the assertions after the raise. So the row is then set
+    to what most runs learn, a ceiling at OLD and the rate under it (its answer
+    times kept from the run): with aging off the tests below fail every time."""
     await limit(sim, OLD, shape)
     body = experiment(120, max_concurrency=20, options=BATCHED)
     result: ExperimentResult = await (await start(client, queue, body)).result()
     assert result.summary.completed == 120
-    # Held near OLD (a ceiling is learned only from the 429s the run happened to meet).
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "update provider_limits set rate = $2, ceiling = $3, slow_start = false"
+            " where task_queue = $1 and provider = 'simulator'",
+            queue,
+            0.95 * OLD,
+            OLD,
+        )
     learned = await provider_row(pool, queue)
-    assert learned["rate"] < 1.5 * OLD, learned
+    assert (learned["rate"], learned["ceiling"]) == (0.95 * OLD, OLD), learned
 
 
 async def run_after_a_raise(
