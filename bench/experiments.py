@@ -24,6 +24,8 @@ With --shape, the same pair at --shape-ceilings for each limiter shape.
     .venv/bin/python bench/experiments.py --ceilings 5,25,100,200   # experiments_ceilings.json
     .venv/bin/python bench/experiments.py --shape token_bucket,sliding_window,leaky_bucket,tokens_per_minute
                                                               # experiments_shapes.json
+    .venv/bin/python bench/experiments.py --scenario idle-raise,idle-drop,pause --ceiling 100 --gap-s 30
+                                          # limits changed while idle or paused (bench/through_time.py)
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
+from bench.cpu import postmaster_pid, tree_cpu_s  # noqa: E402
+from bench.through_time import SCENARIOS, print_scenarios, run_scenarios  # noqa: E402
 from konstruct.app.embedded_pg import EmbeddedPostgres  # noqa: E402
 from konstruct.app.processes import ManagedProcess, free_port  # noqa: E402
 from konstruct.app.stack import simulator_command  # noqa: E402
@@ -60,6 +66,9 @@ from tests.support import DevServer, WorkerProcess  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "experiments.json"
 CEILINGS_RESULTS = ROOT / "bench" / "results" / "experiments_ceilings.json"
 SHAPES_RESULTS = ROOT / "bench" / "results" / "experiments_shapes.json"
+# The peer's own venv (bench/peer_inspect.py says how to make it).
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
+THROUGH_TIME_RESULTS = ROOT / "bench" / "results" / "experiments_through_time.json"
 LARGE_RESULTS = ROOT / "bench" / "results" / "experiments_large.json"
 SHAPES = ("token_bucket", "sliding_window", "leaky_bucket", "tokens_per_minute")
 # The window of the sliding-window and tokens-per-minute shapes: short, so a
@@ -99,6 +108,7 @@ class Bench:
         self.initial_rps = initial_rps
         self.workers: list[WorkerProcess] = []
         self.max_concurrency = 60
+        self.peer: str | None = None
 
     # --- servers ---------------------------------------------------------------
 
@@ -265,6 +275,15 @@ class Bench:
                 events.append(f"+{t - at:.2f}s {name.removesuffix('_event_attributes')}")
         return events[:40]
 
+    def konstruct_cpu_s(self) -> float:
+        """CPU seconds of everything Konstruct runs on: its worker processes, the
+        Temporal server, PostgreSQL (the simulator, shared by every runner, not)."""
+        pids = [w.process.pid for w in self.workers if w.process is not None]
+        if self.temporal.process is not None:
+            pids.append(self.temporal.process.pid)
+        pids.append(postmaster_pid(self.pg.data_dir))
+        return sum(tree_cpu_s(pid) for pid in pids)
+
     async def sim_counts(self) -> tuple[int, int]:
         stats = await self.sim.model_stats(MODEL)
         return int(stats.get("requests", 0)), throttled(stats)
@@ -287,12 +306,14 @@ class Bench:
     ) -> dict[str, Any]:
         await self.fresh(ceiling, shape)
         ceiling = ceiling or self.ceiling
+        cpu_before = self.konstruct_cpu_s()
         started = time.time()
         rates: list[tuple[float, float]] = []
         sampler = asyncio.create_task(self.sample_rates(rates, started))
         handle = await self.start_experiment(n, "konstruct")
         await handle.result()
         total = time.time() - started
+        cpu = self.konstruct_cpu_s() - cpu_before
         sampler.cancel()
         times = await self.completions(handle.id)
         requests, limited = await self.sim_counts()
@@ -308,6 +329,7 @@ class Bench:
             "fraction_of_ceiling": round(n / total / ceiling, 3),
             "steady_fraction_of_ceiling": round(steady / ceiling, 3),
             "max_concurrency": self.max_concurrency,
+            "cpu_s_per_1000": round(cpu / n * 1000, 2),
             "seconds_without_a_result": seconds_without(times, started),
             "requests": requests,
             "share_429": round(limited / requests, 4) if requests else 0.0,
@@ -358,9 +380,9 @@ class Bench:
                         # Backoff inside the slot: the Gatekeeper's weakness.
                         await asyncio.sleep(min(32.0, 2.0**attempt))
 
-        started = time.time()
+        started, cpu_before = time.time(), time.process_time()
         await asyncio.gather(*(one(i) for i in range(n)))
-        total = time.time() - started
+        total, cpu = time.time() - started, time.process_time() - cpu_before
         requests, limited = await self.sim_counts()
         return {
             "runner": runner,
@@ -369,6 +391,7 @@ class Bench:
             "total_s": round(total, 1),
             "throughput_rps": round(n / total, 2),
             "fraction_of_ceiling": round(n / total / ceiling, 3),
+            "cpu_s_per_1000": round(cpu / n * 1000, 2),
             "requests": requests,
             "share_429": round(limited / requests, 4) if requests else 0.0,
         }
@@ -379,6 +402,42 @@ class Bench:
         return await self._direct(
             n, f"naive (semaphore {slots})", asyncio.Semaphore(slots), None, ceiling, shape
         )
+
+    async def inspect(self, n: int, ceiling: float, shape: str = "token_bucket") -> dict[str, Any]:
+        """The peer, Inspect AI with its defaults, on the same items (bench/peer_inspect.py)."""
+        await self.fresh(ceiling, shape)
+        items = self.tmp / "peer-items.jsonl"
+        items.write_text("".join(json.dumps(row) + "\n" for row in dataset(n, "direct")))
+        env = dict(os.environ, OPENAI_BASE_URL=self.sim_url + "/v1", OPENAI_API_KEY=API_KEY)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.time()
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [str(PEER_PYTHON), str(ROOT / "bench" / "peer_inspect.py"), str(items)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=self.tmp,
+        )
+        total = time.time() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError(f"inspect failed: {done.stderr[-2000:]}")
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        requests, limited = await self.sim_counts()
+        return {
+            "runner": "inspect-ai (defaults)",
+            "items": n,
+            "done": report["samples"],
+            "accuracy": report["accuracy"],
+            "total_s": round(total, 1),
+            "throughput_rps": round(n / total, 2),
+            "fraction_of_ceiling": round(n / total / ceiling, 3),
+            "cpu_s_per_1000": round(cpu / n * 1000, 2),
+            "requests": requests,
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+        }
 
     async def gatekeeper(self, n: int) -> dict[str, Any]:
         return await self._direct(n, "gatekeeper (semaphore 20)", asyncio.Semaphore(20), None)
@@ -546,7 +605,7 @@ async def pair(
     print(ours, flush=True)
     naive = await bench.naive(n, ceiling, shape)
     print(naive, flush=True)
-    return {
+    row = {
         "ceiling_rps": ceiling,
         "shape": shape,
         "items": n,
@@ -555,6 +614,12 @@ async def pair(
         "naive": naive,
         "konstruct_over_naive": round(ours["throughput_rps"] / naive["throughput_rps"], 3),
     }
+    if bench.peer == "inspect":
+        peer = await bench.inspect(n, ceiling, shape)
+        print(peer, flush=True)
+        row["peer"] = peer
+        row["konstruct_over_peer"] = round(ours["throughput_rps"] / peer["throughput_rps"], 3)
+    return row
 
 
 async def run_pairs(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
@@ -663,21 +728,40 @@ async def run_large(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     }
 
 
+async def run_through_time(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
+    await bench.connect()
+    bench.max_concurrency = args.max_concurrency or auto_concurrency(args.ceiling, bench.latency_ms)
+    rows = await run_scenarios(args.scenario.split(","), bench, args.ceiling, args.gap_s)
+    return {
+        "ceiling_rps": args.ceiling,
+        "latency_ms": args.latency_ms,
+        "max_concurrency": bench.max_concurrency,
+        "cpus": os.cpu_count(),
+        "rows": rows,
+    }
+
+
 def print_pairs(r: dict[str, Any]) -> None:
     print(f"\nlatency {r['latency_ms']} ms, Konstruct from {r['initial_rps']} req/s\n")
     print(
         "| shape | ceiling | items | slots | Konstruct / ceiling (steady) | 429 share |"
-        " s without results | naive / ceiling | 429 share | Konstruct / naive |"
+        " s without results | naive / ceiling | 429 share | Inspect / ceiling | 429 share |"
+        " Konstruct / naive | Konstruct / Inspect | CPU s per 1,000: Konstruct, naive, Inspect |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in r["rows"]:
-        k, n = row["konstruct"], row["naive"]
+        k, n, i = row["konstruct"], row["naive"], row.get("peer")
+        peer = (
+            (f"{i['fraction_of_ceiling']:.3f}", f"{i['share_429'] * 100:.1f} %") if i else ("", "")
+        )
         print(
             f"| {row['shape']} | {row['ceiling_rps']:g} | {row['items']} |"
             f" {row['max_concurrency']} | {k['fraction_of_ceiling']:.3f}"
             f" ({k['steady_fraction_of_ceiling']:.3f}) | {k['share_429'] * 100:.1f} % |"
             f" {k['seconds_without_a_result']} | {n['fraction_of_ceiling']:.3f} |"
-            f" {n['share_429'] * 100:.1f} % | {row['konstruct_over_naive']:.2f} |"
+            f" {n['share_429'] * 100:.1f} % | {peer[0]} | {peer[1]} |"
+            f" {row['konstruct_over_naive']:.2f} | {row.get('konstruct_over_peer', '')} |"
+            f" {k['cpu_s_per_1000']}, {n['cpu_s_per_1000']}, {i['cpu_s_per_1000'] if i else ''} |"
         )
 
 
@@ -766,18 +850,41 @@ def main() -> None:
         help="with --ceilings/--shape: items = ceiling x this",
     )
     parser.add_argument("--only", help="tuning: comma-separated scenarios to run")
+    parser.add_argument(
+        "--scenario",
+        help=f"comma-separated ({', '.join(SCENARIOS)}): the limit changed while idle or paused,"
+        " at --ceiling and a fifth of it",
+    )
+    parser.add_argument(
+        "--peer",
+        choices=["inspect"],
+        help="with --ceilings/--shape: also Inspect AI with its defaults on the same items",
+    )
+    parser.add_argument("--gap-s", type=float, default=30.0, help="with --scenario: the idle gap")
     parser.add_argument("--keep-logs", type=Path, help="copy the servers' and workers' logs here")
     args = parser.parse_args()
     for shape in (args.shape or "").split(","):
         if shape and shape not in SHAPES:
             parser.error(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    for name in (args.scenario or "").split(","):
+        if name and name not in SCENARIOS:
+            parser.error(f"--scenario: {name!r} is not one of {', '.join(SCENARIOS)}")
+    if args.peer == "inspect" and not PEER_PYTHON.exists():
+        parser.error(
+            f"--peer inspect: {PEER_PYTHON.relative_to(ROOT)} is missing; make it with"
+            " `python3 -m venv .venv-peer && .venv-peer/bin/pip install inspect-ai==0.3.285"
+            " 'openai>=3.4'`"
+        )
     pairs = bool(args.ceilings or args.shape)
     with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
         bench = Bench(Path(tmp), args.ceiling, args.latency_ms, args.initial_rps)
         bench.max_concurrency = args.max_concurrency or 60
+        bench.peer = args.peer
         bench.start()
         try:
-            if args.large:
+            if args.scenario:
+                result = asyncio.run(run_through_time(args, bench))
+            elif args.large:
                 result = asyncio.run(run_large(args, bench))
             else:
                 result = asyncio.run(run_pairs(args, bench) if pairs else run(args, bench))
@@ -787,6 +894,12 @@ def main() -> None:
                 args.keep_logs.mkdir(parents=True, exist_ok=True)
                 for log in Path(tmp).glob("*.log"):
                     shutil.copy(log, args.keep_logs / log.name)
+    if args.scenario:
+        print_scenarios(result["rows"])
+        THROUGH_TIME_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        THROUGH_TIME_RESULTS.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {THROUGH_TIME_RESULTS.relative_to(ROOT)}")
+        return
     if args.large:
         print(json.dumps({k: v for k, v in result.items() if k != "worker_rss_mb"}, indent=2))
         LARGE_RESULTS.parent.mkdir(parents=True, exist_ok=True)
