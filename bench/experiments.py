@@ -383,9 +383,14 @@ class Bench:
         started, cpu_before = time.time(), time.process_time()
         await asyncio.gather(*(one(i) for i in range(n)))
         total, cpu = time.time() - started, time.process_time() - cpu_before
+        return {"runner": runner, **await self._measured(n, done, total, cpu, ceiling)}
+
+    async def _measured(
+        self, n: int, done: int, total: float, cpu: float, ceiling: float
+    ) -> dict[str, Any]:
+        """A runner's figures over `n` items: time, rate, CPU and the provider's counts."""
         requests, limited = await self.sim_counts()
         return {
-            "runner": runner,
             "items": n,
             "done": done,
             "total_s": round(total, 1),
@@ -425,19 +430,8 @@ class Bench:
             raise RuntimeError(f"inspect failed: {done.stderr[-2000:]}")
         cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        requests, limited = await self.sim_counts()
-        return {
-            "runner": "inspect-ai (defaults)",
-            "items": n,
-            "done": report["samples"],
-            "accuracy": report["accuracy"],
-            "total_s": round(total, 1),
-            "throughput_rps": round(n / total, 2),
-            "fraction_of_ceiling": round(n / total / ceiling, 3),
-            "cpu_s_per_1000": round(cpu / n * 1000, 2),
-            "requests": requests,
-            "share_429": round(limited / requests, 4) if requests else 0.0,
-        }
+        measured = await self._measured(n, report["samples"], total, cpu, ceiling)
+        return {"runner": "inspect-ai (defaults)", "accuracy": report["accuracy"], **measured}
 
     async def gatekeeper(self, n: int) -> dict[str, Any]:
         return await self._direct(n, "gatekeeper (semaphore 20)", asyncio.Semaphore(20), None)

@@ -81,30 +81,30 @@ async def _measured(
     }
 
 
-async def idle_raise(bench: Bench, high: float, gap_s: float) -> dict[str, Any]:
-    low = high / 5
-    await bench.fresh(low)
-    await _run(bench, round(low * 8), "learn")
+async def _after_idle(
+    bench: Bench, scenario: str, learned: float, now: float, gap_s: float
+) -> dict[str, Any]:
+    """An experiment learns a limit of `learned`, the stack idles `gap_s`, the limit
+    becomes `now`, and a second experiment runs; then, as baselines, the same
+    second experiment from a fresh provider and the naive runner."""
+    n = round(now * 20)
+    await bench.fresh(learned)
+    await _run(bench, round(learned * 8), "learn")
     await asyncio.sleep(gap_s)
-    await bench.sim.set_profile("sim-fast", rate_limit_rps=high)
-    after = await _measured(bench, round(high * 20), "raised", high)
-    await bench.fresh(high)
-    cold = await _measured(bench, round(high * 20), "cold", high)
-    naive = await bench.naive(round(high * 20), high)
-    return {"scenario": "idle-raise", "gap_s": gap_s, "after": after, "cold": cold, "naive": naive}
+    await bench.sim.set_profile("sim-fast", rate_limit_rps=now)
+    after = await _measured(bench, n, "after", now, falling=now < learned)
+    await bench.fresh(now)
+    cold = await _measured(bench, n, "cold", now)
+    naive = await bench.naive(n, now)
+    return {"scenario": scenario, "gap_s": gap_s, "after": after, "cold": cold, "naive": naive}
+
+
+async def idle_raise(bench: Bench, high: float, gap_s: float) -> dict[str, Any]:
+    return await _after_idle(bench, "idle-raise", high / 5, high, gap_s)
 
 
 async def idle_drop(bench: Bench, high: float, gap_s: float) -> dict[str, Any]:
-    low = high / 5
-    await bench.fresh(high)
-    await _run(bench, round(high * 8), "learn")
-    await asyncio.sleep(gap_s)
-    await bench.sim.set_profile("sim-fast", rate_limit_rps=low)
-    after = await _measured(bench, round(low * 20), "dropped", low, falling=True)
-    await bench.fresh(low)
-    cold = await _measured(bench, round(low * 20), "cold", low)
-    naive = await bench.naive(round(low * 20), low)
-    return {"scenario": "idle-drop", "gap_s": gap_s, "after": after, "cold": cold, "naive": naive}
+    return await _after_idle(bench, "idle-drop", high, high / 5, gap_s)
 
 
 async def pause(bench: Bench, high: float, gap_s: float) -> dict[str, Any]:

@@ -156,12 +156,13 @@ async def worker(client: Client, settings: Settings, task_queue: str) -> AsyncIt
 @pytest.fixture
 def worker_process(
     environ: dict[str, str], session_dir: Path, task_queue: str
-) -> Iterator[Callable[[str], WorkerProcess]]:
-    """Start workers in their own processes (for kill -9); all stopped at the end."""
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers in their own processes (for kill -9), with more environment
+    variables if given; all stopped at the end."""
     started: list[WorkerProcess] = []
 
-    def start(name: str) -> WorkerProcess:
-        env = dict(environ, KONSTRUCT_TASK_QUEUE=task_queue)
+    def start(name: str, **more_env: str) -> WorkerProcess:
+        env = dict(environ, KONSTRUCT_TASK_QUEUE=task_queue, **more_env)
         process = WorkerProcess.create(session_dir, env, f"{task_queue}-{name}")
         process.start()
         started.append(process)

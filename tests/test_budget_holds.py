@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -180,34 +179,16 @@ async def test_a_hold_whose_worker_died_is_given_back_once_its_lease_runs_out(
         await reserve(app_pool, "demo", experiment_id, 8e-6, 20, False, lease_s=60)
 
 
-@pytest.fixture
-def short_lease_workers(
-    environ: dict[str, str], session_dir: Path, task_queue: str
-) -> Iterator[Callable[[str], WorkerProcess]]:
-    """Worker processes on this test's queue whose budget holds last one second."""
-    started: list[WorkerProcess] = []
-
-    def start_worker(name: str) -> WorkerProcess:
-        env = dict(environ, KONSTRUCT_TASK_QUEUE=task_queue, KONSTRUCT_BUDGET_HOLD_LEASE_S="1")
-        process = WorkerProcess.create(session_dir, env, f"{task_queue}-{name}")
-        process.start()
-        started.append(process)
-        return process
-
-    yield start_worker
-    for process in started:
-        process.stop()
-
-
 async def test_kill_9_mid_batch_gives_back_the_dead_workers_holds_while_the_run_goes_on(
     client: Client,
     sim: SimulatorAdmin,
-    short_lease_workers: Callable[[str], WorkerProcess],
+    worker_process: Callable[..., WorkerProcess],
     task_queue: str,
     app_pool: asyncpg.Pool,
 ) -> None:
     await sim.set_profile(FAST, latency_ms=600)
-    first = short_lease_workers("a")
+    # Worker processes whose budget holds last one second.
+    first = worker_process("a", KONSTRUCT_BUDGET_HOLD_LEASE_S="1")
     body = budgeted(
         60,
         1.0,
@@ -219,7 +200,7 @@ async def test_kill_9_mid_batch_gives_back_the_dead_workers_holds_while_the_run_
     first.kill()
     dead = {h["hold_id"] for h in await holds(app_pool, body["experiment_id"])}
     assert dead, "the killed worker held nothing"
-    short_lease_workers("b")
+    worker_process("b", KONSTRUCT_BUDGET_HOLD_LEASE_S="1")
     # The next worker's calls give the dead ones' shares back once their lease ran
     # out, long before the run ends (each call takes 600 ms, 8 at a time).
     for _ in range(1200):

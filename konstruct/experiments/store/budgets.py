@@ -29,6 +29,7 @@ owns its transaction (the refusal is kept although `BudgetExhausted` is raised).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -137,15 +138,8 @@ async def reserve(
         await _release_expired(conn, tenant_id, experiment_id)
         try:
             async with conn.transaction():  # a savepoint: a refusal undoes only this
-                return await _hold(
-                    conn,
-                    tenant_id,
-                    experiment_id,
-                    usd_estimate,
-                    token_estimate,
-                    tenant_budget,
-                    lease_s,
-                )
+                want = Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, None)
+                return await _hold(conn, want, tenant_budget, lease_s)
         except _Refused as refused:
             if await _room_once_settled(
                 conn, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
@@ -158,13 +152,7 @@ async def reserve(
 
 
 async def _hold(
-    conn: asyncpg.Connection,
-    tenant_id: str,
-    experiment_id: str,
-    usd_estimate: float,
-    token_estimate: int,
-    tenant_budget: bool,
-    lease_s: float,
+    conn: asyncpg.Connection, want: Reservation, tenant_budget: bool, lease_s: float
 ) -> Reservation:
     held = await conn.fetchval(
         "update experiments set reserved_usd = reserved_usd + $3,"
@@ -174,29 +162,29 @@ async def _hold(
         " and (budget_max_tokens is null"
         " or spent_tokens + reserved_tokens + $4 <= budget_max_tokens)"
         " returning true",
-        tenant_id,
-        experiment_id,
-        usd_estimate,
-        token_estimate,
+        want.tenant_id,
+        want.experiment_id,
+        want.usd,
+        want.tokens,
     )
     if not held:
         raise _Refused("experiment")
     month = None
     if tenant_budget:
-        month = await _reserve_tenant(conn, tenant_id, usd_estimate)
+        month = await _reserve_tenant(conn, want.tenant_id, want.usd)
         if month is None:
             raise _Refused("tenant")  # the experiment's reservation rolls back too
     hold_id: int = await conn.fetchval(
         "insert into budget_holds (tenant_id, experiment_id, usd, tokens, month, expires_at)"
         " values ($1, $2, $3, $4, $5, now() + make_interval(secs => $6)) returning hold_id",
-        tenant_id,
-        experiment_id,
-        usd_estimate,
-        token_estimate,
+        want.tenant_id,
+        want.experiment_id,
+        want.usd,
+        want.tokens,
         month,
         lease_s,
     )
-    return Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, month, hold_id)
+    return dataclasses.replace(want, month=month, hold_id=hold_id)
 
 
 async def _room_once_settled(
@@ -240,20 +228,22 @@ async def _release_expired(conn: asyncpg.Connection, tenant_id: str, experiment_
         experiment_id,
     ):
         return
-    await experiment_row(conn, tenant_id, experiment_id, "1", for_update=True)
-    gone = await conn.fetch(
-        "delete from budget_holds where tenant_id = $1 and experiment_id = $2"
-        " and expires_at < now() returning usd, tokens, month",
-        tenant_id,
-        experiment_id,
-    )
-    await _give_back(conn, tenant_id, experiment_id, gone)
+    await _give_back(conn, tenant_id, experiment_id, expired_only=True)
 
 
 async def _give_back(
-    conn: asyncpg.Connection, tenant_id: str, experiment_id: str, holds: list[Any]
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str, *, expired_only: bool
 ) -> None:
-    """Take deleted holds' shares off the sums they were added to."""
+    """Delete the experiment's holds (those whose lease ran out, or all) and take
+    their shares off the sums they were added to, experiment row locked first."""
+    await experiment_row(conn, tenant_id, experiment_id, "1", for_update=True)
+    holds = await conn.fetch(
+        "delete from budget_holds where tenant_id = $1 and experiment_id = $2"
+        + (" and expires_at < now()" if expired_only else "")
+        + " returning usd, tokens, month",
+        tenant_id,
+        experiment_id,
+    )
     if not holds:
         return
     await conn.execute(
@@ -429,14 +419,7 @@ async def release_all(
     """No call of the experiment is in flight (it resumes, or it has finished): what
     is still held was left by calls whose worker died; give it back, and with
     `clear_pause` forget the budget pause."""
-    await experiment_row(conn, tenant_id, experiment_id, "1", for_update=True)
-    gone = await conn.fetch(
-        "delete from budget_holds where tenant_id = $1 and experiment_id = $2"
-        " returning usd, tokens, month",
-        tenant_id,
-        experiment_id,
-    )
-    await _give_back(conn, tenant_id, experiment_id, gone)
+    await _give_back(conn, tenant_id, experiment_id, expired_only=False)
     # Held before holds had rows (a database migrated mid-run): this month's share.
     left = await conn.fetchval(
         "select reserved_usd from experiments where tenant_id = $1 and experiment_id = $2",
