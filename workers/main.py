@@ -77,6 +77,12 @@ def precompile_workflows() -> None:
         log.warning("could not write the bytecode of %s: %s", directory, exc)
 
 
+# A worker started while the Temporal server or PostgreSQL is (re)starting waits
+# for them this long instead of exiting with a traceback (`konstruct up` restarts
+# every child it sees die, and waits 60 s for a restarted worker's "worker ready").
+SERVERS_RESTARTING_WAIT_S = 45.0
+
+
 @asynccontextmanager
 async def build_worker(
     client: Client, settings: Settings, task_queue: str | None = None, **worker_options: Any
@@ -94,6 +100,7 @@ async def build_worker(
         db.app_url(settings),
         min_size=settings.postgres.pool_min,
         max_size=settings.postgres.pool_max,
+        wait_s=SERVERS_RESTARTING_WAIT_S,
     )
     queue = task_queue or settings.temporal.task_queue
     try:
@@ -121,7 +128,7 @@ async def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     setup_telemetry(settings.telemetry)
-    client = await connect(settings)
+    client = await connect(settings, refused_wait_s=SERVERS_RESTARTING_WAIT_S)
     async with build_worker(client, settings) as worker:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -7,8 +7,10 @@ pooled connection never carries one tenant's scope into another's work.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -55,10 +57,22 @@ def app_url(settings: Settings) -> str:
     return urlunsplit((parts.scheme, f"{credentials}@{host}{port}", parts.path, parts.query, ""))
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 20) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
-    assert pool is not None
-    return pool
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 20, wait_s: float = 0.0
+) -> asyncpg.Pool:
+    """A connection pool; a server that refuses connections or is still starting up
+    is waited for, up to `wait_s` (a worker started while PostgreSQL restarts)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        except (OSError, asyncpg.CannotConnectNowError):
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+            continue
+        assert pool is not None
+        return pool
 
 
 @asynccontextmanager

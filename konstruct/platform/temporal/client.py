@@ -40,13 +40,25 @@ def _starting_up(exc: RuntimeError) -> bool:
     return "not healthy yet" in str(exc)
 
 
+def _refused(exc: RuntimeError) -> bool:
+    """Nothing listens at the address (yet): a server that is restarting."""
+    return "ConnectionRefused" in str(exc) or "tcp connect error" in str(exc)
+
+
 async def connect(
-    settings: Settings, address: str | None = None, *, wait_s: float = STARTING_SERVER_WAIT_S
+    settings: Settings,
+    address: str | None = None,
+    *,
+    wait_s: float = STARTING_SERVER_WAIT_S,
+    refused_wait_s: float = 0.0,
 ) -> Client:
     """A client of the configured server. A server still starting up ("Frontend is
-    not healthy yet") is waited for, up to `wait_s`; any other failure raises at once."""
+    not healthy yet") is waited for, up to `wait_s`; with `refused_wait_s`, so is one
+    that refuses connections (a worker started while its server restarts: it waits
+    instead of exiting with a traceback); any other failure raises at once."""
     temporal = settings.temporal
     deadline = time.monotonic() + wait_s
+    refused_until = time.monotonic() + refused_wait_s
     while True:
         try:
             return await Client.connect(
@@ -57,6 +69,10 @@ async def connect(
                 plugins=[plugin(settings)],
             )
         except RuntimeError as exc:
-            if not _starting_up(exc) or time.monotonic() > deadline:
+            now = time.monotonic()
+            waiting = (_starting_up(exc) and now < deadline) or (
+                _refused(exc) and now < refused_until
+            )
+            if not waiting:
                 raise
             await asyncio.sleep(0.2)
