@@ -25,6 +25,16 @@ T = TypeVar("T")
 OUTAGE = timedelta(minutes=2)
 
 
+# Every retry of a local activity waits on a workflow timer, not in place in the
+# SDK core: an in-place retry leaves the earlier attempt's start-to-close timer
+# running (temporalio/sdk-rust#1454, in temporalio 1.35.0), which can time out a
+# later attempt and, once its worker has shut down, panics the core ("receive
+# half not dropped"). Retries happen only when something failed (an outage), so
+# the workflow task each costs is paid rarely; recorded histories hold only the
+# final marker of an in-place retry, so they replay the same. (0 is "unset".)
+RETRY_THROUGH_A_TIMER = timedelta(milliseconds=1)
+
+
 def retries(first: timedelta, longest: timedelta, attempts: int = 0) -> RetryPolicy:
     """Exponential backoff from `first` to `longest`; 0 attempts retries until a timeout."""
     return RetryPolicy(initial_interval=first, maximum_interval=longest, maximum_attempts=attempts)
@@ -47,4 +57,5 @@ class LocalActivityOptions:
             schedule_to_close_timeout=self.schedule_to_close,
             retry_policy=self.retry_policy,
             summary=summary,
+            local_retry_threshold=RETRY_THROUGH_A_TIMER,
         )
