@@ -67,6 +67,45 @@ async def heartbeating(
             task.cancel()
 
 
+def finishing_once_started(run: F) -> F:
+    """For a call activity the workflow cancels only while it is still scheduled
+    (waiting on its queue for capacity): a cancel the workflow asked for that reaches
+    it once started came too late, so the activity finishes and stores its answer.
+
+    The workflow reads which calls are still scheduled, then cancels them; a call
+    that starts between the two gets the cancel at its next heartbeat, perhaps while
+    its request is at the provider. Stopped there, the request is paid for and its
+    answer dropped, and the item, still without a result, is called again. Any other
+    cancel (the worker shutting down, the activity timed out, reset, paused, or gone),
+    or a second one, stops it.
+
+    Goes under `@activity.defn`."""
+
+    @functools.wraps(run)
+    async def finishing(*args: Any, **kwargs: Any) -> Any:
+        work = asyncio.ensure_future(run(*args, **kwargs))
+        late_cancel_taken = False
+        while True:
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                if work.cancelled():
+                    raise
+                if not work.done():
+                    details = activity.cancellation_details()
+                    asked = details is not None and details.cancel_requested
+                    if late_cancel_taken or not asked:
+                        work.cancel()
+                        raise
+                    late_cancel_taken = True
+                    activity.logger.info("cancel asked after the call started: finishing it")
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+
+    return cast(F, finishing)
+
+
 # What asyncpg and the socket layer raise while PostgreSQL restarts or the network
 # is away: a refused or reset connection, a server starting up or shutting down,
 # a connection lost in the middle of a query, too many connections for now.

@@ -34,6 +34,7 @@ import asyncpg
 from opentelemetry import trace
 from temporalio import activity
 
+from activities.base import finishing_once_started
 from activities.call_results import Answer, batch_result, new_result, task_messages
 from activities.provider_calls import (
     ProviderCallActivities,
@@ -183,6 +184,7 @@ class ProviderBatchActivities:
         self._ledgers: dict[str, _Ledger] = {}
 
     @activity.defn(name="experiment_run_batch")
+    @finishing_once_started
     async def run_batch(self, input: RunBatchInput) -> RunBatchResult:
         calls = self.calls
         async with tenant_transaction(calls.pool, input.tenant_id) as conn:

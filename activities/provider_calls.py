@@ -32,7 +32,7 @@ import asyncpg
 from opentelemetry import metrics, trace
 from temporalio import activity
 
-from activities.base import heartbeating
+from activities.base import finishing_once_started, heartbeating
 from activities.call_results import (
     Answer,
     judge_cost,
@@ -440,6 +440,7 @@ class ProviderCallActivities:
         return dataclasses.replace(answer, cache_key=planned.key)
 
     @activity.defn(name="experiment_run_item")
+    @finishing_once_started
     async def run_item(self, input: RunItemInput) -> RunItemResult:
         """The task call of one item, its deterministic evals, and its result row, once.
         With the experiment's cache on, the same call made before answers it."""
@@ -466,6 +467,7 @@ class ProviderCallActivities:
         return run_result(input.item_id, stored, spec, fresh=True, new=new)
 
     @activity.defn(name="experiment_judge_item")
+    @finishing_once_started
     async def judge_item(self, input: JudgeItemInput) -> JudgeItemResult:
         """One llm_judge eval of one item; its score is merged into the result row once.
         Cached as task calls are, under its own key (judge deployment, judge prompt)."""

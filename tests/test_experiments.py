@@ -10,15 +10,20 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.worker import Worker
 
 from konstruct.app.cli import main as cli_main
+from konstruct.app.embedded_pg import EmbeddedPostgres
 from konstruct.experiments.models import ExperimentProgress, ExperimentResult, ToggleInput
 from konstruct.experiments.store.analysis import load_experiment
 from konstruct.platform.db import tenant_transaction
@@ -29,7 +34,7 @@ from konstruct.providers.queue_limits import push_rate
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from konstruct.providers.simulator.responders import content_key
 from konstruct.providers.store import ensure_provider
-from tests.support import WorkerRelay, wait_for_calls
+from tests.support import WorkerRelay, call_in_flight, wait_for_calls
 from workflows.experiment import Experiment
 
 FAST = "sim-fast"
@@ -264,6 +269,86 @@ async def test_continue_as_new_hands_queued_calls_to_the_next_run_without_callin
     # Cancelled before they started, the queued calls made no request: one per item.
     stats = await sim.model_stats(FAST)
     assert stats["requests"] == stats["ok"] == 18
+
+
+@workflow.defn(sandboxed=False)
+class CancelAStartedCall:
+    """Starts one item's task call as an Experiment does, and cancels it when told:
+    the race of `_cancel_waiting_calls` (and of a stop), which read the calls still
+    scheduled and then cancel them, with a call that started in between."""
+
+    def __init__(self) -> None:
+        self.told = False
+
+    @workflow.signal
+    def cancel(self) -> None:
+        self.told = True
+
+    @workflow.run
+    async def run(self, queue: str, call: dict[str, str]) -> str:
+        handle = workflow.start_activity(
+            "experiment_run_item",
+            call,
+            task_queue=queue,
+            start_to_close_timeout=timedelta(seconds=60),
+            # Heartbeats reach the server every 2-3 s: the cancel arrives mid-call.
+            heartbeat_timeout=timedelta(seconds=4),
+            retry_policy=RetryPolicy(maximum_attempts=1),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        await workflow.wait_condition(lambda: self.told)
+        handle.cancel()
+        try:
+            await handle
+        except ActivityError as err:
+            return type(err.cause).__name__
+        return "completed"
+
+
+async def test_a_call_cancelled_after_its_request_left_finishes_and_keeps_its_answer(
+    client: Client,
+    worker: str,
+    sim: SimulatorAdmin,
+    app_pool: asyncpg.Pool,
+    postgres: EmbeddedPostgres,
+) -> None:
+    # An item without a result in an experiment that is not stopped: the one item
+    # of a finished experiment, its result row deleted.
+    body = experiment(1)
+    await (await start(client, worker, body)).result()
+    (row,) = await results(app_pool, body["experiment_id"])
+    conn = await asyncpg.connect(postgres.owner_url)
+    try:
+        await conn.execute(
+            "delete from experiment_results where experiment_id = $1", body["experiment_id"]
+        )
+    finally:
+        await conn.close()
+    before = await sim.model_stats(FAST)
+    await sim.set_profile(FAST, latency_ms=8000)
+    call = {
+        "tenant_id": "demo",
+        "experiment_id": body["experiment_id"],
+        "item_id": row["item_id"],
+        "deployment_id": row["deployment_id"],
+        "provider": "simulator",
+    }
+    queue = f"{worker}-canceller"
+    async with Worker(client, task_queue=queue, workflows=[CancelAStartedCall]):
+        handle = await client.start_workflow(
+            CancelAStartedCall.run,
+            args=[provider_queue(worker, "simulator"), call],
+            id=f"cancel-{uuid.uuid4().hex[:10]}",
+            task_queue=queue,
+        )
+        assert await call_in_flight(sim, FAST, polls=400), "the call never reached the provider"
+        await handle.signal(CancelAStartedCall.cancel)
+        seen = await handle.result()
+    # The request had left: the answer is kept, not paid for and dropped.
+    stored = await results(app_pool, body["experiment_id"])
+    assert [r["status"] for r in stored] == ["ok"], f"the workflow saw {seen}; no result stored"
+    after = await sim.model_stats(FAST)
+    assert after["requests"] - before["requests"] == after["ok"] - before["ok"] == 1
 
 
 async def row_says(pool: asyncpg.Pool, experiment_id: str, status: str) -> None:
