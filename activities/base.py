@@ -4,6 +4,7 @@ a call runs, and how an activity outlasts an outage of PostgreSQL or the network
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import functools
 import socket
@@ -67,23 +68,43 @@ async def heartbeating(
             task.cancel()
 
 
+# Set by `finishing_once_started` for the activity it runs: whether a request of it
+# has left for the provider (`request_leaving`).
+_REQUEST_LEFT: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("request_left")
+
+
+def request_leaving() -> None:
+    """Note that the running activity's request is leaving for the provider: from
+    here a cancel the workflow asks for no longer stops it (`finishing_once_started`)."""
+    left = _REQUEST_LEFT.get(None)
+    if left is not None:
+        left[0] = True
+
+
 def finishing_once_started(run: F) -> F:
     """For a call activity the workflow cancels only while it is still scheduled
     (waiting on its queue for capacity): a cancel the workflow asked for that reaches
-    it once started came too late, so the activity finishes and stores its answer.
+    it once its request has left (`request_leaving`) came too late, so the activity
+    finishes and stores its answer.
 
     The workflow reads which calls are still scheduled, then cancels them; a call
     that starts between the two gets the cancel at its next heartbeat, perhaps while
     its request is at the provider. Stopped there, the request is paid for and its
-    answer dropped, and the item, still without a result, is called again. Any other
-    cancel (the worker shutting down, the activity timed out, reset, paused, or gone),
-    or a second one, stops it.
+    answer dropped, and the item, still without a result, is called again. A cancel
+    before the request leaves (waiting for a slot), any other cancel (the worker
+    shutting down, the activity timed out, reset, paused, or gone), or a second one
+    stops it.
 
     Goes under `@activity.defn`."""
 
     @functools.wraps(run)
     async def finishing(*args: Any, **kwargs: Any) -> Any:
-        work = asyncio.ensure_future(run(*args, **kwargs))
+        left = [False]
+        token = _REQUEST_LEFT.set(left)
+        try:
+            work = asyncio.ensure_future(run(*args, **kwargs))  # runs in a copy: sees `left`
+        finally:
+            _REQUEST_LEFT.reset(token)
         late_cancel_taken = False
         while True:
             try:
@@ -94,11 +115,11 @@ def finishing_once_started(run: F) -> F:
                 if not work.done():
                     details = activity.cancellation_details()
                     asked = details is not None and details.cancel_requested
-                    if late_cancel_taken or not asked:
+                    if late_cancel_taken or not asked or not left[0]:
                         work.cancel()
                         raise
                     late_cancel_taken = True
-                    activity.logger.info("cancel asked after the call started: finishing it")
+                    activity.logger.info("cancel asked after the request left: finishing it")
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()

@@ -32,7 +32,7 @@ import asyncpg
 from opentelemetry import metrics, trace
 from temporalio import activity
 
-from activities.base import finishing_once_started, heartbeating
+from activities.base import finishing_once_started, heartbeating, request_leaving
 from activities.call_results import (
     Answer,
     judge_cost,
@@ -238,6 +238,7 @@ class ProviderCallActivities:
     def calling(self, provider: str, deployment: Deployment) -> Iterator[trace.Span]:
         """A provider call in progress: counted (slot utilisation), traced as a span."""
         self.in_progress[provider] = self.in_progress.get(provider, 0) + 1
+        request_leaving()
         try:
             with _tracer.start_as_current_span("llm.completion") as span:
                 span.set_attribute("llm.deployment", deployment.deployment_id)

@@ -260,8 +260,10 @@ async def test_a_failure_is_not_cached(
     assert failed.summary.failed == 4 and failed.summary.cost_usd == 0
     await sim.set_profile(FAST, error_rate=0)
     before = (await sim.model_stats(FAST))["ok"]
-    again: ExperimentResult = await (await start(client, experiment_worker, rerun(first))).result()
-    assert again.summary.completed == 4 and again.summary.cache_hits == 0
+    second = rerun(first)
+    again: ExperimentResult = await (await start(client, experiment_worker, second)).result()
+    errors = [r["error"] for r in await results(app_pool, second["experiment_id"]) if r["error"]]
+    assert again.summary.completed == 4 and again.summary.cache_hits == 0, errors
     assert (await sim.model_stats(FAST))["ok"] - before == 4
 
 
