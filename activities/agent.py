@@ -40,6 +40,7 @@ from konstruct.agents.store.agents import _stored_turn, insert_turn, select_agen
 from konstruct.agents.store.tools import select_hosts, select_tools
 from konstruct.agents.tools import (
     BUILTIN_TOOLS,
+    AddressPolicy,
     HttpLimits,
     WebhookSpec,
     calculate,
@@ -182,8 +183,11 @@ class AgentActivities(ActivityClass):
         *,
         environ: Mapping[str, str] = os.environ,
         http_limits: HttpLimits | None = None,
+        address_policy: AddressPolicy | None = None,
     ) -> None:
         self.pool = pool
+        # What the tools may reach (public addresses only unless configured).
+        self.address_policy = address_policy or AddressPolicy()
         self.router = router
         self.group_of = {d.deployment_id: d.model_name for d in config.model_list}
         self.environ = environ
@@ -411,7 +415,13 @@ class AgentActivities(ActivityClass):
                 secret_env=spec.secret_env,
                 timeout_s=spec.timeout_s,
             )
-            return await call_webhook(webhook, call.arguments, call.call_id, environ=self.environ)
+            return await call_webhook(
+                webhook,
+                call.arguments,
+                call.call_id,
+                policy=self.address_policy,
+                environ=self.environ,
+            )
         if call.tool == "calculator":
             expression = call.arguments.get("expression")
             if not isinstance(expression, str):
@@ -423,7 +433,7 @@ class AgentActivities(ActivityClass):
                 max_response_bytes=self.http_limits.max_response_bytes,
                 max_body_bytes=self.http_limits.max_body_bytes,
             )
-            return await http_request(call.arguments, hosts, limits)
+            return await http_request(call.arguments, hosts, limits, policy=self.address_policy)
         if call.tool == "knowledge_search":
             return await self._knowledge_search(tenant, call.arguments)
         raise ToolError(f"no runner for tool {call.tool!r}", retryable=False)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from konstruct.agents.tools.addresses import AddressKind, AddressPolicy
 from konstruct.experiments.models import (
     DEFAULT_MAX_CONCURRENCY,
     MAX_CONCURRENCY_LIMIT,
@@ -68,6 +69,26 @@ class WorkerSettings(Section):
     # long that worker's workflows stall (the SDK's default is 10 s). Shorter costs
     # a replay when a live worker is merely busy for longer.
     sticky_timeout_seconds: float = Field(3.0, gt=0)
+
+
+class ToolSettings(Section):
+    """What a tenant's tools may reach (`konstruct.agents.tools.addresses`)."""
+
+    # Kinds of non-public address webhooks and http_request may send to: loopback,
+    # private, link_local, reserved. None by default; the dev stack allows loopback.
+    allow_addresses: list[AddressKind] = Field(default_factory=list)
+
+    @field_validator("allow_addresses", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # KONSTRUCT_TOOLS_ALLOW_ADDRESSES=loopback,private (or none)
+        if isinstance(value, str):
+            kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
+            return [] if kinds == ["none"] else kinds
+        return value
+
+    def address_policy(self) -> AddressPolicy:
+        return AddressPolicy.allowing(self.allow_addresses)
 
 
 class LlmSettings(Section):
@@ -142,6 +163,7 @@ class Settings(Section):
     llm: LlmSettings = LlmSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     gateway: GatewaySettings = GatewaySettings()
+    tools: ToolSettings = ToolSettings()
     experiments: ExperimentSettings = ExperimentSettings()
 
     # Directory relative paths are resolved against (the config file's folder).
@@ -238,6 +260,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "KONSTRUCT_GATEWAY_PORT": "gateway.port",
     "KONSTRUCT_GATEWAY_HOST": "gateway.host",
     "KONSTRUCT_BUDGET_HOLD_LEASE_S": "experiments.budget_hold_lease_s",
+    "KONSTRUCT_TOOLS_ALLOW_ADDRESSES": "tools.allow_addresses",
 }
 
 
@@ -417,8 +440,13 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
+
+        def source(key: str) -> str:  # the variable that set the key, or a list it is in
+            names = [env for d, env in origin.items() if key == d or key.startswith(d + ".")]
+            return f" (from {names[0]})" if names else ""
+
         problems = [
-            f"{key}{f' (from {origin[key]})' if key in origin else ''}: {problem}"
+            f"{key}{source(key)}: {problem}"
             for key, problem in field_problems(exc, root="(config)")
         ]
         where = f" in {path}" if path else ""

@@ -242,6 +242,38 @@ async def test_http_request_reaches_only_allowed_hosts(
     assert allowed.response == "Tool http_request returned: HTTP 200 the page says hello"
 
 
+async def test_a_worker_that_forbids_loopback_sends_no_tool_call_there(
+    client: Client, settings: Settings, app_pool: asyncpg.Pool, hooks: Hooks
+) -> None:
+    # The webhook's host is a name (so it passes registration) that resolves to
+    # loopback; this worker's config allows no non-public address. The model is told
+    # why at once (not retried), the message ends, and nothing reaches the hook.
+    strict = settings.model_copy(update={"tools": settings.tools.model_copy(
+        update={"allow_addresses": []})})  # fmt: skip
+    tenant = new_tenant()
+    by_name = hooks.url.replace("127.0.0.1", "localhost")
+    await agent_with_webhook(app_pool, tenant, webhook("lookup", f"{by_name}/lookup"))
+    queue = f"strict-{uuid.uuid4().hex[:8]}"
+    async with build_worker(client, strict, queue) as w, w:
+        message = body(tenant, '/tool lookup {"x": 1}')
+        result = await send(client, queue, message)
+        await allow_hosts_for(app_pool, tenant, by_name)
+        fetched = await send(client, queue, body(tenant, f'/tool http_request {{"method": "GET", "url": "{by_name}/page"}}'))  # fmt: skip
+    [call] = await tool_calls(app_pool, tenant, message["message_id"])
+    assert (call["status"], call["attempts"]) == ("error", 1)
+    assert "'localhost' resolves to" in call["result"] and "loopback" in call["result"]
+    assert result.response.startswith("Tool lookup returned: error: webhook lookup")
+    assert "loopback" in fetched.response
+    assert hooks.requests == []
+
+
+async def allow_hosts_for(pool: asyncpg.Pool, tenant: str, url: str) -> None:
+    """`http_request` and `url`'s host on the tenant's agent and allow-list."""
+    await make_agent(pool, tenant, ["lookup", "http_request"])
+    async with tenant_transaction(pool, tenant) as conn:
+        await allow_hosts(conn, tenant, [url.split("//", 1)[1].split("/", 1)[0]], [])
+
+
 async def test_an_unknown_tool_and_bad_arguments_are_told_to_the_model(
     client: Client, worker: str, app_pool: asyncpg.Pool
 ) -> None:

@@ -206,6 +206,30 @@ def test_tools_put_names_the_bad_option(
     assert_one_line_error(done, named)
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", "is a link-local address"),
+        ("http://10.0.0.5/hook", "is a private address"),
+        ("http://[fd00::1]/hook", "is a private address"),
+    ],
+)
+def test_tools_put_refuses_a_url_written_with_a_non_public_address(
+    environ: dict[str, str], url: str, words: str
+) -> None:
+    # The dev stack's config allows loopback only; nothing is stored, nothing is sent.
+    tenant = new_tenant(environ)
+    done = konstruct(environ, "tools", "put", tenant, "hook", "--url", url)
+    assert done.returncode == 2
+    assert_one_line_error(done, "--url: host", words, "tools.allow_addresses")
+    assert [t for t in list_json(environ, "tools", "list", tenant) if t["name"] == "hook"] == []
+    # Under a config that forbids loopback too, the dev stack's own example is refused.
+    strict = {**environ, "KONSTRUCT_TOOLS_ALLOW_ADDRESSES": "none"}
+    done = konstruct(strict, "tools", "put", tenant, "hook", "--url", "http://127.0.0.1:9/x")
+    assert done.returncode == 2
+    assert_one_line_error(done, "is a loopback address")
+
+
 def test_tools_put_for_an_unknown_tenant(environ: dict[str, str]) -> None:
     tenant = f"cli-none-{uuid.uuid4().hex[:6]}"
     done = konstruct(environ, "tools", "put", tenant, "hook", "--url", "http://h/x")

@@ -5,6 +5,7 @@ import pytest
 from konstruct.config import ExperimentSettings, load_settings
 from konstruct.experiments.models import ExperimentOptions
 from konstruct.platform.errors import ConfigError
+from tests.support import ROOT
 
 
 def test_env_overrides_the_file(tmp_path: Path) -> None:
@@ -83,3 +84,19 @@ def test_a_rate_setting_out_of_bounds_names_its_flat_key(tmp_path: Path) -> None
 def test_the_workflow_options_are_the_settings_values() -> None:
     settings = ExperimentSettings.model_validate({"page_size": 7, "min_rps": 2.0})
     assert settings.workflow_options() == ExperimentOptions(page_size=7)
+
+
+def test_tools_reach_no_non_public_address_unless_the_config_says(tmp_path: Path) -> None:
+    config = tmp_path / "k.yaml"
+    config.write_text("{}\n")
+    assert load_settings(config, environ={}).tools.allow_addresses == []
+    dev = load_settings(ROOT / "temporal-dev.yaml", environ={})
+    assert dev.tools.allow_addresses == ["loopback"]
+    both = {"KONSTRUCT_TOOLS_ALLOW_ADDRESSES": "loopback, private"}
+    assert load_settings(config, environ=both).tools.allow_addresses == ["loopback", "private"]
+    none = {"KONSTRUCT_TOOLS_ALLOW_ADDRESSES": "none"}
+    assert load_settings(ROOT / "temporal-dev.yaml", environ=none).tools.allow_addresses == []
+    with pytest.raises(
+        ConfigError, match=r"tools\.allow_addresses\.0 \(from KONSTRUCT_TOOLS_ALLOW_ADDRESSES\)"
+    ):
+        load_settings(config, environ={"KONSTRUCT_TOOLS_ALLOW_ADDRESSES": "metadata"})

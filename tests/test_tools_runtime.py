@@ -17,6 +17,7 @@ from aiohttp import web
 
 from konstruct.agents.tools import (
     BUILTIN_TOOLS,
+    AddressPolicy,
     HttpLimits,
     WebhookSpec,
     calculate,
@@ -27,6 +28,9 @@ from konstruct.agents.tools import (
 from konstruct.platform.errors import ToolError
 from tests.support import serve_locally
 
+# The test servers listen on 127.0.0.1: the calls that reach them need loopback allowed,
+# as the dev stack's config allows it.
+LOOPBACK = AddressPolicy.allowing(["loopback"])
 SECRET = "s3cr3t-value-never-shown"
 SECRET_ENV = "KONSTRUCT_TEST_WEBHOOK_KEY"
 
@@ -269,18 +273,24 @@ ALLOWED = ["127.0.0.1"]
 
 
 async def test_http_get_allowed(server: Server) -> None:
-    result = await http_request({"method": "GET", "url": server.url("/hello")}, ALLOWED)
+    result = await http_request(
+        {"method": "GET", "url": server.url("/hello")}, ALLOWED, policy=LOOPBACK
+    )
     assert result == "HTTP 200\nhello world"
     assert server.requests[0].headers["Accept-Encoding"] == "identity"
 
 
 async def test_http_get_allowed_by_host_and_port(server: Server) -> None:
     allowed = [f"127.0.0.1:{server.port}"]
-    result = await http_request({"method": "get", "url": server.url("/hello")}, allowed)
+    result = await http_request(
+        {"method": "get", "url": server.url("/hello")}, allowed, policy=LOOPBACK
+    )
     assert result == "HTTP 200\nhello world"
     with pytest.raises(ToolError, match="not on this tenant's allow-list") as caught:
         await http_request(
-            {"method": "GET", "url": server.url("/hello")}, [f"127.0.0.1:{server.port + 1}"]
+            {"method": "GET", "url": server.url("/hello")},
+            [f"127.0.0.1:{server.port + 1}"],
+            policy=LOOPBACK,
         )
     assert caught.value.retryable is False
     assert server.hits["/hello"] == 1
@@ -295,6 +305,7 @@ async def test_http_post_with_body_and_headers(server: Server) -> None:
             "headers": {"X-Test": "yes", "Content-Type": "application/json"},
         },
         ALLOWED,
+        policy=LOOPBACK,
     )
     assert result == 'HTTP 201\ngot {"q": "x"} x-test=yes'
     assert server.bodies["/echo"] == b'{"q": "x"}'
@@ -304,32 +315,40 @@ async def test_http_post_with_body_and_headers(server: Server) -> None:
 async def test_http_host_not_allowed(server: Server) -> None:
     for allowed in (["localhost"], ["example.com"], []):
         with pytest.raises(ToolError) as caught:
-            await http_request({"method": "GET", "url": server.url("/hello")}, allowed)
+            await http_request(
+                {"method": "GET", "url": server.url("/hello")}, allowed, policy=LOOPBACK
+            )
         assert str(caught.value) == (
             "host '127.0.0.1' is not on this tenant's allow-list "
             "(konstruct tools allow TENANT 127.0.0.1)"
         )
         assert caught.value.retryable is False
     with pytest.raises(ToolError, match="host 'evil.example'"):
-        await http_request({"method": "GET", "url": "http://EVIL.example/x"}, ALLOWED)
+        await http_request(
+            {"method": "GET", "url": "http://EVIL.example/x"}, ALLOWED, policy=LOOPBACK
+        )
     assert server.requests == []
 
 
 async def test_http_allow_list_entries_are_normalized(server: Server) -> None:
     url = f"http://LOCALHOST:{server.port}/hello"
-    result = await http_request({"method": "GET", "url": url}, [" Localhost. "])
+    result = await http_request({"method": "GET", "url": url}, [" Localhost. "], policy=LOOPBACK)
     assert result == "HTTP 200\nhello world"
 
 
 async def test_http_redirect_not_followed(server: Server) -> None:
-    result = await http_request({"method": "GET", "url": server.url("/redirect")}, ALLOWED)
+    result = await http_request(
+        {"method": "GET", "url": server.url("/redirect")}, ALLOWED, policy=LOOPBACK
+    )
     assert result.startswith("HTTP 302\nLocation: " + server.url("/target"))
     assert "/target" not in server.hits
 
 
 async def test_http_response_truncated(server: Server) -> None:
     limits = HttpLimits(max_response_bytes=1000)
-    result = await http_request({"method": "GET", "url": server.url("/big")}, ALLOWED, limits)
+    result = await http_request(
+        {"method": "GET", "url": server.url("/big")}, ALLOWED, limits, policy=LOOPBACK
+    )
     head, _, rest = result.partition("\n")
     assert head == "HTTP 200"
     assert rest == "a" * 1000 + "\n…[truncated at 1000 bytes]"
@@ -338,26 +357,30 @@ async def test_http_response_truncated(server: Server) -> None:
 async def test_http_timeout_is_retryable(server: Server) -> None:
     limits = HttpLimits(timeout_s=0.3)
     with pytest.raises(ToolError, match="timed out after 0.3s") as caught:
-        await http_request({"method": "GET", "url": server.url("/slow")}, ALLOWED, limits)
+        await http_request(
+            {"method": "GET", "url": server.url("/slow")}, ALLOWED, limits, policy=LOOPBACK
+        )
     assert caught.value.retryable is True
 
 
 async def test_http_5xx_and_429_are_retryable(server: Server) -> None:
     for path, status in (("/500", 500), ("/429", 429)):
         with pytest.raises(ToolError, match=f"HTTP {status}") as caught:
-            await http_request({"method": "GET", "url": server.url(path)}, ALLOWED)
+            await http_request({"method": "GET", "url": server.url(path)}, ALLOWED, policy=LOOPBACK)
         assert caught.value.retryable is True
 
 
 async def test_http_404_is_a_result(server: Server) -> None:
-    result = await http_request({"method": "GET", "url": server.url("/404")}, ALLOWED)
+    result = await http_request(
+        {"method": "GET", "url": server.url("/404")}, ALLOWED, policy=LOOPBACK
+    )
     assert result == "HTTP 404\nno such thing"
 
 
 async def test_http_connection_error_is_retryable() -> None:
     url = f"http://127.0.0.1:{_closed_port()}/x"
     with pytest.raises(ToolError, match="could not reach 127.0.0.1") as caught:
-        await http_request({"method": "GET", "url": url}, ALLOWED)
+        await http_request({"method": "GET", "url": url}, ALLOWED, policy=LOOPBACK)
     assert caught.value.retryable is True
 
 
@@ -398,7 +421,7 @@ async def test_http_connection_error_is_retryable() -> None:
 )
 async def test_http_arguments_validated(arguments: dict, named: str) -> None:
     with pytest.raises(ToolError) as caught:
-        await http_request(arguments, ALLOWED)
+        await http_request(arguments, ALLOWED, policy=LOOPBACK)
     assert named in str(caught.value)
     assert caught.value.retryable is False
 
@@ -421,7 +444,9 @@ ENVIRON = {SECRET_ENV: SECRET}
 
 
 async def test_webhook_sends_body_and_headers(server: Server) -> None:
-    result = await call_webhook(_spec(server), {"customer": 42}, "call-1", environ=ENVIRON)
+    result = await call_webhook(
+        _spec(server), {"customer": 42}, "call-1", environ=ENVIRON, policy=LOOPBACK
+    )
     assert result == "done"
     request = server.requests[0]
     assert request.method == "POST"
@@ -437,20 +462,24 @@ async def test_webhook_sends_body_and_headers(server: Server) -> None:
 
 async def test_webhook_without_secret_sends_no_secret_header(server: Server) -> None:
     spec = _spec(server, secret_header=None, secret_env=None)
-    assert await call_webhook(spec, {}, "call-2", environ={}) == "done"
+    assert await call_webhook(spec, {}, "call-2", environ={}, policy=LOOPBACK) == "done"
     assert "X-Api-Key" not in server.requests[0].headers
 
 
 async def test_webhook_result_unwrapping(server: Server) -> None:
-    result = await call_webhook(_spec(server, "/hook-object"), {}, "k", environ=ENVIRON)
+    result = await call_webhook(
+        _spec(server, "/hook-object"), {}, "k", environ=ENVIRON, policy=LOOPBACK
+    )
     assert json.loads(result) == {"rows": [1, 2]}
-    result = await call_webhook(_spec(server, "/hook-plain"), {}, "k", environ=ENVIRON)
+    result = await call_webhook(
+        _spec(server, "/hook-plain"), {}, "k", environ=ENVIRON, policy=LOOPBACK
+    )
     assert result == "plain answer"
 
 
 async def test_webhook_4xx_is_not_retryable(server: Server) -> None:
     with pytest.raises(ToolError) as caught:
-        await call_webhook(_spec(server, "/hook-400"), {}, "k", environ=ENVIRON)
+        await call_webhook(_spec(server, "/hook-400"), {}, "k", environ=ENVIRON, policy=LOOPBACK)
     message = str(caught.value)
     assert message.startswith("webhook crm_lookup answered 400: bad arguments: ")
     assert len(message) == len("webhook crm_lookup answered 400: ") + 200
@@ -460,30 +489,32 @@ async def test_webhook_4xx_is_not_retryable(server: Server) -> None:
 @pytest.mark.parametrize("path", ["/hook-503", "/hook-429", "/hook-408"])
 async def test_webhook_retryable_statuses(server: Server, path: str) -> None:
     with pytest.raises(ToolError, match=f"answered {path[-3:]}") as caught:
-        await call_webhook(_spec(server, path), {}, "k", environ=ENVIRON)
+        await call_webhook(_spec(server, path), {}, "k", environ=ENVIRON, policy=LOOPBACK)
     assert caught.value.retryable is True
 
 
 async def test_webhook_redirect_not_followed(server: Server) -> None:
     with pytest.raises(ToolError, match="answered 302") as caught:
-        await call_webhook(_spec(server, "/hook-302"), {}, "k", environ=ENVIRON)
+        await call_webhook(_spec(server, "/hook-302"), {}, "k", environ=ENVIRON, policy=LOOPBACK)
     assert caught.value.retryable is False
 
 
 async def test_webhook_timeout_and_connection_error_are_retryable(server: Server) -> None:
     with pytest.raises(ToolError, match="timed out") as caught:
-        await call_webhook(_spec(server, "/slow", timeout_s=0.3), {}, "k", environ=ENVIRON)
+        await call_webhook(
+            _spec(server, "/slow", timeout_s=0.3), {}, "k", environ=ENVIRON, policy=LOOPBACK
+        )
     assert caught.value.retryable is True
     closed = WebhookSpec("crm_lookup", f"http://127.0.0.1:{_closed_port()}/hook")
     with pytest.raises(ToolError, match="could not reach") as caught:
-        await call_webhook(closed, {}, "k", environ={})
+        await call_webhook(closed, {}, "k", environ={}, policy=LOOPBACK)
     assert caught.value.retryable is True
 
 
 async def test_webhook_missing_env_variable(server: Server) -> None:
     other_secrets = {"UNRELATED": SECRET}
     with pytest.raises(ToolError) as caught:
-        await call_webhook(_spec(server), {}, "k", environ=other_secrets)
+        await call_webhook(_spec(server), {}, "k", environ=other_secrets, policy=LOOPBACK)
     message = str(caught.value)
     assert SECRET_ENV in message
     assert SECRET not in message
@@ -496,12 +527,12 @@ async def test_webhook_secret_never_shown(server: Server, status: int) -> None:
     """The server echoes the secret back: neither a result nor an error may show it."""
     spec = _spec(server, f"/hook-echo?status={status}")
     if status == 200:
-        result = await call_webhook(spec, {}, "k", environ=ENVIRON)
+        result = await call_webhook(spec, {}, "k", environ=ENVIRON, policy=LOOPBACK)
         assert SECRET not in result
         assert result == "bad key [redacted]"
         return
     with pytest.raises(ToolError) as caught:
-        await call_webhook(spec, {}, "k", environ=ENVIRON)
+        await call_webhook(spec, {}, "k", environ=ENVIRON, policy=LOOPBACK)
     error = caught.value
     assert server.requests[0].headers["X-Api-Key"] == SECRET
     assert SECRET not in str(error) and SECRET not in repr(error)
@@ -517,17 +548,19 @@ async def test_webhook_secret_not_in_connection_or_header_errors() -> None:
         secret_env=SECRET_ENV,
     )
     with pytest.raises(ToolError) as caught:
-        await call_webhook(closed, {}, "k", environ=ENVIRON)
+        await call_webhook(closed, {}, "k", environ=ENVIRON, policy=LOOPBACK)
     assert SECRET not in str(caught.value) and caught.value.__context__ is None
     with pytest.raises(ToolError) as caught:
-        await call_webhook(closed, {}, "k", environ={SECRET_ENV: SECRET + "\r\nX: y"})
+        await call_webhook(
+            closed, {}, "k", environ={SECRET_ENV: SECRET + "\r\nX: y"}, policy=LOOPBACK
+        )
     assert SECRET not in str(caught.value)
     assert caught.value.retryable is False
 
 
 async def test_webhook_arguments_must_be_json(server: Server) -> None:
     with pytest.raises(ToolError, match="not JSON") as caught:
-        await call_webhook(_spec(server), {"x": object()}, "k", environ=ENVIRON)
+        await call_webhook(_spec(server), {"x": object()}, "k", environ=ENVIRON, policy=LOOPBACK)
     assert caught.value.retryable is False
 
 
@@ -557,3 +590,59 @@ def test_truncate_result_fits_the_limit(total: int) -> None:
 def test_truncate_result_tiny_limit() -> None:
     assert truncate_result("abcdef", 6) == "abcdef"
     assert truncate_result("abcdefg", 3) == "abc"
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("http://127.0.0.1:55432/", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://10.0.0.5/hook", "private"),
+        ("http://192.168.1.1/", "private"),
+        ("http://[fd00::1]/hook", "private"),
+        ("http://[::1]:8080/", "loopback"),
+        ("http://[::ffff:127.0.0.1]/", "loopback"),  # IPv4 written as IPv6
+        ("http://0.0.0.0:80/", "reserved"),
+        ("http://100.64.0.1/", "reserved"),  # shared address space
+    ],
+)
+def test_a_url_written_with_a_non_public_address_is_refused(url: str, kind: str) -> None:
+    why = AddressPolicy().refused_literal(url)
+    assert why is not None and kind in why and "tools.allow_addresses" in why, why
+
+
+def test_public_addresses_names_and_allowed_kinds_pass_the_registration_check() -> None:
+    strict = AddressPolicy()
+    assert strict.refused_literal("https://93.184.216.34/hook") is None
+    assert strict.refused_literal("https://hooks.example.com/x") is None  # checked at call time
+    assert LOOPBACK.refused_literal("http://127.0.0.1:9/x") is None
+    assert LOOPBACK.refused_literal("http://10.0.0.5/x") is not None
+
+
+async def test_a_name_that_resolves_to_a_refused_address_is_refused_at_call_time(
+    server: Server,
+) -> None:
+    # `localhost` passes the registration check (a name) but resolves to loopback, which
+    # this policy refuses: nothing is sent, and the model is told why, not to retry.
+    spec = _spec(server, url=f"http://localhost:{server.port}/hook")
+    with pytest.raises(ToolError) as info:
+        await call_webhook(spec, {}, "k", environ=ENVIRON, policy=AddressPolicy())
+    assert not info.value.retryable
+    assert "'localhost' resolves to" in str(info.value) and "loopback" in str(info.value)
+    url = f"http://localhost:{server.port}/hello"
+    with pytest.raises(ToolError) as info:
+        await http_request({"method": "GET", "url": url}, ["localhost"], policy=AddressPolicy())
+    assert not info.value.retryable and "loopback" in str(info.value)
+    assert server.requests == []
+
+
+async def test_a_call_goes_to_the_address_checked_with_the_name_kept(server: Server) -> None:
+    # Sent to the resolved and checked address itself, so a DNS answer that changes
+    # after the check cannot redirect it; the server still sees the name it was given.
+    spec = _spec(server, url=f"http://localhost:{server.port}/hook")
+    assert await call_webhook(spec, {}, "k", environ=ENVIRON, policy=LOOPBACK) == "done"
+    assert server.requests[0].headers["Host"] == f"localhost:{server.port}"
+    assert server.requests[0].remote == "127.0.0.1"  # where the test server listens

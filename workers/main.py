@@ -54,7 +54,9 @@ def _activities(
         messages.load_agent_context,
         messages.store_turn,
         llm.call_llm,
-        *AgentActivities(pool, router, router_config).all(),
+        *AgentActivities(
+            pool, router, router_config, address_policy=settings.tools.address_policy()
+        ).all(),
         *experiments.all(),
         *RegistryActivities(pool).all(),
         *demo_activities(pool, router, router_config),

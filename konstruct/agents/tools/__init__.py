@@ -12,8 +12,10 @@ told at once (bad arguments, a host off the allow-list, 4xx).
     specs          BUILTIN_TOOLS: what the model is told about each built-in tool
                    (`knowledge_search` runs in the agent's activity, on its knowledge base)
     transport      the one HTTP exchange both HTTP tools share
+    addresses      AddressPolicy: the non-public addresses tools may not reach (SSRF)
 """
 
+from konstruct.agents.tools.addresses import AddressPolicy
 from konstruct.agents.tools.calculator import calculate
 from konstruct.agents.tools.results import truncate_result
 from konstruct.agents.tools.specs import BUILTIN_TOOLS
@@ -22,6 +24,7 @@ from konstruct.agents.tools.webhooks import WebhookSpec, call_webhook
 from konstruct.platform.errors import ToolError
 
 __all__ = [
+    "AddressPolicy",
     "BUILTIN_TOOLS",
     "HttpLimits",
     "ToolError",

@@ -15,6 +15,8 @@ from typing import Literal
 
 import httpx
 
+from konstruct.agents.tools.addresses import AddressPolicy, AddressRefused, pinned
+
 USER_AGENT = "konstruct-tools/0.1"
 # What a header name may consist of (RFC 9110's token).
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -38,10 +40,11 @@ class Reply:
 
 @dataclass(frozen=True)
 class Unsent:
-    """No answer: a timeout, a request that could not be sent, or a host not reached."""
+    """No answer: a timeout, a request that could not be sent, a host not reached, or
+    an address the operator's policy refuses (nothing was sent)."""
 
-    why: Literal["timeout", "unsendable", "unreachable"]
-    # The error's text ("unsendable") or its type and text ("unreachable").
+    why: Literal["timeout", "unsendable", "unreachable", "refused"]
+    # The error's text ("unsendable", "refused") or its type and text ("unreachable").
     detail: str = ""
 
 
@@ -76,28 +79,37 @@ async def exchange(
     timeout_s: float,
     max_bytes: int,
     read_redirect_body: bool = True,
+    policy: AddressPolicy | None = None,
 ) -> Reply | Unsent:
     """Send one request (on `client`, else on a client of its own) within `timeout_s`.
 
+    With a `policy`, the host is resolved and checked first and the request sent to
+    a checked address (`addresses.pinned`; the next one when it cannot connect).
     With `read_redirect_body=False` a redirect's body is not read (its text is "").
     """
+    targets: list[tuple[httpx.URL, dict[str, str], dict[str, str]]] = [(url, {}, {})]
+    if policy is not None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                addresses = await policy.checked(url)
+        except AddressRefused as refused:
+            return Unsent("refused", str(refused))
+        except TimeoutError:
+            return Unsent("timeout")
+        except OSError as error:
+            return Unsent("unreachable", f"{url.host} does not resolve ({error})")
+        targets = [pinned(url, address) for address in addresses]
+    limits = _Limits(timeout_s, max_bytes, read_redirect_body)
     own_client = client is None
     http = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
     try:
         async with asyncio.timeout(timeout_s):
-            async with http.stream(
-                method,
-                url,
-                content=content,
-                headers=headers,
-                follow_redirects=False,
-                timeout=timeout_s,
-            ) as response:
-                reply = Reply(response.status_code, response.headers.get("location"), "", False)
-                if reply.is_redirect and not read_redirect_body:
-                    return reply
-                data, truncated = await _read_limited(response, max_bytes)
-                return Reply(reply.status, reply.location, _decode(response, data), truncated)
+            for target in targets[:-1]:
+                try:
+                    return await _send(http, method, target, content, headers, limits)
+                except httpx.ConnectError:
+                    continue  # not connected, nothing sent: the name's next checked address
+            return await _send(http, method, targets[-1], content, headers, limits)
     except (TimeoutError, httpx.TimeoutException):
         return Unsent("timeout")
     except httpx.LocalProtocolError as error:
@@ -107,3 +119,36 @@ async def exchange(
     finally:
         if own_client:
             await http.aclose()
+
+
+@dataclass(frozen=True)
+class _Limits:
+    timeout_s: float
+    max_bytes: int
+    read_redirect_body: bool
+
+
+async def _send(
+    http: httpx.AsyncClient,
+    method: str,
+    target: tuple[httpx.URL, dict[str, str], dict[str, str]],
+    content: bytes | None,
+    headers: dict[str, str],
+    limits: _Limits,
+) -> Reply:
+    """One request to one target (`addresses.pinned`: URL, Host header, extensions)."""
+    url, host_header, extensions = target
+    async with http.stream(
+        method,
+        url,
+        content=content,
+        headers={**headers, **host_header},
+        follow_redirects=False,
+        timeout=limits.timeout_s,
+        extensions=extensions,
+    ) as response:
+        reply = Reply(response.status_code, response.headers.get("location"), "", False)
+        if reply.is_redirect and not limits.read_redirect_body:
+            return reply
+        data, truncated = await _read_limited(response, limits.max_bytes)
+        return Reply(reply.status, reply.location, _decode(response, data), truncated)

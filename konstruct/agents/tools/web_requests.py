@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from konstruct.agents.tools.addresses import AddressPolicy
 from konstruct.agents.tools.transport import HEADER_NAME, USER_AGENT, Reply, Unsent, exchange
 from konstruct.platform.errors import ToolError
 
@@ -160,6 +161,8 @@ def _answer(method: str, host: str, outcome: Reply | Unsent, limits: HttpLimits)
             )
         if outcome.why == "unsendable":
             raise _bad(f"the request could not be sent ({outcome.detail})")
+        if outcome.why == "refused":
+            raise _bad(outcome.detail)
         raise ToolError(f"http_request: could not reach {host} ({outcome.detail})", retryable=True)
     if outcome.is_redirect:
         location = outcome.location or ""
@@ -180,11 +183,13 @@ async def http_request(
     allowed_hosts: Collection[str],
     limits: HttpLimits = HttpLimits(),
     *,
+    policy: AddressPolicy,
     client: httpx.AsyncClient | None = None,
 ) -> str:
     """Run one `http_request` tool call: "HTTP <status>\\n<body text>".
 
     The url's host must be on `allowed_hosts` ("host" for any port, or "host:port").
+    Its address must be one `policy` allows (`addresses`), whatever the allow-list.
     Redirects are never followed; a redirect answer is returned as its status line
     and Location. The body is read up to `limits.max_response_bytes`.
     """
@@ -200,5 +205,6 @@ async def http_request(
         timeout_s=limits.timeout_s,
         max_bytes=limits.max_response_bytes,
         read_redirect_body=False,
+        policy=policy,
     )
     return _answer(method, host, outcome, limits)

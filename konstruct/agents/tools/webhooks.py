@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from konstruct.agents.tools.addresses import AddressPolicy
 from konstruct.agents.tools.transport import HEADER_NAME, USER_AGENT, Reply, Unsent, exchange
 from konstruct.platform.errors import ToolError
 
@@ -128,6 +129,8 @@ def _failure(spec: WebhookSpec, outcome: Reply | Unsent, secret: str | None) -> 
         return ToolError(
             f"webhook {spec.name}: the request could not be sent ({detail})", retryable=False
         )
+    if outcome.why == "refused":
+        return ToolError(f"webhook {spec.name}: {detail}", retryable=False)
     return ToolError(f"webhook {spec.name}: could not reach it ({detail})", retryable=True)
 
 
@@ -136,6 +139,7 @@ async def call_webhook(
     arguments: dict,
     idempotency_key: str,
     *,
+    policy: AddressPolicy,
     environ: Mapping[str, str] = os.environ,
     client: httpx.AsyncClient | None = None,
     max_response_bytes: int = 65_536,
@@ -145,7 +149,7 @@ async def call_webhook(
     Body `{"tool", "arguments", "call_id"}`; headers `Idempotency-Key` and, when the
     spec names both, `<secret_header>: <environ[secret_env]>`. A 2xx JSON answer with
     a top-level "result" returns that value. The secret value is scrubbed from every
-    message and result.
+    message and result. The URL's address must be one `policy` allows (`addresses`).
     """
     secret = _webhook_secret(spec, environ)
     url = _webhook_url(spec)
@@ -158,6 +162,7 @@ async def call_webhook(
         headers=_webhook_headers(spec, idempotency_key, secret),
         timeout_s=spec.timeout_s,
         max_bytes=max_response_bytes,
+        policy=policy,
     )
     if isinstance(outcome, Reply) and 200 <= outcome.status < 300:
         result = _webhook_result(_scrub(outcome.text, secret))

@@ -241,6 +241,9 @@ def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
     from konstruct.agents.store.tools import put_tool
 
     spec = build_spec(name, **given)
+    refused = spec.url and state.settings.tools.address_policy().refused_literal(spec.url)
+    if refused:
+        raise InvalidInput(f"tools put: --url: {refused}", ["--url"])
     in_tenant(state.settings, tenant, lambda conn: put_tool(conn, tenant, spec))
     what = "settings of built-in tool" if spec.kind == "builtin" else "webhook tool"
     approval = ", requires approval" if spec.requires_approval else ""
