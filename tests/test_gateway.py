@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.agents.models import AgentProfile, HandleMessageResult, ToolSpec
 from konstruct.agents.store.agents import put_agent
@@ -33,6 +34,7 @@ from konstruct.app.gateway import (
 )
 from konstruct.config import Settings
 from konstruct.platform.db import tenant_transaction
+from konstruct.platform.naming import message_workflow_id
 
 
 def user(text: str) -> list[ChatCompletionMessageParam]:
@@ -204,6 +206,15 @@ async def test_another_tenants_agent_and_a_missing_agent_are_the_same_404(
         assert found.value.code == "model_not_found"
         errors.append(found.value.message.replace(model, "MODEL"))
     assert errors[0] == errors[1]
+    # Answered before any workflow starts: no failed HandleMessage is left behind.
+    key = f"nobody-{uuid.uuid4().hex[:8]}"
+    response = await served.post(
+        {"model": "demo/nobody", "messages": QUESTION}, headers={"Idempotency-Key": key}
+    )
+    assert response.status_code == 404, response.text
+    with pytest.raises(RPCError) as missing:
+        await served.gateway.client.get_workflow_handle(message_workflow_id("demo", key)).describe()
+    assert missing.value.status == RPCStatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(
@@ -219,6 +230,22 @@ async def test_another_tenants_agent_and_a_missing_agent_are_the_same_404(
             {"model": "demo/assistant", "messages": [{"role": "system", "content": "hi"}]},
             "messages",
             "role 'user'",
+        ),
+        (
+            {"model": "demo/assistant", "messages": [{"role": "user", "content": ""}]},
+            "messages.0.content",
+            "the last user message is empty",
+        ),
+        (
+            {
+                "model": "demo/assistant",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": " \n\t "},
+                ],
+            },
+            "messages.1.content",
+            "messages.1.content: the last user message is empty",
         ),
         ({"model": "assistant", "messages": QUESTION}, "model", "TENANT/AGENT"),
         ({"model": "demo/assistant", "messages": QUESTION, "colour": "red"}, "colour", "unknown"),

@@ -67,6 +67,14 @@ async def _select_agents(
     return [AgentProfile(**{**dict(row), "tools": list(row["tools"])}) for row in rows]
 
 
+async def agent_exists(conn: asyncpg.Connection, tenant_id: str, agent_id: str) -> bool:
+    """Whether the tenant has the agent, in a transaction already scoped to `tenant_id`."""
+    found = await conn.fetchval(
+        "select 1 from agents where tenant_id = $1 and agent_id = $2", tenant_id, agent_id
+    )
+    return found is not None
+
+
 async def select_agent(conn: asyncpg.Connection, tenant_id: str, agent_id: str) -> AgentProfile:
     """The agent, in a transaction already scoped to `tenant_id`.
 

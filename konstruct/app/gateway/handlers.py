@@ -17,7 +17,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 
 from konstruct.agents.models import HandleMessageInput, HandleMessageResult
-from konstruct.agents.store.agents import list_agents
+from konstruct.agents.store.agents import agent_exists, list_agents
 from konstruct.agents.store.keys import tenant_for_key
 from konstruct.app.gateway.errors import model_not_found, unauthorized
 from konstruct.app.gateway.notices import ApprovalNotices
@@ -83,6 +83,10 @@ class Gateway:
             raise unauthorized("Incorrect API key provided (unknown or revoked)")
         return found[0]
 
+    async def _has_agent(self, tenant: str, agent: str) -> bool:
+        async with db.tenant_transaction(self.pool, tenant) as conn:
+            return await agent_exists(conn, tenant, agent)
+
     async def _agents(self, tenant: str) -> list[str]:
         async with db.tenant_transaction(self.pool, tenant) as conn:
             return [a.agent_id for a in await list_agents(conn, tenant)]
@@ -104,6 +108,9 @@ class Gateway:
         if wanted_tenant != tenant:
             raise model_not_found(body.model)
         text = inbound_text(body)
+        if not await self._has_agent(tenant, agent):
+            # Answered before a workflow starts: no failed HandleMessage is left behind.
+            raise model_not_found(body.model)
         thread = header_id(request, "X-Konstruct-Thread") or body.user or f"http-{_new_id()}"
         idempotency_key = header_id(request, "Idempotency-Key")
         message_id = idempotency_key or _new_id()

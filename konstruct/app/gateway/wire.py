@@ -121,9 +121,14 @@ def split_model(model: str) -> tuple[str, str]:
 
 
 def inbound_text(body: ChatCompletionRequest) -> str:
-    """The last `user` message's text: what the agent answers."""
-    for message in reversed(body.messages):
+    """The last `user` message's text: what the agent answers; a 400 naming its
+    content when it is empty or only whitespace."""
+    for i in range(len(body.messages) - 1, -1, -1):
+        message = body.messages[i]
         if message.role == "user":
+            if not (message.content or "").strip():
+                field = f"messages.{i}.content"
+                raise invalid(f"{field}: the last user message is empty", field)
             return message.content or ""
     raise invalid("messages must contain a message with role 'user'", "messages")
 
