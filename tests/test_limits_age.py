@@ -181,10 +181,12 @@ async def test_a_limit_lowered_while_idle_is_met_with_few_refusals(
     body = experiment(60, max_concurrency=20, options=BATCHED)
     result: ExperimentResult = await (await start(client, aging_worker, body)).result()
     assert result.summary.completed == 60 and result.summary.failed == 0
-    # The rate came down from OLD towards the new limit (it probes a little above it).
-    after = await provider_row(app_pool, aging_worker)
-    assert after["rate"] < OLD / 2, after
-    # The way down: a few refusals at the old rate, then under the new limit.
+    # The way down: a few refusals at the old rate, then under the new limit. Held
+    # at OLD against a limit of OLD / 4 for the run's dozen seconds, about three calls
+    # in four would be refused: well over a hundred. (The row's rate after the run is not asked
+    # about: a lull of a second in the run, its throttled calls all waiting for their
+    # retry, ages the state again here (IDLE_S), and where the slow start that
+    # follows ends depends on when the run does: ci26 ended at 12.4 req/s.)
     refused = throttled(await sim.model_stats(FAST)) - before
     assert refused <= 20, refused
     await assert_one_result_each(app_pool, body)
