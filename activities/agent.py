@@ -48,6 +48,7 @@ from konstruct.agents.tools import (
     http_request,
     truncate_result,
 )
+from konstruct.agents.tools.mcp_servers import McpServer, call_mcp_tool
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import InvalidInput, KnowledgeUnavailable, ToolError
 from konstruct.providers.adapter import complete
@@ -78,9 +79,15 @@ def stop_reply(max_steps: int) -> str:
 
 
 def tool_specs(agent: AgentProfile, tools: Mapping[str, ToolSpec]) -> dict[str, ToolSpec]:
-    """The agent's tools as the worker runs them: built-ins with the tenant's settings."""
+    """The agent's tools as the worker runs them: built-ins with the tenant's settings,
+    webhooks, MCP tools by name (`SERVER__TOOL`), and an MCP server's name for all of
+    its tools."""
     specs: dict[str, ToolSpec] = {}
     for name in agent.tools:
+        served = [t for t in tools.values() if t.kind == "mcp" and t.mcp_server == name]
+        if served and name not in tools:
+            specs.update((t.name, t) for t in served)
+            continue
         row = tools.get(name)
         if name in BUILTIN_TOOLS:
             builtin = BUILTIN_TOOLS[name]
@@ -93,7 +100,7 @@ def tool_specs(agent: AgentProfile, tools: Mapping[str, ToolSpec]) -> dict[str, 
                 timeout_s=row.timeout_s if row else 30.0,
                 approval_timeout_s=row.approval_timeout_s if row else 600.0,
             )
-        elif row is not None and row.kind == "webhook":
+        elif row is not None and row.kind in ("webhook", "mcp"):
             specs[name] = row
         else:
             activity.logger.warning(
@@ -417,6 +424,19 @@ class AgentActivities(ActivityClass):
             )
             return await call_webhook(
                 webhook,
+                call.arguments,
+                call.call_id,
+                policy=self.address_policy,
+                environ=self.environ,
+            )
+        if spec.kind == "mcp":
+            assert spec.url and spec.mcp_server and spec.remote_name
+            server = McpServer(
+                spec.mcp_server, spec.url, spec.secret_header, spec.secret_env, spec.timeout_s
+            )
+            return await call_mcp_tool(
+                server,
+                spec.remote_name,
                 call.arguments,
                 call.call_id,
                 policy=self.address_policy,

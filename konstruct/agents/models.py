@@ -14,6 +14,9 @@ from konstruct.providers.models import ChatTurn, TokenUsage
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+# An MCP server's name: its tools are SERVER__TOOL, so no "_" in it (the separator stays
+# unambiguous) and short enough to leave room for the tool's name in 64 characters.
+MCP_SERVER_NAME = r"^[a-zA-Z0-9-]{1,24}$"
 # Text a person must give: not empty, not only spaces, not a novel.
 Named = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
@@ -111,7 +114,7 @@ class ToolSpec(StrictModel):
     """
 
     name: str = Field(pattern=TOOL_NAME)
-    kind: Literal["builtin", "webhook"] = "webhook"
+    kind: Literal["builtin", "webhook", "mcp"] = "webhook"
     description: str = Field("", max_length=2000)
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     url: str | None = Field(None, max_length=2000)
@@ -120,6 +123,9 @@ class ToolSpec(StrictModel):
     requires_approval: bool = False
     timeout_s: float = Field(30.0, gt=0, le=3600)
     approval_timeout_s: float = Field(600.0, gt=0, le=7 * 86400)
+    # An MCP tool's server (its name) and the tool's own name there (kind "mcp").
+    mcp_server: str | None = Field(None, pattern=MCP_SERVER_NAME)
+    remote_name: str | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("parameters")
     @classmethod
@@ -150,6 +156,8 @@ class ToolSpec(StrictModel):
                 raise ValueError("a webhook tool needs a url")
             if (self.secret_header is None) != (self.secret_env is None):
                 raise ValueError("secret_header and secret_env go together")
+        if self.kind == "mcp" and not (self.url and self.mcp_server and self.remote_name):
+            raise ValueError("an MCP tool needs its server's url and name and its own name")
         return self
 
 

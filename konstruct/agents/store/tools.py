@@ -15,7 +15,7 @@ from konstruct.platform.rows import from_row, row_count
 
 _COLUMNS = (
     "name, kind, description, parameters, url, secret_header, secret_env, requires_approval,"
-    " timeout_s, approval_timeout_s"
+    " timeout_s, approval_timeout_s, mcp_server, remote_name"
 )
 
 
@@ -32,12 +32,13 @@ async def put_tool(conn: asyncpg.Connection, tenant_id: str, spec: ToolSpec) -> 
     await _require_tenant(conn, tenant_id)
     await conn.execute(
         f"insert into tools (tenant_id, {_COLUMNS})"
-        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         " on conflict (tenant_id, name) do update set kind = excluded.kind,"
         " description = excluded.description, parameters = excluded.parameters,"
         " url = excluded.url, secret_header = excluded.secret_header,"
         " secret_env = excluded.secret_env, requires_approval = excluded.requires_approval,"
         " timeout_s = excluded.timeout_s, approval_timeout_s = excluded.approval_timeout_s,"
+        " mcp_server = excluded.mcp_server, remote_name = excluded.remote_name,"
         " updated_at = now()",
         tenant_id,
         spec.name,
@@ -50,6 +51,8 @@ async def put_tool(conn: asyncpg.Connection, tenant_id: str, spec: ToolSpec) -> 
         spec.requires_approval,
         spec.timeout_s,
         spec.approval_timeout_s,
+        spec.mcp_server,
+        spec.remote_name,
     )
 
 
@@ -70,6 +73,55 @@ async def delete_tool(conn: asyncpg.Connection, tenant_id: str, name: str) -> bo
         "delete from tools where tenant_id = $1 and name = $2", tenant_id, name
     )
     return row_count(status) == 1
+
+
+async def mcp_server_tools(conn: asyncpg.Connection, tenant_id: str, server: str) -> list[ToolSpec]:
+    """The tools stored for the tenant's MCP server `server`, by name."""
+    rows = await conn.fetch(
+        f"select {_COLUMNS} from tools where tenant_id = $1 and mcp_server = $2 order by name",
+        tenant_id,
+        server,
+    )
+    return [from_row(ToolSpec, row, docs=("parameters",)) for row in rows]
+
+
+async def replace_mcp_tools(
+    conn: asyncpg.Connection, tenant_id: str, server: str, specs: list[ToolSpec]
+) -> list[str]:
+    """Store `specs` as the server's tools, dropping those it no longer lists; the
+    names dropped. Refuses a name another tool of the tenant already has."""
+    await _require_tenant(conn, tenant_id)
+    names = [spec.name for spec in specs]
+    taken = await conn.fetch(
+        "select name from tools where tenant_id = $1 and name = any($2::text[])"
+        " and mcp_server is distinct from $3",
+        tenant_id,
+        names,
+        server,
+    )
+    if taken:
+        clash = ", ".join(row["name"] for row in taken)
+        raise ValueError(f"the tenant already has a tool named {clash} that is not {server}'s")
+    dropped = await conn.fetch(
+        "delete from tools where tenant_id = $1 and mcp_server = $2"
+        " and not (name = any($3::text[])) returning name",
+        tenant_id,
+        server,
+        names,
+    )
+    for spec in specs:
+        await put_tool(conn, tenant_id, spec)
+    return sorted(row["name"] for row in dropped)
+
+
+async def delete_mcp_server(conn: asyncpg.Connection, tenant_id: str, server: str) -> list[str]:
+    """Delete the server's tools; their names."""
+    rows = await conn.fetch(
+        "delete from tools where tenant_id = $1 and mcp_server = $2 returning name",
+        tenant_id,
+        server,
+    )
+    return sorted(row["name"] for row in rows)
 
 
 async def allow_hosts(

@@ -33,32 +33,35 @@ class WebhookSpec:
 _REDACTED = "[redacted]"
 
 
-def _scrub(text: str, secret: str | None) -> str:
+def scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, _REDACTED) if secret else text
 
 
-def _webhook_secret(spec: WebhookSpec, environ: Mapping[str, str]) -> str | None:
+def webhook_secret(
+    spec: WebhookSpec, environ: Mapping[str, str], what: str = "webhook"
+) -> str | None:
+    """The secret value `spec` names (None without one); a ToolError when it is unset."""
     if spec.secret_header is None and spec.secret_env is None:
         return None
     if not spec.secret_header or not spec.secret_env:
         raise ToolError(
-            f"webhook {spec.name}: secret_header and secret_env must be set together",
+            f"{what} {spec.name}: secret_header and secret_env must be set together",
             retryable=False,
         )
     if not HEADER_NAME.match(spec.secret_header):
         raise ToolError(
-            f"webhook {spec.name}: secret_header {spec.secret_header!r} is not a header name",
+            f"{what} {spec.name}: secret_header {spec.secret_header!r} is not a header name",
             retryable=False,
         )
     secret = environ.get(spec.secret_env)
     if not secret:
         raise ToolError(
-            f"webhook {spec.name}: the environment variable {spec.secret_env} is not set",
+            f"{what} {spec.name}: the environment variable {spec.secret_env} is not set",
             retryable=False,
         )
     if any(char in secret for char in "\r\n\0"):
         raise ToolError(
-            f"webhook {spec.name}: the environment variable {spec.secret_env} "
+            f"{what} {spec.name}: the environment variable {spec.secret_env} "
             "holds a value that is not a valid header value",
             retryable=False,
         )
@@ -117,14 +120,14 @@ def _failure(spec: WebhookSpec, outcome: Reply | Unsent, secret: str | None) -> 
         if 300 <= outcome.status < 400:
             detail = "redirects are not followed"
         else:
-            detail = _scrub(outcome.text, secret)[:200]
+            detail = scrub(outcome.text, secret)[:200]
         retryable = outcome.status >= 500 or outcome.status in (408, 429)
         return ToolError(
             f"webhook {spec.name} answered {outcome.status}: {detail}", retryable=retryable
         )
     if outcome.why == "timeout":
         return ToolError(f"webhook {spec.name} timed out after {spec.timeout_s:g}s", retryable=True)
-    detail = _scrub(outcome.detail, secret)
+    detail = scrub(outcome.detail, secret)
     if outcome.why == "unsendable":
         return ToolError(
             f"webhook {spec.name}: the request could not be sent ({detail})", retryable=False
@@ -151,7 +154,7 @@ async def call_webhook(
     a top-level "result" returns that value. The secret value is scrubbed from every
     message and result. The URL's address must be one `policy` allows (`addresses`).
     """
-    secret = _webhook_secret(spec, environ)
+    secret = webhook_secret(spec, environ)
     url = _webhook_url(spec)
     payload = _webhook_payload(spec, arguments, idempotency_key)
     outcome = await exchange(
@@ -165,9 +168,9 @@ async def call_webhook(
         policy=policy,
     )
     if isinstance(outcome, Reply) and 200 <= outcome.status < 300:
-        result = _webhook_result(_scrub(outcome.text, secret))
+        result = _webhook_result(scrub(outcome.text, secret))
         if outcome.truncated:
             result += f"\n…[truncated at {max_response_bytes} bytes]"
-        return _scrub(result, secret)
+        return scrub(result, secret)
     failure = _failure(spec, outcome, secret)
-    raise ToolError(_scrub(failure.message, secret), retryable=failure.retryable)
+    raise ToolError(scrub(failure.message, secret), retryable=failure.retryable)

@@ -48,13 +48,17 @@ def tool_names(tools: tuple[str, ...]) -> list[str]:
 
 
 async def check_tools(conn: asyncpg.Connection, tenant: str, tools: list[str]) -> None:
-    """Each name is a built-in tool or one of the tenant's; InvalidInput naming --tool otherwise."""
+    """Each name is a built-in tool, one of the tenant's, or one of its MCP servers (all of
+    that server's tools); InvalidInput naming --tool otherwise."""
     from konstruct.agents.store.tools import list_tools
 
     unknown = [name for name in tools if name not in BUILTIN_NAMES]
     if not unknown:
         return
-    own = [spec.name for spec in await list_tools(conn, tenant) if spec.kind == "webhook"]
+    specs = await list_tools(conn, tenant)
+    own = [spec.name for spec in specs if spec.kind in ("webhook", "mcp")]
+    # An MCP server's name stands for all of its tools.
+    own += sorted({spec.mcp_server for spec in specs if spec.mcp_server})
     missing = [name for name in unknown if name not in own]
     if missing:
         raise InvalidInput(

@@ -1,5 +1,5 @@
-"""`konstruct tools list | put | delete | allow | hosts`: a tenant's tools, and the hosts
-its built-in `http_request` tool may reach."""
+"""`konstruct tools list | put | delete | allow | hosts | mcp`: a tenant's tools, the hosts
+its built-in `http_request` tool may reach, and its MCP servers."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def _entry(spec: ToolSpec, configured: bool) -> dict[str, Any]:
 
 
 def tool_entries(specs: list[ToolSpec]) -> list[dict[str, Any]]:
-    """Every built-in tool (with the tenant's settings when it has them), then its webhooks."""
+    """Every built-in tool (with the tenant's settings when it has them), then its
+    webhooks and its MCP servers' tools."""
     from konstruct.agents.tools import BUILTIN_TOOLS
 
     rows = {spec.name: spec for spec in specs}
@@ -84,8 +85,14 @@ def tool_entries(specs: list[ToolSpec]) -> list[dict[str, Any]]:
             approval_timeout_s=row.approval_timeout_s if row else _default("approval_timeout_s"),
         )
         entries.append(_entry(spec, row is not None))
-    entries += [_entry(spec, True) for spec in specs if spec.kind == "webhook"]
+    entries += [_entry(spec, True) for spec in specs if spec.kind in ("webhook", "mcp")]
     return entries
+
+
+def _kind(entry: dict[str, Any]) -> str:
+    if entry["builtin"]:
+        return "built-in"
+    return f"mcp ({entry['mcp_server']})" if entry["kind"] == "mcp" else "webhook"
 
 
 def _secret(entry: dict[str, Any]) -> str | None:
@@ -102,7 +109,7 @@ def _secret(entry: dict[str, Any]) -> str | None:
     ["name", "kind", "approval", "timeout", "approval timeout", "secret", "url"],
     lambda t: (
         t["name"],
-        "built-in" if t["builtin"] else "webhook",
+        _kind(t),
         "required" if t["requires_approval"] else "no",
         f"{t['timeout_s']:g}s",
         f"{t['approval_timeout_s']:g}s" if t["requires_approval"] else None,
@@ -111,7 +118,7 @@ def _secret(entry: dict[str, Any]) -> str | None:
     ),
 )
 def list_(tenant: str) -> Query:
-    """The built-in tools and the tenant's webhooks (secrets by variable name only)."""
+    """The built-in tools, the tenant's webhooks and MCP tools (secrets by variable name only)."""
     from konstruct.agents.store.tools import list_tools
 
     async def query(conn: asyncpg.Connection) -> list[Any]:
@@ -391,3 +398,177 @@ def hosts(tenant: str) -> Query:
     from konstruct.agents.store.tools import select_hosts
 
     return lambda conn: select_hosts(conn, tenant)
+
+
+# --- MCP servers ---------------------------------------------------------------------
+
+
+@group.group("mcp")
+def mcp_group() -> None:
+    """A tenant's MCP servers (streamable HTTP): their tools become the tenant's."""
+
+
+def _listed_specs(state: CliState, server: Any, requires_approval: bool) -> list[ToolSpec]:
+    """The server's tools, listed now, as tool rows; a clear error when it cannot say."""
+    import asyncio
+
+    from konstruct.agents.tools.mcp_servers import list_server_tools, mcp_tool_name
+    from konstruct.platform.errors import ToolError
+
+    policy = state.settings.tools.address_policy()
+    try:
+        listed = asyncio.run(list_server_tools(server, policy=policy))
+    except ToolError as error:
+        raise click.ClickException(error.message) from None
+    specs = []
+    try:
+        for tool in listed:
+            specs.append(
+                ToolSpec(
+                    name=mcp_tool_name(server.name, tool.remote_name),
+                    kind="mcp",
+                    description=tool.description[:2000],
+                    parameters=tool.parameters,
+                    url=server.url,
+                    secret_header=server.secret_header,
+                    secret_env=server.secret_env,
+                    requires_approval=requires_approval,
+                    timeout_s=server.timeout_s,
+                    mcp_server=server.name,
+                    remote_name=tool.remote_name,
+                ).check_kind()
+            )
+    except (ValueError, ValidationError) as error:
+        raise click.ClickException(f"MCP server {server.name}: {error}") from None
+    names = [spec.name for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise click.ClickException(
+            f"MCP server {server.name}: its tools {', '.join(twice)} have the same name"
+            " once made a valid function name"
+        )
+    return specs
+
+
+def _store_listed(state: CliState, tenant: str, name: str, specs: list[ToolSpec]) -> None:
+    from konstruct.agents.store.tools import replace_mcp_tools
+
+    async def work(conn: asyncpg.Connection) -> list[str]:
+        return await replace_mcp_tools(conn, tenant, name, specs)
+
+    try:
+        dropped = in_tenant(state.settings, tenant, work)
+    except ValueError as error:
+        raise click.ClickException(f"tools mcp: {error}") from None
+    listed = ", ".join(spec.name for spec in specs) or "no tools"
+    print(f"MCP server {tenant}/{name}: {len(specs)} tools: {listed}")
+    if dropped:
+        print(f"no longer listed, removed: {', '.join(dropped)}")
+
+
+@mcp_group.command("add")
+@tenant_argument
+@click.argument("name")
+@click.option("--url", required=True, help="the server's streamable-HTTP endpoint (…/mcp)")
+@click.option("--secret-header", metavar="HEADER", help="header carrying the secret")
+@click.option(
+    "--secret-env",
+    metavar="VAR",
+    help="environment variable holding the secret (the worker's, and this command's"
+    " to list the tools); the value is never stored",
+)
+@click.option(
+    "--requires-approval/--no-requires-approval",
+    default=False,
+    show_default=True,
+    help="each call of its tools waits for `konstruct approvals approve`",
+)
+@field_option(ToolSpec, "timeout_s", "--timeout", "timeout_s", help="seconds one call may take")
+@pass_state
+def mcp_add(
+    state: CliState,
+    tenant: str,
+    name: str,
+    url: str,
+    secret_header: str | None,
+    secret_env: str | None,
+    requires_approval: bool,
+    timeout_s: float | None,
+) -> int:
+    """Register an MCP server: list its tools now and store them as NAME__TOOL.
+
+    An agent offers them with --tool NAME (all of them) or --tool NAME__TOOL.
+    Adding a NAME again replaces it (a refresh with new settings).
+    """
+    from konstruct.agents.models import MCP_SERVER_NAME
+    from konstruct.agents.tools.mcp_servers import McpServer
+
+    if not re.match(MCP_SERVER_NAME, name):
+        raise InvalidInput(
+            f"tools mcp add: NAME {name!r} must be 1-24 letters, digits or '-' (its tools"
+            " are NAME__TOOL)",
+            ["NAME"],
+        )
+    try:
+        ToolSpec(name="check", url=url, secret_header=secret_header, secret_env=secret_env)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    if (secret_header is None) != (secret_env is None):
+        raise InvalidInput(
+            "tools mcp add: --secret-header and --secret-env go together",
+            ["--secret-header", "--secret-env"],
+        )
+    refused = state.settings.tools.address_policy().refused_literal(url)
+    if refused:
+        raise InvalidInput(f"tools mcp add: --url: {refused}", ["--url"])
+    server = McpServer(name, url, secret_header, secret_env, timeout_s or _default("timeout_s"))
+    _store_listed(state, tenant, name, _listed_specs(state, server, requires_approval))
+    return 0
+
+
+def _stored_server(state: CliState, tenant: str, name: str) -> list[ToolSpec]:
+    from konstruct.agents.store.tools import mcp_server_tools
+
+    async def work(conn: asyncpg.Connection) -> list[ToolSpec]:
+        return await mcp_server_tools(conn, tenant, name)
+
+    specs = in_tenant(state.settings, tenant, work)
+    if not specs:
+        raise click.ClickException(
+            f"tenant {tenant!r} has no MCP server {name!r} (with tools);"
+            f" add it with `konstruct tools mcp add {tenant} {name} --url URL`"
+        )
+    return specs
+
+
+@mcp_group.command("refresh")
+@tenant_argument
+@click.argument("name")
+@pass_state
+def mcp_refresh(state: CliState, tenant: str, name: str) -> int:
+    """List the server's tools again: new ones are added, gone ones removed."""
+    from konstruct.agents.tools.mcp_servers import McpServer
+
+    first = _stored_server(state, tenant, name)[0]
+    assert first.url is not None
+    server = McpServer(name, first.url, first.secret_header, first.secret_env, first.timeout_s)
+    _store_listed(state, tenant, name, _listed_specs(state, server, first.requires_approval))
+    return 0
+
+
+@mcp_group.command("remove")
+@tenant_argument
+@click.argument("name")
+@pass_state
+def mcp_remove(state: CliState, tenant: str, name: str) -> int:
+    """Remove the server and its tools (agents that list them are no longer offered them)."""
+    from konstruct.agents.store.tools import delete_mcp_server
+
+    _stored_server(state, tenant, name)
+
+    async def work(conn: asyncpg.Connection) -> list[str]:
+        return await delete_mcp_server(conn, tenant, name)
+
+    removed = in_tenant(state.settings, tenant, work)
+    print(f"MCP server {tenant}/{name} removed with its tools: {', '.join(removed)}")
+    return 0
