@@ -27,7 +27,8 @@ from activities.agent import TOOL_ATTEMPTS
 from konstruct.agents.tools import AddressPolicy
 from konstruct.agents.tools.mcp_servers import McpServer, list_server_tools, mcp_tool_name
 from konstruct.platform.errors import ToolError
-from tests.test_agent_tools import body, make_agent, new_tenant, send, tool_calls
+from tests.support import WorkerProcess
+from tests.test_agent_tools import body, make_agent, new_tenant, rows, send, start, tool_calls
 from tests.test_cli import assert_one_line_error, konstruct
 from workflows.handle_message import TOOL_HEARTBEAT
 
@@ -261,3 +262,51 @@ async def test_a_malformed_schema_is_a_clear_error(
     assert_one_line_error(done, "MCP server bad answered with an error", "invalid result")
     listed = await cli(environ, "tools", "list", tenant, "--json")
     assert not [t for t in json.loads(listed.stdout) if t["kind"] == "mcp"]  # nothing stored
+
+
+async def test_kill_9_mid_call_runs_the_tool_once_more_with_the_same_key_and_one_turn(
+    client: Client,
+    app_pool: asyncpg.Pool,
+    environ: dict[str, str],
+    task_queue: str,
+    worker_process: Callable[..., WorkerProcess],
+) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+    server = MCPServer("desk")
+
+    @server.tool()
+    async def book(x: int) -> str:
+        """Book x; the first call hangs until the test lets it go."""
+        calls.append("started")
+        if len(calls) == 1:
+            arrived.set()
+            await asyncio.wait_for(release.wait(), 120)
+        return f"booked {x}"
+
+    posts: list[dict[str, str]] = []
+    async with serving(posts, server) as url:
+        tenant = new_tenant()
+        await make_agent(app_pool, tenant, [])
+        done = await cli(environ, "tools", "mcp", "add", tenant, "desk", "--url", url)
+        assert done.returncode == 0, done.stderr
+        await make_agent(app_pool, tenant, ["desk"])
+        first = worker_process("a")
+        message = body(tenant, '/tool desk__book {"x": 7}')
+        handle = await start(client, task_queue, message)
+        await asyncio.wait_for(arrived.wait(), 60)
+        first.kill()
+        worker_process("b")
+        result = await asyncio.wait_for(handle.result(), 120)
+        release.set()
+    [call] = await tool_calls(app_pool, tenant, message["message_id"])
+    assert (call["status"], call["attempts"], call["result"]) == ("ok", 2, "booked 7")
+    assert result.response == "Tool desk__book returned: booked 7"
+    # Both attempts' requests carried the call's id: the server can tell the retry.
+    tool_posts = [p for p in posts if "idempotency-key" in p]
+    assert tool_posts and {p["idempotency-key"] for p in tool_posts} == {call["call_id"]}
+    assert len(calls) == 2
+    turns = await rows(
+        app_pool, tenant, "select 1 from message_turns where message_id = $1", message["message_id"]
+    )
+    assert len(turns) == 1
