@@ -534,7 +534,8 @@ async def start_and_kill_9(
     ok: int,
 ) -> tuple[WorkflowHandle, set[str]]:
     """Starts `body` on the relay's first worker (slow answers), kills it with SIGKILL once
-    `ok` calls are answered and 4 are in flight, and hands the run to a second worker.
+    `ok` calls are answered and 4 were in flight, and a result is stored with a call
+    in flight, and hands the run to a second worker.
 
     Returns the handle and the items whose result the dead worker had stored: those
     must never be called again. (The others may be called twice: the dead worker's
@@ -543,6 +544,16 @@ async def start_and_kill_9(
     await relay.start_slow(FAST, latency_ms=600)
     handle = await start(client, task_queue, body)
     await wait_for_calls(relay.sim, FAST, ok=ok, in_flight=4)
+    # And a result stored, with calls still in flight: a batch stores its results
+    # once all its calls are answered, so `ok` answers alone may have stored none
+    # yet (ci28), and then nothing tells an item stored from one called again.
+    for _ in range(1200):
+        if await results(pool, body["experiment_id"]):
+            if (await relay.sim.model_stats(FAST)).get("in_flight", 0) >= 1:
+                break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("no result was stored with calls in flight")
     await relay.kill_first()
     stored = {r["item_id"] for r in await results(pool, body["experiment_id"])}
     await relay.take_over(latency_ms=20)
