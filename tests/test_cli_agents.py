@@ -450,3 +450,21 @@ async def test_the_documented_temporal_cli_update_approves(
     assert f"approved {call['call_id']}" in out.decode()
     result = await handle.result()
     assert result.response == 'Tool refund returned: hook got {"x": 2}'
+
+
+# --- key limits ----------------------------------------------------------------------
+
+
+def test_keys_get_limits_when_made_and_later(environ: dict[str, str]) -> None:
+    tenant = new_tenant(environ)
+    made = json.loads(ok(konstruct(environ, "keys", "create", tenant, "--rpm", "5", "--json")))
+    [listed] = list_json(environ, "keys", "list", tenant)
+    assert (listed["key_id"], listed["rpm"], listed["tpm"]) == (made["key_id"], 5, None)
+    said = ok(konstruct(environ, "keys", "limit", tenant, made["key_id"], "--tpm", "100"))
+    assert said.strip() == f"key {made['key_id']} of tenant {tenant!r}: 100 tpm"
+    [listed] = list_json(environ, "keys", "list", tenant)
+    assert (listed["rpm"], listed["tpm"]) == (None, 100)  # a limit left out is lifted
+    missing = konstruct(environ, "keys", "limit", tenant, "key_nothere", "--rpm", "1")
+    assert_one_line_error(missing, "has no key 'key_nothere'")
+    zero = konstruct(environ, "keys", "create", tenant, "--rpm", "0")
+    assert zero.returncode == 2 and "--rpm" in zero.stderr and "Traceback" not in zero.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.agents.models import AgentProfile, HandleMessageResult, ToolSpec
 from konstruct.agents.store.agents import put_agent
+from konstruct.agents.store.key_limits import KeyLimits, set_limits
 from konstruct.agents.store.keys import create_key, list_keys, revoke_key, tenant_for_key
 from konstruct.agents.store.tools import put_tool
 from konstruct.app.gateway import (
@@ -83,6 +85,14 @@ async def served(
         _, other_key = await create_key(conn, other)
     async with tenant_transaction(app_pool, "demo") as conn:
         _, demo_key = await create_key(conn, "demo", label="gateway tests")
+    async with gateway_process(client, settings) as (url, gateway):
+        yield Served(url, gateway, demo_key, other, other_key)
+
+
+@asynccontextmanager
+async def gateway_process(client: Client, settings: Settings) -> AsyncIterator[tuple[str, Any]]:
+    """A gateway (its own task queue and in-process worker) while the block runs: its
+    /v1 URL and the Gateway."""
     app = create_app(client, settings, f"tq-gw-{uuid.uuid4().hex[:8]}")
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
@@ -97,9 +107,11 @@ async def served(
         if gateway.notices.connected:
             break
         await asyncio.sleep(0.05)
-    yield Served(f"http://127.0.0.1:{port}/v1", gateway, demo_key, other, other_key)
-    server.should_exit = True
-    await serving
+    try:
+        yield f"http://127.0.0.1:{port}/v1", gateway
+    finally:
+        server.should_exit = True
+        await serving
 
 
 async def test_a_plain_answer_in_the_chat_completion_shape(served: Served) -> None:
@@ -428,6 +440,60 @@ async def test_a_message_waiting_for_approval_answers_202(
     done = await served.post(body, key=key, headers=headers)
     assert done.status_code == 200, done.text
     assert "42" in done.json()["choices"][0]["message"]["content"]
+
+
+# --- key limits ----------------------------------------------------------------------
+
+
+async def limited_key(pool: asyncpg.Pool, limits: KeyLimits) -> str:
+    async with tenant_transaction(pool, "demo") as conn:
+        key_id, key = await create_key(conn, "demo", label="limited")
+        assert await set_limits(conn, "demo", key_id, limits)
+    return key
+
+
+async def test_a_key_over_its_requests_per_minute_is_429_with_retry_after(
+    served: Served, app_pool: asyncpg.Pool
+) -> None:
+    # One request a minute: the second, sent right after the first, finds none left
+    # (it would need a minute between them to pass).
+    key = await limited_key(app_pool, KeyLimits(rpm=1))
+    first = await served.post({"model": "demo/assistant", "messages": QUESTION}, key=key)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as refused:
+        await served.openai(key).chat.completions.create(model="demo/assistant", messages=QUESTION)
+    assert refused.value.code == "rate_limit_exceeded"
+    headers = refused.value.response.headers
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert headers["x-ratelimit-limit-requests"] == "1"
+    assert "requests per minute" in refused.value.message
+    # Other keys of the tenant are not held back.
+    ok = await served.post({"model": "demo/assistant", "messages": QUESTION})
+    assert ok.status_code == 200 and "x-ratelimit-limit-requests" not in ok.headers
+
+
+async def test_a_keys_tokens_per_minute_hold_across_gateway_processes(
+    served: Served, client: Client, settings: Settings, app_pool: asyncpg.Pool
+) -> None:
+    # Ten tokens a minute: the first answer uses more than that, so the next request,
+    # to another gateway, is refused until the minute's tokens come back (minutes).
+    key = await limited_key(app_pool, KeyLimits(tpm=10))
+    first = await served.post({"model": "demo/assistant", "messages": QUESTION}, key=key)
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 10
+    async with gateway_process(client, settings) as (other_url, _):
+        async with httpx.AsyncClient(timeout=60) as http:
+            refused = await http.post(
+                f"{other_url}/chat/completions",
+                json={"model": "demo/assistant", "messages": QUESTION},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
 # --- the pure parts -----------------------------------------------------------------

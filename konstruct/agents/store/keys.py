@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 from pydantic import BaseModel
 
+from konstruct.agents.store.key_limits import KeyLimits
 from konstruct.platform.errors import UnknownTenant
 from konstruct.platform.rows import fetch_all, row_count
 
@@ -31,6 +33,8 @@ class ApiKey(BaseModel):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 def hash_key(key: str) -> str:
@@ -56,23 +60,38 @@ async def create_key(conn: asyncpg.Connection, tenant_id: str, label: str = "") 
     return key_id, key
 
 
-async def tenant_for_key(conn: asyncpg.Connection, key: str) -> tuple[str, str] | None:
-    """(tenant_id, key_id) of a key that exists and is not revoked, else None."""
+@dataclass(frozen=True)
+class KeyOwner:
+    """Whose a key is, its id, and its limits."""
+
+    tenant_id: str
+    key_id: str
+    limits: KeyLimits
+
+
+async def key_owner(conn: asyncpg.Connection, key: str) -> KeyOwner | None:
+    """The owner of a key that exists and is not revoked, else None."""
     if not key.startswith(KEY_PREFIX):
         return None
     # One round trip: the function also stamps last_used_at (at most once a minute).
     row = await conn.fetchrow("select * from konstruct_key_tenant($1)", hash_key(key))
     if row is None:
         return None
-    tenant_id, key_id = str(row["tenant_id"]), str(row["key_id"])
-    return tenant_id, key_id
+    limits = KeyLimits(row["rpm"], row["tpm"])
+    return KeyOwner(str(row["tenant_id"]), str(row["key_id"]), limits)
+
+
+async def tenant_for_key(conn: asyncpg.Connection, key: str) -> tuple[str, str] | None:
+    """(tenant_id, key_id) of a key that exists and is not revoked, else None."""
+    owner = await key_owner(conn, key)
+    return None if owner is None else (owner.tenant_id, owner.key_id)
 
 
 async def list_keys(conn: asyncpg.Connection, tenant_id: str) -> list[ApiKey]:
     return await fetch_all(
         conn,
         ApiKey,
-        "select key_id, tenant_id, label, created_at, last_used_at, revoked_at"
+        "select key_id, tenant_id, label, created_at, last_used_at, revoked_at, rpm, tpm"
         " from api_keys where tenant_id = $1 order by created_at, key_id",
         tenant_id,
     )

@@ -7,6 +7,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from temporalio.client import WorkflowFailureError
 
+from konstruct.agents.store.key_limits import Admission
 from konstruct.app.failures import failure_kind, failure_message
 from konstruct.platform.errors import (
     InputFailure,
@@ -26,8 +27,10 @@ class GatewayError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.message = message
         self.type = type
@@ -45,7 +48,7 @@ class GatewayError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def invalid(message: str, param: str | None) -> GatewayError:
@@ -63,6 +66,22 @@ def model_not_found(model: str) -> GatewayError:
         " (see GET /v1/models for this key's models)",
         param="model",
         code="model_not_found",
+    )
+
+
+def rate_limited(admission: Admission) -> GatewayError:
+    """A 429 for a key over its requests or tokens per minute, with `Retry-After`
+    and the `x-ratelimit-*` headers, worded as OpenAI's."""
+    kind = admission.refused_by or "requests"
+    limit = admission.limits.rpm if kind == "requests" else admission.limits.tpm
+    wait = admission.headers()["Retry-After"]
+    return GatewayError(
+        429,
+        f"Rate limit reached for this key on {kind} per minute: limit {limit}."
+        f" Please try again in {wait}s.",
+        type=kind,
+        code="rate_limit_exceeded",
+        headers=admission.headers(),
     )
 
 

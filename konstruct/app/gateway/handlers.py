@@ -18,8 +18,9 @@ from temporalio.common import WorkflowIDConflictPolicy
 
 from konstruct.agents.models import HandleMessageInput, HandleMessageResult
 from konstruct.agents.store.agents import agent_exists, list_agents
-from konstruct.agents.store.keys import tenant_for_key
-from konstruct.app.gateway.errors import model_not_found, unauthorized
+from konstruct.agents.store.key_limits import Admission, admit, spend_tokens
+from konstruct.agents.store.keys import KeyOwner, key_owner
+from konstruct.app.gateway.errors import model_not_found, rate_limited, unauthorized
 from konstruct.app.gateway.notices import ApprovalNotices
 from konstruct.app.gateway.wire import (
     Pending,
@@ -68,6 +69,9 @@ class Gateway:
     # -- requests
 
     async def _tenant(self, request: Request) -> str:
+        return (await self._owner(request)).tenant_id
+
+    async def _owner(self, request: Request) -> KeyOwner:
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if not header:
@@ -78,10 +82,27 @@ class Gateway:
         if scheme.lower() != "bearer" or not key.strip():
             raise unauthorized("The Authorization header must be `Bearer KEY`")
         async with self.pool.acquire() as conn:
-            found = await tenant_for_key(conn, key.strip())
+            found = await key_owner(conn, key.strip())
         if found is None:
             raise unauthorized("Incorrect API key provided (unknown or revoked)")
-        return found[0]
+        return found
+
+    async def _admit(self, owner: KeyOwner) -> Admission | None:
+        """Take one request from a limited key's allowance (None: the key has no
+        limits); a 429 in OpenAI's shape when none is left."""
+        if not owner.limits.any:
+            return None
+        async with db.tenant_transaction(self.pool, owner.tenant_id) as conn:
+            admission = await admit(conn, owner.tenant_id, owner.key_id, owner.limits)
+        if not admission.admitted:
+            raise rate_limited(admission)
+        return admission
+
+    async def _spend(self, owner: KeyOwner, tokens: int) -> None:
+        if owner.limits.tpm is None or tokens <= 0:
+            return
+        async with db.tenant_transaction(self.pool, owner.tenant_id) as conn:
+            await spend_tokens(conn, owner.key_id, tokens)
 
     async def _has_agent(self, tenant: str, agent: str) -> bool:
         async with db.tenant_transaction(self.pool, tenant) as conn:
@@ -100,8 +121,10 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request, span: Span) -> Response:
-        tenant = await self._tenant(request)
+        owner = await self._owner(request)
+        tenant = owner.tenant_id
         span.set_attribute("konstruct.tenant", tenant)
+        admission = await self._admit(owner)
         body = parse_chat_request(await request.body())
         wanted_tenant, agent = split_model(body.model)
         span.set_attribute("konstruct.agent", agent)
@@ -139,9 +162,11 @@ class Gateway:
             return JSONResponse(
                 outcome.body(), status_code=202, headers={"X-Konstruct-Workflow-Id": workflow_id}
             )
+        await self._spend(owner, outcome.usage.total_tokens)
         headers = {
             "X-Konstruct-Workflow-Id": workflow_id,
             "X-Konstruct-Degraded": "true" if outcome.degraded else "false",
+            **(admission.headers() if admission is not None else {}),
         }
         completion_id = f"chatcmpl-{message_id}"
         created = int(time.time())
