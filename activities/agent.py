@@ -49,10 +49,17 @@ from konstruct.agents.tools import (
     truncate_result,
 )
 from konstruct.agents.tools.mcp_servers import McpServer, call_mcp_tool
+from konstruct.experiments.store.budgets import count_message_spend, month_spent
 from konstruct.platform.db import tenant_transaction
-from konstruct.platform.errors import InvalidInput, KnowledgeUnavailable, ToolError
+from konstruct.platform.errors import (
+    InvalidInput,
+    KnowledgeUnavailable,
+    TenantBudgetSpent,
+    ToolError,
+)
 from konstruct.providers.adapter import complete
 from konstruct.providers.models import TokenUsage
+from konstruct.providers.pricing import cost_usd, price_of
 from konstruct.providers.router import RouterConfig
 
 _tracer = trace.get_tracer("konstruct.agent")
@@ -197,6 +204,7 @@ class AgentActivities(ActivityClass):
         self.address_policy = address_policy or AddressPolicy()
         self.router = router
         self.group_of = {d.deployment_id: d.model_name for d in config.model_list}
+        self.deployments = {d.deployment_id: d for d in config.model_list}
         self.environ = environ
         self.http_limits = http_limits or HttpLimits()
 
@@ -236,7 +244,9 @@ class AgentActivities(ActivityClass):
             agent = await select_agent(conn, tenant, inbound.agent_id)
             specs = tool_specs(agent, await select_tools(conn, tenant)) if agent.tools else {}
             current = next((s for s in stored_steps if s.step == input.step), None)
-            if current is None:
+            # A model call is to be made: not once the tenant's month is spent.
+            spent = await month_spent(conn, tenant) if current is None else None
+            if current is None and spent is None:
                 memory = await store.memory(
                     conn,
                     tenant,
@@ -245,19 +255,23 @@ class AgentActivities(ActivityClass):
                     agent.history_turns,
                     agent.memory_tokens,
                 )
+        if spent is not None:
+            # The workflow answers with the agent's polite fallback, degraded.
+            raise TenantBudgetSpent(spent)
         if current is None:
             earlier = [s for s in stored_steps if s.step < input.step]
             messages = build_agent_messages(
                 agent, memory.summary, memory.turns, inbound.text, transcript(earlier, calls)
             )
             last = input.step >= agent.max_steps - 1
-            step, rows = await self._ask(
+            step, rows, cost = await self._ask(
                 input, agent, messages, specs, {c.call_id for c in calls}, last
             )
             async with tenant_transaction(self.pool, tenant) as conn:
                 if await store.record_step(
                     conn, tenant, input.message_id, step, rows, input.workflow_id
                 ):
+                    await count_message_spend(conn, tenant, cost)
                     current = step
                     stored_steps = [*earlier, step]
                     calls = [*calls, *(row.stored(step.step) for row in rows)]
@@ -283,9 +297,10 @@ class AgentActivities(ActivityClass):
         specs: Mapping[str, ToolSpec],
         taken: set[str],
         last: bool,
-    ) -> tuple[store.StoredStep, list[store.NewCall]]:
-        """Call the model: its answer as a step, and the tool calls to store (none on
-        the `last` step: those stay in its message but are not run)."""
+    ) -> tuple[store.StoredStep, list[store.NewCall], float]:
+        """Call the model: its answer as a step, the tool calls to store (none on the
+        `last` step: those stay in its message but are not run), and what it cost
+        (0 when the deployment's price is not known)."""
         with _tracer.start_as_current_span("llm.completion") as span:
             span.set_attribute("llm.model_group", agent.model_group)
             span.set_attribute("agent.step", input.step)
@@ -308,7 +323,12 @@ class AgentActivities(ActivityClass):
                 "total_tokens": answer.total_tokens,
             },
         )
-        return step, ([] if last else rows)
+        deployment = self.deployments.get(answer.deployment_id)
+        price = price_of(deployment) if deployment is not None else None
+        cost = 0.0
+        if price is not None:
+            cost = cost_usd(price, answer.prompt_tokens, answer.completion_tokens)
+        return step, ([] if last else rows), cost
 
     @staticmethod
     def _planned(call: store.StoredCall, spec: ToolSpec | None) -> PlannedCall:

@@ -35,8 +35,11 @@ from konstruct.app.gateway import (
     split_model,
 )
 from konstruct.config import Settings
+from konstruct.experiments.store.budgets import set_monthly, tenant_budget
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.naming import message_workflow_id
+from konstruct.providers.simulator.admin import SimulatorAdmin
+from workflows.handle_message import HandleMessage
 
 
 def user(text: str) -> list[ChatCompletionMessageParam]:
@@ -494,6 +497,56 @@ async def test_a_keys_tokens_per_minute_hold_across_gateway_processes(
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+# --- a tenant's monthly budget ------------------------------------------------------------
+
+
+async def test_a_spent_monthly_budget_is_429_at_the_gateway_and_the_fallback_in_a_workflow(
+    served: Served, client: Client, app_pool: asyncpg.Pool, sim: SimulatorAdmin
+) -> None:
+    # A new tenant whose budget is under what one answer costs: the first message is
+    # answered and counted, and the month is spent.
+    tenant = f"gw-budget-{uuid.uuid4().hex[:8]}"
+    async with tenant_transaction(app_pool, tenant) as conn:
+        profile = AgentProfile(
+            agent_id="helper", name="Bo", role="a helper", fallback_reply="Out of budget, sorry."
+        )
+        await put_agent(conn, tenant, profile)
+        _, key = await create_key(conn, tenant)
+        await set_monthly(conn, tenant, 1e-9)
+    first = await served.post({"model": f"{tenant}/helper", "messages": QUESTION}, key=key)
+    assert first.status_code == 200, first.text
+    async with tenant_transaction(app_pool, tenant) as conn:
+        spent = await tenant_budget(conn, tenant)
+    assert spent["month"]["spent_usd"] > 1e-9, spent  # the message's cost was counted
+    # The gateway: 429 insufficient_quota, before any workflow starts.
+    asked = (await sim.model_stats("sim-fast"))["requests"]
+    with pytest.raises(openai.RateLimitError) as refused:
+        await served.openai(key).chat.completions.create(
+            model=f"{tenant}/helper", messages=QUESTION
+        )
+    assert refused.value.code == "insufficient_quota"
+    assert f"tenant {tenant!r} has spent" in refused.value.message
+    # A message that reaches the workflow another way: the polite fallback, degraded,
+    # and no model call.
+    message = {
+        "message_id": f"m-{uuid.uuid4().hex[:8]}",
+        "tenant_id": tenant,
+        "agent_id": "helper",
+        "thread_id": "t-1",
+        "channel": "test",
+        "sender": "u",
+        "text": "What are you?",
+    }
+    result: HandleMessageResult = await client.execute_workflow(
+        HandleMessage.run,
+        message,
+        id=message_workflow_id(tenant, message["message_id"]),
+        task_queue=served.gateway.task_queue,
+    )
+    assert result.degraded and result.response == "Out of budget, sorry."
+    assert (await sim.model_stats("sim-fast"))["requests"] == asked
 
 
 # --- the pure parts -----------------------------------------------------------------

@@ -207,6 +207,11 @@ class ExperimentPaused(KonstructError):
     pause_kind: ClassVar[Literal["quota", "budget"]]
 
 
+class TenantBudgetSpent(KonstructError):
+    """The tenant's monthly budget is spent: a message gets the agent's polite fallback
+    (degraded) without a model call, and the gateway answers 429 `insufficient_quota`."""
+
+
 class QuotaExceeded(ExperimentPaused):
     """A provider answered that its quota is spent (429 `insufficient_quota`)."""
 

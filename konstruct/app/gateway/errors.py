@@ -85,6 +85,16 @@ def rate_limited(admission: Admission) -> GatewayError:
     )
 
 
+def quota_spent(why: str) -> GatewayError:
+    """A 429 `insufficient_quota`: the tenant's monthly budget is spent."""
+    return GatewayError(
+        429,
+        f"You exceeded your current quota: {why}.",
+        type="insufficient_quota",
+        code="insufficient_quota",
+    )
+
+
 def unauthorized(message: str) -> GatewayError:
     """A 401: no key, a malformed header, or a key unknown or revoked."""
     return GatewayError(401, message, type="authentication_error", code="invalid_api_key")

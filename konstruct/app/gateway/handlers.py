@@ -20,7 +20,12 @@ from konstruct.agents.models import HandleMessageInput, HandleMessageResult
 from konstruct.agents.store.agents import agent_exists, list_agents
 from konstruct.agents.store.key_limits import Admission, admit, spend_tokens
 from konstruct.agents.store.keys import KeyOwner, key_owner
-from konstruct.app.gateway.errors import model_not_found, rate_limited, unauthorized
+from konstruct.app.gateway.errors import (
+    model_not_found,
+    quota_spent,
+    rate_limited,
+    unauthorized,
+)
 from konstruct.app.gateway.notices import ApprovalNotices
 from konstruct.app.gateway.wire import (
     Pending,
@@ -34,6 +39,7 @@ from konstruct.app.gateway.wire import (
     sse,
 )
 from konstruct.config import Settings
+from konstruct.experiments.store.budgets import month_spent
 from konstruct.platform import db
 from konstruct.platform.errors import UnknownAgent, innermost_application_error, is_failure
 from konstruct.platform.naming import message_workflow_id
@@ -104,9 +110,11 @@ class Gateway:
         async with db.tenant_transaction(self.pool, owner.tenant_id) as conn:
             await spend_tokens(conn, owner.key_id, tokens)
 
-    async def _has_agent(self, tenant: str, agent: str) -> bool:
+    async def _may_answer(self, tenant: str, agent: str) -> tuple[bool, str | None]:
+        """Whether the tenant has the agent, and why its monthly budget is spent (None:
+        it is not), in one transaction."""
         async with db.tenant_transaction(self.pool, tenant) as conn:
-            return await agent_exists(conn, tenant, agent)
+            return await agent_exists(conn, tenant, agent), await month_spent(conn, tenant)
 
     async def _agents(self, tenant: str) -> list[str]:
         async with db.tenant_transaction(self.pool, tenant) as conn:
@@ -131,9 +139,12 @@ class Gateway:
         if wanted_tenant != tenant:
             raise model_not_found(body.model)
         text = inbound_text(body)
-        if not await self._has_agent(tenant, agent):
+        has_agent, spent = await self._may_answer(tenant, agent)
+        if not has_agent:
             # Answered before a workflow starts: no failed HandleMessage is left behind.
             raise model_not_found(body.model)
+        if spent is not None:
+            raise quota_spent(spent)
         thread = header_id(request, "X-Konstruct-Thread") or body.user or f"http-{_new_id()}"
         idempotency_key = header_id(request, "Idempotency-Key")
         message_id = idempotency_key or _new_id()

@@ -290,15 +290,50 @@ async def _reserve_tenant(
     month: dt.date | None = await conn.fetchval(reserve_month, tenant_id, usd_estimate)
     if month is not None:
         return month
-    # A new month: it takes the latest month's max (a concurrent call may create it first).
+    await _open_month(conn, tenant_id)
+    month = await conn.fetchval(reserve_month, tenant_id, usd_estimate)
+    return month
+
+
+async def _open_month(conn: asyncpg.Connection, tenant_id: str) -> None:
+    """A new month: it takes the latest month's max (a concurrent call may create it first)."""
     await conn.execute(
         f"insert into tenant_budgets (tenant_id, month, max_usd) select tenant_id, {MONTH},"
         f" max_usd from tenant_budgets where tenant_id = $1 and month < {MONTH}"
         " order by month desc limit 1 on conflict do nothing",
         tenant_id,
     )
-    month = await conn.fetchval(reserve_month, tenant_id, usd_estimate)
-    return month
+
+
+async def month_spent(conn: asyncpg.Connection, tenant_id: str) -> str | None:
+    """Why the tenant's monthly budget admits no more messages this month: what it
+    spent of what; None when it has room, or no budget."""
+    read = (
+        "select month, max_usd, spent_usd from tenant_budgets"
+        f" where tenant_id = $1 and month = {MONTH}"
+    )
+    row = await conn.fetchrow(read, tenant_id)
+    if row is None:
+        await _open_month(conn, tenant_id)
+        row = await conn.fetchrow(read, tenant_id)
+    if row is None or row["spent_usd"] < row["max_usd"]:
+        return None
+    return (
+        f"tenant {tenant_id!r} has spent ${row['spent_usd']:.6f} of its ${row['max_usd']:g}"
+        f" budget for {row['month']:%Y-%m} (`konstruct budgets set {tenant_id} --monthly-usd N`)"
+    )
+
+
+async def count_message_spend(conn: asyncpg.Connection, tenant_id: str, usd: float) -> None:
+    """Add what a message's model call cost to the tenant's month (when it has a budget)."""
+    if usd <= 0:
+        return
+    await conn.execute(
+        "update tenant_budgets set spent_usd = spent_usd + $2, updated_at = now()"
+        f" where tenant_id = $1 and month = {MONTH}",
+        tenant_id,
+        usd,
+    )
 
 
 def _usd_refused(exp: Any, usd_estimate: float, token_estimate: int) -> bool:
