@@ -445,6 +445,44 @@ async def test_a_message_waiting_for_approval_answers_202(
     assert "42" in done.json()["choices"][0]["message"]["content"]
 
 
+# --- the Responses API -----------------------------------------------------------------
+
+
+async def test_the_responses_api_answers_plain_and_streamed(served: Served) -> None:
+    client = served.openai()
+    plain = await client.responses.create(model="demo/assistant", input="What are you?")
+    assert plain.output_text.startswith(AI_ANSWER) and plain.status == "completed"
+    assert plain.id.startswith("resp_") and plain.usage is not None
+    assert plain.usage.total_tokens == plain.usage.input_tokens + plain.usage.output_tokens
+    stream = await client.responses.create(
+        model="demo/assistant",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "What are you?"}]}],
+        stream=True,
+    )
+    deltas, final = [], None
+    async for event in stream:
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        if event.type == "response.completed":
+            final = event.response
+    assert final is not None and "".join(deltas) == final.output_text
+    assert final.output_text.startswith(AI_ANSWER)
+    for body, says in [
+        ({"model": "demo/assistant", "input": 3}, "input"),
+        ({"model": "demo/assistant", "input": [{"role": "user", "content": 3}]}, "input"),
+        ({"model": "demo/assistant", "input": "  "}, "the last user message is empty"),
+        ({"model": "demo/nobody", "input": "hi"}, "does not exist"),
+    ]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            response = await http.post(
+                f"{served.url}/responses",
+                json=body,
+                headers={"Authorization": f"Bearer {served.demo_key}"},
+            )
+        assert response.status_code in (400, 404), response.text
+        assert says in response.json()["error"]["message"], response.text
+
+
 # --- key limits ----------------------------------------------------------------------
 
 

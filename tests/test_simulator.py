@@ -747,3 +747,39 @@ async def test_streamed_tool_calls_parse_with_the_openai_client(
         {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in expected
     ]
     assert [c["arguments"] for c in calls.values()] == ['{"sku":"A-1"}', '{"city":"Oslo"}']
+
+
+async def test_the_responses_api_answers_the_openai_client_plain_and_streamed(
+    server: SimulatorHandle,
+) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.api_base, api_key=KEY, max_retries=0)
+    try:
+        plain = await client.responses.create(
+            model="sim-fast", input="hello there", instructions="Be brief."
+        )
+        # The chat completion's answer to the same messages.
+        assert plain.output_text == "[sim-fast] hello there"
+        assert plain.status == "completed" and plain.usage is not None
+        assert plain.usage.total_tokens == plain.usage.input_tokens + plain.usage.output_tokens
+        listed = await client.responses.create(
+            model="sim-fast",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "What is 2 + 3?"}]}],
+        )
+        assert listed.output_text.strip() != ""
+        stream = await client.responses.create(model="sim-fast", input="hello there", stream=True)
+        kinds, deltas, final = [], [], None
+        async for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            if event.type == "response.completed":
+                final = event.response
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert "".join(deltas) == "[sim-fast] hello there"
+        assert final is not None and final.output_text == "[sim-fast] hello there"
+        with pytest.raises(openai.BadRequestError, match="input"):
+            await client.responses.create(model="sim-fast", input=[{"role": "robot"}])  # type: ignore[list-item]
+    finally:
+        await client.close()

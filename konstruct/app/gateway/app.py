@@ -134,6 +134,11 @@ def create_app(
                 _guarded("gateway.chat_completions", gateway.chat_completions),
                 methods=["POST"],
             ),
+            Route(
+                "/v1/responses",
+                _guarded("gateway.responses", gateway.responses),
+                methods=["POST"],
+            ),
             Route("/health", health, methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

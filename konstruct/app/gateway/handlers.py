@@ -34,7 +34,11 @@ from konstruct.app.gateway.wire import (
     header_id,
     inbound_text,
     message_input,
+    named_sse,
     parse_chat_request,
+    parse_responses_request,
+    response_body,
+    responses_text,
     split_model,
     sse,
 )
@@ -130,22 +134,69 @@ class Gateway:
 
     async def chat_completions(self, request: Request, span: Span) -> Response:
         owner = await self._owner(request)
-        tenant = owner.tenant_id
-        span.set_attribute("konstruct.tenant", tenant)
         admission = await self._admit(owner)
         body = parse_chat_request(await request.body())
-        wanted_tenant, agent = split_model(body.model)
+        answered = await self._message(
+            request, span, owner, admission, body.model, inbound_text(body), body.user
+        )
+        if isinstance(answered, Response):
+            return answered
+        outcome, message_id, headers = answered
+        completion_id = f"chatcmpl-{message_id}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = completion_chunks(completion_id, body.model, created, outcome, include_usage)
+            return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=headers)
+        return JSONResponse(
+            completion_body(completion_id, body.model, created, outcome), headers=headers
+        )
+
+    async def responses(self, request: Request, span: Span) -> Response:
+        """`POST /v1/responses`: the same message path as a chat completion, answered
+        as a Responses API object or its events."""
+        owner = await self._owner(request)
+        admission = await self._admit(owner)
+        body = parse_responses_request(await request.body())
+        answered = await self._message(
+            request, span, owner, admission, body.model, responses_text(body), body.user
+        )
+        if isinstance(answered, Response):
+            return answered
+        outcome, message_id, headers = answered
+        answer = response_body(f"resp_{message_id}", body.model, outcome, body.stream)
+        if isinstance(answer, list):
+            return StreamingResponse(
+                named_sse(answer), media_type="text/event-stream", headers=headers
+            )
+        return JSONResponse(answer, headers=headers)
+
+    async def _message(
+        self,
+        request: Request,
+        span: Span,
+        owner: KeyOwner,
+        admission: Admission | None,
+        model: str,
+        text: str,
+        user: str | None,
+    ) -> tuple[HandleMessageResult, str, dict[str, str]] | Response:
+        """Run `text` as a message to `model` (TENANT/AGENT) of the key's tenant: the
+        reply, its message id and the answer's headers, or the 202 of a message that
+        waits for an approval."""
+        tenant = owner.tenant_id
+        span.set_attribute("konstruct.tenant", tenant)
+        wanted_tenant, agent = split_model(model)
         span.set_attribute("konstruct.agent", agent)
         if wanted_tenant != tenant:
-            raise model_not_found(body.model)
-        text = inbound_text(body)
+            raise model_not_found(model)
         has_agent, spent = await self._may_answer(tenant, agent)
         if not has_agent:
             # Answered before a workflow starts: no failed HandleMessage is left behind.
-            raise model_not_found(body.model)
+            raise model_not_found(model)
         if spent is not None:
             raise quota_spent(spent)
-        thread = header_id(request, "X-Konstruct-Thread") or body.user or f"http-{_new_id()}"
+        thread = header_id(request, "X-Konstruct-Thread") or user or f"http-{_new_id()}"
         idempotency_key = header_id(request, "Idempotency-Key")
         message_id = idempotency_key or _new_id()
         workflow_id = message_workflow_id(tenant, message_id)
@@ -156,7 +207,7 @@ class Gateway:
                 "agent_id": agent,
                 "thread_id": thread,
                 "channel": "http",
-                "sender": body.user or "api",
+                "sender": user or "api",
                 "text": text,
             }
         )
@@ -167,7 +218,7 @@ class Gateway:
             # An agent the tenant does not have: the workflow says so at once, and the
             # answer is the same 404 as another tenant's model (no probing).
             if is_failure(innermost_application_error(exc), UnknownAgent):
-                raise model_not_found(body.model) from None
+                raise model_not_found(model) from None
             raise
         if isinstance(outcome, Pending):
             return JSONResponse(
@@ -179,15 +230,7 @@ class Gateway:
             "X-Konstruct-Degraded": "true" if outcome.degraded else "false",
             **(admission.headers() if admission is not None else {}),
         }
-        completion_id = f"chatcmpl-{message_id}"
-        created = int(time.time())
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = completion_chunks(completion_id, body.model, created, outcome, include_usage)
-            return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=headers)
-        return JSONResponse(
-            completion_body(completion_id, body.model, created, outcome), headers=headers
-        )
+        return outcome, message_id, headers
 
     # -- running the workflow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from konstruct.agents.models import HandleMessageInput, HandleMessageResult
 from konstruct.app.gateway.errors import invalid
 from konstruct.platform.errors import field_problems
+from konstruct.providers.responses_wire import input_messages, response_events, response_object
 
 # A streamed reply is cut into pieces of about this many characters.
 STREAM_CHUNK_CHARS = 40
@@ -94,8 +95,63 @@ def _problem_text(text: str) -> str:
     return text.removeprefix("Value error, ")
 
 
+class ResponsesRequest(BaseModel):
+    """The body of `POST /v1/responses`: text input (a string or messages), the fields
+    used, and the API's usual fields accepted and ignored. Any other field is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    input: str | list[Any]
+    instructions: str | None = None
+    stream: bool = False
+    user: str | None = Field(None, min_length=1, max_length=MAX_HEADER_ID)
+    # Accepted and ignored: the agent's own settings decide.
+    temperature: Any = None
+    top_p: Any = None
+    max_output_tokens: Any = None
+    metadata: Any = None
+    store: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    text: Any = None
+    reasoning: Any = None
+    truncation: Any = None
+    include: Any = None
+    service_tier: Any = None
+    stream_options: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+
+
+def parse_responses_request(raw: bytes) -> ResponsesRequest:
+    """The body, or a 400 naming each offending field."""
+    return _parsed(ResponsesRequest, raw)
+
+
+def responses_text(body: ResponsesRequest) -> str:
+    """The last user message of `input`: what the agent answers; a 400 naming `input`."""
+    messages = input_messages(None, body.input)
+    if messages is None:
+        raise invalid("input must be a string or a list of messages with text content", "input")
+    for message in reversed(messages):
+        if message["role"] == "user":
+            if not message["content"].strip():
+                raise invalid("input: the last user message is empty", "input")
+            return str(message["content"])
+    raise invalid("input must contain a message with role 'user'", "input")
+
+
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     """The body, or a 400 whose message names each offending field (`messages.0.role: ...`)."""
+    return _parsed(ChatCompletionRequest, raw)
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _parsed(cls: type[Body], raw: bytes) -> Body:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -103,7 +159,7 @@ def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise invalid("the body must be a JSON object", None)
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as exc:
         problems = field_problems(exc, root="(body)")
         message = "; ".join(f"{name}: {_problem_text(text)}" for name, text in problems)
@@ -230,6 +286,30 @@ async def sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n".encode()
     yield b"data: [DONE]\n\n"
+
+
+async def named_sse(events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The Responses API's events, each with its `event:` line."""
+    for event in events:
+        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def response_body(
+    response_id: str, model: str, result: HandleMessageResult, stream: bool
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """The reply as a Responses API object, or (`stream`) its events."""
+    text, usage = result.response, result.usage
+    if not stream:
+        return response_object(
+            response_id, model, text, usage.prompt_tokens, usage.completion_tokens
+        )
+    pieces = [
+        text[start : start + STREAM_CHUNK_CHARS]
+        for start in range(0, len(text), STREAM_CHUNK_CHARS)
+    ]
+    return response_events(
+        response_id, model, pieces or [""], usage.prompt_tokens, usage.completion_tokens
+    )
 
 
 @dataclass

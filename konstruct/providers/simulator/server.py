@@ -18,6 +18,7 @@ import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
+from konstruct.providers.responses_wire import input_messages, response_events, response_object
 from konstruct.providers.simulator.clock import Clock, ClockChange
 from konstruct.providers.simulator.profiles import TICK_S, ModelProfile, ModelState, SimulatorConfig
 from konstruct.providers.simulator.responders import (
@@ -208,6 +209,43 @@ class Simulator:
             headers=limit_headers,
         )
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/responses`, for text answers (`konstruct.providers.responses_wire`):
+        the same replies, limits and faults as a chat completion of the same messages."""
+        if not self._authorised(request):
+            return self._unauthorised()
+        body = await json_object(request)
+        if body is None or "input" not in body:
+            return bad_request("the body must be a JSON object with an `input`")
+        messages = input_messages(body.get("instructions"), body["input"])
+        if messages is None:
+            return bad_request("`input` must be a string or a list of messages with text")
+        name = str(body.get("model", ""))
+        state = self._known_model(name)
+        if state is None:
+            return model_not_found(name)
+        key = content_key(last_user_text(messages))
+        prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
+
+        def build_reply() -> ToolReply:
+            return assistant_reply(name, state.profile, messages, None, None)
+
+        refused, limit_headers = await self._apply_faults(
+            name, state, key, lambda: prompt_tokens + reply_tokens(build_reply())
+        )
+        if refused is not None:
+            return refused
+        reply = build_reply()
+        state.record_ok(key, self._since_start())
+        text, completion_tokens = str(reply.get("content") or ""), reply_tokens(reply)
+        response_id = f"resp_{key}{state.counters['ok']}"
+        if body.get("stream"):
+            pieces = [text[i : i + 40] for i in range(0, len(text), 40)] or [""]
+            events = response_events(response_id, name, pieces, prompt_tokens, completion_tokens)
+            return await send_event_stream(request, events, limit_headers, named=True)
+        answer = response_object(response_id, name, text, prompt_tokens, completion_tokens)
+        return web.json_response(answer, headers=limit_headers)
+
     async def embeddings(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
             return self._unauthorised()
@@ -345,6 +383,7 @@ class Simulator:
         app = web.Application()
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/chat/completions", self.chat),
+            ("POST", "/v1/responses", self.responses),
             ("POST", "/v1/embeddings", self.embeddings),
             ("GET", "/v1/models", self.list_models),
             ("GET", "/health", self.health),
@@ -401,8 +440,13 @@ def stream_chunks(
 
 
 async def send_event_stream(
-    request: web.Request, chunks: list[dict[str, Any]], headers: dict[str, str] | None = None
+    request: web.Request,
+    chunks: list[dict[str, Any]],
+    headers: dict[str, str] | None = None,
+    named: bool = False,
 ) -> web.StreamResponse:
+    """Server-sent events: chat chunks ending `[DONE]`, or (`named`) the Responses
+    API's events, each with its `event:` line and no `[DONE]`."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -412,8 +456,10 @@ async def send_event_stream(
     )
     await response.prepare(request)
     for chunk in chunks:
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-    await response.write(b"data: [DONE]\n\n")
+        event = f"event: {chunk['type']}\n" if named else ""
+        await response.write(f"{event}data: {json.dumps(chunk)}\n\n".encode())
+    if not named:
+        await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 
