@@ -379,6 +379,7 @@ class ProviderBatchActivities:
                     timeout_s=self.calls.settings.call_timeout_s,
                     temperature=task.temperature,
                     max_tokens=task.max_tokens,
+                    response_format=task.response_format,
                 )
             except asyncio.CancelledError:
                 raise

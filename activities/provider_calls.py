@@ -274,6 +274,7 @@ class ProviderCallActivities:
                 timeout_s=self.settings.call_timeout_s,
                 temperature=request.task.temperature if request.task is not None else None,
                 max_tokens=request.max_tokens,
+                response_format=request.task.response_format if request.task is not None else None,
             ),
             self.settings.heartbeat_every_s,
         )

@@ -26,7 +26,15 @@ from konstruct.providers.router import Deployment
 
 
 def task_key(deployment_id: str, task: TaskSpec, messages: list[dict[str, str]], epoch: int) -> str:
-    return cache_key("task", deployment_id, messages, task.temperature, task.max_tokens, epoch)
+    return cache_key(
+        "task",
+        deployment_id,
+        messages,
+        task.temperature,
+        task.max_tokens,
+        epoch,
+        task.response_format,  # a structured answer is another answer
+    )
 
 
 def judge_key(deployment_id: str, messages: list[dict[str, str]], epoch: int) -> str:

@@ -135,6 +135,7 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
                 "error_rate": 0,
                 "hang_rate": 0,
                 "outage": False,
+                "json_mismatch_rate": 0,
                 **profile,
             },
         )

@@ -15,6 +15,7 @@ from konstruct.experiments.models import (
     DatasetSpec,
     ExactMatchEval,
     ExperimentInput,
+    JsonSchemaEval,
     JsonValidEval,
     LlmJudgeEval,
     NumericCloseEval,
@@ -23,6 +24,16 @@ from konstruct.experiments.models import (
 from konstruct.platform.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name"],
+}
+
+
+SCHEMA_EVAL = JsonSchemaEval.model_validate({"kind": "json_schema", "schema": PERSON})
 
 
 @pytest.mark.parametrize(
@@ -43,8 +54,13 @@ ROOT = Path(__file__).resolve().parent.parent
         (JsonValidEval(kind="json_valid"), '{"a": 1}', None, True),
         (JsonValidEval(kind="json_valid"), '```json\n{"a": 1}\n```', None, True),
         (JsonValidEval(kind="json_valid"), "{a: 1}", None, False),
+        (SCHEMA_EVAL, '{"name": "Ada", "age": 36}', None, True),
+        (SCHEMA_EVAL, '```json\n{"name": "Ada"}\n```', None, True),
+        (SCHEMA_EVAL, '{"name": "Ada", "age": "36"}', None, False),
+        (SCHEMA_EVAL, '{"age": 36}', None, False),
+        (SCHEMA_EVAL, "Ada, 36", None, False),
     ],
-)
+)  # fmt: skip
 def test_deterministic_evals(spec: Any, output: str, expected: Any, passed: bool) -> None:
     score = score_local(spec, output, expected)
     assert score.passed is passed
@@ -103,6 +119,12 @@ def test_the_contract_example_validates() -> None:
             "evals.0.regex.pattern",
             "regular expression",
         ),
+        (
+            {"evals": [{"kind": "json_schema", "schema": {"type": "objekt"}}]},
+            "evals.0.json_schema.schema",
+            "not a valid JSON schema",
+        ),
+        ({"evals": [{"kind": "json_schema"}]}, "evals.0.json_schema.schema", "Field required"),
     ],
 )
 def test_bad_inputs_name_the_field(change: dict[str, Any], field: str, words: str) -> None:
@@ -140,3 +162,16 @@ def test_jsonl_line_without_input_and_repeated_ids_are_named(tmp_path: Path) -> 
 def test_missing_dataset_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="dataset.path: file .*nope.jsonl.* does not exist"):
         load_items(DatasetSpec(path="nope.jsonl"), tmp_path)
+
+
+def test_a_json_schema_failure_says_where() -> None:
+    score = score_local(SCHEMA_EVAL, '{"name": 7}', None)
+    assert not score.passed and score.detail == "name: 7 is not of type 'string'"
+
+
+def test_a_json_schema_eval_round_trips_as_the_workflow_hands_it_on() -> None:
+    body = base_input(evals=[{"kind": "json_schema", "schema": PERSON}])
+    parsed = ExperimentInput.model_validate(body)
+    dumped = parsed.model_dump(mode="json", exclude_none=True)
+    assert dumped["evals"][0]["schema"] == PERSON
+    assert ExperimentInput.model_validate(dumped) == parsed

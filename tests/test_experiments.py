@@ -351,6 +351,43 @@ async def test_a_call_cancelled_after_its_request_left_finishes_and_keeps_its_an
     assert after["requests"] - before["requests"] == after["ok"] - before["ok"] == 1
 
 
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "integer"}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+async def test_structured_answers_are_asked_for_and_scored_against_their_schema(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True},
+    }
+    task = {
+        "model_group": "fast",
+        "prompt_template": "Answer with a number only: {input}",
+        "response_format": response_format,
+    }
+    evals = [{"kind": "json_schema", "schema": ANSWER_SCHEMA}, {"kind": "json_valid"}]
+    fits: ExperimentResult = await (
+        await start(client, worker, experiment(5, task=task, evals=evals))
+    ).result()
+    scored = {e.name: e for e in fits.summary.evals}
+    assert scored["json_schema"].pass_rate == 1.0, scored
+    # Told to answer JSON that does not fit: still JSON, but the schema eval fails it.
+    await sim.set_profile(FAST, json_mismatch_rate=1.0)
+    body = experiment(5, task=task, evals=evals)
+    misfits: ExperimentResult = await (await start(client, worker, body)).result()
+    scored = {e.name: e for e in misfits.summary.evals}
+    assert scored["json_schema"].pass_rate == 0.0 and scored["json_valid"].pass_rate == 1.0
+    rows = await results(app_pool, body["experiment_id"])
+    details = [json.loads(r["scores"])["json_schema"] for r in rows]
+    assert all("required property" in str(d) or "answer" in str(d) for d in details), details
+
+
 async def row_says(pool: asyncpg.Pool, experiment_id: str, status: str) -> None:
     """Wait (60 s at most) until the experiment's row holds `status`: the workflow
     writes it just after the status changes."""

@@ -14,6 +14,7 @@ from typing import Any
 from konstruct.experiments.models import (
     ContainsEval,
     ExactMatchEval,
+    JsonSchemaEval,
     JsonValidEval,
     LlmJudgeEval,
     NumericCloseEval,
@@ -84,15 +85,34 @@ def numeric_close(spec: NumericCloseEval, output: str, expected: Any) -> Score:
     return _binary(abs(got - float(want)) <= limit, f"got {got:g}, expected {float(want):g}")
 
 
-def json_valid(spec: JsonValidEval, output: str, expected: Any) -> Score:
+def _json(output: str) -> tuple[Any, str | None]:
+    """The reply as JSON (a ```json fence allowed), or why it is not."""
     text = output.strip()
     if text.startswith("```"):
         text = text.strip("`").removeprefix("json").strip()
     try:
-        json.loads(text)
+        return json.loads(text), None
     except ValueError as exc:
-        return _binary(False, str(exc)[:200])
-    return _binary(True)
+        return None, str(exc)[:200]
+
+
+def json_valid(spec: JsonValidEval, output: str, expected: Any) -> Score:
+    _, problem = _json(output)
+    return _binary(problem is None, problem or "")
+
+
+def json_schema(spec: JsonSchemaEval, output: str, expected: Any) -> Score:
+    import jsonschema
+
+    document, problem = _json(output)
+    if problem is not None:
+        return _binary(False, f"not JSON: {problem}")
+    validator = jsonschema.validators.validator_for(spec.schema_)(spec.schema_)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    if error is None:
+        return _binary(True)
+    where = "/".join(str(p) for p in error.absolute_path) or "(the document)"
+    return _binary(False, f"{where}: {error.message}"[:200])
 
 
 _SCORERS = {
@@ -101,6 +121,7 @@ _SCORERS = {
     "regex": regex,
     "numeric_close": numeric_close,
     "json_valid": json_valid,
+    "json_schema": json_schema,
 }
 
 

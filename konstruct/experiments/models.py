@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from konstruct.platform.models import StrictModel
 
@@ -96,6 +96,24 @@ class TaskSpec(StrictModel):
     system_prompt: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1)
+    # OpenAI's structured output, passed to the provider as it is:
+    # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}.
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _a_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None or value.get("type") in ("text", "json_object"):
+            return value
+        inner = value.get("json_schema")
+        if value.get("type") != "json_schema" or not isinstance(inner, dict):
+            raise ValueError(
+                'must be {"type": "json_object"} or {"type": "json_schema", "json_schema":'
+                ' {"name": ..., "schema": {...}}}'
+            )
+        if not isinstance(inner.get("schema"), dict):
+            raise ValueError("json_schema.schema must be a JSON schema (an object)")
+        return value
 
     @field_validator("prompt_template")
     @classmethod
@@ -146,6 +164,33 @@ class JsonValidEval(_Eval):
     kind: Literal["json_valid"]
 
 
+class JsonSchemaEval(_Eval):
+    """Passes when the reply is JSON (a ```json fence allowed) that validates against
+    `schema` (JSON Schema, its own draft by `$schema`, else 2020-12)."""
+
+    # `schema` on the wire, in and out (a field of that name would shadow BaseModel's).
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
+
+    kind: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from temporalio import workflow
+
+        # The Experiment workflow validates its input in its sandbox: jsonschema is
+        # imported from outside it (its check of a schema is deterministic).
+        with workflow.unsafe.imports_passed_through():
+            import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        return value
+
+
 class LlmJudgeEval(_Eval):
     kind: Literal["llm_judge"]
     model_group: str = Field(min_length=1)
@@ -155,10 +200,24 @@ class LlmJudgeEval(_Eval):
 
 
 EvalSpec = Annotated[
-    ExactMatchEval | ContainsEval | RegexEval | NumericCloseEval | JsonValidEval | LlmJudgeEval,
+    ExactMatchEval
+    | ContainsEval
+    | RegexEval
+    | NumericCloseEval
+    | JsonValidEval
+    | JsonSchemaEval
+    | LlmJudgeEval,
     Field(discriminator="kind"),
 ]
-EVAL_KINDS = ("exact_match", "contains", "regex", "numeric_close", "json_valid", "llm_judge")
+EVAL_KINDS = (
+    "exact_match",
+    "contains",
+    "regex",
+    "numeric_close",
+    "json_valid",
+    "json_schema",
+    "llm_judge",
+)
 
 
 def eval_name(spec: Any) -> str:

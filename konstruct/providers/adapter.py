@@ -315,6 +315,7 @@ async def complete_on(
     timeout_s: float,
     temperature: float | None = None,
     max_tokens: int | None = None,
+    response_format: dict[str, Any] | None = None,
 ) -> Completion:
     """One request to one deployment, no retries; raises litellm's exception as is
     (`classify` reads it), so the caller can learn from each 429."""
@@ -325,4 +326,6 @@ async def complete_on(
     params["num_retries"] = 0
     params["timeout"] = min(float(params.get("timeout") or 1e9), timeout_s)
     params.update(_sampling(temperature, max_tokens))
+    if response_format is not None:
+        params["response_format"] = response_format
     return _completion(await litellm.acompletion(messages=messages, **params))

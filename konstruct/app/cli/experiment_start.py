@@ -213,7 +213,8 @@ async def launch(
     "--eval",
     "evals",
     multiple=True,
-    help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid",
+    help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid"
+    " (json_schema and llm_judge take settings: put them in an input FILE)",
 )
 @click.option("--judge", help="add an llm_judge eval with this model group")
 @click.option(

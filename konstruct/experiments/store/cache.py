@@ -27,10 +27,14 @@ def cache_key(
     temperature: float | None,
     max_tokens: int | None,
     epoch: int,
+    response_format: dict[str, Any] | None = None,
 ) -> str:
-    """The hex sha256 of a call: the same for the same call in any experiment."""
+    """The hex sha256 of a call: the same for the same call in any experiment (a
+    call without a `response_format` keeps the key it had before there was one)."""
+    extra = {} if response_format is None else {"response_format": response_format}
     canonical = json.dumps(
         {
+            **extra,
             "kind": kind,
             "deployment": deployment_id,
             "messages": [

@@ -48,6 +48,9 @@ class ModelProfile(BaseModel):
     hang_seconds: float = Field(600.0, ge=0)
     outage: bool = False
     accuracy: float = Field(1.0, ge=0, le=1)
+    # Asked for a structured answer (`response_format`), the share of replies whose
+    # JSON does not fit the schema (decided per prompt: the same prompt, the same).
+    json_mismatch_rate: float = Field(0.0, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -281,6 +281,57 @@ def assistant_reply(
     return {"content": simulated_reply(model, profile, messages)}
 
 
+def _fitting(schema: Any, text: str) -> Any:
+    """A value that fits `schema` (the JSON Schema subset structured outputs use),
+    made from the reply's `text`."""
+    if not isinstance(schema, dict):
+        return text
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        keys = schema.get("required") or list(properties)
+        return {key: _fitting(properties.get(key, {}), text) for key in keys}
+    if kind == "array":
+        return [_fitting(schema.get("items", {}), text)] * int(schema.get("minItems", 0))
+    if kind in ("integer", "number"):
+        found = re.search(r"-?\d+(?:\.\d+)?", text)
+        number = float(found.group()) if found else 0.0
+        return int(number) if kind == "integer" else number
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
+
+
+def structured_reply(
+    reply: ToolReply, response_format: Any, profile: ModelProfile, key: str
+) -> ToolReply:
+    """The reply as the JSON a `response_format` asks for: `{"answer": text}` for a
+    json_object, a document that fits the schema for a json_schema; one that does
+    not fit for the prompts `json_mismatch_rate` picks."""
+    if "tool_calls" in reply or not isinstance(response_format, dict):
+        return reply
+    text = str(reply.get("content") or "")
+    kind = response_format.get("type")
+    if kind == "json_object":
+        document: Any = {"answer": text}
+    elif kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        document = _fitting(schema, text)
+    else:
+        return reply
+    if seeded_rng(profile.seed, "json", key).random() < profile.json_mismatch_rate:
+        document = {"unexpected": text}
+    return {"content": json.dumps(document, ensure_ascii=False)}
+
+
 def reply_tokens(reply: ToolReply) -> int:
     """Completion tokens of an assistant_reply: its content, or its calls' arguments."""
     if "tool_calls" in reply:

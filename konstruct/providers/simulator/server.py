@@ -31,6 +31,7 @@ from konstruct.providers.simulator.responders import (
     message_text,
     reply_tokens,
     seeded_rng,
+    structured_reply,
 )
 
 # Hung requests would otherwise hold shutdown for aiohttp's default 60 s.
@@ -169,7 +170,8 @@ class Simulator:
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
 
         def build_reply() -> ToolReply:
-            return assistant_reply(name, state.profile, messages, tools, tool_choice)
+            reply = assistant_reply(name, state.profile, messages, tools, tool_choice)
+            return structured_reply(reply, body.get("response_format"), state.profile, key)
 
         def request_tokens() -> int:
             # The usage this request will report, as a token limit counts it.
