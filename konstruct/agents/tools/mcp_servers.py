@@ -115,6 +115,8 @@ async def _session(
         raise
     except Exception as error:  # the client's failures come in many types and groups
         inner = _innermost(error)
+        if isinstance(inner, ToolError):  # ours, from `work`, wrapped by a task group
+            raise inner from None
         failure = scrub(f"{type(inner).__name__}: {inner}", secret)
         protocol = isinstance(inner, MCPError)
     if protocol:  # it answered, with an error: the same call would get the same answer
