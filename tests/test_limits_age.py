@@ -217,7 +217,7 @@ async def test_a_limit_raised_during_a_pause_is_followed_after_the_resume(
 
 async def test_the_store_ages_a_provider_after_an_idle_gap(app_pool: asyncpg.Pool) -> None:
     """The row keeps when the provider last answered; an answer after the gap starts
-    from the learned rate with slow start on and no ceiling."""
+    from half the learned rate with slow start on and no ceiling."""
     config = AimdConfig(idle_reset_s=0.3)
     queue = f"age-{asyncio.get_running_loop().time():.0f}"
     async with app_pool.acquire() as conn:
@@ -245,4 +245,5 @@ async def test_the_store_ages_a_provider_after_an_idle_gap(app_pool: asyncpg.Poo
         await idle_for(app_pool, queue, 0.45)
         await answer(1)
         aged = await provider_row(app_pool, queue)
-        assert aged == {"rate": 10, "ceiling": None, "slow_start": True}, aged
+        # It restarts at half the rate (idle_restart_fraction), slow start on.
+        assert aged == {"rate": 5, "ceiling": None, "slow_start": True}, aged

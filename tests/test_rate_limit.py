@@ -389,8 +389,9 @@ def test_a_limit_lowered_while_idle_is_met_within_two_seconds_with_few_429s() ->
     for gap in (5.0, 60.0, 270.0):
         state, rates, ok, refused = follow(learned_at(100.0, 0.0), gap, 2.0, 20.0, MEASURED)
         assert state.rate <= 20.0, (gap, rates)  # under the new limit within 2 s
-        # The way down costs 1 % of a 3,000-item run's calls (measured: 19).
-        assert refused <= 30, (ok, refused)
+        # The way down: a few refusals (23 when the rate restarted where it was; 6
+        # at half of it, `idle_restart_fraction`).
+        assert refused <= 10, (ok, refused)
 
 
 def test_an_answer_within_the_idle_gap_keeps_what_was_learned() -> None:
@@ -398,7 +399,8 @@ def test_an_answer_within_the_idle_gap_keeps_what_was_learned() -> None:
     assert aged(state, MEASURED.idle_reset_s - 0.1, MEASURED) is None
     again = aged(state, MEASURED.idle_reset_s + 0.1, MEASURED)
     assert again is not None
-    assert (again.rate, again.ceiling, again.slow_start) == (state.rate, None, True)
+    restart = state.rate * MEASURED.idle_restart_fraction
+    assert (again.rate, again.ceiling, again.slow_start) == (restart, None, True)
     # At a low rate the gap is a few of its intervals, not two seconds of them.
     slow = replace(state, rate=0.5)
     assert aged(slow, 7.9, MEASURED) is None and aged(slow, 8.1, MEASURED) is not None
