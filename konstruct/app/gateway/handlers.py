@@ -6,8 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from opentelemetry.trace import Span
@@ -58,6 +59,19 @@ PROGRESS_QUERY_TIMEOUT = timedelta(seconds=2)
 # After a notice, how long to let the workflow's `progress` catch up with it (the
 # activity's NOTIFY commits before the workflow has recorded its pending calls).
 PENDING_SETTLE_S = 1.0
+
+
+class _MessageBody(Protocol):
+    """What both endpoints' bodies give the message path."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def user(self) -> str | None: ...
+
+
+Body = TypeVar("Body", bound=_MessageBody)
 
 
 class Gateway:
@@ -133,12 +147,7 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request, span: Span) -> Response:
-        owner = await self._owner(request)
-        admission = await self._admit(owner)
-        body = parse_chat_request(await request.body())
-        answered = await self._message(
-            request, span, owner, admission, body.model, inbound_text(body), body.user
-        )
+        body, answered = await self._message(request, span, parse_chat_request, inbound_text)
         if isinstance(answered, Response):
             return answered
         outcome, message_id, headers = answered
@@ -155,12 +164,7 @@ class Gateway:
     async def responses(self, request: Request, span: Span) -> Response:
         """`POST /v1/responses`: the same message path as a chat completion, answered
         as a Responses API object or its events."""
-        owner = await self._owner(request)
-        admission = await self._admit(owner)
-        body = parse_responses_request(await request.body())
-        answered = await self._message(
-            request, span, owner, admission, body.model, responses_text(body), body.user
-        )
+        body, answered = await self._message(request, span, parse_responses_request, responses_text)
         if isinstance(answered, Response):
             return answered
         outcome, message_id, headers = answered
@@ -175,15 +179,17 @@ class Gateway:
         self,
         request: Request,
         span: Span,
-        owner: KeyOwner,
-        admission: Admission | None,
-        model: str,
-        text: str,
-        user: str | None,
-    ) -> tuple[HandleMessageResult, str, dict[str, str]] | Response:
-        """Run `text` as a message to `model` (TENANT/AGENT) of the key's tenant: the
-        reply, its message id and the answer's headers, or the 202 of a message that
-        waits for an approval."""
+        parse: Callable[[bytes], Body],
+        text_of: Callable[[Body], str],
+    ) -> tuple[Body, tuple[HandleMessageResult, str, dict[str, str]] | Response]:
+        """The request's key admitted (before its body is read), its body parsed, and
+        its text run as a message to the body's `model` (TENANT/AGENT) of the key's
+        tenant: the body, and the reply, its message id and the answer's headers, or
+        the 202 of a message that waits for an approval."""
+        owner = await self._owner(request)
+        admission = await self._admit(owner)
+        body = parse(await request.body())
+        text, model, user = text_of(body), body.model, body.user
         tenant = owner.tenant_id
         span.set_attribute("konstruct.tenant", tenant)
         wanted_tenant, agent = split_model(model)
@@ -221,7 +227,7 @@ class Gateway:
                 raise model_not_found(model) from None
             raise
         if isinstance(outcome, Pending):
-            return JSONResponse(
+            return body, JSONResponse(
                 outcome.body(), status_code=202, headers={"X-Konstruct-Workflow-Id": workflow_id}
             )
         await self._spend(owner, outcome.usage.total_tokens)
@@ -230,7 +236,7 @@ class Gateway:
             "X-Konstruct-Degraded": "true" if outcome.degraded else "false",
             **(admission.headers() if admission is not None else {}),
         }
-        return outcome, message_id, headers
+        return body, (outcome, message_id, headers)
 
     # -- running the workflow
 
