@@ -89,7 +89,7 @@ async def _check_address(server: McpServer, policy: AddressPolicy) -> None:
 async def _session(
     server: McpServer,
     policy: AddressPolicy,
-    environ: Mapping[str, str],
+    secret: str | None,
     extra_headers: Mapping[str, str],
     work: Any,
 ) -> Any:
@@ -99,7 +99,6 @@ async def _session(
     from mcp.client.streamable_http import create_mcp_http_client, streamable_http_client
     from mcp.shared.exceptions import MCPError
 
-    secret = _secret(server, environ)
     await _check_address(server, policy)
     headers = {"User-Agent": USER_AGENT, **extra_headers}
     if secret is not None and server.secret_header:
@@ -153,7 +152,8 @@ async def list_server_tools(
             if not cursor:
                 return tools
 
-    listed: list[McpTool] = await _session(server, policy, environ, {}, work)
+    secret = _secret(server, environ)
+    listed: list[McpTool] = await _session(server, policy, secret, {}, work)
     return listed
 
 
@@ -183,8 +183,8 @@ async def call_mcp_tool(
     async def work(client: Any) -> Any:
         return await client.call_tool(remote_name, arguments)
 
-    result = await _session(server, policy, environ, {"Idempotency-Key": idempotency_key}, work)
     secret = _secret(server, environ)
+    result = await _session(server, policy, secret, {"Idempotency-Key": idempotency_key}, work)
     text = scrub(_result_text(result), secret)
     if result.is_error:
         raise ToolError(f"MCP tool {server.name}__{remote_name}: {text[:500]}", retryable=False)
