@@ -280,12 +280,50 @@ async def inject_faults(
         else:
             target = rng.choice([name for name in children if name.startswith("worker")])
         child = children.get(target)
-        if child is None or child["pid"] is None or child["state"] != "up":
+        # The status file says "up" until the supervisor notices an exit, which it may
+        # not for seconds while it restarts another child: a pid already killed (a
+        # zombie, or gone) is not killed again and counted as a second fault.
+        if child is None or child["state"] != "up" or not alive(child["pid"]):
             soak.log(f"fault {n}: {target} is not up, skipped")
             continue
         os.kill(child["pid"], signal.SIGKILL)
         soak.faults.append({"at": time.monotonic(), "target": target, "pid": child["pid"]})
         soak.log(f"fault {n}: kill -9 {target} (pid {child['pid']})")
+
+
+def alive(pid: int | None) -> bool:
+    """Whether the process runs (not gone, not a zombie awaiting its parent)."""
+    if pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def healed(soak: Soak, give_up_s: float = 180) -> dict[str, Any]:
+    """Wait until the supervisor has restarted every killed child (its restart count
+    covers the kills against it) and each runs again; the children's counts, and
+    whether they got there before `give_up_s`."""
+    kills: dict[str, int] = {}
+    for fault in soak.faults:
+        kills[fault["target"]] = kills.get(fault["target"], 0) + 1
+    deadline = time.monotonic() + give_up_s
+    while True:
+        children = {c["name"]: c for c in (read_status(soak.settings) or {}).get("children", [])}
+        behind = [
+            name
+            for name, n in kills.items()
+            if name not in children
+            or children[name]["restarts"] < n
+            or children[name]["state"] != "up"
+            or not alive(children[name]["pid"])
+        ]
+        restarts = {name: c["restarts"] for name, c in children.items()}
+        if not behind or time.monotonic() >= deadline:
+            return {"healed": not behind, "not_healed": behind, "restarts": restarts}
+        await asyncio.sleep(0.5)
 
 
 # --- checks --------------------------------------------------------------------------
@@ -430,6 +468,7 @@ async def soak_run(args: argparse.Namespace, config: Path) -> dict[str, Any]:
         await watcher
         soak.log("checking invariants")
         report = await check(soak, pool, client, summaries)
+        report.update(await healed(soak))
     finally:
         await pool.close()
     report["seconds"] = args.seconds
@@ -498,6 +537,7 @@ def main() -> int:
         and report["failed"] == 0
         and not report["still_running"]
         and not report["demo_invariant_broken"]
+        and report["healed"]
     )
     return 0 if ok else 1
 

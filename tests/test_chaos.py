@@ -41,7 +41,7 @@ def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) ->
     # Faults of every kind were injected, and the stack healed from each.
     assert report["faults"] >= 6, report
     assert {"temporal", "postgres"} <= set(report["faults_by_target"]), report
-    assert report["restarts_logged"] >= report["faults"] - 1, report
+    assert report["healed"], report
     # Work of every kind ran through them.
     # (Messages are sent at 2 a second; sends wait while the dev server restarts.)
     assert report["workflows"]["messages"] >= 40 and report["workflows"]["demo_runs"] >= 1
