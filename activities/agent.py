@@ -20,6 +20,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.base import ActivityClass, heartbeating, outlasting_outages
+from activities.message_stream import TextPublisher, publish_tool
 from konstruct.agents.models import (
     AgentProfile,
     AgentStepInput,
@@ -264,8 +265,11 @@ class AgentActivities(ActivityClass):
                 agent, memory.summary, memory.turns, inbound.text, transcript(earlier, calls)
             )
             last = input.step >= agent.max_steps - 1
+            publisher = (
+                TextPublisher(self.pool, input.workflow_id, input.step) if input.stream else None
+            )
             step, rows, cost = await self._ask(
-                input, agent, messages, specs, {c.call_id for c in calls}, last
+                input, agent, messages, specs, {c.call_id for c in calls}, last, publisher
             )
             async with tenant_transaction(self.pool, tenant) as conn:
                 if await store.record_step(
@@ -297,15 +301,28 @@ class AgentActivities(ActivityClass):
         specs: Mapping[str, ToolSpec],
         taken: set[str],
         last: bool,
+        publisher: TextPublisher | None,
     ) -> tuple[store.StoredStep, list[store.NewCall], float]:
         """Call the model: its answer as a step, the tool calls to store (none on the
         `last` step: those stay in its message but are not run), and what it cost
-        (0 when the deployment's price is not known)."""
+        (0 when the deployment's price is not known). With a `publisher`, the answer
+        is streamed and its text published as it comes."""
         with _tracer.start_as_current_span("llm.completion") as span:
             span.set_attribute("llm.model_group", agent.model_group)
             span.set_attribute("agent.step", input.step)
+            span.set_attribute("llm.stream", publisher is not None)
             offered = openai_tools(specs)
-            answer = await complete(self.router, agent.model_group, messages, tools=offered or None)
+            try:
+                answer = await complete(
+                    self.router,
+                    agent.model_group,
+                    messages,
+                    tools=offered or None,
+                    on_text=None if publisher is None else publisher.write,
+                )
+            finally:
+                if publisher is not None:
+                    await publisher.close()
             span.set_attribute("llm.deployment", answer.deployment_id)
             span.set_attribute("llm.tool_calls", len(answer.tool_calls))
         assistant_calls, rows = _new_calls(answer.tool_calls, specs, taken, input.step)
@@ -400,6 +417,10 @@ class AgentActivities(ActivityClass):
             await store.start_attempt(
                 conn, tenant, input.message_id, input.call_id, input.approved_by
             )
+        if input.stream_to:
+            await publish_tool(
+                self.pool, input.stream_to, call.step, call.call_id, call.tool, "started"
+            )
         with _tracer.start_as_current_span("tool.call") as span:
             span.set_attribute("tool.name", call.tool)
             span.set_attribute("tool.call_id", call.call_id)
@@ -427,6 +448,10 @@ class AgentActivities(ActivityClass):
         async with tenant_transaction(self.pool, tenant) as conn:
             stored = await store.finish_call(
                 conn, tenant, input.message_id, input.call_id, status, text
+            )
+        if input.stream_to:
+            await publish_tool(
+                self.pool, input.stream_to, call.step, call.call_id, call.tool, status
             )
         return _outcome(stored)
 

@@ -136,6 +136,8 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
                 "hang_rate": 0,
                 "outage": False,
                 "json_mismatch_rate": 0,
+                "ttft_ms": 0,
+                "inter_token_ms": 0,
                 **profile,
             },
         )

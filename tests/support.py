@@ -7,6 +7,7 @@ import base64
 import os
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,15 +17,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import uvicorn
 from aiohttp import web
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import WorkflowHistory
+from temporalio.client import Client, WorkflowHistory
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
+from konstruct.app.gateway import create_app
 from konstruct.app.processes import ManagedProcess, free_port
 from konstruct.app.stack import dev_server_command, simulator_command, temporal_test_server
+from konstruct.config import Settings
 from konstruct.platform.temporal.codec import EncryptionCodec, KeyRing
 from konstruct.platform.temporal.plugin import KonstructPlugin
 from konstruct.platform.temporal.search_attributes import SEARCH_ATTRIBUTES
@@ -290,3 +294,36 @@ async def time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
         yield env
     finally:
         await env.shutdown()
+
+
+@asynccontextmanager
+async def gateway_process(
+    client: Client, settings: Settings, task_queue: str | None = None
+) -> AsyncIterator[tuple[str, Any]]:
+    """A gateway while the block runs: its /v1 URL and the Gateway. Its own task
+    queue and in-process worker; or, given a `task_queue`, no worker (the test runs
+    the queue's workers)."""
+    app = create_app(
+        client,
+        settings,
+        task_queue or f"tq-gw-{uuid.uuid4().hex[:8]}",
+        host_worker=task_queue is None,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not serving.done(), "the gateway did not start"
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    gateway = app.state.gateway
+    for _ in range(100):  # the approval listener connects in the background
+        if gateway.notices.connected:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1", gateway
+    finally:
+        server.should_exit = True
+        await serving

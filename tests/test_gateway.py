@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,6 @@ import asyncpg
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -25,11 +23,8 @@ from konstruct.agents.store.key_limits import KeyLimits, set_limits
 from konstruct.agents.store.keys import create_key, list_keys, revoke_key, tenant_for_key
 from konstruct.agents.store.tools import put_tool
 from konstruct.app.gateway import (
-    STREAM_CHUNK_CHARS,
     Gateway,
     GatewayError,
-    completion_chunks,
-    create_app,
     inbound_text,
     parse_chat_request,
     split_model,
@@ -39,6 +34,7 @@ from konstruct.experiments.store.budgets import set_monthly, tenant_budget
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.naming import message_workflow_id
 from konstruct.providers.simulator.admin import SimulatorAdmin
+from tests.support import gateway_process
 from workflows.handle_message import HandleMessage
 
 
@@ -90,31 +86,6 @@ async def served(
         _, demo_key = await create_key(conn, "demo", label="gateway tests")
     async with gateway_process(client, settings) as (url, gateway):
         yield Served(url, gateway, demo_key, other, other_key)
-
-
-@asynccontextmanager
-async def gateway_process(client: Client, settings: Settings) -> AsyncIterator[tuple[str, Any]]:
-    """A gateway (its own task queue and in-process worker) while the block runs: its
-    /v1 URL and the Gateway."""
-    app = create_app(client, settings, f"tq-gw-{uuid.uuid4().hex[:8]}")
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
-    )
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not serving.done(), "the gateway did not start"
-        await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    gateway = app.state.gateway
-    for _ in range(100):  # the approval listener connects in the background
-        if gateway.notices.connected:
-            break
-        await asyncio.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1", gateway
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_a_plain_answer_in_the_chat_completion_shape(served: Served) -> None:
@@ -385,7 +356,7 @@ async def test_the_answer_path_survives_the_listener_losing_its_connection(
     generation = notices.generation
     killed = await app_pool.fetchval(
         "select count(pg_terminate_backend(pid)) from pg_stat_activity"
-        " where query ilike 'listen %konstruct_awaiting_approval%' and pid <> pg_backend_pid()"
+        " where query ilike 'listen %konstruct%' and pid <> pg_backend_pid()"
     )
     assert killed >= 1
     reply = await served.openai().chat.completions.create(model="demo/assistant", messages=QUESTION)
@@ -616,27 +587,3 @@ def test_the_last_user_message_is_the_inbound_text() -> None:
         with pytest.raises(GatewayError) as caught:
             split_model(bad)
         assert caught.value.param == "model"
-
-
-def test_a_stream_cuts_the_reply_into_pieces() -> None:
-    text = "x" * (STREAM_CHUNK_CHARS * 2 + 5)
-    result = HandleMessageResult(
-        message_id="m",
-        tenant_id="t",
-        agent_id="a",
-        thread_id="th",
-        response=text,
-        model_group="fast",
-        model="sim",
-        fallback_used=False,
-        degraded=False,
-    )
-    chunks = list(completion_chunks("chatcmpl-m", "t/a", 0, result, include_usage=False))
-    assert [c["choices"][0]["delta"] for c in chunks] == [
-        {"role": "assistant"},
-        {"content": "x" * STREAM_CHUNK_CHARS},
-        {"content": "x" * STREAM_CHUNK_CHARS},
-        {"content": "xxxxx"},
-        {},
-    ]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"

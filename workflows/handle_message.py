@@ -266,6 +266,7 @@ class HandleMessage:
                         step=step,
                         workflow_id=workflow_id,
                         message=message if step == 0 else None,
+                        stream=message.stream,
                     ),
                     summary=f"step {step + 1}",
                 )
@@ -366,6 +367,7 @@ class HandleMessage:
                     message_id=message.message_id,
                     call_id=call.call_id,
                     approved_by=approved_by,
+                    stream_to=workflow.info().workflow_id if message.stream else "",
                 ),
                 start_to_close_timeout=attempt_timeout,
                 schedule_to_close_timeout=TOOL_ATTEMPTS * attempt_timeout + OUTAGE,

@@ -29,6 +29,9 @@ class HandleMessageInput(StrictModel):
     channel: str = Field(min_length=1, max_length=50)
     sender: str = Field(min_length=1, max_length=200)
     text: str = Field(min_length=1, max_length=20_000)
+    # Publish the reply's text and tool calls as they happen (`konstruct.agents.streaming`),
+    # for a client that streams it; the stored reply is the same either way.
+    stream: bool = False
 
 
 class HandleMessageResult(StrictModel):
@@ -169,6 +172,7 @@ class AgentStepInput(StrictModel):
     step: int = Field(ge=0)
     workflow_id: str
     message: HandleMessageInput | None = None
+    stream: bool = False
 
 
 class PlannedCall(StrictModel):
@@ -200,6 +204,8 @@ class RunToolInput(StrictModel):
     call_id: str
     # Who approved the call, for a tool that needs approval.
     approved_by: str = ""
+    # For a streamed message: the workflow whose stream shows the call start and end.
+    stream_to: str = ""
 
 
 class ToolOutcome(StrictModel):

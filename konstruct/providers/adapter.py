@@ -18,6 +18,7 @@ A provider's exception becomes one retry posture here:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from types import ModuleType
@@ -273,18 +274,36 @@ async def complete(
     temperature: float | None = None,
     max_tokens: int | None = None,
     tools: list[dict[str, Any]] | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> Completion:
     """A completion from the Router's model group; a failure is `provider_error`'s.
 
     `tools` are OpenAI function specs; the model may answer with `tool_calls`.
+    With `on_text` the answer is streamed: each piece of its text is handed to
+    `on_text` as it arrives, and the completion is built from the chunks.
     """
     params = _sampling(temperature, max_tokens)
     if tools:
         params["tools"] = tools
     try:
-        response = await router.acompletion(model=model_group, messages=messages, **params)
+        if on_text is None:
+            response = await router.acompletion(model=model_group, messages=messages, **params)
+            return _completion(response)
+        params.update(stream=True, stream_options={"include_usage": True})
+        stream = await router.acompletion(model=model_group, messages=messages, **params)
+        chunks = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            if chunk.choices and chunk.choices[0].delta.content:
+                on_text(chunk.choices[0].delta.content)
     except Exception as exc:
         raise provider_error(exc, f"LLM call to group {model_group!r}") from exc
+    response = load_litellm().stream_chunk_builder(chunks, messages=messages)
+    if response is None:
+        raise provider_error(ValueError("the stream had no chunks"), f"group {model_group!r}")
+    # The Router says which deployment answered on the stream, not on the rebuilt response.
+    hidden = getattr(stream, "_hidden_params", None) or {}
+    response._hidden_params = {**(getattr(response, "_hidden_params", None) or {}), **hidden}
     return _completion(response)
 
 

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from opentelemetry.trace import Span
@@ -21,17 +22,18 @@ from konstruct.agents.models import HandleMessageInput, HandleMessageResult
 from konstruct.agents.store.agents import agent_exists, list_agents
 from konstruct.agents.store.key_limits import Admission, admit, spend_tokens
 from konstruct.agents.store.keys import KeyOwner, key_owner
+from konstruct.agents.streaming import Shown, StreamView
 from konstruct.app.gateway.errors import (
     model_not_found,
     quota_spent,
     rate_limited,
     unauthorized,
 )
-from konstruct.app.gateway.notices import ApprovalNotices
 from konstruct.app.gateway.wire import (
+    ChatCompletionRequest,
+    ChunkWriter,
     Pending,
     completion_body,
-    completion_chunks,
     header_id,
     inbound_text,
     message_input,
@@ -41,8 +43,8 @@ from konstruct.app.gateway.wire import (
     response_body,
     responses_text,
     split_model,
-    sse,
 )
+from konstruct.app.notices import Notices, events_until
 from konstruct.config import Settings
 from konstruct.experiments.store.budgets import month_spent
 from konstruct.platform import db
@@ -83,7 +85,7 @@ class Gateway:
         self.task_queue = task_queue
         self._pool: asyncpg.Pool | None = None
         self._in_flight = 0
-        self.notices = ApprovalNotices(db.app_url(settings))
+        self.notices = Notices(db.app_url(settings))
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -147,45 +149,49 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(self, request: Request, span: Span) -> Response:
-        body, answered = await self._message(request, span, parse_chat_request, inbound_text)
-        if isinstance(answered, Response):
-            return answered
-        outcome, message_id, headers = answered
-        completion_id = f"chatcmpl-{message_id}"
-        created = int(time.time())
+        asked = await self._prepare(request, span, parse_chat_request, inbound_text)
+        body = asked.body
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = completion_chunks(completion_id, body.model, created, outcome, include_usage)
-            return StreamingResponse(sse(chunks), media_type="text/event-stream", headers=headers)
+            return self._streamed(asked, include_usage)
+        answered = await self._answered(asked)
+        if isinstance(answered, Response):
+            return answered
+        outcome, headers = answered
         return JSONResponse(
-            completion_body(completion_id, body.model, created, outcome), headers=headers
+            completion_body(
+                f"chatcmpl-{asked.message.message_id}", body.model, int(time.time()), outcome
+            ),
+            headers=headers,
         )
 
     async def responses(self, request: Request, span: Span) -> Response:
         """`POST /v1/responses`: the same message path as a chat completion, answered
         as a Responses API object or its events."""
-        body, answered = await self._message(request, span, parse_responses_request, responses_text)
+        asked = await self._prepare(request, span, parse_responses_request, responses_text)
+        answered = await self._answered(asked)
         if isinstance(answered, Response):
             return answered
-        outcome, message_id, headers = answered
-        answer = response_body(f"resp_{message_id}", body.model, outcome, body.stream)
+        outcome, headers = answered
+        answer = response_body(
+            f"resp_{asked.message.message_id}", asked.body.model, outcome, asked.body.stream
+        )
         if isinstance(answer, list):
             return StreamingResponse(
                 named_sse(answer), media_type="text/event-stream", headers=headers
             )
         return JSONResponse(answer, headers=headers)
 
-    async def _message(
+    async def _prepare(
         self,
         request: Request,
         span: Span,
         parse: Callable[[bytes], Body],
         text_of: Callable[[Body], str],
-    ) -> tuple[Body, tuple[HandleMessageResult, str, dict[str, str]] | Response]:
+    ) -> _Asked[Body]:
         """The request's key admitted (before its body is read), its body parsed, and
-        its text run as a message to the body's `model` (TENANT/AGENT) of the key's
-        tenant: the body, and the reply, its message id and the answer's headers, or
-        the 202 of a message that waits for an approval."""
+        its text made a message to the body's `model` (TENANT/AGENT) of the key's
+        tenant, once the tenant is known to have that agent and budget left."""
         owner = await self._owner(request)
         admission = await self._admit(owner)
         body = parse(await request.body())
@@ -218,25 +224,79 @@ class Gateway:
             }
         )
         span.set_attribute("konstruct.workflow_id", workflow_id)
+        return _Asked(body, owner, admission, workflow_id, message, idempotency_key is not None)
+
+    async def _answered(
+        self, asked: _Asked[Body]
+    ) -> tuple[HandleMessageResult, dict[str, str]] | Response:
+        """The message run to its reply, with the answer's headers; or the 202 of a
+        message that waits for an approval."""
         try:
-            outcome = await self._answer(workflow_id, message, retry=idempotency_key is not None)
+            outcome = await self._answer(asked.workflow_id, asked.message, retry=asked.retry)
         except WorkflowFailureError as exc:
-            # An agent the tenant does not have: the workflow says so at once, and the
-            # answer is the same 404 as another tenant's model (no probing).
-            if is_failure(innermost_application_error(exc), UnknownAgent):
-                raise model_not_found(model) from None
-            raise
+            raise self._failure(exc, asked.body.model) from None
         if isinstance(outcome, Pending):
-            return body, JSONResponse(
-                outcome.body(), status_code=202, headers={"X-Konstruct-Workflow-Id": workflow_id}
+            return JSONResponse(
+                outcome.body(),
+                status_code=202,
+                headers={"X-Konstruct-Workflow-Id": asked.workflow_id},
             )
-        await self._spend(owner, outcome.usage.total_tokens)
-        headers = {
-            "X-Konstruct-Workflow-Id": workflow_id,
-            "X-Konstruct-Degraded": "true" if outcome.degraded else "false",
-            **(admission.headers() if admission is not None else {}),
-        }
-        return body, (outcome, message_id, headers)
+        await self._spend(asked.owner, outcome.usage.total_tokens)
+        headers = {**asked.headers(), "X-Konstruct-Degraded": str(outcome.degraded).lower()}
+        return outcome, headers
+
+    @staticmethod
+    def _failure(exc: WorkflowFailureError, model: str) -> Exception:
+        """What a failed message workflow answers: an agent the tenant does not have is
+        the same 404 as another tenant's model (no probing); anything else as it is."""
+        if is_failure(innermost_application_error(exc), UnknownAgent):
+            return model_not_found(model)
+        return exc
+
+    def _streamed(self, asked: _Asked[ChatCompletionRequest], include_usage: bool) -> Response:
+        """The reply as it is written: each model step's text as the model makes it,
+        tool calls as they start and end (Konstruct events), then the stored reply's
+        rest (`konstruct.agents.streaming.StreamView`: nothing shown twice), the stop,
+        and the usage when asked for. A wait for approval ends the stream with a
+        Konstruct event carrying the 202's body."""
+        message = asked.message.model_copy(update={"stream": True})
+        write = ChunkWriter(f"chatcmpl-{message.message_id}", asked.body.model, int(time.time()))
+
+        async def events() -> AsyncIterator[bytes]:
+            # Subscribed before the workflow starts: no event can come before we listen.
+            queue = self.notices.subscribe(asked.workflow_id)
+            answering = asyncio.ensure_future(
+                self._answer(asked.workflow_id, message, retry=asked.retry)
+            )
+            view = StreamView()
+            try:
+                yield write.delta({"role": "assistant", "content": ""})
+                async for event in events_until(queue, answering):
+                    for shown in view.feed(event):
+                        yield _shown(write, shown)
+                try:
+                    outcome = answering.result()
+                except WorkflowFailureError as exc:
+                    yield write.error(str(self._failure(exc, asked.body.model)))
+                    return
+                if isinstance(outcome, Pending):
+                    yield write.konstruct({"type": "awaiting_approval", **outcome.body()})
+                    yield write.DONE
+                    return
+                for shown in view.finish(outcome.response, max(0, outcome.steps - 1)):
+                    yield _shown(write, shown)
+                await self._spend(asked.owner, outcome.usage.total_tokens)
+                yield write.konstruct({"type": "outcome", "degraded": outcome.degraded})
+                yield write.delta({}, "stop")
+                if include_usage:
+                    yield write.usage(outcome)
+                yield write.DONE
+            finally:
+                self.notices.unsubscribe(asked.workflow_id, queue)
+                if not answering.done():
+                    answering.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=asked.headers())
 
     # -- running the workflow
 
@@ -338,3 +398,28 @@ class Gateway:
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def _shown(write: ChunkWriter, shown: Shown) -> bytes:
+    if shown.event is not None:
+        return write.konstruct(shown.event)
+    return write.delta({"content": shown.text})
+
+
+@dataclass(frozen=True)
+class _Asked(Generic[Body]):
+    """A request made ready to run: its body, whose key, the key's admission, and
+    the message and its workflow id (`retry`: the client named the message id)."""
+
+    body: Body
+    owner: KeyOwner
+    admission: Admission | None
+    workflow_id: str
+    message: HandleMessageInput
+    retry: bool
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-Konstruct-Workflow-Id": self.workflow_id,
+            **(self.admission.headers() if self.admission is not None else {}),
+        }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -247,45 +247,44 @@ def completion_body(
     }
 
 
-def completion_chunks(
-    completion_id: str,
-    model: str,
-    created: int,
-    result: HandleMessageResult,
-    include_usage: bool,
-) -> Iterator[dict[str, Any]]:
-    """The reply as `chat.completion.chunk` objects: role, content pieces, stop, usage."""
+@dataclass(frozen=True)
+class ChunkWriter:
+    """A streamed reply's server-sent events, as `chat.completion.chunk` objects.
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
-            "id": completion_id,
+    Besides OpenAI's chunks it writes Konstruct's events (a tool call starting or
+    ending, a step restarted, a wait for approval, the reply's outcome) as chunks
+    with no `choices` and a `konstruct` object, which OpenAI's clients pass over.
+    """
+
+    completion_id: str
+    model: str
+    created: int
+
+    def _event(self, body: dict[str, Any]) -> bytes:
+        base = {
+            "id": self.completion_id,
             "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "created": self.created,
+            "model": self.model,
         }
+        return f"data: {json.dumps({**base, **body})}\n\n".encode()
 
-    yield chunk({"role": "assistant"})
-    text = result.response
-    for start in range(0, len(text), STREAM_CHUNK_CHARS):
-        yield chunk({"content": text[start : start + STREAM_CHUNK_CHARS]})
-    yield chunk({}, "stop")
-    if include_usage:
-        yield {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": _usage(result),
-        }
+    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return self._event({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
+    def konstruct(self, event: dict[str, Any]) -> bytes:
+        return self._event({"choices": [], "konstruct": event})
 
-async def sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Chunks as server-sent events, ended by `data: [DONE]`."""
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+    def usage(self, result: HandleMessageResult) -> bytes:
+        return self._event({"choices": [], "usage": _usage(result)})
+
+    @staticmethod
+    def error(message: str, kind: str = "server_error") -> bytes:
+        """An error after the stream began, as OpenAI sends one (its clients raise it)."""
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    DONE = b"data: [DONE]\n\n"
 
 
 async def named_sse(events: list[dict[str, Any]]) -> AsyncIterator[bytes]:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -153,6 +154,55 @@ class Simulator:
             counters["in_flight"] -= 1
         return None, headers
 
+    @staticmethod
+    def _pace(state: ModelState, first: int, tokens: int) -> Callable[[int], float]:
+        """Seconds (on the clock) before chunk i of a stream whose `tokens` token
+        chunks start at index `first`: the profile's time to first token, then its
+        delay between tokens, as the profile says when the chunk is due (a test may
+        change it mid-stream); other chunks at once."""
+
+        def wait(i: int) -> float:
+            if not first <= i < first + tokens:
+                return 0.0
+            profile = state.profile
+            return (profile.ttft_ms if i == first else profile.inter_token_ms) / 1000
+
+        return wait
+
+    async def _answer_paced(self, pace: Callable[[int], float], tokens: int) -> None:
+        """An answer not streamed: wait as long as its stream would have."""
+        for i in range(tokens):
+            await self.clock.sleep(pace(i))
+
+    async def _send_event_stream(
+        self,
+        request: web.Request,
+        chunks: list[dict[str, Any]],
+        pace: Callable[[int], float],
+        headers: dict[str, str] | None = None,
+        named: bool = False,
+    ) -> web.StreamResponse:
+        """Server-sent events, each after its `pace` on the clock: chat chunks ending
+        `[DONE]`, or (`named`) the Responses API's events, each with its `event:`
+        line and no `[DONE]`."""
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **(headers or {}),
+            }
+        )
+        await response.prepare(request)
+        for index, chunk in enumerate(chunks):
+            if (wait := pace(index)) > 0:
+                await self.clock.sleep(wait)
+            event = f"event: {chunk['type']}\n" if named else ""
+            await response.write(f"{event}data: {json.dumps(chunk)}\n\n".encode())
+        if not named:
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         if not self._authorised(request):
             return self._unauthorised()
@@ -189,10 +239,15 @@ class Simulator:
             "total_tokens": prompt_tokens + completion_tokens,
         }
         completion_id = f"chatcmpl-{key}-{state.counters['ok']}"
+        pieces = token_pieces(reply)
+        pace = self._pace(state, 0, len(pieces))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = stream_chunks(completion_id, name, reply, usage if include_usage else None)
-            return await send_event_stream(request, chunks, limit_headers)
+            chunks = stream_chunks(
+                completion_id, name, reply, pieces, usage if include_usage else None
+            )
+            return await self._send_event_stream(request, chunks, pace, limit_headers)
+        await self._answer_paced(pace, len(pieces))
         return web.json_response(
             {
                 "id": completion_id,
@@ -241,10 +296,13 @@ class Simulator:
         state.record_ok(key, self._since_start())
         text, completion_tokens = str(reply.get("content") or ""), reply_tokens(reply)
         response_id = f"resp_{key}{state.counters['ok']}"
+        pieces = token_pieces(reply) or [""]
         if body.get("stream"):
-            pieces = [text[i : i + 40] for i in range(0, len(text), 40)] or [""]
             events = response_events(response_id, name, pieces, prompt_tokens, completion_tokens)
-            return await send_event_stream(request, events, limit_headers, named=True)
+            # The text deltas follow the four events that open the answer.
+            pace = self._pace(state, 4, len(pieces))
+            return await self._send_event_stream(request, events, pace, limit_headers, named=True)
+        await self._answer_paced(self._pace(state, 0, len(pieces)), len(pieces))
         answer = response_object(response_id, name, text, prompt_tokens, completion_tokens)
         return web.json_response(answer, headers=limit_headers)
 
@@ -414,56 +472,45 @@ def finish_reason(reply: ToolReply) -> str:
     return "tool_calls" if "tool_calls" in reply else "stop"
 
 
+def token_pieces(reply: ToolReply) -> list[str]:
+    """A reply as the tokens it streams: each word with the spaces before it (one
+    piece for a reply of tool calls, none for an empty one)."""
+    if "tool_calls" in reply:
+        return [""]
+    return re.findall(r"\s*\S+|\s+$", str(reply.get("content") or ""))
+
+
 def stream_chunks(
-    completion_id: str, model: str, reply: ToolReply, usage: dict[str, int] | None
+    completion_id: str,
+    model: str,
+    reply: ToolReply,
+    pieces: list[str],
+    usage: dict[str, int] | None,
 ) -> list[dict[str, Any]]:
-    """The chat.completion.chunk events of one streamed reply."""
+    """The chat.completion.chunk events of one streamed reply: the role with the
+    first token (or the tool calls), one chunk per further token, the finish, and
+    the usage when asked for."""
     base = {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
     }
-    delta = {"role": "assistant", **reply_message(reply)}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
     if "tool_calls" in reply:
-        delta["tool_calls"] = [
-            {"index": index, **call} for index, call in enumerate(reply["tool_calls"])
-        ]
-    chunks = [
-        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
-        {
-            **base,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(reply)}],
-        },
-    ]
+        calls = [{"index": index, **call} for index, call in enumerate(reply["tool_calls"])]
+        chunks = [chunk({"role": "assistant", "content": None, "tool_calls": calls})]
+    else:
+        first, *rest = pieces or [""]
+        chunks = [chunk({"role": "assistant", "content": first})]
+        chunks += [chunk({"content": piece}) for piece in rest]
+    chunks.append(chunk({}, finish_reason(reply)))
     if usage is not None:
         chunks.append({**base, "choices": [], "usage": usage})
     return chunks
-
-
-async def send_event_stream(
-    request: web.Request,
-    chunks: list[dict[str, Any]],
-    headers: dict[str, str] | None = None,
-    named: bool = False,
-) -> web.StreamResponse:
-    """Server-sent events: chat chunks ending `[DONE]`, or (`named`) the Responses
-    API's events, each with its `event:` line and no `[DONE]`."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            **(headers or {}),
-        }
-    )
-    await response.prepare(request)
-    for chunk in chunks:
-        event = f"event: {chunk['type']}\n" if named else ""
-        await response.write(f"{event}data: {json.dumps(chunk)}\n\n".encode())
-    if not named:
-        await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
 
 
 @dataclass
