@@ -13,6 +13,13 @@ the HTTP gateway) on free ports, then at each concurrency measures, in the same 
     from this process (an in-process worker), without and with eager start.
 The orchestration overhead of a path is its percentile minus direct's.
 
+Then, streamed (the simulator's `sim-fast` paced at STREAM_TTFT_MS to its first
+token and STREAM_INTER_TOKEN_MS between tokens):
+  - time to first token at concurrency 1: `litellm.acompletion(stream=True)` to the
+    simulator (direct_stream) against the openai client's `stream=True` through the
+    gateway (gateway_stream); the gateway's extra is the difference;
+  - messages a second at concurrency 32 through the gateway, streamed against not.
+
     .venv/bin/python bench/messages.py            # writes bench/results/messages.json
 """
 
@@ -51,16 +58,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(
-    call: Callable[[int], Awaitable[None]], total: int, concurrency: int
+    call: Callable[[int], Awaitable[float | None]], total: int, concurrency: int
 ) -> dict[str, float]:
+    """Latency percentiles and throughput of `call`; for a call that returns when its
+    first token came (perf_counter seconds), time-to-first-token percentiles too."""
     latencies: list[float] = []
+    first_tokens: list[float] = []
     counter = iter(range(total))
 
     async def lane() -> None:
         for i in counter:
             started = time.perf_counter()
-            await call(i)
+            first = await call(i)
             latencies.append((time.perf_counter() - started) * 1000)
+            if first is not None:
+                first_tokens.append((first - started) * 1000)
 
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
@@ -72,6 +84,14 @@ async def measure(
         "p99_ms": percentile(latencies, 99),
         "mean_ms": statistics.fmean(latencies),
         "per_second": len(latencies) / elapsed,
+        **(
+            {
+                "ttft_p50_ms": percentile(first_tokens, 50),
+                "ttft_p99_ms": percentile(first_tokens, 99),
+            }
+            if first_tokens
+            else {}
+        ),
     }
 
 
@@ -82,7 +102,9 @@ class NoOp:
         return 0
 
 
-async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -> dict:
+async def run_bench(
+    config: Path, levels: list[tuple[int, int]], stream_levels: tuple[int, int], stack: Stack
+) -> dict:
     litellm = load_litellm()
     import openai
     from temporalio.worker import Worker
@@ -162,7 +184,7 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
 
     noop_queue = f"bench-noop-{run_id}"
 
-    def noop(eager: bool) -> Callable[[int], Awaitable[None]]:
+    def noop(eager: bool) -> Callable[[int], Awaitable[float | None]]:
         async def start(i: int) -> None:
             handle = await client.start_workflow(
                 NoOp.run,
@@ -175,7 +197,7 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
 
         return start
 
-    paths: dict[str, Callable[[int], Awaitable[None]]] = {
+    paths: dict[str, Callable[[int], Awaitable[float | None]]] = {
         "direct": direct,
         "cli": cli,
         "gateway": via_gateway,
@@ -202,9 +224,13 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
                 row["gateway"]["per_second"] / row["cli"]["per_second"]
             )
             rows.append(row)
+        streamed = await measure_streaming(
+            stack, gateway, direct_stream_call(litellm, stack, api_key, system), stream_levels
+        )
     await gateway.close()
     return {
         "rows": rows,
+        "streaming": streamed,
         "dev_server_state": "file (--db-filename, sqlite journal_mode=wal, synchronous=normal)",
         "workers": "one worker process (cli path) + the gateway's in-process worker",
         "cpus": os.cpu_count(),
@@ -212,6 +238,99 @@ async def run_bench(config: Path, levels: list[tuple[int, int]], stack: Stack) -
 
 
 PATHS = ("direct", "cli", "gateway", "gateway_tool", "noop", "noop_eager")
+# The streamed model's pace: a first token after a realistic wait, then tokens
+# about as fast as a fast hosted model writes them.
+STREAM_TTFT_MS = 150
+STREAM_INTER_TOKEN_MS = 10
+
+
+def direct_stream_call(
+    litellm: Any, stack: Stack, api_key: str, system: str
+) -> Callable[[int], Awaitable[float | None]]:
+    async def direct_stream(i: int) -> float | None:
+        stream = await litellm.acompletion(
+            model="openai/sim-fast",
+            api_base=stack.simulator_url,
+            api_key=api_key,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"stream a few words back {i}"},
+            ],
+            max_retries=0,
+            stream=True,
+        )
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
+        return first
+
+    return direct_stream
+
+
+async def measure_streaming(
+    stack: Stack,
+    gateway: Any,
+    direct_stream: Callable[[int], Awaitable[float | None]],
+    levels: tuple[int, int],
+) -> dict[str, Any]:
+    """Time to first token at concurrency 1 and messages a second at 32, streamed
+    through the gateway against the direct stream and the gateway unstreamed."""
+    from konstruct.providers.simulator.admin import SimulatorAdmin
+
+    assert stack.simulator_url is not None
+    admin = SimulatorAdmin(stack.simulator_url.removesuffix("/v1"))
+    await admin.set_profile(
+        "sim-fast", ttft_ms=STREAM_TTFT_MS, inter_token_ms=STREAM_INTER_TOKEN_MS
+    )
+
+    def via_gateway(stream: bool) -> Callable[[int], Awaitable[float | None]]:
+        async def call(i: int) -> float | None:
+            messages = [{"role": "user", "content": f"stream a few words back {i}"}]
+            if not stream:
+                answer = await gateway.chat.completions.create(
+                    model="demo/assistant", messages=messages
+                )
+                assert answer.choices[0].message.content
+                return None
+            first = None
+            chunks = await gateway.chat.completions.create(
+                model="demo/assistant", messages=messages, stream=True
+            )
+            async for chunk in chunks:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+            assert first is not None
+            return first
+
+        return call
+
+    first_n, busy_n = levels
+    try:
+        for call in (direct_stream, via_gateway(True), via_gateway(False)):
+            await measure(call, 10, 4)  # warm
+        one = {
+            "direct_stream": await measure(direct_stream, first_n, 1),
+            "gateway_stream": await measure(via_gateway(True), first_n, 1),
+        }
+        busy = {
+            "gateway": await measure(via_gateway(False), busy_n, 32),
+            "gateway_stream": await measure(via_gateway(True), busy_n, 32),
+        }
+    finally:
+        await admin.set_profile("sim-fast", ttft_ms=0, inter_token_ms=0)
+        await admin.close()
+    return {
+        "model_pace_ms": {"ttft": STREAM_TTFT_MS, "inter_token": STREAM_INTER_TOKEN_MS},
+        "concurrency_1": one,
+        "ttft_extra_p50_ms": one["gateway_stream"]["ttft_p50_ms"]
+        - one["direct_stream"]["ttft_p50_ms"],
+        "ttft_extra_p99_ms": one["gateway_stream"]["ttft_p99_ms"]
+        - one["direct_stream"]["ttft_p99_ms"],
+        "concurrency_32": busy,
+        "stream_vs_plain_per_second": busy["gateway_stream"]["per_second"]
+        / busy["gateway"]["per_second"],
+    }
 
 
 def print_table(result: dict) -> None:
@@ -232,6 +351,32 @@ def print_table(result: dict) -> None:
                 f"{m['p99_ms']:7.1f} | {overhead} | {m['per_second']:7.1f}"
             )
         print(f"     gateway / cli messages per second: {row['gateway_vs_cli_per_second']:.2f}")
+    streamed = result.get("streaming")
+    if streamed:
+        one, busy = streamed["concurrency_1"], streamed["concurrency_32"]
+        pace = streamed["model_pace_ms"]
+        print(
+            f"streamed (model: first token {pace['ttft']} ms, then one per"
+            f" {pace['inter_token']} ms)"
+        )
+        for name in ("direct_stream", "gateway_stream"):
+            m = one[name]
+            print(
+                f"   1 | {name:<14} | first token p50 {m['ttft_p50_ms']:6.1f} ms,"
+                f" p99 {m['ttft_p99_ms']:6.1f} ms | whole reply p50 {m['p50_ms']:6.1f} ms"
+            )
+        print(
+            f"     gateway's extra to the first token: p50 {streamed['ttft_extra_p50_ms']:.1f} ms,"
+            f" p99 {streamed['ttft_extra_p99_ms']:.1f} ms"
+        )
+        for name in ("gateway", "gateway_stream"):
+            m = busy[name]
+            print(
+                f"  32 | {name:<14} | {m['per_second']:7.1f} messages/s, p50 {m['p50_ms']:.1f} ms"
+            )
+        print(
+            f"     streamed / not, messages per second: {streamed['stream_vs_plain_per_second']:.2f}"
+        )
 
 
 def main() -> None:
@@ -239,8 +384,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer messages per level")
     args = parser.parse_args()
     levels = [(1, 100), (8, 300), (32, 600)] if not args.quick else [(1, 20), (8, 40), (32, 64)]
+    stream_levels = (200, 600) if not args.quick else (30, 96)
     with running_stack("konstruct-bench-", MODELS, gateway=True) as (config, stack):
-        result = asyncio.run(run_bench(config, levels, stack))
+        result = asyncio.run(run_bench(config, levels, stream_levels, stack))
     print_table(result)
     write_results(RESULTS, result)
 

@@ -407,6 +407,10 @@ async def test_a_message_waiting_for_approval_answers_202(
     again = await served.post(body, key=key, headers=headers)
     assert again.status_code == 202, again.text
     assert again.json()["pending"] == pending["pending"]
+    # Streamed, a message that waits before it has shown anything is the same 202.
+    streamed = await served.post({**body, "stream": True}, key=key, headers=headers)
+    assert streamed.status_code == 202, streamed.text
+    assert streamed.json()["pending"] == pending["pending"]
 
     await client.get_workflow_handle(workflow_id).execute_update(
         "approve_tool", {"call_id": call["call_id"], "by": "tester"}

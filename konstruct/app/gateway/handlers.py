@@ -153,7 +153,7 @@ class Gateway:
         body = asked.body
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return self._streamed(asked, include_usage)
+            return await self._streamed(asked, include_usage)
         answered = await self._answered(asked)
         if isinstance(answered, Response):
             return answered
@@ -227,12 +227,18 @@ class Gateway:
         return _Asked(body, owner, admission, workflow_id, message, idempotency_key is not None)
 
     async def _answered(
-        self, asked: _Asked[Body]
+        self,
+        asked: _Asked[Body],
+        running: asyncio.Future[HandleMessageResult | Pending] | None = None,
     ) -> tuple[HandleMessageResult, dict[str, str]] | Response:
-        """The message run to its reply, with the answer's headers; or the 202 of a
-        message that waits for an approval."""
+        """The message run to its reply (or the `running` run's), with the answer's
+        headers; or the 202 of a message that waits for an approval."""
         try:
-            outcome = await self._answer(asked.workflow_id, asked.message, retry=asked.retry)
+            outcome = await (
+                running
+                if running is not None
+                else self._answer(asked.workflow_id, asked.message, retry=asked.retry)
+            )
         except WorkflowFailureError as exc:
             raise self._failure(exc, asked.body.model) from None
         if isinstance(outcome, Pending):
@@ -253,27 +259,56 @@ class Gateway:
             return model_not_found(model)
         return exc
 
-    def _streamed(self, asked: _Asked[ChatCompletionRequest], include_usage: bool) -> Response:
+    async def _streamed(
+        self, asked: _Asked[ChatCompletionRequest], include_usage: bool
+    ) -> Response:
         """The reply as it is written: each model step's text as the model makes it,
         tool calls as they start and end (Konstruct events), then the stored reply's
         rest (`konstruct.agents.streaming.StreamView`: nothing shown twice), the stop,
-        and the usage when asked for. A wait for approval ends the stream with a
-        Konstruct event carrying the 202's body."""
+        and the usage when asked for.
+
+        The stream begins with the message's first live event; a message that fails
+        or waits for an approval before that is answered as without `stream` (an
+        error, or the 202). A wait for approval after text was shown ends the stream
+        with a Konstruct event carrying the 202's body.
+        """
         message = asked.message.model_copy(update={"stream": True})
         write = ChunkWriter(f"chatcmpl-{message.message_id}", asked.body.model, int(time.time()))
+        # Subscribed before the workflow starts: no event can come before we listen.
+        queue = self.notices.subscribe(asked.workflow_id)
+        answering = asyncio.ensure_future(
+            self._answer(asked.workflow_id, message, retry=asked.retry)
+        )
+        first = asyncio.ensure_future(queue.get())
+
+        def let_go() -> None:
+            self.notices.unsubscribe(asked.workflow_id, queue)
+            for future in (first, answering):
+                if not future.done():
+                    future.cancel()
+
+        try:
+            await asyncio.wait({first, answering}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done() and (
+                answering.exception() is not None or isinstance(answering.result(), Pending)
+            ):
+                answered = await self._answered(asked, answering)
+                assert isinstance(answered, Response)  # a failure raised; a wait is the 202
+                return answered
+        except BaseException:
+            let_go()
+            raise
 
         async def events() -> AsyncIterator[bytes]:
-            # Subscribed before the workflow starts: no event can come before we listen.
-            queue = self.notices.subscribe(asked.workflow_id)
-            answering = asyncio.ensure_future(
-                self._answer(asked.workflow_id, message, retry=asked.retry)
-            )
             view = StreamView()
             try:
                 yield write.delta({"role": "assistant", "content": ""})
-                async for event in events_until(queue, answering):
-                    for shown in view.feed(event):
+                if first.done():
+                    for shown in view.feed(first.result()):
                         yield _shown(write, shown)
+                    async for event in events_until(queue, answering):
+                        for shown in view.feed(event):
+                            yield _shown(write, shown)
                 try:
                     outcome = answering.result()
                 except WorkflowFailureError as exc:
@@ -292,9 +327,7 @@ class Gateway:
                     yield write.usage(outcome)
                 yield write.DONE
             finally:
-                self.notices.unsubscribe(asked.workflow_id, queue)
-                if not answering.done():
-                    answering.cancel()
+                let_go()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=asked.headers())
 
