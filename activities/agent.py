@@ -35,7 +35,7 @@ from konstruct.agents.models import (
     ToolOutcome,
     ToolSpec,
 )
-from konstruct.agents.prompts import build_agent_messages, summary_request
+from konstruct.agents.prompts import build_agent_messages, repair_request, summary_request
 from konstruct.agents.store import steps as store
 from konstruct.agents.store.agents import _stored_turn, insert_turn, select_agent
 from konstruct.agents.store.tools import select_hosts, select_tools
@@ -53,15 +53,17 @@ from konstruct.agents.tools.mcp_servers import McpServer, call_mcp_tool
 from konstruct.experiments.store.budgets import count_message_spend, month_spent
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import (
+    AnswerDoesNotFit,
     InvalidInput,
     KnowledgeUnavailable,
     TenantBudgetSpent,
     ToolError,
 )
-from konstruct.providers.adapter import complete
+from konstruct.providers.adapter import Completion, complete
 from konstruct.providers.models import TokenUsage
 from konstruct.providers.pricing import cost_usd, price_of
 from konstruct.providers.router import RouterConfig
+from konstruct.providers.structured import answer_problem
 
 _tracer = trace.get_tracer("konstruct.agent")
 
@@ -265,11 +267,8 @@ class AgentActivities(ActivityClass):
                 agent, memory.summary, memory.turns, inbound.text, transcript(earlier, calls)
             )
             last = input.step >= agent.max_steps - 1
-            publisher = (
-                TextPublisher(self.pool, input.workflow_id, input.step) if input.stream else None
-            )
             step, rows, cost = await self._ask(
-                input, agent, messages, specs, {c.call_id for c in calls}, last, publisher
+                input, agent, messages, specs, {c.call_id for c in calls}, last
             )
             async with tenant_transaction(self.pool, tenant) as conn:
                 if await store.record_step(
@@ -301,30 +300,37 @@ class AgentActivities(ActivityClass):
         specs: Mapping[str, ToolSpec],
         taken: set[str],
         last: bool,
-        publisher: TextPublisher | None,
     ) -> tuple[store.StoredStep, list[store.NewCall], float]:
         """Call the model: its answer as a step, the tool calls to store (none on the
         `last` step: those stay in its message but are not run), and what it cost
-        (0 when the deployment's price is not known). With a `publisher`, the answer
-        is streamed and its text published as it comes."""
-        with _tracer.start_as_current_span("llm.completion") as span:
-            span.set_attribute("llm.model_group", agent.model_group)
-            span.set_attribute("agent.step", input.step)
-            span.set_attribute("llm.stream", publisher is not None)
-            offered = openai_tools(specs)
-            try:
-                answer = await complete(
-                    self.router,
-                    agent.model_group,
-                    messages,
-                    tools=offered or None,
-                    on_text=None if publisher is None else publisher.write,
+        (0 when the deployment's price is not known). For a streamed message the
+        answer is streamed and its text published as it comes.
+
+        With a response format (the message's, else the agent's), a final answer
+        that does not fit it gets one repair step (the model is told why, without
+        tools); a second answer that does not fit fails the message (AnswerDoesNotFit).
+        """
+        wanted = input.response_format or agent.response_format
+        if wanted is not None and wanted.get("type") == "text":
+            wanted = None
+        offered = openai_tools(specs)
+        answer = await self._complete(input, agent, messages, offered, wanted)
+        answers = [answer]
+        problem = None if answer.tool_calls else answer_problem(wanted, answer.content)
+        if problem is not None:
+            repair = [
+                *messages,
+                {"role": "assistant", "content": answer.content},
+                {"role": "user", "content": repair_request(problem)},
+            ]
+            answer = await self._complete(input, agent, repair, [], wanted)
+            answers.append(answer)
+            still = None if answer.tool_calls else answer_problem(wanted, answer.content)
+            if answer.tool_calls or still is not None:
+                raise AnswerDoesNotFit(
+                    f"the model's answer does not fit the response format, after one"
+                    f" repair step: {still or 'it asked for tools instead'}"
                 )
-            finally:
-                if publisher is not None:
-                    await publisher.close()
-            span.set_attribute("llm.deployment", answer.deployment_id)
-            span.set_attribute("llm.tool_calls", len(answer.tool_calls))
         assistant_calls, rows = _new_calls(answer.tool_calls, specs, taken, input.step)
         assistant: dict[str, Any] = {"role": "assistant", "content": answer.content or None}
         if assistant_calls:
@@ -335,17 +341,53 @@ class AgentActivities(ActivityClass):
             self.group_of.get(answer.deployment_id, agent.model_group),
             answer.model,
             {
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "total_tokens": answer.total_tokens,
+                name: sum(getattr(a, name) for a in answers)
+                for name in ("prompt_tokens", "completion_tokens", "total_tokens")
             },
         )
+        return step, ([] if last else rows), sum(self._cost(a) for a in answers)
+
+    async def _complete(
+        self,
+        input: AgentStepInput,
+        agent: AgentProfile,
+        messages: list[dict[str, Any]],
+        offered: list[dict[str, Any]],
+        wanted: dict[str, Any] | None,
+    ) -> Completion:
+        """One model call of the step, streamed (and published) for a streamed message:
+        each call is a run of its own, so a client sees a repaired answer replace the
+        first (`konstruct.agents.streaming`)."""
+        publisher = (
+            TextPublisher(self.pool, input.workflow_id, input.step) if input.stream else None
+        )
+        with _tracer.start_as_current_span("llm.completion") as span:
+            span.set_attribute("llm.model_group", agent.model_group)
+            span.set_attribute("agent.step", input.step)
+            span.set_attribute("llm.stream", publisher is not None)
+            span.set_attribute("llm.response_format", (wanted or {}).get("type", "text"))
+            try:
+                answer = await complete(
+                    self.router,
+                    agent.model_group,
+                    messages,
+                    tools=offered or None,
+                    on_text=None if publisher is None else publisher.write,
+                    response_format=wanted,
+                )
+            finally:
+                if publisher is not None:
+                    await publisher.close()
+            span.set_attribute("llm.deployment", answer.deployment_id)
+            span.set_attribute("llm.tool_calls", len(answer.tool_calls))
+        return answer
+
+    def _cost(self, answer: Completion) -> float:
         deployment = self.deployments.get(answer.deployment_id)
         price = price_of(deployment) if deployment is not None else None
-        cost = 0.0
-        if price is not None:
-            cost = cost_usd(price, answer.prompt_tokens, answer.completion_tokens)
-        return step, ([] if last else rows), cost
+        if price is None:
+            return 0.0
+        return cost_usd(price, answer.prompt_tokens, answer.completion_tokens)
 
     @staticmethod
     def _planned(call: store.StoredCall, spec: ToolSpec | None) -> PlannedCall:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -41,8 +43,14 @@ SIMULATOR_CONFIG = ROOT / "tests" / "simulator.yaml"
 
 
 @pytest.fixture(scope="session")
-def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("konstruct")
+def session_dir() -> Iterator[Path]:
+    """The session's servers' data and logs. Not under pytest's base temp: pytest
+    keeps only a user's three newest of those, so a second pytest run on the machine
+    deleted a running session's PostgreSQL data directory (ci40: every test of one
+    xdist process after that failed with connection refused)."""
+    path = Path(tempfile.mkdtemp(prefix="konstruct-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +144,7 @@ async def sim(simulator: SimulatorProcess) -> AsyncIterator[SimulatorAdmin]:
                 "hang_rate": 0,
                 "outage": False,
                 "json_mismatch_rate": 0,
+                "json_mismatch_first": 0,
                 "ttft_ms": 0,
                 "inter_token_ms": 0,
                 **profile,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import asyncpg
 from temporalio.client import Client, WorkflowHistory
@@ -39,12 +40,25 @@ async def test_fresh_runs_replay_without_cache(
     client: Client, settings: Settings, task_queue: str, sim: SimulatorAdmin
 ) -> None:
     """Every workflow task replays from scratch (no cache), then the whole history replays."""
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "ok": {"agent_id": "assistant", "text": "What are you?"},
         "unknown_agent": {"agent_id": "ghost", "text": "hello"},
         # As the gateway and `konstruct send` start it: search attributes set at start.
         "started_with_attributes": {"agent_id": "assistant", "text": "What are you?"},
         "degraded": {"agent_id": "assistant", "text": "nobody answers"},
+        # Streamed: the live text goes through PostgreSQL, history keeps the flag.
+        "streamed": {"agent_id": "assistant", "text": "What are you?", "stream": True},
+        # A structured answer repaired once, and one that still does not fit.
+        "structured_repaired": {
+            "agent_id": "assistant",
+            "text": "As JSON please",
+            "response_format": {"type": "json_object"},
+        },
+        "structured_does_not_fit": {
+            "agent_id": "assistant",
+            "text": "As JSON, never",
+            "response_format": {"type": "json_object"},
+        },
     }
     histories: dict[str, WorkflowHistory] = {}
     async with build_worker(client, settings, task_queue, max_cached_workflows=0) as worker:
@@ -52,6 +66,11 @@ async def test_fresh_runs_replay_without_cache(
             for name, fields in cases.items():
                 if name == "degraded":
                     await sim.set_profile("sim-fast", outage=True)
+                if name.startswith("structured"):
+                    await sim.set_profile("sim-fast", outage=False)
+                    await sim.reset()  # the forced mismatches count from here
+                    mismatches = 1 if name == "structured_repaired" else 2
+                    await sim.set_profile("sim-fast", json_mismatch_first=mismatches)
                 body = {
                     "message_id": f"replay-{uuid.uuid4().hex[:8]}",
                     "tenant_id": "demo",
@@ -74,7 +93,7 @@ async def test_fresh_runs_replay_without_cache(
                 try:
                     await handle.result()
                 except Exception:
-                    assert name == "unknown_agent"
+                    assert name in ("unknown_agent", "structured_does_not_fit")
                 histories[name] = await handle.fetch_history()
     await replay_all(replayer(HandleMessage), histories, record_as="handle_message_agent_")
 
@@ -91,7 +110,7 @@ async def test_fresh_tool_and_approval_runs_replay_without_cache(
         )
         await put_tool(conn, tenant, webhook("flaky", f"{hooks.url}/flaky"))
     await make_agent(app_pool, tenant, ["calculator", "refund", "flaky"], max_steps=3)
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "calculator": "What is 6 * 7?",
         "two_calls": '/tool calculator {"expression": "1+2"}\n/tool flaky {"x": 1}',
         "approved": '/tool refund {"x": 1}',

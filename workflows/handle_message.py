@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from konstruct.agents.prompts import build_messages
     from konstruct.platform.errors import (
+        AnswerDoesNotFit,
         InputFailure,
         innermost_application_error,
         is_failure,
@@ -267,13 +268,14 @@ class HandleMessage:
                         workflow_id=workflow_id,
                         message=message if step == 0 else None,
                         stream=message.stream,
+                        response_format=message.response_format,
                     ),
                     summary=f"step {step + 1}",
                 )
             except LOCAL_ACTIVITY_FAILURES as err:
                 cause = innermost_application_error(err)
                 # No retry and no fallback reply can fix it: the workflow fails.
-                if is_failure(cause, InputFailure):
+                if is_failure(cause, InputFailure, AnswerDoesNotFit):
                     self._set_status("failed")
                     raise workflow_failure(err) from None
                 workflow.logger.warning("every provider failed, answering the fallback: %s", err)

@@ -11,6 +11,7 @@ from pydantic import Field, StringConstraints, field_validator
 
 from konstruct.platform.models import StrictModel
 from konstruct.providers.models import ChatTurn, TokenUsage
+from konstruct.providers.structured import ResponseFormat
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -32,6 +33,9 @@ class HandleMessageInput(StrictModel):
     # Publish the reply's text and tool calls as they happen (`konstruct.agents.streaming`),
     # for a client that streams it; the stored reply is the same either way.
     stream: bool = False
+    # The reply must be JSON in this format (a gateway request's `response_format`);
+    # default: the agent's.
+    response_format: ResponseFormat = None
 
 
 class HandleMessageResult(StrictModel):
@@ -89,6 +93,9 @@ class AgentProfile(StrictModel):
     # they fit in `memory_tokens`, after a rolling summary of older turns.
     history_turns: int = Field(10, ge=0, le=100)
     memory_tokens: int = Field(2000, ge=200, le=100_000)
+    # The final answer must be JSON in this format (OpenAI's `response_format`;
+    # `konstruct.providers.structured`); a message's own format takes its place.
+    response_format: ResponseFormat = None
 
 
 class AgentContext(StrictModel):
@@ -173,6 +180,8 @@ class AgentStepInput(StrictModel):
     workflow_id: str
     message: HandleMessageInput | None = None
     stream: bool = False
+    # The message's own format for the final answer (else the agent's).
+    response_format: ResponseFormat = None
 
 
 class PlannedCall(StrictModel):

@@ -79,3 +79,11 @@ def summary_request(
         {"role": "system", "content": SUMMARIZER_PROMPT},
         {"role": "user", "content": body},
     ]
+
+
+def repair_request(problem: str) -> str:
+    """The one repair step's request when a final answer does not fit its format."""
+    return (
+        f"Your answer does not fit the required response format: {problem}. "
+        "Answer again with only the JSON, fitting the format exactly."
+    )

@@ -20,6 +20,7 @@ from konstruct.experiments.models import (
     NumericCloseEval,
     RegexEval,
 )
+from konstruct.providers.structured import as_json, schema_problem
 
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -85,34 +86,17 @@ def numeric_close(spec: NumericCloseEval, output: str, expected: Any) -> Score:
     return _binary(abs(got - float(want)) <= limit, f"got {got:g}, expected {float(want):g}")
 
 
-def _json(output: str) -> tuple[Any, str | None]:
-    """The reply as JSON (a ```json fence allowed), or why it is not."""
-    text = output.strip()
-    if text.startswith("```"):
-        text = text.strip("`").removeprefix("json").strip()
-    try:
-        return json.loads(text), None
-    except ValueError as exc:
-        return None, str(exc)[:200]
-
-
 def json_valid(spec: JsonValidEval, output: str, expected: Any) -> Score:
-    _, problem = _json(output)
+    _, problem = as_json(output)
     return _binary(problem is None, problem or "")
 
 
 def json_schema(spec: JsonSchemaEval, output: str, expected: Any) -> Score:
-    import jsonschema
-
-    document, problem = _json(output)
+    document, problem = as_json(output)
     if problem is not None:
         return _binary(False, f"not JSON: {problem}")
-    validator = jsonschema.validators.validator_for(spec.schema_)(spec.schema_)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
-    if error is None:
-        return _binary(True)
-    where = "/".join(str(p) for p in error.absolute_path) or "(the document)"
-    return _binary(False, f"{where}: {error.message}"[:200])
+    problem = schema_problem(spec.schema_, document)
+    return _binary(problem is None, (problem or "")[:200])
 
 
 _SCORERS = {

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from konstruct.platform.models import StrictModel
+from konstruct.providers.structured import check_response_format, check_schema
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _EXPERIMENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -103,17 +104,7 @@ class TaskSpec(StrictModel):
     @field_validator("response_format")
     @classmethod
     def _a_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None or value.get("type") in ("text", "json_object"):
-            return value
-        inner = value.get("json_schema")
-        if value.get("type") != "json_schema" or not isinstance(inner, dict):
-            raise ValueError(
-                'must be {"type": "json_object"} or {"type": "json_schema", "json_schema":'
-                ' {"name": ..., "schema": {...}}}'
-            )
-        if not isinstance(inner.get("schema"), dict):
-            raise ValueError("json_schema.schema must be a JSON schema (an object)")
-        return value
+        return check_response_format(value)
 
     @field_validator("prompt_template")
     @classmethod
@@ -177,17 +168,7 @@ class JsonSchemaEval(_Eval):
     @field_validator("schema_")
     @classmethod
     def _a_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from temporalio import workflow
-
-        # The Experiment workflow validates its input in its sandbox: jsonschema is
-        # imported from outside it (its check of a schema is deterministic).
-        with workflow.unsafe.imports_passed_through():
-            import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(value).check_schema(value)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        check_schema(value)
         return value
 
 

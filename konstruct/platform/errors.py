@@ -212,6 +212,12 @@ class TenantBudgetSpent(KonstructError):
     (degraded) without a model call, and the gateway answers 429 `insufficient_quota`."""
 
 
+class AnswerDoesNotFit(KonstructError):
+    """The model's final answer did not fit the response format asked for (an agent's
+    response schema, a request's `response_format`), even after one repair step:
+    the message fails with the validation error (no fallback reply stands in)."""
+
+
 class QuotaExceeded(ExperimentPaused):
     """A provider answered that its quota is spent (429 `insufficient_quota`)."""
 

@@ -275,6 +275,7 @@ async def complete(
     max_tokens: int | None = None,
     tools: list[dict[str, Any]] | None = None,
     on_text: Callable[[str], None] | None = None,
+    response_format: dict[str, Any] | None = None,
 ) -> Completion:
     """A completion from the Router's model group; a failure is `provider_error`'s.
 
@@ -285,6 +286,8 @@ async def complete(
     params = _sampling(temperature, max_tokens)
     if tools:
         params["tools"] = tools
+    if response_format is not None:
+        params["response_format"] = response_format
     try:
         if on_text is None:
             response = await router.acompletion(model=model_group, messages=messages, **params)

@@ -30,14 +30,16 @@ async def put_agent(conn: asyncpg.Connection, tenant_id: str, agent: AgentProfil
     )
     await conn.execute(
         "insert into agents (tenant_id, agent_id, name, role, persona, system_prompt,"
-        " model_group, fallback_reply, tools, max_steps, history_turns, memory_tokens)"
-        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        " model_group, fallback_reply, tools, max_steps, history_turns, memory_tokens,"
+        " response_format)"
+        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         " on conflict (tenant_id, agent_id) do update set name = excluded.name,"
         " role = excluded.role, persona = excluded.persona,"
         " system_prompt = excluded.system_prompt, model_group = excluded.model_group,"
         " fallback_reply = excluded.fallback_reply, tools = excluded.tools,"
         " max_steps = excluded.max_steps, history_turns = excluded.history_turns,"
-        " memory_tokens = excluded.memory_tokens, updated_at = now()",
+        " memory_tokens = excluded.memory_tokens,"
+        " response_format = excluded.response_format, updated_at = now()",
         tenant_id,
         agent.agent_id,
         agent.name,
@@ -50,6 +52,7 @@ async def put_agent(conn: asyncpg.Connection, tenant_id: str, agent: AgentProfil
         agent.max_steps,
         agent.history_turns,
         agent.memory_tokens,
+        None if agent.response_format is None else json.dumps(agent.response_format),
     )
 
 
@@ -59,12 +62,24 @@ async def _select_agents(
     """A tenant's agents by id, or only `agent_id` when given."""
     rows = await conn.fetch(
         "select agent_id, name, role, persona, system_prompt, model_group, fallback_reply,"
-        " tools, max_steps, history_turns, memory_tokens from agents where tenant_id = $1 and ($2::text is null or agent_id = $2)"
+        " tools, max_steps, history_turns, memory_tokens, response_format"
+        " from agents where tenant_id = $1 and ($2::text is null or agent_id = $2)"
         " order by agent_id",
         tenant_id,
         agent_id,
     )
-    return [AgentProfile(**{**dict(row), "tools": list(row["tools"])}) for row in rows]
+    return [
+        AgentProfile(
+            **{
+                **dict(row),
+                "tools": list(row["tools"]),
+                "response_format": None
+                if row["response_format"] is None
+                else json.loads(row["response_format"]),
+            }
+        )
+        for row in rows
+    ]
 
 
 async def agent_exists(conn: asyncpg.Connection, tenant_id: str, agent_id: str) -> bool:

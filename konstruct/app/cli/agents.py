@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
@@ -99,6 +101,17 @@ async def check_tools(conn: asyncpg.Connection, tenant: str, tools: list[str]) -
     "--memory-tokens",
     help="token budget of those turns; older turns are folded into a summary",
 )
+@click.option(
+    "--response-schema",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="a JSON schema file: the agent's final answer must be JSON that fits it"
+    " (one repair step, then the message fails)",
+)
+@click.option(
+    "--response-json",
+    is_flag=True,
+    help="the final answer must be a JSON object (any shape)",
+)
 @pass_state
 def put(
     state: CliState,
@@ -114,6 +127,8 @@ def put(
     max_steps: int,
     history_turns: int,
     memory_tokens: int,
+    response_schema: Path | None,
+    response_json: bool,
 ) -> int:
     """Create or update an agent (creates the tenant if new).
 
@@ -123,6 +138,7 @@ def put(
     from konstruct.agents.store.agents import put_agent
 
     chosen = tool_names(tools)
+    response_format = _response_format(agent, response_schema, response_json)
     try:
         profile = AgentProfile(
             agent_id=agent,
@@ -136,6 +152,7 @@ def put(
             history_turns=history_turns,
             memory_tokens=memory_tokens,
             tools=chosen,
+            response_format=response_format,
         )
     except ValidationError as exc:
         raise InvalidInput.from_validation_error("agents put", exc) from None
@@ -147,6 +164,32 @@ def put(
     in_tenant(state.settings, tenant, save)
     print(f"agent {tenant}/{agent} saved" + (f" (tools: {', '.join(chosen)})" if chosen else ""))
     return 0
+
+
+def _response_format(agent: str, schema: Path | None, any_json: bool) -> dict[str, Any] | None:
+    """The agent's `response_format` from --response-schema or --response-json."""
+    if schema is not None and any_json:
+        raise InvalidInput(
+            "agents put: give --response-schema or --response-json, not both",
+            ["--response-schema"],
+        )
+    if any_json:
+        return {"type": "json_object"}
+    if schema is None:
+        return None
+    try:
+        document = json.loads(schema.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(
+            f"agents put: --response-schema {schema}: not a readable JSON file ({exc})",
+            ["--response-schema"],
+        ) from None
+    if not isinstance(document, dict):
+        raise InvalidInput(
+            f"agents put: --response-schema {schema}: a JSON schema is an object",
+            ["--response-schema"],
+        )
+    return {"type": "json_schema", "json_schema": {"name": agent, "schema": document}}
 
 
 @group.command("list")

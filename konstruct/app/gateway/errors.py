@@ -10,6 +10,7 @@ from temporalio.client import WorkflowFailureError
 from konstruct.agents.store.key_limits import Admission
 from konstruct.app.failures import failure_kind, failure_message
 from konstruct.platform.errors import (
+    AnswerDoesNotFit,
     InputFailure,
     NotFound,
     innermost_application_error,
@@ -108,6 +109,8 @@ def workflow_failure(exc: WorkflowFailureError) -> GatewayError:
     status = 500
     if is_failure(cause, InputFailure):
         status = 404 if is_failure(cause, NotFound) else 400
+    elif is_failure(cause, AnswerDoesNotFit):
+        status = 502  # the model did not give the answer asked for
     return GatewayError(
         status,
         f"the message failed: {failure_message(exc)}",

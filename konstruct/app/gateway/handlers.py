@@ -24,10 +24,12 @@ from konstruct.agents.store.key_limits import Admission, admit, spend_tokens
 from konstruct.agents.store.keys import KeyOwner, key_owner
 from konstruct.agents.streaming import Shown, StreamView
 from konstruct.app.gateway.errors import (
+    GatewayError,
     model_not_found,
     quota_spent,
     rate_limited,
     unauthorized,
+    workflow_failure,
 )
 from konstruct.app.gateway.wire import (
     ChatCompletionRequest,
@@ -40,6 +42,7 @@ from konstruct.app.gateway.wire import (
     named_sse,
     parse_chat_request,
     parse_responses_request,
+    requested_format,
     response_body,
     responses_text,
     split_model,
@@ -221,6 +224,7 @@ class Gateway:
                 "channel": "http",
                 "sender": user or "api",
                 "text": text,
+                **({"response_format": wanted} if (wanted := requested_format(body)) else {}),
             }
         )
         span.set_attribute("konstruct.workflow_id", workflow_id)
@@ -252,12 +256,12 @@ class Gateway:
         return outcome, headers
 
     @staticmethod
-    def _failure(exc: WorkflowFailureError, model: str) -> Exception:
+    def _failure(exc: WorkflowFailureError, model: str) -> GatewayError:
         """What a failed message workflow answers: an agent the tenant does not have is
-        the same 404 as another tenant's model (no probing); anything else as it is."""
+        the same 404 as another tenant's model (no probing); anything else says why."""
         if is_failure(innermost_application_error(exc), UnknownAgent):
             return model_not_found(model)
-        return exc
+        return workflow_failure(exc)
 
     async def _streamed(
         self, asked: _Asked[ChatCompletionRequest], include_usage: bool
@@ -312,7 +316,8 @@ class Gateway:
                 try:
                     outcome = answering.result()
                 except WorkflowFailureError as exc:
-                    yield write.error(str(self._failure(exc, asked.body.model)))
+                    failure = self._failure(exc, asked.body.model)
+                    yield write.error(failure.message, failure.type)
                     return
                 if isinstance(outcome, Pending):
                     yield write.konstruct({"type": "awaiting_approval", **outcome.body()})

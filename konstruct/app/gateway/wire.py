@@ -210,6 +210,21 @@ _INPUT_ORIGIN = {
 }
 
 
+def requested_format(body: object) -> Any:
+    """The body's structured-answer format in the chat shape (None: free text): a chat
+    request's `response_format`, or a Responses request's `text.format` (whose
+    json_schema carries name, schema and strict at its own level)."""
+    if isinstance(body, ChatCompletionRequest):
+        return body.response_format
+    if not isinstance(body, ResponsesRequest) or not isinstance(body.text, dict):
+        return None
+    wanted = body.text.get("format")
+    if isinstance(wanted, dict) and wanted.get("type") == "json_schema":
+        inner = {k: v for k, v in wanted.items() if k in ("name", "schema", "strict")}
+        return {"type": "json_schema", "json_schema": inner}
+    return wanted
+
+
 def message_input(message: dict[str, Any]) -> HandleMessageInput:
     try:
         return HandleMessageInput.model_validate(message)

@@ -51,6 +51,9 @@ class ModelProfile(BaseModel):
     # Asked for a structured answer (`response_format`), the share of replies whose
     # JSON does not fit the schema (decided per prompt: the same prompt, the same).
     json_mismatch_rate: float = Field(0.0, ge=0, le=1)
+    # The model's first this-many structured answers (since its counters were reset)
+    # do not fit, whatever the prompt: a test makes a repair step happen, or fail.
+    json_mismatch_first: int = Field(0, ge=0)
     # A reply's pace after `latency_ms`: its first token after `ttft_ms`, each next one
     # `inter_token_ms` later (streamed as made; an answer not streamed waits for all).
     # Read on the simulator's clock: a frozen clock holds a stream after its first token.

@@ -311,11 +311,12 @@ def _fitting(schema: Any, text: str) -> Any:
 
 
 def structured_reply(
-    reply: ToolReply, response_format: Any, profile: ModelProfile, key: str
+    reply: ToolReply, response_format: Any, profile: ModelProfile, key: str, mismatch: bool = False
 ) -> ToolReply:
     """The reply as the JSON a `response_format` asks for: `{"answer": text}` for a
     json_object, a document that fits the schema for a json_schema; one that does
-    not fit for the prompts `json_mismatch_rate` picks."""
+    not fit for the prompts `json_mismatch_rate` picks, or when told (`mismatch`):
+    not JSON at all for a json_object, `{"unexpected": text}` for a schema."""
     if "tool_calls" in reply or not isinstance(response_format, dict):
         return reply
     text = str(reply.get("content") or "")
@@ -327,7 +328,9 @@ def structured_reply(
         document = _fitting(schema, text)
     else:
         return reply
-    if seeded_rng(profile.seed, "json", key).random() < profile.json_mismatch_rate:
+    if mismatch and kind == "json_object":
+        return {"content": f"Sure! {text}"}
+    if mismatch or seeded_rng(profile.seed, "json", key).random() < profile.json_mismatch_rate:
         document = {"unexpected": text}
     return {"content": json.dumps(document, ensure_ascii=False)}
 

@@ -219,9 +219,11 @@ class Simulator:
 
         tools, tool_choice = body.get("tools"), body.get("tool_choice")
 
-        def build_reply() -> ToolReply:
+        wanted_format = body.get("response_format")
+
+        def build_reply(mismatch: bool = False) -> ToolReply:
             reply = assistant_reply(name, state.profile, messages, tools, tool_choice)
-            return structured_reply(reply, body.get("response_format"), state.profile, key)
+            return structured_reply(reply, wanted_format, state.profile, key, mismatch)
 
         def request_tokens() -> int:
             # The usage this request will report, as a token limit counts it.
@@ -230,7 +232,15 @@ class Simulator:
         refused, limit_headers = await self._apply_faults(name, state, key, request_tokens)
         if refused is not None:
             return refused
-        reply = build_reply()
+        # The profile's first `json_mismatch_first` structured answers do not fit.
+        forced = (
+            isinstance(wanted_format, dict)
+            and wanted_format.get("type") in ("json_object", "json_schema")
+            and state.counters["json_forced"] < state.profile.json_mismatch_first
+        )
+        if forced:
+            state.counters["json_forced"] += 1
+        reply = build_reply(mismatch=forced)
         state.record_ok(key, self._since_start())
         completion_tokens = reply_tokens(reply)
         usage = {
