@@ -110,7 +110,7 @@ async def test_fresh_tool_and_approval_runs_replay_without_cache(
         )
         await put_tool(conn, tenant, webhook("flaky", f"{hooks.url}/flaky"))
     await make_agent(app_pool, tenant, ["calculator", "refund", "flaky"], max_steps=3)
-    cases: dict[str, dict[str, Any]] = {
+    cases = {
         "calculator": "What is 6 * 7?",
         "two_calls": '/tool calculator {"expression": "1+2"}\n/tool flaky {"x": 1}',
         "approved": '/tool refund {"x": 1}',
