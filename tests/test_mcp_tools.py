@@ -310,3 +310,27 @@ async def test_kill_9_mid_call_runs_the_tool_once_more_with_the_same_key_and_one
         app_pool, tenant, "select 1 from message_turns where message_id = $1", message["message_id"]
     )
     assert len(turns) == 1
+
+
+async def test_a_20_step_turn_of_mcp_calls_keeps_history_as_small_as_built_in_tools(
+    client: Client, worker: str, app_pool: asyncpg.Pool, tenant: str
+) -> None:
+    """History per step: an MCP tool's call carries ids, as a built-in's does; its
+    arguments, result and schema stay in PostgreSQL (README quotes the figures)."""
+    sizes: dict[str, float] = {}
+    for tool, arguments in (
+        ("calculator", '{"expression": "1+2"}'),
+        ("calc__add", '{"a": 1, "b": 2}'),
+    ):
+        await make_agent(app_pool, tenant, [tool], max_steps=20)
+        message = body(tenant, f"/tool {tool} {arguments}\n/tool-repeat")
+        handle = await start(client, worker, message)
+        result = await handle.result()
+        assert (result.steps, result.tool_calls) == (20, 19), result
+        history = await handle.fetch_history()
+        sizes[tool] = sum(e.ByteSize() for e in history.events) / result.steps
+    print(
+        f"history bytes per step: built-in {sizes['calculator']:.0f}, MCP {sizes['calc__add']:.0f}"
+    )
+    # The tool's name is the only difference in what a step records.
+    assert sizes["calc__add"] <= sizes["calculator"] * 1.05, sizes
