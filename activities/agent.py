@@ -38,7 +38,13 @@ from konstruct.agents.models import (
 from konstruct.agents.prompts import build_agent_messages, repair_request, summary_request
 from konstruct.agents.store import steps as store
 from konstruct.agents.store.agents import _stored_turn, insert_turn, select_agent
-from konstruct.agents.store.tools import select_hosts, select_tools
+from konstruct.agents.store.tools import (
+    replace_mcp_tools,
+    select_hosts,
+    select_tools,
+    stale_mcp_servers,
+    touch_mcp_server,
+)
 from konstruct.agents.tools import (
     BUILTIN_TOOLS,
     AddressPolicy,
@@ -49,7 +55,7 @@ from konstruct.agents.tools import (
     http_request,
     truncate_result,
 )
-from konstruct.agents.tools.mcp_servers import McpServer, call_mcp_tool
+from konstruct.agents.tools.mcp_servers import McpServer, call_mcp_tool, server_of, server_specs
 from konstruct.experiments.store.budgets import count_message_spend, month_spent
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import (
@@ -201,8 +207,11 @@ class AgentActivities(ActivityClass):
         environ: Mapping[str, str] = os.environ,
         http_limits: HttpLimits | None = None,
         address_policy: AddressPolicy | None = None,
+        mcp_refresh_s: float = 3600.0,
     ) -> None:
         self.pool = pool
+        # How old an MCP server's stored listing may get before a step lists it again.
+        self.mcp_refresh_s = mcp_refresh_s
         # What the tools may reach (public addresses only unless configured).
         self.address_policy = address_policy or AddressPolicy()
         self.router = router
@@ -249,7 +258,9 @@ class AgentActivities(ActivityClass):
             current = next((s for s in stored_steps if s.step == input.step), None)
             # A model call is to be made: not once the tenant's month is spent.
             spent = await month_spent(conn, tenant) if current is None else None
+            stale: list[ToolSpec] = []
             if current is None and spent is None:
+                stale = await self._stale_servers(conn, tenant, specs)
                 memory = await store.memory(
                     conn,
                     tenant,
@@ -261,6 +272,8 @@ class AgentActivities(ActivityClass):
         if spent is not None:
             # The workflow answers with the agent's polite fallback, degraded.
             raise TenantBudgetSpent(spent)
+        if stale:
+            specs = await self._refresh_servers(tenant, agent, stale)
         if current is None:
             earlier = [s for s in stored_steps if s.step < input.step]
             messages = build_agent_messages(
@@ -291,6 +304,59 @@ class AgentActivities(ActivityClass):
             return AgentStepResult(calls=[self._planned(c, specs.get(c.tool)) for c in step_calls])
         async with tenant_transaction(self.pool, tenant) as conn:
             return await self._final(conn, input, inbound, agent, stored_steps, calls)
+
+    async def _stale_servers(
+        self, conn: asyncpg.Connection, tenant: str, specs: Mapping[str, ToolSpec]
+    ) -> list[ToolSpec]:
+        """The MCP servers of the offered tools whose listing is due a refresh."""
+        servers = sorted({spec.mcp_server for spec in specs.values() if spec.mcp_server})
+        if not servers or self.mcp_refresh_s <= 0:
+            return []
+        return await stale_mcp_servers(conn, tenant, servers, self.mcp_refresh_s)
+
+    async def _refresh_servers(
+        self, tenant: str, agent: AgentProfile, stale: list[ToolSpec]
+    ) -> dict[str, ToolSpec]:
+        """List each stale server's tools again and store them (new ones added, gone
+        ones removed); a server that cannot say keeps its listing for another
+        interval. The agent's tools, as stored now."""
+        listed: dict[str, list[ToolSpec] | None] = {}
+        for first in stale:
+            server = server_of(first)
+            try:
+                listed[server.name] = await server_specs(
+                    server,
+                    first.requires_approval,
+                    policy=self.address_policy,
+                    environ=self.environ,
+                )
+            except ToolError as error:
+                activity.logger.warning(
+                    "MCP server %s/%s not listed again: %s", tenant, server.name, error
+                )
+                listed[server.name] = None
+        async with tenant_transaction(self.pool, tenant) as conn:
+            for name, specs in listed.items():
+                if specs is None:
+                    await touch_mcp_server(conn, tenant, name)
+                    continue
+                try:
+                    async with conn.transaction():
+                        dropped = await replace_mcp_tools(conn, tenant, name, specs)
+                except ValueError as error:  # a name another tool of the tenant has
+                    activity.logger.warning(
+                        "MCP server %s/%s not stored again: %s", tenant, name, error
+                    )
+                    await touch_mcp_server(conn, tenant, name)
+                    continue
+                activity.logger.info(
+                    "MCP server %s/%s listed again: %d tools%s",
+                    tenant,
+                    name,
+                    len(specs),
+                    f", no longer listed: {', '.join(dropped)}" if dropped else "",
+                )
+            return tool_specs(agent, await select_tools(conn, tenant))
 
     async def _ask(
         self,

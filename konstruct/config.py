@@ -77,6 +77,9 @@ class ToolSettings(Section):
     # Kinds of non-public address webhooks and http_request may send to: loopback,
     # private, link_local, reserved. None by default; the dev stack allows loopback.
     allow_addresses: list[AddressKind] = Field(default_factory=list)
+    # An MCP server's tools are listed again (by the worker, before an agent step that
+    # offers them) once their stored listing is this old; 0: only by `tools mcp refresh`.
+    mcp_refresh_seconds: float = Field(3600.0, ge=0)
 
     @field_validator("allow_addresses", mode="before")
     @classmethod
@@ -261,6 +264,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "KONSTRUCT_GATEWAY_HOST": "gateway.host",
     "KONSTRUCT_BUDGET_HOLD_LEASE_S": "experiments.budget_hold_lease_s",
     "KONSTRUCT_TOOLS_ALLOW_ADDRESSES": "tools.allow_addresses",
+    "KONSTRUCT_TOOLS_MCP_REFRESH_SECONDS": "tools.mcp_refresh_seconds",
 }
 
 

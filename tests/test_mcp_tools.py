@@ -26,6 +26,7 @@ from temporalio.client import Client
 from activities.agent import TOOL_ATTEMPTS
 from konstruct.agents.tools import AddressPolicy
 from konstruct.agents.tools.mcp_servers import McpServer, list_server_tools, mcp_tool_name
+from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import ToolError
 from tests.support import WorkerProcess
 from tests.test_agent_tools import body, make_agent, new_tenant, rows, send, start, tool_calls
@@ -334,3 +335,53 @@ async def test_a_20_step_turn_of_mcp_calls_keeps_history_as_small_as_built_in_to
     )
     # The tool's name is the only difference in what a step records.
     assert sizes["calc__add"] <= sizes["calculator"] * 1.05, sizes
+
+
+async def age_listing(pool: asyncpg.Pool, tenant: str, hours: int) -> None:
+    """Make the stored listing of the tenant's `calc` server `hours` old."""
+    async with tenant_transaction(pool, tenant) as conn:
+        await conn.execute(
+            "update tools set updated_at = now() - make_interval(hours => $1)"
+            " where tenant_id = $2 and mcp_server = 'calc'",
+            hours,
+            tenant,
+        )
+
+
+async def test_a_listing_older_than_the_refresh_interval_is_listed_again_by_the_worker(
+    client: Client, worker: str, app_pool: asyncpg.Pool, environ: dict[str, str]
+) -> None:
+    server = calculator_server()
+    async with serving([], server) as url:
+        tenant = await registered(environ, app_pool, url)
+
+        @server.tool()
+        def mul(a: int, b: int) -> int:
+            """Multiply two integers (added after the server was registered)."""
+            return a * b
+
+        # Fresh, the listing stands: the new tool is not offered yet.
+        fresh = await send(client, worker, body(tenant, '/tool calc__mul {"a": 6, "b": 7}'))
+        assert "calc__mul" not in {c["tool"] for c in await rows(
+            app_pool, tenant, "select tool from tool_calls where status = 'ok'")}, fresh  # fmt: skip
+        # Older than `tools.mcp_refresh_seconds` (1 h): the next step lists it again.
+        await age_listing(app_pool, tenant, 2)
+        message = body(tenant, '/tool calc__mul {"a": 6, "b": 7}')
+        result = await send(client, worker, message)
+        [call] = await tool_calls(app_pool, tenant, message["message_id"])
+        assert (call["tool"], call["status"], call["result"]) == ("calc__mul", "ok", "42")
+        assert result.response == "Tool calc__mul returned: 42"
+    # The server is gone and the listing old again: the step keeps the stored tools,
+    # counts the listing fresh for another interval, and the message is answered.
+    await age_listing(app_pool, tenant, 2)
+    answered = await send(client, worker, body(tenant, "just talk"))
+    assert answered.degraded is False
+    stale = await rows(
+        app_pool,
+        tenant,
+        "select count(*) as n from tools where mcp_server = 'calc'"
+        " and updated_at < now() - interval '1 hour'",
+    )
+    assert stale[0]["n"] == 0
+    names = {r["name"] for r in await rows(app_pool, tenant, "select name from tools")}
+    assert {"calc__add", "calc__mul"} <= names

@@ -55,7 +55,11 @@ def _activities(
         messages.store_turn,
         llm.call_llm,
         *AgentActivities(
-            pool, router, router_config, address_policy=settings.tools.address_policy()
+            pool,
+            router,
+            router_config,
+            address_policy=settings.tools.address_policy(),
+            mcp_refresh_s=settings.tools.mcp_refresh_seconds,
         ).all(),
         *experiments.all(),
         *RegistryActivities(pool).all(),

@@ -85,6 +85,33 @@ async def mcp_server_tools(conn: asyncpg.Connection, tenant_id: str, server: str
     return [from_row(ToolSpec, row, docs=("parameters",)) for row in rows]
 
 
+async def stale_mcp_servers(
+    conn: asyncpg.Connection, tenant_id: str, servers: list[str], older_than_s: float
+) -> list[ToolSpec]:
+    """Of the tenant's MCP `servers`, those whose stored listing is older than
+    `older_than_s`: one tool row of each (it names the server and how to reach it)."""
+    rows = await conn.fetch(
+        f"select distinct on (mcp_server) {_COLUMNS} from tools"
+        " where tenant_id = $1 and mcp_server = any($2::text[])"
+        " and updated_at < now() - make_interval(secs => $3)"
+        " order by mcp_server, name",
+        tenant_id,
+        servers,
+        older_than_s,
+    )
+    return [from_row(ToolSpec, row, docs=("parameters",)) for row in rows]
+
+
+async def touch_mcp_server(conn: asyncpg.Connection, tenant_id: str, server: str) -> None:
+    """Count the server's listing as fresh (its refresh failed: the next try waits a
+    whole refresh interval rather than holding up every step)."""
+    await conn.execute(
+        "update tools set updated_at = now() where tenant_id = $1 and mcp_server = $2",
+        tenant_id,
+        server,
+    )
+
+
 async def replace_mcp_tools(
     conn: asyncpg.Connection, tenant_id: str, server: str, specs: list[ToolSpec]
 ) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from konstruct.agents.models import ToolSpec
 from konstruct.agents.tools.addresses import AddressPolicy, AddressRefused
 from konstruct.agents.tools.transport import USER_AGENT
 from konstruct.agents.tools.webhooks import WebhookSpec, scrub, webhook_secret
@@ -189,3 +190,52 @@ async def call_mcp_tool(
     if result.is_error:
         raise ToolError(f"MCP tool {server.name}__{remote_name}: {text[:500]}", retryable=False)
     return text
+
+
+async def server_specs(
+    server: McpServer,
+    requires_approval: bool,
+    *,
+    policy: AddressPolicy,
+    environ: Mapping[str, str] = os.environ,
+) -> list[ToolSpec]:
+    """The server's tools, listed now, as the tenant's tool rows (SERVER__TOOL); a
+    ToolError naming what is wrong when the server cannot say or its tools cannot
+    be stored (a schema that does not validate, two names that become one)."""
+    from pydantic import ValidationError
+
+    listed = await list_server_tools(server, policy=policy, environ=environ)
+    try:
+        specs = [
+            ToolSpec(
+                name=mcp_tool_name(server.name, tool.remote_name),
+                kind="mcp",
+                description=tool.description[:2000],
+                parameters=tool.parameters,
+                url=server.url,
+                secret_header=server.secret_header,
+                secret_env=server.secret_env,
+                requires_approval=requires_approval,
+                timeout_s=server.timeout_s,
+                mcp_server=server.name,
+                remote_name=tool.remote_name,
+            ).check_kind()
+            for tool in listed
+        ]
+    except (ValueError, ValidationError) as error:
+        raise ToolError(f"MCP server {server.name}: {error}", retryable=False) from None
+    names = [spec.name for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ToolError(
+            f"MCP server {server.name}: its tools {', '.join(twice)} have the same name"
+            " once made a valid function name",
+            retryable=False,
+        )
+    return specs
+
+
+def server_of(spec: ToolSpec) -> McpServer:
+    """The MCP server a stored tool row of it names."""
+    assert spec.mcp_server is not None and spec.url is not None
+    return McpServer(spec.mcp_server, spec.url, spec.secret_header, spec.secret_env, spec.timeout_s)

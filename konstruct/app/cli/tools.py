@@ -412,42 +412,14 @@ def _listed_specs(state: CliState, server: Any, requires_approval: bool) -> list
     """The server's tools, listed now, as tool rows; a clear error when it cannot say."""
     import asyncio
 
-    from konstruct.agents.tools.mcp_servers import list_server_tools, mcp_tool_name
+    from konstruct.agents.tools.mcp_servers import server_specs
     from konstruct.platform.errors import ToolError
 
     policy = state.settings.tools.address_policy()
     try:
-        listed = asyncio.run(list_server_tools(server, policy=policy))
+        return asyncio.run(server_specs(server, requires_approval, policy=policy))
     except ToolError as error:
         raise click.ClickException(error.message) from None
-    specs = []
-    try:
-        for tool in listed:
-            specs.append(
-                ToolSpec(
-                    name=mcp_tool_name(server.name, tool.remote_name),
-                    kind="mcp",
-                    description=tool.description[:2000],
-                    parameters=tool.parameters,
-                    url=server.url,
-                    secret_header=server.secret_header,
-                    secret_env=server.secret_env,
-                    requires_approval=requires_approval,
-                    timeout_s=server.timeout_s,
-                    mcp_server=server.name,
-                    remote_name=tool.remote_name,
-                ).check_kind()
-            )
-    except (ValueError, ValidationError) as error:
-        raise click.ClickException(f"MCP server {server.name}: {error}") from None
-    names = [spec.name for spec in specs]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise click.ClickException(
-            f"MCP server {server.name}: its tools {', '.join(twice)} have the same name"
-            " once made a valid function name"
-        )
-    return specs
 
 
 def _store_listed(state: CliState, tenant: str, name: str, specs: list[ToolSpec]) -> None:
@@ -546,13 +518,16 @@ def _stored_server(state: CliState, tenant: str, name: str) -> list[ToolSpec]:
 @click.argument("name")
 @pass_state
 def mcp_refresh(state: CliState, tenant: str, name: str) -> int:
-    """List the server's tools again: new ones are added, gone ones removed."""
-    from konstruct.agents.tools.mcp_servers import McpServer
+    """List the server's tools again: new ones are added, gone ones removed.
+
+    Workers also list a server again on their own once its listing is older than
+    `tools.mcp_refresh_seconds`, when an agent that offers its tools takes a step."""
+    from konstruct.agents.tools.mcp_servers import server_of
 
     first = _stored_server(state, tenant, name)[0]
-    assert first.url is not None
-    server = McpServer(name, first.url, first.secret_header, first.secret_env, first.timeout_s)
-    _store_listed(state, tenant, name, _listed_specs(state, server, first.requires_approval))
+    _store_listed(
+        state, tenant, name, _listed_specs(state, server_of(first), first.requires_approval)
+    )
     return 0
 
 
