@@ -275,3 +275,45 @@ async def test_konstruct_send_stream_prints_each_token_as_it_comes(
     rest, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode()
     assert (first + rest).decode() == await stored_reply(app_pool, tenant) + "\n"
+
+
+async def test_the_responses_api_streams_each_token_before_the_next_is_made(
+    client: Client,
+    settings: Settings,
+    sim: SimulatorAdmin,
+    app_pool: asyncpg.Pool,
+    tenant_key: tuple[str, str],
+) -> None:
+    tenant, key = tenant_key
+    await sim.freeze_clock()
+    await sim.set_profile("sim-fast", inter_token_ms=1000)
+    async with gateway_process(client, settings) as (url, _gateway):
+        oc = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+        stream = await oc.responses.create(
+            model=f"{tenant}/talker", input="please stream these words back", stream=True
+        )
+        events = stream.__aiter__()
+
+        async def next_delta() -> str | None:
+            """The next text delta (None: completed), waiting at most 120 s."""
+
+            async def read() -> str | None:
+                async for event in events:
+                    if event.type == "response.output_text.delta":
+                        return event.delta
+                    if event.type == "response.completed":
+                        final.append(event.response.output_text)
+                        return None
+                return None
+
+            return await asyncio.wait_for(read(), 120)
+
+        final: list[str] = []
+        deltas = [await next_delta()]
+        while deltas[-1] is not None:
+            await sim.advance_clock(1.0)  # lets exactly one more token go
+            deltas.append(await next_delta())
+    reply = await stored_reply(app_pool, tenant)
+    shown = [d for d in deltas if d is not None]
+    assert "".join(shown) == reply == final[0]
+    assert len(shown) == len(reply.split()) >= 4, shown

@@ -32,7 +32,6 @@ from konstruct.app.gateway.app import create_app, serve
 from konstruct.app.gateway.errors import GatewayError
 from konstruct.app.gateway.handlers import Gateway
 from konstruct.app.gateway.wire import (
-    STREAM_CHUNK_CHARS,
     ChatCompletionRequest,
     ChunkWriter,
     Pending,
@@ -45,7 +44,6 @@ from konstruct.app.notices import AWAITING_APPROVAL_CHANNEL, Notices
 
 __all__ = [
     "AWAITING_APPROVAL_CHANNEL",
-    "STREAM_CHUNK_CHARS",
     "Notices",
     "ChatCompletionRequest",
     "ChunkWriter",

@@ -32,14 +32,15 @@ from konstruct.app.gateway.errors import (
     workflow_failure,
 )
 from konstruct.app.gateway.wire import (
-    ChatCompletionRequest,
     ChunkWriter,
     Pending,
+    ResponseEventWriter,
+    StreamWriter,
     completion_body,
+    error_event,
     header_id,
     inbound_text,
     message_input,
-    named_sse,
     parse_chat_request,
     parse_responses_request,
     requested_format,
@@ -156,7 +157,10 @@ class Gateway:
         body = asked.body
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await self._streamed(asked, include_usage)
+            write = ChunkWriter(
+                f"chatcmpl-{asked.message.message_id}", body.model, int(time.time())
+            )
+            return await self._streamed(asked, write, include_usage)
         answered = await self._answered(asked)
         if isinstance(answered, Response):
             return answered
@@ -170,20 +174,18 @@ class Gateway:
 
     async def responses(self, request: Request, span: Span) -> Response:
         """`POST /v1/responses`: the same message path as a chat completion, answered
-        as a Responses API object or its events."""
+        as a Responses API object, or its events as the text is written."""
         asked = await self._prepare(request, span, parse_responses_request, responses_text)
+        response_id = f"resp_{asked.message.message_id}"
+        if asked.body.stream:
+            return await self._streamed(
+                asked, ResponseEventWriter(response_id, asked.body.model), False
+            )
         answered = await self._answered(asked)
         if isinstance(answered, Response):
             return answered
         outcome, headers = answered
-        answer = response_body(
-            f"resp_{asked.message.message_id}", asked.body.model, outcome, asked.body.stream
-        )
-        if isinstance(answer, list):
-            return StreamingResponse(
-                named_sse(answer), media_type="text/event-stream", headers=headers
-            )
-        return JSONResponse(answer, headers=headers)
+        return JSONResponse(response_body(response_id, asked.body.model, outcome), headers=headers)
 
     async def _prepare(
         self,
@@ -264,7 +266,7 @@ class Gateway:
         return workflow_failure(exc)
 
     async def _streamed(
-        self, asked: _Asked[ChatCompletionRequest], include_usage: bool
+        self, asked: _Asked[Body], write: StreamWriter, include_usage: bool
     ) -> Response:
         """The reply as it is written: each model step's text as the model makes it,
         tool calls as they start and end (Konstruct events), then the stored reply's
@@ -277,7 +279,6 @@ class Gateway:
         with a Konstruct event carrying the 202's body.
         """
         message = asked.message.model_copy(update={"stream": True})
-        write = ChunkWriter(f"chatcmpl-{message.message_id}", asked.body.model, int(time.time()))
         # Subscribed before the workflow starts: no event can come before we listen.
         queue = self.notices.subscribe(asked.workflow_id)
         answering = asyncio.ensure_future(
@@ -306,7 +307,7 @@ class Gateway:
         async def events() -> AsyncIterator[bytes]:
             view = StreamView()
             try:
-                yield write.delta({"role": "assistant", "content": ""})
+                yield write.start()
                 if first.done():
                     for shown in view.feed(first.result()):
                         yield _shown(write, shown)
@@ -317,20 +318,15 @@ class Gateway:
                     outcome = answering.result()
                 except WorkflowFailureError as exc:
                     failure = self._failure(exc, asked.body.model)
-                    yield write.error(failure.message, failure.type)
+                    yield error_event(failure.message, failure.type)
                     return
                 if isinstance(outcome, Pending):
-                    yield write.konstruct({"type": "awaiting_approval", **outcome.body()})
-                    yield write.DONE
+                    yield write.pending(outcome)
                     return
                 for shown in view.finish(outcome.response, max(0, outcome.steps - 1)):
                     yield _shown(write, shown)
                 await self._spend(asked.owner, outcome.usage.total_tokens)
-                yield write.konstruct({"type": "outcome", "degraded": outcome.degraded})
-                yield write.delta({}, "stop")
-                if include_usage:
-                    yield write.usage(outcome)
-                yield write.DONE
+                yield write.finish(outcome, include_usage)
             finally:
                 let_go()
 
@@ -438,10 +434,10 @@ def _new_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _shown(write: ChunkWriter, shown: Shown) -> bytes:
+def _shown(write: StreamWriter, shown: Shown) -> bytes:
     if shown.event is not None:
         return write.konstruct(shown.event)
-    return write.delta({"content": shown.text})
+    return write.text(shown.text)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -15,8 +14,6 @@ from konstruct.app.gateway.errors import invalid
 from konstruct.platform.errors import field_problems
 from konstruct.providers.responses_wire import input_messages, response_events, response_object
 
-# A streamed reply is cut into pieces of about this many characters.
-STREAM_CHUNK_CHARS = 40
 MAX_HEADER_ID = 200
 
 
@@ -262,9 +259,32 @@ def completion_body(
     }
 
 
+class StreamWriter(Protocol):
+    """The server-sent events of a reply streamed as it is written, in one API's shape."""
+
+    def start(self) -> bytes: ...
+
+    def text(self, text: str) -> bytes: ...
+
+    def konstruct(self, event: dict[str, Any]) -> bytes: ...
+
+    def pending(self, pending: Pending) -> bytes: ...
+
+    def finish(self, result: HandleMessageResult, include_usage: bool) -> bytes: ...
+
+
+def error_event(message: str, kind: str = "server_error") -> bytes:
+    """An error after the stream began, as OpenAI sends one (its clients raise it)."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
 @dataclass(frozen=True)
 class ChunkWriter:
-    """A streamed reply's server-sent events, as `chat.completion.chunk` objects.
+    """A streamed chat completion: `chat.completion.chunk` objects ending `[DONE]`.
 
     Besides OpenAI's chunks it writes Konstruct's events (a tool call starting or
     ending, a step restarted, a wait for approval, the reply's outcome) as chunks
@@ -284,45 +304,78 @@ class ChunkWriter:
         }
         return f"data: {json.dumps({**base, **body})}\n\n".encode()
 
-    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return self._event({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    def start(self) -> bytes:
+        return self._delta({"role": "assistant", "content": ""})
+
+    def text(self, text: str) -> bytes:
+        return self._delta({"content": text})
 
     def konstruct(self, event: dict[str, Any]) -> bytes:
         return self._event({"choices": [], "konstruct": event})
 
-    def usage(self, result: HandleMessageResult) -> bytes:
-        return self._event({"choices": [], "usage": _usage(result)})
+    def pending(self, pending: Pending) -> bytes:
+        return self.konstruct({"type": "awaiting_approval", **pending.body()}) + DONE
+
+    def finish(self, result: HandleMessageResult, include_usage: bool) -> bytes:
+        end = self.konstruct({"type": "outcome", "degraded": result.degraded})
+        end += self._delta({}, "stop")
+        if include_usage:
+            end += self._event({"choices": [], "usage": _usage(result)})
+        return end + DONE
+
+
+@dataclass(frozen=True)
+class ResponseEventWriter:
+    """A streamed Responses API answer: `response.created` ... one
+    `response.output_text.delta` per piece of text ... `response.completed`.
+    Konstruct's own events are not sent: they are not Responses API events."""
+
+    response_id: str
+    model: str
 
     @staticmethod
-    def error(message: str, kind: str = "server_error") -> bytes:
-        """An error after the stream began, as OpenAI sends one (its clients raise it)."""
-        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-        return f"data: {json.dumps(body)}\n\n".encode()
-
-    DONE = b"data: [DONE]\n\n"
-
-
-async def named_sse(events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """The Responses API's events, each with its `event:` line."""
-    for event in events:
-        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
-def response_body(
-    response_id: str, model: str, result: HandleMessageResult, stream: bool
-) -> dict[str, Any] | list[dict[str, Any]]:
-    """The reply as a Responses API object, or (`stream`) its events."""
-    text, usage = result.response, result.usage
-    if not stream:
-        return response_object(
-            response_id, model, text, usage.prompt_tokens, usage.completion_tokens
+    def _events(events: list[dict[str, Any]]) -> bytes:
+        return b"".join(
+            f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events
         )
-    pieces = [
-        text[start : start + STREAM_CHUNK_CHARS]
-        for start in range(0, len(text), STREAM_CHUNK_CHARS)
-    ]
-    return response_events(
-        response_id, model, pieces or [""], usage.prompt_tokens, usage.completion_tokens
+
+    def start(self) -> bytes:
+        # The events of an answer with no text yet: its first four open it.
+        return self._events(response_events(self.response_id, self.model, [], 0, 0)[:4])
+
+    def text(self, text: str) -> bytes:
+        return self._events([response_events(self.response_id, self.model, [text], 0, 0)[4]])
+
+    def konstruct(self, event: dict[str, Any]) -> bytes:
+        return b""
+
+    def pending(self, pending: Pending) -> bytes:
+        return error_event(
+            "the message waits for a person to approve a tool call"
+            f" (workflow {pending.workflow_id}): approve it, then send it again",
+            "awaiting_approval",
+        )
+
+    def finish(self, result: HandleMessageResult, include_usage: bool) -> bytes:
+        usage = result.usage
+        events = response_events(
+            self.response_id,
+            self.model,
+            [result.response],
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+        return self._events(events[-4:])  # the text done, the part, the item, completed
+
+
+def response_body(response_id: str, model: str, result: HandleMessageResult) -> dict[str, Any]:
+    """The reply as a Responses API object."""
+    usage = result.usage
+    return response_object(
+        response_id, model, result.response, usage.prompt_tokens, usage.completion_tokens
     )
 
 
