@@ -138,17 +138,7 @@ async def run_bench(
     assert stack.gateway_url is not None
     gateway = openai.AsyncOpenAI(base_url=stack.gateway_url, api_key=gateway_key, max_retries=0)
 
-    async def direct(i: int) -> None:
-        await litellm.acompletion(
-            model="openai/sim-fast",
-            api_base=stack.simulator_url,
-            api_key=api_key,
-            messages=[
-                {"role": "system", "content": system},
-                {"role": "user", "content": f"hi {i}"},
-            ],
-            max_retries=0,
-        )
+    direct = direct_call(litellm, stack, api_key, system, stream=False)
 
     run_id = uuid.uuid4().hex[:6]
 
@@ -225,7 +215,7 @@ async def run_bench(
             )
             rows.append(row)
         streamed = await measure_streaming(
-            stack, gateway, direct_stream_call(litellm, stack, api_key, system), stream_levels
+            stack, gateway, direct_call(litellm, stack, api_key, system, stream=True), stream_levels
         )
     await gateway.close()
     return {
@@ -244,28 +234,36 @@ STREAM_TTFT_MS = 150
 STREAM_INTER_TOKEN_MS = 10
 
 
-def direct_stream_call(
-    litellm: Any, stack: Stack, api_key: str, system: str
+def direct_call(
+    litellm: Any, stack: Stack, api_key: str, system: str, stream: bool
 ) -> Callable[[int], Awaitable[float | None]]:
-    async def direct_stream(i: int) -> float | None:
-        stream = await litellm.acompletion(
+    """`litellm.acompletion` straight to the simulator; streamed, it returns when
+    the first token came."""
+
+    async def direct(i: int) -> float | None:
+        answer = await litellm.acompletion(
             model="openai/sim-fast",
             api_base=stack.simulator_url,
             api_key=api_key,
             messages=[
                 {"role": "system", "content": system},
-                {"role": "user", "content": f"stream a few words back {i}"},
+                {
+                    "role": "user",
+                    "content": f"stream a few words back {i}" if stream else f"hi {i}",
+                },
             ],
             max_retries=0,
-            stream=True,
+            stream=stream,
         )
+        if not stream:
+            return None
         first = None
-        async for chunk in stream:
+        async for chunk in answer:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter()
         return first
 
-    return direct_stream
+    return direct
 
 
 async def measure_streaming(

@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -271,3 +272,21 @@ async def hooks() -> AsyncIterator[Hooks]:
         yield state
         # A held request would keep `cleanup` waiting out its 60 s shutdown timeout.
         state.release.set()
+
+
+@pytest.fixture
+async def talker_tenant(app_pool: Any) -> tuple[str, str]:
+    """A new tenant with one agent, `talker` (no tools), and a gateway key: (tenant, key)."""
+    from konstruct.agents.models import AgentProfile
+    from konstruct.agents.store.agents import put_agent
+    from konstruct.agents.store.keys import create_key
+
+    tenant = f"tt-{uuid.uuid4().hex[:8]}"
+    async with db.tenant_transaction(app_pool, tenant) as conn:
+        await put_agent(
+            conn,
+            tenant,
+            AgentProfile(agent_id="talker", name="Tal", role="a talker", fallback_reply="Sorry."),
+        )
+        _, key = await create_key(conn, tenant)
+    return tenant, key

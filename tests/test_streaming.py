@@ -7,8 +7,8 @@ shows the client nothing twice."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import openai
@@ -18,7 +18,6 @@ from temporalio.client import Client
 
 from konstruct.agents.models import AgentProfile
 from konstruct.agents.store.agents import put_agent
-from konstruct.agents.store.keys import create_key
 from konstruct.agents.streaming import MAX_TEXT_PER_EVENT, StreamEvent, StreamView
 from konstruct.config import Settings
 from konstruct.platform.db import tenant_transaction
@@ -89,19 +88,6 @@ def test_an_event_fits_a_notify_payload_and_reads_back() -> None:
 # --- through the gateway, the official openai client ---------------------------------
 
 
-@pytest.fixture
-async def tenant_key(app_pool: asyncpg.Pool) -> tuple[str, str]:
-    tenant = f"st-{uuid.uuid4().hex[:8]}"
-    async with tenant_transaction(app_pool, tenant) as conn:
-        await put_agent(
-            conn,
-            tenant,
-            AgentProfile(agent_id="talker", name="Tal", role="a talker", fallback_reply="Sorry."),
-        )
-        _, key = await create_key(conn, tenant)
-    return tenant, key
-
-
 async def content_chunks(
     stream: openai.AsyncStream[ChatCompletionChunk],
 ) -> AsyncIterator[str | None]:
@@ -127,42 +113,67 @@ async def stored_reply(app_pool: asyncpg.Pool, tenant: str) -> str:
         return str(await conn.fetchval("select reply_text from message_turns"))
 
 
+async def hold_each_token(sim: SimulatorAdmin) -> None:
+    """Frozen, the simulator's clock holds a stream after each token until the test
+    moves it on by the delay between tokens: a token the client has seen was sent
+    before the next one was made."""
+    await sim.freeze_clock()
+    await sim.set_profile("sim-fast", inter_token_ms=1000)
+
+
+async def token_by_token(sim: SimulatorAdmin, pieces: AsyncIterator[str | None]) -> list[str]:
+    """The stream's text pieces, read one token at a time: the first, then after each
+    move of the held clock the next, until the stream ends."""
+    seen = [await next_text(pieces)]
+    while seen[-1] is not None:
+        await sim.advance_clock(1.0)  # lets exactly one more token go
+        seen.append(await next_text(pieces))
+    return [piece for piece in seen if piece is not None]
+
+
+async def response_deltas(stream: Any, final: list[str]) -> AsyncIterator[str | None]:
+    """A Responses API stream's text deltas as they come; its completed text into `final`."""
+    async for event in stream:
+        if event.type == "response.output_text.delta":
+            yield event.delta
+        elif event.type == "response.completed":
+            final.append(event.response.output_text)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
 async def test_the_openai_client_gets_each_token_before_the_next_is_made(
     client: Client,
     settings: Settings,
     sim: SimulatorAdmin,
     app_pool: asyncpg.Pool,
-    tenant_key: tuple[str, str],
+    talker_tenant: tuple[str, str],
+    api: str,
 ) -> None:
-    tenant, key = tenant_key
-    # Frozen, the simulator's clock holds the stream after each token until the test
-    # moves it on by the delay between tokens: a token the client has seen was sent
-    # before the next one was made.
-    await sim.freeze_clock()
-    await sim.set_profile("sim-fast", inter_token_ms=1000)
+    tenant, key = talker_tenant
+    await hold_each_token(sim)
+    final: list[str] = []
     async with gateway_process(client, settings) as (url, _gateway):
         oc = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
-        stream = await oc.chat.completions.create(
-            model=f"{tenant}/talker",
-            messages=[{"role": "user", "content": "please stream these seven words back"}],
-            stream=True,
-        )
-        chunks = content_chunks(stream)
-        seen = [await next_text(chunks)]
-        while seen[-1] is not None:
-            await sim.advance_clock(1.0)  # lets exactly one more token go
-            seen.append(await next_text(chunks))
-    pieces = [p for p in seen if p is not None]
+        text = "please stream these seven words back"
+        if api == "chat":
+            chat = await oc.chat.completions.create(
+                model=f"{tenant}/talker", messages=[{"role": "user", "content": text}], stream=True
+            )
+            pieces = await token_by_token(sim, content_chunks(chat))
+        else:
+            events = await oc.responses.create(model=f"{tenant}/talker", input=text, stream=True)
+            pieces = await token_by_token(sim, response_deltas(events, final))
     reply = await stored_reply(app_pool, tenant)
     assert "".join(pieces) == reply
+    assert final in ([], [reply])  # the Responses API's completed text is the reply
     # One piece per token, each shown while the next was still held back.
     assert len(pieces) == len(reply.split()) >= 5, pieces
 
 
 async def test_tool_calls_appear_in_the_stream_as_they_start_and_end(
-    client: Client, settings: Settings, app_pool: asyncpg.Pool, tenant_key: tuple[str, str]
+    client: Client, settings: Settings, app_pool: asyncpg.Pool, talker_tenant: tuple[str, str]
 ) -> None:
-    tenant, key = tenant_key
+    tenant, key = talker_tenant
     async with tenant_transaction(app_pool, tenant) as conn:
         await put_agent(
             conn,
@@ -200,13 +211,12 @@ async def test_a_worker_killed_mid_stream_shows_the_client_no_text_twice(
     settings: Settings,
     sim: SimulatorAdmin,
     app_pool: asyncpg.Pool,
-    tenant_key: tuple[str, str],
+    talker_tenant: tuple[str, str],
     task_queue: str,
     worker_process: Callable[..., WorkerProcess],
 ) -> None:
-    tenant, key = tenant_key
-    await sim.freeze_clock()
-    await sim.set_profile("sim-fast", inter_token_ms=1000)
+    tenant, key = talker_tenant
+    await hold_each_token(sim)
     doomed = worker_process("a")
     async with gateway_process(client, settings, task_queue) as (url, _gateway):
         oc = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
@@ -247,12 +257,11 @@ async def test_konstruct_send_stream_prints_each_token_as_it_comes(
     worker: str,
     sim: SimulatorAdmin,
     app_pool: asyncpg.Pool,
-    tenant_key: tuple[str, str],
+    talker_tenant: tuple[str, str],
 ) -> None:
-    tenant, _key = tenant_key
+    tenant, _key = talker_tenant
     env = dict(environ, KONSTRUCT_TASK_QUEUE=worker)
-    await sim.freeze_clock()
-    await sim.set_profile("sim-fast", inter_token_ms=1000)
+    await hold_each_token(sim)
     process = await asyncio.create_subprocess_exec(
         *KONSTRUCT,
         "send",
@@ -275,45 +284,3 @@ async def test_konstruct_send_stream_prints_each_token_as_it_comes(
     rest, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode()
     assert (first + rest).decode() == await stored_reply(app_pool, tenant) + "\n"
-
-
-async def test_the_responses_api_streams_each_token_before_the_next_is_made(
-    client: Client,
-    settings: Settings,
-    sim: SimulatorAdmin,
-    app_pool: asyncpg.Pool,
-    tenant_key: tuple[str, str],
-) -> None:
-    tenant, key = tenant_key
-    await sim.freeze_clock()
-    await sim.set_profile("sim-fast", inter_token_ms=1000)
-    async with gateway_process(client, settings) as (url, _gateway):
-        oc = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
-        stream = await oc.responses.create(
-            model=f"{tenant}/talker", input="please stream these words back", stream=True
-        )
-        events = stream.__aiter__()
-
-        async def next_delta() -> str | None:
-            """The next text delta (None: completed), waiting at most 120 s."""
-
-            async def read() -> str | None:
-                async for event in events:
-                    if event.type == "response.output_text.delta":
-                        return event.delta
-                    if event.type == "response.completed":
-                        final.append(event.response.output_text)
-                        return None
-                return None
-
-            return await asyncio.wait_for(read(), 120)
-
-        final: list[str] = []
-        deltas = [await next_delta()]
-        while deltas[-1] is not None:
-            await sim.advance_clock(1.0)  # lets exactly one more token go
-            deltas.append(await next_delta())
-    reply = await stored_reply(app_pool, tenant)
-    shown = [d for d in deltas if d is not None]
-    assert "".join(shown) == reply == final[0]
-    assert len(shown) == len(reply.split()) >= 4, shown

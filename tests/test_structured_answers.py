@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,6 @@ import openai
 import pytest
 from temporalio.client import Client
 
-from konstruct.agents.models import AgentProfile
-from konstruct.agents.store.agents import put_agent
-from konstruct.agents.store.keys import create_key
 from konstruct.config import Settings
 from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
@@ -43,29 +39,15 @@ async def gateway(client: Client, settings: Settings) -> AsyncIterator[str]:
         yield url
 
 
-@pytest.fixture
-async def tenant(app_pool: asyncpg.Pool) -> tuple[str, str]:
-    """A new tenant with agent `talker` and a key."""
-    name = f"sa-{uuid.uuid4().hex[:8]}"
-    async with tenant_transaction(app_pool, name) as conn:
-        await put_agent(
-            conn,
-            name,
-            AgentProfile(agent_id="talker", name="Tal", role="a talker", fallback_reply="Sorry."),
-        )
-        _, key = await create_key(conn, name)
-    return name, key
-
-
 async def turns(app_pool: asyncpg.Pool, tenant: str) -> list[str]:
     async with tenant_transaction(app_pool, tenant) as conn:
         return [r["reply_text"] for r in await conn.fetch("select reply_text from message_turns")]
 
 
 async def test_a_request_json_schema_is_answered_with_json_that_fits(
-    gateway: str, tenant: tuple[str, str]
+    gateway: str, talker_tenant: tuple[str, str]
 ) -> None:
-    name, key = tenant
+    name, key = talker_tenant
     oc = openai.AsyncOpenAI(base_url=gateway, api_key=key, max_retries=0)
     reply = await oc.chat.completions.create(
         model=f"{name}/talker",
@@ -90,9 +72,9 @@ async def test_a_request_json_schema_is_answered_with_json_that_fits(
 
 
 async def test_an_answer_that_does_not_fit_is_repaired_once(
-    gateway: str, tenant: tuple[str, str], sim: SimulatorAdmin, app_pool: asyncpg.Pool
+    gateway: str, talker_tenant: tuple[str, str], sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:
-    name, key = tenant
+    name, key = talker_tenant
     await sim.set_profile("sim-fast", json_mismatch_first=1)
     before = (await sim.model_stats("sim-fast"))["ok"]
     oc = openai.AsyncOpenAI(base_url=gateway, api_key=key, max_retries=0)
@@ -110,12 +92,12 @@ async def test_an_answer_that_does_not_fit_is_repaired_once(
 
 async def test_an_answer_still_wrong_after_the_repair_fails_the_message_clearly(
     gateway: str,
-    tenant: tuple[str, str],
+    talker_tenant: tuple[str, str],
     sim: SimulatorAdmin,
     app_pool: asyncpg.Pool,
     client: Client,
 ) -> None:
-    name, key = tenant
+    name, key = talker_tenant
     await sim.set_profile("sim-fast", json_mismatch_first=2)
     oc = openai.AsyncOpenAI(base_url=gateway, api_key=key, max_retries=0)
     with pytest.raises(openai.APIStatusError) as failed:
@@ -134,9 +116,9 @@ async def test_an_answer_still_wrong_after_the_repair_fails_the_message_clearly(
 
 
 async def test_a_bad_response_format_is_a_400_naming_it(
-    gateway: str, tenant: tuple[str, str]
+    gateway: str, talker_tenant: tuple[str, str]
 ) -> None:
-    name, key = tenant
+    name, key = talker_tenant
     oc = openai.AsyncOpenAI(base_url=gateway, api_key=key, max_retries=0)
     bad: list[Any] = [
         {"type": "xml"},
@@ -156,10 +138,10 @@ async def test_a_bad_response_format_is_a_400_naming_it(
 async def test_an_agent_response_schema_from_the_cli_shapes_every_answer(
     environ: dict[str, str],
     worker: str,
-    tenant: tuple[str, str],
+    talker_tenant: tuple[str, str],
     tmp_path: Path,
 ) -> None:
-    name, _key = tenant
+    name, _key = talker_tenant
     schema_file = tmp_path / "verdict.json"
     schema_file.write_text(json.dumps(SCHEMA))
     env = dict(environ, KONSTRUCT_TASK_QUEUE=worker)
