@@ -238,6 +238,16 @@ async def test_the_client_lists_and_names_as_the_readme_says(mcp_server: Served)
         await list_server_tools(server, policy=AddressPolicy())
     assert "loopback" in refused.value.message and not refused.value.retryable
     assert mcp_server.posts == []
+    # By name: each request goes to the address checked as it is sent, the name kept
+    # in the Host header (a DNS answer that changes after the check is never used).
+    mcp_server.posts.clear()
+    by_name = McpServer("calc", mcp_server.url.replace("127.0.0.1", "localhost"))
+    assert await list_server_tools(by_name, policy=AddressPolicy.allowing(["loopback"]))
+    port = mcp_server.url.split(":")[2].split("/")[0]
+    assert mcp_server.posts and {p["host"] for p in mcp_server.posts} == {f"localhost:{port}"}
+    with pytest.raises(ToolError) as refused:
+        await list_server_tools(by_name, policy=AddressPolicy())
+    assert "'localhost' resolves to" in refused.value.message
     assert mcp_tool_name("docs", "search.v2") == "docs__search_v2"
     with pytest.raises(ValueError, match="over 64 characters"):
         mcp_tool_name("docs", "x" * 60)
@@ -385,3 +395,25 @@ async def test_a_listing_older_than_the_refresh_interval_is_listed_again_by_the_
     assert stale[0]["n"] == 0
     names = {r["name"] for r in await rows(app_pool, tenant, "select name from tools")}
     assert {"calc__add", "calc__mul"} <= names
+
+
+async def test_the_mcp_client_connects_to_the_checked_address_itself() -> None:
+    """The request the network gets names the checked address, not the name: the name
+    is not resolved again between the check and the connection."""
+    import httpx2
+
+    from konstruct.agents.tools.mcp_servers import _CheckedTransport
+
+    sent: list[httpx2.Request] = []
+
+    def network(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request)
+        return httpx2.Response(200)
+
+    checked = _CheckedTransport("calc", AddressPolicy.allowing(["loopback"]))
+    checked.inner = httpx2.MockTransport(network)  # the network, not our code
+    async with httpx2.AsyncClient(transport=checked) as http:
+        await http.post("http://localhost:9/mcp", content=b"{}")
+    [request] = sent
+    assert request.url.host in ("127.0.0.1", "::1")
+    assert request.headers["host"] == "localhost:9"

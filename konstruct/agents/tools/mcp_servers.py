@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import httpx2
 
 from konstruct.agents.models import ToolSpec
-from konstruct.agents.tools.addresses import AddressPolicy, AddressRefused
+from konstruct.agents.tools.addresses import AddressPolicy, AddressRefused, IpAddress, pinned
 from konstruct.agents.tools.transport import USER_AGENT
 from konstruct.agents.tools.webhooks import WebhookSpec, scrub, webhook_secret
 from konstruct.platform.errors import ToolError
@@ -87,6 +88,50 @@ async def _check_address(server: McpServer, policy: AddressPolicy) -> None:
         ) from None
 
 
+# The `mcp` client's own HTTP defaults (`create_mcp_http_client`): a server may hold a
+# response stream open for long; the call's own timeout bounds each call anyway.
+HTTP_TIMEOUT_S = 30.0
+STREAM_READ_TIMEOUT_S = 300.0
+
+
+class _CheckedTransport(httpx2.AsyncBaseTransport):
+    """The MCP client's connections, each to an address the policy allows, checked as
+    the request is sent: the host is resolved and checked, and the request goes to
+    that address itself (`addresses.pinned`: the Host header and the TLS server name
+    keep the name), so a DNS answer that changes after a check is never connected to.
+    (The MCP client runs on `httpx2`, the `mcp` package's HTTP client.)"""
+
+    def __init__(self, server: str, policy: AddressPolicy) -> None:
+        self.server = server
+        self.policy = policy
+        self.inner: httpx2.AsyncBaseTransport = httpx2.AsyncHTTPTransport(trust_env=False)
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = httpx.URL(str(request.url))
+        try:
+            addresses = await self.policy.checked(url)
+        except AddressRefused as refused:
+            raise ToolError(f"MCP server {self.server}: {refused}", retryable=False) from None
+        for address in addresses[:-1]:
+            try:
+                return await self._send(request, url, address)
+            except httpx2.ConnectError:
+                continue  # not connected, nothing sent: the name's next checked address
+        return await self._send(request, url, addresses[-1])
+
+    async def _send(
+        self, request: httpx2.Request, url: httpx.URL, address: IpAddress
+    ) -> httpx2.Response:
+        target, host, extensions = pinned(url, address)
+        request.url = httpx2.URL(str(target))
+        request.headers.update(host)
+        request.extensions.update(extensions)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def _session(
     server: McpServer,
     policy: AddressPolicy,
@@ -97,7 +142,7 @@ async def _session(
     """Open a session with the server, run `work(client)`, close it; a ToolError
     (retryable) when the server cannot be reached or answers with a protocol error."""
     from mcp.client.client import Client
-    from mcp.client.streamable_http import create_mcp_http_client, streamable_http_client
+    from mcp.client.streamable_http import streamable_http_client
     from mcp.shared.exceptions import MCPError
 
     await _check_address(server, policy)
@@ -107,7 +152,9 @@ async def _session(
     failure: str | None = None
     protocol = False
     try:
-        async with create_mcp_http_client(headers=headers) as http:
+        timeout = httpx2.Timeout(HTTP_TIMEOUT_S, read=STREAM_READ_TIMEOUT_S)
+        checked = _CheckedTransport(server.name, policy)
+        async with httpx2.AsyncClient(headers=headers, timeout=timeout, transport=checked) as http:
             transport = streamable_http_client(server.url, http_client=http)
             async with Client(transport, read_timeout_seconds=server.timeout_s) as client:
                 return await work(client)

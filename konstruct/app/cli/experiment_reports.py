@@ -1,4 +1,5 @@
-"""`konstruct experiments compare A B` and `konstruct experiments report EXP`.
+"""`konstruct experiments compare A B`, `experiments gate EXP --baseline BASE` and
+`konstruct experiments report EXP`.
 
 Both read PostgreSQL only (`konstruct.experiments.store.analysis`), so they work on any
 experiment with stored results, finished or not, with or without Temporal.
@@ -234,3 +235,118 @@ def report_command(
         f" {rows} in its table)"
     )
     return 0
+
+
+@click.command("gate")
+@click.argument("experiment")
+@click.option("--baseline", required=True, help="the experiment to hold EXPERIMENT against")
+@tenant_option
+@click.option(
+    "--max-drop",
+    "max_drops",
+    multiple=True,
+    metavar="EVAL=X",
+    help="EVAL's mean may fall below the baseline's by at most X (paired; repeatable)",
+)
+@click.option(
+    "--min",
+    "minimums",
+    multiple=True,
+    metavar="EVAL=V",
+    help="EVAL's mean must be at least V (repeatable)",
+)
+@click.option("--max-cost-usd", type=click.FloatRange(min=0), help="the calls cost at most this")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="a drop beyond --max-drop fails on its estimate alone (default: only when its"
+    " interval lies below zero)",
+)
+@click.option(
+    "--markdown",
+    "markdown_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)",
+)
+@click.option(
+    "--confidence",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_CONFIDENCE,
+    show_default=True,
+)
+@json_option("print the verdict as JSON")
+@pass_state
+def gate_command(
+    state: CliState,
+    experiment: str,
+    baseline: str,
+    tenant: str,
+    max_drops: tuple[str, ...],
+    minimums: tuple[str, ...],
+    max_cost_usd: float | None,
+    strict: bool,
+    markdown_file: Path | None,
+    confidence: float,
+    as_json: bool,
+) -> int:
+    """Exit 0 when EXPERIMENT holds every rule against --baseline, 1 when one fails
+    (2: bad arguments); prints each rule with what was measured."""
+    from konstruct.experiments.compare import eval_stats
+    from konstruct.experiments.gate import Rule, judge, markdown, parse_rule, unknown_evals
+    from konstruct.experiments.store.analysis import load_experiment
+    from konstruct.platform.errors import InvalidInput
+
+    rules: list[Rule] = []
+    for option, kind, texts in (
+        ("--max-drop", "max_drop", max_drops),
+        ("--min", "min", minimums),
+    ):
+        for text in texts:
+            try:
+                rules.append(parse_rule(kind, text))  # type: ignore[arg-type]
+            except ValueError as error:
+                raise InvalidInput(f"experiments gate: {option} {error}", [option]) from None
+    if max_cost_usd is not None:
+        rules.append(Rule("max_cost_usd", max_cost_usd))
+    if not rules:
+        raise InvalidInput(
+            "experiments gate: give at least one rule (--max-drop, --min, --max-cost-usd)",
+            ["--max-drop"],
+        )
+
+    async def load(conn: asyncpg.Connection) -> tuple[ExperimentData, ExperimentData]:
+        return (
+            await load_experiment(conn, tenant, baseline),
+            await load_experiment(conn, tenant, experiment),
+        )
+
+    base, candidate = in_tenant(state.settings, tenant, load)
+    comparison = compare(base, candidate, confidence=confidence)
+    stats = eval_stats(candidate)
+    unknown = unknown_evals(rules, comparison, stats)
+    if unknown:
+        have = ", ".join(e.name for e in comparison.evals) or "none"
+        raise InvalidInput(
+            f"experiments gate: {', '.join(unknown)}: no such eval in both experiments"
+            f" (shared: {have})",
+            ["--max-drop" if "max-drop" in unknown[0] else "--min"],
+        )
+    if any(r.kind == "max_drop" for r in rules) and not comparison.items.shared:
+        raise InvalidInput(
+            f"experiments gate: {experiment!r} and {baseline!r} share no item id: gate a run"
+            " of the baseline's dataset",
+            ["--baseline"],
+        )
+    result = judge(comparison, stats, rules, strict)
+    if markdown_file is not None:
+        markdown_file.write_text(markdown(result))
+    if as_json:
+        print_json(result)
+    else:
+        print(
+            f"gate {'passed' if result.passed else 'FAILED'}: {experiment} against {baseline}"
+            f" ({result.paired_items} paired items)"
+        )
+        for outcome in result.rules:
+            print(f"  {'pass' if outcome.passed else 'FAIL'}  {outcome.rule}: {outcome.measured}")
+    return 0 if result.passed else 1

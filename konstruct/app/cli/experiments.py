@@ -47,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Experiment B against A, item by item: score differences with a paired bootstrap"
         " interval, flipped items, latency, tokens and cost.",
     ),
+    "gate": (
+        f"{_CLI}.experiment_reports:gate_command",
+        "Exit 0 when an experiment holds every rule against a baseline, 1 when one fails.",
+    ),
     "report": (
         f"{_CLI}.experiment_reports:report_command",
         "One self-contained HTML page about an experiment: summary, plots, items.",
