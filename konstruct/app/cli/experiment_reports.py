@@ -289,8 +289,10 @@ def gate_command(
     confidence: float,
     as_json: bool,
 ) -> int:
-    """Exit 0 when EXPERIMENT holds every rule against --baseline, 1 when one fails
-    (2: bad arguments); prints each rule with what was measured."""
+    """Exit 0 when an experiment holds every rule against a baseline, 1 when one fails.
+
+    Exit 2 for bad arguments. Prints each rule with what was measured: for a
+    drop, the paired difference and its interval (docs/reports.md)."""
     from konstruct.experiments.compare import eval_stats
     from konstruct.experiments.gate import Rule, judge, markdown, parse_rule, unknown_evals
     from konstruct.experiments.store.analysis import load_experiment
