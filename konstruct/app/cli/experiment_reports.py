@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 
     from konstruct.experiments.records import ExperimentData
 
+# The level of the paired bootstrap's interval (compare, gate).
+confidence_option = click.option(
+    "--confidence",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_CONFIDENCE,
+    show_default=True,
+    help="the interval's level",
+)
+
 # Flipped item ids printed per eval and direction (--json lists every one).
 SHOWN_FLIPS = 20
 
@@ -161,12 +170,7 @@ def _print_operations(c: Comparison) -> None:
     help="bootstrap resamples",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
-@click.option(
-    "--confidence",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=DEFAULT_CONFIDENCE,
-    show_default=True,
-)
+@confidence_option
 @json_option("print the comparison as JSON (shape: docs/reports.md)")
 @pass_state
 def compare_command(
@@ -268,12 +272,7 @@ def report_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="also write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY)",
 )
-@click.option(
-    "--confidence",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=DEFAULT_CONFIDENCE,
-    show_default=True,
-)
+@confidence_option
 @json_option("print the verdict as JSON")
 @pass_state
 def gate_command(
