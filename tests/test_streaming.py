@@ -16,13 +16,12 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 from temporalio.client import Client
 
-from konstruct.agents.models import AgentProfile
-from konstruct.agents.store.agents import put_agent
 from konstruct.agents.streaming import MAX_TEXT_PER_EVENT, StreamEvent, StreamView
 from konstruct.config import Settings
 from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import KONSTRUCT, ROOT, WorkerProcess, gateway_process
+from tests.test_agent_tools import make_agent
 
 # --- what a client is shown -----------------------------------------------------------
 
@@ -174,22 +173,11 @@ async def test_tool_calls_appear_in_the_stream_as_they_start_and_end(
     client: Client, settings: Settings, app_pool: asyncpg.Pool, talker_tenant: tuple[str, str]
 ) -> None:
     tenant, key = talker_tenant
-    async with tenant_transaction(app_pool, tenant) as conn:
-        await put_agent(
-            conn,
-            tenant,
-            AgentProfile(
-                agent_id="talker",
-                name="Tal",
-                role="a talker",
-                fallback_reply="Sorry.",
-                tools=["calculator"],
-            ),
-        )
+    await make_agent(app_pool, tenant, ["calculator"])  # `helper`, with the calculator
     async with gateway_process(client, settings) as (url, _gateway):
         oc = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
         stream = await oc.chat.completions.create(
-            model=f"{tenant}/talker",
+            model=f"{tenant}/helper",
             messages=[{"role": "user", "content": '/tool calculator {"expression": "6*7"}'}],
             stream=True,
         )

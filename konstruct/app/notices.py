@@ -151,13 +151,18 @@ class Notices:
 
 
 async def events_until(
-    queue: asyncio.Queue[StreamEvent], done: asyncio.Future[Any]
+    queue: asyncio.Queue[StreamEvent],
+    done: asyncio.Future[Any],
+    first: asyncio.Future[StreamEvent] | None = None,
 ) -> AsyncIterator[StreamEvent]:
-    """The live events a subscription gets until `done` (the workflow's answer) is."""
+    """The live events a subscription gets until `done` (the workflow's answer) is;
+    `first`: a `queue.get()` the caller already started."""
+    event = first
     while True:
-        event = asyncio.ensure_future(queue.get())
+        event = event or asyncio.ensure_future(queue.get())
         await asyncio.wait({event, done}, return_when=asyncio.FIRST_COMPLETED)
         if not event.done():
             event.cancel()
             return
         yield event.result()
+        event = None

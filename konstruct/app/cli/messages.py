@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
@@ -21,6 +21,9 @@ from konstruct.app.cli.common import (
 )
 from konstruct.platform.errors import InvalidInput
 from konstruct.platform.naming import message_workflow_id
+
+if TYPE_CHECKING:
+    from konstruct.agents.streaming import Shown
 
 
 @click.command("send")
@@ -81,7 +84,7 @@ def send(
 
         client = await temporal_client(settings)
         notices: Notices | None = None
-        if stream:
+        if stream and not as_json:  # --json prints the result only
             notices = Notices(db.app_url(settings))
             await notices.connect()
         workflow_id = message_workflow_id(tenant, message_id)
@@ -125,7 +128,7 @@ def send(
     return run_async(execute())
 
 
-def _print_live(shown: Any) -> None:
+def _print_live(shown: Shown) -> None:
     """A live piece of the reply on stdout, as it comes; a tool call on stderr."""
     if shown.event is None:
         print(shown.text, end="", flush=True)

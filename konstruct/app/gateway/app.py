@@ -16,10 +16,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client
 from temporalio.service import RPCError
 
-from konstruct.app.gateway.errors import GatewayError, workflow_failure
+from konstruct.app.gateway.errors import GatewayError
 from konstruct.app.gateway.handlers import Gateway
 from konstruct.config import Settings
 
@@ -48,8 +48,6 @@ def _guarded(name: str, handler: Callable[[Request, Span], Awaitable[Response]])
                 response = await handler(request, span)
             except GatewayError as exc:
                 response = exc.response()
-            except WorkflowFailureError as exc:
-                response = workflow_failure(exc).response()
             except RPCError as exc:
                 log.warning("%s: Temporal answered %s: %s", name, exc.status.name, exc.message)
                 response = GatewayError(

@@ -308,12 +308,9 @@ class Gateway:
             view = StreamView()
             try:
                 yield write.start()
-                if first.done():
-                    for shown in view.feed(first.result()):
+                async for event in events_until(queue, answering, first):
+                    for shown in view.feed(event):
                         yield _shown(write, shown)
-                    async for event in events_until(queue, answering):
-                        for shown in view.feed(event):
-                            yield _shown(write, shown)
                 try:
                     outcome = answering.result()
                 except WorkflowFailureError as exc:
