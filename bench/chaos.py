@@ -82,7 +82,17 @@ class Soak:
     message_errors: list[str] = field(default_factory=list)
     demos: list[dict[str, Any]] = field(default_factory=list)
     experiments: dict[str, int] = field(default_factory=dict)  # id -> items
+    never_up: list[str] = field(default_factory=list)  # targets that did not come back
     client: Client | None = None
+    until: float = 0.0  # the workload runs at least until then ...
+    min_faults: int = 0  # ... and until this many faults were injected
+
+    def on(self) -> bool:
+        """Whether the workload goes on: its time is not over, or its faults are not
+        (unless a killed child never came back: then nothing more is to be learnt)."""
+        if self.never_up:
+            return False
+        return time.monotonic() < self.until or len(self.faults) < self.min_faults
 
     def now(self) -> float:
         return round(time.monotonic() - self.started, 2)
@@ -115,7 +125,7 @@ async def patiently(soak: Soak, what: str, call: Any, give_up_s: float = 300) ->
 # --- workload ------------------------------------------------------------------------
 
 
-async def send_messages(soak: Soak, client: Client, until: float, rate: float) -> None:
+async def send_messages(soak: Soak, client: Client, rate: float) -> None:
     from workflows.handle_message import HandleMessage
 
     async def one(tenant: str, message_id: str) -> None:
@@ -154,7 +164,7 @@ async def send_messages(soak: Soak, client: Client, until: float, rate: float) -
 
     tasks: list[asyncio.Task] = []
     n = 0
-    while time.monotonic() < until:
+    while soak.on():
         tenant = TENANTS[n % len(TENANTS)]
         tasks.append(asyncio.create_task(one(tenant, f"c{n:05d}-{uuid.uuid4().hex[:4]}")))
         n += 1
@@ -216,11 +226,11 @@ async def alias_run(pool: asyncpg.Pool) -> str | None:
     raise RuntimeError("PostgreSQL did not come back within two minutes")
 
 
-async def run_demos(soak: Soak, client: Client, pool: asyncpg.Pool, until: float) -> None:
+async def run_demos(soak: Soak, client: Client, pool: asyncpg.Pool) -> None:
     from workflows.demo_cascade import DemoCascade
 
     k = 0
-    while time.monotonic() < until:
+    while soak.on():
         workflow_id = f"demo-chaos-{k}-{uuid.uuid4().hex[:4]}"
         body = {"scenario": "demo_minimal", "seed": k, "approval": "auto", "fail_at": None}
         handle = await patiently(
@@ -265,30 +275,49 @@ async def watch_results(soak: Soak, pool: asyncpg.Pool, until_done: asyncio.Even
 # --- faults --------------------------------------------------------------------------
 
 
-async def inject_faults(
-    soak: Soak, until: float, rng: random.Random, interval: tuple[float, float]
-) -> None:
+async def inject_faults(soak: Soak, rng: random.Random, interval: tuple[float, float]) -> None:
+    """Kill a child with `kill -9` every `interval` seconds while the workload runs:
+    two workers for each restart of the dev server or PostgreSQL, alternately. A
+    target that is not up yet (still restarting from the last fault) is waited for,
+    not skipped, so the count of faults does not depend on how fast this machine
+    restarts things."""
     n = 0
-    while True:
+    while soak.on():
         await asyncio.sleep(rng.uniform(*interval))
-        if time.monotonic() >= until:
+        if not soak.on():
             return
-        children = {c["name"]: c for c in (read_status(soak.settings) or {}).get("children", [])}
         n += 1
         if n % 3 == 0:
             target = "temporal" if (n // 3) % 2 else "postgres"
         else:
-            target = rng.choice([name for name in children if name.startswith("worker")])
-        child = children.get(target)
-        # The status file says "up" until the supervisor notices an exit, which it may
-        # not for seconds while it restarts another child: a pid already killed (a
-        # zombie, or gone) is not killed again and counted as a second fault.
-        if child is None or child["state"] != "up" or not alive(child["pid"]):
-            soak.log(f"fault {n}: {target} is not up, skipped")
-            continue
+            workers = [c["name"] for c in status_children(soak) if c["name"].startswith("worker")]
+            target = rng.choice(workers or ["worker"])
+        child = await up_again(soak, target)
+        if child is None:
+            soak.log(f"fault {n}: {target} did not come up within two minutes")
+            soak.never_up.append(target)
+            return
         os.kill(child["pid"], signal.SIGKILL)
         soak.faults.append({"at": time.monotonic(), "target": target, "pid": child["pid"]})
         soak.log(f"fault {n}: kill -9 {target} (pid {child['pid']})")
+
+
+def status_children(soak: Soak) -> list[dict[str, Any]]:
+    return list((read_status(soak.settings) or {}).get("children", []))
+
+
+async def up_again(soak: Soak, target: str, give_up_s: float = 120) -> dict[str, Any] | None:
+    """The target's status once it runs. The status file says "up" until the
+    supervisor notices an exit, which it may not for seconds while it restarts
+    another child: a pid already killed (a zombie, or gone) is not up."""
+    deadline = time.monotonic() + give_up_s
+    while True:
+        child = next((c for c in status_children(soak) if c["name"] == target), None)
+        if child is not None and child["state"] == "up" and alive(child["pid"]):
+            return child
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.2)
 
 
 def alive(pid: int | None) -> bool:
@@ -380,6 +409,7 @@ async def check(soak: Soak, pool: asyncpg.Pool, client: Client, summaries: list[
             to_message[kind] = round(max(to_message.get(kind, 0.0), g), 1)
     return {
         "faults": len(soak.faults),
+        "never_up": soak.never_up,
         "faults_by_target": {
             t: sum(1 for f in soak.faults if f["target"] == t)
             for t in sorted({f["target"] for f in soak.faults})
@@ -452,15 +482,14 @@ async def soak_run(args: argparse.Namespace, config: Path) -> dict[str, Any]:
                         fallback_reply="Sorry, try again later.",
                     ),
                 )
-        until = time.monotonic() + args.seconds
+        soak.until = time.monotonic() + args.seconds
+        soak.min_faults = args.faults
         rng = random.Random(args.seed)
         finished = asyncio.Event()
         watcher = asyncio.create_task(watch_results(soak, pool, finished))
-        faults = asyncio.create_task(inject_faults(soak, until, rng, args.fault_interval))
+        faults = asyncio.create_task(inject_faults(soak, rng, args.fault_interval))
         experiments = asyncio.create_task(run_experiments(soak, client, args.items))
-        await asyncio.gather(
-            send_messages(soak, client, until, args.rate), run_demos(soak, client, pool, until)
-        )
+        await asyncio.gather(send_messages(soak, client, args.rate), run_demos(soak, client, pool))
         soak.log("workload over; waiting for the experiments")
         faults.cancel()
         summaries = await experiments
@@ -487,6 +516,12 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="messages a second")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--faults",
+        type=int,
+        default=0,
+        help="inject at least this many faults: the workload outlasts --seconds until then",
+    )
+    parser.add_argument(
         "--fault-interval",
         default="20,60",
         help="seconds between faults, MIN,MAX (every third fault: the dev server or PostgreSQL)",
@@ -494,8 +529,8 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS.name}")
     parser.add_argument("--json-out", type=Path, help="also write the report here")
     args = parser.parse_args()
-    if args.seconds <= 0 or args.items < 1 or args.rate <= 0:
-        parser.error("--seconds, --items and --rate must be positive")
+    if args.seconds <= 0 or args.items < 1 or args.rate <= 0 or args.faults < 0:
+        parser.error("--seconds, --items and --rate must be positive, --faults not negative")
     try:
         low, high = (float(v) for v in args.fault_interval.split(","))
     except ValueError:
@@ -538,6 +573,7 @@ def main() -> int:
         and not report["still_running"]
         and not report["demo_invariant_broken"]
         and report["healed"]
+        and not report["never_up"]
     )
     return 0 if ok else 1
 

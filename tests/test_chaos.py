@@ -26,6 +26,8 @@ def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) ->
             "100",
             "--fault-interval",
             "3,6",
+            "--faults",
+            "6",
             "--no-write",
             "--json-out",
             str(report_path),
@@ -38,8 +40,10 @@ def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) ->
     )
     assert report_path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    # Faults of every kind were injected, and the stack healed from each.
-    assert report["faults"] >= 6, report
+    # Faults of every kind were injected (the soak outlasts its 45 s until six were:
+    # how many fit in 45 s depends on how fast this machine restarts things), and the
+    # stack healed from each.
+    assert report["faults"] >= 6 and not report["never_up"], report
     assert {"temporal", "postgres"} <= set(report["faults_by_target"]), report
     assert report["healed"], report
     # Work of every kind ran through them.
