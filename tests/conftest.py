@@ -43,6 +43,16 @@ from workers.main import build_worker
 SIMULATOR_CONFIG = ROOT / "tests" / "simulator.yaml"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked `slow` first, each file's tests in their order. The two xdist
+    processes take whole files from this order (`--no-loadscope-reorder`); xdist's
+    own order, by number of tests, left the one-test files that run longest (the
+    chaos soak, ~100 s) to the end, where one process ran them alone. Every
+    process collects the same order, as xdist requires."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Iterator[Path]:
     """The session's servers' data and logs. Not under pytest's base temp: pytest

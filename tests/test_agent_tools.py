@@ -33,6 +33,8 @@ from tests.support import Hooks, WorkerProcess, time_skipping_server
 from workers.main import build_worker
 from workflows.handle_message import HandleMessage
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 SECRET_ENV = "KONSTRUCT_TEST_HOOK_SECRET"
 SECRET = "s3cret-hook-value-" + uuid.uuid4().hex[:8]
 

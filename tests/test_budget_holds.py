@@ -30,6 +30,8 @@ from tests.test_experiments_batches import BATCHED
 from tests.test_experiments_cost import cli, experiment_row, own_prompt, prices
 from workflows.experiment import Experiment
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 # A call's reservation can be no larger than this: its prompt guessed generously,
 # its completion at the task's max_tokens (16).
 MAX_TOKENS = 16

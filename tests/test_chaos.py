@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT
+
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 
 
 def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) -> None:

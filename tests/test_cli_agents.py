@@ -23,6 +23,8 @@ from tests.support import serve_locally, suite_codec
 from tests.test_cli import assert_one_line_error, konstruct
 from workflows.handle_message import HandleMessage
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 SECRET_ENV = "KONSTRUCT_TEST_CLI_HOOK_SECRET"
 SECRET = "cli-hook-secret-" + uuid.uuid4().hex[:8]
 

@@ -53,6 +53,8 @@ from tests.support import (
 from workers.main import build_worker
 from workflows.demo_cascade import APPROVAL_TIMEOUT, DemoCascade
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 MINIMAL_STEPS = [s.name for s in steps_of("demo_minimal")]
 RICH_ONLY_STEPS = [n for n in STEP_NAMES if n not in MINIMAL_STEPS]
 # Steps whose change registers its undo (the rest only read or report).

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.worker import Worker
@@ -18,6 +19,8 @@ from tests.support import recorded_histories, replay_all, replayer
 from workers.main import build_worker
 from workflows.batch_sweep import BatchSweep
 from workflows.demo_cascade import DemoCascade
+
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 
 
 async def test_recorded_histories_replay() -> None:

@@ -37,6 +37,8 @@ from konstruct.providers.store import ensure_provider
 from tests.support import WorkerRelay, call_in_flight, wait_for_calls
 from workflows.experiment import Experiment
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 FAST = "sim-fast"
 
 

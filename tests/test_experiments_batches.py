@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 import asyncpg
+import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from konstruct.experiments.models import ExperimentResult
@@ -30,6 +31,8 @@ from tests.test_experiments import (
     wait_for,
 )
 from workflows.experiment import Experiment
+
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 
 # Batches from the first monitor sample on: the test provider starts at 50 req/s.
 BATCHED = {"batch_above_rps": 5.0, "batch_window_s": 0.2, "toggle_cooldown_s": 0.0}

@@ -37,6 +37,8 @@ from tests.test_experiments import FAST, calls_by_item, experiment, results, sta
 from tests.test_experiments_batches import BATCHED, task_activities
 from workflows.experiment import Experiment
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 JUDGE = "sim-judge"
 JUDGED = [
     {"kind": "exact_match"},

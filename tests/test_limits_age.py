@@ -29,6 +29,8 @@ from tests.test_experiments_batches import BATCHED, assert_one_result_each
 from workers.main import build_worker
 from workflows.experiment import Experiment
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 IDLE_S = 1.0
 # The idle gap between the runs: long enough that a window spanning it, as before
 # aging, holds the rate at what it learned (the bench runs gaps of minutes).

@@ -33,6 +33,8 @@ from tests.test_agent_tools import body, make_agent, new_tenant, rows, send, sta
 from tests.test_cli import assert_one_line_error, konstruct
 from workflows.handle_message import TOOL_HEARTBEAT
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 SECRET_ENV = "KONSTRUCT_TEST_MCP_KEY"
 SECRET = "mcp-secret-" + uuid.uuid4().hex[:8]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from temporalio.client import Client
 
 from konstruct.app.embedded_pg import EmbeddedPostgres
@@ -31,6 +32,8 @@ from tests.test_handle_message import message
 from workers.main import build_worker
 from workflows.demo_cascade._options import BASELINES
 from workflows.handle_message import HandleMessage
+
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 
 # The table each kind writes its result to; the test locks them against writes.
 RESULT_TABLES = ("message_turns", "experiment_results", "registry_runs")

@@ -32,6 +32,8 @@ import pytest
 
 from tests.support import ROOT
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 README = ROOT / "README.md"
 NOT_RUN = re.compile(r"<!--\s*not run by tests/test_readme\.py:\s*(.+?)\s*-->")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
@@ -253,7 +255,6 @@ def test_the_readme_has_blocks_and_says_why_it_skips_one() -> None:
             assert len(block.not_run) > 10, f"README line {block.line}: say why it is not run"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "block", [b for b in BLOCKS if b.not_run is None], ids=lambda b: f"line{b.line}"
 )

@@ -21,6 +21,8 @@ import yaml
 from konstruct.app.processes import free_port
 from tests.support import ROOT
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 KONSTRUCT = [sys.executable, "-m", "konstruct.app.cli"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -23,6 +23,8 @@ from konstruct.providers.simulator.admin import SimulatorAdmin
 from tests.support import KONSTRUCT, ROOT, WorkerProcess, gateway_process
 from tests.test_agent_tools import make_agent
 
+pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
+
 # --- what a client is shown -----------------------------------------------------------
 
 
