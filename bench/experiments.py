@@ -12,6 +12,8 @@ above it) and measures, in one run:
                for 2,000 is extrapolated from its rate)
   step         Konstruct while the ceiling drops to a fifth and comes back
   fairness     three experiments started 5 s apart, of different sizes
+  sweep        `konstruct experiments sweep`: 2 model groups of the provider x 2
+               templates, a quarter of the items each, all four at once
   two-workers  two worker processes share one provider limit
   crash        kill -9 of the worker mid-run: time to the first new result
 
@@ -26,6 +28,8 @@ With --shape, the same pair at --shape-ceilings for each limiter shape.
                                                               # experiments_shapes.json
     .venv/bin/python bench/experiments.py --scenario idle-raise,idle-drop,pause --ceiling 100 --gap-s 30
                                           # limits changed while idle or paused (bench/through_time.py)
+    .venv/bin/python bench/experiments.py --only sweep --ceiling 50 --items 2000
+                                          # 4 x 500 items: experiments_sweep.json
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ SHAPES_RESULTS = ROOT / "bench" / "results" / "experiments_shapes.json"
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 THROUGH_TIME_RESULTS = ROOT / "bench" / "results" / "experiments_through_time.json"
 LARGE_RESULTS = ROOT / "bench" / "results" / "experiments_large.json"
+# The sweep scenario's figures, also from a partial run (--only sweep).
+SWEEP_RESULTS = ROOT / "bench" / "results" / "experiments_sweep.json"
 SHAPES = ("token_bucket", "sliding_window", "leaky_bucket", "tokens_per_minute")
 # The window of the sliding-window and tokens-per-minute shapes: short, so a
 # run of a minute spans several (OpenAI's is a minute).
@@ -145,6 +151,13 @@ class Bench:
             f"    litellm_params: {{model: openai/{MODEL}, api_base: os.environ/SIMULATOR_API_BASE,"
             " api_key: os.environ/SIMULATOR_API_KEY, timeout: 30}\n"
             f"    model_info: {{id: {MODEL}, provider: {PROVIDER}, initial_rps: {self.initial_rps},"
+            f" limit_window_s: {SHAPE_WINDOW_S}}}\n"
+            # A second model group of the same provider and model (--sweep): its
+            # calls share the provider's limit with the first group's.
+            "  - model_name: fast-b\n"
+            f"    litellm_params: {{model: openai/{MODEL}, api_base: os.environ/SIMULATOR_API_BASE,"
+            " api_key: os.environ/SIMULATOR_API_KEY, timeout: 30}\n"
+            f"    model_info: {{id: {MODEL}-b, provider: {PROVIDER}, initial_rps: {self.initial_rps},"
             f" limit_window_s: {SHAPE_WINDOW_S}}}\n"
             "router_settings: {num_retries: 0, disable_cooldowns: true}\n"
         )
@@ -519,6 +532,48 @@ class Bench:
             "share_429": round(limited / requests, 4) if requests else 0.0,
         }
 
+    async def sweep(self, n: int) -> dict[str, Any]:
+        """`konstruct experiments sweep` of 2 model groups x 2 templates x n items, all
+        four at once on one provider: each one's rate while all four run, Jain's index."""
+        await self.fresh()
+        data = self.tmp / "sweep.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in dataset(n, "sweep")))
+        sweep_id = f"sweep-{uuid.uuid4().hex[:6]}"
+        argv = [
+            sys.executable, "-m", "konstruct", "experiments", "sweep", "--id", sweep_id,
+            "--model-group", "fast", "--model-group", "fast-b",
+            "--template", "Answer with a number: {input}",
+            "--template", "Reply with the number only. {input}",
+            "--dataset", str(data), "--eval", "exact_match", "--no-cache",
+            "--max-concurrency", str(self.max_concurrency),
+        ]  # fmt: skip
+        started = await asyncio.create_subprocess_exec(
+            *argv, env=self.env, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await started.communicate()
+        if started.returncode != 0:
+            raise RuntimeError(f"experiments sweep failed: {err.decode()}")
+        ids = [f"{sweep_id}-{g}-t{t}" for g in ("fast", "fast-b") for t in (1, 2)]
+        await asyncio.gather(*(self.client.get_workflow_handle(i).result() for i in ids))
+        series = [await self.completions(i) for i in ids]
+        start = max(s[0] for s in series)
+        end = min(s[-1] for s in series)
+        counts = [sum(1 for t in s if start <= t <= end) for s in series]
+        rates = [c / (end - start) for c in counts] if end > start else [0.0] * len(series)
+        first, last = min(s[0] for s in series), max(s[-1] for s in series)
+        requests, limited = await self.sim_counts()
+        return {
+            "runner": "konstruct experiments sweep, 2 model groups x 2 templates, one provider",
+            "items_each": n,
+            "experiments": ids,
+            "window_s": round(end - start, 1),
+            "rates_in_window": [round(r, 2) for r in rates],
+            "jain_index": round(jain(rates), 4),
+            "total_s": round(last - first, 1),
+            "fraction_of_ceiling": round(4 * n / (last - first) / self.ceiling, 3),
+            "share_429": round(limited / requests, 4) if requests else 0.0,
+        }
+
     async def two_workers(self, n: int) -> dict[str, Any]:
         self.add_worker()
         await self.fresh()
@@ -778,6 +833,7 @@ async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "fixed": lambda: bench.fixed(max(50, n // 7), 5.0, n),
         "step": lambda: bench.step(n // 2, args.ceiling / 5, 10.0, 25.0),
         "fairness": lambda: bench.fairness([int(n * 0.375), n // 6, n // 12], 5.0),
+        "sweep": lambda: bench.sweep(n // 4),
         "two_workers": lambda: bench.two_workers(n // 4),
         "crash": lambda: bench.crash(n // 4),
     }
@@ -786,6 +842,9 @@ async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
             continue
         out[name] = await scenario()
         print(out[name], flush=True)
+        if name == "sweep":
+            found = {"ceiling_rps": args.ceiling, "latency_ms": args.latency_ms, **out[name]}
+            SWEEP_RESULTS.write_text(json.dumps(found, indent=2))
     return out
 
 

@@ -1,4 +1,4 @@
-"""`konstruct experiments compare A B`, `experiments gate EXP --baseline BASE` and
+"""`konstruct experiments compare A B [C …]`, `experiments gate EXP --baseline BASE` and
 `konstruct experiments report EXP`.
 
 Both read PostgreSQL only (`konstruct.experiments.store.analysis`), so they work on any
@@ -23,6 +23,8 @@ from konstruct.experiments.statistics import DEFAULT_CONFIDENCE, DEFAULT_RESAMPL
 if TYPE_CHECKING:
     import asyncpg
 
+    from konstruct.config import Settings
+    from konstruct.experiments.matrix import Matrix
     from konstruct.experiments.records import ExperimentData
 
 # The level of the paired bootstrap's interval (compare, gate).
@@ -158,9 +160,125 @@ def _print_operations(c: Comparison) -> None:
     )
 
 
+def load_runs(settings: Settings, tenant: str, experiments: list[str]) -> list[ExperimentData]:
+    """The experiments' stored results, in the order named."""
+    from konstruct.experiments.store.analysis import load_experiment
+
+    async def load(conn: asyncpg.Connection) -> list[ExperimentData]:
+        return [await load_experiment(conn, tenant, e) for e in experiments]
+
+    return in_tenant(settings, tenant, load)
+
+
+def compare_runs(settings: Settings, tenant: str, experiments: list[str]) -> int:
+    """The matrix of three or more experiments, as `compare` prints it by default."""
+    runs = load_runs(settings, tenant, experiments)
+    return _compare_many(runs, DEFAULT_RESAMPLES, 0, DEFAULT_CONFIDENCE, False, False)
+
+
+def _compare_many(
+    runs: list[ExperimentData],
+    resamples: int,
+    seed: int,
+    confidence: float,
+    pairs: bool,
+    as_json: bool,
+) -> int:
+    from konstruct.experiments.matrix import matrix
+
+    m = matrix(runs, pairs=pairs, resamples=resamples, seed=seed, confidence=confidence)
+    if not m.shared_items:
+        raise click.ClickException(
+            f"experiments {', '.join(r.experiment_id for r in runs)} share no item id:"
+            " compare runs of the same dataset"
+        )
+    if as_json:
+        print_json(m)
+    else:
+        print_matrix(m)
+    return 0
+
+
+def print_matrix(m: Matrix) -> None:
+    """The runs numbered, each eval's mean and interval per run, the costs, the pairs."""
+    pct = f"{m.method.confidence:.0%}"
+    for n, s in enumerate(m.runs, 1):
+        print(
+            f"{n}  {s.experiment_id}  {s.name}  {s.status}  {s.total} items"
+            f" ({s.ok} ok, {s.failed} failed, {s.pending} without a result)"
+        )
+    by = (
+        " (dataset items: each one's mean over its epochs)"
+        if m.method.paired_by != "item_id"
+        else ""
+    )
+    print(f"items: {m.shared_items} in every run{by}")
+
+    def numbers() -> list[Column]:
+        # New columns per table: a rich Column keeps the cells it was given.
+        return [Column(str(n), justify="right") for n in range(1, len(m.runs) + 1)]
+
+    print_table(
+        [f"eval: mean [{pct} CI]", *numbers()],
+        [
+            (
+                e.name,
+                *(
+                    "n/a"
+                    if c.mean is None
+                    else f"{c.mean:.3f} [{c.ci_low:.3f}, {c.ci_high:.3f}]"
+                    + (" *" if c.best else "")
+                    for c in e.cells
+                ),
+            )
+            for e in m.evals
+        ],
+    )
+    print(
+        f"  * the highest mean. Bootstrap over the items every run scored,"
+        f" {m.method.resamples} resamples, seed {m.method.seed}."
+    )
+    if m.evals_not_in_every_run:
+        print(f"  evals not in every run (not shown): {', '.join(m.evals_not_in_every_run)}")
+    ops = [m.operations[s.experiment_id] for s in m.runs]
+    print_table(
+        ["all results", *numbers()],
+        [
+            ("latency p50 ms", *(_num(o.latency_p50_ms, 1) for o in ops)),
+            ("total tokens", *(f"{o.total_tokens:,}" for o in ops)),
+            ("cost USD", *(_money(o.cost_usd, o.cost_unknown) for o in ops)),
+            ("duration s", *(_num(o.duration_s, 1) for o in ops)),
+            ("429s (retried)", *(f"{o.throttled:,}" for o in ops)),
+        ],
+    )
+    if m.pairs:
+        number = {s.experiment_id: n for n, s in enumerate(m.runs, 1)}
+        print_table(
+            [
+                "pair",
+                "eval",
+                Column("paired", justify="right"),
+                Column("B - A", justify="right"),
+                Column(f"{pct} CI", justify="right"),
+            ],
+            [
+                (
+                    f"{number[p.b]} - {number[p.a]}",
+                    p.eval,
+                    p.paired,
+                    _num(p.diff, signed=True) + (" *" if p.excludes_zero else ""),
+                    "n/a"
+                    if p.ci_low is None
+                    else f"[{_num(p.ci_low, signed=True)}, {_num(p.ci_high, signed=True)}]",
+                )
+                for p in m.pairs
+            ],
+        )
+        print(f"  * the {pct} interval excludes 0 (paired bootstrap over the items both scored).")
+
+
 @click.command("compare")
-@click.argument("experiment_a")
-@click.argument("experiment_b")
+@click.argument("experiments", nargs=-1, required=True)
 @tenant_option
 @click.option(
     "--resamples",
@@ -171,28 +289,44 @@ def _print_operations(c: Comparison) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
 @confidence_option
+@click.option(
+    "--pairs",
+    is_flag=True,
+    help="with three or more: each pair's paired difference too",
+)
 @json_option("print the comparison as JSON (shape: docs/reports.md)")
 @pass_state
 def compare_command(
     state: CliState,
-    experiment_a: str,
-    experiment_b: str,
+    experiments: tuple[str, ...],
     tenant: str,
     resamples: int,
     seed: int,
     confidence: float,
+    pairs: bool,
     as_json: bool,
 ) -> int:
     """Experiment B against A, item by item: score differences with a paired
-    bootstrap interval, flipped items, latency, tokens and cost."""
-    from konstruct.experiments.store.analysis import load_experiment
+    bootstrap interval, flipped items, latency, tokens and cost. Three or more:
+    a matrix of each eval's mean and interval per experiment, the best marked.
 
-    async def load(conn: asyncpg.Connection) -> tuple[ExperimentData, ExperimentData]:
-        a = await load_experiment(conn, tenant, experiment_a)
-        b = await load_experiment(conn, tenant, experiment_b)
-        return a, b
+    EXPERIMENTS: A B, or more (a sweep's; docs/reports.md)."""
+    from konstruct.platform.errors import InvalidInput
 
-    a, b = in_tenant(state.settings, tenant, load)
+    if len(experiments) < 2:
+        raise InvalidInput(
+            "experiments compare: EXPERIMENTS: give two experiments, or more", ["EXPERIMENTS"]
+        )
+    if len(set(experiments)) < len(experiments):
+        raise InvalidInput(
+            "experiments compare: EXPERIMENTS: an experiment is named twice", ["EXPERIMENTS"]
+        )
+
+    runs = load_runs(state.settings, tenant, list(experiments))
+    if len(runs) > 2:
+        return _compare_many(runs, resamples, seed, confidence, pairs, as_json)
+    a, b = runs
+    experiment_a, experiment_b = experiments
     # Paired by item id, or by dataset item when either ran epochs (`compare` decides).
     result = compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
     if not result.items.shared:

@@ -168,6 +168,21 @@ def _check_against_config(
         raise InvalidInput(f"Experiment: {exc}", exc.fields) from None
 
 
+async def start_experiment(
+    client: Client, settings: Settings, body: dict[str, Any], workflow_id: str, summary: str
+) -> None:
+    """Start the Experiment workflow on `body`, on the configured task queue."""
+    from workflows.experiment import Experiment
+
+    await client.start_workflow(
+        Experiment.run,
+        body,
+        id=workflow_id,
+        task_queue=settings.temporal.task_queue,
+        static_summary=summary,
+    )
+
+
 async def launch(
     client: Client,
     settings: Settings,
@@ -179,15 +194,7 @@ async def launch(
     experiment: str,
 ) -> None:
     """Start the Experiment workflow on `body`; say so, and how to watch it."""
-    from workflows.experiment import Experiment
-
-    await client.start_workflow(
-        Experiment.run,
-        body,
-        id=workflow_id,
-        task_queue=settings.temporal.task_queue,
-        static_summary=summary,
-    )
+    await start_experiment(client, settings, body, workflow_id, summary)
     print(said)
     print(f"  watch: konstruct experiments watch {experiment}")
 

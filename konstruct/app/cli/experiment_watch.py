@@ -99,7 +99,7 @@ def progress_view(p: ExperimentProgress, rate: float) -> RenderableType:
     return Group(line, *(Text(n) for n in _notes(p)))
 
 
-async def _progress(client: Client, workflow_id: str) -> ExperimentProgress:
+async def experiment_progress(client: Client, workflow_id: str) -> ExperimentProgress:
     from temporalio.service import RPCError, RPCStatusCode
 
     from konstruct.platform.temporal.results import query_workflow
@@ -121,7 +121,7 @@ async def _follow(client: Client, workflow_id: str, interval: float) -> Experime
     rate = ItemRate()
     with LiveView() as view:
         while True:
-            p = await _progress(client, workflow_id)
+            p = await experiment_progress(client, workflow_id)
             measured = rate.add(time.monotonic(), p.evaluated + p.failed)
             shown = p.items_per_s if measured is None else measured
             if view.is_live:

@@ -1,4 +1,4 @@
-"""`konstruct experiments start | watch | show | list | stop | resume | retry | compare | report`.
+"""`konstruct experiments start | sweep | watch | show | list | stop | resume | retry | compare | report`.
 
 The group, and the commands that read what is stored (`show`, `list`) or start a
 failed experiment's items again (`retry`); the others have modules of their own:
@@ -33,6 +33,10 @@ _CLI = "konstruct.app.cli"
 # its one-line help for `konstruct experiments --help`; tests/test_cli_startup.py checks it).
 COMMANDS: dict[str, tuple[str, str]] = {
     "start": (f"{_CLI}.experiment_start:start", "Start an Experiment (from a JSON file or flags)."),
+    "sweep": (
+        f"{_CLI}.experiment_sweep:sweep",
+        "Start one experiment per model group × prompt template, on one dataset.",
+    ),
     "watch": (
         f"{_CLI}.experiment_watch:watch",
         "Live progress: done/total, rate, ETA, 429s, breakers.",
@@ -45,7 +49,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
         f"{_CLI}.experiment_reports:compare_command",
         "Experiment B against A, item by item: score differences with a paired bootstrap"
-        " interval, flipped items, latency, tokens and cost.",
+        " interval, flipped items, latency, tokens and cost. Three or more: a matrix of each"
+        " eval's mean and interval per experiment, the best marked.",
     ),
     "gate": (
         f"{_CLI}.experiment_reports:gate_command",
