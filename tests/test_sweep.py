@@ -16,40 +16,19 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from konstruct.app.cli import main as cli_main
 from konstruct.experiments.matrix import matrix
-from konstruct.experiments.records import EvalInfo, ExperimentData, ItemResult
+from konstruct.experiments.records import EvalInfo, ExperimentData
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from konstruct.providers.simulator.profiles import ModelProfile
 from konstruct.providers.simulator.responders import simulated_reply
+from tests.test_analysis import _experiment, _item, _score
 
 EM = "exact_match"
 
 
 def _run(experiment_id: str, scores: list[float], **fields: Any) -> ExperimentData:
-    items = [
-        ItemResult(
-            item_id=f"q{n}",
-            seq=n,
-            status="ok",
-            output="x",
-            scores={EM: {"score": s, "passed": s == 1.0}},
-            latency_ms=100.0,
-            prompt_tokens=10,
-            completion_tokens=2,
-            dataset_id=f"q{n}",
-        )
-        for n, s in enumerate(scores)
-    ]
-    return ExperimentData(
-        experiment_id=experiment_id,
-        tenant_id="demo",
-        name=experiment_id,
-        status="completed",
-        total=len(items),
-        evals=fields.pop("evals", [EvalInfo(EM, EM)]),
-        items=items,
-        duration_s=3.0,
-        **fields,
-    )
+    """A finished experiment whose item qN scored scores[N] on exact_match."""
+    items = [_item(n, f"q{n}", scores={EM: _score(s, s == 1.0)}) for n, s in enumerate(scores)]
+    return _experiment(experiment_id, items, **fields)
 
 
 # --- the matrix on built data ------------------------------------------------------------

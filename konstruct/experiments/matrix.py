@@ -135,6 +135,10 @@ def matrix(
     )
 
 
+# What a pair's difference takes from `compare`'s figures for an eval.
+_PAIR_FIGURES = {"paired", "diff", "ci_low", "ci_high", "excludes_zero"}
+
+
 def _pairs(
     runs: list[ExperimentData], resamples: int, seed: int, confidence: float
 ) -> list[PairDifference]:
@@ -146,11 +150,7 @@ def _pairs(
                 a=a.experiment_id,
                 b=b.experiment_id,
                 eval=e.name,
-                paired=e.paired,
-                diff=e.diff,
-                ci_low=e.ci_low,
-                ci_high=e.ci_high,
-                excludes_zero=e.excludes_zero,
+                **e.model_dump(include=_PAIR_FIGURES),
             )
             for e in c.evals
         ]

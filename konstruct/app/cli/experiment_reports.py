@@ -172,24 +172,15 @@ def load_runs(settings: Settings, tenant: str, experiments: list[str]) -> list[E
 
 def compare_runs(settings: Settings, tenant: str, experiments: list[str]) -> int:
     """The matrix of three or more experiments, as `compare` prints it by default."""
-    runs = load_runs(settings, tenant, experiments)
-    return _compare_many(runs, DEFAULT_RESAMPLES, 0, DEFAULT_CONFIDENCE, False, False)
-
-
-def _compare_many(
-    runs: list[ExperimentData],
-    resamples: int,
-    seed: int,
-    confidence: float,
-    pairs: bool,
-    as_json: bool,
-) -> int:
     from konstruct.experiments.matrix import matrix
 
-    m = matrix(runs, pairs=pairs, resamples=resamples, seed=seed, confidence=confidence)
+    return _show_matrix(matrix(load_runs(settings, tenant, experiments)), as_json=False)
+
+
+def _show_matrix(m: Matrix, as_json: bool) -> int:
     if not m.shared_items:
         raise click.ClickException(
-            f"experiments {', '.join(r.experiment_id for r in runs)} share no item id:"
+            f"experiments {', '.join(r.experiment_id for r in m.runs)} share no item id:"
             " compare runs of the same dataset"
         )
     if as_json:
@@ -324,7 +315,10 @@ def compare_command(
 
     runs = load_runs(state.settings, tenant, list(experiments))
     if len(runs) > 2:
-        return _compare_many(runs, resamples, seed, confidence, pairs, as_json)
+        from konstruct.experiments.matrix import matrix
+
+        found = matrix(runs, pairs=pairs, resamples=resamples, seed=seed, confidence=confidence)
+        return _show_matrix(found, as_json)
     a, b = runs
     experiment_a, experiment_b = experiments
     # Paired by item id, or by dataset item when either ran epochs (`compare` decides).

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -26,6 +27,59 @@ if TYPE_CHECKING:
     from konstruct.experiments.models import ExperimentInput
 
 DEFAULT_DATASET = "deploy/datasets/arithmetic.jsonl"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _all(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(command: F) -> F:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+# The dataset and how an experiment runs: the same flags on `start` and `sweep`.
+dataset_options = _all(
+    click.option("--dataset", help=f"a .jsonl, .csv or .parquet file (default: {DEFAULT_DATASET})"),
+    click.option("--input-field", help="the dataset's column of the input (default: input)"),
+    click.option(
+        "--expected-field", help="the dataset's column of the expected answer (default: expected)"
+    ),
+    click.option(
+        "--id-field", help="the dataset's column of the item id (default: id, else row-N)"
+    ),
+)
+run_options = _all(
+    click.option(
+        "--eval",
+        "evals",
+        multiple=True,
+        help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid"
+        " (json_schema and llm_judge take settings: put them in an input FILE)",
+    ),
+    click.option("--judge", help="add an llm_judge eval with this model group"),
+    click.option(
+        "--rubric", default="Is the answer correct? Score 1 if so, else 0.", show_default=True
+    ),
+    click.option("--max-concurrency", type=click.IntRange(min=1), help="slots per experiment"),
+    click.option("--epochs", type=click.IntRange(1, 100), help="run each item N times (default 1)"),
+    click.option(
+        "--no-cache",
+        is_flag=True,
+        help="always call the provider (default: answer repeated calls from the cache)",
+    ),
+    click.option(
+        "--budget-usd",
+        type=click.FloatRange(min=0, min_open=True),
+        help="pause once the calls have cost this many US dollars",
+    ),
+    click.option(
+        "--budget-tokens",
+        type=click.IntRange(min=1),
+        help="pause once the calls have used this many tokens",
+    ),
+)
 
 
 def _read_input_file(file: Path) -> dict[str, Any]:
@@ -208,42 +262,10 @@ async def launch(
 )
 @tenant_option
 @click.option("--name")
-@click.option("--dataset", help=f"a .jsonl, .csv or .parquet file (default: {DEFAULT_DATASET})")
-@click.option("--input-field", help="the dataset's column of the input (default: input)")
-@click.option(
-    "--expected-field", help="the dataset's column of the expected answer (default: expected)"
-)
-@click.option("--id-field", help="the dataset's column of the item id (default: id, else row-N)")
+@dataset_options
 @click.option("--model-group", default="fast", show_default=True)
 @click.option("--template", default="Answer with a number only: {input}", show_default=True)
-@click.option(
-    "--eval",
-    "evals",
-    multiple=True,
-    help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid"
-    " (json_schema and llm_judge take settings: put them in an input FILE)",
-)
-@click.option("--judge", help="add an llm_judge eval with this model group")
-@click.option(
-    "--rubric", default="Is the answer correct? Score 1 if so, else 0.", show_default=True
-)
-@click.option("--max-concurrency", type=click.IntRange(min=1))
-@click.option("--epochs", type=click.IntRange(1, 100), help="run each item N times (default 1)")
-@click.option(
-    "--no-cache",
-    is_flag=True,
-    help="always call the provider (default: answer repeated calls from the cache)",
-)
-@click.option(
-    "--budget-usd",
-    type=click.FloatRange(min=0, min_open=True),
-    help="pause once the calls have cost this many US dollars",
-)
-@click.option(
-    "--budget-tokens",
-    type=click.IntRange(min=1),
-    help="pause once the calls have used this many tokens",
-)
+@run_options
 @click.option("--watch", is_flag=True, help="watch it until it ends")
 @pass_state
 def start(state: CliState, watch: bool, **fields: Any) -> int:

@@ -25,7 +25,12 @@ from konstruct.app.cli.common import (
     tenant_option,
     workflow_id_value,
 )
-from konstruct.app.cli.experiment_start import DEFAULT_DATASET, build_input, start_experiment
+from konstruct.app.cli.experiment_start import (
+    build_input,
+    dataset_options,
+    run_options,
+    start_experiment,
+)
 from konstruct.platform.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -91,30 +96,8 @@ def _unique(option: str, values: tuple[str, ...]) -> None:
     help="a prompt template, or a file holding one (repeatable; a template names a"
     " field, as in {input})",
 )
-@click.option("--dataset", help=f"a .jsonl, .csv or .parquet file (default: {DEFAULT_DATASET})")
-@click.option("--input-field", help="the dataset's column of the input (default: input)")
-@click.option(
-    "--expected-field", help="the dataset's column of the expected answer (default: expected)"
-)
-@click.option("--id-field", help="the dataset's column of the item id (default: id, else row-N)")
-@click.option(
-    "--eval",
-    "evals",
-    multiple=True,
-    help="eval kind (repeatable): exact_match, contains, regex, numeric_close, json_valid",
-)
-@click.option("--judge", help="add an llm_judge eval with this model group")
-@click.option(
-    "--rubric", default="Is the answer correct? Score 1 if so, else 0.", show_default=True
-)
-@click.option("--max-concurrency", type=click.IntRange(min=1), help="per experiment")
-@click.option("--epochs", type=click.IntRange(1, 100), help="run each item N times (default 1)")
-@click.option("--no-cache", is_flag=True, help="always call the provider")
-@click.option(
-    "--budget-usd",
-    type=click.FloatRange(min=0, min_open=True),
-    help="each experiment pauses once its calls have cost this many US dollars",
-)
+@dataset_options
+@run_options
 @click.option("--watch", is_flag=True, help="wait for all to end, then print the matrix")
 @pass_state
 def sweep(
