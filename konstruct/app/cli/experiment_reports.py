@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Column
 
-from konstruct.app.cli.common import CliState, in_tenant, json_option, pass_state, tenant_option
+from konstruct.app.cli.common import (
+    CliState,
+    in_tenant,
+    json_option,
+    pass_state,
+    run_async,
+    tenant_option,
+)
 from konstruct.app.cli.output import print_json, print_table
 from konstruct.experiments.compare import Comparison, compare
 from konstruct.experiments.report import DEFAULT_MAX_ROWS, render_report
@@ -268,6 +275,116 @@ def print_matrix(m: Matrix) -> None:
         print(f"  * the {pct} interval excludes 0 (paired bootstrap over the items both scored).")
 
 
+# How often `compare --sequential` reads the two experiments again.
+SEQUENTIAL_POLL_S = 1.0
+_ENDED = ("completed", "incomplete", "failed", "stopped")
+
+
+def _follow_until_decided(
+    settings: Settings,
+    tenant: str,
+    experiments: tuple[str, ...],
+    eval_name: str | None,
+    margin: float | None,
+    confidence: float,
+) -> int:
+    """Read both again until the difference is known or both have ended; stop both once
+    it is known, and say what the items left would have cost."""
+    import time
+
+    from konstruct.experiments.sequential import decide
+
+    ids = list(experiments)
+    while True:
+        a, b = load_runs(settings, tenant, ids)
+        name = _sequential_eval(a, b, eval_name)
+        d = decide(a, b, name, confidence=confidence, margin=margin)
+        ended = a.status in _ENDED and b.status in _ENDED
+        if d.verdict is not None or ended:
+            break
+        time.sleep(SEQUENTIAL_POLL_S)
+    level = f"{confidence:.0%} anytime-valid interval"
+    if d.verdict is None or d.interval is None or d.decided_at is None:
+        shown = (
+            f"[{_num(d.interval.low, signed=True)}, {_num(d.interval.high, signed=True)}]"
+            if d.interval is not None
+            else "n/a"
+        )
+        print(f"{name}: undecided after all {d.pairs} pairs (both ended): {level} {shown}")
+        return 0
+    says = "B differs from A" if d.verdict == "differs" else f"B is within ±{margin:g} of A"
+    print(
+        f"{name}: B - A {_num(d.interval.estimate, signed=True)}, {level}"
+        f" [{_num(d.interval.low, signed=True)}, {_num(d.interval.high, signed=True)}]"
+        f" after {d.decided_at} pairs: {says}"
+    )
+    for run in (a, b):
+        if run.status not in _ENDED:
+            run_async(_stop(settings, tenant, run.experiment_id))
+    _print_not_run(load_runs(settings, tenant, ids))
+    return 0
+
+
+async def _stop(settings: Settings, tenant: str, experiment: str) -> None:
+    """Stop the experiment and wait until it has (its calls in flight finish first).
+    A refused stop needs no wait: the experiment has ended, is stopping, or waits
+    for a person (a spent budget), and sends nothing new either way."""
+    import asyncio
+
+    from konstruct.app.cli.experiment_toggles import toggle
+    from konstruct.experiments.store.analysis import load_experiment
+
+    if await toggle(settings, tenant, experiment, "stop") != 0:
+        return
+    while True:
+        run = await asyncio.to_thread(
+            in_tenant, settings, tenant, lambda conn: load_experiment(conn, tenant, experiment)
+        )
+        if run.status in _ENDED:
+            return
+        await asyncio.sleep(SEQUENTIAL_POLL_S / 4)
+
+
+def _print_not_run(runs: list[ExperimentData]) -> None:
+    saved = 0.0
+    parts = []
+    for label, run in zip("AB", runs, strict=True):
+        done = [i for i in run.items if i.status != "pending"]
+        left = run.total - len(done)
+        costs = [i.cost_usd for i in done if i.cost_usd is not None]
+        if costs:
+            saved += left * sum(costs) / len(costs)
+        parts.append(f"{left} item(s) of {label} ({run.experiment_id}, {run.status})")
+    print(
+        f"not run: {', '.join(parts)}; about ${saved:.6f} not spent"
+        " (each experiment's cost per item so far)"
+    )
+
+
+def _sequential_eval(a: ExperimentData, b: ExperimentData, wanted: str | None) -> str:
+    from konstruct.platform.errors import InvalidInput
+
+    if any(i.epoch > 1 for run in (a, b) for i in run.items):
+        raise InvalidInput(
+            "experiments compare: --sequential: an experiment ran epochs; follow runs of one epoch",
+            ["--sequential"],
+        )
+    shared = [n for n in a.eval_names() if n in b.eval_names()]
+    if not shared:
+        raise InvalidInput(
+            "experiments compare: --sequential: the two experiments share no eval", ["--eval"]
+        )
+    if wanted is None:
+        return shared[0]
+    if wanted not in shared:
+        raise InvalidInput(
+            f"experiments compare: --eval {wanted!r}: not an eval of both experiments"
+            f" (shared: {', '.join(shared) or 'none'})",
+            ["--eval"],
+        )
+    return wanted
+
+
 @click.command("compare")
 @click.argument("experiments", nargs=-1, required=True)
 @tenant_option
@@ -285,6 +402,20 @@ def print_matrix(m: Matrix) -> None:
     is_flag=True,
     help="with three or more: each pair's paired difference too",
 )
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="two running experiments: follow them, and stop both once the difference"
+    " is known (an anytime-valid interval; docs/reports.md)",
+)
+@click.option(
+    "--eval", "eval_name", help="with --sequential: the eval that decides (default: the first)"
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="with --sequential: also decide once the difference is known to be within ±MARGIN",
+)
 @json_option("print the comparison as JSON (shape: docs/reports.md)")
 @pass_state
 def compare_command(
@@ -295,6 +426,9 @@ def compare_command(
     seed: int,
     confidence: float,
     pairs: bool,
+    sequential: bool,
+    eval_name: str | None,
+    margin: float | None,
     as_json: bool,
 ) -> int:
     """Experiment B against A, item by item: score differences with a paired
@@ -313,6 +447,14 @@ def compare_command(
             "experiments compare: EXPERIMENTS: an experiment is named twice", ["EXPERIMENTS"]
         )
 
+    if sequential:
+        if len(experiments) != 2:
+            raise InvalidInput(
+                "experiments compare: --sequential follows two experiments", ["--sequential"]
+            )
+        return _follow_until_decided(
+            state.settings, tenant, experiments, eval_name, margin, confidence
+        )
     runs = load_runs(state.settings, tenant, list(experiments))
     if len(runs) > 2:
         from konstruct.experiments.matrix import matrix
