@@ -331,10 +331,10 @@ async def _stop(settings: Settings, tenant: str, experiment: str) -> None:
     for a person (a spent budget), and sends nothing new either way."""
     import asyncio
 
-    from konstruct.app.cli.experiment_toggles import toggle
+    from konstruct.app.cli.experiment_toggles import send_toggle
     from konstruct.experiments.store.analysis import load_experiment
 
-    if await toggle(settings, tenant, experiment, "stop") != 0:
+    if await send_toggle(settings, tenant, experiment, "stop") != 0:
         return
     while True:
         run = await asyncio.to_thread(

@@ -44,7 +44,7 @@ async def _raise_budget(
     )
 
 
-async def toggle(settings: Settings, tenant: str, experiment: str, action: str) -> int:
+async def send_toggle(settings: Settings, tenant: str, experiment: str, action: str) -> int:
     """Send the `stop` or `resume` update; print its answer; 0 if it was accepted."""
     from temporalio.service import RPCError
 
@@ -116,7 +116,7 @@ def _toggle_command(action: str) -> click.Command:
                 await _raise_budget(
                     settings, tenant, experiment, raise_budget or 0.0, raise_tokens or 0
                 )
-            return await toggle(settings, tenant, experiment, action)
+            return await send_toggle(settings, tenant, experiment, action)
 
         return run_async(run())
 
