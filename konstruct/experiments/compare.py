@@ -224,6 +224,15 @@ def compare_eval(
     )
 
 
+def paired_units(runs: list[ExperimentData]) -> tuple[list[ExperimentData], bool]:
+    """The runs as they are paired, and whether any ran epochs: then each run's items
+    become its dataset items, scored by their mean over their epochs."""
+    epochs = any(i.epoch > 1 for r in runs for i in r.items)
+    if not epochs:
+        return runs, False
+    return [dataclasses.replace(r, items=by_dataset_item(r.items)) for r in runs], True
+
+
 def compare(
     a: ExperimentData,
     b: ExperimentData,
@@ -240,10 +249,7 @@ def compare(
     still cover every result (each epoch's calls, latency and cost).
     """
     whole_a, whole_b = a, b
-    epochs = any(i.epoch > 1 for i in (*a.items, *b.items))
-    if epochs:
-        a = dataclasses.replace(a, items=by_dataset_item(a.items))
-        b = dataclasses.replace(b, items=by_dataset_item(b.items))
+    (a, b), epochs = paired_units([a, b])
     by_id_b = {i.item_id: i for i in b.items}
     ids_a = {i.item_id for i in a.items}
     shared = [

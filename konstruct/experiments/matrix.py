@@ -11,18 +11,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 from itertools import combinations
 
 from pydantic import BaseModel
 
-from konstruct.experiments.compare import Method, Operations, Side, compare, operations, side
+from konstruct.experiments.compare import (
+    Method,
+    Operations,
+    Side,
+    compare,
+    operations,
+    paired_units,
+    side,
+)
 from konstruct.experiments.records import ExperimentData
 from konstruct.experiments.statistics import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     bootstrap_mean_ci,
-    by_dataset_item,
     score_of,
 )
 
@@ -87,10 +93,7 @@ def matrix(
     """The runs side by side (see the module doc); at least two runs."""
     if len(runs) < 2:
         raise ValueError("a matrix needs at least two experiments")
-    epochs = any(i.epoch > 1 for r in runs for i in r.items)
-    scored_runs = [
-        dataclasses.replace(r, items=by_dataset_item(r.items)) if epochs else r for r in runs
-    ]
+    scored_runs, epochs = paired_units(runs)
     shared = set.intersection(*({i.item_id for i in r.items} for r in scored_runs))
     names = [n for n in scored_runs[0].eval_names() if all(n in r.eval_names() for r in runs)]
     every = {n for r in runs for n in r.eval_names()}

@@ -331,18 +331,20 @@ async def _stop(settings: Settings, tenant: str, experiment: str) -> None:
     for a person (a spent budget), and sends nothing new either way."""
     import asyncio
 
+    from konstruct.app.cli.common import app_pool
     from konstruct.app.cli.experiment_toggles import send_toggle
-    from konstruct.experiments.store.analysis import load_experiment
+    from konstruct.experiments.store.lookup import experiment_row
+    from konstruct.platform.db import tenant_transaction
 
     if await send_toggle(settings, tenant, experiment, "stop") != 0:
         return
-    while True:
-        run = await asyncio.to_thread(
-            in_tenant, settings, tenant, lambda conn: load_experiment(conn, tenant, experiment)
-        )
-        if run.status in _ENDED:
-            return
-        await asyncio.sleep(SEQUENTIAL_POLL_S / 4)
+    async with app_pool(settings) as pool:
+        while True:
+            async with tenant_transaction(pool, tenant) as conn:
+                row = await experiment_row(conn, tenant, experiment, "status")
+            if row["status"] in _ENDED:
+                return
+            await asyncio.sleep(SEQUENTIAL_POLL_S / 4)
 
 
 def _print_not_run(runs: list[ExperimentData]) -> None:

@@ -125,12 +125,13 @@ def sweep(
         for experiment_id, group, text, n in combinations(sweep_id, groups, templates)
     ]
 
+    ids = [b["experiment_id"] for b in bodies]
+
     async def run() -> int:
         client = await temporal_client(settings)
         for body in bodies:
             await start_experiment(client, settings, body, body["experiment_id"], body["name"])
             print(f"started {body['experiment_id']}  ({body['name']})")
-        ids = [b["experiment_id"] for b in bodies]
         print(f"  compare: konstruct experiments compare {' '.join(ids)}")
         if not watch:
             return 0
@@ -140,7 +141,7 @@ def sweep(
     if code == 0 and watch and len(bodies) > 1:
         from konstruct.app.cli.experiment_reports import compare_runs
 
-        return compare_runs(settings, fields["tenant"], [b["experiment_id"] for b in bodies])
+        return compare_runs(settings, fields["tenant"], ids)
     return code
 
 
@@ -163,7 +164,7 @@ async def _watch_all(client: Client, ids: list[str]) -> int:
                 print(f"{p.experiment_id}: {said}")
             seen[p.experiment_id] = said
         waiting = [p for p in progress if waits_for_you(p)]
-        if all(p.status in FINISHED or waits_for_you(p) for p in progress):
+        if all(p.status in FINISHED for p in progress if p not in waiting):
             for p in waiting:
                 print(f"{p.experiment_id}: paused: {p.paused_reason or p.paused_kind}")
             if any(p.status in FINISHED and p.status != "completed" for p in progress):
