@@ -18,7 +18,9 @@ import psutil
 import pytest
 import yaml
 
-from konstruct.app.processes import free_port
+from konstruct.app.processes import ManagedProcess, free_port
+from konstruct.app.stack import simulator_command
+from konstruct.platform.errors import StackError
 from tests.support import ROOT
 
 pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
@@ -194,6 +196,34 @@ def test_a_port_in_use_is_named(stack_config: Path) -> None:
         result = run(stack_config, "up", "--detach", timeout=60)
     assert result.returncode == 2
     assert f"port {port} (Temporal frontend) is already in use" in result.stderr
+
+
+def test_a_child_whose_port_was_taken_after_the_check_is_not_reported_up(
+    tmp_path: Path,
+) -> None:
+    """The race `up` cannot close by checking first: another program takes a port
+    between `up`'s check that it is free and the child's bind (ci55: another test's
+    simulator). The other program accepts connections, so "the port answers" is not
+    "the child came up": `up` waits for the child's own listening socket."""
+    port = free_port()
+    child = ManagedProcess(
+        simulator_command(port, ROOT / "deploy" / "simulator.yaml", "SIMULATOR_API_KEY"),
+        tmp_path / "simulator.log",
+        env={**os.environ, "SIMULATOR_API_KEY": "sk-test"},
+        name="simulator",
+    )
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        child.start()
+        try:
+            with pytest.raises(StackError) as failure:
+                child.wait_for_port(port, 60)
+        finally:
+            child.stop()
+    message = str(failure.value)
+    assert f"simulator did not come up on port {port} (another program listens on it)" in message
+    assert "address already in use" in message.lower()
 
 
 def stack_status(config: Path) -> dict[str, dict]:

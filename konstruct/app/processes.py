@@ -39,16 +39,56 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` or one of its descendants listens on TCP `port`.
+
+    None when the system will not say (another user's process, no permission):
+    the caller then settles for the port accepting.
+    """
+    import psutil  # noqa: PLC0415 - only `up` and the tests start children
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return None
+    unknown = False
+    for process in tree:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.AccessDenied:
+            unknown = True
+            continue
+        if any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections
+        ):
+            return True
+    return None if unknown else False
+
+
 def wait_for_port(
     port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
 ) -> bool:
-    """True once something accepts on the port; False on timeout or if `process` exits."""
+    """True once `process` (or, without one, anything) listens on the port; False
+    on timeout or if `process` exits.
+
+    Another program that took the port between our check that it was free and
+    the child's bind accepts on it too: only the child's own listening socket
+    says the child came up (it would otherwise exit with "address already in
+    use" after `up` reported success).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             return False
         if port_in_use(port):
-            return True
+            owned = None if process is None else listens_on(process.pid, port)
+            if owned is None or owned:
+                return True
         time.sleep(0.05)
     return False
 
@@ -116,8 +156,9 @@ class ManagedProcess:
 
     def wait_for_port(self, port: int, timeout: float) -> None:
         if not wait_for_port(port, timeout, self.process):
+            taken = " (another program listens on it)" if port_in_use(port) else ""
             raise StackError(
-                f"{self.name} did not come up on port {port}; log tail:\n{self.log_tail()}"
+                f"{self.name} did not come up on port {port}{taken}; log tail:\n{self.log_tail()}"
             )
 
     def wait_for_log(self, marker: str, timeout: float, fresh: bool = False) -> None:
