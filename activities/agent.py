@@ -225,6 +225,10 @@ class AgentActivities(ActivityClass):
     @activity.defn(name="agent_step")
     @outlasting_outages(MODEL_ATTEMPTS)
     async def agent_step(self, input: AgentStepInput) -> AgentStepResult:
+        """One step of a message's agent loop (`step`)."""
+        return await self.step(input)
+
+    async def step(self, input: AgentStepInput) -> AgentStepResult:
         """Ask the model once; store what it said; plan its tool calls or store the turn.
 
         Two transactions for a plain reply: one reads the agent and the thread's
@@ -509,6 +513,10 @@ class AgentActivities(ActivityClass):
     @activity.defn(name="run_tool")
     @outlasting_outages(TOOL_ATTEMPTS)
     async def run_tool(self, input: RunToolInput) -> ToolOutcome:
+        """One tool call of a message (`run_call`)."""
+        return await self.run_call(input)
+
+    async def run_call(self, input: RunToolInput) -> ToolOutcome:
         """Run one tool call once per call id: a stored outcome is returned as it is."""
         tenant = input.tenant_id
         async with tenant_transaction(self.pool, tenant) as conn:

@@ -54,7 +54,7 @@ def task_messages(
     messages = []
     if spec.task.system_prompt:
         messages.append({"role": "system", "content": spec.task.system_prompt})
-    prompt = render_prompt(spec.task.prompt_template, item_id, text, fields or {})
+    prompt = render_prompt(spec.task.template, item_id, text, fields or {})
     messages.append({"role": "user", "content": prompt})
     return messages
 

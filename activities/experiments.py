@@ -14,16 +14,19 @@ from typing import Any
 import asyncpg
 from temporalio import activity
 from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.service import RPCError
 
 from activities.base import ActivityClass
+from konstruct.agents.store.agents import select_agent
 from konstruct.config import ExperimentSettings
 from konstruct.experiments import models as models
 from konstruct.experiments import views
 from konstruct.experiments.datasets import items_digest, load_items
 from konstruct.experiments.store import budgets, results, summaries
 from konstruct.experiments.store import experiments as store
+from konstruct.experiments.trajectory import check_agent_items
 from konstruct.platform.db import tenant_transaction
-from konstruct.platform.errors import InvalidInput
+from konstruct.platform.errors import InvalidInput, UnknownAgent, UnknownTenant
 from konstruct.platform.naming import ProviderQueue, registry_run_id
 from konstruct.providers.control import declared_bounds
 from konstruct.providers.queue_limits import push_rate
@@ -117,9 +120,13 @@ class ExperimentActivities(ActivityClass):
     async def prepare(self, input: models.PrepareInput) -> models.PrepareResult:
         """Validate groups and dataset, store the items once, set up each provider's rate."""
         exp = input.experiment
-        task_deployments = self._deployments(exp.task.model_group, "task.model_group")
+        group = exp.task.model_group or await self._agent_group(exp)
+        field = "task.model_group" if exp.task.model_group else "task.agent"
+        task_deployments = self._deployments(group, field)
         judge_deployments = self._judge_deployments(exp)
         items = load_items(exp.dataset, self.base_dir, exp.task.prompt_template)
+        if exp.task.agent is not None:
+            check_agent_items(items)
         spec_json, digest = _spec_and_digest(exp, items)
         async with tenant_transaction(self.pool, exp.tenant_id) as conn:
             await _check_new_or_same(conn, exp, digest)
@@ -159,6 +166,16 @@ class ExperimentActivities(ActivityClass):
             providers=providers,
         )
 
+    async def _agent_group(self, exp: models.ExperimentInput) -> str:
+        """An agent task's model group: the agent's own (it must exist)."""
+        assert exp.task.agent is not None
+        try:
+            async with tenant_transaction(self.pool, exp.tenant_id) as conn:
+                agent = await select_agent(conn, exp.tenant_id, exp.task.agent)
+        except (UnknownAgent, UnknownTenant) as exc:
+            raise InvalidInput(f"task.agent: {exc}", ["task.agent"]) from None
+        return agent.model_group
+
     def _judge_deployments(self, exp: models.ExperimentInput) -> dict[str, list[Deployment]]:
         """Each llm_judge eval's deployments, by eval name."""
         return {
@@ -181,7 +198,12 @@ class ExperimentActivities(ActivityClass):
             )
             async with self.pool.acquire() as conn:
                 rate = await ensure_provider(conn, base, provider, bounds)
-            await push_rate(activity.client(), ProviderQueue(base, provider).name, rate, "prepare")
+            try:
+                await push_rate(
+                    activity.client(), ProviderQueue(base, provider).name, rate, "prepare"
+                )
+            except RPCError as exc:  # each worker's reconcile loop pushes it again
+                activity.logger.warning("could not push rate for %s: %s", provider, exc)
         return sorted(providers)
 
     @staticmethod

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from opentelemetry import metrics, trace
@@ -57,6 +57,7 @@ from konstruct.experiments.store import cache, results
 from konstruct.experiments.store import experiments as store
 from konstruct.experiments.store.budgets import Reservation, SpendFlags
 from konstruct.experiments.store.cache import CacheEntry
+from konstruct.experiments.trajectory import Transcript
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import ExperimentStopped, NotFound, QuotaExceeded
 from konstruct.platform.naming import ProviderQueue
@@ -114,10 +115,13 @@ class ProviderRequest:
 
     provider: str
     deployment: Deployment
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     task: TaskSpec | None
     # (tenant id, experiment id)
     experiment: tuple[str, str]
+    # An agent's step: the tools it offers and its response format.
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def max_tokens(self) -> int | None:
@@ -274,7 +278,10 @@ class ProviderCallActivities:
                 timeout_s=self.settings.call_timeout_s,
                 temperature=request.task.temperature if request.task is not None else None,
                 max_tokens=request.max_tokens,
-                response_format=request.task.response_format if request.task is not None else None,
+                response_format=request.task.response_format
+                if request.task is not None
+                else request.response_format,
+                tools=request.tools,
             ),
             self.settings.heartbeat_every_s,
         )
@@ -478,7 +485,13 @@ class ProviderCallActivities:
             judge = spec.judges.get(input.eval_name)
             if not isinstance(judge, LlmJudgeEval) or input.eval_name in item.scores:
                 return None
-            messages = judge_messages(judge, item.input, item.output, item.expected)
+            # An agent's item is judged on its whole transcript, not its last reply.
+            output = (
+                item.output
+                if item.transcript is None
+                else Transcript.model_validate(item.transcript).render()
+            )
+            messages = judge_messages(judge, item.input, output, item.expected)
             cached = item.spend.cache
             return _Plan(
                 messages, judge_key(input.deployment_id, messages, item.epoch) if cached else ""

@@ -9,6 +9,7 @@ parts directly. Nothing asserts a duration.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -32,6 +33,7 @@ from konstruct.providers.control import (
     declared_bounds,
     on_announced_limit,
 )
+from konstruct.providers.queue_limits import push_rate, pushes_settled, queue_rate
 from konstruct.providers.router import RateLimits, load_router_config
 from konstruct.providers.simulator.admin import SimulatorAdmin
 from konstruct.providers.store import OutcomeCounts, ensure_provider, record_outcomes
@@ -249,3 +251,22 @@ async def test_an_announced_limit_is_followed_from_the_first_answers(
     assert stats["ok"] == 60, stats
     assert result.summary.providers["calls"]["throttled"] == throttled(stats)
     await assert_one_result_each(app_pool, body)
+
+
+async def test_a_rate_push_whose_caller_was_cancelled_still_lands(client: Client) -> None:
+    """A push is never cancelled once sent: the server notes an update whose caller went
+    away after its write one version behind, and refuses every later update of the
+    queue's config for minutes (ci58 and a local run: an experiment's prepare failed
+    for 280 s with "Expected exactly one row to be updated")."""
+    queue = f"push-{uuid.uuid4().hex[:8]}"
+    await push_rate(client, queue, 5.0)
+    assert await queue_rate(client, queue) == 5.0
+    waiting = asyncio.ensure_future(push_rate(client, queue, 7.0, "cancelled caller"))
+    await asyncio.sleep(0)  # the push is on its way
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await pushes_settled()
+    assert await queue_rate(client, queue) == 7.0
+    await push_rate(client, queue, 9.0)
+    assert await queue_rate(client, queue) == 9.0

@@ -111,7 +111,7 @@ async def build_worker(
     queue = task_queue or settings.temporal.task_queue
     try:
         # Experiment calls run on one rate-limited queue per provider, beside this one.
-        async with provider_workers(client, settings, queue, pool, router_config):
+        async with provider_workers(client, settings, queue, pool, router_config, router):
             yield Worker(
                 client,
                 task_queue=queue,

@@ -22,11 +22,12 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.agent_items import AgentItemActivities, ExperimentAgentSteps
 from activities.provider_batches import ProviderBatchActivities
 from activities.provider_calls import ProviderCallActivities
 from konstruct.config import Settings
 from konstruct.platform.naming import ProviderQueue
-from konstruct.providers.queue_limits import push_rate
+from konstruct.providers.queue_limits import push_rate, pushes_settled
 from konstruct.providers.router import RouterConfig
 from konstruct.providers.store import current_rates
 
@@ -44,9 +45,22 @@ async def provider_workers(
     task_queue: str,
     pool: asyncpg.Pool,
     router_config: RouterConfig,
+    router: Any = None,
 ) -> AsyncIterator[list[Worker]]:
+    """`router`: what an agent item's `knowledge_search` embeds its query with (its
+    model calls go through the provider pipeline, not the Router)."""
     calls = ProviderCallActivities(pool, router_config, settings.experiments, task_queue)
     batches = ProviderBatchActivities(calls)
+    agent_items = AgentItemActivities(
+        calls,
+        ExperimentAgentSteps(
+            calls,
+            pool,
+            router,
+            router_config,
+            address_policy=settings.tools.address_policy(),
+        ),
+    )
     providers = sorted({d.provider for d in router_config.active()})
     workers = [
         Worker(
@@ -57,7 +71,9 @@ async def provider_workers(
             graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
         )
         for provider in providers
-        for queue, activities in _queues(ProviderQueue(task_queue, provider), calls, batches)
+        for queue, activities in _queues(
+            ProviderQueue(task_queue, provider), calls, batches, agent_items
+        )
     ]
     rates: dict[str, float] = {}
 
@@ -86,14 +102,18 @@ async def provider_workers(
         sync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sync
+        await pushes_settled()
 
 
 def _queues(
-    queue: ProviderQueue, calls: ProviderCallActivities, batches: ProviderBatchActivities
+    queue: ProviderQueue,
+    calls: ProviderCallActivities,
+    batches: ProviderBatchActivities,
+    agent_items: AgentItemActivities,
 ) -> list[tuple[str, Sequence[Callable[..., Any]]]]:
     """A provider's two queues and the activities each runs."""
     return [
-        (queue.name, [calls.run_item, calls.judge_item]),
+        (queue.name, [calls.run_item, calls.judge_item, agent_items.run_agent_item]),
         (queue.batch_name, [batches.run_batch]),
     ]
 

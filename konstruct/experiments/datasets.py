@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from konstruct.experiments.models import (
+    AGENT_ITEM_FIELDS,
     PLACEHOLDER,
     DatasetFormat,
     DatasetItem,
@@ -221,7 +222,9 @@ class _Rows:
                 continue
             if column in metadata:
                 raise _bad(f"{where}, column {column!r}: also a key of its `metadata` object")
-            metadata[column] = as_text(cell)
+            # An agent task's turns and tool fixtures keep their JSON in a JSONL file.
+            keep = raw and column in AGENT_ITEM_FIELDS
+            metadata[column] = cell if keep else as_text(cell)
         try:
             item = DatasetItem.model_validate(
                 {"id": item_id, "input": text, "expected": expected, "metadata": metadata}

@@ -32,6 +32,10 @@ ItemStatus = Literal["pending", "ok", "failed"]
 # --- the input ------------------------------------------------------------------
 
 
+# An agent task's item fields beyond `input`: further user turns and tool fixtures.
+AGENT_ITEM_FIELDS = ("turns", "tool_results")
+
+
 class DatasetItem(StrictModel):
     id: str = Field(min_length=1, max_length=200)
     input: str = Field(min_length=1)
@@ -39,6 +43,20 @@ class DatasetItem(StrictModel):
     # Extra fields: a dataset file's other columns (as text), or given inline; each
     # is usable in the prompt template as `{name}`.
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _agent_fields(cls, value: Any) -> Any:
+        """An agent task's `turns` and `tool_results` may be given beside `input`; they
+        are kept with the item's other fields (`konstruct.experiments.trajectory`)."""
+        if isinstance(value, dict) and any(k in value for k in AGENT_ITEM_FIELDS):
+            value = dict(value)
+            metadata = dict(value.get("metadata") or {})
+            for key in AGENT_ITEM_FIELDS:
+                if key in value:
+                    metadata[key] = value.pop(key)
+            value["metadata"] = metadata
+        return value
 
     @field_validator("id", mode="before")
     @classmethod
@@ -92,8 +110,18 @@ class DatasetSpec(StrictModel):
 
 
 class TaskSpec(StrictModel):
-    model_group: str = Field(min_length=1)
-    prompt_template: str = Field(min_length=1)
+    """A prompt task (`model_group` and `prompt_template`), or a tenant's agent
+    (`agent`: each item is a message to it, or a conversation; `model_group`, if
+    given, runs the agent on that group instead of its own)."""
+
+    model_group: str | None = Field(None, min_length=1)
+    prompt_template: str | None = Field(None, min_length=1)
+    agent: str | None = Field(None, pattern=_ID)
+    # Agent tasks: `fixtures` answers every tool with side effects from the item's
+    # `tool_results` (calculator and knowledge_search run live); `live` runs them all.
+    tools: Literal["fixtures", "live"] = "fixtures"
+    # Agent tasks: how a call that needs a person's approval is answered.
+    approvals: Literal["approve", "reject"] = "reject"
     system_prompt: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1)
@@ -108,10 +136,33 @@ class TaskSpec(StrictModel):
 
     @field_validator("prompt_template")
     @classmethod
-    def _uses_input(cls, value: str) -> str:
-        if "input" not in template_fields(value):
+    def _uses_input(cls, value: str | None) -> str | None:
+        if value is not None and "input" not in template_fields(value):
             raise ValueError("must contain `{input}`, where each item's input goes")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_or_agent(self) -> TaskSpec:
+        if self.agent is not None:
+            if self.prompt_template is not None or self.system_prompt is not None:
+                raise ValueError(
+                    "task.prompt_template: an agent task takes its prompt from the agent;"
+                    " give `agent` or `prompt_template`, not both"
+                )
+            return self
+        missing = [f for f in ("model_group", "prompt_template") if getattr(self, f) is None]
+        if missing:
+            raise ValueError(
+                f"task.{missing[0]}: required for a prompt task (or give task.agent to"
+                " evaluate one of the tenant's agents)"
+            )
+        return self
+
+    @property
+    def template(self) -> str:
+        """A prompt task's template (validated present)."""
+        assert self.prompt_template is not None, "an agent task has no template"
+        return self.prompt_template
 
 
 class _Eval(StrictModel):
@@ -180,6 +231,44 @@ class LlmJudgeEval(_Eval):
     pass_threshold: float = Field(0.5, ge=0, le=1)
 
 
+LocalEvalSpec = Annotated[
+    ExactMatchEval | ContainsEval | RegexEval | NumericCloseEval | JsonValidEval | JsonSchemaEval,
+    Field(discriminator="kind"),
+]
+
+
+# --- trajectory evals: what an agent did, read from its transcript (agent tasks) ---
+
+
+class ToolCalledEval(_Eval):
+    """Passes when the agent called `tool` (with arguments that include `arguments`,
+    if given), at least once, or exactly `count` times."""
+
+    kind: Literal["tool_called"]
+    tool: str = Field(min_length=1)
+    arguments: dict[str, Any] | None = None
+    count: int | None = Field(None, ge=0)
+
+
+class ToolNotCalledEval(_Eval):
+    kind: Literal["tool_not_called"]
+    tool: str = Field(min_length=1)
+
+
+class MaxStepsEval(_Eval):
+    """Passes when the item took at most `max` model steps over all its turns."""
+
+    kind: Literal["max_steps"]
+    max: int = Field(ge=1)
+
+
+class FinalAnswerEval(_Eval):
+    """A deterministic eval (`check`) of the agent's last reply."""
+
+    kind: Literal["final_answer"]
+    check: LocalEvalSpec
+
+
 EvalSpec = Annotated[
     ExactMatchEval
     | ContainsEval
@@ -187,9 +276,14 @@ EvalSpec = Annotated[
     | NumericCloseEval
     | JsonValidEval
     | JsonSchemaEval
-    | LlmJudgeEval,
+    | LlmJudgeEval
+    | ToolCalledEval
+    | ToolNotCalledEval
+    | MaxStepsEval
+    | FinalAnswerEval,
     Field(discriminator="kind"),
 ]
+TRAJECTORY_KINDS = ("tool_called", "tool_not_called", "max_steps", "final_answer")
 EVAL_KINDS = (
     "exact_match",
     "contains",
@@ -198,6 +292,7 @@ EVAL_KINDS = (
     "json_valid",
     "json_schema",
     "llm_judge",
+    *TRAJECTORY_KINDS,
 )
 
 
@@ -347,6 +442,17 @@ class ExperimentInput(StrictModel):
         if duplicates:
             raise ValueError(f"two evals are named {duplicates}; give each a distinct `name`")
         return value
+
+    @model_validator(mode="after")
+    def _trajectory_needs_an_agent(self) -> ExperimentInput:
+        if self.task.agent is None:
+            for index, spec in enumerate(self.evals):
+                if spec.kind in TRAJECTORY_KINDS:
+                    raise ValueError(
+                        f"evals.{index}.kind: {spec.kind} reads an agent's transcript;"
+                        " it needs an agent task (task.agent)"
+                    )
+        return self
 
 
 # --- the activities ---------------------------------------------------------------

@@ -332,15 +332,17 @@ def load_litellm() -> ModuleType:
 
 async def complete_on(
     litellm_params: dict[str, Any],
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     *,
     timeout_s: float,
     temperature: float | None = None,
     max_tokens: int | None = None,
     response_format: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Completion:
     """One request to one deployment, no retries; raises litellm's exception as is
-    (`classify` reads it), so the caller can learn from each 429."""
+    (`classify` reads it), so the caller can learn from each 429. `tools`: OpenAI
+    function specs, as for `complete`."""
     litellm = load_litellm()
 
     params = dict(litellm_params)
@@ -350,4 +352,6 @@ async def complete_on(
     params.update(_sampling(temperature, max_tokens))
     if response_format is not None:
         params["response_format"] = response_format
+    if tools:
+        params["tools"] = tools
     return _completion(await litellm.acompletion(messages=messages, **params))

@@ -32,8 +32,8 @@ class Batching(ItemRunning):
         """How many items go in one task activity to the item's provider now (1: no
         batch), from the provider's rate at the last monitor sample."""
         assert self._input is not None and self._carry is not None
-        if not self._batching or not item.needs_task:
-            return 1, ""
+        if not self._batching or not item.needs_task or self._input.task.agent is not None:
+            return 1, ""  # an agent's item is one activity of its own
         provider = pick_route(self._carry.prepared.task_routes, item.item_id).provider
         rate = next((p.rate_rps for p in self._providers if p.provider == provider), 0.0)
         o = self._input.options

@@ -34,8 +34,16 @@ class Calls(ExperimentState):
         )
 
     def _start_call(
-        self, method: Any, arg: Any, provider: str, key: str, batch: bool = False
+        self,
+        method: Any,
+        arg: Any,
+        provider: str,
+        key: str,
+        batch: bool = False,
+        long: bool = False,
     ) -> tuple[Any, str]:
+        """`batch`: on the provider's batch queue; `batch` or `long` (an agent's item,
+        many calls): as long as a batch may take, kept alive by its heartbeats."""
         assert self._input is not None
         o = self._input.options
         self._dispatched += 1
@@ -45,7 +53,9 @@ class Calls(ExperimentState):
             method,
             arg,
             task_queue=queue.batch_name if batch else queue.name,
-            start_to_close_timeout=BATCH_TIMEOUT if batch else timedelta(seconds=o.call_timeout_s),
+            start_to_close_timeout=BATCH_TIMEOUT
+            if batch or long
+            else timedelta(seconds=o.call_timeout_s),
             heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
             retry_policy=self._retry_policy(),
             activity_id=activity_id,

@@ -17,6 +17,7 @@ from workflows.experiment._options import db_call, pick_route
 from workflows.experiment._toggles import Toggles
 
 with workflow.unsafe.imports_passed_through():
+    from activities.agent_items import AgentItemActivities
     from activities.experiments import ExperimentActivities
     from activities.provider_calls import ProviderCallActivities
     from konstruct.experiments.models import (
@@ -74,13 +75,17 @@ class ItemRunning(Toggles):
         return self._stop_requested
 
     async def _call_task(self, item: PendingItem, keys: list[str]) -> RunItemResult:
-        assert self._carry is not None
+        assert self._carry is not None and self._input is not None
         route = pick_route(self._carry.prepared.task_routes, item.item_id)
+        agent = self._input.task.agent is not None
         handle, key = self._start_call(
-            ProviderCallActivities.run_item,
+            # An agent's item: every turn, step and tool call in one activity (its
+            # transcript in PostgreSQL, not in history).
+            AgentItemActivities.run_agent_item if agent else ProviderCallActivities.run_item,
             RunItemInput(**self._item_call(item.item_id, route)),
             route.provider,
             f"task:{item.item_id}",
+            long=agent,
         )
         keys.append(key)
         result: RunItemResult = await handle

@@ -178,6 +178,7 @@ class Experiment(Dispatching, Monitoring):
                 providers=self._carry.prepared.providers,
                 params={
                     "model_group": inp.task.model_group,
+                    **({"agent": inp.task.agent} if inp.task.agent else {}),
                     "evals": [e.kind for e in inp.evals],
                     "max_concurrency": inp.max_concurrency,
                 },

@@ -111,6 +111,8 @@ class JudgeCall:
     breaker: BreakerState | None
     spend: SpendFlags = SpendFlags()
     epoch: int = 0
+    # An agent item's transcript (None: a prompt task's item).
+    transcript: dict[str, Any] | None = None
 
 
 async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
@@ -176,7 +178,7 @@ def _task_call(row: Any) -> TaskCall:
 
 async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None:
     row = await conn.fetchrow(
-        "select i.input, i.expected, r.output, r.scores, e.stop_requested, "
+        "select i.input, i.expected, r.output, r.scores, r.transcript, e.stop_requested, "
         + _CALL_COLUMNS
         + " from experiment_results r join experiment_items i"
         " using (tenant_id, experiment_id, item_id)"
@@ -196,6 +198,7 @@ async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None
         breaker=_breaker_seen(row),
         spend=SpendFlags.from_row(row),
         epoch=item_epoch(row),
+        transcript=None if row["transcript"] is None else json_object(row["transcript"]),
     )
 
 
@@ -223,6 +226,8 @@ class NewResult:
     cost_usd: float | None = 0.0
     cached: bool = False
     saved_usd: float = 0.0
+    # An agent item's transcript (`konstruct.experiments.trajectory.Transcript`).
+    transcript: dict[str, Any] | None = None
     # A successful call's output, for the cache (stored with the result, once).
     cache_entry: CacheEntry | None = None
 
@@ -236,14 +241,15 @@ async def store_result(
         "insert into experiment_results (tenant_id, experiment_id, item_id, seq, status,"
         " output, scores, evaluated, latency_ms, model, deployment_id, provider,"
         " prompt_tokens, completion_tokens, error_kind, error, attempt, cost_usd, cached,"
-        " cache_hits, saved_usd) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-        " $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+        " cache_hits, saved_usd, transcript) values ($1, $2, $3, $4, $5, $6, $7, $8, $9,"
+        " $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
         " on conflict (tenant_id, experiment_id, item_id) do nothing"
         f" returning {returning}",
         tenant_id,
         experiment_id,
         item_id,
         *_result_values(new),
+        None if new.transcript is None else json.dumps(new.transcript),
     )
     if row is None:  # an earlier attempt stored it first
         row = await conn.fetchrow(
