@@ -14,6 +14,8 @@ above it) and measures, in one run:
   fairness     three experiments started 5 s apart, of different sizes
   sweep        `konstruct experiments sweep`: 2 model groups of the provider x 2
                templates, a quarter of the items each, all four at once
+  agent        an agent experiment (calculator agent: 2 model calls, 1 tool call an
+               item) against a prompt experiment at the same ceiling
   two-workers  two worker processes share one provider limit
   crash        kill -9 of the worker mid-run: time to the first new result
 
@@ -30,6 +32,8 @@ With --shape, the same pair at --shape-ceilings for each limiter shape.
                                           # limits changed while idle or paused (bench/through_time.py)
     .venv/bin/python bench/experiments.py --only sweep --ceiling 50 --items 2000
                                           # 4 x 500 items: experiments_sweep.json
+    .venv/bin/python bench/experiments.py --only agent --ceiling 50 --items 1000
+                                          # experiments_agent.json
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ THROUGH_TIME_RESULTS = ROOT / "bench" / "results" / "experiments_through_time.js
 LARGE_RESULTS = ROOT / "bench" / "results" / "experiments_large.json"
 # The sweep scenario's figures, also from a partial run (--only sweep).
 SWEEP_RESULTS = ROOT / "bench" / "results" / "experiments_sweep.json"
+# The agent scenario's figures (--only agent).
+AGENT_RESULTS = ROOT / "bench" / "results" / "experiments_agent.json"
 SHAPES = ("token_bucket", "sliding_window", "leaky_bucket", "tokens_per_minute")
 # The window of the sliding-window and tokens-per-minute shapes: short, so a
 # run of a minute spans several (OpenAI's is a minute).
@@ -574,6 +580,68 @@ class Bench:
             "share_429": round(limited / requests, 4) if requests else 0.0,
         }
 
+    async def agent(self, n: int) -> dict[str, Any]:
+        """An agent experiment (the calculator agent: two model calls and a tool call an
+        item) against a prompt experiment, each of n items from a fresh provider state
+        at the same ceiling: the provider calls a second each keeps up, and the
+        workflow history events an item adds."""
+        from konstruct.agents.models import AgentProfile
+        from konstruct.agents.store.agents import put_agent
+        from konstruct.platform.db import tenant_transaction
+
+        profile = AgentProfile(
+            agent_id="calc-bench", name="Cal", role="an assistant with a calculator",
+            fallback_reply="Sorry, not now.", tools=["calculator"],
+        )  # fmt: skip
+        async with tenant_transaction(self.pool, "demo") as conn:
+            await put_agent(conn, "demo", profile)
+        agent_items = [
+            {"id": f"agent-{i:05d}", "input": f"What is {i} * 7 + 3?", "expected": str(i * 7 + 3)}
+            for i in range(n)
+        ]
+        runs: dict[str, dict[str, Any]] = {}
+        for kind in ("prompt", "agent"):
+            await self.fresh()
+            extra: dict[str, Any] = {}
+            if kind == "agent":
+                extra = {
+                    "task": {"agent": "calc-bench"},
+                    "dataset": {"items": agent_items},
+                    "evals": [{"kind": "contains"}],
+                }
+            handle = await self.start_experiment(n, kind, **extra)
+            result = await handle.result()
+            ok = (await self.sim.timeline(MODEL))["ok"]
+            busy = [i for i, count in enumerate(ok) if count]
+            seconds = busy[-1] - busy[0] + 1 if busy else 1
+            events = 0
+            async for execution in self.client.list_workflows(f"WorkflowId = '{handle.id}'"):
+                history = await self.client.get_workflow_handle(
+                    handle.id, run_id=execution.run_id
+                ).fetch_history()
+                events += len(history.events)
+            requests, limited = await self.sim_counts()
+            runs[kind] = {
+                "items": n,
+                "completed": result.summary.completed,
+                "failed": result.summary.failed,
+                "provider_calls": sum(ok),
+                "seconds_with_calls": seconds,
+                "provider_calls_per_s": round(sum(ok) / seconds, 2),
+                "fraction_of_ceiling": round(sum(ok) / seconds / self.ceiling, 3),
+                "share_429": round(limited / requests, 4) if requests else 0.0,
+                "history_events": events,
+                "history_events_per_item": round(events / n, 2),
+                "pass_rate": result.summary.evals[0].pass_rate if result.summary.evals else None,
+            }
+        return {
+            "runner": "konstruct: the calculator agent against a prompt experiment",
+            **runs,
+            "agent_over_prompt_calls_per_s": round(
+                runs["agent"]["provider_calls_per_s"] / runs["prompt"]["provider_calls_per_s"], 3
+            ),
+        }
+
     async def two_workers(self, n: int) -> dict[str, Any]:
         self.add_worker()
         await self.fresh()
@@ -834,6 +902,7 @@ async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "step": lambda: bench.step(n // 2, args.ceiling / 5, 10.0, 25.0),
         "fairness": lambda: bench.fairness([int(n * 0.375), n // 6, n // 12], 5.0),
         "sweep": lambda: bench.sweep(n // 4),
+        "agent": lambda: bench.agent(n),
         "two_workers": lambda: bench.two_workers(n // 4),
         "crash": lambda: bench.crash(n // 4),
     }
@@ -842,9 +911,11 @@ async def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
             continue
         out[name] = await scenario()
         print(out[name], flush=True)
-        if name == "sweep":
+        if name in ("sweep", "agent"):
             found = {"ceiling_rps": args.ceiling, "latency_ms": args.latency_ms, **out[name]}
-            SWEEP_RESULTS.write_text(json.dumps(found, indent=2))
+            (SWEEP_RESULTS if name == "sweep" else AGENT_RESULTS).write_text(
+                json.dumps(found, indent=2)
+            )
     return out
 
 

@@ -8,7 +8,10 @@ are served by the test (`hooks`), so a call that reached one is seen.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,12 +19,16 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 
 from konstruct.agents.store.tools import put_tool
+from konstruct.app.cli import main as cli_main
+from konstruct.config import Settings
 from konstruct.experiments.models import ExperimentResult
 from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.responders import content_key
-from tests.support import Hooks, WorkerRelay, wait_for_calls
+from tests.support import Hooks, WorkerRelay, replay_all, replayer, wait_for_calls
 from tests.test_agent_tools import make_agent, new_tenant, webhook
+from tests.test_experiment_replay import _runs, uncached_worker
 from tests.test_experiments import FAST, experiment, start
+from workflows.experiment import Experiment
 
 pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 
@@ -68,14 +75,10 @@ async def stored(pool: asyncpg.Pool, tenant: str, experiment_id: str) -> dict[st
 
 
 def scores(row: Any) -> dict[str, bool]:
-    import json
-
     return {name: s["passed"] for name, s in json.loads(row["scores"]).items()}
 
 
 def transcript(row: Any) -> dict[str, Any]:
-    import json
-
     value: dict[str, Any] = json.loads(row["transcript"])
     return value
 
@@ -301,3 +304,106 @@ async def test_kill_9_mid_item_leaves_one_result_one_turn_and_no_step_asked_twic
     made = {i["id"]: requests.get(content_key(i["input"]), 0) for i in items}
     assert {i: n for i, n in made.items() if not 2 <= n <= 3} == {}
     assert sum(made.values()) <= 24 + (12 - done_at_kill)
+
+
+async def test_the_cli_runs_an_agent_experiment_from_a_jsonl_file_and_shows_an_item(
+    worker: str,
+    app_pool: asyncpg.Pool,
+    hooks: Hooks,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A JSONL file's `turns` and `tool_results` keep their JSON (other extra columns are
+    text), `start --agent` evaluates the agent, `show EXP ITEM` prints the transcript."""
+    tenant = await agent_tenant(app_pool, hooks)
+    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    data = tmp_path / "agent.jsonl"
+    rows = [
+        {
+            "id": "look",
+            "input": "hello",
+            "turns": ['/tool lookup {"x": 1}'],
+            "tool_results": {"lookup": {"name": "one"}},
+            "expected": 'Tool lookup returned: {"name": "one"}',
+        },
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiment_id = f"exp-agent-{uuid.uuid4().hex[:6]}"
+    argv = ["experiments", "start", "--id", experiment_id, "--tenant", tenant]
+    argv += ["--agent", "helper", "--dataset", str(data), "--eval", "exact_match", "--watch"]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    assert "1/1" in capsys.readouterr().out
+    show = ["experiments", "show", experiment_id, "look", "--tenant", tenant]
+    assert await asyncio.to_thread(cli_main, show) == 0
+    out = capsys.readouterr().out
+    assert "exact_match: 1.0 pass" in out
+    assert "[turn 2] user: /tool lookup" in out
+    assert '  step 1: tool lookup {"x": 1}' in out
+    assert '    -> ok, fixture: {"name": "one"}' in out
+    assert hooks.requests == []
+    missing = ["experiments", "show", experiment_id, "nope", "--tenant", tenant]
+    assert await asyncio.to_thread(cli_main, missing) != 0
+    assert "no item 'nope'" in capsys.readouterr().err
+
+
+async def test_a_sweep_runs_an_agent_on_each_model_group(
+    worker: str,
+    app_pool: asyncpg.Pool,
+    hooks: Hooks,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tenant = await agent_tenant(app_pool, hooks)
+    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    data = tmp_path / "calc.jsonl"
+    data.write_text(json.dumps({"id": "1", "input": CALC, "expected": "42"}) + "\n")
+    sweep_id = f"sw-{uuid.uuid4().hex[:6]}"
+    argv = ["experiments", "sweep", "--id", sweep_id, "--tenant", tenant, "--agent", "helper"]
+    argv += ["--model-group", "fast", "--model-group", "quality", "--dataset", str(data)]
+    argv += ["--eval", "contains", "--watch"]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"{sweep_id}-fast-helper: completed 1/1" in out
+    assert f"{sweep_id}-quality-helper: completed 1/1" in out
+    async with tenant_transaction(app_pool, tenant) as conn:
+        models = await conn.fetch(
+            "select experiment_id, model from experiment_results order by experiment_id"
+        )
+    assert [r["experiment_id"] for r in models] == [
+        f"{sweep_id}-fast-helper",
+        f"{sweep_id}-quality-helper",
+    ]
+    assert models[0]["model"] != models[1]["model"]  # each ran on its own group
+    both = ["experiments", "sweep", "--agent", "helper", "--template", "{input}"]
+    both += ["--model-group", "fast"]
+    assert await asyncio.to_thread(cli_main, both) == 2
+    assert "give --template (prompt tasks) or --agent" in capsys.readouterr().err
+
+
+async def test_an_agent_experiment_replays_without_cache(
+    client: Client, settings: Settings, task_queue: str, app_pool: asyncpg.Pool, hooks: Hooks
+) -> None:
+    """Every workflow task of an agent experiment replays from scratch (no cache), with a
+    continue-as-new, then each run's history replays (KONSTRUCT_RECORD_HISTORIES=1 records
+    them for tests/test_experiment_replay.py)."""
+    tenant = await agent_tenant(app_pool, hooks)
+    items: list[dict[str, Any]] = [
+        {"id": "calc", "input": CALC, "expected": "42"},
+        {"id": "talk", "input": "hello", "turns": [CALC], "expected": "42"},
+        {"id": "look", "input": '/tool lookup {"x": 1}', "tool_results": {"lookup": "one"}},
+    ]
+    body = agent_experiment(tenant, items, [{"kind": "tool_called", "tool": "calculator"}])
+    body["max_concurrency"] = 2
+    body["options"]["continue_as_new_every"] = 2
+    async with uncached_worker(client, settings, task_queue):
+        result: ExperimentResult = await (await start(client, task_queue, body)).result()
+        runs = await _runs(client, body["experiment_id"])
+    assert (result.summary.completed, result.summary.failed) == (3, 0)
+    assert len(runs) >= 2
+    await replay_all(
+        replayer(Experiment),
+        {f"agent_{index}": history for index, history in enumerate(runs)},
+        record_as="experiment_",
+    )

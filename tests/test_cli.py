@@ -78,6 +78,9 @@ def test_unreachable_postgres_is_one_line(environ: dict[str, str], command: list
         (["demo", "run", "--id", "two words"], "'--id'"),
         (["experiments", "start", "--id", " "], "'--id'"),
         (["registry", "history"], "'ALIAS'"),
+        (["experiments", "start", "--agent", "helper", "--template", "{input}"], "--template"),
+        (["experiments", "start", "--approvals", "approve"], "--approvals: only for an agent"),
+        (["experiments", "start", "--agent", "helper", "--tools", "some"], "'--tools'"),
     ],
 )
 def test_a_bad_argument_is_named(command: list[str], named: str) -> None:

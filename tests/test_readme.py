@@ -55,6 +55,8 @@ EXPECTED = [
     ("--budget-usd 0.0005 --watch", "budget"),
     ("konstruct experiments compare exp-1 exp-2", "exact_match"),
     ("konstruct registry history demo-production", "promote champion"),
+    ("--agent calc --dataset deploy/datasets/agent-calc.jsonl", "completed 3/3"),
+    ("konstruct experiments show agent-2 two-turns", "4 model step(s), at most 2 wanted"),
     # Decoded through the codec endpoint: the reply in plain text.
     ("temporal workflow show --workflow-id msg-demo-m-1", "AI assistant"),
 ]

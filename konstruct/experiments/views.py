@@ -41,6 +41,12 @@ def item_json(row: Any) -> dict[str, Any]:
     }
 
 
+def item_detail(row: Any) -> dict[str, Any]:
+    """One item with its result and, for an agent's item, its transcript
+    (`experiments show EXP ITEM`)."""
+    return {**item_json(row), "transcript": _json(row["transcript"])}
+
+
 def experiment_detail(rows: ExperimentRows) -> dict[str, Any]:
     """The experiment with one row per item (what `experiments show --json` prints),
     and with epochs each dataset item's figures over them."""

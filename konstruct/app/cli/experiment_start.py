@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     from konstruct.experiments.models import ExperimentInput
 
 DEFAULT_DATASET = "deploy/datasets/arithmetic.jsonl"
+DEFAULT_TEMPLATE = "Answer with a number only: {input}"
+
+
+def task_label(task: dict[str, Any]) -> str:
+    """What a task runs, for a workflow's summary: its model group, or its agent."""
+    if task.get("agent"):
+        group = f" on {task['model_group']}" if task.get("model_group") else ""
+        return f"agent {task['agent']}{group}"
+    return str(task.get("model_group"))
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -96,8 +107,7 @@ def _input_from_flags(
     tenant: str,
     dataset: str | None,
     mapping: dict[str, str | None],
-    model_group: str,
-    template: str,
+    task: dict[str, Any],
     evals: tuple[str, ...],
     judge: str | None,
     rubric: str,
@@ -111,9 +121,38 @@ def _input_from_flags(
             "path": dataset or DEFAULT_DATASET,
             **{key: value for key, value in mapping.items() if value is not None},
         },
-        "task": {"model_group": model_group, "prompt_template": template},
+        "task": task,
         "evals": kinds,
     }
+
+
+def _task_from_flags(
+    model_group: str | None,
+    template: str | None,
+    agent: str | None,
+    tools: str | None,
+    approvals: str | None,
+) -> dict[str, Any]:
+    """A prompt task, or with `agent` an agent task (`--model-group` then overrides
+    the agent's own group; `--template` is refused: the agent builds its prompt)."""
+    if agent is None:
+        for flag, value in (("--tools", tools), ("--approvals", approvals)):
+            if value is not None:
+                raise InvalidInput(f"{flag}: only for an agent task (--agent AGENT)", [flag])
+        return {
+            "model_group": model_group or "fast",
+            "prompt_template": template or DEFAULT_TEMPLATE,
+        }
+    if template is not None:
+        raise InvalidInput(
+            "--template: an agent task takes its prompt from the agent; leave it out with --agent",
+            ["--template"],
+        )
+    task: dict[str, Any] = {"agent": agent}
+    for key, value in (("model_group", model_group), ("tools", tools), ("approvals", approvals)):
+        if value is not None:
+            task[key] = value
+    return task
 
 
 def _apply_flags(
@@ -154,8 +193,11 @@ def build_input(
     input_field: str | None = None,
     expected_field: str | None = None,
     id_field: str | None = None,
-    model_group: str = "fast",
-    template: str = "",
+    model_group: str | None = None,
+    template: str | None = None,
+    agent: str | None = None,
+    tools: str | None = None,
+    approvals: str | None = None,
     evals: tuple[str, ...] = (),
     judge: str | None = None,
     rubric: str = "",
@@ -178,9 +220,8 @@ def build_input(
             "expected_field": expected_field,
             "id_field": id_field,
         }
-        body = _input_from_flags(
-            tenant, dataset, mapping, model_group, template, evals, judge, rubric
-        )
+        task = _task_from_flags(model_group, template, agent, tools, approvals)
+        body = _input_from_flags(tenant, dataset, mapping, task, evals, judge, rubric)
     _apply_flags(body, experiment_id, name, epochs, no_cache, budget_usd, budget_tokens)
     s = settings.experiments
     body.setdefault("max_concurrency", max_concurrency or s.max_concurrency)
@@ -201,11 +242,13 @@ def _check_against_config(
     worker will read it) and the template names only fields the items have."""
     from konstruct.experiments.datasets import load_items
     from konstruct.experiments.models import LlmJudgeEval
+    from konstruct.experiments.trajectory import check_agent_items
     from konstruct.providers.router import load_router_config
 
     config = load_router_config(settings.path(settings.llm.router_config))
     groups = sorted({d.model_name for d in config.model_list})
-    named = [("task.model_group", validated.task.model_group)] + [
+    task_group = [("task.model_group", validated.task.model_group)]
+    named = [(f, g) for f, g in task_group if g is not None] + [
         (f"evals.{i}.model_group", e.model_group)
         for i, e in enumerate(validated.evals)
         if isinstance(e, LlmJudgeEval)
@@ -217,7 +260,9 @@ def _check_against_config(
                 f" ({', '.join(groups)})"
             )
     try:
-        load_items(validated.dataset, settings.base_dir, validated.task.prompt_template)
+        items = load_items(validated.dataset, settings.base_dir, validated.task.prompt_template)
+        if validated.task.agent is not None:
+            check_agent_items(items)
     except InvalidInput as exc:
         raise InvalidInput(f"Experiment: {exc}", exc.fields) from None
 
@@ -263,8 +308,20 @@ async def launch(
 @tenant_option
 @click.option("--name")
 @dataset_options
-@click.option("--model-group", default="fast", show_default=True)
-@click.option("--template", default="Answer with a number only: {input}", show_default=True)
+@click.option("--model-group", help="the task's model group (default: fast; an agent's own)")
+@click.option("--template", help=f"the prompt template (default: {DEFAULT_TEMPLATE!r})")
+@click.option("--agent", help="evaluate this agent of the tenant: each item a message to it")
+@click.option(
+    "--tools",
+    type=click.Choice(["fixtures", "live"]),
+    help="agent tasks: answer tools with side effects from the items' tool_results"
+    " (default), or run them live",
+)
+@click.option(
+    "--approvals",
+    type=click.Choice(["approve", "reject"]),
+    help="agent tasks: how calls needing approval are answered (default: reject)",
+)
 @run_options
 @click.option("--watch", is_flag=True, help="watch it until it ends")
 @pass_state
@@ -281,7 +338,7 @@ def start(state: CliState, watch: bool, **fields: Any) -> int:
             settings,
             body,
             workflow_id,
-            summary=f"experiment {workflow_id} ({body['task']['model_group']})",
+            summary=f"experiment {workflow_id} ({task_label(body['task'])})",
             said=f"started experiment {workflow_id} (workflow id {workflow_id})",
             experiment=workflow_id,
         )

@@ -92,9 +92,14 @@ def _unique(option: str, values: tuple[str, ...]) -> None:
     "--template",
     "templates",
     multiple=True,
-    required=True,
     help="a prompt template, or a file holding one (repeatable; a template names a"
     " field, as in {input})",
+)
+@click.option(
+    "--agent",
+    "agents",
+    multiple=True,
+    help="instead of templates: an agent of the tenant (repeatable), run on each model group",
 )
 @dataset_options
 @run_options
@@ -105,25 +110,47 @@ def sweep(
     sweep_id: str | None,
     groups: tuple[str, ...],
     templates: tuple[str, ...],
+    agents: tuple[str, ...],
     watch: bool,
     **fields: Any,
 ) -> int:
-    """Start one experiment per model group × prompt template, on one dataset."""
+    """Start one experiment per model group × prompt template (or agent), on one dataset."""
     settings = state.settings
     _unique("--model-group", groups)
     _unique("--template", templates)
-    sweep_id = sweep_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    bodies = [
-        build_input(
-            settings,
-            experiment_id=experiment_id,
-            name=f"sweep {sweep_id}: {group} x template {n}",
-            model_group=group,
-            template=text,
-            **fields,
+    _unique("--agent", agents)
+    if bool(templates) == bool(agents):
+        raise InvalidInput(
+            "experiments sweep: give --template (prompt tasks) or --agent (agent tasks),"
+            " one of the two",
+            ["--template"],
         )
-        for experiment_id, group, text, n in combinations(sweep_id, groups, templates)
-    ]
+    sweep_id = sweep_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    if agents:
+        bodies = [
+            build_input(
+                settings,
+                experiment_id=f"{sweep_id}-{_slug(group)}-{_slug(agent)}",
+                name=f"sweep {sweep_id}: agent {agent} on {group}",
+                model_group=group,
+                agent=agent,
+                **fields,
+            )
+            for group in groups
+            for agent in agents
+        ]
+    else:
+        bodies = [
+            build_input(
+                settings,
+                experiment_id=experiment_id,
+                name=f"sweep {sweep_id}: {group} x template {n}",
+                model_group=group,
+                template=text,
+                **fields,
+            )
+            for experiment_id, group, text, n in combinations(sweep_id, groups, templates)
+        ]
 
     ids = [b["experiment_id"] for b in bodies]
 

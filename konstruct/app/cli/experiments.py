@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "start": (f"{_CLI}.experiment_start:start", "Start an Experiment (from a JSON file or flags)."),
     "sweep": (
         f"{_CLI}.experiment_sweep:sweep",
-        "Start one experiment per model group × prompt template, on one dataset.",
+        "Start one experiment per model group × prompt template (or agent), on one dataset.",
     ),
     "watch": (
         f"{_CLI}.experiment_watch:watch",
@@ -70,16 +70,20 @@ def group() -> None:
 
 @group.command("show")
 @experiment_argument
+@click.argument("item", required=False)
 @tenant_option
 @json_option()
 @pass_state
-def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
-    """The experiment with one row per item."""
+def show(state: CliState, experiment: str, item: str | None, tenant: str, as_json: bool) -> int:
+    """The experiment with one row per item; with ITEM, that item and its transcript."""
     from konstruct.app.cli.output import print_json, print_table
     from konstruct.experiments.models import BudgetProgress, usd
     from konstruct.experiments.progress_text import budget_line
     from konstruct.experiments.store.summaries import experiment_rows
     from konstruct.experiments.views import experiment_detail
+
+    if item is not None:
+        return _show_item(state, experiment, item, tenant, as_json)
 
     data = experiment_detail(
         in_tenant(state.settings, tenant, lambda conn: experiment_rows(conn, tenant, experiment))
@@ -113,6 +117,37 @@ def show(state: CliState, experiment: str, tenant: str, as_json: bool) -> int:
             for item in data["items"]
         ],
     )
+    return 0
+
+
+def _show_item(state: CliState, experiment: str, item: str, tenant: str, as_json: bool) -> int:
+    from konstruct.app.cli.output import print_json
+    from konstruct.experiments.store.summaries import item_row
+    from konstruct.experiments.trajectory import Transcript
+    from konstruct.experiments.views import item_detail
+
+    row = in_tenant(state.settings, tenant, lambda conn: item_row(conn, tenant, experiment, item))
+    if row is None:
+        raise NotFound(
+            f"no item {item!r} in experiment {experiment!r} of tenant {tenant!r};"
+            f" see `konstruct experiments show {experiment}`"
+        )
+    data = item_detail(row)
+    if as_json:
+        print_json(data)
+        return 0
+    print(f"{data['item_id']}  {data['status']}  (experiment {experiment})")
+    print(f"  input:    {data['input']}")
+    if data["expected"] is not None:
+        print(f"  expected: {data['expected']}")
+    print(f"  output:   {data['output'] or data['error'] or ''}")
+    for name, score in data["scores"].items():
+        if isinstance(score, dict):
+            mark = "pass" if score.get("passed") else "fail"
+            print(f"  {name}: {score.get('score')} {mark}  {score.get('detail') or ''}".rstrip())
+    if data["transcript"]:
+        print("transcript:")
+        print(Transcript.model_validate(data["transcript"]).render())
     return 0
 
 

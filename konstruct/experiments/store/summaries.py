@@ -159,6 +159,20 @@ _ROWS_QUERY = (
 )
 
 
+async def item_row(
+    conn: asyncpg.Connection, tenant_id: str, experiment_id: str, item_id: str
+) -> asyncpg.Record | None:
+    """One item with its result and (an agent's item) its transcript."""
+    return await conn.fetchrow(
+        _ROWS_QUERY.replace(", r.error from", ", r.error, r.transcript from").replace(
+            " order by i.seq", " and i.item_id = $3"
+        ),
+        tenant_id,
+        experiment_id,
+        item_id,
+    )
+
+
 @dataclass(frozen=True)
 class ExperimentRows:
     """An experiment's row, its items joined with their results in dataset order,
