@@ -21,8 +21,11 @@ from temporalio.client import Client, WorkflowFailureError
 from konstruct.agents.store.tools import put_tool
 from konstruct.app.cli import main as cli_main
 from konstruct.config import Settings
-from konstruct.experiments.models import ExperimentResult
+from konstruct.experiments.evals import judge_messages
+from konstruct.experiments.models import ExperimentResult, LlmJudgeEval
+from konstruct.experiments.trajectory import Transcript
 from konstruct.platform.db import tenant_transaction
+from konstruct.providers.simulator.admin import SimulatorAdmin
 from konstruct.providers.simulator.responders import content_key
 from tests.support import Hooks, WorkerRelay, replay_all, replayer, wait_for_calls
 from tests.test_agent_tools import make_agent, new_tenant, webhook
@@ -342,6 +345,13 @@ async def test_the_cli_runs_an_agent_experiment_from_a_jsonl_file_and_shows_an_i
     assert '  step 1: tool lookup {"x": 1}' in out
     assert '    -> ok, fixture: {"name": "one"}' in out
     assert hooks.requests == []
+    # The HTML report shows each agent item's transcript behind its output.
+    page = tmp_path / "report.html"
+    report = ["experiments", "report", experiment_id, "--tenant", tenant, "--out", str(page)]
+    assert await asyncio.to_thread(cli_main, report) == 0
+    html = page.read_text()
+    assert '<details class="transcript" id="t-look">' in html
+    assert "[turn 2] user: /tool lookup {&quot;x&quot;: 1}" in html
     missing = ["experiments", "show", experiment_id, "nope", "--tenant", tenant]
     assert await asyncio.to_thread(cli_main, missing) != 0
     assert "no item 'nope'" in capsys.readouterr().err
@@ -407,3 +417,25 @@ async def test_an_agent_experiment_replays_without_cache(
         {f"agent_{index}": history for index, history in enumerate(runs)},
         record_as="experiment_",
     )
+
+
+async def test_an_llm_judge_reads_the_whole_transcript(
+    client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks, sim: SimulatorAdmin
+) -> None:
+    """The judge is asked about the transcript (every turn, tool call and result),
+    not only the last reply: the simulator saw exactly that request."""
+    tenant = await agent_tenant(app_pool, hooks)
+    items: list[dict[str, Any]] = [
+        {"id": "j", "input": f"hi {uuid.uuid4().hex[:6]}", "turns": [CALC], "expected": "42"}
+    ]
+    judge = {"kind": "llm_judge", "model_group": "judge", "rubric": "Did it use the tool?"}
+    body = agent_experiment(tenant, items, [judge])
+    result = await run(client, worker, body)
+    assert (result.summary.completed, result.summary.failed) == (1, 0)
+    row = (await stored(app_pool, tenant, body["experiment_id"]))["j"]
+    told = Transcript.model_validate(transcript(row)).render()
+    assert "[turn 2] user: " + CALC in told and "-> ok, live: 42" in told
+    question = judge_messages(LlmJudgeEval.model_validate(judge), items[0]["input"], told, "42")
+    requests = (await sim.requests_by_content("sim-judge"))["requests"]
+    assert requests.get(content_key(question[-1]["content"])) == 1
+    assert json.loads(row["scores"])["llm_judge"]["score"] is not None

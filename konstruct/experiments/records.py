@@ -46,6 +46,8 @@ class ItemResult:
     cost_usd: float | None = None
     # The output came from the output cache (None: not stored).
     cached: bool | None = None
+    # An agent's item: its transcript (`trajectory.Transcript` as JSON).
+    transcript: dict[str, Any] | None = None
     # The dataset's id of the item and which run of it this is (epochs, from 1).
     dataset_id: str = ""
     epoch: int = 1

@@ -30,6 +30,7 @@ from konstruct.experiments.compare import (
 )
 from konstruct.experiments.records import ExperimentData, ItemResult
 from konstruct.experiments.statistics import histogram, passed, percentile, score_of
+from konstruct.experiments.trajectory import Transcript
 
 DEFAULT_MAX_ROWS = 5000
 _INPUT_CHARS = 200
@@ -242,6 +243,7 @@ svg.plot { max-width: 100%; height: auto; display: block; }
 #filters { display: flex; flex-wrap: wrap; gap: 10px; align-items: center; margin: 8px 0; }
 #filters input[type=search] { min-width: 260px; padding: 3px 6px; }
 #items-table td.t { max-width: 360px; overflow-wrap: anywhere; white-space: pre-wrap; }
+details.transcript pre { font-size: 12px; max-height: 24em; overflow: auto; margin: 4px 0; }
 #items-wrap { max-height: 900px; overflow: auto; border: 1px solid var(--line); }
 """
 
@@ -371,7 +373,15 @@ def _item_row(item: ItemResult, names: Sequence[str], has_cost: bool) -> str:
             f"{item.error_kind or 'error'}: {item.error or ''}" if item.status == "failed" else ""
         )
     )
-    cells.append(f'<td class="t s">{_e(_clip(answer, _OUTPUT_CHARS))}</td>')
+    shown = _e(_clip(answer, _OUTPUT_CHARS))
+    if item.transcript:
+        # An agent's item: its transcript, a click away (`experiments show EXP ITEM`).
+        told = Transcript.model_validate(item.transcript).render()
+        shown = (
+            f'<details class="transcript" id="t-{_e(item.item_id)}"><summary>{shown}</summary>'
+            f"<pre>{_e(told)}</pre></details>"
+        )
+    cells.append(f'<td class="t s">{shown}</td>')
     css = f' class="st-{_e(item.status)}"' if item.status != "ok" else ""
     return f"<tr{css} {' '.join(attrs)}>{''.join(cells)}</tr>"
 

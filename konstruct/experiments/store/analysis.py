@@ -133,6 +133,7 @@ def _item(item: Any, result: Any, created: datetime, has_cost: bool) -> ItemResu
         finished_s=(result["created_at"] - created).total_seconds(),
         cost_usd=_cost(result) if has_cost else None,
         cached=bool(result[CACHED_COLUMN]) if CACHED_COLUMN in result.keys() else None,
+        transcript=_json(result["transcript"]) if "transcript" in result.keys() else None,
         **base,
     )
 
