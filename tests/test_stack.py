@@ -275,6 +275,30 @@ def test_every_child_that_dies_is_restarted_and_the_stack_keeps_working(
     assert worker_line.split()[1:] == ["up", str(now["worker"]["pid"]), "1", "-9"], status.stdout
     log = (stack_config.parent / "state" / "stack.log").read_text()
     assert "worker exited with code -9; restarting in 1 s" in log, log[-2000:]
+    # PostgreSQL killed while a restarted worker starts (and waits for it): restarted
+    # at once. The supervisor used to wait out the worker's readiness (60 s), the
+    # worker not ready without PostgreSQL, before it restarted PostgreSQL (chaos soak:
+    # a minute without messages after such a fault, and the worker restarted twice).
+    restarting = now["worker"]["pid"]
+    os.kill(restarting, signal.SIGKILL)
+    while True:
+        now = stack_status(stack_config)
+        if now["worker"]["pid"] not in (None, restarting):
+            break  # the new worker process is starting
+        assert time.monotonic() < deadline + 120, now
+        time.sleep(0.05)
+    os.kill(now["postgres"]["pid"], signal.SIGKILL)
+    while True:
+        now = stack_status(stack_config)
+        if all(now[n]["state"] == "up" and now[n]["restarts"] == 2 for n in ("worker", "postgres")):
+            break
+        assert now["worker"]["restarts"] <= 2, now  # restarted again: it was not ready in time
+        assert time.monotonic() < deadline + 300, now
+        time.sleep(0.5)
+    log = (stack_config.parent / "state" / "stack.log").read_text()
+    assert "did not come back" not in log, log[-3000:]
+    reply = run(stack_config, "send", "demo", "assistant", "What are you?")
+    assert reply.returncode == 0, reply.stdout + reply.stderr
     pids = children(stack_config)
     assert run(stack_config, "down").returncode == 0
     assert_all_gone(pids + [c["pid"] for c in before.values()])

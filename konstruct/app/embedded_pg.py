@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from konstruct.app.processes import kill_with_parent, wait_for_port
+from konstruct.app.processes import kill_with_parent, listens_on, port_in_use, wait_for_port
 from konstruct.platform.errors import StackError
 
 # PostgreSQL refuses to run as root; under root we run it as this system user.
@@ -90,6 +90,21 @@ class EmbeddedPostgres:
         )
 
     def start(self, timeout: float = 30.0) -> None:
+        self.spawn()
+        if not wait_for_port(self.port, timeout, self.process):
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            self.stop()
+            raise StackError(f"PostgreSQL did not start on port {self.port}; log tail:\n{tail}")
+        self._ensure_database(timeout)
+
+    def accepting(self) -> bool:
+        """Whether the server this object started listens on its port now."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        return port_in_use(self.port) and listens_on(self.process.pid, self.port) is not False
+
+    def spawn(self) -> None:
+        """Start the server process, without waiting for it (`start` waits)."""
         self.init()
         user = _run_as()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
@@ -116,11 +131,6 @@ class EmbeddedPostgres:
             preexec_fn=kill_with_parent,
         )
         log.close()
-        if not wait_for_port(self.port, timeout, self.process):
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            self.stop()
-            raise StackError(f"PostgreSQL did not start on port {self.port}; log tail:\n{tail}")
-        self._ensure_database(timeout)
 
     def _psql(self, *args: str) -> subprocess.CompletedProcess[str]:
         """psql as the superuser, on the maintenance database."""

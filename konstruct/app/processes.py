@@ -105,6 +105,16 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15.0)
         process.wait()
 
 
+@dataclass(frozen=True)
+class ReadyWhen:
+    """When a started child is ready: its own process tree listens on each of `ports`,
+    and (with `log`) it has logged that line since it started; within `timeout_s`."""
+
+    ports: tuple[int, ...] = ()
+    log: str | None = None
+    timeout_s: float = 60.0
+
+
 @dataclass
 class ManagedProcess:
     """A child with its output appended to `log_path`.
@@ -153,6 +163,31 @@ class ManagedProcess:
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
+
+    def listens(self, port: int) -> bool:
+        """Whether this child (not another program) listens on `port` now."""
+        if self.process is None or self.process.poll() is not None or not port_in_use(port):
+            return False
+        return listens_on(self.process.pid, port) is not False
+
+    def logged(self, marker: str) -> bool:
+        """Whether the child logged `marker` since it last started."""
+        if not self.log_path.exists():
+            return False
+        return marker in self.log_path.read_bytes()[self._log_start :].decode(errors="replace")
+
+    def is_ready(self, when: ReadyWhen) -> bool:
+        """`when` holds now (no waiting: the supervisor asks again on its next round)."""
+        return all(self.listens(p) for p in when.ports) and (
+            when.log is None or self.logged(when.log)
+        )
+
+    def wait_ready(self, when: ReadyWhen) -> None:
+        """Until `when` holds; a StackError with the log's tail if it does not in time."""
+        for port in when.ports:
+            self.wait_for_port(port, when.timeout_s)
+        if when.log is not None:
+            self.wait_for_log(when.log, when.timeout_s, fresh=True)
 
     def wait_for_port(self, port: int, timeout: float) -> None:
         if not wait_for_port(port, timeout, self.process):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from konstruct.app.embedded_pg import EmbeddedPostgres
-from konstruct.app.processes import ManagedProcess, port_in_use
+from konstruct.app.processes import ManagedProcess, ReadyWhen, port_in_use
 from konstruct.config import (
     RUNNING_STACK_RECORD,
     STACK_LOCK,
@@ -152,14 +152,23 @@ class Supervised:
 
     name: str
     log_path: Path
+    # The first start: returns once the child is ready (StackError if it is not).
     start: Callable[[], None]
     process: Callable[[], Any]
     stop: Callable[[], None]
+    # A restart: start the process and return at once; `is_ready` then says when it
+    # is up, asked on each round of the supervisor, which tends the other children
+    # meanwhile (a worker waiting for PostgreSQL must not keep it from restarting it).
+    spawn: Callable[[], None] | None = None
+    is_ready: Callable[[], bool] = lambda: True
+    ready_timeout_s: float = 60.0
     restarts: int = 0
     last_exit: int | None = None
     started_at: float = 0.0
     backoff_s: float = RESTART_FIRST_S
     restart_at: float | None = None
+    # Restarted and not yet ready: by when it must be.
+    ready_by: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -303,9 +312,9 @@ class Stack:
         name: str,
         command: list[str],
         env: dict[str, str] | None = None,
-        ready: Callable[[ManagedProcess], None] | None = None,
+        ready: ReadyWhen | None = None,
     ) -> ManagedProcess:
-        """Start a child, wait until `ready` says it is, and supervise it."""
+        """Start a child, wait until it is `ready`, and supervise it."""
         child = ManagedProcess(
             command,
             self.state_dir / f"{name}.log",
@@ -314,11 +323,14 @@ class Stack:
             name=name,
         )
 
-        def start() -> None:
+        def spawn() -> None:
             child.start()
             self._record_children()
+
+        def start() -> None:
+            spawn()
             if ready is not None:
-                ready(child)
+                child.wait_ready(ready)
 
         self._supervise(
             Supervised(
@@ -327,6 +339,10 @@ class Stack:
                 start,
                 lambda: child.process,
                 lambda: child.stop(timeout=20),
+                # Without a readiness to wait for, a restart is its start.
+                spawn=spawn if ready is not None else None,
+                is_ready=lambda: ready is None or child.is_ready(ready),
+                ready_timeout_s=ready.timeout_s if ready is not None else 0.0,
             )
         )
         return child
@@ -424,6 +440,9 @@ class Stack:
                     postgres.start,
                     lambda: postgres.process,
                     postgres.stop,
+                    spawn=postgres.spawn,
+                    is_ready=postgres.accepting,
+                    ready_timeout_s=30.0,
                 )
             )
         ready = asyncio.run(prepare_database(s))
@@ -445,16 +464,12 @@ class Stack:
             "codec-server",
             [*cli, "codec-server"],
             env,
-            ready=lambda child: child.wait_for_port(s.temporal.codec_port, 30),
+            ready=ReadyWhen(ports=(s.temporal.codec_port,), timeout_s=30),
         )
 
     def _start_temporal(self, say: Callable[[str], None]) -> None:
         t = self.settings.temporal
         say(f"starting Temporal dev server on {t.port} (UI {t.ui_port}) ...")
-
-        def temporal_ready(child: ManagedProcess) -> None:
-            child.wait_for_port(t.port, 60)
-            child.wait_for_port(t.ui_port, 30)
 
         self._spawn(
             "temporal",
@@ -466,7 +481,7 @@ class Stack:
                 sqlite_pragmas=t.dev_sqlite_pragmas,
                 codec_endpoint=self.codec_url,
             ),
-            ready=temporal_ready,
+            ready=ReadyWhen(ports=(t.port, t.ui_port), timeout_s=60),
         )
 
     def _start_simulator(self, env: dict[str, str]) -> None:
@@ -478,7 +493,7 @@ class Stack:
                 s.simulator.port, s.path(s.simulator.config), s.simulator.api_key_env
             ),
             env,
-            ready=lambda child: child.wait_for_port(s.simulator.port, 30),
+            ready=ReadyWhen(ports=(s.simulator.port,), timeout_s=30),
         )
         env["SIMULATOR_API_BASE"] = self.simulator_url
 
@@ -490,7 +505,7 @@ class Stack:
                 name,
                 [sys.executable, "-m", "workers.main"],
                 env,
-                ready=lambda child: child.wait_for_log("worker ready", 60, fresh=True),
+                ready=ReadyWhen(log="worker ready", timeout_s=60),
             )
 
     def _start_gateway(
@@ -503,7 +518,7 @@ class Stack:
             "gateway",
             [*cli, "gateway"],
             env,
-            ready=lambda child: child.wait_for_port(port, 60),
+            ready=ReadyWhen(ports=(port,), timeout_s=60),
         )
 
     def banner(self) -> str:
@@ -568,8 +583,14 @@ class Stack:
         return self.stop_reason
 
     def _tend(self, child: Supervised, say: Callable[[str], None]) -> None:
-        """Notice a child that exited; restart it when its backoff is over."""
+        """Notice a child that exited; restart it when its backoff is over; see a
+        restarted child up, or restart it again. Never waits for one child: each round
+        tends them all (ci: a worker restarted while PostgreSQL was down held the
+        supervisor for its 60 s readiness wait, and PostgreSQL stayed down meanwhile)."""
         now = time.monotonic()
+        if child.ready_by is not None:
+            self._see_restarted(child, now, say)
+            return
         if child.restart_at is None:
             code = child.exit_code()
             if code is None:
@@ -589,15 +610,49 @@ class Stack:
         child.restarts += 1
         try:
             child.stop()  # whatever is left of it (a half-started process)
-            child.start()
+            if child.spawn is None:
+                child.start()
+            else:
+                child.spawn()
         except (StackError, OSError) as exc:
             wait = child.schedule_restart(time.monotonic())
             say(f"{child.name} did not come back ({exc}); next try in {wait:g} s")
         else:
-            child.restart_at = None
-            child.started_at = time.monotonic()
-            say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
+            if child.spawn is None:
+                self._restarted(child, say)
+            else:
+                child.ready_by = time.monotonic() + child.ready_timeout_s
         self._record_children()
+
+    def _see_restarted(self, child: Supervised, now: float, say: Callable[[str], None]) -> None:
+        """A restarted child that was not ready yet: up once it is; stopped and
+        restarted after its backoff if it exits first or is not ready in time."""
+        code = child.exit_code()
+        if code is None and child.is_ready():
+            self._restarted(child, say)
+            self._record_children()
+            return
+        if code is None and now < (child.ready_by or 0.0):
+            return
+        problem = (
+            f"exited with code {code}"
+            if code is not None
+            else f"not ready within {child.ready_timeout_s:g} s"
+        )
+        child.ready_by = None
+        child.last_exit = code
+        child.stop()
+        wait = child.schedule_restart(time.monotonic())
+        say(
+            f"{child.name} did not come back ({problem}, see {child.log_path}); next try in {wait:g} s"
+        )
+        self._record_children()
+
+    def _restarted(self, child: Supervised, say: Callable[[str], None]) -> None:
+        child.ready_by = None
+        child.restart_at = None
+        child.started_at = time.monotonic()
+        say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
 
     def stop(self) -> None:
         """Stop every child, last started first; then, if this process held the stack's
