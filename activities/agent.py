@@ -261,7 +261,7 @@ class AgentActivities(ActivityClass):
             specs = tool_specs(agent, await select_tools(conn, tenant)) if agent.tools else {}
             current = next((s for s in stored_steps if s.step == input.step), None)
             # A model call is to be made: not once the tenant's month is spent.
-            spent = await month_spent(conn, tenant) if current is None else None
+            spent = await self._month_spent(conn, tenant) if current is None else None
             stale: list[ToolSpec] = []
             if current is None and spent is None:
                 stale = await self._stale_servers(conn, tenant, specs)
@@ -452,7 +452,12 @@ class AgentActivities(ActivityClass):
             span.set_attribute("llm.tool_calls", len(answer.tool_calls))
         return answer
 
+    async def _month_spent(self, conn: asyncpg.Connection, tenant: str) -> str | None:
+        """Why the tenant's month admits no model call now (None: it does)."""
+        return await month_spent(conn, tenant)
+
     def _cost(self, answer: Completion) -> float:
+        """What a model call of a message cost, counted to the tenant's month."""
         deployment = self.deployments.get(answer.deployment_id)
         price = price_of(deployment) if deployment is not None else None
         if price is None:

@@ -112,6 +112,16 @@ class ExperimentAgentSteps(AgentActivities):
         super().__init__(pool, router, config, address_policy=address_policy)
         self.calls = calls
 
+    async def _month_spent(self, conn: asyncpg.Connection, tenant: str) -> str | None:
+        # The experiment's budget hold asks the tenant's month before each call (a
+        # spent month pauses the experiment, as for a prompt experiment's calls).
+        return None
+
+    def _cost(self, answer: Completion) -> float:
+        # Settling the hold counts the call to the experiment and to the tenant's
+        # month: counted here too, the month would hold every call twice.
+        return 0.0
+
     async def _complete(
         self,
         input: AgentStepInput,

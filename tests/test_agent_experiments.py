@@ -23,6 +23,7 @@ from konstruct.app.cli import main as cli_main
 from konstruct.config import Settings
 from konstruct.experiments.evals import judge_messages
 from konstruct.experiments.models import ExperimentResult, LlmJudgeEval
+from konstruct.experiments.store.budgets import set_monthly
 from konstruct.experiments.trajectory import Transcript
 from konstruct.platform.db import tenant_transaction
 from konstruct.providers.simulator.admin import SimulatorAdmin
@@ -30,7 +31,7 @@ from konstruct.providers.simulator.responders import content_key
 from tests.support import Hooks, WorkerRelay, replay_all, replayer, wait_for_calls
 from tests.test_agent_tools import make_agent, new_tenant, webhook
 from tests.test_experiment_replay import _runs, uncached_worker
-from tests.test_experiments import FAST, experiment, start
+from tests.test_experiments import FAST, experiment, start, wait_for
 from workflows.experiment import Experiment
 
 pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
@@ -309,18 +310,21 @@ async def test_kill_9_mid_item_leaves_one_result_one_turn_and_no_step_asked_twic
     assert sum(made.values()) <= 24 + (12 - done_at_kill)
 
 
+@pytest.fixture
+async def cli_tenant(
+    worker: str, app_pool: asyncpg.Pool, hooks: Hooks, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A tenant with the `helper` agent, and the CLI pointed at this test's worker."""
+    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    return await agent_tenant(app_pool, hooks)
+
+
 async def test_the_cli_runs_an_agent_experiment_from_a_jsonl_file_and_shows_an_item(
-    worker: str,
-    app_pool: asyncpg.Pool,
-    hooks: Hooks,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    cli_tenant: str, hooks: Hooks, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A JSONL file's `turns` and `tool_results` keep their JSON (other extra columns are
     text), `start --agent` evaluates the agent, `show EXP ITEM` prints the transcript."""
-    tenant = await agent_tenant(app_pool, hooks)
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    tenant = cli_tenant
     data = tmp_path / "agent.jsonl"
     rows = [
         {
@@ -358,15 +362,9 @@ async def test_the_cli_runs_an_agent_experiment_from_a_jsonl_file_and_shows_an_i
 
 
 async def test_a_sweep_runs_an_agent_on_each_model_group(
-    worker: str,
-    app_pool: asyncpg.Pool,
-    hooks: Hooks,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    cli_tenant: str, app_pool: asyncpg.Pool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tenant = await agent_tenant(app_pool, hooks)
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    tenant = cli_tenant
     data = tmp_path / "calc.jsonl"
     data.write_text(json.dumps({"id": "1", "input": CALC, "expected": "42"}) + "\n")
     sweep_id = f"sw-{uuid.uuid4().hex[:6]}"
@@ -439,3 +437,47 @@ async def test_an_llm_judge_reads_the_whole_transcript(
     requests = (await sim.requests_by_content("sim-judge"))["requests"]
     assert requests.get(content_key(question[-1]["content"])) == 1
     assert json.loads(row["scores"])["llm_judge"]["score"] is not None
+
+
+async def test_a_calls_cost_counts_once_to_the_experiment_and_once_to_the_tenants_month(
+    client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
+) -> None:
+    """The experiment's budget hold settles each call to the experiment and the month;
+    the message path's own count (a message's calls) must not add them again."""
+    tenant = await agent_tenant(app_pool, hooks)
+    async with tenant_transaction(app_pool, tenant) as conn:
+        await set_monthly(conn, tenant, 5.0)
+    items: list[dict[str, Any]] = [{"id": "c", "input": CALC, "turns": ["thanks"]}]
+    body = agent_experiment(tenant, items, [])
+    result = await run(client, worker, body)
+    assert result.summary.completed == 1 and result.summary.cost_usd > 0
+    async with tenant_transaction(app_pool, tenant) as conn:
+        month = await conn.fetchrow(
+            "select spent_usd, reserved_usd from tenant_budgets where tenant_id = $1", tenant
+        )
+        stored = await conn.fetchval(
+            "select cost_usd from experiment_results where experiment_id = $1",
+            body["experiment_id"],
+        )
+    assert month["spent_usd"] == pytest.approx(result.summary.cost_usd, rel=1e-9)
+    assert stored == pytest.approx(result.summary.cost_usd, rel=1e-9)
+    assert month["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
+
+
+async def test_a_spent_month_pauses_an_agent_experiment_instead_of_failing_its_items(
+    client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks
+) -> None:
+    """The message path answers a spent month with the agent's fallback; an experiment
+    pauses (its budget hold asks the month), as a prompt experiment does."""
+    tenant = await agent_tenant(app_pool, hooks)
+    async with tenant_transaction(app_pool, tenant) as conn:
+        await set_monthly(conn, tenant, 0.001)
+        await conn.execute(
+            "update tenant_budgets set spent_usd = max_usd where tenant_id = $1", tenant
+        )
+    body = agent_experiment(tenant, [{"id": "c", "input": CALC}], [])
+    handle = await start(client, worker, body)
+    progress = await wait_for(handle, lambda p: p.status == "paused")
+    assert progress.failed == 0 and progress.paused_kind == "budget", progress
+    assert "monthly budget" in (progress.paused_reason or ""), progress
+    await handle.terminate("the test is over")
