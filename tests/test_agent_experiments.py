@@ -481,3 +481,34 @@ async def test_a_spent_month_pauses_an_agent_experiment_instead_of_failing_its_i
     assert progress.failed == 0 and progress.paused_kind == "budget", progress
     assert "monthly budget" in (progress.paused_reason or ""), progress
     await handle.terminate("the test is over")
+
+
+async def test_stop_and_resume_of_an_agent_experiment_leave_one_result_an_item(
+    client: Client, worker: str, app_pool: asyncpg.Pool, hooks: Hooks, sim: SimulatorAdmin
+) -> None:
+    tenant = await agent_tenant(app_pool, hooks)
+    await sim.set_profile(FAST, latency_ms=150)
+    items: list[dict[str, Any]] = [
+        {
+            "id": f"s{i}",
+            "input": f'/tool calculator {{"expression": "{i}+1"}}',
+            "expected": str(i + 1),
+        }
+        for i in range(8)
+    ]
+    body = agent_experiment(tenant, items, [{"kind": "contains"}])
+    body["max_concurrency"] = 2
+    body["options"]["toggle_cooldown_s"] = 0.0
+    handle = await start(client, worker, body)
+    await wait_for(handle, lambda p: p.evaluated >= 1)
+    await handle.signal(Experiment.stop)
+    stopped = await wait_for(handle, lambda p: p.status == "stopped")
+    assert stopped.evaluated < 8
+    await handle.signal(Experiment.resume)
+    result: ExperimentResult = await handle.result()
+    assert (result.summary.completed, result.summary.failed) == (8, 0)
+    rows = await stored(app_pool, tenant, body["experiment_id"])
+    assert sorted(rows) == sorted(i["id"] for i in items)
+    assert all(scores(r) == {"contains": True} for r in rows.values())
+    async with tenant_transaction(app_pool, tenant) as conn:
+        assert await conn.fetchval("select count(*) from message_turns") == 8
