@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from konstruct.agents.tools.addresses import AddressKind, AddressPolicy
+from konstruct.agents.address_kinds import AddressKind
 from konstruct.experiments.models import (
     DEFAULT_MAX_CONCURRENCY,
     MAX_CONCURRENCY_LIMIT,
@@ -35,6 +35,7 @@ from konstruct.platform.settings import (
 from konstruct.providers.control import AimdConfig, BreakerConfig
 
 if TYPE_CHECKING:
+    from konstruct.agents.tools.addresses import AddressPolicy
     from konstruct.platform.temporal.codec import KeyRing
 
 CONFIG_FILE_ENV = "KONSTRUCT_CONFIG"
@@ -91,6 +92,8 @@ class ToolSettings(Section):
         return value
 
     def address_policy(self) -> AddressPolicy:
+        from konstruct.agents.tools.addresses import AddressPolicy  # noqa: PLC0415 - see address_kinds
+
         return AddressPolicy.allowing(self.allow_addresses)
 
 

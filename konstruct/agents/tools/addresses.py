@@ -23,12 +23,11 @@ import ipaddress
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
 
 import httpx
 
-AddressKind = Literal["loopback", "private", "link_local", "reserved"]
-ADDRESS_KINDS: tuple[AddressKind, ...] = ("loopback", "private", "link_local", "reserved")
+from konstruct.agents.address_kinds import AddressKind
+
 _WORDS: dict[AddressKind, str] = {
     "loopback": "a loopback address",
     "private": "a private address",
