@@ -284,6 +284,16 @@ async def test_kill_9_mid_item_leaves_one_result_one_turn_and_no_step_asked_twic
     await relay.start_slow(FAST, latency_ms=600)
     handle = await start(client, task_queue, body)
     await wait_for_calls(relay.sim, FAST, ok=before + 8, in_flight=3)
+    # And an item's turn stored, with calls still in flight: answers alone may have
+    # stored none yet on a busy machine (ci69).
+    for _ in range(1200):
+        async with tenant_transaction(app_pool, tenant) as conn:
+            if await conn.fetchval("select count(*) from message_turns"):
+                if (await relay.sim.model_stats(FAST)).get("in_flight", 0) >= 1:
+                    break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("no turn was stored with calls in flight")
     await relay.kill_first()
     async with tenant_transaction(app_pool, tenant) as conn:
         done_at_kill = await conn.fetchval(
