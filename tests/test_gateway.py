@@ -22,6 +22,7 @@ from konstruct.agents.store.agents import put_agent
 from konstruct.agents.store.key_limits import KeyLimits, set_limits
 from konstruct.agents.store.keys import create_key, list_keys, revoke_key, tenant_for_key
 from konstruct.agents.store.tools import put_tool
+from konstruct.app.embedded_pg import EmbeddedPostgres
 from konstruct.app.gateway import (
     Gateway,
     GatewayError,
@@ -461,6 +462,26 @@ async def test_the_responses_api_answers_plain_and_streamed(served: Served) -> N
 # --- key limits ----------------------------------------------------------------------
 
 
+async def database_waits(owner_url: str) -> str:
+    """What each PostgreSQL session is doing and which lock requests are not granted
+    (as the owner, who sees every session)."""
+    conn = await asyncpg.connect(owner_url)
+    try:
+        sessions = await conn.fetch(
+            "select pid, usename, state, wait_event_type, wait_event,"
+            " now() - xact_start as in_transaction, left(query, 160) as query"
+            " from pg_stat_activity where backend_type = 'client backend'"
+            " and pid <> pg_backend_pid() order by pid"
+        )
+        locks = await conn.fetch(
+            "select pid, locktype, mode, relation::regclass::text as relation,"
+            " pg_blocking_pids(pid) as blocked_by from pg_locks where not granted"
+        )
+    finally:
+        await conn.close()
+    return "\n".join([*(str(dict(row)) for row in sessions), *(str(dict(r)) for r in locks)])
+
+
 def waiting_tasks() -> str:
     """Where each asyncio task of this process waits: its chain of awaits, outermost
     first, innermost last."""
@@ -509,7 +530,11 @@ async def test_a_key_over_its_requests_per_minute_is_429_with_retry_after(
 
 
 async def test_a_keys_tokens_per_minute_hold_across_gateway_processes(
-    served: Served, client: Client, settings: Settings, app_pool: asyncpg.Pool
+    served: Served,
+    client: Client,
+    settings: Settings,
+    app_pool: asyncpg.Pool,
+    postgres: EmbeddedPostgres,
 ) -> None:
     # One token a minute: the first answer uses many more, so the next request, to
     # another gateway, is refused until they come back, a token a minute. (With ten a
@@ -529,7 +554,8 @@ async def test_a_keys_tokens_per_minute_hold_across_gateway_processes(
             except httpx.ReadTimeout:
                 # Seen twice in full suite runs (ci56, ci64), never alone: say where
                 # every task of this process waits, for the next look at it.
-                pytest.fail("no answer in 60 s; tasks:\n" + waiting_tasks())
+                tasks, sessions = waiting_tasks(), await database_waits(postgres.owner_url)
+                pytest.fail(f"no answer in 60 s; tasks:\n{tasks}\nPostgreSQL:\n{sessions}")
     assert refused.status_code == 429, refused.text
     error = refused.json()["error"]
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
