@@ -121,6 +121,8 @@ class Bench:
         self.workers: list[WorkerProcess] = []
         self.max_concurrency = 60
         self.peer: str | None = None
+        # The leaky bucket's burst (None: a tenth of a second's calls).
+        self.leaky_burst: int | None = None
 
     # --- servers ---------------------------------------------------------------
 
@@ -225,7 +227,7 @@ class Bench:
         if shape == "leaky_bucket":
             # "Little burst": a tenth of a second's calls (a burst of one at 100 req/s
             # would refuse any two requests that the network brings 10 ms closer).
-            limits["rate_limit_burst"] = max(2, round(rate / 10))
+            limits["rate_limit_burst"] = self.leaky_burst or max(2, round(rate / 10))
         if shape in ("sliding_window", "tokens_per_minute"):
             limits["rate_limit_window_s"] = SHAPE_WINDOW_S
             limits["rate_limit_requests"] = max(1, round(rate * SHAPE_WINDOW_S))
@@ -746,6 +748,7 @@ async def run_pairs(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         "initial_rps": args.initial_rps,
         "cpus": os.cpu_count(),
         "worker_processes": 1,
+        "leaky_burst": bench.leaky_burst or "a tenth of a second's calls",
         "rows": [],
     }
     if args.ceilings:
@@ -985,11 +988,18 @@ def main() -> None:
         help="with --ceilings/--shape: also Inspect AI with its defaults on the same items",
     )
     parser.add_argument("--gap-s", type=float, default=30.0, help="with --scenario: the idle gap")
+    parser.add_argument(
+        "--leaky-burst",
+        type=int,
+        help="the leaky bucket's burst in calls (default: a tenth of a second's, 10 at 100 req/s)",
+    )
     parser.add_argument("--keep-logs", type=Path, help="copy the servers' and workers' logs here")
     args = parser.parse_args()
     for shape in (args.shape or "").split(","):
         if shape and shape not in SHAPES:
             parser.error(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    if args.leaky_burst is not None and args.leaky_burst < 1:
+        parser.error(f"--leaky-burst: must be 1 or more, not {args.leaky_burst}")
     for name in (args.scenario or "").split(","):
         if name and name not in SCENARIOS:
             parser.error(f"--scenario: {name!r} is not one of {', '.join(SCENARIOS)}")
@@ -1004,6 +1014,7 @@ def main() -> None:
         bench = Bench(Path(tmp), args.ceiling, args.latency_ms, args.initial_rps)
         bench.max_concurrency = args.max_concurrency or 60
         bench.peer = args.peer
+        bench.leaky_burst = args.leaky_burst
         bench.start()
         try:
             if args.scenario:

@@ -21,9 +21,11 @@ from temporalio.client import Client
 
 from konstruct.config import Settings
 from konstruct.experiments.models import ExperimentResult
+from konstruct.platform.naming import ProviderQueue
 from konstruct.providers.control import AimdConfig, BreakerConfig, ProviderBounds
+from konstruct.providers.queue_limits import queue_rate
 from konstruct.providers.simulator.admin import SimulatorAdmin
-from konstruct.providers.store import OutcomeCounts, ensure_provider, record_outcomes
+from konstruct.providers.store import OutcomeCounts, age_idle, ensure_provider, record_outcomes
 from tests.test_experiments import FAST, experiment, start, throttled, wait_for
 from tests.test_experiments_batches import BATCHED, assert_one_result_each
 from workers.main import build_worker
@@ -39,12 +41,14 @@ OLD = 20.0  # req/s: the limit the first experiment learns
 
 
 async def idle_for(pool: asyncpg.Pool, queue: str, seconds: float) -> None:
-    """Wait until the provider has not answered for `seconds` on the database's clock."""
+    """Wait until the provider has not answered for `seconds` on the database's clock
+    (once aged, the row keeps no answer time: from when it aged, later still)."""
     deadline = asyncio.get_running_loop().time() + 60
     while True:
         async with pool.acquire() as conn:
             quiet = await conn.fetchval(
-                "select extract(epoch from clock_timestamp())::float8 - last_answer_at"
+                "select extract(epoch from clock_timestamp())::float8"
+                " - coalesce(last_answer_at, changed_at)"
                 " from provider_limits where task_queue = $1 and provider = 'simulator'",
                 queue,
             )
@@ -249,3 +253,62 @@ async def test_the_store_ages_a_provider_after_an_idle_gap(app_pool: asyncpg.Poo
         aged = await provider_row(app_pool, queue)
         # It restarts at half the rate (idle_restart_fraction), slow start on.
         assert aged == {"rate": 5, "ceiling": None, "slow_start": True}, aged
+
+
+async def test_an_idle_provider_is_aged_before_its_next_call(app_pool: asyncpg.Pool) -> None:
+    """Aged before the next call books its slot (`store.age_idle`, each worker's rate
+    loop), not at its first answer: calls booked before that went out at the old
+    rate. Once aged, nothing ages it again, the next answer neither."""
+    config = AimdConfig(idle_reset_s=0.3)
+    queue = f"age-idle-{asyncio.get_running_loop().time():.0f}"
+    async with app_pool.acquire() as conn:
+        await ensure_provider(conn, queue, "simulator", ProviderBounds(10, 1, 1000))
+        await conn.execute(
+            "update provider_limits set ceiling = 10, slow_start = false where task_queue = $1",
+            queue,
+        )
+
+        async def answer() -> None:
+            await record_outcomes(
+                conn,
+                queue,
+                "simulator",
+                OutcomeCounts(ok=1),
+                breaker_seen=None,
+                aimd=config,
+                breaker=BreakerConfig(),
+            )
+
+        await answer()
+        assert await age_idle(conn, queue, config) == {}  # it just answered
+        await idle_for(app_pool, queue, 0.45)
+        assert await age_idle(conn, queue, config) == {"simulator": 5.0}
+        aged = await provider_row(app_pool, queue)
+        assert aged == {"rate": 5, "ceiling": None, "slow_start": True}, aged
+        # The booking clock paces the next calls at the aged rate.
+        interval = await conn.fetchval(
+            "select 1.0 / rate from provider_limits where task_queue = $1", queue
+        )
+        assert interval == 0.2
+        await idle_for(app_pool, queue, 0.45)
+        assert await age_idle(conn, queue, config) == {}
+        await answer()
+        assert (await provider_row(app_pool, queue))["rate"] == 5
+
+
+async def test_the_workers_age_an_idle_provider_and_its_queue_before_the_next_run(
+    client: Client, sim: SimulatorAdmin, app_pool: asyncpg.Pool, aging_worker: str
+) -> None:
+    """With no call at all after the gap, the worker's rate loop ages the row and
+    pushes the aged rate to the provider's Temporal queue."""
+    await learn(client, aging_worker, sim, app_pool)
+    queue = ProviderQueue(aging_worker, "simulator").name
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        row = await provider_row(app_pool, aging_worker)
+        pushed = await queue_rate(client, queue)
+        if row["ceiling"] is None and pushed == pytest.approx(row["rate"]):
+            break
+        assert asyncio.get_running_loop().time() < deadline, (row, pushed)
+        await asyncio.sleep(0.1)
+    assert row["slow_start"] and row["rate"] <= 0.5 * 0.95 * OLD + 1e-9, row

@@ -412,3 +412,50 @@ def test_without_aging_a_window_that_spans_the_gap_keeps_the_old_limit() -> None
     old = replace(learned_at(20.0, 0.0), last_answer_at=None)
     _, rates, _, refused = follow(old, 270.0, 10.0, 100.0, MEASURED)
     assert max(rates) < 21.0 and refused == 0, rates
+
+
+# --- probing above a learned ceiling backs off while the limit stays -----------
+
+
+def test_probes_that_find_the_same_limit_come_ever_less_often() -> None:
+    # A steady limit of 20 req/s for two minutes, learned at the start. Probing every
+    # few seconds (the wait never doubled) costs a few refusals each time: 86 in the
+    # model, 54 with the wait doubled up to 16 s. (What is left: a probe's burst can
+    # leave the ceiling a little above the limit, refused now and then until ten
+    # refusals lower it; after a long wait the provider's bucket is full, and a
+    # probe it lets through can look like a raised limit.)
+    every_time = replace(MEASURED, probe_after_max_s=MEASURED.probe_after_s)
+    _, _, ok_fixed, refused_fixed = follow(learned_at(20.0, 0.0), 0.5, 120.0, 20.0, every_time)
+    _, rates, ok, refused = follow(learned_at(20.0, 0.0), 0.5, 120.0, 20.0, MEASURED)
+    assert refused < 0.75 * refused_fixed, (refused, refused_fixed)
+    assert ok >= 0.95 * ok_fixed and min(rates[10:]) >= 0.8 * 20.0, rates
+
+
+def test_a_probe_that_finds_room_probes_again_soon() -> None:
+    probing = AimdState(
+        rate=30.0, ceiling=20.0, changed_at=0.0, ok_since_change=30, probe_wait_s=8.0
+    )
+    # Refused at 30 after 1.2 s at about 21.7 a second: no more room than before.
+    same = on_throttled(replace(probing, ok_since_change=26), 1.2, None, MEASURED)
+    assert same.ceiling is not None and same.ceiling < 22.0 and same.probe_wait_s == 16.0
+    # Doubled up to its cap.
+    capped = replace(probing, ok_since_change=26, probe_wait_s=16.0)
+    assert on_throttled(capped, 1.2, None, MEASURED).probe_wait_s == 16.0
+    # At 27.5 a second: the limit rose, the next probe comes after the first wait.
+    higher = on_throttled(replace(probing, ok_since_change=33), 1.2, None, MEASURED)
+    assert higher.ceiling == 27.5 and higher.probe_wait_s == 0.0
+    # A 429 while not above the ceiling (a second cut on the way down) keeps the wait.
+    under = replace(probing, rate=19.0, ceiling=20.0)
+    assert on_throttled(under, 1.2, None, MEASURED).probe_wait_s == 8.0
+
+
+def test_after_a_gap_the_rate_restarts_from_what_last_flowed_if_that_was_less() -> None:
+    # Slow start had raised the rate to 171 while the run's calls flowed at 100 a
+    # second (no 429: the limit was never met). Half of 171 would meet a lower limit
+    # at 85 a second; half of what flowed is 50.
+    state = AimdState(rate=171.0, changed_at=0.0, ok_since_change=500, last_answer_at=5.0)
+    restarted = aged(state, 30.0, MEASURED)
+    assert restarted is not None and restarted.rate == 50.0
+    # A window too short to say restarts from the rate.
+    short = aged(replace(state, ok_since_change=5, changed_at=4.9), 30.0, MEASURED)
+    assert short is not None and short.rate == 171.0 * MEASURED.idle_restart_fraction

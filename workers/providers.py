@@ -3,7 +3,8 @@
 The Temporal server dispatches each `ProviderQueue(task_queue, provider)` at the provider's
 adaptive rate, summed over every worker process; this module also keeps the
 server's limit equal to the rate in PostgreSQL (the call that changes the rate
-pushes it at once; this loop repairs a push that was lost or overtaken).
+pushes it at once; this loop repairs a push that was lost or overtaken) and ages
+what was learned of a provider that has been idle (`store.age_idle`), each second.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from activities.provider_batches import ProviderBatchActivities
 from activities.provider_calls import ProviderCallActivities
 from konstruct.config import Settings
 from konstruct.platform.naming import ProviderQueue
+from konstruct.providers.control import AimdConfig
 from konstruct.providers.queue_limits import push_rate, pushes_settled
 from konstruct.providers.router import RouterConfig
-from konstruct.providers.store import current_rates
+from konstruct.providers.store import age_idle, current_rates
 
 log = logging.getLogger("konstruct.worker.providers")
 _meter = metrics.get_meter("konstruct.experiments")
@@ -92,7 +94,9 @@ async def provider_workers(
         [observe_slots],
         description="provider calls in progress / activity slots, this worker",
     )
-    sync = asyncio.create_task(_sync_rates(client, pool, task_queue, providers, rates))
+    sync = asyncio.create_task(
+        _sync_rates(client, pool, task_queue, providers, rates, settings.experiments)
+    )
     try:
         async with contextlib.AsyncExitStack() as stack:
             for worker in workers:
@@ -124,12 +128,15 @@ async def _sync_rates(
     task_queue: str,
     providers: list[str],
     rates: dict[str, float],
+    aimd: AimdConfig,
 ) -> None:
     pushed: dict[str, tuple[float, float]] = {}
     loop = asyncio.get_running_loop()
     while True:
         try:
             async with pool.acquire() as conn:
+                # A provider idle for a while starts its next calls from an aged rate.
+                await age_idle(conn, task_queue, aimd)
                 current = await current_rates(conn, task_queue)
             for provider in providers:
                 rate = current.get(provider)

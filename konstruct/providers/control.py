@@ -56,8 +56,14 @@ class AimdConfig:
     increase_step_fraction: Annotated[float, Field(gt=0)] = 0.05
     increase_step_min_rps: Annotated[float, Field(gt=0)] = 0.5
     increase_step_growth: Annotated[float, Field(ge=1)] = 2.0
-    # Seconds at the learned ceiling before probing above it again.
+    # Seconds at the learned ceiling before probing above it again. Each probe that
+    # finds no ceiling more than `probe_same_ceiling` above the old doubles the wait,
+    # up to `probe_after_max_s`; a ceiling found higher starts it again: a steady limit
+    # costs a probe's few 429s every 16 s instead of every 5 (bench idle-drop: a
+    # third of a run's refusals were probes of an unchanged limit).
     probe_after_s: Annotated[float, Field(ge=0)] = 2.0
+    probe_after_max_s: Annotated[float, Field(ge=0)] = 16.0
+    probe_same_ceiling: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # The accepted rate is only measured over at least this long, and a 429 only
     # moves the ceiling when at least `min_measure_ok` successes were counted.
     min_measure_s: Annotated[float, Field(gt=0)] = 0.5
@@ -96,11 +102,13 @@ class AimdConfig:
     # a lowered one is cut at its first 429s as a first climb's is.
     idle_reset_s: Annotated[float, Field(gt=0)] = 2.0
     idle_reset_intervals: Annotated[float, Field(gt=0)] = 4.0
-    # After such a gap the rate restarts at this fraction of where it was, and slow
-    # start doubles it from there: the first second after a gap went out at the old
-    # rate, so a limit lowered while idle met it whole (bench idle-drop: 6.8 % 429s,
-    # about 23 refusals on the way down; the pure model in tests/test_rate_limit.py
-    # counts 23 at 1.0 and 6 at 0.5). A raised limit is found one doubling later.
+    # After such a gap the rate restarts at this fraction of where it was (or of
+    # what flowed in its last window, when that was less: a rate slow start raised
+    # past what the provider ever took is no starting point), and slow start doubles
+    # it from there: the first second after a gap went out at the old rate, so a
+    # limit lowered while idle met it whole (bench idle-drop: 6.8 % 429s, about 23
+    # refusals on the way down; the pure model in tests/test_rate_limit.py counts 23
+    # at 1.0 and 6 at 0.5). A raised limit is found one doubling later.
     idle_restart_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
 
 
@@ -122,8 +130,12 @@ class AimdState:
     # Ends at the first 429, learned or not, as TCP's does at the first loss:
     # doubling again after every 429 would make a sawtooth of refusals.
     slow_start: bool = True
-    # When the provider last answered (a success or a 429); None: not known.
+    # When the provider last answered (a success or a 429); None: not known, or
+    # what was learned already aged since.
     last_answer_at: float | None = None
+    # Seconds at the learned ceiling before the next probe above it (0: not yet
+    # doubled, `probe_after_s`).
+    probe_wait_s: float = 0.0
 
 
 def _clamp(rate: float, config: AimdConfig) -> float:
@@ -143,6 +155,7 @@ def _new_window(
     hold_until: float,
     step: float,
     slow_start: bool,
+    probe_wait_s: float = 0.0,
 ) -> AimdState:
     """A changed rate: the counts start again from `now`."""
     window = AimdState(rate, ceiling, changed_at=now)
@@ -152,7 +165,27 @@ def _new_window(
         hold_until=hold_until,
         step=step,
         slow_start=slow_start,
+        probe_wait_s=probe_wait_s,
     )
+
+
+def probe_wait(state: AimdState, config: AimdConfig) -> float:
+    """Seconds at the learned ceiling before probing above it."""
+    return state.probe_wait_s or config.probe_after_s
+
+
+def _next_probe_wait(state: AimdState, ceiling: float | None, config: AimdConfig) -> float:
+    """The wait before the next probe once a 429 set `ceiling`: the first again when
+    no ceiling is known or the new one is well above the old (the probe found room);
+    doubled when a probe above the old ceiling found no more; else as it was (a
+    second cut on the same way down)."""
+    if ceiling is None or state.ceiling is None:
+        return 0.0
+    if ceiling > state.ceiling * (1.0 + config.probe_same_ceiling):
+        return 0.0
+    if state.rate > state.ceiling:
+        return min(config.probe_after_max_s, 2.0 * probe_wait(state, config))
+    return state.probe_wait_s
 
 
 def measured_rate(state: AimdState, now: float, config: AimdConfig) -> float | None:
@@ -237,6 +270,7 @@ def on_throttled(
         hold_until=now + max(retry_after_s or 0.0, config.decrease_window_s),
         step=_first_step(rate, config),
         slow_start=False,
+        probe_wait_s=_next_probe_wait(state, ceiling, config),
     )
 
 
@@ -274,11 +308,11 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     if target is not None and state.rate < target:
         # Fast recovery to just under the learned ceiling, then a pause before probing.
         rate = target
-        hold_until = now + config.probe_after_s
+        hold_until = now + probe_wait(state, config)
         next_step = _first_step(target, config)
     else:
         since_decrease = now - (state.last_decrease_at or -1e18)
-        if since_decrease < config.probe_after_s + config.decrease_window_s:
+        if since_decrease < probe_wait(state, config) + config.decrease_window_s:
             # Just cut at the learned ceiling: stay there a while before probing again.
             return counted
         if (
@@ -308,6 +342,7 @@ def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
         hold_until=hold_until,
         step=next_step,
         slow_start=slow_start,
+        probe_wait_s=state.probe_wait_s if ceiling is not None else 0.0,
     )
 
 
@@ -316,15 +351,27 @@ def idle_gap_s(state: AimdState, config: AimdConfig) -> float:
     return max(config.idle_reset_s, config.idle_reset_intervals / state.rate)
 
 
+def last_flow(state: AimdState, config: AimdConfig) -> float | None:
+    """Successes per second over the window that ended with the last answer, if it
+    was long enough and counted enough of them to say."""
+    if state.last_answer_at is None or state.ok_since_change < config.min_measure_ok:
+        return None
+    elapsed = state.last_answer_at - state.changed_at
+    return state.ok_since_change / elapsed if elapsed >= config.min_measure_s else None
+
+
 def aged(state: AimdState, now: float, config: AimdConfig) -> AimdState | None:
     """The state an answer after an idle gap starts from (see `idle_reset_s`): the
-    rate at `idle_restart_fraction` of where it was, a new window, slow start, no
-    ceiling, no hold; None when the provider answered recently (or when is not known)."""
+    rate at `idle_restart_fraction` of where it was (or of the last window's flow,
+    when less), a new window, slow start, no ceiling, no hold; None when the provider
+    answered recently (or when is not known: never, or already aged)."""
     last = state.last_answer_at
     if last is None or now - last < idle_gap_s(state, config):
         return None
+    flow = last_flow(state, config)
+    start = state.rate if flow is None else min(state.rate, flow)
     return AimdState(
-        _clamp(state.rate * config.idle_restart_fraction, config),
+        _clamp(start * config.idle_restart_fraction, config),
         None,
         changed_at=now,
         last_answer_at=last,

@@ -14,7 +14,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, CancelledError
 
 from workflows.experiment._item import ItemRunning
-from workflows.experiment._options import BATCHES_IN_FLIGHT, pick_route
+from workflows.experiment._options import pick_route
 
 with workflow.unsafe.imports_passed_through():
     from activities.provider_batches import ProviderBatchActivities
@@ -41,7 +41,7 @@ class Batching(ItemRunning):
             return 1, provider
         # At least `BATCHES_IN_FLIGHT` batches fit in `max_concurrency`: a batch is done
         # when its slowest call is, and one large batch at a time would stall the flow.
-        in_flight_cap = self._input.max_concurrency // BATCHES_IN_FLIGHT
+        in_flight_cap = self._input.max_concurrency // self._batches_in_flight
         size = min(o.batch_max_items, in_flight_cap, int(rate * o.batch_window_s))
         return max(2, size), provider
 

@@ -56,7 +56,16 @@ STATUS_ON_ROW = "status-on-the-experiment-row"
 # A batch waits for its slots on the provider's schedule; its heartbeat, not
 # this, is what notices a dead worker.
 BATCH_TIMEOUT = timedelta(minutes=30)
-BATCHES_IN_FLIGHT = 8
+# Patch marker: runs after it let a batch take a quarter of `max_concurrency`
+# (`BATCHES_IN_FLIGHT`), runs before it an eighth. Each batch costs the Temporal
+# server and the worker an activity and a workflow task; at 100 req/s with 25
+# slots, batches of 3 cost 17.2 CPU s per 1,000 items and reached 0.79 of the
+# ceiling, batches of 6: 14.6 s and 0.85 (bench/experiments.py, same machine and
+# hour). A quarter still leaves three batches running while one waits for its
+# slowest call.
+FEWER_LARGER_BATCHES = "a-batch-takes-a-quarter-of-the-slots"
+BATCHES_IN_FLIGHT = 4
+BATCHES_IN_FLIGHT_BEFORE = 8
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
 # first run but in sequence order on replay (a behaviour of the Python SDK), which

@@ -11,6 +11,8 @@ from typing import Any
 
 from temporalio import workflow
 
+from workflows.experiment._options import BATCHES_IN_FLIGHT_BEFORE
+
 with workflow.unsafe.imports_passed_through():
     from konstruct.experiments.models import (
         BudgetProgress,
@@ -59,4 +61,6 @@ class ExperimentState:
         self._unrecorded: str | None = None
         # Set once per run (`BATCH_CALLS`); task activities dispatched this run.
         self._batching = False
+        # Batches that fit in `max_concurrency` at once (set once per run).
+        self._batches_in_flight = BATCHES_IN_FLIGHT_BEFORE
         self._calls_this_run = 0

@@ -19,7 +19,9 @@ from workflows.experiment._dispatch import Dispatching
 from workflows.experiment._monitor import Monitoring
 from workflows.experiment._options import (
     BATCH_CALLS,
+    BATCHES_IN_FLIGHT,
     DB_RETRY_POLICY,
+    FEWER_LARGER_BATCHES,
     FINALIZE_TIMEOUT,
     PREPARE_HEARTBEAT,
     PREPARE_TIMEOUT,
@@ -78,6 +80,8 @@ class Experiment(Dispatching, Monitoring):
         inp = parse_input(ExperimentInput, raw_input, "Experiment")
         self._input = inp
         self._batching = workflow.patched(BATCH_CALLS)
+        if workflow.patched(FEWER_LARGER_BATCHES):
+            self._batches_in_flight = BATCHES_IN_FLIGHT
         workflow.upsert_search_attributes(
             [
                 TENANT.value_set(inp.tenant_id),
