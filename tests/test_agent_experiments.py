@@ -262,6 +262,21 @@ async def test_bad_agent_inputs_fail_at_once_naming_the_field(
     assert field in message, message
 
 
+async def assert_each_item_once(
+    pool: asyncpg.Pool, tenant: str, body: dict[str, Any], result: ExperimentResult, eval_name: str
+) -> None:
+    """Every item of `body` completed, with one stored result that passed `eval_name`
+    and one stored turn (its thread's single message)."""
+    items = body["dataset"]["items"]
+    n = len(items)
+    assert (result.summary.completed, result.summary.failed) == (n, 0)
+    rows = await stored(pool, tenant, body["experiment_id"])
+    assert sorted(rows) == sorted(i["id"] for i in items)
+    assert all(scores(r) == {eval_name: True} for r in rows.values())
+    async with tenant_transaction(pool, tenant) as conn:
+        assert await conn.fetchval("select count(*) from message_turns") == n
+
+
 async def test_kill_9_mid_item_leaves_one_result_one_turn_and_no_step_asked_twice(
     client: Client, relay: WorkerRelay, task_queue: str, app_pool: asyncpg.Pool, hooks: Hooks
 ) -> None:
@@ -301,15 +316,10 @@ async def test_kill_9_mid_item_leaves_one_result_one_turn_and_no_step_asked_twic
         )
         steps_at_kill = await conn.fetchval("select count(*) from agent_steps")
     await relay.take_over(latency_ms=20)
-    result: ExperimentResult = await handle.result()
-    assert (result.summary.completed, result.summary.failed) == (12, 0)
-    rows = await stored(app_pool, tenant, body["experiment_id"])
-    assert sorted(rows) == sorted(i["id"] for i in items)
-    assert all(scores(r) == {"exact_match": True} for r in rows.values())
+    await assert_each_item_once(app_pool, tenant, body, await handle.result(), "exact_match")
     async with tenant_transaction(app_pool, tenant) as conn:
-        turns = await conn.fetchval("select count(*) from message_turns")
         calls = await conn.fetch("select status from tool_calls")
-    assert turns == 12 and [c["status"] for c in calls] == ["ok"] * 12
+    assert [c["status"] for c in calls] == ["ok"] * 12
     # Two model calls an item (both keyed by its message), one at a time: the kill
     # loses at most the call an item had in progress, and a step stored before it is
     # never asked again.
@@ -515,10 +525,4 @@ async def test_stop_and_resume_of_an_agent_experiment_leave_one_result_an_item(
     stopped = await wait_for(handle, lambda p: p.status == "stopped")
     assert stopped.evaluated < 8
     await handle.signal(Experiment.resume)
-    result: ExperimentResult = await handle.result()
-    assert (result.summary.completed, result.summary.failed) == (8, 0)
-    rows = await stored(app_pool, tenant, body["experiment_id"])
-    assert sorted(rows) == sorted(i["id"] for i in items)
-    assert all(scores(r) == {"contains": True} for r in rows.values())
-    async with tenant_transaction(app_pool, tenant) as conn:
-        assert await conn.fetchval("select count(*) from message_turns") == 8
+    await assert_each_item_once(app_pool, tenant, body, await handle.result(), "contains")

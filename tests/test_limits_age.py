@@ -221,28 +221,38 @@ async def test_a_limit_raised_during_a_pause_is_followed_after_the_resume(
     await assert_one_result_each(app_pool, body)
 
 
+async def learned_ceiling_of_10(conn: asyncpg.Connection, queue: str) -> None:
+    """A provider row at 10 req/s with its ceiling learned there."""
+    await ensure_provider(conn, queue, "simulator", ProviderBounds(10, 1, 1000))
+    await conn.execute(
+        "update provider_limits set ceiling = 10, slow_start = false where task_queue = $1",
+        queue,
+    )
+
+
+async def record_ok(conn: asyncpg.Connection, queue: str, config: AimdConfig, ok: int) -> None:
+    """`ok` successes answered now, counted as a worker counts them."""
+    await record_outcomes(
+        conn,
+        queue,
+        "simulator",
+        OutcomeCounts(ok=ok),
+        breaker_seen=None,
+        aimd=config,
+        breaker=BreakerConfig(),
+    )
+
+
 async def test_the_store_ages_a_provider_after_an_idle_gap(app_pool: asyncpg.Pool) -> None:
     """The row keeps when the provider last answered; an answer after the gap starts
     from half the learned rate with slow start on and no ceiling."""
     config = AimdConfig(idle_reset_s=0.3)
     queue = f"age-{asyncio.get_running_loop().time():.0f}"
     async with app_pool.acquire() as conn:
-        await ensure_provider(conn, queue, "simulator", ProviderBounds(10, 1, 1000))
-        await conn.execute(
-            "update provider_limits set ceiling = 10, slow_start = false where task_queue = $1",
-            queue,
-        )
+        await learned_ceiling_of_10(conn, queue)
 
         async def answer(ok: int) -> None:
-            await record_outcomes(
-                conn,
-                queue,
-                "simulator",
-                OutcomeCounts(ok=ok),
-                breaker_seen=None,
-                aimd=config,
-                breaker=BreakerConfig(),
-            )
+            await record_ok(conn, queue, config, ok)
 
         await answer(1)
         recent = await provider_row(app_pool, queue)
@@ -262,22 +272,10 @@ async def test_an_idle_provider_is_aged_before_its_next_call(app_pool: asyncpg.P
     config = AimdConfig(idle_reset_s=0.3)
     queue = f"age-idle-{asyncio.get_running_loop().time():.0f}"
     async with app_pool.acquire() as conn:
-        await ensure_provider(conn, queue, "simulator", ProviderBounds(10, 1, 1000))
-        await conn.execute(
-            "update provider_limits set ceiling = 10, slow_start = false where task_queue = $1",
-            queue,
-        )
+        await learned_ceiling_of_10(conn, queue)
 
         async def answer() -> None:
-            await record_outcomes(
-                conn,
-                queue,
-                "simulator",
-                OutcomeCounts(ok=1),
-                breaker_seen=None,
-                aimd=config,
-                breaker=BreakerConfig(),
-            )
+            await record_ok(conn, queue, config, 1)
 
         await answer()
         assert await age_idle(conn, queue, config) == {}  # it just answered
