@@ -10,7 +10,7 @@ import litellm
 import pytest
 
 from konstruct.providers.adapter import classify, provider_error
-from tests.support import ROOT, SimulatorProcess
+from tests.support import ROOT, SIMULATOR_TEST_KEY, SimulatorProcess
 
 QUOTA_BODY = (
     '{"error": {"message": "You exceeded your current quota, please check your plan",'
@@ -115,3 +115,31 @@ def test_a_mapped_error_prints_no_litellm_banner(simulator: SimulatorProcess) ->
     )
     assert "raised AuthenticationError" in done.stdout, done.stdout + done.stderr
     assert "Give Feedback" not in done.stdout + done.stderr
+
+
+def test_a_call_logs_no_line_of_litellm_in_a_process_logging_at_info(
+    simulator: SimulatorProcess,
+) -> None:
+    """The worker logs at INFO; litellm's loggers have no level of their own, so each
+    call logged "LiteLLM completion() model= …" (twice: its handler and the root's),
+    a line per call in worker.log and 8 % of the worker's CPU. A fresh interpreter,
+    as the worker is."""
+    base = simulator.url + "/v1"
+    script = "\n".join(
+        [
+            "import asyncio, logging",
+            "logging.basicConfig(level=logging.INFO)",
+            "from konstruct.providers.adapter import complete_on",
+            f"params = {{'model': 'openai/sim-fast', 'api_base': {base!r},"
+            f" 'api_key': {SIMULATOR_TEST_KEY!r}}}",
+            "turns = [{'role': 'user', 'content': 'hi'}]",
+            "print('answered', bool(asyncio.run(complete_on(params, turns, timeout_s=30)).content))",
+            "logging.getLogger('LiteLLM').warning('warnings still show')",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert "answered True" in done.stdout, done.stdout + done.stderr
+    assert "completion() model=" not in done.stdout + done.stderr
+    assert "warnings still show" in done.stderr

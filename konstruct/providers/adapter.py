@@ -17,6 +17,8 @@ A provider's exception becomes one retry posture here:
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -320,13 +322,25 @@ async def embed(router: Any, model_group: str, texts: list[str]) -> list[list[fl
     return [list(d["embedding"] if isinstance(d, dict) else d.embedding) for d in data]
 
 
+# litellm's loggers. They have no level of their own, so under a process logging at
+# INFO (the worker's) each call logged "LiteLLM completion() model= …" through two
+# handlers: a line per call in worker.log and 8 % of the worker's CPU at 100 req/s
+# (py-spy). Set to WARNING unless `LITELLM_LOG` (litellm's own knob) asks otherwise.
+_LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
 def load_litellm() -> ModuleType:
     """litellm, imported on first use (it costs ~1 s), without the "Give Feedback /
-    Get Help" banner it prints before every exception it maps: the caller logs the
-    error once, with its own words."""
+    Get Help" banner it prints before every exception it maps (the caller logs the
+    error once, with its own words) nor a log line per call."""
     import litellm
 
     litellm.suppress_debug_info = True
+    if "LITELLM_LOG" not in os.environ:
+        for name in _LITELLM_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.WARNING)
     return litellm
 
 
