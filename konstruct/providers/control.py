@@ -59,8 +59,8 @@ class AimdConfig:
     # Seconds at the learned ceiling before probing above it again. Each probe that
     # finds no ceiling more than `probe_same_ceiling` above the old doubles the wait,
     # up to `probe_after_max_s`; a ceiling found higher starts it again: a steady limit
-    # costs a probe's few 429s every 16 s instead of every 5 (bench idle-drop: a
-    # third of a run's refusals were probes of an unchanged limit).
+    # costs a probe's few 429s every 16 s instead of every 5 (the pure model of
+    # tests/test_rate_limit.py, two minutes at a steady 20 req/s: 86 refusals -> 54).
     probe_after_s: Annotated[float, Field(ge=0)] = 2.0
     probe_after_max_s: Annotated[float, Field(ge=0)] = 16.0
     probe_same_ceiling: Annotated[float, Field(ge=0, lt=1)] = 0.1
