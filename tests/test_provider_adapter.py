@@ -93,25 +93,41 @@ def test_a_spent_quota_is_never_retried_but_a_429_is() -> None:
     assert provider_error(limited, "call").non_retryable is False
 
 
+def call_in_a_fresh_interpreter(
+    simulator: SimulatorProcess, api_key: str, lines: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run `lines` in a new Python process (as the worker is one) after they set up a
+    call: `complete_on`, `params` for the simulator's fast model with `api_key`, and
+    `turns`."""
+    base = simulator.url + "/v1"
+    setup = [
+        "import asyncio, logging",
+        "from konstruct.providers.adapter import complete_on",
+        f"params = {{'model': 'openai/sim-fast', 'api_base': {base!r}, 'api_key': {api_key!r}}}",
+        "turns = [{'role': 'user', 'content': 'hi'}]",
+    ]
+    return subprocess.run(
+        [sys.executable, "-c", "\n".join(setup + lines)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
 def test_a_mapped_error_prints_no_litellm_banner(simulator: SimulatorProcess) -> None:
     """litellm prints "Give Feedback / Get Help" before every exception it maps unless
     told not to; worker logs and bench output carry each error once, in our words.
     A fresh interpreter: a Router built earlier in this session turns it off globally."""
-    base = simulator.url + "/v1"
-    script = "\n".join(
+    done = call_in_a_fresh_interpreter(
+        simulator,
+        "sk-no",
         [
-            "import asyncio",
-            "from konstruct.providers.adapter import complete_on",
-            f"params = {{'model': 'openai/sim-fast', 'api_base': {base!r}, 'api_key': 'sk-no'}}",
-            "turns = [{'role': 'user', 'content': 'hi'}]",
             "try:",
             "    asyncio.run(complete_on(params, turns, timeout_s=30))",
             "except Exception as exc:",
             "    print('raised', type(exc).__name__)",
-        ]
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+        ],
     )
     assert "raised AuthenticationError" in done.stdout, done.stdout + done.stderr
     assert "Give Feedback" not in done.stdout + done.stderr
@@ -122,23 +138,15 @@ def test_a_call_logs_no_line_of_litellm_in_a_process_logging_at_info(
 ) -> None:
     """The worker logs at INFO; litellm's loggers have no level of their own, so each
     call logged "LiteLLM completion() model= …" (twice: its handler and the root's),
-    a line per call in worker.log and 8 % of the worker's CPU. A fresh interpreter,
-    as the worker is."""
-    base = simulator.url + "/v1"
-    script = "\n".join(
+    a line per call in worker.log and 8 % of the worker's CPU."""
+    done = call_in_a_fresh_interpreter(
+        simulator,
+        SIMULATOR_TEST_KEY,
         [
-            "import asyncio, logging",
             "logging.basicConfig(level=logging.INFO)",
-            "from konstruct.providers.adapter import complete_on",
-            f"params = {{'model': 'openai/sim-fast', 'api_base': {base!r},"
-            f" 'api_key': {SIMULATOR_TEST_KEY!r}}}",
-            "turns = [{'role': 'user', 'content': 'hi'}]",
             "print('answered', bool(asyncio.run(complete_on(params, turns, timeout_s=30)).content))",
             "logging.getLogger('LiteLLM').warning('warnings still show')",
-        ]
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+        ],
     )
     assert "answered True" in done.stdout, done.stdout + done.stderr
     assert "completion() model=" not in done.stdout + done.stderr
