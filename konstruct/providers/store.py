@@ -579,8 +579,8 @@ async def age_idle(conn: asyncpg.Connection, task_queue: str, aimd: AimdConfig) 
     """Age what was learned of each provider of the queue that has not answered for
     an idle gap (`control.aged`), before its next call rather than at its first
     answer: the calls booked before that answer went out at the old rate (bench
-    idle-drop: 24 calls in the first 0.15 s at 171 req/s, a rate slow start had
-    raised past anything the provider took). The aged row keeps no `last_answer_at`,
+    idle-drop: 24 calls answered in the first 0.15 s while the row said 171 req/s, a
+    rate slow start had raised past anything the provider took). The aged row keeps no `last_answer_at`,
     so nothing ages it twice. Returns the providers whose rate this changed."""
     rows = await conn.fetch(
         f"select *, {_NOW} as now from provider_limits"
