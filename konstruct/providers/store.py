@@ -430,8 +430,11 @@ async def _write_rate(
     decided: AimdState,
     header_rate: float | None,
     header_token_rate: float | None,
+    *,
+    forget_answer: bool = False,
 ) -> bool:
-    """Write a rate decision unless someone decided since (`version`); whether it was."""
+    """Write a rate decision unless someone decided since (`version`); whether it was.
+    `forget_answer`: clear `last_answer_at` (what was learned aged: it ages once)."""
     written = await conn.execute(
         # A new window (changed_at) restarts the counts from the decision's (0 after
         # a change of rate, this answer's when an idle window restarts); a decision
@@ -442,6 +445,7 @@ async def _write_rate(
         " then throttled_since_change else $12 end, changed_at = $6,"
         " last_decrease_at = $7, hold_until = $8, step = $9, slow_start = $10,"
         " header_rate = $13, header_token_rate = $14, probe_wait_s = $15,"
+        " last_answer_at = case when $16 then null else last_answer_at end,"
         " version = version + 1, updated_at = now()"
         " where task_queue = $1 and provider = $2 and version = $3",
         task_queue,
@@ -459,6 +463,7 @@ async def _write_rate(
         header_rate,
         header_token_rate,
         decided.probe_wait_s,
+        forget_answer,
     )
     return row_count(written) == 1
 
@@ -593,19 +598,17 @@ async def age_idle(conn: asyncpg.Connection, task_queue: str, aimd: AimdConfig) 
         fresh = aged(_aimd(row), row["now"], bounded)
         if fresh is None:
             continue
-        written = await conn.execute(
-            "update provider_limits set rate = $4, ceiling = null, ok_since_change = 0,"
-            " throttled_since_change = 0, changed_at = $5, last_decrease_at = null,"
-            " hold_until = 0, step = 0, slow_start = true, probe_wait_s = 0,"
-            " last_answer_at = null, version = version + 1, updated_at = now()"
-            " where task_queue = $1 and provider = $2 and version = $3",
+        written = await _write_rate(
+            conn,
             task_queue,
             row["provider"],
             row["version"],
-            fresh.rate,
-            fresh.changed_at,
+            fresh,
+            row["header_rate"],
+            row["header_token_rate"],
+            forget_answer=True,
         )
-        if row_count(written) == 1:
+        if written:
             log.info(
                 "%s %s: rate %.2f -> %.2f after %.1f s without an answer (ceiling forgotten)",
                 task_queue,

@@ -39,7 +39,8 @@ class Batching(ItemRunning):
         o = self._input.options
         if rate < o.batch_above_rps:
             return 1, provider
-        # At least `BATCHES_IN_FLIGHT` batches fit in `max_concurrency`: a batch is done
+        # At least `_batches_in_flight` batches fit in `max_concurrency` (4; 8 in runs
+        # before `FEWER_LARGER_BATCHES`): a batch is done
         # when its slowest call is, and one large batch at a time would stall the flow.
         in_flight_cap = self._input.max_concurrency // self._batches_in_flight
         size = min(o.batch_max_items, in_flight_cap, int(rate * o.batch_window_s))
