@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from konstruct.config import Settings
 from konstruct.experiments.models import ExperimentResult
@@ -304,7 +305,11 @@ async def test_the_workers_age_an_idle_provider_and_its_queue_before_the_next_ru
     deadline = asyncio.get_running_loop().time() + 60
     while True:
         row = await provider_row(app_pool, aging_worker)
-        pushed = await queue_rate(client, queue)
+        pushed: float | str | None
+        try:
+            pushed = await queue_rate(client, queue)
+        except RPCError as exc:  # ci78: "operation was canceled" from a busy dev server
+            pushed = f"not read: {exc.message}"
         if row["ceiling"] is None and pushed == pytest.approx(row["rate"]):
             break
         assert asyncio.get_running_loop().time() < deadline, (row, pushed)
