@@ -281,6 +281,7 @@ class ProviderBatchActivities:
                     break
                 left = calls[index:]
                 tokens_each = sum(c.estimate for c in left) / len(left)
+                booked_at = loop.time()
                 grant = await self.calls.book(inp.provider, len(left), tokens_each)
                 base = loop.time() + grant.first_in_s
                 for k in range(grant.granted):
@@ -288,7 +289,9 @@ class ProviderBatchActivities:
                     index += 1
                     at = base + k * grant.interval_s
                     booked = tokens_each if grant.metered else 0.0
-                    started.append(asyncio.create_task(self._one(batch, call, at, booked)))
+                    started.append(
+                        asyncio.create_task(self._one(batch, call, (at, booked_at), booked))
+                    )
                 # Book again when the last slot booked is due.
                 await asyncio.sleep(
                     max(0.0, base + (grant.granted - 1) * grant.interval_s - loop.time())
@@ -334,11 +337,13 @@ class ProviderBatchActivities:
         async with tenant_transaction(self.calls.pool, inp.tenant_id) as conn:
             return await store.stop_requested(conn, inp.tenant_id, inp.experiment_id)
 
-    async def _one(self, batch: _Batch, one: _Call, at: float, booked: float) -> BatchItemResult:
-        """One item's task call at its slot, learned from and stored; `booked`: the
-        tokens its slot booked (0: not metered), settled with what it used."""
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.0, at - loop.time()))
+    async def _one(
+        self, batch: _Batch, one: _Call, slot: tuple[float, float], booked: float
+    ) -> BatchItemResult:
+        """One item's task call at its slot (due at, booked at: loop times), learned
+        from and stored; `booked`: the tokens its slot booked (0: not metered),
+        settled with what it used."""
+        await self.calls.until_slot(batch.input.provider, *slot)
         item, inp, calls = one.item, batch.input, self.calls
         ledger = self._ledgers.setdefault(inp.provider, _Ledger())
         try:

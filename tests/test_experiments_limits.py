@@ -21,7 +21,7 @@ import pytest
 import yaml
 from temporalio.client import Client
 
-from konstruct.config import Settings
+from konstruct.config import ExperimentSettings, Settings
 from konstruct.experiments.models import ExperimentResult
 from konstruct.platform.errors import ConfigError
 from konstruct.providers.adapter import AnnouncedLimits, announced_limits
@@ -270,3 +270,59 @@ async def test_a_rate_push_whose_caller_was_cancelled_still_lands(client: Client
     assert await queue_rate(client, queue) == 7.0
     await push_rate(client, queue, 9.0)
     assert await queue_rate(client, queue) == 9.0
+
+
+async def test_a_slot_booked_before_this_worker_lowered_the_rate_is_booked_again(
+    app_pool: asyncpg.Pool,
+) -> None:
+    """The schedule runs `schedule_horizon_s` ahead: calls booked at 40 req/s just
+    before a 429 cut the rate would still go at 40. A call whose slot this process
+    lowered the rate after booking books again at the new rate; one booked after the
+    cut keeps its slot."""
+    from activities.provider_calls import ProviderCallActivities
+
+    settings = ExperimentSettings(schedule_horizon_s=1.0)
+    queue = f"rebook-{uuid.uuid4().hex[:8]}"
+    calls = ProviderCallActivities(
+        app_pool, load_router_config(ROOT / "deploy" / "llm-router.yaml"), settings, queue
+    )
+    loop = asyncio.get_running_loop()
+
+    async def next_slot() -> float:
+        async with app_pool.acquire() as conn:
+            return float(
+                await conn.fetchval(
+                    "select next_slot_at from provider_schedule where task_queue = $1", queue
+                )
+            )
+
+    async with app_pool.acquire() as conn:
+        await ensure_provider(conn, queue, "p", ProviderBounds(40, 1, 1000))
+    booked_at = loop.time()
+    grant = await calls.book("p", 5)
+    assert grant.granted == 5 and grant.interval_s == pytest.approx(0.025)
+    # Refusals, counted as a worker counts a batch's: the rate halves (slow start's
+    # first 429) and this process notes it lowered it.
+    async with app_pool.acquire() as conn:
+        effect = await record_outcomes(
+            conn,
+            queue,
+            "p",
+            OutcomeCounts(ok=0, throttled=3),
+            breaker_seen=None,
+            aimd=settings.aimd_config(),
+            breaker=settings.breaker_config(),
+        )
+    assert effect.rate_lowered and effect.rate_changed_to is not None
+    await calls.apply_effect("p", effect, "test")
+    before = await next_slot()
+    last_slot = booked_at + grant.first_in_s + 4 * grant.interval_s
+    await calls.until_slot("p", last_slot, booked_at)
+    rebooked = await next_slot()
+    assert rebooked > before  # booked once more, behind the five, at the new rate
+    # A slot booked after the cut is kept as it was.
+    after_cut = loop.time()
+    grant = await calls.book("p", 1)
+    kept = await next_slot()
+    await calls.until_slot("p", after_cut + grant.first_in_s, after_cut)
+    assert await next_slot() == kept

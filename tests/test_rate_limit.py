@@ -459,3 +459,42 @@ def test_after_a_gap_the_rate_restarts_from_what_last_flowed_if_that_was_less() 
     # A window too short to say restarts from the rate.
     short = aged(replace(state, ok_since_change=5, changed_at=4.9), 30.0, MEASURED)
     assert short is not None and short.rate == 171.0 * MEASURED.idle_restart_fraction
+
+
+# --- a provider's burst hides its limit from slow start --------------------------
+
+
+def test_slow_starts_first_429_after_every_call_was_taken_halves_the_rate() -> None:
+    # Bench idle-drop: slow start doubled to 101.66 req/s on 27 calls taken in 0.51 s
+    # (the provider's bucket had filled while idle), and the limit was 20. Everything
+    # sent was taken until this 429: its burst paid, and 101.66 says nothing of it.
+    state = AimdState(rate=101.66, changed_at=0.0, ok_since_change=52)
+    cut = on_throttled(state, 0.51, None, MEASURED)
+    assert cut.rate == 101.66 * MEASURED.decrease_factor and cut.ceiling is None
+    # Past slow start (a probe at 1.5 x the flow), meeting it right at the rate is
+    # still where the limit is.
+    probing = replace(state, slow_start=False)
+    held = on_throttled(probing, 0.51, None, MEASURED)
+    assert held.ceiling == 101.66 and held.rate == 101.66 * MEASURED.headroom
+
+
+def test_a_climb_that_restarts_after_an_idle_spell_takes_no_step_in_its_first_second() -> None:
+    # Aged after a gap (the answer at 40 s finds the state of 10 s), the rate restarts
+    # at half and holds it for `restart_hold_s` while the provider's refilled bucket
+    # takes everything: every call taken in that time is no reason to double.
+    state = replace(learned_at(100.0, 10.0))
+    aged_at_40 = decide_counts(state, 5, 0, 40.0, MEASURED)
+    assert aged_at_40.rate == state.rate * MEASURED.idle_restart_fraction
+    held, rates = succeed(aged_at_40, 40.05, MEASURED.restart_hold_s - 0.1, 48.5, MEASURED)
+    assert max(rates) == aged_at_40.rate
+    # Then slow start doubles as before.
+    after, rates = succeed(held, 40.0 + MEASURED.restart_hold_s, 1.0, 48.5, MEASURED)
+    assert max(rates) > 1.5 * aged_at_40.rate
+    # A state aged by the workers' loop before any call (its window empty) holds
+    # from its first answer, not from when it aged.
+    fresh = AimdState(rate=48.5, changed_at=12.0)
+    first = on_success(fresh, 40.0, MEASURED)
+    assert first.hold_until == 40.0 + MEASURED.restart_hold_s
+    # Once a 429 was met, a window restarting after a lull does not hold.
+    cut = replace(fresh, last_decrease_at=5.0, slow_start=False, ceiling=50.0)
+    assert on_success(cut, 40.0, MEASURED).hold_until == 0.0

@@ -110,6 +110,12 @@ class AimdConfig:
     # refusals on the way down; the pure model in tests/test_rate_limit.py counts 23
     # at 1.0 and 6 at 0.5). A raised limit is found one doubling later.
     idle_restart_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # A climb that (re)starts after an idle spell (a fresh provider, or one whose
+    # state aged) takes no step for this long: the provider's bucket filled while
+    # idle, and its burst takes every call of the first moments whatever the limit.
+    # Doubled on that, the rate met a limit lowered to 20 at 101 req/s (bench
+    # idle-drop: 27 of 27 taken in the first 0.5 s at 51 req/s).
+    restart_hold_s: Annotated[float, Field(ge=0)] = 1.0
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,14 @@ def on_throttled(
     if not config.decrease_to_measured:
         ceiling = measured if measured is not None else state.rate
         rate = state.rate * config.decrease_factor
+    elif state.slow_start and state.ceiling is None and state.throttled_since_change == 0:
+        # Slow start's first 429, every call before it taken: what the provider took
+        # came out of its bucket's burst (full after an idle spell), not its limit (a
+        # limit lowered to 20 while idle, met at 52 req/s: 29 of 29 taken, then 17 of
+        # 28 refused at 51 when that was taken as the ceiling). Halve, as TCP does at
+        # slow start's first loss; the next 429 measures the limit, the burst spent.
+        ceiling = None
+        rate = state.rate * config.decrease_factor
     elif saturated and measured is not None and measured < state.rate * config.headroom:
         # Calls came at about the rate and the provider took only `measured` a
         # second of them: that is its ceiling now. Straight under it stops the
@@ -282,12 +296,21 @@ def _idle_window(state: AimdState, now: float, config: AimdConfig) -> bool:
     )
 
 
+def _restarted(state: AimdState, now: float, config: AimdConfig) -> AimdState:
+    """An idle window starting again at `now`; a climb that never met a 429 holds
+    its first step for `restart_hold_s`."""
+    hold = state.hold_until
+    if state.slow_start and state.ceiling is None and state.last_decrease_at is None:
+        hold = max(hold, now + config.restart_hold_s)
+    return replace(state, changed_at=now, hold_until=hold)
+
+
 def on_success(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     """A success: count it, and raise the rate if an increase is due."""
     if _idle_window(state, now, config):
         # Nothing answered since the last change: the time before this answer says
         # nothing about the provider (the queue was empty), so the window starts now.
-        return replace(state, changed_at=now, ok_since_change=1)
+        return replace(_restarted(state, now, config), ok_since_change=1)
     counted = replace(state, ok_since_change=state.ok_since_change + 1)
     interval = config.slow_start_interval_s if state.slow_start else config.increase_interval_s
     if now < state.hold_until or now - state.changed_at < interval:
@@ -374,6 +397,7 @@ def aged(state: AimdState, now: float, config: AimdConfig) -> AimdState | None:
         _clamp(start * config.idle_restart_fraction, config),
         None,
         changed_at=now,
+        hold_until=now + config.restart_hold_s,
         last_answer_at=last,
     )
 
@@ -409,7 +433,7 @@ def decide_counts(
     if fresh is not None:
         before = fresh
     elif _idle_window(before, now, config):
-        before = replace(before, changed_at=now)  # as in `on_success`
+        before = _restarted(before, now, config)  # as in `on_success`
     counted = replace(
         before,
         ok_since_change=before.ok_since_change + ok - (0 if throttled > 0 else 1),

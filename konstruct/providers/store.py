@@ -262,6 +262,8 @@ async def reserve_calls(
 @dataclass(frozen=True)
 class OutcomeEffect:
     rate_changed_to: float | None = None
+    # The change was a decrease (a 429's): slots booked before it went at the old rate.
+    rate_lowered: bool = False
     breaker_tripped: bool = False
 
 
@@ -349,9 +351,14 @@ async def record_outcomes(
     `breaker_seen` None: the breaker is read under its lock if anything changes it."""
     if counts.token_excess:
         await _settle_tokens(conn, task_queue, provider, counts.token_excess)
-    rate_changed = await _learn_rate(conn, task_queue, provider, counts, aimd)
+    change = await _learn_rate(conn, task_queue, provider, counts, aimd)
     tripped = await _learn_breaker(conn, task_queue, provider, counts, breaker_seen, breaker)
-    return OutcomeEffect(rate_changed_to=rate_changed, breaker_tripped=tripped)
+    if change is None:
+        return OutcomeEffect(breaker_tripped=tripped)
+    before, after = change
+    return OutcomeEffect(
+        rate_changed_to=after, rate_lowered=after < before, breaker_tripped=tripped
+    )
 
 
 async def _settle_tokens(
@@ -474,10 +481,10 @@ async def _learn_rate(
     provider: str,
     counts: OutcomeCounts,
     aimd: AimdConfig,
-) -> float | None:
+) -> tuple[float, float] | None:
     """Count the outcomes; after successes or 429s, write the rate decided (if
     nobody decided since), within the provider's bounds and announced limits.
-    Returns the new rate if this changed it."""
+    Returns the rate before and after if this changed it."""
     row = await _count_outcomes(conn, task_queue, provider, counts)
     if row is None:
         return None
@@ -519,7 +526,7 @@ async def _learn_rate(
         current.throttled_since_change,
         row["now"] - current.changed_at,
     )
-    return decided.rate
+    return current.rate, decided.rate
 
 
 async def _learn_breaker(
