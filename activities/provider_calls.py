@@ -275,13 +275,13 @@ class ProviderCallActivities:
             activity.heartbeat()
 
     async def until_slot(self, provider: str, at: float, booked_at: float) -> None:
-        """Wait for a slot due at `at` (loop time), booked at `booked_at`. A slot this
-        process lowered the provider's rate after booking was booked at the old rate:
-        the schedule ran up to `schedule_horizon_s` ahead at it, and those calls met
-        the provider the 429 had just said was full (bench idle-drop: 10 of 23 calls
-        refused in the half second after a cut from 53 to 27 req/s). Such a call
-        books again and waits for that slot; the first is left unused. (Slots booked
-        by other worker processes go at theirs until they see a 429 themselves.)"""
+        """Wait for a slot due at `at` (loop time), booked at `booked_at`. A slot
+        booked before this process lowered the provider's rate was booked at the old
+        rate, up to `schedule_horizon_s` ahead, and its call would meet the provider a
+        429 had just said was full (bench idle-drop: 10 of 23 calls refused in the
+        half second after a cut from 53 to 27 req/s). Such a call books again at the
+        new rate and waits for that slot; the first is left unused. (Slots booked by
+        other worker processes go at theirs until their own answers are counted.)"""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(0.0, at - loop.time()))
