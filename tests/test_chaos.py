@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) -> None:
     report_path = tmp_path / "chaos.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KONSTRUCT_", "TEMPORAL_"))}
+    started = time.monotonic()
     done = subprocess.run(
         [
             sys.executable,
@@ -43,6 +46,14 @@ def test_faults_of_every_kind_lose_duplicate_and_fail_nothing(tmp_path: Path) ->
         timeout=900,
     )
     assert report_path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    took = time.monotonic() - started
+    if took > 135:
+        # Not a failure: usually 66-81 s here, twice 175 s (ci73, ci79) with nothing
+        # failed. The soak's timestamped log, kept where a passing run shows it (the
+        # warnings summary), says where the time went the next time.
+        warnings.warn(
+            f"the chaos soak took {took:.0f} s; its log:\n{done.stdout[-6000:]}", stacklevel=1
+        )
     report = json.loads(report_path.read_text())
     # Faults of every kind were injected (the soak outlasts its 45 s until six were:
     # how many fit in 45 s depends on how fast this machine restarts things), and the

@@ -4,9 +4,11 @@ against a gateway served in this process, on the suite's dev server and database
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -482,6 +484,22 @@ async def database_waits(owner_url: str) -> str:
     return "\n".join([*(str(dict(row)) for row in sessions), *(str(dict(r)) for r in locks)])
 
 
+def sockets_on(url: str) -> str:
+    """The kernel's view of the TCP sockets on `url`'s port (/proc/net/tcp: state 0A
+    is LISTEN, whose rx_queue counts connections not yet accepted; 01 established,
+    with bytes not yet read), and how many files this process has open: whether a
+    request that got no answer reached the server's loop at all."""
+    port = f"{int(url.rsplit(':', 1)[1].split('/')[0]):04X}"
+    rows = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, queues = fields[1], fields[2], fields[3], fields[4]
+        if local.endswith(f":{port}") or remote.endswith(f":{port}"):
+            rows.append(f"local {local} remote {remote} state {state} tx:rx {queues}")
+    rows.append(f"open files of this process: {len(os.listdir('/proc/self/fd'))}")
+    return "\n".join(rows)
+
+
 def waiting_tasks() -> str:
     """Where each asyncio task of this process waits: its chain of awaits, outermost
     first, innermost last."""
@@ -555,7 +573,10 @@ async def test_a_keys_tokens_per_minute_hold_across_gateway_processes(
                 # Seen twice in full suite runs (ci56, ci64), never alone: say where
                 # every task of this process waits, for the next look at it.
                 tasks, sessions = waiting_tasks(), await database_waits(postgres.owner_url)
-                pytest.fail(f"no answer in 60 s; tasks:\n{tasks}\nPostgreSQL:\n{sessions}")
+                pytest.fail(
+                    f"no answer in 60 s; sockets:\n{sockets_on(other_url)}\ntasks:\n{tasks}"
+                    f"\nPostgreSQL:\n{sessions}"
+                )
     assert refused.status_code == 429, refused.text
     error = refused.json()["error"]
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
