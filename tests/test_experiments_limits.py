@@ -276,9 +276,9 @@ async def test_a_slot_booked_before_this_worker_lowered_the_rate_is_booked_again
     app_pool: asyncpg.Pool,
 ) -> None:
     """The schedule runs `schedule_horizon_s` ahead: calls booked at 40 req/s just
-    before a 429 cut the rate would still go at 40. A call whose slot this process
-    lowered the rate after booking books again at the new rate; one booked after the
-    cut keeps its slot."""
+    before a 429 cut the rate would still go at 40. A call booked before this process
+    lowered the rate books again at the new rate; one booked after the cut keeps its
+    slot."""
     from activities.provider_calls import ProviderCallActivities
 
     settings = ExperimentSettings(schedule_horizon_s=1.0)

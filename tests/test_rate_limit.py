@@ -482,7 +482,7 @@ def test_a_climb_that_restarts_after_an_idle_spell_takes_no_step_in_its_first_se
     # Aged after a gap (the answer at 40 s finds the state of 10 s), the rate restarts
     # at half and holds it for `restart_hold_s` while the provider's refilled bucket
     # takes everything: every call taken in that time is no reason to double.
-    state = replace(learned_at(100.0, 10.0))
+    state = learned_at(100.0, 10.0)
     aged_at_40 = decide_counts(state, 5, 0, 40.0, MEASURED)
     assert aged_at_40.rate == state.rate * MEASURED.idle_restart_fraction
     held, rates = succeed(aged_at_40, 40.05, MEASURED.restart_hold_s - 0.1, 48.5, MEASURED)
