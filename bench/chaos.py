@@ -208,7 +208,38 @@ async def run_experiments(soak: Soak, client: Client, items: int) -> list[Any]:
                 ),
             )
         )
-    return [await patiently(soak, "experiment result", h.result, give_up_s=1200) for h in handles]
+    waiting = asyncio.create_task(log_waits(soak, handles))
+    try:
+        return [
+            await patiently(soak, "experiment result", h.result, give_up_s=1200) for h in handles
+        ]
+    finally:
+        waiting.cancel()
+
+
+async def log_waits(soak: Soak, handles: list[WorkflowHandle[Any, Any]]) -> None:
+    """Every 10 s, what each running experiment waits on: its pending activities
+    (type, attempt, state, last failure), so a slow tail after the faults says why
+    (two soaks of 172-175 s spent 105 s waiting for the last items, unexplained)."""
+    from temporalio.api.enums.v1 import PendingActivityState
+
+    while True:
+        await asyncio.sleep(10)
+        for handle in handles:
+            try:
+                described = await handle.describe()
+            except Exception as exc:  # the dev server may be restarting
+                soak.log(f"{handle.id}: not described: {str(exc)[:80]}")
+                continue
+            if described.status != WorkflowExecutionStatus.RUNNING:
+                continue
+            pending = described.raw_description.pending_activities
+            waits = "; ".join(
+                f"{p.activity_type.name} attempt {p.attempt}"
+                f" {PendingActivityState.Name(p.state)} {p.last_failure.message[:80]!r}"
+                for p in pending[:4]
+            )
+            soak.log(f"{handle.id}: {len(pending)} activities pending: {waits}")
 
 
 async def alias_run(pool: asyncpg.Pool) -> str | None:
