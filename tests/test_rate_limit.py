@@ -252,6 +252,23 @@ def test_a_429_under_the_ceiling_keeps_measuring_until_a_drop_is_clear() -> None
     assert cut.ceiling == 5.0 and cut.rate == 5.0 * MEASURED.headroom
 
 
+def test_a_ceiling_found_too_high_is_lowered_at_its_second_refusal_under_it() -> None:
+    # A probe measured 21.25/s (the bucket's burst with it) against a steady limit
+    # of 20: the rate, 20.61 under that ceiling, is refused about every 1.6 s.
+    state = AimdState(rate=20.61, ceiling=21.25, changed_at=0.0, ok_since_change=32)
+    # The first refusal, 20 a second taken: a burst at the edge looks the same;
+    # nothing moves yet.
+    first = on_throttled(state, 1.6, None, MEASURED)
+    assert (first.rate, first.ceiling, first.changed_at) == (20.61, 21.25, 0.0)
+    # The second, 1.6 s later, with 20 a second taken: the ceiling is what was taken
+    # (before: unchanged until ten refusals, `min_refused_calls`).
+    second = on_throttled(replace(first, ok_since_change=64), 3.2, None, MEASURED)
+    assert second.ceiling == 20.0 and second.rate == 20.0 * MEASURED.headroom
+    # Taking all that was sent (a burst at the edge, twice) lowers nothing.
+    edge = on_throttled(replace(first, ok_since_change=66), 3.2, None, MEASURED)
+    assert (edge.rate, edge.ceiling) == (20.61, 21.25)
+
+
 def test_a_429_for_a_request_sent_before_the_last_decrease_changes_nothing() -> None:
     state = on_throttled(
         AimdState(rate=40.0, changed_at=0.0, ok_since_change=60, throttled_since_change=20),
@@ -420,10 +437,10 @@ def test_without_aging_a_window_that_spans_the_gap_keeps_the_old_limit() -> None
 def test_probes_that_find_the_same_limit_come_ever_less_often() -> None:
     # A steady limit of 20 req/s for two minutes, learned at the start. Probing every
     # few seconds (the wait never doubled) costs a few refusals each time: 86 in the
-    # model, 54 with the wait doubled up to 16 s. (What is left: a probe's burst can
-    # leave the ceiling a little above the limit, refused now and then until ten
-    # refusals lower it; after a long wait the provider's bucket is full, and a
-    # probe it lets through can look like a raised limit.)
+    # model, 54 with the wait doubled up to 16 s, 36 since a ceiling a probe's burst
+    # left a little above the limit is lowered at its second refusal under it (not
+    # its tenth). (What is left: after a long wait the provider's bucket is full, and
+    # a probe it lets through can look like a raised limit.)
     every_time = replace(MEASURED, probe_after_max_s=MEASURED.probe_after_s)
     _, _, ok_fixed, refused_fixed = follow(learned_at(20.0, 0.0), 0.5, 120.0, 20.0, every_time)
     _, rates, ok, refused = follow(learned_at(20.0, 0.0), 0.5, 120.0, 20.0, MEASURED)
