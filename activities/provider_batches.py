@@ -175,6 +175,12 @@ class _Batch:
     keys: dict[str, str] = field(default_factory=dict)
 
 
+def _seqs(items: list[BatchItem]) -> list[int] | None:
+    """The items' places in the dataset, if the batch carries every one."""
+    seqs = [i.seq for i in items]
+    return None if any(seq is None for seq in seqs) else [s for s in seqs if s is not None]
+
+
 class ProviderBatchActivities:
     """Shares the single-item path's plumbing: its pool, deployments, settings,
     spec cache, rate push and schedule booking."""
@@ -196,6 +202,7 @@ class ProviderBatchActivities:
                 [i.item_id for i in input.items],
                 calls.task_queue,
                 input.provider,
+                seqs=_seqs(input.items),
             )
             keys, hits = await self._cached(conn, input, spec, found)
         out: dict[str, BatchItemResult] = {}

@@ -180,7 +180,12 @@ class ProviderCallActivities:
 
     def _ref(self, input: RunItemInput | JudgeItemInput) -> results.CallRef:
         return results.CallRef(
-            input.tenant_id, input.experiment_id, input.item_id, self.task_queue, input.provider
+            input.tenant_id,
+            input.experiment_id,
+            input.item_id,
+            self.task_queue,
+            input.provider,
+            input.seq,
         )
 
     def _deployment(self, deployment_id: str) -> Deployment:

@@ -506,6 +506,9 @@ class RunItemInput(StrictModel):
     item_id: str
     deployment_id: str
     provider: str
+    # The item's place in the dataset, which its row is looked up by (None in runs
+    # recorded before it was sent: by `item_id`).
+    seq: int | None = None
 
 
 class RunItemResult(CallCost):
@@ -524,6 +527,9 @@ class RunItemResult(CallCost):
 class BatchItem(StrictModel):
     item_id: str
     deployment_id: str
+    # The item's place in the dataset: its row is looked up by it (None in batches
+    # of runs recorded before it was sent: by `item_id`).
+    seq: int | None = None
 
 
 class RunBatchInput(StrictModel):
@@ -565,6 +571,7 @@ class JudgeItemInput(StrictModel):
     eval_name: str
     deployment_id: str
     provider: str
+    seq: int | None = None  # as `RunItemInput.seq`
 
 
 class JudgeItemResult(CallCost):

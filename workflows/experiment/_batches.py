@@ -72,6 +72,7 @@ class Batching(ItemRunning):
                         deployment_id=pick_route(
                             carry.prepared.task_routes, item.item_id
                         ).deployment_id,
+                        seq=item.seq,
                     )
                     for item in items
                 ],

@@ -16,6 +16,7 @@ with workflow.unsafe.imports_passed_through():
     from konstruct.experiments.models import (
         BatchItemResult,
         JudgeItemResult,
+        PendingItem,
         Route,
         RunItemResult,
     )
@@ -66,13 +67,15 @@ class Calls(ExperimentState):
         self._handles[activity_id] = handle
         return handle, activity_id
 
-    def _item_call(self, item_id: str, route: Route) -> dict[str, str]:
-        """What every single call of an item names: whose, which item, which deployment."""
+    def _item_call(self, item: PendingItem, route: Route) -> dict[str, Any]:
+        """What every single call of an item names: whose, which item (and its place
+        in the dataset, which its row is looked up by), which deployment."""
         assert self._input is not None
         return {
             "tenant_id": self._input.tenant_id,
             "experiment_id": self._input.experiment_id,
-            "item_id": item_id,
+            "item_id": item.item_id,
+            "seq": item.seq,
             "deployment_id": route.deployment_id,
             "provider": route.provider,
         }

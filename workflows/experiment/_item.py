@@ -82,7 +82,7 @@ class ItemRunning(Toggles):
             # An agent's item: every turn, step and tool call in one activity (its
             # transcript in PostgreSQL, not in history).
             AgentItemActivities.run_agent_item if agent else ProviderCallActivities.run_item,
-            RunItemInput(**self._item_call(item.item_id, route)),
+            RunItemInput(**self._item_call(item, route)),
             route.provider,
             f"task:{item.item_id}",
             long=agent,
@@ -96,7 +96,7 @@ class ItemRunning(Toggles):
         route = pick_route(self._carry.prepared.judge_routes[name], item.item_id)
         handle, key = self._start_call(
             ProviderCallActivities.judge_item,
-            JudgeItemInput(eval_name=name, **self._item_call(item.item_id, route)),
+            JudgeItemInput(eval_name=name, **self._item_call(item, route)),
             route.provider,
             f"judge:{name}:{item.item_id}",
         )

@@ -74,10 +74,20 @@ class CallRef:
     item_id: str
     task_queue: str
     provider: str
+    # The item's place in the dataset, when the call says it: its row is looked up by
+    # it too, by the (tenant, experiment, seq) key, whatever the planner knows of
+    # the table (by `item_id` alone, a table not yet analysed was read whole).
+    seq: int | None = None
 
     @property
     def args(self) -> tuple[str, str, str, str, str]:
         return (self.tenant_id, self.experiment_id, self.item_id, self.task_queue, self.provider)
+
+    def item_lookup(self) -> tuple[str, tuple[Any, ...]]:
+        """The condition on the item's row `i` beyond its key, and `args` with it."""
+        if self.seq is None:
+            return "", self.args
+        return " and i.seq = $6", (*self.args, self.seq)
 
 
 @dataclass(frozen=True)
@@ -115,17 +125,36 @@ class JudgeCall:
     transcript: dict[str, Any] | None = None
 
 
-async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
-    row = await conn.fetchrow(
-        "select i.seq, i.input, i.expected, i.metadata, e.stop_requested, r.status, r.scores,"
-        " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
-        + _CALL_COLUMNS
-        + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
-        " left join experiment_results r using (tenant_id, experiment_id, item_id)"
-        " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
-        " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = $3",
-        *ref.args,
+TASK_CALL_SQL = (
+    "select i.seq, i.input, i.expected, i.metadata, e.stop_requested, r.status, r.scores,"
+    " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
+    + _CALL_COLUMNS
+    + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
+    " left join experiment_results r using (tenant_id, experiment_id, item_id)"
+    " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
+    " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = $3"
+)
+# A batch's items ($3: their ids; with `BY_SEQS`, $6: their places in the dataset).
+TASK_CALLS_SQL = (
+    "select i.item_id, i.seq, i.input, i.expected, i.metadata, e.stop_requested,"
+    " r.status, r.scores,"
+    " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
+    + _CALL_COLUMNS
+    + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
+    " left join lateral "
+    + RESULT_OF_ITEM.format(
+        columns="status, scores, latency_ms, prompt_tokens, completion_tokens, error_kind"
     )
+    + " on true"
+    " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
+    " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = any($3::text[])"
+)
+BY_SEQS = " and i.seq = any($6::int[])"
+
+
+async def task_call(conn: asyncpg.Connection, ref: CallRef) -> TaskCall | None:
+    by_seq, args = ref.item_lookup()
+    row = await conn.fetchrow(TASK_CALL_SQL + by_seq, *args)
     if row is None:
         return None
     return _task_call(row)
@@ -138,26 +167,21 @@ async def task_calls(
     item_ids: list[str],
     task_queue: str,
     provider: str,
+    seqs: list[int] | None = None,
 ) -> dict[str, TaskCall]:
-    """`task_call` of several items in one query (a batch's); absent ids are missing."""
+    """`task_call` of several items in one query (a batch's); absent ids are missing.
+    `seqs`: the items' places in the dataset, when known: looked up by them, the
+    rows are found by the (tenant, experiment, seq) key whatever the planner knows
+    of the table (by `item_id` alone, a table not yet analysed was read whole, by
+    another index, for every batch)."""
     rows = await conn.fetch(
-        "select i.item_id, i.seq, i.input, i.expected, i.metadata, e.stop_requested,"
-        " r.status, r.scores,"
-        " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
-        + _CALL_COLUMNS
-        + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
-        " left join lateral "
-        + RESULT_OF_ITEM.format(
-            columns="status, scores, latency_ms, prompt_tokens, completion_tokens, error_kind"
-        )
-        + " on true"
-        " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
-        " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = any($3::text[])",
+        TASK_CALLS_SQL + ("" if seqs is None else BY_SEQS),
         tenant_id,
         experiment_id,
         item_ids,
         task_queue,
         provider,
+        *([] if seqs is None else [seqs]),
     )
     return {row["item_id"]: _task_call(row) for row in rows}
 
@@ -177,6 +201,7 @@ def _task_call(row: Any) -> TaskCall:
 
 
 async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None:
+    by_seq, args = ref.item_lookup()
     row = await conn.fetchrow(
         "select i.input, i.expected, r.output, r.scores, r.transcript, e.stop_requested, "
         + _CALL_COLUMNS
@@ -184,8 +209,8 @@ async def judge_call(conn: asyncpg.Connection, ref: CallRef) -> JudgeCall | None
         " using (tenant_id, experiment_id, item_id)"
         " join experiments e using (tenant_id, experiment_id)"
         " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
-        " where r.tenant_id = $1 and r.experiment_id = $2 and r.item_id = $3",
-        *ref.args,
+        " where r.tenant_id = $1 and r.experiment_id = $2 and r.item_id = $3" + by_seq,
+        *args,
     )
     if row is None:
         return None

@@ -14,7 +14,7 @@ import asyncpg
 from konstruct.experiments.models import EvalSummary, ExperimentSummary, LatencyStats, eval_name
 from konstruct.experiments.statistics import EvalEntry, eval_figures
 from konstruct.experiments.store.budgets import status as budget_status
-from konstruct.experiments.store.experiments import StoredSpec
+from konstruct.experiments.store.experiments import RESULT_OF_ITEM, StoredSpec
 from konstruct.experiments.store.lookup import experiment_row
 
 
@@ -34,17 +34,25 @@ async def latency_stats(
     return LatencyStats(p50_ms=round(p[0], 1), p95_ms=round(p[1], 1), p99_ms=round(p[2], 1))
 
 
+EVAL_ENTRIES_SQL = (
+    "select i.base_id, (r.scores->$3->>'score')::float8 as score,"
+    " coalesce((r.scores->$3->>'passed')::boolean, false) as passed"
+    # Each result's item by its (tenant, experiment, seq) key, one lookup each: as a
+    # plain join on a table not yet analysed, every item was read for each result
+    # (`RESULT_OF_ITEM`).
+    " from experiment_results r cross join lateral (select base_id from experiment_items i"
+    " where i.tenant_id = r.tenant_id and i.experiment_id = r.experiment_id"
+    " and i.seq = r.seq and i.item_id = r.item_id offset 0) i"
+    " where r.tenant_id = $1 and r.experiment_id = $2 and r.status = 'ok' and r.scores ? $3"
+)
+
+
 async def eval_entries(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str, name: str
 ) -> list[EvalEntry]:
     """Every `ok` result's entry for the eval `name`, with its dataset item."""
     rows = await conn.fetch(
-        "select i.base_id, (r.scores->$3->>'score')::float8 as score,"
-        " coalesce((r.scores->$3->>'passed')::boolean, false) as passed"
-        " from experiment_results r join experiment_items i"
-        " using (tenant_id, experiment_id, item_id)"
-        " where r.tenant_id = $1 and r.experiment_id = $2 and r.status = 'ok'"
-        " and r.scores ? $3",
+        EVAL_ENTRIES_SQL,
         tenant_id,
         experiment_id,
         name,
@@ -149,14 +157,24 @@ async def spend_figures(
     }
 
 
-_ROWS_QUERY = (
-    "select i.seq, i.item_id, i.base_id, i.epoch, i.input, i.expected, r.status, r.output,"
-    " r.scores, r.latency_ms, r.model, r.provider, r.prompt_tokens, r.completion_tokens,"
-    " r.cost_usd, r.judge_cost_usd, r.cached,"
-    " r.error_kind, r.error from experiment_items i left join experiment_results r"
-    " using (tenant_id, experiment_id, item_id)"
-    " where i.tenant_id = $1 and i.experiment_id = $2 order by i.seq"
+_ROW_COLUMNS = (
+    "status, output, scores, latency_ms, model, provider, prompt_tokens, completion_tokens,"
+    " cost_usd, judge_cost_usd, cached, error_kind, error"
 )
+
+
+def _rows_query(columns: str) -> str:
+    """The experiment's items, each with its result (looked up by key, `RESULT_OF_ITEM`)."""
+    return (
+        "select i.seq, i.item_id, i.base_id, i.epoch, i.input, i.expected, "
+        + ", ".join(f"r.{c.strip()}" for c in columns.split(","))
+        + " from experiment_items i left join lateral "
+        + RESULT_OF_ITEM.format(columns=columns)
+        + " on true where i.tenant_id = $1 and i.experiment_id = $2"
+    )
+
+
+ROWS_SQL = _rows_query(_ROW_COLUMNS) + " order by i.seq"
 
 
 async def item_row(
@@ -164,9 +182,7 @@ async def item_row(
 ) -> asyncpg.Record | None:
     """One item with its result and (an agent's item) its transcript."""
     return await conn.fetchrow(
-        _ROWS_QUERY.replace(", r.error from", ", r.error, r.transcript from").replace(
-            " order by i.seq", " and i.item_id = $3"
-        ),
+        _rows_query(_ROW_COLUMNS + ", transcript") + " and i.item_id = $3",
         tenant_id,
         experiment_id,
         item_id,
@@ -187,6 +203,6 @@ async def experiment_rows(
     conn: asyncpg.Connection, tenant_id: str, experiment_id: str
 ) -> ExperimentRows:
     exp = await experiment_row(conn, tenant_id, experiment_id)
-    rows = await conn.fetch(_ROWS_QUERY, tenant_id, experiment_id)
+    rows = await conn.fetch(ROWS_SQL, tenant_id, experiment_id)
     spend = await spend_figures(conn, tenant_id, experiment_id)
     return ExperimentRows(exp, list(rows), spend)
