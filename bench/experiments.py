@@ -123,11 +123,16 @@ class Bench:
         self.peer: str | None = None
         # The leaky bucket's burst (None: a tenth of a second's calls).
         self.leaky_burst: int | None = None
+        # Each Konstruct run's costliest PostgreSQL statements (pg_stat_statements).
+        self.pg_statements = False
 
     # --- servers ---------------------------------------------------------------
 
     def start(self) -> None:
-        self.pg = EmbeddedPostgres(self.tmp / "pgdata", free_port())
+        profile = ["shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all"]
+        self.pg = EmbeddedPostgres(
+            self.tmp / "pgdata", free_port(), settings=profile if self.pg_statements else ()
+        )
         self.pg.start()
         asyncio.run(self._migrate())
         self.temporal = DevServer.create(self.tmp, db_file=self.tmp / "temporal.db")
@@ -305,6 +310,29 @@ class Bench:
         pids.append(postmaster_pid(self.pg.data_dir))
         return sum(tree_cpu_s(pid) for pid in pids)
 
+    async def costliest_statements(self, top: int = 8) -> dict[str, Any]:
+        """PostgreSQL's execution time over the run, and its costliest statements
+        (nested ones, such as a foreign key's check, counted on their own too)."""
+        async with self.pool.acquire() as conn:
+            total = await conn.fetchrow(
+                "select coalesce(sum(total_exec_time), 0)::float8 as ms,"
+                " coalesce(sum(calls), 0)::int8 as calls from pg_stat_statements"
+                " where toplevel"
+            )
+            rows = await conn.fetch(
+                "select calls, total_exec_time::float8 as ms, left(regexp_replace(query,"
+                " '\\s+', ' ', 'g'), 120) as query from pg_stat_statements"
+                " order by total_exec_time desc limit $1",
+                top,
+            )
+        return {
+            "total_ms": round(total["ms"], 1),
+            "calls": total["calls"],
+            "top": [
+                {"calls": r["calls"], "ms": round(r["ms"], 1), "query": r["query"]} for r in rows
+            ],
+        }
+
     async def sim_counts(self) -> tuple[int, int]:
         stats = await self.sim.model_stats(MODEL)
         return int(stats.get("requests", 0)), throttled(stats)
@@ -327,6 +355,10 @@ class Bench:
     ) -> dict[str, Any]:
         await self.fresh(ceiling, shape)
         ceiling = ceiling or self.ceiling
+        if self.pg_statements:
+            async with self.pool.acquire() as conn:
+                await conn.execute("create extension if not exists pg_stat_statements")
+                await conn.execute("select pg_stat_statements_reset()")
         cpu_before = self.konstruct_cpu_s()
         started = time.time()
         rates: list[tuple[float, float]] = []
@@ -341,7 +373,9 @@ class Bench:
         steady = (len(times) - 1) / (times[-1] - times[0])
         tail = await self.history_after(handle, times[-1])
         counts = Counter(int(t - started) for t in times)
+        statements = await self.costliest_statements() if self.pg_statements else None
         return {
+            **({"pg_statements": statements} if statements is not None else {}),
             "runner": "konstruct",
             "items": n,
             "total_s": round(total, 1),
@@ -994,6 +1028,11 @@ def main() -> None:
         help="the leaky bucket's burst in calls (default: a tenth of a second's, 10 at 100 req/s)",
     )
     parser.add_argument("--keep-logs", type=Path, help="copy the servers' and workers' logs here")
+    parser.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="record each Konstruct run's costliest PostgreSQL statements (pg_stat_statements)",
+    )
     args = parser.parse_args()
     for shape in (args.shape or "").split(","):
         if shape and shape not in SHAPES:
@@ -1015,6 +1054,7 @@ def main() -> None:
         bench.max_concurrency = args.max_concurrency or 60
         bench.peer = args.peer
         bench.leaky_burst = args.leaky_burst
+        bench.pg_statements = args.pg_statements
         bench.start()
         try:
             if args.scenario:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from konstruct.app.processes import kill_with_parent, listens_on, port_in_use, wait_for_port
@@ -46,10 +47,18 @@ def _run_as() -> str | None:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path, port: int, database: str = "konstruct") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        database: str = "konstruct",
+        settings: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.database = database
+        # Server settings beyond ours, `name=value` each (a bench's profiling, say).
+        self.settings = list(settings)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir.parent / "postgres.log"
 
@@ -124,6 +133,7 @@ class EmbeddedPostgres:
                 "max_connections=300",
                 "-c",
                 "fsync=on",
+                *[arg for setting in self.settings for arg in ("-c", setting)],
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
