@@ -34,11 +34,12 @@ _INSERT_BATCH = 2000
 # it a probe per item instead of hashing every result of the experiment (which
 # grows with it: 20 ms a page at 100,000 items, against 3 ms).
 # An item's result row, if any. The result's `seq` is its item's: matched too, the
-# lookup is exact on either index of the table. Matched on `item_id` alone, the
-# planner of a table not yet analysed (every new experiment's) took the
-# (tenant, experiment, seq) index and read every result of the experiment for each
-# item: the last pass over 3,000 items read 2.8 million buffers and took 1.2 s,
-# each batch's lookup grew with the results stored, O(n^2) over a run.
+# lookup is exact whichever index the planner takes. Matched on `item_id` alone,
+# the planner of a table not yet analysed (every new experiment's) took the
+# (tenant, experiment, seq) index (dropped since, migration 019) and read every
+# result of the experiment for each item: the last pass over 3,000 items read 2.8
+# million buffers and took 1.2 s; each batch's lookup grew with the results
+# stored, O(n^2) over a run.
 RESULT_OF_ITEM = (
     "(select {columns} from experiment_results r where r.tenant_id = i.tenant_id"
     " and r.experiment_id = i.experiment_id and r.seq = i.seq and r.item_id = i.item_id"
