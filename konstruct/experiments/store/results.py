@@ -125,17 +125,9 @@ class JudgeCall:
     transcript: dict[str, Any] | None = None
 
 
-TASK_CALL_SQL = (
-    "select i.seq, i.input, i.expected, i.metadata, e.stop_requested, r.status, r.scores,"
-    " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
-    + _CALL_COLUMNS
-    + " from experiment_items i join experiments e using (tenant_id, experiment_id)"
-    " left join experiment_results r using (tenant_id, experiment_id, item_id)"
-    " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
-    " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = $3"
-)
-# A batch's items ($3: their ids; with `BY_SEQS`, $6: their places in the dataset).
-TASK_CALLS_SQL = (
+# An item's task call with its result and the provider's breaker ($4, $5); the
+# item is chosen by `TASK_CALL_SQL` or `TASK_CALLS_SQL`.
+_TASK_CALL_ROWS = (
     "select i.item_id, i.seq, i.input, i.expected, i.metadata, e.stop_requested,"
     " r.status, r.scores,"
     " r.latency_ms, r.prompt_tokens, r.completion_tokens, r.error_kind, "
@@ -147,8 +139,12 @@ TASK_CALLS_SQL = (
     )
     + " on true"
     " left join provider_breakers b on b.task_queue = $4 and b.provider = $5"
-    " where i.tenant_id = $1 and i.experiment_id = $2 and i.item_id = any($3::text[])"
+    " where i.tenant_id = $1 and i.experiment_id = $2"
 )
+# One item ($3: its id; with `CallRef.item_lookup`, $6: its place in the dataset).
+TASK_CALL_SQL = _TASK_CALL_ROWS + " and i.item_id = $3"
+# A batch's items ($3: their ids; with `BY_SEQS`, $6: their places in the dataset).
+TASK_CALLS_SQL = _TASK_CALL_ROWS + " and i.item_id = any($3::text[])"
 BY_SEQS = " and i.seq = any($6::int[])"
 
 
