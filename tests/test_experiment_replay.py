@@ -48,16 +48,17 @@ async def uncached_worker(
     router_config = load_router_config(settings.path(settings.llm.router_config))
     pool = await db.create_pool(db.app_url(settings), max_size=10)
     acts = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
-    no_cache = Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[Experiment],
-        activities=acts.all(),
-        max_cached_workflows=0,
-    )
     try:
-        async with provider_workers(client, settings, task_queue, pool, router_config), no_cache:
-            yield pool
+        async with provider_workers(client, settings, task_queue, pool, router_config) as providers:
+            no_cache = Worker(
+                client,
+                task_queue=task_queue,
+                workflows=[Experiment],
+                activities=[*acts.all(), *providers.on_main_queue],
+                max_cached_workflows=0,
+            )
+            async with no_cache:
+                yield pool
     finally:
         await pool.close()
 

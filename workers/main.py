@@ -111,12 +111,17 @@ async def build_worker(
     queue = task_queue or settings.temporal.task_queue
     try:
         # Experiment calls run on one rate-limited queue per provider, beside this one.
-        async with provider_workers(client, settings, queue, pool, router_config, router):
+        async with provider_workers(
+            client, settings, queue, pool, router_config, router
+        ) as providers:
             yield Worker(
                 client,
                 task_queue=queue,
                 workflows=WORKFLOWS,
-                activities=_activities(pool, router, router_config, settings),
+                activities=[
+                    *_activities(pool, router, router_config, settings),
+                    *providers.on_main_queue,
+                ],
                 max_concurrent_activities=settings.worker.max_concurrent_activities,
                 max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
                 max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,

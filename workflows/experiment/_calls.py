@@ -43,17 +43,24 @@ class Calls(ExperimentState):
         batch: bool = False,
         long: bool = False,
     ) -> tuple[Any, str]:
-        """`batch`: on the provider's batch queue; `batch` or `long` (an agent's item,
-        many calls): as long as a batch may take, kept alive by its heartbeats."""
+        """`batch`: on the workflow's own queue (its worker starts it at once), or the
+        provider's batch queue in runs recorded before `BATCHES_ON_WORKFLOW_QUEUE`;
+        `batch` or `long` (an agent's item, many calls): as long as a batch may
+        take, kept alive by its heartbeats."""
         assert self._input is not None
         o = self._input.options
         self._dispatched += 1
         activity_id = f"{key}#{self._dispatched}"
-        queue = ProviderQueue(workflow.info().task_queue, provider)
+        own = workflow.info().task_queue
+        queue = ProviderQueue(own, provider)
+        if not batch:
+            task_queue = queue.name
+        else:
+            task_queue = own if self._batches_on_own_queue else queue.batch_name
         handle = workflow.start_activity_method(
             method,
             arg,
-            task_queue=queue.batch_name if batch else queue.name,
+            task_queue=task_queue,
             start_to_close_timeout=BATCH_TIMEOUT
             if batch or long
             else timedelta(seconds=o.call_timeout_s),

@@ -37,6 +37,12 @@ class Dispatching(Batching):
         dispatched = 0
         outcome = "again"
         upcoming: Any = None
+        if self._batching and self._batches_on_own_queue:
+            # Whether an item goes in a batch follows the provider's rate, which the
+            # monitor's first sample of the run brings: items dispatched before it went
+            # one by one (a run continued as new every 10 activities on a loaded
+            # machine: 100 single calls and 4 batches for 120 items).
+            await workflow.wait_condition(lambda: self._monitor_tries > 0 or self._stop_requested)
         while outcome == "again":
             if upcoming is not None:
                 page: PendingPage = await upcoming

@@ -40,6 +40,7 @@ class Monitoring(Publishing):
                 )
             except (ActivityError, ApplicationError):
                 sample = None  # the database is away: keep the last known state
+            self._monitor_tries += 1
             if sample is not None:
                 self._absorb(sample)
                 # A breaker's pause, and the run again once it closes.

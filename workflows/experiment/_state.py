@@ -45,6 +45,8 @@ class ExperimentState:
         self._dispatched = 0
         self._done_this_run = 0
         self._monitor: MonitorResult | None = None
+        # The monitor's samples tried this run, whether or not one came back.
+        self._monitor_tries = 0
         self._providers: list[ProviderProgress] = []
         self._items_per_s = 0.0
         self._last_sample: tuple[float, int] | None = None
@@ -63,4 +65,6 @@ class ExperimentState:
         self._batching = False
         # Batches that fit in `max_concurrency` at once (set once per run).
         self._batches_in_flight = BATCHES_IN_FLIGHT_BEFORE
+        # Batches on the workflow's own queue (`BATCHES_ON_WORKFLOW_QUEUE`; set once per run).
+        self._batches_on_own_queue = False
         self._calls_this_run = 0

@@ -20,6 +20,7 @@ from workflows.experiment._monitor import Monitoring
 from workflows.experiment._options import (
     BATCH_CALLS,
     BATCHES_IN_FLIGHT,
+    BATCHES_ON_WORKFLOW_QUEUE,
     DB_RETRY_POLICY,
     FEWER_LARGER_BATCHES,
     FINALIZE_TIMEOUT,
@@ -82,6 +83,7 @@ class Experiment(Dispatching, Monitoring):
         self._batching = workflow.patched(BATCH_CALLS)
         if workflow.patched(FEWER_LARGER_BATCHES):
             self._batches_in_flight = BATCHES_IN_FLIGHT
+        self._batches_on_own_queue = workflow.patched(BATCHES_ON_WORKFLOW_QUEUE)
         workflow.upsert_search_attributes(
             [
                 TENANT.value_set(inp.tenant_id),
