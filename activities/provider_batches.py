@@ -53,6 +53,7 @@ from konstruct.providers.adapter import (
     AnnouncedLimits,
     Completion,
     ProviderFailure,
+    call_error,
     classify,
     complete_on,
 )
@@ -464,6 +465,16 @@ class ProviderBatchActivities:
                 item_id=item.item_id,
                 status="quota",
                 message=f"provider {provider!r} quota exceeded: {failure.message}",
+            )
+        if failure.posture == "failed":
+            # One of the item's attempts: the single path makes the rest, if any.
+            error = call_error(provider, failure)
+            return BatchItemResult(
+                item_id=item.item_id,
+                status="retry",
+                retry_in_s=retry_in,
+                failed_kind=error.type,
+                message=error.message,
             )
         return BatchItemResult(item_id=item.item_id, status="retry", retry_in_s=retry_in)
 

@@ -86,6 +86,26 @@ async def test_items_go_in_batches_at_a_high_rate_with_one_result_each(
     assert progress.run_index >= 1 and progress.evaluated == 120
 
 
+async def test_a_batched_call_that_fails_is_one_of_the_items_attempts(
+    client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
+) -> None:
+    # Four items at one attempt each: four calls, under the breaker's threshold of
+    # five. Before, a batch's failed call handed the item to the single path, which
+    # made its own attempt: eight calls, and the breaker opened.
+    await sim.set_profile(FAST, error_rate=1)
+    before = (await sim.model_stats(FAST))["requests"]
+    body = experiment(4, max_concurrency=8, options={**BATCHED, "max_attempts": 1})
+    handle = await start(client, worker, body)
+    result: ExperimentResult = await handle.result()
+    await sim.set_profile(FAST, error_rate=0)
+    assert result.summary.failed == 4 and result.summary.completed == 0
+    assert (await sim.model_stats(FAST))["requests"] - before == 4
+    kinds = await task_activities(handle)
+    assert kinds["experiment_run_batch"] >= 1 and kinds["experiment_run_item"] == 0, kinds
+    rows = await results(app_pool, body["experiment_id"])
+    assert len(rows) == 4 and all(r["error"].startswith("call to ") for r in rows), rows
+
+
 async def test_a_limit_that_falls_mid_batch_hands_refused_items_to_single_calls(
     client: Client, worker: str, sim: SimulatorAdmin, app_pool: asyncpg.Pool
 ) -> None:

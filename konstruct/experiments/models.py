@@ -558,6 +558,10 @@ class BatchItemResult(CallCost):
     fresh: bool = True
     retry_in_s: float = 0.0
     message: str | None = None
+    # A `retry` whose call was made and failed (not a 429, not held back): the
+    # failure's kind, and `message` its words. That call was one of the item's
+    # `max_attempts`.
+    failed_kind: str | None = None
 
 
 class RunBatchResult(StrictModel):

@@ -98,7 +98,12 @@ class Batching(ItemRunning):
                 item = by_id[r.item_id]
                 if r.status == "retry":
                     handed_over.add(item.item_id)
-                    asyncio.create_task(self._run_item(item, delay_s=r.retry_in_s))
+                    failed = None
+                    if r.failed_kind is not None and self._batch_failures_count:
+                        failed = (r.failed_kind, r.message or r.failed_kind)
+                    asyncio.create_task(
+                        self._run_item(item, delay_s=r.retry_in_s, failed_once=failed)
+                    )
                 elif r.status == "quota":
                     self._quota_spent(r.message or f"provider {provider!r} quota exceeded")
                 elif r.status == "budget":

@@ -24,15 +24,22 @@ with workflow.unsafe.imports_passed_through():
 
 
 class Calls(ExperimentState):
-    def _retry_policy(self) -> RetryPolicy:
+    def _retry_policy(self, attempts_spent: int = 0) -> RetryPolicy:
+        """`attempts_spent`: attempts the item already made elsewhere (a batch's call)."""
         assert self._input is not None
         o = self._input.options
         return RetryPolicy(
             initial_interval=timedelta(seconds=o.retry_initial_s),
             backoff_coefficient=2.0,
             maximum_interval=timedelta(seconds=o.retry_max_s),
-            maximum_attempts=o.max_attempts,
+            maximum_attempts=max(1, o.max_attempts - attempts_spent) if o.max_attempts else 0,
         )
+
+    def _attempts_left(self, attempts_spent: int) -> bool:
+        """Whether an item that made `attempts_spent` attempts may make another."""
+        assert self._input is not None
+        limit = self._input.options.max_attempts
+        return limit == 0 or attempts_spent < limit
 
     def _start_call(
         self,
@@ -42,6 +49,7 @@ class Calls(ExperimentState):
         key: str,
         batch: bool = False,
         long: bool = False,
+        attempts_spent: int = 0,
     ) -> tuple[Any, str]:
         """`batch`: on the workflow's own queue (its worker starts it at once), or the
         provider's batch queue in runs recorded before `BATCHES_ON_WORKFLOW_QUEUE`;
@@ -65,7 +73,7 @@ class Calls(ExperimentState):
             if batch or long
             else timedelta(seconds=o.call_timeout_s),
             heartbeat_timeout=timedelta(seconds=o.heartbeat_timeout_s),
-            retry_policy=self._retry_policy(),
+            retry_policy=self._retry_policy(attempts_spent),
             activity_id=activity_id,
             # A stop cancels only calls still waiting for capacity; wait for the answer.
             cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,

@@ -37,17 +37,27 @@ with workflow.unsafe.imports_passed_through():
 
 
 class ItemRunning(Toggles):
-    async def _run_item(self, item: PendingItem, delay_s: float = 0.0) -> None:
+    async def _run_item(
+        self,
+        item: PendingItem,
+        delay_s: float = 0.0,
+        failed_once: tuple[str, str] | None = None,
+    ) -> None:
         """One item on the single-call path: its task call (after `delay_s`, a
-        batch's Retry-After), then its judges."""
+        batch's Retry-After), then its judges. `failed_once`: a batch's call of the
+        item failed so (kind, message), one of its `max_attempts` spent."""
         keys: list[str] = []
         task_done = not item.needs_task
+        spent = 0 if failed_once is None else 1
         try:
+            if item.needs_task and failed_once is not None and not self._attempts_left(spent):
+                await self._record_failure(item, *failed_once, task_done=False)
+                return
             if delay_s > 0 and await self._stopped_within(delay_s):
                 return  # still pending: a resume runs it
             missing = item.missing_evals
             if item.needs_task:
-                result = await self._call_task(item, keys)
+                result = await self._call_task(item, keys, spent)
                 if result.status == "failed":
                     self._count_done(failed=True)
                     return
@@ -74,7 +84,9 @@ class ItemRunning(Toggles):
             pass
         return self._stop_requested
 
-    async def _call_task(self, item: PendingItem, keys: list[str]) -> RunItemResult:
+    async def _call_task(
+        self, item: PendingItem, keys: list[str], attempts_spent: int = 0
+    ) -> RunItemResult:
         assert self._carry is not None and self._input is not None
         route = pick_route(self._carry.prepared.task_routes, item.item_id)
         agent = self._input.task.agent is not None
@@ -86,6 +98,7 @@ class ItemRunning(Toggles):
             route.provider,
             f"task:{item.item_id}",
             long=agent,
+            attempts_spent=attempts_spent,
         )
         keys.append(key)
         result: RunItemResult = await handle
@@ -116,6 +129,14 @@ class ItemRunning(Toggles):
             self._quota_spent(cause.message, paused.pause_kind)
             return
         kind = cause.type if isinstance(cause, ApplicationError) and cause.type else "Error"
+        await self._record_failure(item, kind, str(cause or err), task_done)
+
+    async def _record_failure(
+        self, item: PendingItem, kind: str, error: str, task_done: bool
+    ) -> None:
+        """The item's failure in PostgreSQL, and counted; or, if it cannot be
+        recorded, left without a result for the count at the end."""
+        assert self._input is not None
         try:
             recorded: bool = await db_call(
                 ExperimentActivities.record_failure,
@@ -124,15 +145,15 @@ class ItemRunning(Toggles):
                     experiment_id=self._input.experiment_id,
                     item_id=item.item_id,
                     error_kind=kind,
-                    error=str(cause or err),
+                    error=error,
                 ),
             )
         except ActivityError as unrecordable:
-            recorded, cause = False, unrecordable.cause or unrecordable
+            recorded, error = False, str(unrecordable.cause or unrecordable)
         if not recorded:
             # Nothing holds this item's failure, so it is counted nowhere: it stays
             # without a result and the count at the end finds it.
-            self._unrecorded = f"item {item.item_id!r} failed and could not be recorded: {cause}"
+            self._unrecorded = f"item {item.item_id!r} failed and could not be recorded: {error}"
             return
         # A judge that gave up leaves the item scored without it.
         self._count_done(failed=not task_done)

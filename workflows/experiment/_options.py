@@ -74,6 +74,12 @@ BATCHES_IN_FLIGHT_BEFORE = 8
 # it also dispatch a pass's first items once the monitor's first sample of the run
 # is in (or failed), so that they go in batches when the provider's rate says so.
 BATCHES_ON_WORKFLOW_QUEUE = "batches-on-the-workflow-queue"
+# Patch marker: runs after it count a batch's failed call (not a 429) as one of the
+# item's `max_attempts`: the single path makes the rest, and with none left the
+# failure is recorded as it is. Before, a batched item could be called
+# `max_attempts` + 1 times (4 items at `max_attempts` 1 against a failing provider:
+# 8 failed calls, and the breaker opened at its fifth).
+FAILED_BATCH_CALL_IS_AN_ATTEMPT = "a-failed-batch-call-is-an-attempt"
 # No local activities here: the monitor, the dispatch loop and failing items run
 # concurrently, and concurrent local activities resolve in completion order when
 # first run but in sequence order on replay (a behaviour of the Python SDK), which

@@ -67,4 +67,6 @@ class ExperimentState:
         self._batches_in_flight = BATCHES_IN_FLIGHT_BEFORE
         # Batches on the workflow's own queue (`BATCHES_ON_WORKFLOW_QUEUE`; set once per run).
         self._batches_on_own_queue = False
+        # A batch's failed call counts as an attempt (`FAILED_BATCH_CALL_IS_AN_ATTEMPT`).
+        self._batch_failures_count = False
         self._calls_this_run = 0

@@ -22,6 +22,7 @@ from workflows.experiment._options import (
     BATCHES_IN_FLIGHT,
     BATCHES_ON_WORKFLOW_QUEUE,
     DB_RETRY_POLICY,
+    FAILED_BATCH_CALL_IS_AN_ATTEMPT,
     FEWER_LARGER_BATCHES,
     FINALIZE_TIMEOUT,
     PREPARE_HEARTBEAT,
@@ -84,6 +85,7 @@ class Experiment(Dispatching, Monitoring):
         if workflow.patched(FEWER_LARGER_BATCHES):
             self._batches_in_flight = BATCHES_IN_FLIGHT
         self._batches_on_own_queue = workflow.patched(BATCHES_ON_WORKFLOW_QUEUE)
+        self._batch_failures_count = workflow.patched(FAILED_BATCH_CALL_IS_AN_ATTEMPT)
         workflow.upsert_search_attributes(
             [
                 TENANT.value_set(inp.tenant_id),
