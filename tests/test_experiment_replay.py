@@ -49,12 +49,14 @@ async def uncached_worker(
     pool = await db.create_pool(db.app_url(settings), max_size=10)
     acts = ExperimentActivities(pool, router_config, settings.experiments, settings.base_dir)
     try:
-        async with provider_workers(client, settings, task_queue, pool, router_config) as providers:
+        async with provider_workers(
+            client, settings, task_queue, pool, router_config
+        ) as on_main_queue:
             no_cache = Worker(
                 client,
                 task_queue=task_queue,
                 workflows=[Experiment],
-                activities=[*acts.all(), *providers.on_main_queue],
+                activities=[*acts.all(), *on_main_queue],
                 max_cached_workflows=0,
             )
             async with no_cache:

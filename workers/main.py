@@ -113,14 +113,14 @@ async def build_worker(
         # Experiment calls run on one rate-limited queue per provider, beside this one.
         async with provider_workers(
             client, settings, queue, pool, router_config, router
-        ) as providers:
+        ) as on_main_queue:
             yield Worker(
                 client,
                 task_queue=queue,
                 workflows=WORKFLOWS,
                 activities=[
                     *_activities(pool, router, router_config, settings),
-                    *providers.on_main_queue,
+                    *on_main_queue,
                 ],
                 max_concurrent_activities=settings.worker.max_concurrent_activities,
                 max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,

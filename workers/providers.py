@@ -1,6 +1,6 @@
 """Two Workers per provider: its rate-limited task queue, and its batch queue (the
 batches of runs recorded before `BATCHES_ON_WORKFLOW_QUEUE`; later runs schedule
-theirs on the workflow's own queue, whose Worker runs `ProviderWorkers.on_main_queue`).
+theirs on the workflow's own queue, whose Worker runs what `provider_workers` yields).
 
 The Temporal server dispatches each `ProviderQueue(task_queue, provider)` at the provider's
 adaptive rate, summed over every worker process; this module also keeps the
@@ -16,7 +16,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -43,16 +42,6 @@ _REPUSH_EVERY_S = 10.0
 _SYNC_EVERY_S = 1.0
 
 
-@dataclass(frozen=True)
-class ProviderWorkers:
-    """The provider queues' Workers, and the activities the main queue's Worker runs
-    too: an Experiment's batches, started by the worker that schedules them
-    (Temporal's eager activity dispatch) instead of waiting for the server's matching."""
-
-    workers: list[Worker]
-    on_main_queue: list[Callable[..., Any]]
-
-
 @asynccontextmanager
 async def provider_workers(
     client: Client,
@@ -61,9 +50,12 @@ async def provider_workers(
     pool: asyncpg.Pool,
     router_config: RouterConfig,
     router: Any = None,
-) -> AsyncIterator[ProviderWorkers]:
-    """`router`: what an agent item's `knowledge_search` embeds its query with (its
-    model calls go through the provider pipeline, not the Router)."""
+) -> AsyncIterator[list[Callable[..., Any]]]:
+    """Runs the provider queues' Workers; yields the activities the main queue's
+    Worker runs too: an Experiment's batches, started by the worker that schedules
+    them (Temporal's eager activity dispatch) instead of waiting for the server's
+    matching. `router`: what an agent item's `knowledge_search` embeds its query
+    with (its model calls go through the provider pipeline, not the Router)."""
     calls = ProviderCallActivities(pool, router_config, settings.experiments, task_queue)
     batches = ProviderBatchActivities(calls)
     agent_items = AgentItemActivities(
@@ -114,7 +106,7 @@ async def provider_workers(
         async with contextlib.AsyncExitStack() as stack:
             for worker in workers:
                 await stack.enter_async_context(worker)
-            yield ProviderWorkers(workers, [batches.run_batch])
+            yield [batches.run_batch]
     finally:
         sync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
