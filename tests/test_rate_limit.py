@@ -335,6 +335,45 @@ def test_a_429_storm_on_a_loaded_worker_still_lowers_the_ceiling() -> None:
     assert cut.ceiling == 12.0 and cut.rate == 12.0 * MEASURED.headroom
 
 
+def test_a_young_window_that_met_a_full_bucket_halves_and_does_not_measure_it() -> None:
+    # A leaky bucket of 100 req/s (no Retry-After), the rate just cut from 137 to
+    # 98.9: in the window's first 0.6 s 10 calls were taken and 11 refused (the
+    # bucket the old rate filled). 16.6 a second is no measure of the limit; it was
+    # taken as one (98.9 -> 16.1 req/s for 2.5 s of a bench run). Halve instead.
+    state = AimdState(
+        rate=98.93,
+        changed_at=0.0,
+        ok_since_change=10,
+        throttled_since_change=10,
+        slow_start=False,
+        last_decrease_at=0.0,
+    )
+    cut = on_throttled(state, 0.6, None, MEASURED)
+    assert cut.ceiling is None and cut.rate == 98.93 * MEASURED.decrease_factor
+    # With the provider's Retry-After, refused calls wait it out: a short queue is
+    # the provider's doing, and what it took is its limit (as before).
+    told = on_throttled(state, 0.6, 0.5, MEASURED)
+    assert told.ceiling is not None and told.rate < 20.0
+
+
+def test_a_lone_429_while_fewer_calls_came_than_the_rate_learns_what_flowed() -> None:
+    # Nothing learned yet; the rate drifted to 149 while the experiment's slots let
+    # 94 a second through; the provider (a leaky bucket of 100) refused one. What
+    # flowed is about its limit: it becomes the ceiling, and the next lone 429
+    # under it cuts nothing (before: each such 429 halved the rate, with nothing
+    # learned, into a sawtooth between ~67 and ~150).
+    state = AimdState(rate=148.93, changed_at=0.0, ok_since_change=172, slow_start=False)
+    cut = on_throttled(state, 1.84, None, MEASURED)
+    assert cut.ceiling is not None and 93.0 < cut.ceiling < 94.0
+    assert cut.rate == cut.ceiling * MEASURED.headroom
+    later = replace(cut, ok_since_change=180, changed_at=cut.changed_at)
+    again = on_throttled(later, cut.changed_at + 2.0, None, MEASURED)
+    assert (again.rate, again.ceiling) == (cut.rate, cut.ceiling)
+    # Too few calls to measure: halved as before, nothing learned.
+    few = on_throttled(replace(state, ok_since_change=5), 0.6, None, MEASURED)
+    assert few.ceiling is None and few.rate == 148.93 * MEASURED.decrease_factor
+
+
 def test_the_first_429_ends_slow_start_so_refusals_do_not_come_in_a_sawtooth() -> None:
     # A 429 with nothing measured halves the rate and learns no ceiling; the
     # climb after it is additive (probe_cap), not doubling per half second again.

@@ -236,11 +236,12 @@ def on_throttled(
     if state.ceiling is not None and counted.ok_since_change < config.min_measure_ok:
         measured = None  # a handful of calls measures noise, not a move of the ceiling
     answered = counted.ok_since_change + counted.throttled_since_change
-    saturated = measured is not None and (
-        offered_rate(counted, now) >= config.min_offered * state.rate
-        or counted.throttled_since_change >= config.min_refused_share * answered
+    offered = offered_rate(counted, now) >= config.min_offered * state.rate
+    starved = (
+        counted.throttled_since_change >= config.min_refused_share * answered
         or counted.throttled_since_change >= config.min_refused_calls
     )
+    saturated = measured is not None and (offered or starved)
     ceiling: float | None
     if not config.decrease_to_measured:
         ceiling = measured if measured is not None else state.rate
@@ -253,12 +254,28 @@ def on_throttled(
         # slow start's first loss; the next 429 measures the limit, the burst spent.
         ceiling = None
         rate = state.rate * config.decrease_factor
-    elif saturated and measured is not None and measured < state.rate * config.headroom:
-        # Calls came at about the rate and the provider took only `measured` a
-        # second of them: that is its ceiling now. Straight under it stops the
-        # 429s at once, where halving would lose throughput or take steps.
+    elif (
+        saturated
+        and measured is not None
+        and measured < state.rate * config.headroom
+        and (
+            offered or retry_after_s is not None or measured >= state.rate * config.decrease_factor
+        )
+    ):
+        # Calls came at about the rate (or the provider's Retry-After kept the
+        # refused ones away) and the provider took only `measured` a second of them:
+        # that is its ceiling now. Straight under it stops the 429s at once, where
+        # halving would lose throughput or take steps.
         ceiling = measured
         rate = measured * config.headroom
+    elif saturated and measured is not None and measured < state.rate * config.decrease_factor:
+        # Most answers refused while calls came at well under the rate, and no
+        # Retry-After: a young window that met what the last rate left in the
+        # provider's bucket measures too little (a leaky bucket of 100 req/s read as
+        # 16.6 at 98.9 req/s: 10 taken and 11 refused in its first 0.6 s). Halve, as
+        # with nothing known; the next window measures the limit.
+        ceiling = None
+        rate = state.rate * config.decrease_factor
     elif state.ceiling is not None:
         # No news about the limit: too soon after a change or too few calls to
         # measure, the queue ran short, or the provider took about all that was
@@ -288,8 +305,21 @@ def on_throttled(
         # The first climb met the limit right at the rate: that is the ceiling.
         ceiling = state.rate
         rate = state.rate * config.headroom
+    elif (
+        measured is not None
+        and counted.ok_since_change >= config.min_measure_ok
+        and measured * config.headroom >= state.rate * config.decrease_factor
+    ):
+        # Nothing known yet, and the rate ran ahead of the calls (fewer came: the
+        # experiment's slots held them back): the provider refused one while taking
+        # `measured` a second, about its limit. That is its ceiling now, so that the
+        # next lone 429 under it cuts nothing. Halving instead, with nothing learned,
+        # made a sawtooth on a leaky bucket of 100 req/s: each lone 429 halved a rate
+        # that had drifted to 130-190 while 88-98 flowed, to 67-96 for 2.5 s.
+        ceiling = measured
+        rate = measured * config.headroom
     else:
-        # Nothing known yet: halve, but not below what the provider was seen to take.
+        # Nothing known yet, too little measured: halve.
         ceiling = None
         rate = max(state.rate * config.decrease_factor, (measured or 0.0) * config.headroom)
     rate = _clamp(rate, config)
