@@ -16,7 +16,7 @@ from temporalio import activity
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.service import RPCError
 
-from activities.base import ActivityClass
+from activities.base import ActivityClass, heartbeating
 from konstruct.agents.store.agents import select_agent
 from konstruct.config import ExperimentSettings
 from konstruct.experiments import models as models
@@ -310,7 +310,12 @@ class ExperimentActivities(ActivityClass):
 
     @activity.defn(name="experiment_finalize")
     async def finalize(self, input: models.FinalizeInput) -> models.ExperimentSummary:
-        """The summary, stored on the experiment and recorded as a registry run (once)."""
+        """The summary, stored on the experiment and recorded as a registry run (once).
+        Heartbeats while it runs: an attempt whose answer never reached the server is
+        retried within the heartbeat timeout, not the two minutes of its own."""
+        return await heartbeating(self._finalize(input), self.settings.heartbeat_every_s)
+
+    async def _finalize(self, input: models.FinalizeInput) -> models.ExperimentSummary:
         run_id = registry_run_id(input.tenant_id, input.experiment_id)
         async with tenant_transaction(self.pool, input.tenant_id) as conn:
             # Nothing is in flight any more: give back what dead workers' calls held.

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from temporalio import workflow
+from temporalio.api.enums.v1 import PendingActivityState, TimeoutType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -24,8 +25,10 @@ from temporalio.worker import Worker
 
 from konstruct.app.cli import main as cli_main
 from konstruct.app.embedded_pg import EmbeddedPostgres
+from konstruct.config import Settings
 from konstruct.experiments.models import ExperimentProgress, ExperimentResult, ToggleInput
 from konstruct.experiments.store.analysis import load_experiment
+from konstruct.platform import db
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.naming import provider_queue
 from konstruct.platform.temporal.search_attributes import STATUS
@@ -631,6 +634,58 @@ async def test_kill_9_of_a_worker_loses_and_duplicates_nothing(
     rows = await results(app_pool, body["experiment_id"])
     assert len(rows) == 40 and len({r["item_id"] for r in rows}) == 40
     assert_called_once_unless_unstored(await calls_by_item(relay.sim, body), stored)
+
+
+async def test_a_summary_lost_with_its_worker_is_made_again_at_its_heartbeat_timeout(
+    client: Client, relay: WorkerRelay, task_queue: str, settings: Settings
+) -> None:
+    # The summary's registry run cannot be written while the table is locked: the
+    # first worker's `experiment_finalize` waits there, started, when it is killed.
+    # The server notices the missing heartbeats and the second worker makes the
+    # summary. Before, nothing noticed for the activity's two minutes (the chaos
+    # soak, once the dev server was killed while a summary was being made: 180 s).
+    body = experiment(4, max_concurrency=4)
+    owner = await asyncpg.connect(db.owner_url(settings))
+    try:
+        locked = owner.transaction()
+        await locked.start()
+        await owner.execute("lock table registry_runs in exclusive mode")
+        await relay.start_slow(FAST, latency_ms=20)
+        handle = await start(client, task_queue, body)
+        for _ in range(1200):
+            pending = (await handle.describe()).raw_description.pending_activities
+            if any(
+                a.activity_type.name == "experiment_finalize"
+                and a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+                for a in pending
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the summary never started")
+        await relay.kill_first()
+        await locked.rollback()
+    finally:
+        await owner.close()
+    await relay.take_over(latency_ms=20)
+    result: ExperimentResult = await handle.result()
+    assert result.summary.completed == 4 and result.summary.registry_run_id
+    finalize = None
+    async for event in handle.fetch_history_events():
+        scheduled = event.activity_task_scheduled_event_attributes
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            if scheduled.activity_type.name == "experiment_finalize":
+                finalize = event.event_id
+        elif event.HasField("activity_task_started_event_attributes"):
+            started = event.activity_task_started_event_attributes
+            if started.scheduled_event_id == finalize:
+                break
+    else:
+        pytest.fail("no summary started in the history")
+    # The attempt that made it started after the first one's heartbeat timed out.
+    assert started.attempt >= 2, started
+    timeout = started.last_failure.timeout_failure_info.timeout_type
+    assert timeout == TimeoutType.TIMEOUT_TYPE_HEARTBEAT, started.last_failure
 
 
 async def test_cli_start_watch_and_a_refused_stop(

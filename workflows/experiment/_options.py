@@ -24,6 +24,11 @@ PREPARE_HEARTBEAT = timedelta(seconds=10)
 DB_TIMEOUT = timedelta(seconds=10)
 MONITOR_TIMEOUT = timedelta(seconds=5)
 FINALIZE_TIMEOUT = timedelta(minutes=2)
+# The summary heartbeats: an attempt lost with its worker or with the dev server's
+# restart is retried after this, not after FINALIZE_TIMEOUT (the chaos soak: a
+# finalize STARTED when the server was killed stayed so for its two minutes, and
+# the soak took 180 s instead of 70).
+FINALIZE_HEARTBEAT = timedelta(seconds=10)
 # Our errors (InvalidInput, NotFound, ExperimentStopped) arrive marked
 # non-retryable by the worker's interceptor: no list of type names here.
 DB_RETRY_POLICY = RetryPolicy(

@@ -24,6 +24,7 @@ from workflows.experiment._options import (
     DB_RETRY_POLICY,
     FAILED_BATCH_CALL_IS_AN_ATTEMPT,
     FEWER_LARGER_BATCHES,
+    FINALIZE_HEARTBEAT,
     FINALIZE_TIMEOUT,
     PREPARE_HEARTBEAT,
     PREPARE_TIMEOUT,
@@ -192,6 +193,7 @@ class Experiment(Dispatching, Monitoring):
                 },
             ),
             start_to_close_timeout=FINALIZE_TIMEOUT,
+            heartbeat_timeout=FINALIZE_HEARTBEAT,
             retry_policy=DB_RETRY_POLICY,
         )
         return summary
