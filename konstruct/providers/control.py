@@ -319,7 +319,9 @@ def on_throttled(
         ceiling = measured
         rate = measured * config.headroom
     else:
-        # Nothing known yet, too little measured: halve.
+        # Nothing known yet and too little measured to learn from (under 10
+        # successes, or the provider took under half the rate): halve, but not below
+        # what the provider was seen to take.
         ceiling = None
         rate = max(state.rate * config.decrease_factor, (measured or 0.0) * config.headroom)
     rate = _clamp(rate, config)
