@@ -41,6 +41,8 @@ from tests.support import (
 from workers.main import build_worker
 
 SIMULATOR_CONFIG = ROOT / "tests" / "simulator.yaml"
+# A hung test fails with where it waits, and the suite goes on.
+pytest_plugins = ["tests.hang_guard"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
