@@ -251,9 +251,11 @@ class ProviderBatchActivities:
             for result in await self._call_all(batch, todo):
                 out[result.item_id] = result
             await self._flush(input.provider, force=True)
+            # A refused item goes to the single path with all its attempts; a failed
+            # call was one of them, retried only if another is left.
             retried: tuple[tuple[Literal["throttled", "call_failures"], int], ...] = (
                 ("throttled", batch.throttled),
-                ("call_failures", batch.failures),
+                ("call_failures", batch.failures if input.max_attempts != 1 else 0),
             )
             for what, n in retried:
                 if n:

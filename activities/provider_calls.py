@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 from opentelemetry import metrics, trace
@@ -414,8 +414,7 @@ class ProviderCallActivities:
                 token_excess=unused,
                 limits=limits,
             )
-            async with tenant_transaction(self.pool, tenant_id) as conn:
-                await store.count_retried_call(conn, tenant_id, experiment_id, "throttled")
+            await self._count_retried(tenant_id, experiment_id, "throttled")
             raise call_error(provider, failure)
         if failure.posture == "quota":
             # Not a rate problem (the rate stays) nor the provider's health (no breaker).
@@ -428,9 +427,22 @@ class ProviderCallActivities:
             return failure
         _calls.add(1, {"provider": provider, "outcome": "failure"})
         await self._outcome(provider, "failure", seen, error=failure.message, token_excess=unused)
-        async with tenant_transaction(self.pool, tenant_id) as conn:
-            await store.count_retried_call(conn, tenant_id, experiment_id, "call_failures")
+        await self._count_retried(tenant_id, experiment_id, "call_failures")
         raise call_error(provider, failure)
+
+    async def _count_retried(
+        self, tenant_id: str, experiment_id: str, what: Literal["throttled", "call_failures"]
+    ) -> None:
+        """The failed call is retried (counted on the experiment) if its activity's
+        retry policy leaves another attempt; on the last one the item fails instead,
+        and its error kind says so."""
+        if activity.in_activity():
+            info = activity.info()
+            policy = info.retry_policy
+            if policy is not None and 0 < policy.maximum_attempts <= info.attempt:
+                return
+        async with tenant_transaction(self.pool, tenant_id) as conn:
+            await store.count_retried_call(conn, tenant_id, experiment_id, what)
 
     # --- the activities ---------------------------------------------------------------
 

@@ -104,6 +104,32 @@ async def test_a_batched_call_that_fails_is_one_of_the_items_attempts(
     assert kinds["experiment_run_batch"] >= 1 and kinds["experiment_run_item"] == 0, kinds
     rows = await results(app_pool, body["experiment_id"])
     assert len(rows) == 4 and all(r["error"].startswith("call to ") for r in rows), rows
+    # No call was retried: the summary says none was (it used to count 4).
+    assert "provider failures (retried)" not in result.summary.errors_by_kind, result.summary
+    assert result.summary.providers["calls"]["failures"] == 0
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+async def test_a_single_call_that_fails_on_its_last_attempt_is_not_counted_as_retried(
+    client: Client, worker: str, sim: SimulatorAdmin, max_attempts: int
+) -> None:
+    # Two items on the single path, every call failing: each makes `max_attempts`
+    # calls (at most four in all, under the breaker's threshold of five), and all
+    # but the last of each were retried.
+    await sim.set_profile(FAST, error_rate=1)
+    before = (await sim.model_stats(FAST))["requests"]
+    options = {"batch_above_rps": 1e6, "max_attempts": max_attempts, "retry_initial_s": 0.05}
+    body = experiment(2, max_concurrency=2, options=options)
+    handle = await start(client, worker, body)
+    result: ExperimentResult = await handle.result()
+    await sim.set_profile(FAST, error_rate=0)
+    assert result.summary.failed == 2 and result.summary.completed == 0
+    assert (await sim.model_stats(FAST))["requests"] - before == 2 * max_attempts
+    kinds = await task_activities(handle)
+    assert kinds["experiment_run_batch"] == 0 and kinds["experiment_run_item"] == 2, kinds
+    retried = 2 * (max_attempts - 1)
+    assert result.summary.providers["calls"]["failures"] == retried, result.summary
+    assert result.summary.errors_by_kind.get("provider failures (retried)", 0) == retried
 
 
 async def test_a_limit_that_falls_mid_batch_hands_refused_items_to_single_calls(

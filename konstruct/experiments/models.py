@@ -539,6 +539,9 @@ class RunBatchInput(StrictModel):
     experiment_id: str
     provider: str
     items: list[BatchItem]
+    # The items' `max_attempts` (0: no limit). A batch's failed call is one of them:
+    # it is counted as retried only when another is left.
+    max_attempts: int = Field(0, ge=0)
 
 
 # What became of one item of a batch: a stored result (ok or failed), or, for the

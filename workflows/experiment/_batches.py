@@ -76,6 +76,7 @@ class Batching(ItemRunning):
                     )
                     for item in items
                 ],
+                max_attempts=inp.options.max_attempts,
             ),
             provider,
             f"batch:{items[0].item_id}",
