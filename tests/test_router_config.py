@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,23 @@ def test_groups_fast_and_quality_with_fallback() -> None:
 def test_router_without_any_active_deployment_names_the_variables() -> None:
     with pytest.raises(ConfigError, match="SIMULATOR_API_BASE"):
         build_router(load_router_config(ROUTER_YAML), environ={})
+
+
+def test_a_built_router_has_loaded_what_the_first_call_would_import() -> None:
+    # The OpenAI client imports its resource modules on a client's first `.chat`: a
+    # fresh worker's first call took 0.74 s instead of 0.04 s. A fresh interpreter,
+    # so that nothing another test imported counts.
+    env = {"SIMULATOR_API_BASE": "http://x/v1", "SIMULATOR_API_KEY": "k"}
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from konstruct.providers.router import build_router, load_router_config\n"
+        f"build_router(load_router_config(Path({str(ROUTER_YAML)!r})), environ={env!r})\n"
+        "print('openai.resources.chat' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"], done.stdout + done.stderr[-3000:]
 
 
 def test_litellm_does_not_retry_inside_an_activity() -> None:
