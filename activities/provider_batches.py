@@ -44,7 +44,13 @@ from activities.provider_calls import (
     _throttled,
 )
 from activities.spend import task_key
-from konstruct.experiments.models import BatchItem, BatchItemResult, RunBatchInput, RunBatchResult
+from konstruct.experiments.models import (
+    BatchItem,
+    BatchItemResult,
+    RunBatchInput,
+    RunBatchResult,
+    attempts_left,
+)
 from konstruct.experiments.store import cache, results
 from konstruct.experiments.store import experiments as store
 from konstruct.platform.db import tenant_transaction
@@ -255,7 +261,7 @@ class ProviderBatchActivities:
             # call was one of them, retried only if another is left.
             retried: tuple[tuple[Literal["throttled", "call_failures"], int], ...] = (
                 ("throttled", batch.throttled),
-                ("call_failures", batch.failures if input.max_attempts != 1 else 0),
+                ("call_failures", batch.failures if attempts_left(input.max_attempts, 1) else 0),
             )
             for what, n in retried:
                 if n:

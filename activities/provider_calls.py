@@ -53,6 +53,7 @@ from konstruct.experiments.models import (
     RunItemInput,
     RunItemResult,
     TaskSpec,
+    attempts_left,
 )
 from konstruct.experiments.store import cache, results
 from konstruct.experiments.store import experiments as store
@@ -439,7 +440,7 @@ class ProviderCallActivities:
         if activity.in_activity():
             info = activity.info()
             policy = info.retry_policy
-            if policy is not None and 0 < policy.maximum_attempts <= info.attempt:
+            if policy is not None and not attempts_left(policy.maximum_attempts, info.attempt):
                 return
         async with tenant_transaction(self.pool, tenant_id) as conn:
             await store.count_retried_call(conn, tenant_id, experiment_id, what)

@@ -337,6 +337,12 @@ class ExperimentOptions(StrictModel):
     batch_max_items: int = Field(50, ge=2, le=500)
 
 
+def attempts_left(max_attempts: int, made: int) -> bool:
+    """Whether an item (or a call) that made `made` attempts may make another, under
+    `max_attempts` (0: no limit)."""
+    return max_attempts == 0 or made < max_attempts
+
+
 class BudgetSpec(StrictModel):
     """What an experiment may spend: US dollars and/or tokens (prompt + completion)
     over all its calls, task and judges. Each call reserves its estimate first; a

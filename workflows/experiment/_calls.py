@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
         PendingItem,
         Route,
         RunItemResult,
+        attempts_left,
     )
     from konstruct.platform.naming import ProviderQueue
 
@@ -38,8 +39,7 @@ class Calls(ExperimentState):
     def _attempts_left(self, attempts_spent: int) -> bool:
         """Whether an item that made `attempts_spent` attempts may make another."""
         assert self._input is not None
-        limit = self._input.options.max_attempts
-        return limit == 0 or attempts_spent < limit
+        return attempts_left(self._input.options.max_attempts, attempts_spent)
 
     def _start_call(
         self,
