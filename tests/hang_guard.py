@@ -1,11 +1,12 @@
 """A test that hangs fails, saying where it waits, and the suite goes on.
 
-Every phase of a test (setup, call, teardown) that is still running after
-`hang_guard_s` seconds (an ini option, 420 by default) is taken for hung: this plugin writes, into that phase's captured
-stderr, every asyncio task of the test's event loop with the chain of awaits it
-is suspended in (`Task.get_stack` shows only the outermost frame) and every
-thread's stack, then cancels the tasks the test runs (those awaiting through a
-frame of a file in the test's folder), so the phase fails with that report and the next test runs.
+Every phase of a test (setup, call, teardown) still running after `hang_guard_s`
+seconds (an ini option, 420 by default) is taken for hung: this plugin writes,
+into that phase's captured stderr, every asyncio task of the test's event loop
+with the chain of awaits it is suspended in (`Task.get_stack` shows only the
+outermost frame) and every thread's stack, then cancels the tasks the test runs
+(those awaiting through a frame of a file in the test's folder), so the phase
+fails with that report and the next test runs.
 
 A hang outside an event loop (a blocking call) cannot be cancelled: its stacks
 are written and pytest-timeout (`timeout` in pyproject.toml, later) ends the

@@ -37,6 +37,7 @@ from konstruct.experiments.store.budgets import set_monthly, tenant_budget
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.naming import message_workflow_id
 from konstruct.providers.simulator.admin import SimulatorAdmin
+from tests.hang_guard import await_chain
 from tests.support import gateway_process
 from workflows.handle_message import HandleMessage
 
@@ -505,16 +506,8 @@ def waiting_tasks() -> str:
     first, innermost last."""
     lines = []
     for task in asyncio.all_tasks():
-        chain: list[str] = []
-        awaited: Any = task.get_coro()
-        while awaited is not None and len(chain) < 12:
-            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
-            if frame is None:
-                chain.append(type(awaited).__name__)
-                break
-            chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-            awaited = getattr(awaited, "cr_await", None)
-        lines.append(f"{task.get_name()}: {' > '.join(chain)}")
+        chain = " > ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in await_chain(task))
+        lines.append(f"{task.get_name()}: {chain}")
     return "\n".join(sorted(lines))
 
 
