@@ -106,6 +106,16 @@ class CliState:
 pass_state = click.make_pass_decorator(CliState, ensure=True)
 
 
+def tenant_and_argument(name: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """`TENANT NAME`: the arguments of a command on one of a tenant's things (a key,
+    a document, a tool, an MCP server), given to it after the CLI state."""
+
+    def decorate(command: Callable[..., int]) -> Callable[..., int]:
+        return tenant_argument(click.argument(name)(pass_state(command)))
+
+    return decorate
+
+
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, freeing clients while the loop still runs.
 

@@ -15,6 +15,7 @@ from konstruct.app.cli.common import (
     json_option,
     listing,
     pass_state,
+    tenant_and_argument,
     tenant_argument,
 )
 
@@ -114,9 +115,7 @@ def limit(state: CliState, tenant: str, key_id: str, rpm: int | None, tpm: int |
 
 
 @group.command("revoke")
-@tenant_argument
-@click.argument("key_id")
-@pass_state
+@tenant_and_argument("key_id")
 def revoke(state: CliState, tenant: str, key_id: str) -> int:
     """Revoke a key: the gateway refuses it from the next request on."""
     from konstruct.agents.store.keys import revoke_key

@@ -17,6 +17,7 @@ from konstruct.app.cli.common import (
     json_option,
     listing,
     pass_state,
+    tenant_and_argument,
     tenant_argument,
     with_pool,
 )
@@ -185,9 +186,7 @@ def search_(state: CliState, tenant: str, query: str, k: int, as_json: bool) -> 
 
 
 @group.command("delete")
-@tenant_argument
-@click.argument("doc_id")
-@pass_state
+@tenant_and_argument("doc_id")
 def delete(state: CliState, tenant: str, doc_id: str) -> int:
     """Delete a document and its chunks."""
     from konstruct.agents.store.knowledge import delete_document

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from konstruct.app.cli.common import (
     in_tenant,
     listing,
     pass_state,
+    tenant_and_argument,
     tenant_argument,
 )
 from konstruct.platform.errors import InvalidInput, field_problems
@@ -47,6 +49,19 @@ WEBHOOK_ONLY = ("description", "parameters", "url", "secret_header", "secret_env
 
 def _default(field: str) -> Any:
     return ToolSpec.model_fields[field].default
+
+
+# The options `tools put` (a webhook or built-in tool) and `tools mcp add` (each of
+# the server's tools) share.
+_TIMEOUT = field_option(
+    ToolSpec, "timeout_s", "--timeout", "timeout_s", help="seconds one call may take"
+)
+
+
+def _requires_approval(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--requires-approval/--no-requires-approval", default=False, show_default=True, help=help
+    )
 
 
 @click.group("tools")
@@ -223,13 +238,8 @@ def build_spec(name: str, **given: Any) -> ToolSpec:
     metavar="VAR",
     help="the worker's environment variable holding the secret; the value is never stored",
 )
-@click.option(
-    "--requires-approval/--no-requires-approval",
-    default=False,
-    show_default=True,
-    help="each call waits for `konstruct approvals approve`",
-)
-@field_option(ToolSpec, "timeout_s", "--timeout", "timeout_s", help="seconds one call may take")
+@_requires_approval("each call waits for `konstruct approvals approve`")
+@_TIMEOUT
 @field_option(
     ToolSpec,
     "approval_timeout_s",
@@ -262,9 +272,7 @@ def put(state: CliState, tenant: str, name: str, **given: Any) -> int:
 
 
 @group.command("delete")
-@tenant_argument
-@click.argument("name")
-@pass_state
+@tenant_and_argument("name")
 def delete(state: CliState, tenant: str, name: str) -> int:
     """Delete a webhook tool, or a built-in tool's settings (back to the defaults)."""
     from konstruct.agents.store.agents import list_agents
@@ -449,13 +457,8 @@ def _store_listed(state: CliState, tenant: str, name: str, specs: list[ToolSpec]
     help="environment variable holding the secret (the worker's, and this command's"
     " to list the tools); the value is never stored",
 )
-@click.option(
-    "--requires-approval/--no-requires-approval",
-    default=False,
-    show_default=True,
-    help="each call of its tools waits for `konstruct approvals approve`",
-)
-@field_option(ToolSpec, "timeout_s", "--timeout", "timeout_s", help="seconds one call may take")
+@_requires_approval("each call of its tools waits for `konstruct approvals approve`")
+@_TIMEOUT
 @pass_state
 def mcp_add(
     state: CliState,
@@ -514,9 +517,7 @@ def _stored_server(state: CliState, tenant: str, name: str) -> list[ToolSpec]:
 
 
 @mcp_group.command("refresh")
-@tenant_argument
-@click.argument("name")
-@pass_state
+@tenant_and_argument("name")
 def mcp_refresh(state: CliState, tenant: str, name: str) -> int:
     """List the server's tools again: new ones are added, gone ones removed.
 
@@ -532,9 +533,7 @@ def mcp_refresh(state: CliState, tenant: str, name: str) -> int:
 
 
 @mcp_group.command("remove")
-@tenant_argument
-@click.argument("name")
-@pass_state
+@tenant_and_argument("name")
 def mcp_remove(state: CliState, tenant: str, name: str) -> int:
     """Remove the server and its tools (agents that list them are no longer offered them)."""
     from konstruct.agents.store.tools import delete_mcp_server

@@ -136,18 +136,14 @@ async def reserve(
     experiment) when what is spent leaves no room for the call."""
     async with tenant_transaction(pool, tenant_id) as conn:
         await _release_expired(conn, tenant_id, experiment_id)
+        want = Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, None)
         try:
             async with conn.transaction():  # a savepoint: a refusal undoes only this
-                want = Reservation(tenant_id, experiment_id, usd_estimate, token_estimate, None)
                 return await _hold(conn, want, tenant_budget, lease_s)
         except _Refused as refused:
-            if await _room_once_settled(
-                conn, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
-            ):
+            if await _room_once_settled(conn, want, refused.which):
                 return None
-            message = await record_refusal(
-                conn, tenant_id, experiment_id, refused.which, usd_estimate, token_estimate
-            )
+            message = await record_refusal(conn, want, refused.which)
     raise BudgetExhausted(message)
 
 
@@ -188,21 +184,16 @@ async def _hold(
 
 
 async def _room_once_settled(
-    conn: asyncpg.Connection,
-    tenant_id: str,
-    experiment_id: str,
-    which: Literal["experiment", "tenant"],
-    usd_estimate: float,
-    token_estimate: int,
+    conn: asyncpg.Connection, want: Reservation, which: Literal["experiment", "tenant"]
 ) -> bool:
-    """Whether a refused call would fit once the calls in flight settle: some hold
-    a share, and what is spent leaves room for its estimate."""
+    """Whether a refused call (`want`: its estimate) would fit once the calls in flight
+    settle: some hold a share, and what is spent leaves room for its estimate."""
     if which == "tenant":
         row = await conn.fetchrow(
             "select spent_usd + $2 <= max_usd and reserved_usd > 0 as room from tenant_budgets"
             f" where tenant_id = $1 and month = {MONTH}",
-            tenant_id,
-            usd_estimate,
+            want.tenant_id,
+            want.usd,
         )
     else:
         row = await conn.fetchrow(
@@ -210,10 +201,10 @@ async def _room_once_settled(
             " and (budget_max_usd is null or spent_usd + $3 <= budget_max_usd)"
             " and (budget_max_tokens is null or spent_tokens + $4 <= budget_max_tokens) as room"
             " from experiments where tenant_id = $1 and experiment_id = $2",
-            tenant_id,
-            experiment_id,
-            usd_estimate,
-            token_estimate,
+            want.tenant_id,
+            want.experiment_id,
+            want.usd,
+            want.tokens,
         )
     return row is not None and bool(row["room"])
 
@@ -357,15 +348,11 @@ def _usd_refused(exp: Any, usd_estimate: float, token_estimate: int) -> bool:
 
 
 async def record_refusal(
-    conn: asyncpg.Connection,
-    tenant_id: str,
-    experiment_id: str,
-    which: Literal["experiment", "tenant"],
-    usd_estimate: float,
-    token_estimate: int,
+    conn: asyncpg.Connection, want: Reservation, which: Literal["experiment", "tenant"]
 ) -> str:
-    """Why the reservation was refused, in words, kept on the experiment as its
+    """Why the reservation `want` was refused, in words, kept on the experiment as its
     `paused_reason` with what the calls in flight hold (the overshoot bound)."""
+    tenant_id, experiment_id = want.tenant_id, want.experiment_id
     exp = await experiment_row(
         conn,
         tenant_id,
@@ -389,7 +376,7 @@ async def record_refusal(
                 f" `konstruct budgets set {tenant_id} --monthly-usd N`, then"
                 f" `konstruct experiments resume {experiment_id} --tenant {tenant_id}`"
             )
-    elif _usd_refused(exp, usd_estimate, token_estimate):
+    elif _usd_refused(exp, want.usd, want.tokens):
         reason = (
             f"experiment {experiment_id!r} has spent {usd(exp['spent_usd'])} of its"
             f" {usd(exp['budget_max_usd'])} budget, with {usd(exp['reserved_usd'])} reserved"
