@@ -179,6 +179,14 @@ async def worker(client: Client, settings: Settings, task_queue: str) -> AsyncIt
 
 
 @pytest.fixture
+def cli_worker(worker: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The in-process worker's task queue, set as KONSTRUCT_TASK_QUEUE: the CLI the
+    test runs starts its work there."""
+    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
+    return worker
+
+
+@pytest.fixture
 def worker_process(
     environ: dict[str, str], session_dir: Path, task_queue: str
 ) -> Iterator[Callable[..., WorkerProcess]]:

@@ -331,11 +331,8 @@ async def test_kill_9_mid_item_leaves_one_result_one_turn_and_no_step_asked_twic
 
 
 @pytest.fixture
-async def cli_tenant(
-    worker: str, app_pool: asyncpg.Pool, hooks: Hooks, monkeypatch: pytest.MonkeyPatch
-) -> str:
+async def cli_tenant(cli_worker: str, app_pool: asyncpg.Pool, hooks: Hooks) -> str:
     """A tenant with the `helper` agent, and the CLI pointed at this test's worker."""
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     return await agent_tenant(app_pool, hooks)
 
 

@@ -110,6 +110,31 @@ async def tool_calls(pool: asyncpg.Pool, tenant: str, message_id: str) -> list[a
     )
 
 
+async def turns(pool: asyncpg.Pool, tenant: str, message_id: str) -> int:
+    """How many turns are stored for the message."""
+    found = await rows(
+        pool, tenant, "select 1 from message_turns where message_id = $1", message_id
+    )
+    return len(found)
+
+
+async def send_across_a_kill(
+    client: Client,
+    task_queue: str,
+    worker_process: Callable[[str], WorkerProcess],
+    message: dict[str, Any],
+    arrived: asyncio.Event,
+) -> HandleMessageResult:
+    """`message` on a worker process that is killed -9 once `arrived` is set (its tool
+    call in flight), then finished by a second worker process."""
+    first = worker_process("a")
+    handle = await start(client, task_queue, message)
+    await asyncio.wait_for(arrived.wait(), 60)
+    first.kill()
+    worker_process("b")
+    return await asyncio.wait_for(handle.result(), 120)
+
+
 async def wait_for(
     handle: WorkflowHandle, ready: Callable[[dict[str, Any]], bool], what: str
 ) -> dict[str, Any]:
@@ -405,23 +430,15 @@ async def test_kill_9_mid_tool_call_gives_one_result_per_call_id_and_one_turn(
     tenant = new_tenant()
     await agent_with_webhook(app_pool, tenant, webhook("slowhook", f"{hooks.url}/slow"))
     hooks.hold_first = True
-    first = worker_process("a")
     message = body(tenant, '/tool slowhook {"x": 7}')
-    handle = await start(client, task_queue, message)
-    await asyncio.wait_for(hooks.arrived.wait(), 60)
-    first.kill()
-    worker_process("b")
-    result = await asyncio.wait_for(handle.result(), 120)
+    result = await send_across_a_kill(client, task_queue, worker_process, message, hooks.arrived)
     [call] = await tool_calls(app_pool, tenant, message["message_id"])
     # The retry carried the same key; the webhook ran the call once.
     assert hooks.keys("/slow") == [call["call_id"]] * 2
     assert hooks.executed == Counter({call["call_id"]: 1})
     assert (call["status"], call["attempts"]) == ("ok", 2)
     assert result.response == 'Tool slowhook returned: hook /slow got {"x": 7}'
-    turns = await rows(
-        app_pool, tenant, "select 1 from message_turns where message_id = $1", message["message_id"]
-    )
-    assert len(turns) == 1
+    assert await turns(app_pool, tenant, message["message_id"]) == 1
 
 
 # --- memory ----------------------------------------------------------------------

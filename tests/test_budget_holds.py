@@ -232,17 +232,12 @@ def test_the_lease_is_a_setting_with_an_environment_variable() -> None:
 
 
 async def test_the_readmes_budget_example_pauses_where_it_says(
-    client: Client,
-    worker: str,
-    app_pool: asyncpg.Pool,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    client: Client, cli_worker: str, app_pool: asyncpg.Pool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # README: `experiments start --id exp-2 --model-group arith --eval exact_match
     # --epochs 3 --budget-usd 0.0005 --watch` "pauses at $0.0005 (exit 3)". The first
     # version paused at 17 of 600 items with $0.000036 spent (the estimates of the
     # calls in flight filled it). Without the cache, so every item is a real call.
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     exp = f"exp-2-{uuid.uuid4().hex[:6]}"
     flags = ["--model-group", "arith", "--eval", "exact_match", "--epochs", "3"]
     start_cmd = ["experiments", "start", "--id", exp, *flags, "--budget-usd", "0.0005"]

@@ -432,10 +432,9 @@ def test_experiments_start_refuses_a_bad_dataset_before_starting(
 
 
 async def test_experiments_start_with_the_mapping_flags_runs_the_csv(
-    worker: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    cli_worker: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The command of docs/datasets.md, on this test's worker.
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     experiment_id = f"exp-qa-{uuid.uuid4().hex[:6]}"
     argv = ["experiments", "start", "--id", experiment_id]
     argv += ["--dataset", "deploy/datasets/qa_context.csv"]

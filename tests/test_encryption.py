@@ -17,6 +17,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -207,8 +208,7 @@ async def test_a_message_and_its_reply_are_not_in_history_but_the_codec_server_s
     decoded = " ".join(await decode_through(codec_server, payloads, "s3cret"))
     assert "passport" in decoded and result.response[:40] in decoded
     # The real CLI, pointed at the codec server, prints the workflow's input.
-    # (asynchronously: the codec server answers from this event loop)
-    shown = await asyncio.create_subprocess_exec(
+    code, out, err = await finished(
         temporal_cli(),
         "workflow",
         "show",
@@ -222,13 +222,11 @@ async def test_a_message_and_its_reply_are_not_in_history_but_the_codec_server_s
         "Bearer s3cret",
         "--output",
         "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        within_s=60,
     )
-    out, err = await asyncio.wait_for(shown.communicate(), 60)
-    assert shown.returncode == 0, err.decode()
+    assert code == 0, err
     shown_plain = [
-        base64.b64decode(p["data"]).decode(errors="replace") for p in history_payloads(out.decode())
+        base64.b64decode(p["data"]).decode(errors="replace") for p in history_payloads(out)
     ]
     assert any("passport" in text for text in shown_plain), shown_plain[:5]
 
@@ -321,24 +319,35 @@ async def test_a_failure_message_and_stack_trace_are_encrypted_too(
     assert "Not A Tenant" not in raw and "Traceback" not in raw
 
 
-async def temporal(settings: Settings, *args: str) -> tuple[int, str]:
-    """The real `temporal` CLI against the suite's dev server: exit code, stdout + stderr.
-    (asynchronously: a codec server it calls answers from this event loop)"""
+async def finished(
+    *command: str, within_s: float, stderr: int = asyncio.subprocess.PIPE, **options: Any
+) -> tuple[int, str, str]:
+    """`command` run to its end: exit code, stdout, stderr ("" when `stderr` is sent to
+    stdout); killed if it outlives `within_s`. Asynchronously: a codec server it calls
+    answers from this event loop."""
     process = await asyncio.create_subprocess_exec(
-        temporal_cli(),
-        *args,
-        "--address",
-        settings.temporal.target,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        *command, stdout=asyncio.subprocess.PIPE, stderr=stderr, **options
     )
     try:
-        out, _ = await asyncio.wait_for(process.communicate(), 120)
+        out, err = await asyncio.wait_for(process.communicate(), within_s)
     finally:
         if process.returncode is None:
             process.kill()
     assert process.returncode is not None
-    return process.returncode, out.decode()
+    return process.returncode, out.decode(), (err or b"").decode()
+
+
+async def temporal(settings: Settings, *args: str) -> tuple[int, str]:
+    """The real `temporal` CLI against the suite's dev server: exit code, stdout + stderr."""
+    code, out, _ = await finished(
+        temporal_cli(),
+        *args,
+        "--address",
+        settings.temporal.target,
+        within_s=120,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return code, out
 
 
 def encoded_messages(node: object) -> list[str]:
@@ -413,7 +422,7 @@ async def test_a_client_whose_key_the_workers_lack_fails_at_once_naming_the_key(
         KONSTRUCT_ENCRYPTION_KEYS=new_key_line("stranger"),
         KONSTRUCT_TASK_QUEUE=worker,
     )
-    process = await asyncio.create_subprocess_exec(
+    code, out, said = await finished(
         *KONSTRUCT,
         "send",
         "demo",
@@ -421,19 +430,12 @@ async def test_a_client_whose_key_the_workers_lack_fails_at_once_naming_the_key(
         SECRET_TEXT,
         "--message-id",
         message_id,
+        # Generous for a CLI's start on a busy machine; it used to wait for ever.
+        within_s=90,
         env=env,
         cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
-    # Generous for a CLI's start on a busy machine; it used to wait for ever.
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 90)
-    finally:
-        if process.returncode is None:
-            process.kill()
-    said = err.decode()
-    assert process.returncode == 2, (out, said)
+    assert code == 2, (out, said)
     assert "key 'stranger'" in said and "it has test-1" in said, said
     assert "Traceback" not in said, said
     # The workflow stays open (a worker given the key would run it): end it here.

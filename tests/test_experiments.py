@@ -689,13 +689,8 @@ async def test_a_summary_lost_with_its_worker_is_made_again_at_its_heartbeat_tim
 
 
 async def test_cli_start_watch_and_a_refused_stop(
-    worker: str,
-    sim: SimulatorAdmin,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    cli_worker: str, sim: SimulatorAdmin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     data = tmp_path / "five.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in items(5)))
     experiment_id = f"exp-cli-{uuid.uuid4().hex[:6]}"

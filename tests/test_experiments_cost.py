@@ -393,13 +393,9 @@ async def test_a_spent_tenant_month_pauses_every_experiment_of_the_tenant(
 
 
 async def test_the_documented_budget_commands(
-    client: Client,
-    worker: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    client: Client, cli_worker: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # docs/experiments.md, "Budgets", on this test's worker.
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     exp = f"exp-b-{uuid.uuid4().hex[:6]}"
     start = ["experiments", "start", "--id", exp, "--budget-usd", "0.0002", "--no-cache"]
     # `--watch` returns (exit 3) once the spent budget has paused it: only a person moves it.

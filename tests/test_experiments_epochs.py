@@ -66,16 +66,14 @@ async def test_epochs_give_n_results_per_item_and_aggregates_per_item(
 
 async def test_retry_reruns_exactly_the_failed_items_and_keeps_the_ok_ones(
     client: Client,
-    worker: str,
+    cli_worker: str,
     sim: SimulatorAdmin,
     app_pool: asyncpg.Pool,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     await sim.set_profile(FAST, error_rate=0.5)
     body = experiment(30, options={"max_attempts": 1})
-    first = await (await start(client, worker, body)).result()
+    first = await (await start(client, cli_worker, body)).result()
     assert 0 < first.summary.failed < 30
     before = {r["item_id"]: r for r in await results(app_pool, body["experiment_id"])}
     failed = {item for item, r in before.items() if r["status"] == "failed"}
@@ -87,7 +85,7 @@ async def test_retry_reruns_exactly_the_failed_items_and_keeps_the_ok_ones(
         await conn.execute(
             "update provider_breakers set status = 'closed', consecutive_failures = 0,"
             " opened_at = null, probe_started_at = null where task_queue = $1",
-            worker,
+            cli_worker,
         )
     argv = ["experiments", "retry", body["experiment_id"]]
     assert await asyncio.to_thread(cli_main, argv) == 0

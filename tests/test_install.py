@@ -33,17 +33,23 @@ NOT_SHIPPED = (
 )
 
 
+def pip(command: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """This environment's pip, quiet, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pip", command, "-q", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("checkout") / "konstruct"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SHIPPED))
     out = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(out), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    built = pip(
+        "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source), timeout=600
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     [path] = out.glob("konstruct-*.whl")
@@ -79,12 +85,8 @@ def test_an_installed_konstruct_starts_and_is_found_from_anywhere(
             check=True,
         ).stdout.strip()
     )
-    installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
-        + ["--target", str(site), str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    installed = pip(
+        "install", "--no-deps", "--no-index", "--target", str(site), str(wheel), timeout=300
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
     # The dependencies come from this environment (after the install, and without

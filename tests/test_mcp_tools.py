@@ -29,7 +29,17 @@ from konstruct.agents.tools.mcp_servers import McpServer, list_server_tools, mcp
 from konstruct.platform.db import tenant_transaction
 from konstruct.platform.errors import ToolError
 from tests.support import WorkerProcess
-from tests.test_agent_tools import body, make_agent, new_tenant, rows, send, start, tool_calls
+from tests.test_agent_tools import (
+    body,
+    make_agent,
+    new_tenant,
+    rows,
+    send,
+    send_across_a_kill,
+    start,
+    tool_calls,
+    turns,
+)
 from tests.test_cli import assert_one_line_error, konstruct
 from workflows.handle_message import TOOL_HEARTBEAT
 
@@ -304,13 +314,8 @@ async def test_kill_9_mid_call_runs_the_tool_once_more_with_the_same_key_and_one
         done = await cli(environ, "tools", "mcp", "add", tenant, "desk", "--url", url)
         assert done.returncode == 0, done.stderr
         await make_agent(app_pool, tenant, ["desk"])
-        first = worker_process("a")
         message = body(tenant, '/tool desk__book {"x": 7}')
-        handle = await start(client, task_queue, message)
-        await asyncio.wait_for(arrived.wait(), 60)
-        first.kill()
-        worker_process("b")
-        result = await asyncio.wait_for(handle.result(), 120)
+        result = await send_across_a_kill(client, task_queue, worker_process, message, arrived)
         release.set()
     [call] = await tool_calls(app_pool, tenant, message["message_id"])
     assert (call["status"], call["attempts"], call["result"]) == ("ok", 2, "booked 7")
@@ -319,10 +324,7 @@ async def test_kill_9_mid_call_runs_the_tool_once_more_with_the_same_key_and_one
     tool_posts = [p for p in posts if "idempotency-key" in p]
     assert tool_posts and {p["idempotency-key"] for p in tool_posts} == {call["call_id"]}
     assert len(calls) == 2
-    turns = await rows(
-        app_pool, tenant, "select 1 from message_turns where message_id = $1", message["message_id"]
-    )
-    assert len(turns) == 1
+    assert await turns(app_pool, tenant, message["message_id"]) == 1
 
 
 async def test_a_20_step_turn_of_mcp_calls_keeps_history_as_small_as_built_in_tools(

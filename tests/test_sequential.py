@@ -109,13 +109,11 @@ async def _row_stored(pool: asyncpg.Pool, experiment_id: str) -> None:
 
 async def test_two_experiments_are_followed_and_stopped_once_their_difference_is_known(
     client: Client,
-    worker: str,
+    cli_worker: str,
     sim: SimulatorAdmin,
     app_pool: asyncpg.Pool,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     # A answers every item right, B none. At 300 ms a call and 2 at a time, 400 items
     # take each about a minute; the difference is known after about 15 pairs.
     await sim.set_profile("sim-arith", accuracy=0.0, latency_ms=300)
@@ -127,7 +125,7 @@ async def test_two_experiments_are_followed_and_stopped_once_their_difference_is
     for body in bodies:
         body["evals"] = [{"kind": EM}]
     for body in bodies:
-        await start(client, worker, body)
+        await start(client, cli_worker, body)
     for body in bodies:  # the compare reads what the experiments have stored
         await _row_stored(app_pool, body["experiment_id"])
     ids = [b["experiment_id"] for b in bodies]

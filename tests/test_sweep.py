@@ -118,13 +118,11 @@ def _expected_mean(model: str, profile: dict[str, Any], template: str, rows: lis
 
 async def test_a_sweep_runs_every_combination_and_compare_prints_their_matrix(
     client: Client,
-    worker: str,
+    cli_worker: str,
     sim: SimulatorAdmin,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     rows = _dataset(tmp_path / "items.jsonl", 16)
     (tmp_path / "b.txt").write_text(TEMPLATE_B + "\n")
     profiles = {
@@ -182,13 +180,8 @@ async def test_a_sweep_runs_every_combination_and_compare_prints_their_matrix(
 
 
 async def test_bad_sweeps_and_compares_are_refused_naming_the_option_and_start_nothing(
-    client: Client,
-    worker: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
+    client: Client, cli_worker: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("KONSTRUCT_TASK_QUEUE", worker)
     sweep_id = f"sw-{uuid.uuid4().hex[:8]}"
     base = ["experiments", "sweep", "--id", sweep_id, "--model-group", "fast"]
     cases = [
