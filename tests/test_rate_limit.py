@@ -546,11 +546,26 @@ def test_a_climb_that_restarts_after_an_idle_spell_takes_no_step_in_its_first_se
     # Then slow start doubles as before.
     after, rates = succeed(held, 40.0 + MEASURED.restart_hold_s, 1.0, 48.5, MEASURED)
     assert max(rates) > 1.5 * aged_at_40.rate
-    # A state aged by the workers' loop before any call (its window empty) holds
-    # from its first answer, not from when it aged.
-    fresh = AimdState(rate=48.5, changed_at=12.0)
-    first = on_success(fresh, 40.0, MEASURED)
+    # A state aged by the workers' loop before any call (its window empty; the row
+    # then forgets its last answer) holds from its first answer, not from when it aged.
+    by_loop = aged(state, 12.0, MEASURED)
+    assert by_loop is not None
+    by_loop = replace(by_loop, last_answer_at=None)
+    first = on_success(by_loop, 40.0, MEASURED)
     assert first.hold_until == 40.0 + MEASURED.restart_hold_s
+    # So does a first climb whose calls stopped for a while and came back.
+    lull = AimdState(rate=48.5, changed_at=12.0, last_answer_at=11.5)
+    assert on_success(lull, 40.0, MEASURED).hold_until == 40.0 + MEASURED.restart_hold_s
     # Once a 429 was met, a window restarting after a lull does not hold.
-    cut = replace(fresh, last_decrease_at=5.0, slow_start=False, ceiling=50.0)
+    cut = replace(lull, last_decrease_at=5.0, slow_start=False, ceiling=50.0)
     assert on_success(cut, 40.0, MEASURED).hold_until == 0.0
+
+
+def test_a_providers_first_climb_does_not_hold_its_initial_rate() -> None:
+    # Never answered, never aged: its initial rate is no learned rate a refilled
+    # burst could hide above the limit, so slow start doubles after its first
+    # interval, as it does from a rate it already climbed to.
+    fresh = AimdState(rate=10.0, changed_at=0.0)
+    state, rates = succeed(fresh, 1.0, 1.0, 10, MEASURED)
+    assert state.hold_until == 0.0
+    assert max(rates) == 10.0 * MEASURED.slow_start_factor

@@ -116,11 +116,13 @@ class AimdConfig:
     # refusals on the way down; the pure model in tests/test_rate_limit.py counts 23
     # at 1.0 and 6 at 0.5). A raised limit is found one doubling later.
     idle_restart_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
-    # A climb that (re)starts after an idle spell (a fresh provider, or one whose
-    # state aged) takes no step for this long: the provider's bucket filled while
-    # idle, and its burst takes every call of the first moments whatever the limit.
-    # Doubled on that, the rate met a limit lowered to 20 at 101 req/s (bench
-    # idle-drop: 27 of 27 taken in the first 0.5 s at 51 req/s).
+    # A climb that restarts after an idle spell (its state aged, or its calls
+    # stopped for a while before any 429) takes no step for this long: the
+    # provider's bucket filled while idle, and its burst takes every call of the
+    # first moments whatever the limit. Doubled on that, the rate met a limit
+    # lowered to 20 at 101 req/s (bench idle-drop: 27 of 27 taken in the first
+    # 0.5 s at 51 req/s). A provider's first climb, from its initial rate, does not
+    # hold (see `_restarted`).
     restart_hold_s: Annotated[float, Field(ge=0)] = 1.0
 
 
@@ -345,11 +347,24 @@ def _idle_window(state: AimdState, now: float, config: AimdConfig) -> bool:
     )
 
 
+def _never_answered(state: AimdState) -> bool:
+    """A provider's first climb: no answer seen, and not aged (`aged` sets a hold)."""
+    return state.last_answer_at is None and state.hold_until == 0.0
+
+
 def _restarted(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     """An idle window starting again at `now`; a climb that never met a 429 holds
-    its first step for `restart_hold_s`."""
+    its first step for `restart_hold_s`, unless it is the provider's first: its
+    initial rate is no learned rate that a refilled burst could hide above the
+    limit, and at a rate under the limit the bucket stays full whether the climb
+    holds or not (the hold cost a cold run at 100 req/s a second at 10 req/s)."""
     hold = state.hold_until
-    if state.slow_start and state.ceiling is None and state.last_decrease_at is None:
+    if (
+        state.slow_start
+        and state.ceiling is None
+        and state.last_decrease_at is None
+        and not _never_answered(state)
+    ):
         hold = max(hold, now + config.restart_hold_s)
     return replace(state, changed_at=now, hold_until=hold)
 
