@@ -13,6 +13,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ from konstruct.providers.control import (
     AimdConfig,
     AimdState,
     BreakerConfig,
+    LimitsSeen,
     ProviderBounds,
     declared_bounds,
+    learn_from_counts,
     on_announced_limit,
 )
 from konstruct.providers.queue_limits import push_rate, pushes_settled, queue_rate
@@ -55,6 +58,20 @@ def test_a_declared_rpm_caps_the_rate_and_starts_just_under_it() -> None:
     # Without declared limits: the settings' defaults, nothing metered.
     plain = declared_bounds(RateLimits(), CONFIG, 5)
     assert (plain.initial_rps, plain.max_rps, plain.token_rate) == (5, CONFIG.max_rps, None)
+
+
+def test_successes_under_an_announced_limit_keep_the_rate_under_it_by_the_headroom() -> None:
+    # Bench, sliding window of 100 req/s announced: slow start went on from 97 to
+    # 100.0, and at 100.0 three calls met a full window (halved to 50 for 1.6 s).
+    seen = LimitsSeen(1.0, 1000.0, declared=False, header_rps=100.0, announced=False)
+    state = AimdState(rate=97.0, changed_at=0.0)
+    t = 0.0
+    for _ in range(40):  # four seconds of calls at 100 a second, counted every 0.1 s
+        t += 0.1
+        counted = replace(state, ok_since_change=state.ok_since_change + 10)
+        learned = learn_from_counts(counted, 10, 0, t, CONFIG, seen)
+        state = learned.decided if learned is not None else counted
+    assert state.rate == pytest.approx(100.0 * CONFIG.headroom)
 
 
 def test_an_announced_limit_ends_the_climb_and_caps_a_rate_above_it() -> None:

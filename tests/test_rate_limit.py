@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from konstruct.providers.control import (
     AimdConfig,
     AimdState,
@@ -569,3 +571,13 @@ def test_a_providers_first_climb_does_not_hold_its_initial_rate() -> None:
     state, rates = succeed(fresh, 1.0, 1.0, 10, MEASURED)
     assert state.hold_until == 0.0
     assert max(rates) == 10.0 * MEASURED.slow_start_factor
+
+
+def test_slow_starts_first_429_while_fewer_calls_came_than_the_rate_does_not_halve() -> None:
+    # Bench, tokens per window of 100 calls a second: the token clock paced the calls
+    # at 100 while slow start had the request rate at 144; the first 429 halved it to
+    # 72, under what the provider took, for three seconds. Fewer calls than the rate
+    # came: no burst paid at the rate, and what flowed is about the limit.
+    state = AimdState(rate=144.0, changed_at=0.0, ok_since_change=100)
+    cut = on_throttled(state, 1.0, None, MEASURED)
+    assert cut.rate == pytest.approx(100 * MEASURED.headroom) and cut.ceiling == 100.0
