@@ -154,3 +154,23 @@ def test_temporal_error_is_one_line(environ: dict[str, str]) -> None:
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("error: Temporal answered NOT_FOUND"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_command_asked_for_its_stacks_writes_them_and_goes_on() -> None:
+    # What a test sends a command that outlived its bound before killing it
+    # (tests/test_stack.py's `run`): every thread's stack on stderr.
+    script = (
+        "import os, signal, sys\n"
+        "from konstruct.app.cli import main\n"
+        "main(['--help'])\n"
+        "def waiting_here():\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    print('went on', flush=True)\n"
+        "waiting_here()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "went on" in done.stdout
+    assert "in waiting_here" in done.stderr, done.stderr

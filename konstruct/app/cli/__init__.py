@@ -116,7 +116,19 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _stacks_on_request() -> None:
+    """`kill -USR1 <pid>` writes every thread's Python stack to stderr, and the
+    command goes on: what a command that does not end waits for (the tests send
+    it to a command that outlived its bound before they kill it)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _stacks_on_request()
     try:
         code = cli.main(args=argv, prog_name="konstruct", standalone_mode=False)
         sys.stdout.flush()
