@@ -123,8 +123,12 @@ def _stacks_on_request() -> None:
     import faulthandler
     import signal
 
-    if hasattr(signal, "SIGUSR1"):
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (ValueError, OSError):
+        pass  # stderr is no file: `main` called in-process, its output captured
 
 
 def main(argv: list[str] | None = None) -> int:
