@@ -363,7 +363,8 @@ def _restarted(state: AimdState, now: float, config: AimdConfig) -> AimdState:
     its first step for `restart_hold_s`, unless it is the provider's first: its
     initial rate is no learned rate that a refilled burst could hide above the
     limit, and at a rate under the limit the bucket stays full whether the climb
-    holds or not (the hold cost a cold run at 100 req/s a second at 10 req/s)."""
+    holds or not (a row created well before its first call, at a worker's start
+    say, spent its first second at its initial rate)."""
     hold = state.hold_until
     if (
         state.slow_start
@@ -526,9 +527,9 @@ def on_announced_limit(
     state: AimdState, limit_rps: float, now: float, config: AimdConfig
 ) -> AimdState:
     """The provider announced its request limit (x-ratelimit-limit-requests): the
-    rate never goes above it (the caller clamps with `max_rps`), and while still in
-    slow start, no 429 seen, it goes straight to just under it instead of doubling
-    its way there."""
+    rate never goes above just under it (the caller clamps with `max_rps`, the limit
+    x `headroom`), and while still in slow start, no 429 seen, it goes straight
+    there instead of doubling its way there."""
     target = _clamp(limit_rps * config.headroom, config)
     if state.rate > limit_rps:
         rate = min(state.rate, target)
