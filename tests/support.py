@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -64,10 +65,27 @@ __all__ = [
 def konstruct(
     env: dict[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """`konstruct ARGS...` in a subprocess with environment `env`, its output captured."""
-    return subprocess.run(
-        [*KONSTRUCT, *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout
+    """`konstruct ARGS...` in a subprocess with environment `env`, its output captured.
+    One still running after `timeout` fails the test with its output and every
+    thread's stack (the CLI writes them on SIGUSR1), then is killed: ci102's `send`
+    printed its reply and never ended, and said nothing of where it waited."""
+    command = [*KONSTRUCT, *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT)
     )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        with suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=5)  # the stacks, written as it goes on
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(
+            f"`konstruct {' '.join(args)}` still running after {timeout} s;"
+            f" its stdout: {out!r}; its stderr and stacks:\n{err}"
+        )
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 @asynccontextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -22,7 +21,7 @@ import yaml
 from konstruct.app.processes import ManagedProcess, free_port
 from konstruct.app.stack import simulator_command
 from konstruct.platform.errors import StackError
-from tests.support import ROOT
+from tests.support import ROOT, konstruct
 
 pytestmark = pytest.mark.slow  # its file is scheduled first (tests/conftest.py)
 
@@ -66,31 +65,7 @@ def clean_env() -> dict[str, str]:
 
 
 def run(config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """The CLI run to its end. One still running after `timeout` fails the test with
-    its output and every thread's stack (SIGUSR1), then is killed: ci102's `send`
-    printed its reply and never ended, and said nothing of where it waited."""
-    command = [*KONSTRUCT, "--config", str(config), *args]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-        cwd=str(ROOT),
-    )
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGUSR1)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.communicate(timeout=5)  # the stacks, written as it goes on
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(
-            f"`konstruct {' '.join(args)}` still running after {timeout} s;"
-            f" its stdout: {out!r}; its stderr and stacks:\n{err}"
-        )
-    return subprocess.CompletedProcess(command, process.returncode, out, err)
+    return konstruct(clean_env(), "--config", str(config), *args, timeout=timeout)
 
 
 def temporal_port(config: Path) -> int:
