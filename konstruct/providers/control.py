@@ -600,13 +600,19 @@ def learn_from_counts(
     decided = decide_counts(
         before, ok, throttled, now, bounded, retry_after_s=retry_after_s, sent_at=sent_at
     )
-    by_limit = limits.announced and header is not None
-    if by_limit:
-        assert header is not None
-        decided = on_announced_limit(decided, header, now, bounded)
+    # The limit the headers just moved (None: they moved none, or a declared one wins).
+    announced = header if limits.announced else None
+    if announced is not None:
+        decided = on_announced_limit(decided, announced, now, bounded)
     if not (limits.announced or rate_decided(counted, decided)):
         return None
-    why = "the provider's announced limit" if by_limit else "a 429" if throttled else "successes"
+    why = (
+        "the provider's announced limit"
+        if announced is not None
+        else "a 429"
+        if throttled
+        else "successes"
+    )
     return LearnedRate(decided, why)
 
 
